@@ -1,0 +1,173 @@
+//! Named hook points.
+//!
+//! Every `Linear` inside the UNet's transformer blocks and inside both text encoders, and every
+//! attention module, is a hook point. A model registers its hook points in a [`HookRegistry`] while
+//! it is built (so the list comes from the same code path as the forward, and a model built with
+//! [`crate::varbuilder::shape_only`] lists them without loading any weight). Forward passes take a
+//! `&dyn Hooks`; a layer with nothing attached runs exactly the base computation.
+
+use std::sync::{Arc, RwLock};
+
+use candle_core::{Result, Tensor};
+
+/// Which model a hook point lives in. The name prefix is the diffusers component folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+    TextEncoder2,
+}
+
+impl Component {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LayerKind {
+    Linear,
+    Attention,
+}
+
+/// Where a hook point sits: UNet down/mid/up block with its index, or a text-encoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BlockPosition {
+    Down(usize),
+    Mid,
+    Up(usize),
+    TextLayer(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AttentionKind {
+    SelfAttention,
+    CrossAttention,
+}
+
+/// What a plugin learns about a hook point.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerInfo {
+    /// Diffusers module path with the component prefix, e.g.
+    /// `unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q`.
+    pub name: String,
+    pub kind: LayerKind,
+    pub component: Component,
+    /// Linear: in / out features. Attention: the query dimension for both.
+    pub in_features: usize,
+    pub out_features: usize,
+    pub block: BlockPosition,
+    /// For attention modules and the linears inside them.
+    pub attention: Option<AttentionKind>,
+}
+
+/// The base weight of a linear hook point, shared between the module and the registry so the host
+/// can swap it (fuse / unfuse, unfreeze as a `Var`) without walking the model.
+#[derive(Debug, Clone)]
+pub struct LinearWeights {
+    /// [out, in]
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+pub type SharedLinear = Arc<RwLock<LinearWeights>>;
+
+/// Index of a hook point inside its component's registry.
+pub type LayerIndex = usize;
+
+/// The hook points of one component, in registration order.
+#[derive(Debug, Default, Clone)]
+pub struct HookRegistry {
+    layers: Vec<LayerInfo>,
+    /// For each layer: the shared base weights of a linear, `None` for an attention module.
+    weights: Vec<Option<SharedLinear>>,
+}
+
+impl HookRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register_linear(&mut self, info: LayerInfo, weights: SharedLinear) -> LayerIndex {
+        debug_assert_eq!(info.kind, LayerKind::Linear);
+        self.layers.push(info);
+        self.weights.push(Some(weights));
+        self.layers.len() - 1
+    }
+
+    pub fn register_attention(&mut self, info: LayerInfo) -> LayerIndex {
+        debug_assert_eq!(info.kind, LayerKind::Attention);
+        self.layers.push(info);
+        self.weights.push(None);
+        self.layers.len() - 1
+    }
+
+    pub fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<LayerIndex> {
+        self.layers.iter().position(|l| l.name == name)
+    }
+
+    /// The shared base weights of a linear hook point (`None` for attention modules).
+    pub fn linear_weights(&self, index: LayerIndex) -> Option<&SharedLinear> {
+        self.weights.get(index).and_then(|w| w.as_ref())
+    }
+}
+
+/// Called by the models at every hook point. Implemented by the host's adapter dispatcher.
+///
+/// `attached` is asked first; only when it says yes does the model call `linear` / `attention`,
+/// so an unhooked layer costs one virtual call and no tensor work.
+pub trait Hooks {
+    fn attached(&self, layer: LayerIndex) -> bool;
+
+    /// A linear hook point: `input` [.., in], `base_out` = input @ W^T + b. Returns the output to
+    /// use instead of `base_out`.
+    fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> Result<Tensor>;
+
+    /// An attention hook point: its input hidden states, its context (`None` for self-attention)
+    /// and its output (after `to_out`). Returns the output to use instead.
+    fn attention(
+        &self,
+        layer: LayerIndex,
+        hidden: &Tensor,
+        context: Option<&Tensor>,
+        out: Tensor,
+    ) -> Result<Tensor>;
+}
+
+/// Nothing attached anywhere: the plain model.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHooks;
+
+impl Hooks for NoHooks {
+    fn attached(&self, _layer: LayerIndex) -> bool {
+        false
+    }
+    fn linear(&self, _layer: LayerIndex, _input: &Tensor, base_out: Tensor) -> Result<Tensor> {
+        Ok(base_out)
+    }
+    fn attention(
+        &self,
+        _layer: LayerIndex,
+        _hidden: &Tensor,
+        _context: Option<&Tensor>,
+        out: Tensor,
+    ) -> Result<Tensor> {
+        Ok(out)
+    }
+}

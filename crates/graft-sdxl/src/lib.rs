@@ -1,0 +1,21 @@
+//! SDXL on candle: the UNet, the two CLIP text encoders, the VAE, schedulers, the CLIP tokenizer
+//! and the loaders, with every attention linear a named hook point (see [`hooks`]).
+
+pub mod clip;
+pub mod hooks;
+pub mod nn;
+pub mod resnet;
+pub mod rng;
+pub mod schedulers;
+pub mod sgm;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+// (lead) model + pipeline are enabled once the component modules exist:
+// pub mod model;
+// pub mod pipeline;
+pub mod varbuilder;
+
+pub use hooks::{Component, HookRegistry, Hooks, LayerInfo, LayerKind, NoHooks};
+// pub use model::{SdxlConfig, SdxlModel};
+// pub use pipeline::{GenerateParams, PipelineHooks};

@@ -1,0 +1,304 @@
+//! The whole SDXL model: configs, components and tokenizers, loaded from a diffusers folder or a
+//! single-file SGM checkpoint.
+//!
+//! Every component is loaded in two passes: first built with shape-only weights to learn what it
+//! needs, then checked against the files (every missing key and wrong shape reported at once),
+//! then built for real from memory-mapped tensors converted to f32.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Result};
+use candle_nn::VarBuilder;
+
+use crate::clip::{ClipConfig, ClipTextModel};
+use crate::hooks::{Component, HookRegistry, LayerInfo};
+use crate::schedulers::SchedulerConfig;
+use crate::sgm::{SgmComponent, SgmLayout};
+use crate::tokenizer::{ClipTokenizer, PadToken};
+use crate::unet::{UNet, UNetConfig};
+use crate::vae::{Vae, VaeConfig};
+use crate::varbuilder::{open_safetensors, shape_only, Requests, Stored, TensorSource};
+
+/// The architecture of every component.
+#[derive(Debug, Clone)]
+pub struct SdxlConfig {
+    pub unet: UNetConfig,
+    pub text_encoder: ClipConfig,
+    pub text_encoder_2: ClipConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        candle_core::Error::Msg(format!("{}: cannot read ({e}); is this a diffusers SDXL folder?", path.display()))
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: invalid config ({e})", path.display())))
+}
+
+impl SdxlConfig {
+    /// The built-in Stable Diffusion XL base 1.0 architecture.
+    pub fn sdxl_base() -> Self {
+        Self {
+            unet: UNetConfig::sdxl_base(),
+            text_encoder: ClipConfig::sdxl_text_encoder(),
+            text_encoder_2: ClipConfig::sdxl_text_encoder_2(),
+            vae: VaeConfig::sdxl_base(),
+            scheduler: SchedulerConfig::sdxl_base(),
+        }
+    }
+
+    /// Reads `unet/`, `text_encoder/`, `text_encoder_2/`, `vae/` `config.json` and
+    /// `scheduler/scheduler_config.json` of a diffusers folder.
+    pub fn from_diffusers_folder(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            candle_core::bail!("{}: no such folder (expected a diffusers SDXL folder)", dir.display())
+        }
+        let unet: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        if unet.addition_embed_type.as_deref() != Some("text_time") {
+            candle_core::bail!(
+                "{}: this UNet has no `text_time` add-embedding: it is not an SDXL model (SD 1.x / 2.x are not supported)",
+                dir.join("unet/config.json").display()
+            )
+        }
+        let scheduler_path = dir.join("scheduler/scheduler_config.json");
+        let scheduler = if scheduler_path.is_file() {
+            SchedulerConfig::from_file(&scheduler_path)?
+        } else {
+            SchedulerConfig::sdxl_base()
+        };
+        Ok(Self {
+            unet,
+            text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
+            text_encoder_2: read_json(&dir.join("text_encoder_2/config.json"))?,
+            vae: read_json(&dir.join("vae/config.json"))?,
+            scheduler,
+        })
+    }
+
+    fn sgm_layout(&self) -> SgmLayout {
+        SgmLayout::from_configs(&self.unet, &self.vae, &self.text_encoder_2)
+    }
+}
+
+/// The loaded model.
+pub struct SdxlModel {
+    pub config: SdxlConfig,
+    pub unet: UNet,
+    pub text_encoder: ClipTextModel,
+    pub text_encoder_2: ClipTextModel,
+    pub vae: Vae,
+    pub tokenizer: ClipTokenizer,
+    pub tokenizer_2: ClipTokenizer,
+    pub device: Device,
+    /// Where the weights came from, for PNG metadata and logs.
+    pub source: PathBuf,
+}
+
+/// Builds one component, first with shape-only weights (to learn what it needs and list
+/// everything missing at once), then from `source`.
+fn load_component<T>(
+    source: &TensorSource,
+    device: &Device,
+    key_filter: impl Fn(&str) -> bool,
+    build: impl Fn(VarBuilder<'static>) -> Result<T>,
+) -> Result<T> {
+    let (vb, requests) = shape_only(device);
+    build(vb)?;
+    let requests = take(requests);
+    source.check(&requests)?;
+    let unused = source.unused(&requests, key_filter);
+    if !unused.is_empty() {
+        tracing::warn!(
+            "{}: {} stored tensors are not used by the model, e.g. {}",
+            source.description(),
+            unused.len(),
+            unused.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    build(source.var_builder(device))
+}
+
+fn take(requests: Requests) -> Vec<(String, Vec<usize>)> {
+    std::mem::take(&mut *requests.lock().expect("requests lock"))
+}
+
+/// The weight files of a diffusers component folder: prefers full precision, then the `.fp16`
+/// variant; sharded files through their index.
+fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        candle_core::bail!("{}: missing component folder of the diffusers model", dir.display())
+    }
+    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors"), format!("{stem}.bf16.safetensors")] {
+        let p = dir.join(&name);
+        if p.is_file() {
+            return Ok(vec![p]);
+        }
+        let index = dir.join(format!("{name}.index.json"));
+        if index.is_file() {
+            let json: serde_json::Value = read_json(&index)?;
+            let mut shards: Vec<String> = json["weight_map"]
+                .as_object()
+                .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+        }
+    }
+    if dir.join(format!("{stem}.bin")).exists() || dir.join("pytorch_model.bin").exists() {
+        candle_core::bail!(
+            "{}: only pickle (.bin) weights found; graft reads safetensors only (pickle files can run code): convert them to safetensors",
+            dir.display()
+        )
+    }
+    candle_core::bail!("{}: no {stem}.safetensors (or .fp16 variant) found", dir.display())
+}
+
+impl SdxlModel {
+    /// Loads a diffusers folder or a single-file checkpoint. The architecture comes from the folder's
+    /// configs, from `model_config` (a diffusers folder) if given, or the built-in SDXL base 1.0.
+    pub fn load(path: &Path, model_config: Option<&Path>, device: &Device) -> Result<Self> {
+        if !path.exists() {
+            candle_core::bail!("{}: no such file or folder (expected an SDXL diffusers folder or .safetensors checkpoint)", path.display())
+        }
+        let config = match model_config {
+            Some(dir) => SdxlConfig::from_diffusers_folder(dir)?,
+            None if path.is_dir() => SdxlConfig::from_diffusers_folder(path)?,
+            None => SdxlConfig::sdxl_base(),
+        };
+        let tokenizer_dir = model_config.unwrap_or(path);
+        if path.is_dir() {
+            Self::load_diffusers(path, config, device, tokenizer_dir)
+        } else {
+            Self::load_single_file(path, config, device, tokenizer_dir)
+        }
+    }
+
+    fn load_diffusers(dir: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path) -> Result<Self> {
+        let src = |sub: &str, stem: &str| -> Result<TensorSource> {
+            TensorSource::new(component_files(&dir.join(sub), stem)?, dir.join(sub).display().to_string())
+        };
+        let all = |_: &str| true;
+        let unet_src = src("unet", "diffusion_pytorch_model")?;
+        let unet = load_component(&unet_src, device, all, |vb| UNet::new(vb, &config.unet))?;
+        let te1 = text_encoder_source(src("text_encoder", "model")?);
+        let text_encoder = load_component(&te1, device, all, |vb| {
+            ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false)
+        })?;
+        let te2 = text_encoder_source(src("text_encoder_2", "model")?);
+        let text_encoder_2 = load_component(&te2, device, all, |vb| {
+            ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true)
+        })?;
+        let vae_src = src("vae", "diffusion_pytorch_model")?;
+        let vae = load_component(&vae_src, device, all, |vb| Vae::new(vb, &config.vae))?;
+        let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
+        Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device: device.clone(), source: dir.to_path_buf() })
+    }
+
+    fn load_single_file(file: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path) -> Result<Self> {
+        let desc = file.display().to_string();
+        let files = open_safetensors(&[file.to_path_buf()])?;
+        let keys: Vec<String> = files.tensors().into_iter().map(|(k, _)| k).collect();
+        drop(files);
+        check_single_file_is_sdxl(file, &keys)?;
+        let layout = config.sgm_layout();
+        let base = TensorSource::new(vec![file.to_path_buf()], desc.clone())?;
+        let component = |c: SgmComponent, build_requests: &dyn Fn(VarBuilder<'static>) -> Result<()>| -> Result<TensorSource> {
+            // Learn the names the model asks for, then map each to its SGM key.
+            let (vb, requests) = shape_only(device);
+            build_requests(vb)?;
+            let mut renames = HashMap::new();
+            for (name, _) in take(requests) {
+                if let Some(k) = layout.to_sgm(c, &name) {
+                    renames.insert(name, Stored { key: k.name, transform: k.transform });
+                }
+            }
+            Ok(base.clone().with_renames(renames))
+        };
+        let unet_src = component(SgmComponent::Unet, &|vb| UNet::new(vb, &config.unet).map(|_| ()))?;
+        let unet = load_component(&unet_src, device, |k| k.starts_with("model.diffusion_model."), |vb| UNet::new(vb, &config.unet))?;
+        let te1_src = component(SgmComponent::TextEncoder, &|vb| {
+            ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false).map(|_| ())
+        })?;
+        let text_encoder = load_component(&te1_src, device, |k| k.starts_with("conditioner.embedders.0."), |vb| {
+            ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false)
+        })?;
+        let te2_src = component(SgmComponent::TextEncoder2, &|vb| {
+            ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true).map(|_| ())
+        })?;
+        let text_encoder_2 = load_component(&te2_src, device, |k| k.starts_with("conditioner.embedders.1."), |vb| {
+            ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true)
+        })?;
+        let vae_src = component(SgmComponent::Vae, &|vb| Vae::new(vb, &config.vae).map(|_| ()))?;
+        let vae = load_component(&vae_src, device, |k| k.starts_with("first_stage_model."), |vb| Vae::new(vb, &config.vae))?;
+        let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
+        Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device: device.clone(), source: file.to_path_buf() })
+    }
+
+    /// Every hook point of the three hooked components: UNet, then text encoders.
+    pub fn layers(&self) -> Vec<&LayerInfo> {
+        self.registries().into_iter().flat_map(|r| r.layers().iter()).collect()
+    }
+
+    pub fn registries(&self) -> [&HookRegistry; 3] {
+        [self.unet.registry(), self.text_encoder.registry(), self.text_encoder_2.registry()]
+    }
+}
+
+/// transformers 5 saves text encoders without the `text_model.` prefix; real SDXL files have it.
+fn text_encoder_source(source: TensorSource) -> TensorSource {
+    let keys = source.keys();
+    if keys.iter().any(|k| k.starts_with("text_model.")) {
+        return source;
+    }
+    let renames = keys
+        .into_iter()
+        .filter(|k| k != "text_projection.weight")
+        .map(|k| (format!("text_model.{k}"), Stored { key: k, transform: crate::varbuilder::Transform::None }))
+        .collect();
+    source.with_renames(renames)
+}
+
+/// The tokenizers of a diffusers folder, or the built-in CLIP vocabulary.
+fn tokenizers(dir: &Path) -> Result<(ClipTokenizer, ClipTokenizer)> {
+    let load = |sub: &str, pad: PadToken| -> Result<ClipTokenizer> {
+        let d = dir.join(sub);
+        if dir.is_dir() && d.is_dir() {
+            ClipTokenizer::from_folder(&d).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        } else {
+            Ok(ClipTokenizer::builtin(pad))
+        }
+    };
+    Ok((load("tokenizer", PadToken::EndOfText)?, load("tokenizer_2", PadToken::Exclamation)?))
+}
+
+/// A clear error for single files that are not SDXL checkpoints.
+fn check_single_file_is_sdxl(file: &Path, keys: &[String]) -> Result<()> {
+    let has = |p: &str| keys.iter().any(|k| k.starts_with(p));
+    if has("model.diffusion_model.") && has("conditioner.embedders.1.") {
+        return Ok(());
+    }
+    let what = if has("cond_stage_model.") {
+        "a Stable Diffusion 1.x / 2.x checkpoint"
+    } else if has("lora_unet_") || keys.iter().any(|k| k.contains(".lora_A.") || k.contains("lora_down")) {
+        "a LoRA adapter, not a checkpoint (pass it with --adapter)"
+    } else if has("down_blocks.") {
+        "a diffusers UNet file: pass the diffusers folder that holds it"
+    } else {
+        "not an SDXL single-file checkpoint (no model.diffusion_model.* and conditioner.embedders.* keys)"
+    };
+    candle_core::bail!("{}: {what}; graft needs an SDXL checkpoint", file.display())
+}
+
+/// Builds every component with shape-only weights: the hook points of an architecture without
+/// loading (or allocating) any weight.
+pub fn layers_of(config: &SdxlConfig) -> Result<Vec<LayerInfo>> {
+    let dev = Device::Cpu;
+    let unet = UNet::new(shape_only(&dev).0, &config.unet)?;
+    let te1 = ClipTextModel::new(shape_only(&dev).0, &config.text_encoder, Component::TextEncoder, false)?;
+    let te2 = ClipTextModel::new(shape_only(&dev).0, &config.text_encoder_2, Component::TextEncoder2, true)?;
+    Ok([unet.registry(), te1.registry(), te2.registry()].iter().flat_map(|r| r.layers().to_vec()).collect())
+}

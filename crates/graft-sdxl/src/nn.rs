@@ -1,0 +1,185 @@
+//! Small building blocks shared by the models, all differentiable.
+//!
+//! candle-nn's `softmax_last_dim` and its fused `LayerNorm` path have no backward pass: gradients
+//! upstream of them vanish silently. The forms here are written with plain tensor ops so that
+//! anything attached at a hook point receives its gradient.
+
+use std::sync::{Arc, RwLock};
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::hooks::{HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind, LinearWeights};
+
+/// A `Linear` that is a hook point. Its weights are shared with the registry so the host can swap
+/// them (fuse, unfreeze) between forwards.
+#[derive(Debug, Clone)]
+pub struct HookedLinear {
+    index: LayerIndex,
+    weights: Arc<RwLock<LinearWeights>>,
+}
+
+impl HookedLinear {
+    /// Loads `weight` (and `bias` if `bias`) under `vb` and registers the hook point. The name is
+    /// `info.component`'s prefix followed by `vb`'s path.
+    pub fn new(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        registry: &mut HookRegistry,
+        mut info: LayerInfo,
+    ) -> Result<Self> {
+        let weight = vb.get((out_features, in_features), "weight")?;
+        let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
+        info.name = format!("{}.{}", info.component.prefix(), vb.prefix());
+        info.kind = LayerKind::Linear;
+        info.in_features = in_features;
+        info.out_features = out_features;
+        let weights = Arc::new(RwLock::new(LinearWeights { weight, bias }));
+        let index = registry.register_linear(info, weights.clone());
+        Ok(Self { index, weights })
+    }
+
+    pub fn index(&self) -> LayerIndex {
+        self.index
+    }
+
+    pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        let base = {
+            let w = self.weights.read().expect("linear weights lock poisoned");
+            linear(x, &w.weight, w.bias.as_ref())?
+        };
+        if hooks.attached(self.index) {
+            hooks.linear(self.index, x, base)
+        } else {
+            Ok(base)
+        }
+    }
+}
+
+/// `x @ w^T + b` for x of any rank >= 2.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = match x.dims() {
+        [b0, b1, _, _] => x.matmul(&w.broadcast_left((*b0, *b1))?.t()?)?,
+        [bsize, _, _] => x.matmul(&w.broadcast_left(*bsize)?.t()?)?,
+        _ => x.matmul(&w.t()?)?,
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// A plain (not hooked) linear layer.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_features, in_features), "weight")?;
+        let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// LayerNorm over the last dimension, differentiable.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(D::Minus1)? as f64;
+        let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+        let x = x.broadcast_sub(&mean)?;
+        let var = (x.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        x.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension, differentiable (unlike `candle_nn::ops::softmax_last_dim`).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Multi-head scaled dot-product attention. q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
+/// `causal` masks future positions (the text encoders).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
+    };
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = if causal { apply_causal_mask(&scores)? } else { scores };
+    let probs = softmax_last_dim(&scores)?;
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
+}
+
+fn apply_causal_mask(scores: &Tensor) -> Result<Tensor> {
+    let (_, _, n, m) = scores.dims4()?;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (n, m), scores.device())?.to_dtype(scores.dtype())?;
+    scores.broadcast_add(&mask)
+}
+
+/// GroupNorm (candle-nn's is written with differentiable ops).
+pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<candle_nn::GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// A 2-d convolution with bias.
+pub fn conv2d(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<candle_nn::Conv2d> {
+    let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
+    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+}
+
+/// Sinusoidal embedding as diffusers' `get_timestep_embedding`: `t` [n] -> [n, dim].
+pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Result<Tensor> {
+    let half = dim / 2;
+    // Computed in f32 like diffusers, so that large timesteps give the same phases.
+    let scale = -(10000f32.ln()) / (half as f32 - freq_shift as f32);
+    let exponent: Vec<f32> = (0..half).map(|i| (i as f32 * scale).exp()).collect();
+    let freqs = Tensor::from_vec(exponent, (1, half), t.device())?;
+    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}

@@ -1,0 +1,191 @@
+//! Text to image, as diffusers' `StableDiffusionXLPipeline` does it: both text encoders
+//! (penultimate hidden states concatenated, TE2's projected pooled output), zeroed unconditional
+//! embeddings for an empty negative prompt, time ids from the size, classifier-free guidance, the
+//! scheduler loop, and the VAE decode.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::hooks::{Hooks, NoHooks};
+use crate::model::SdxlModel;
+use crate::rng::GraftRng;
+use crate::schedulers::build_scheduler;
+
+/// The hooks of each hooked component for one forward.
+#[derive(Clone, Copy)]
+pub struct PipelineHooks<'a> {
+    pub unet: &'a dyn Hooks,
+    pub text_encoder: &'a dyn Hooks,
+    pub text_encoder_2: &'a dyn Hooks,
+}
+
+impl PipelineHooks<'static> {
+    pub fn none() -> Self {
+        Self { unet: &NoHooks, text_encoder: &NoHooks, text_encoder_2: &NoHooks }
+    }
+}
+
+/// What one image is made from.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// `None` or empty: zeroed unconditional embeddings (`force_zeros_for_empty_prompt`).
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: String,
+    pub seed: u64,
+    /// Unit-normal noise [1, 4, h/8, w/8]; multiplied by the scheduler's init sigma, like
+    /// diffusers' `latents=` argument. Drawn from the seed when `None`.
+    pub init_latents: Option<Tensor>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            width: 1024,
+            height: 1024,
+            steps: 30,
+            guidance: 5.0,
+            scheduler: "euler".into(),
+            seed: 0,
+            init_latents: None,
+        }
+    }
+}
+
+/// Prompt embeddings: [b, 77, te1 + te2 hidden] and pooled [b, te2 projection].
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds {
+    pub hidden: Tensor,
+    pub pooled: Tensor,
+}
+
+/// The result of a generation.
+pub struct Generated {
+    /// [1, 3, h, w] in [0, 1].
+    pub image: Tensor,
+    /// The final latents, unscaled by the VAE factor: [1, 4, h/8, w/8].
+    pub latents: Tensor,
+}
+
+/// Checks a size before any work; the error says what to do.
+pub fn check_size(width: usize, height: usize) -> Result<()> {
+    for (what, v) in [("width", width), ("height", height)] {
+        if v == 0 || v % 8 != 0 {
+            let lo = (v / 8).max(1) * 8;
+            candle_core::bail!(
+                "{what} {v} is not a positive multiple of 8: SDXL works on 8x8-pixel latents; use {lo} or {}",
+                lo + 8
+            )
+        }
+    }
+    Ok(())
+}
+
+impl SdxlModel {
+    /// Encodes prompts with both text encoders.
+    pub fn encode_prompts(&self, prompts: &[&str], hooks: PipelineHooks) -> Result<PromptEmbeds> {
+        let ids = |tok: &crate::tokenizer::ClipTokenizer| -> Result<Tensor> {
+            let rows: Vec<u32> = prompts.iter().flat_map(|p| tok.encode_padded(p, 77)).collect();
+            Tensor::from_vec(rows, (prompts.len(), 77), &self.device)
+        };
+        let out1 = self.text_encoder.forward(&ids(&self.tokenizer)?, hooks.text_encoder)?;
+        let out2 = self.text_encoder_2.forward(&ids(&self.tokenizer_2)?, hooks.text_encoder_2)?;
+        let penultimate = |o: &crate::clip::ClipOutput| o.hidden_states[o.hidden_states.len() - 2].clone();
+        let hidden = Tensor::cat(&[penultimate(&out1), penultimate(&out2)], 2)?;
+        let pooled = match out2.text_embeds {
+            Some(t) => t,
+            None => candle_core::bail!("text_encoder_2 has no text projection: not an SDXL text encoder"),
+        };
+        Ok(PromptEmbeds { hidden, pooled })
+    }
+
+    /// The unconditional embeddings: zeros for an empty negative prompt, else its encoding.
+    pub fn encode_negative(&self, negative: Option<&str>, like: &PromptEmbeds, hooks: PipelineHooks) -> Result<PromptEmbeds> {
+        match negative {
+            Some(n) if !n.is_empty() => self.encode_prompts(&[n], hooks),
+            _ => Ok(PromptEmbeds { hidden: like.hidden.zeros_like()?, pooled: like.pooled.zeros_like()? }),
+        }
+    }
+
+    /// SDXL's six time ids: original size, crop top-left, target size (all from the image size).
+    pub fn time_ids(&self, width: usize, height: usize, batch: usize) -> Result<Tensor> {
+        let (h, w) = (height as f32, width as f32);
+        Tensor::new(&[h, w, 0.0, 0.0, h, w], &self.device)?.unsqueeze(0)?.repeat((batch, 1))
+    }
+
+    /// Text to image.
+    pub fn generate(
+        &self,
+        params: &GenerateParams,
+        hooks: PipelineHooks,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        check_size(params.width, params.height)?;
+        let latent_shape = (1, self.config.unet.in_channels, params.height / 8, params.width / 8);
+        let mut scheduler = build_scheduler(&params.scheduler, &self.config.scheduler, params.steps)?;
+        let mut rng = GraftRng::new(params.seed);
+        let noise = match &params.init_latents {
+            Some(t) => {
+                if t.dims() != [latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3] {
+                    candle_core::bail!(
+                        "init latents have shape {:?}, expected {:?} for a {}x{} image",
+                        t.dims(),
+                        latent_shape,
+                        params.width,
+                        params.height
+                    )
+                }
+                t.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+            None => rng.randn(latent_shape, &self.device)?,
+        };
+        let mut latents = (noise * scheduler.init_noise_sigma())?;
+
+        let cond = self.encode_prompts(&[&params.prompt], hooks)?;
+        let uncond = self.encode_negative(params.negative_prompt.as_deref(), &cond, hooks)?;
+        let guided = params.guidance > 1.0;
+        let (context, pooled, batch) = if guided {
+            (Tensor::cat(&[&uncond.hidden, &cond.hidden], 0)?, Tensor::cat(&[&uncond.pooled, &cond.pooled], 0)?, 2)
+        } else {
+            (cond.hidden.clone(), cond.pooled.clone(), 1)
+        };
+        let time_ids = self.time_ids(params.width, params.height, batch)?;
+
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let ts = Tensor::full(t as f32, batch, &self.device)?;
+            let pred = self.unet.forward(&input, &ts, &context, &pooled, &time_ids, hooks.unet)?;
+            let pred = if guided {
+                let (u, c) = (pred.get(0)?.unsqueeze(0)?, pred.get(1)?.unsqueeze(0)?);
+                (&u + ((c - &u)? * params.guidance)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, &mut rng)?;
+            on_step(i + 1, timesteps.len());
+        }
+        let image = self.decode_latents(&latents)?;
+        Ok(Generated { image, latents })
+    }
+
+    /// Latents (unscaled) -> image [b, 3, h, w] in [0, 1].
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let decoded = self.vae.decode(&(latents / self.config.vae.scaling_factor)?)?;
+        ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)
+    }
+}
+
+/// An image tensor [3, h, w] in [0, 1] as 8-bit RGB rows.
+pub fn to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
+    let (_, h, w) = image.dims3()?;
+    let pixels = (image.permute((1, 2, 0))? * 255.0)?.round()?.clamp(0f32, 255f32)?.to_dtype(DType::U8)?;
+    let data = pixels.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+    Ok((w, h, data))
+}

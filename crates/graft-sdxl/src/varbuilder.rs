@@ -1,0 +1,240 @@
+//! VarBuilder backends.
+//!
+//! - [`shape_only`]: builds a model without memory (every tensor a stride-0 view of one zero) and
+//!   records what it asked for. Used to list hook points without weights (`graft layers`) and to
+//!   check a weight file against what the model needs before loading anything, so that every
+//!   missing key and wrong shape is reported at once.
+//! - [`TensorSource`]: named tensors of one component, memory-mapped from safetensors files,
+//!   possibly under other names (the single-file SGM layout), converted to f32 on load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+/// The (name, shape) pairs a model requested while it was built.
+pub type Requests = Arc<Mutex<Vec<(String, Vec<usize>)>>>;
+
+struct ShapeOnly {
+    requests: Requests,
+}
+
+impl SimpleBackend for ShapeOnly {
+    fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.requests.lock().expect("requests lock").push((name.to_string(), s.dims().to_vec()));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("shape-only weights cannot provide `{name}` without a shape")
+    }
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// A VarBuilder whose tensors take no memory, and the list of what was requested through it.
+pub fn shape_only(device: &Device) -> (VarBuilder<'static>, Requests) {
+    let requests: Requests = Arc::default();
+    let backend: Box<dyn SimpleBackend> = Box::new(ShapeOnly { requests: requests.clone() });
+    (VarBuilder::from_backend(backend, DType::F32, device.clone()), requests)
+}
+
+/// How a stored tensor becomes the tensor the model asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transform {
+    None,
+    /// A slice of rows `start..start+len` (open_clip's fused `in_proj` holds q, k, v).
+    Rows { start: usize, len: usize },
+    /// Stored transposed (open_clip's `text_projection`).
+    Transpose,
+    /// A 1x1 conv `[o, i, 1, 1]` used as a linear `[o, i]` (the SGM VAE attention).
+    Conv1x1ToLinear,
+}
+
+/// Where a model name is stored: which file key, and how to transform it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub key: String,
+    pub transform: Transform,
+}
+
+/// The tensors of one model component, memory-mapped.
+#[derive(Clone)]
+pub struct TensorSource {
+    files: Arc<MmapedSafetensors>,
+    paths: Vec<PathBuf>,
+    /// Model name -> stored key. Names not in the map are looked up as they are.
+    renames: Arc<HashMap<String, Stored>>,
+    /// The file key prefix every lookup gets (the component prefix of a single file).
+    description: String,
+}
+
+/// Opens safetensors files, with an error that names the file and says what to do.
+pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
+    for p in paths {
+        if !p.exists() {
+            candle_core::bail!("{}: no such file", p.display());
+        }
+    }
+    // Safety: the files are memory-mapped read-only; graft never writes to a model file it has open.
+    unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| {
+        let names: Vec<_> = paths.iter().map(|p| p.display().to_string()).collect();
+        candle_core::Error::Msg(format!(
+            "{}: not a readable safetensors file ({e}); the file is corrupt or truncated: download or export it again",
+            names.join(", ")
+        ))
+    })
+}
+
+impl TensorSource {
+    pub fn new(paths: Vec<PathBuf>, description: impl Into<String>) -> Result<Self> {
+        let files = open_safetensors(&paths)?;
+        Ok(Self { files: Arc::new(files), paths, renames: Arc::default(), description: description.into() })
+    }
+
+    /// The same files, with model names mapped to stored keys.
+    pub fn with_renames(mut self, renames: HashMap<String, Stored>) -> Self {
+        self.renames = Arc::new(renames);
+        self
+    }
+
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Every key stored in the files.
+    pub fn keys(&self) -> Vec<String> {
+        self.files.tensors().into_iter().map(|(k, _)| k).collect()
+    }
+
+    fn stored(&self, name: &str) -> Stored {
+        self.renames
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Stored { key: name.to_string(), transform: Transform::None })
+    }
+
+    /// The shape `name` will have once transformed, or `None` if it is not stored.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let stored = self.stored(name);
+        let view = self.files.get(&stored.key).ok()?;
+        let dims = view.shape().to_vec();
+        Some(match stored.transform {
+            Transform::None => dims,
+            Transform::Rows { len, .. } => {
+                let mut d = dims;
+                d[0] = len;
+                d
+            }
+            Transform::Transpose => dims.iter().rev().copied().collect(),
+            Transform::Conv1x1ToLinear => dims.iter().take(2).copied().collect(),
+        })
+    }
+
+    /// Loads `name` as f32 on `device`.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let stored = self.stored(name);
+        let t = self.files.load(&stored.key, &Device::Cpu).map_err(|e| {
+            candle_core::Error::Msg(format!("{}: cannot read tensor `{}`: {e}", self.description, stored.key))
+        })?;
+        let t = t.to_dtype(DType::F32)?;
+        let t = match stored.transform {
+            Transform::None => t,
+            Transform::Rows { start, len } => t.narrow(0, start, len)?,
+            Transform::Transpose => t.t()?,
+            Transform::Conv1x1ToLinear => t.flatten_from(1)?,
+        };
+        t.contiguous()?.to_device(device)
+    }
+
+    /// Checks that every requested tensor is stored with the requested shape, and returns one error
+    /// listing every missing key and every wrong shape.
+    pub fn check(&self, requests: &[(String, Vec<usize>)]) -> Result<()> {
+        let mut missing = Vec::new();
+        let mut wrong = Vec::new();
+        for (name, shape) in requests {
+            match self.shape_of(name) {
+                None => missing.push(self.stored(name).key),
+                Some(s) if &s != shape => {
+                    wrong.push(format!("{} is {:?}, expected {:?}", self.stored(name).key, s, shape))
+                }
+                Some(_) => {}
+            }
+        }
+        if missing.is_empty() && wrong.is_empty() {
+            return Ok(());
+        }
+        let mut msg = format!(
+            "{} does not fit the model architecture ({} missing keys, {} wrong shapes):",
+            self.description,
+            missing.len(),
+            wrong.len()
+        );
+        for m in missing.iter().take(20) {
+            msg.push_str(&format!("\n  missing: {m}"));
+        }
+        if missing.len() > 20 {
+            msg.push_str(&format!("\n  ... and {} more missing", missing.len() - 20));
+        }
+        for w in wrong.iter().take(20) {
+            msg.push_str(&format!("\n  wrong shape: {w}"));
+        }
+        if wrong.len() > 20 {
+            msg.push_str(&format!("\n  ... and {} more wrong shapes", wrong.len() - 20));
+        }
+        msg.push_str(
+            "\nIs this an SDXL model, and does its config match? Pass the matching diffusers config folder with --model-config.",
+        );
+        candle_core::bail!("{msg}")
+    }
+
+    /// Stored keys that no request used (reported, so nothing is silently ignored).
+    pub fn unused(&self, requests: &[(String, Vec<usize>)], key_filter: impl Fn(&str) -> bool) -> Vec<String> {
+        let used: std::collections::HashSet<String> =
+            requests.iter().map(|(n, _)| self.stored(n).key).collect();
+        let mut unused: Vec<String> =
+            self.keys().into_iter().filter(|k| key_filter(k) && !used.contains(k)).collect();
+        unused.sort();
+        unused
+    }
+
+    /// A VarBuilder over this source.
+    pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
+        let backend: Box<dyn SimpleBackend> = Box::new(self.clone());
+        VarBuilder::from_backend(backend, DType::F32, device.clone())
+    }
+}
+
+impl SimpleBackend for TensorSource {
+    fn get(&self, s: Shape, name: &str, _h: Init, _dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.load(name, dev)?;
+        if t.dims() != s.dims() {
+            candle_core::bail!(
+                "{}: `{}` has shape {:?}, expected {:?}",
+                self.description,
+                self.stored(name).key,
+                t.dims(),
+                s.dims()
+            )
+        }
+        Ok(t)
+    }
+    fn get_unchecked(&self, name: &str, _dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.load(name, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shape_of(name).is_some()
+    }
+}
+
+/// True if `path` looks like a diffusers model folder.
+pub fn is_diffusers_folder(path: &Path) -> bool {
+    path.is_dir() && path.join("model_index.json").is_file()
+}

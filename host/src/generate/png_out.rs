@@ -1,0 +1,66 @@
+//! PNG output with the generation parameters in an A1111 `parameters` text chunk.
+
+use std::path::Path;
+
+use anyhow::Context;
+use graft_sdxl::GenerateParams;
+
+/// A1111's sampler name for a graft scheduler name.
+pub fn sampler_name(scheduler: &str) -> &str {
+    match scheduler {
+        "euler" => "Euler",
+        "euler_a" => "Euler a",
+        "ddim" => "DDIM",
+        "dpmpp_2m" => "DPM++ 2M",
+        "dpmpp_2m_karras" => "DPM++ 2M Karras",
+        other => other,
+    }
+}
+
+/// The `parameters` text as A1111 writes it: prompt, negative prompt, then the settings line.
+pub fn a1111_parameters(p: &GenerateParams, model: &str) -> String {
+    let mut text = p.prompt.clone();
+    if let Some(n) = p.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
+        text.push_str(&format!("\nNegative prompt: {n}"));
+    }
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: graft {}",
+        p.steps,
+        sampler_name(&p.scheduler),
+        p.guidance,
+        p.seed,
+        p.width,
+        p.height,
+        model,
+        env!("CARGO_PKG_VERSION")
+    ));
+    text
+}
+
+/// Writes an 8-bit RGB PNG with a `parameters` tEXt chunk, through a temporary file and a rename
+/// so an existing image is never left half-written.
+pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8], parameters: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("png.tmp");
+    let write = || -> anyhow::Result<()> {
+        let file = std::fs::File::create(&tmp)?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_text_chunk("parameters".into(), parameters.into())?;
+        let mut w = enc.write_header()?;
+        w.write_image_data(rgb)?;
+        w.finish()?;
+        Ok(())
+    };
+    write().with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Reads the `parameters` text chunk of a PNG (for tests and `graft inspect`).
+pub fn read_parameters(path: &Path) -> anyhow::Result<Option<String>> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path)?));
+    let reader = decoder.read_info()?;
+    Ok(reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone()))
+}
+

@@ -1,0 +1,54 @@
+//! Shared helpers of the end-to-end tests: fixture paths, scratch folders, running the CLI.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+/// The committed tiny SDXL fixtures (see tests/fixtures/README.md).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn tiny_model() -> PathBuf {
+    fixtures().join("tiny-sdxl")
+}
+
+pub fn tiny_single_file() -> PathBuf {
+    fixtures().join("tiny-sdxl-sgm.safetensors")
+}
+
+/// A fresh scratch folder under the target directory, removed at the start of each use.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-scratch").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch folder");
+    dir
+}
+
+/// Runs `graft ARGS...` in-process and returns its result.
+pub fn graft(args: &[&str]) -> anyhow::Result<()> {
+    let cli = graft_host::cli::Cli::try_parse_from(std::iter::once("graft").chain(args.iter().copied()))?;
+    graft_host::cli::run(cli)
+}
+
+/// Runs `graft ARGS...` and returns the error text it must fail with.
+pub fn graft_err(args: &[&str]) -> String {
+    match graft(args) {
+        Ok(()) => panic!("graft {args:?} succeeded but should have failed"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Copies a folder tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create folder");
+    for entry in std::fs::read_dir(from).expect("read folder") {
+        let entry = entry.expect("folder entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
