@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{generate, layers};
+use crate::{generate, layers, plugins};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,16 +27,27 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// List the hook points (named layers adapters attach to) of a model, without loading weights.
     Layers(layers::LayersArgs),
+    /// Inspect strategy plugins: list the libraries found, check one, watch for rebuilds.
+    Plugins(plugins::cli::PluginsArgs),
+    /// Create a strategy plugin crate (`graft plugin new NAME`).
+    Plugin(plugins::cli::PluginArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Layers(args) => layers::run(args),
+        Command::Plugins(args) => plugins::cli::run_plugins(args),
+        Command::Plugin(args) => plugins::cli::run_plugin(args),
     }
 }
 
 pub fn main() -> ExitCode {
+    // candle attaches a backtrace to its errors when RUST_BACKTRACE is set; a user needs the
+    // message only (RUST_LIB_BACKTRACE=1 brings them back for debugging).
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

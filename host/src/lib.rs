@@ -1,6 +1,9 @@
 //! The graft runtime: the `graft` command and what it runs.
 
+pub mod adapters;
 pub mod cli;
 pub mod device;
 pub mod generate;
 pub mod layers;
+pub mod plugins;
+pub mod train;

@@ -34,7 +34,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 import sgm_convert  # noqa: E402
@@ -91,9 +91,38 @@ TE2_CONFIG = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num
                   hidden_act="gelu", projection_dim=40)
 
 
+ST_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32"}
+
+
 def write_safetensors(tensors, path, metadata):
-    save_file(tensors, path, metadata=metadata)
-    path.chmod(0o644)  # safetensors creates files readable by the owner only
+    """Writes a .safetensors file byte-for-byte reproducibly.
+
+    safetensors' own writer orders the metadata differently on every run; here the header lists
+    the metadata and the tensors sorted (tensors by decreasing element size, then name, so every
+    tensor stays aligned), and the header is space-padded to a multiple of 8 as the library does.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for k in order:
+        t = tensors[k].detach().contiguous().cpu()
+        data = t.view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    # Write beside and rename: the input tensors may be memory-mapped from the file being replaced.
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    back = load_file(path)  # check the file with the reference reader
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k].cpu()) for k in tensors), path
 
 
 def to_json(v):
@@ -121,7 +150,7 @@ def setup_torch():
 def randomise(model, gen):
     """Replaces every parameter: O(1) activations, no default-looking norms or biases."""
     done = set()
-    for name, m in model.named_modules():
+    for _name, m in model.named_modules():
         w = getattr(m, "weight", None)
         b = getattr(m, "bias", None)
         if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
@@ -153,7 +182,7 @@ def clip_config(vocab_size, **kw):
 
 
 def build_and_save():
-    """Builds the random model, saves the diffusers folder (float16) and returns nothing: reload it."""
+    """Builds the random model and saves the diffusers folder (float16); returns the rounded f32 state dicts."""
     vocab, merges = tiny_tokenizer.build_vocab()
     tmp_tok = FIXTURES / ".tok_tmp"
     tiny_tokenizer.write_tokenizer(tmp_tok / "tokenizer", vocab, merges, "<|endoftext|>")
@@ -384,13 +413,17 @@ def make_sgm(pipe):
     for p in parts:
         assert not set(p) & set(sgm)
         sgm.update(p)
-    # Present in the real sd_xl_base_1.0 file and unused by the model: loaders must skip it.
+    # Present in real SDXL single files and unused by the model: loaders must skip them.
     sgm["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052, dtype=torch.float16)
+    sgm["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     write_safetensors(sgm, SGM_FILE, {"format": "pt"})
 
     # Check 1: the inverse mapping gives back every diffusers tensor exactly.
     sgm = load_file(SGM_FILE)
-    back = sgm_convert.sgm_to_diffusers(sgm, unet_cfg, vae_cfg, te2_layers)
+    extra = ("conditioner.embedders.1.model.logit_scale",
+             "conditioner.embedders.0.transformer.text_model.embeddings.position_ids")
+    back = sgm_convert.sgm_to_diffusers({k: v for k, v in sgm.items() if k not in extra}, unet_cfg, vae_cfg,
+                                        te2_layers)
     for sub, sd in zip(("unet", "vae", "text_encoder", "text_encoder_2"), back):
         ref = sd_of(sub)
         assert set(sd) == set(ref), f"{sub}: {set(sd) ^ set(ref)}"

@@ -12,8 +12,8 @@ tools/reference/setup.sh /work/refvenv        # once, if the environment does no
 /work/refvenv/bin/python tools/reference/make_fixtures.py      # from the repository root
 ```
 
-The tokenizer fixtures `reference/schedulers.*` and `reference/tokenizer.*` come from another
-script and are not described here.
+The scheduler and tokenizer fixtures `reference/schedulers.*` and `reference/tokenizer.*` come
+from another script and are not described here.
 
 **Weights are stored in float16; every reference output was computed in float32 from those
 float16 weights** (the script rounds the random parameters through float16, saves the folder,
@@ -49,9 +49,10 @@ it; the script adds it back): `text_model.embeddings.token_embedding.weight`, ..
 | tokenizer, tokenizer_2 | CLIPTokenizer | the tiny vocabulary below; tokenizer pads with `<|endoftext|>` (999), tokenizer_2 with `!` (0), as SDXL | |
 
 **Change from the requested sizes:** the last UNet block has 56 channels, not 64: with 64 the
-UNet has 2,643,780 parameters and the fixtures exceed 10 MB (the UNet is stored twice, in the
-folder and in the single file). 56 keeps every constraint (divisible by 8 groups and by 4 heads,
-all three widths different).
+UNet has 2,643,780 parameters and the fixtures take about 13.7 MB (the UNet is stored twice, in
+the folder and in the single file); with 56 they take 12.1 MB. 56 keeps every other constraint
+(divisible by the 8 groups and the 4 heads, three different widths). Getting under 10 MB would
+need two equal widths ([32, 48, 48], 1.89 M parameters) or other head counts.
 
 **Random weights** (seeds: text_encoder 1, text_encoder_2 2, unet 3, vae 4; every parameter is
 replaced, nothing keeps its default init): Linear and Conv2d weights N(0, 1/fan_in); every bias
@@ -72,6 +73,7 @@ normalised, whitespace collapsed, lowercased, split with CLIP's regex, then byte
 TE = """## `reference/te.safetensors`: text encoders
 
 Prompts (metadata `prompts`, JSON list), in this order:
+
 {prompts}
 
 Keys (`te1` = text_encoder, `te2` = text_encoder_2; n = 3 prompts):
@@ -205,13 +207,15 @@ Layout (L = layers_per_block = 2; SDXL has the same numbering):
   `attn.out_proj`, `mlp.c_fc` = fc1, `mlp.c_proj` = fc2, `ln_final` = final_layer_norm,
   `text_projection` **[48, 40] = text_projection.weight transposed** (open_clip computes
   `x @ text_projection`).
-- `conditioner.embedders.1.model.logit_scale` (0-d, 4.6052): present in the real
-  sd_xl_base_1.0 file, unused by the text model; loaders must ignore it. No `position_ids`.
+- Two tensors that real SDXL single files carry and the model does not use (loaders must skip
+  them): `conditioner.embedders.1.model.logit_scale` (0-d float16, 4.6052) and
+  `conditioner.embedders.0.transformer.text_model.embeddings.position_ids` ([1, 77] int64, 0..76;
+  the file's only non-float16 tensor).
 """
 
 
 def _prompt_list(prompts):
-    return "\n".join(f"{i}. `{json.dumps(p, ensure_ascii=False)}`" for i, p in enumerate(prompts))
+    return "\n".join(f"- {i}: `{json.dumps(p, ensure_ascii=False)}`" for i, p in enumerate(prompts))
 
 
 def render(refs, shape_table, pipe_meta, sgm, params, versions, files):

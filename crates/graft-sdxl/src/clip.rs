@@ -10,9 +10,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::hooks::{
-    AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind,
-};
+use crate::hooks::{AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind};
 use crate::nn::{self, HookedLinear, LayerNorm, Linear};
 
 /// The MLP activation (`hidden_act`).
@@ -144,17 +142,14 @@ impl ClipConfig {
                 return Err(format!("`{field}` must be positive"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        let head_dim = self.hidden_size / self.num_attention_heads;
+        if head_dim * self.num_attention_heads != self.hidden_size {
             return Err(format!(
                 "`hidden_size` ({}) must be a multiple of `num_attention_heads` ({})",
                 self.hidden_size, self.num_attention_heads
             ));
         }
         Ok(())
-    }
-
-    fn head_count(&self) -> usize {
-        self.num_attention_heads
     }
 }
 
@@ -227,7 +222,7 @@ impl SelfAttention {
             k_proj: proj("k_proj")?,
             v_proj: proj("v_proj")?,
             out_proj: proj("out_proj")?,
-            heads: config.head_count(),
+            heads: config.num_attention_heads,
         })
     }
 
@@ -302,15 +297,12 @@ impl ClipTextModel {
     /// `vb` is rooted at the weight file's root (keys `text_model.*`, `text_projection.weight`).
     /// `component` is `TextEncoder` or `TextEncoder2` and prefixes the hook point names.
     pub fn new(vb: VarBuilder, config: &ClipConfig, component: Component, with_projection: bool) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|e| candle_core::Error::Msg(format!("{} config: {e}", component.prefix())))?;
+        config.validate().map_err(|e| candle_core::Error::Msg(format!("{} config: {e}", component.prefix())))?;
         let (dim, eps) = (config.hidden_size, config.layer_norm_eps);
         let tm = vb.pp("text_model");
         let emb = tm.pp("embeddings");
         let token_embedding = emb.pp("token_embedding").get((config.vocab_size, dim), "weight")?;
-        let position_embedding =
-            emb.pp("position_embedding").get((config.max_position_embeddings, dim), "weight")?;
+        let position_embedding = emb.pp("position_embedding").get((config.max_position_embeddings, dim), "weight")?;
         let mut registry = HookRegistry::new();
         let layers_vb = tm.pp("encoder").pp("layers");
         let layers = (0..config.num_hidden_layers)

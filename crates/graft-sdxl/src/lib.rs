@@ -3,7 +3,9 @@
 
 pub mod clip;
 pub mod hooks;
+pub mod model;
 pub mod nn;
+pub mod pipeline;
 pub mod resnet;
 pub mod rng;
 pub mod schedulers;
@@ -11,11 +13,8 @@ pub mod sgm;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
-// (lead) model + pipeline are enabled once the component modules exist:
-// pub mod model;
-// pub mod pipeline;
 pub mod varbuilder;
 
 pub use hooks::{Component, HookRegistry, Hooks, LayerInfo, LayerKind, NoHooks};
-// pub use model::{SdxlConfig, SdxlModel};
-// pub use pipeline::{GenerateParams, PipelineHooks};
+pub use model::{SdxlConfig, SdxlModel};
+pub use pipeline::{GenerateParams, PipelineHooks};

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use crate::clip::{ClipConfig, ClipTextModel};
 use crate::hooks::{Component, HookRegistry, LayerInfo};
 use crate::schedulers::SchedulerConfig;
-use crate::sgm::{SgmComponent, SgmLayout};
+use crate::sgm::{is_known_extra, SgmComponent, SgmLayout};
 use crate::tokenizer::{ClipTokenizer, PadToken};
 use crate::unet::{UNet, UNetConfig};
 use crate::vae::{Vae, VaeConfig};
@@ -30,12 +30,15 @@ pub struct SdxlConfig {
     pub scheduler: SchedulerConfig,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| {
         candle_core::Error::Msg(format!("{}: cannot read ({e}); is this a diffusers SDXL folder?", path.display()))
-    })?;
-    serde_json::from_str(&text)
-        .map_err(|e| candle_core::Error::Msg(format!("{}: invalid config ({e})", path.display())))
+    })
+}
+
+/// Reads a component config with its own validating parser.
+fn read_config<T>(path: &Path, parse: fn(&str, &str) -> Result<T>) -> Result<T> {
+    parse(&read_text(path)?, &path.display().to_string())
 }
 
 impl SdxlConfig {
@@ -56,7 +59,7 @@ impl SdxlConfig {
         if !dir.is_dir() {
             candle_core::bail!("{}: no such folder (expected a diffusers SDXL folder)", dir.display())
         }
-        let unet: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        let unet = read_config(&dir.join("unet/config.json"), UNetConfig::from_json_str)?;
         if unet.addition_embed_type.as_deref() != Some("text_time") {
             candle_core::bail!(
                 "{}: this UNet has no `text_time` add-embedding: it is not an SDXL model (SD 1.x / 2.x are not supported)",
@@ -71,14 +74,14 @@ impl SdxlConfig {
         };
         Ok(Self {
             unet,
-            text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
-            text_encoder_2: read_json(&dir.join("text_encoder_2/config.json"))?,
-            vae: read_json(&dir.join("vae/config.json"))?,
+            text_encoder: read_config(&dir.join("text_encoder/config.json"), ClipConfig::from_json_str)?,
+            text_encoder_2: read_config(&dir.join("text_encoder_2/config.json"), ClipConfig::from_json_str)?,
+            vae: read_config(&dir.join("vae/config.json"), VaeConfig::from_json_str)?,
             scheduler,
         })
     }
 
-    fn sgm_layout(&self) -> SgmLayout {
+    fn sgm_layout(&self) -> Result<SgmLayout> {
         SgmLayout::from_configs(&self.unet, &self.vae, &self.text_encoder_2)
     }
 }
@@ -138,7 +141,8 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         }
         let index = dir.join(format!("{name}.index.json"));
         if index.is_file() {
-            let json: serde_json::Value = read_json(&index)?;
+            let json: serde_json::Value = serde_json::from_str(&read_text(&index)?)
+                .map_err(|e| candle_core::Error::Msg(format!("{}: invalid index ({e})", index.display())))?;
             let mut shards: Vec<String> = json["weight_map"]
                 .as_object()
                 .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
@@ -204,7 +208,7 @@ impl SdxlModel {
         let keys: Vec<String> = files.tensors().into_iter().map(|(k, _)| k).collect();
         drop(files);
         check_single_file_is_sdxl(file, &keys)?;
-        let layout = config.sgm_layout();
+        let layout = config.sgm_layout()?;
         let base = TensorSource::new(vec![file.to_path_buf()], desc.clone())?;
         let component = |c: SgmComponent, build_requests: &dyn Fn(VarBuilder<'static>) -> Result<()>| -> Result<TensorSource> {
             // Learn the names the model asks for, then map each to its SGM key.
@@ -219,21 +223,21 @@ impl SdxlModel {
             Ok(base.clone().with_renames(renames))
         };
         let unet_src = component(SgmComponent::Unet, &|vb| UNet::new(vb, &config.unet).map(|_| ()))?;
-        let unet = load_component(&unet_src, device, |k| k.starts_with("model.diffusion_model."), |vb| UNet::new(vb, &config.unet))?;
+        let unet = load_component(&unet_src, device, |k| k.starts_with("model.diffusion_model.") && !is_known_extra(k), |vb| UNet::new(vb, &config.unet))?;
         let te1_src = component(SgmComponent::TextEncoder, &|vb| {
             ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false).map(|_| ())
         })?;
-        let text_encoder = load_component(&te1_src, device, |k| k.starts_with("conditioner.embedders.0."), |vb| {
+        let text_encoder = load_component(&te1_src, device, |k| k.starts_with("conditioner.embedders.0.") && !is_known_extra(k), |vb| {
             ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false)
         })?;
         let te2_src = component(SgmComponent::TextEncoder2, &|vb| {
             ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true).map(|_| ())
         })?;
-        let text_encoder_2 = load_component(&te2_src, device, |k| k.starts_with("conditioner.embedders.1."), |vb| {
+        let text_encoder_2 = load_component(&te2_src, device, |k| k.starts_with("conditioner.embedders.1.") && !is_known_extra(k), |vb| {
             ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true)
         })?;
         let vae_src = component(SgmComponent::Vae, &|vb| Vae::new(vb, &config.vae).map(|_| ()))?;
-        let vae = load_component(&vae_src, device, |k| k.starts_with("first_stage_model."), |vb| Vae::new(vb, &config.vae))?;
+        let vae = load_component(&vae_src, device, |k| k.starts_with("first_stage_model.") && !is_known_extra(k), |vb| Vae::new(vb, &config.vae))?;
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
         Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device: device.clone(), source: file.to_path_buf() })
     }

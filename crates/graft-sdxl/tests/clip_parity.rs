@@ -20,8 +20,7 @@ fn tiny(sub: &str, component: Component, with_projection: bool, dev: &Device) ->
     let json = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let config = ClipConfig::from_json_str(&json, sub).unwrap();
     // Safety: the fixture is mapped read-only and not modified while the test runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, dev) }
-        .unwrap();
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, dev) }.unwrap();
     ClipTextModel::new(vb, &config, component, with_projection).unwrap()
 }
 
@@ -91,4 +90,26 @@ fn bad_ids_are_refused_with_a_message() {
     assert!(err.contains("77"), "{err}");
     let float = Tensor::zeros((1, 5), DType::F32, &dev).unwrap();
     assert!(te1.forward(&float, &NoHooks).is_err());
+}
+
+/// The models ask for exactly the tensors the files hold, with their shapes.
+#[test]
+fn requests_are_exactly_the_file_keys() {
+    let dev = Device::Cpu;
+    for (sub, component, with_projection) in
+        [("text_encoder", Component::TextEncoder, false), ("text_encoder_2", Component::TextEncoder2, true)]
+    {
+        let dir = fixtures().join("tiny-sdxl").join(sub);
+        let json = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let config = ClipConfig::from_json_str(&json, sub).unwrap();
+        let (vb, requests) = graft_sdxl::varbuilder::shape_only(&dev);
+        ClipTextModel::new(vb, &config, component, with_projection).unwrap();
+        let mut asked: Vec<(String, Vec<usize>)> = requests.lock().unwrap().clone();
+        asked.sort();
+        let stored = safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
+        let mut stored: Vec<(String, Vec<usize>)> =
+            stored.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+        stored.sort();
+        assert_eq!(asked, stored, "{sub}");
+    }
 }

@@ -40,6 +40,9 @@ pub fn a1111_parameters(p: &GenerateParams, model: &str) -> String {
 /// Writes an 8-bit RGB PNG with a `parameters` tEXt chunk, through a temporary file and a rename
 /// so an existing image is never left half-written.
 pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8], parameters: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    }
     let tmp = path.with_extension("png.tmp");
     let write = || -> anyhow::Result<()> {
         let file = std::fs::File::create(&tmp)?;

@@ -8,10 +8,16 @@
 use super::{index, is_leaf_rest, join, strip_head, Transform};
 
 /// transformers 5 saves `CLIPTextModel` without the `text_model.` prefix; real files have it.
+/// The `position_ids` buffer is no weight: it maps to nothing (see `is_known_extra`).
 fn with_text_model(name: &str) -> Option<String> {
-    if name.starts_with("text_model.") {
+    if name.ends_with("position_ids") {
+        None
+    } else if name.starts_with("text_model.") {
         Some(name.to_string())
-    } else if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| name.starts_with(p)) {
+    } else if ["embeddings.", "encoder.", "final_layer_norm."]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
         Some(format!("text_model.{name}"))
     } else {
         None
@@ -23,13 +29,19 @@ pub(super) fn te1_to_sgm(name: &str) -> Option<String> {
 }
 
 pub(super) fn te1_from_sgm(path: &str) -> Option<String> {
-    path.starts_with("text_model.").then(|| path.to_string())
+    (path.starts_with("text_model.") && !path.ends_with("position_ids")).then(|| path.to_string())
 }
 
 /// Leaf parameters outside the layers: diffusers <-> open_clip.
 const TOP_LEVEL: [(&str, &str); 4] = [
-    ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
-    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+    (
+        "text_model.embeddings.token_embedding.weight",
+        "token_embedding.weight",
+    ),
+    (
+        "text_model.embeddings.position_embedding.weight",
+        "positional_embedding",
+    ),
     ("text_model.final_layer_norm.weight", "ln_final.weight"),
     ("text_model.final_layer_norm.bias", "ln_final.bias"),
 ];
@@ -61,8 +73,15 @@ pub(super) fn te2_to_sgm(hidden: usize, name: &str) -> Option<(String, Transform
     let head = format!("transformer.resblocks.{n}");
     if let ["self_attn", proj, param @ ("weight" | "bias")] = rest {
         if let Some(slot) = QKV.iter().position(|p| p == proj) {
-            let fused = if *param == "weight" { "in_proj_weight" } else { "in_proj_bias" };
-            let rows = Transform::Rows { start: slot * hidden, len: hidden };
+            let fused = if *param == "weight" {
+                "in_proj_weight"
+            } else {
+                "in_proj_bias"
+            };
+            let rows = Transform::Rows {
+                start: slot * hidden,
+                len: hidden,
+            };
             return Some((format!("{head}.attn.{fused}"), rows));
         }
     }
@@ -90,8 +109,16 @@ pub(super) fn te2_from_sgm(path: &str) -> Option<Vec<String>> {
     let n = index(n)?;
     let head = format!("text_model.encoder.layers.{n}");
     if let ["attn", fused @ ("in_proj_weight" | "in_proj_bias")] = rest {
-        let param = if *fused == "in_proj_weight" { "weight" } else { "bias" };
-        return Some(QKV.iter().map(|p| format!("{head}.self_attn.{p}.{param}")).collect());
+        let param = if *fused == "in_proj_weight" {
+            "weight"
+        } else {
+            "bias"
+        };
+        return Some(
+            QKV.iter()
+                .map(|p| format!("{head}.self_attn.{p}.{param}"))
+                .collect(),
+        );
     }
     for (diff, sgm) in LAYER_MEMBERS {
         if let Some(tail) = strip_head(rest, sgm) {

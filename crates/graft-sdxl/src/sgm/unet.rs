@@ -95,7 +95,9 @@ fn up_position(layout: &SgmUnetLayout, k: usize) -> Option<(usize, usize)> {
 fn sampler(head: String, rest: &[&str], from: &str, to: &str) -> Option<String> {
     match rest {
         [] => Some(head),
-        [first, tail @ ..] if *first == from && is_leaf_rest(tail) => Some(join(&format!("{head}.{to}"), tail)),
+        [first, tail @ ..] if *first == from && is_leaf_rest(tail) => {
+            Some(join(&format!("{head}.{to}"), tail))
+        }
         _ => None,
     }
 }
@@ -177,7 +179,12 @@ pub(super) fn from_sgm(layout: &SgmUnetLayout, path: &str) -> Option<String> {
                 (true, 1) if has(&layout.down_attention, i) => {
                     Some(join(&format!("down_blocks.{i}.attentions.{j}"), rest))
                 }
-                (false, 0) if i + 1 < n => sampler(format!("down_blocks.{i}.downsamplers.0"), rest, "op", "conv"),
+                (false, 0) if i + 1 < n => sampler(
+                    format!("down_blocks.{i}.downsamplers.0"),
+                    rest,
+                    "op",
+                    "conv",
+                ),
                 _ => None,
             }
         }

@@ -24,8 +24,12 @@ const ATTENTION_MEMBERS: [(&str, &str, bool); 5] = [
 ];
 
 /// Names of the attention members in diffusers files written before diffusers 0.15.
-const LEGACY_ATTENTION_MEMBERS: [(&str, &str); 4] =
-    [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
+const LEGACY_ATTENTION_MEMBERS: [(&str, &str); 4] = [
+    ("query", "to_q"),
+    ("key", "to_k"),
+    ("value", "to_v"),
+    ("proj_attn", "to_out.0"),
+];
 
 /// Leaf modules outside the blocks: diffusers <-> SGM.
 const TOP_LEVEL: [(&str, &str); 8] = [
@@ -47,7 +51,8 @@ fn resnet(head: String, rest: &[&str], to_sgm: bool) -> Option<(String, Transfor
         let (from, to) = if to_sgm { (diff, sgm) } else { (sgm, diff) };
         if rest[0] == from {
             let tail = &rest[1..];
-            return is_leaf_rest(tail).then(|| (join(&format!("{head}.{to}"), tail), Transform::None));
+            return is_leaf_rest(tail)
+                .then(|| (join(&format!("{head}.{to}"), tail), Transform::None));
         }
     }
     None
@@ -63,13 +68,19 @@ fn attention(head: String, rest: &[&str], to_sgm: bool) -> Option<(String, Trans
             if !is_leaf_rest(tail) {
                 return None;
             }
-            let transform = if conv && tail == ["weight"] { Transform::Conv1x1ToLinear } else { Transform::None };
+            let transform = if conv && tail == ["weight"] {
+                Transform::Conv1x1ToLinear
+            } else {
+                Transform::None
+            };
             return Some((join(&format!("{head}.{to}"), tail), transform));
         }
     }
     if to_sgm {
         // Old diffusers spellings map to the same SGM key.
-        let (_, modern) = LEGACY_ATTENTION_MEMBERS.iter().find(|(old, _)| *old == rest[0])?;
+        let (_, modern) = LEGACY_ATTENTION_MEMBERS
+            .iter()
+            .find(|(old, _)| *old == rest[0])?;
         let mut renamed: Vec<&str> = modern.split('.').collect();
         renamed.extend_from_slice(&rest[1..]);
         return attention(head, &renamed, true);
@@ -105,7 +116,10 @@ pub(super) fn to_sgm(layout: &SgmVaeLayout, path: &str) -> Option<(String, Trans
                     resnet(format!("encoder.down.{i}.block.{j}"), rest, true)
                 }
                 ("downsamplers", ["0", "conv", tail @ ..]) if i + 1 < n && is_leaf_rest(tail) => {
-                    Some((join(&format!("encoder.down.{i}.downsample.conv"), tail), Transform::None))
+                    Some((
+                        join(&format!("encoder.down.{i}.downsample.conv"), tail),
+                        Transform::None,
+                    ))
                 }
                 _ => None,
             }
@@ -121,7 +135,10 @@ pub(super) fn to_sgm(layout: &SgmVaeLayout, path: &str) -> Option<(String, Trans
                     resnet(format!("decoder.up.{i}.block.{j}"), rest, true)
                 }
                 ("upsamplers", ["0", "conv", tail @ ..]) if k + 1 < n && is_leaf_rest(tail) => {
-                    Some((join(&format!("decoder.up.{i}.upsample.conv"), tail), Transform::None))
+                    Some((
+                        join(&format!("decoder.up.{i}.upsample.conv"), tail),
+                        Transform::None,
+                    ))
                 }
                 _ => None,
             }
@@ -160,7 +177,10 @@ pub(super) fn from_sgm(layout: &SgmVaeLayout, path: &str) -> Option<String> {
                     resnet(format!("encoder.down_blocks.{i}.resnets.{j}"), rest, false)
                 }
                 ("downsample", ["conv", tail @ ..]) if i + 1 < n && is_leaf_rest(tail) => Some((
-                    join(&format!("encoder.down_blocks.{i}.downsamplers.0.conv"), tail),
+                    join(
+                        &format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
+                        tail,
+                    ),
                     Transform::None,
                 )),
                 _ => None,

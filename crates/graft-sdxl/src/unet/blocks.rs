@@ -20,7 +20,12 @@ pub struct Common {
 }
 
 impl Common {
-    fn resnet(&self, vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<ResnetBlock2D> {
+    fn resnet(
+        &self,
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+    ) -> Result<ResnetBlock2D> {
         let cfg = ResnetConfig {
             in_channels,
             out_channels,
@@ -67,7 +72,9 @@ struct Downsample2D {
 
 impl Downsample2D {
     fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: conv2d(vb.pp("conv"), channels, channels, 3, 2, 1)? })
+        Ok(Self {
+            conv: conv2d(vb.pp("conv"), channels, channels, 3, 2, 1)?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -96,7 +103,9 @@ struct Upsample2D {
 
 impl Upsample2D {
     fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: conv2d(vb.pp("conv"), channels, channels, 3, 1, 1)? })
+        Ok(Self {
+            conv: conv2d(vb.pp("conv"), channels, channels, 3, 1, 1)?,
+        })
     }
 
     fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
@@ -117,11 +126,13 @@ pub(super) fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tenso
     }
     let indices = |input: usize, output: usize| -> Result<Tensor> {
         let scale = input as f32 / output as f32;
-        let idx: Vec<u32> =
-            (0..output).map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32).collect();
+        let idx: Vec<u32> = (0..output)
+            .map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32)
+            .collect();
         Tensor::from_vec(idx, output, x.device())
     };
-    x.index_select(&indices(h, th)?, 2)?.index_select(&indices(w, tw)?, 3)
+    x.index_select(&indices(h, th)?, 2)?
+        .index_select(&indices(w, tw)?, 3)
 }
 
 /// A down block: `layers` resnets (each followed by a transformer in a cross-attention block),
@@ -158,11 +169,18 @@ impl DownBlock {
             }
         }
         let downsampler = if add_downsample {
-            Some(Downsample2D::new(vb.pp("downsamplers").pp("0"), out_channels)?)
+            Some(Downsample2D::new(
+                vb.pp("downsamplers").pp("0"),
+                out_channels,
+            )?)
         } else {
             None
         };
-        Ok(Self { resnets, attentions, downsampler })
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
     }
 
     /// Returns the output and the skip connections it produced (one per resnet, one after the
@@ -209,12 +227,23 @@ impl MidBlock {
     ) -> Result<Self> {
         let resnet_0 = common.resnet(vb.pp("resnets").pp("0"), channels, channels)?;
         let attn_vb = vb.pp("attentions").pp("0");
-        let attention = common.transformer(attn_vb, channels, attention, registry, BlockPosition::Mid)?;
+        let attention =
+            common.transformer(attn_vb, channels, attention, registry, BlockPosition::Mid)?;
         let resnet_1 = common.resnet(vb.pp("resnets").pp("1"), channels, channels)?;
-        Ok(Self { resnet_0, attention, resnet_1 })
+        Ok(Self {
+            resnet_0,
+            attention,
+            resnet_1,
+        })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
         let h = self.resnet_0.forward(x, Some(temb))?;
         let h = self.attention.forward(&h, context, hooks)?;
         self.resnet_1.forward(&h, Some(temb))
@@ -258,7 +287,11 @@ impl UpBlock {
         let mut resnets = Vec::with_capacity(layers);
         let mut attentions = Vec::new();
         for i in 0..layers {
-            let skip = if i == layers - 1 { channels.skip_in } else { out };
+            let skip = if i == layers - 1 {
+                channels.skip_in
+            } else {
+                out
+            };
             let cin = if i == 0 { channels.prev_output } else { out };
             resnets.push(common.resnet(vb.pp("resnets").pp(i.to_string()), cin + skip, out)?);
             if let Some(attn) = attention {
@@ -266,9 +299,16 @@ impl UpBlock {
                 attentions.push(common.transformer(vb, out, attn, registry, position)?);
             }
         }
-        let upsampler =
-            if add_upsample { Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out)?) } else { None };
-        Ok(Self { resnets, attentions, upsampler })
+        let upsampler = if add_upsample {
+            Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
     }
 
     /// How many skip connections this block consumes.

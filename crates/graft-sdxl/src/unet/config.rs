@@ -37,12 +37,24 @@ fn default_true() -> bool {
     true
 }
 fn default_down_blocks() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_up_blocks() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_mid_block() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -217,14 +229,16 @@ impl UNetConfig {
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read ({e})", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            candle_core::Error::Msg(format!("{}: cannot read ({e})", path.display()))
+        })?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
     /// The width of the time embedding.
     pub fn time_embed_dim(&self) -> usize {
-        self.time_embedding_dim.unwrap_or(self.block_out_channels.first().copied().unwrap_or(0) * 4)
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels.first().copied().unwrap_or(0) * 4)
     }
 
     pub fn groups(&self) -> Result<usize> {
@@ -245,7 +259,9 @@ impl UNetConfig {
     pub fn blocks(&self) -> Result<Vec<BlockSettings>> {
         let n = self.down_block_types.len();
         let layers = self.layers_per_block.resolve(n, "layers_per_block")?;
-        let depth = self.transformer_layers_per_block.resolve(n, "transformer_layers_per_block")?;
+        let depth = self
+            .transformer_layers_per_block
+            .resolve(n, "transformer_layers_per_block")?;
         let heads = match &self.num_attention_heads {
             Some(h) => h.resolve(n, "num_attention_heads")?,
             None => self.attention_head_dim.resolve(n, "attention_head_dim")?,
@@ -271,7 +287,9 @@ impl UNetConfig {
     /// Refuses every setting graft does not implement, naming the key.
     pub fn validate(&self) -> Result<()> {
         fn refuse(field: &str, value: impl std::fmt::Debug, supported: &str) -> Result<()> {
-            candle_core::bail!("unet config: `{field}` = {value:?} is not supported (supported: {supported})")
+            candle_core::bail!(
+                "unet config: `{field}` = {value:?} is not supported (supported: {supported})"
+            )
         }
         let n = self.down_block_types.len();
         if n == 0 {
@@ -294,7 +312,11 @@ impl UNetConfig {
             }
         }
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
-            refuse("mid_block_type", &self.mid_block_type, "UNetMidBlock2DCrossAttn")?;
+            refuse(
+                "mid_block_type",
+                &self.mid_block_type,
+                "UNetMidBlock2DCrossAttn",
+            )?;
         }
         let groups = self.groups()?;
         let blocks = self.blocks()?;
@@ -316,10 +338,19 @@ impl UNetConfig {
                 candle_core::bail!("unet config: `layers_per_block` must be at least 1 (block {i})")
             }
         }
-        if self.only_cross_attention.resolve(n, "only_cross_attention")?.iter().any(|&b| b) {
+        if self
+            .only_cross_attention
+            .resolve(n, "only_cross_attention")?
+            .iter()
+            .any(|&b| b)
+        {
             refuse("only_cross_attention", true, "false")?;
         }
-        if self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()) {
+        if self
+            .reverse_transformer_layers_per_block
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
             refuse("reverse_transformer_layers_per_block", "set", "null")?;
         }
         if self.act_fn != "silu" {
@@ -333,29 +364,43 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
-                if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
-                    candle_core::bail!(
-                        "unet config: `addition_embed_type` \"text_time\" needs `addition_time_embed_dim` and `projection_class_embeddings_input_dim`"
-                    )
-                }
+            Some("text_time")
+                if self.addition_time_embed_dim.is_none()
+                    || self.projection_class_embeddings_input_dim.is_none() =>
+            {
+                candle_core::bail!(
+                    "unet config: `addition_embed_type` \"text_time\" needs `addition_time_embed_dim` and `projection_class_embeddings_input_dim`"
+                )
             }
+            Some("text_time") => {}
             Some(other) => refuse("addition_embed_type", other, "text_time, null")?,
         }
         if self.resnet_time_scale_shift != "default" {
-            refuse("resnet_time_scale_shift", &self.resnet_time_scale_shift, "default")?;
+            refuse(
+                "resnet_time_scale_shift",
+                &self.resnet_time_scale_shift,
+                "default",
+            )?;
         }
         if self.resnet_skip_time_act {
             refuse("resnet_skip_time_act", true, "false")?;
         }
         if self.resnet_out_scale_factor != 1.0 {
-            refuse("resnet_out_scale_factor", self.resnet_out_scale_factor, "1.0")?;
+            refuse(
+                "resnet_out_scale_factor",
+                self.resnet_out_scale_factor,
+                "1.0",
+            )?;
         }
         if self.mid_block_scale_factor != 1.0 {
             refuse("mid_block_scale_factor", self.mid_block_scale_factor, "1")?;
         }
         if self.time_embedding_type != "positional" {
-            refuse("time_embedding_type", &self.time_embedding_type, "positional")?;
+            refuse(
+                "time_embedding_type",
+                &self.time_embedding_type,
+                "positional",
+            )?;
         }
         if self.time_embedding_act_fn.is_some() {
             refuse("time_embedding_act_fn", &self.time_embedding_act_fn, "null")?;
@@ -375,10 +420,14 @@ impl UNetConfig {
         if self.mid_block_only_cross_attention == Some(true) {
             refuse("mid_block_only_cross_attention", true, "null, false")?;
         }
-        if self.attention_type.as_deref().is_some_and(|t| t != "default") {
+        if self
+            .attention_type
+            .as_deref()
+            .is_some_and(|t| t != "default")
+        {
             refuse("attention_type", &self.attention_type, "default")?;
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel % 2 != 1 || self.conv_out_kernel % 2 != 1 {
             candle_core::bail!("unet config: `conv_in_kernel` and `conv_out_kernel` must be odd")
         }
         if self.downsample_padding != 1 {
@@ -396,8 +445,14 @@ mod tests {
     fn sdxl_base_resolves() {
         let c = UNetConfig::sdxl_base();
         let b = c.blocks().unwrap();
-        assert_eq!(b.iter().map(|b| b.heads).collect::<Vec<_>>(), vec![5, 10, 20]);
-        assert_eq!(b.iter().map(|b| b.transformer_layers).collect::<Vec<_>>(), vec![1, 2, 10]);
+        assert_eq!(
+            b.iter().map(|b| b.heads).collect::<Vec<_>>(),
+            vec![5, 10, 20]
+        );
+        assert_eq!(
+            b.iter().map(|b| b.transformer_layers).collect::<Vec<_>>(),
+            vec![1, 2, 10]
+        );
         assert_eq!(c.time_embed_dim(), 1280);
         assert_eq!(c.text_time(), Some(256));
     }
@@ -406,10 +461,14 @@ mod tests {
     fn refuses_unknown_block_and_bad_lists() {
         let base = include_str!("../../configs/sdxl-base-1.0/unet/config.json");
         let bad = base.replace("\"UpBlock2D\"]", "\"AttnUpBlock2D\"]");
-        let e = UNetConfig::from_json_str(&bad, "test").unwrap_err().to_string();
+        let e = UNetConfig::from_json_str(&bad, "test")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("up_block_types"), "{e}");
         let bad = base.replace("[1, 2, 10]", "[1, 2]");
-        let e = UNetConfig::from_json_str(&bad, "test").unwrap_err().to_string();
+        let e = UNetConfig::from_json_str(&bad, "test")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("transformer_layers_per_block"), "{e}");
         let one = base.replace("[1, 2, 10]", "2");
         let c = UNetConfig::from_json_str(&one, "test").unwrap();

@@ -4,7 +4,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::hooks::{AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind};
+use crate::hooks::{
+    AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind,
+};
 use crate::nn::{self, HookedLinear, LayerNorm};
 
 /// A `LayerInfo` template for a UNet hook point; `HookedLinear::new` fills name and features.
@@ -55,7 +57,11 @@ impl Attention {
         registry: &mut HookRegistry,
         block: BlockPosition,
     ) -> Result<Self> {
-        let kind = if context_dim.is_some() { AttentionKind::CrossAttention } else { AttentionKind::SelfAttention };
+        let kind = if context_dim.is_some() {
+            AttentionKind::CrossAttention
+        } else {
+            AttentionKind::SelfAttention
+        };
         let mut module = info(LayerKind::Attention, block, Some(kind));
         module.name = format!("{}.{}", Component::Unet.prefix(), vb.prefix());
         module.in_features = dim;
@@ -74,7 +80,12 @@ impl Attention {
     }
 
     /// `x` [b, n, dim]; `context` [b, m, context_dim] for cross-attention.
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, hooks: &dyn Hooks) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
         let kv_input = context.unwrap_or(x);
         let q = self.to_q.forward(x, hooks)?;
         let k = self.to_k.forward(kv_input, hooks)?;
@@ -98,11 +109,32 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn new(vb: VarBuilder, dim: usize, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        registry: &mut HookRegistry,
+        block: BlockPosition,
+    ) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj_in: hooked(vb.pp("net").pp("0").pp("proj"), dim, 2 * inner, true, registry, block, None)?,
-            proj_out: hooked(vb.pp("net").pp("2"), inner, dim, true, registry, block, None)?,
+            proj_in: hooked(
+                vb.pp("net").pp("0").pp("proj"),
+                dim,
+                2 * inner,
+                true,
+                registry,
+                block,
+                None,
+            )?,
+            proj_out: hooked(
+                vb.pp("net").pp("2"),
+                inner,
+                dim,
+                true,
+                registry,
+                block,
+                None,
+            )?,
             inner,
         })
     }
@@ -143,7 +175,14 @@ impl BasicTransformerBlock {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, eps)?,
             attn1: Attention::new(vb.pp("attn1"), dim, None, heads, registry, block)?,
             norm2: LayerNorm::new(vb.pp("norm2"), dim, eps)?,
-            attn2: Attention::new(vb.pp("attn2"), dim, Some(context_dim), heads, registry, block)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                Some(context_dim),
+                heads,
+                registry,
+                block,
+            )?,
             norm3: LayerNorm::new(vb.pp("norm3"), dim, eps)?,
             ff: FeedForward::new(vb.pp("ff"), dim, registry, block)?,
         })
@@ -151,7 +190,10 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None, hooks)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context), hooks)? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context), hooks)?
+            + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?, hooks)? + &x
     }
 }
@@ -173,7 +215,9 @@ impl Projection {
         block: BlockPosition,
     ) -> Result<Self> {
         if linear {
-            Ok(Self::Linear(hooked(vb, channels, channels, true, registry, block, None)?))
+            Ok(Self::Linear(hooked(
+                vb, channels, channels, true, registry, block, None,
+            )?))
         } else {
             Ok(Self::Conv(nn::conv2d(vb, channels, channels, 1, 1, 0)?))
         }
@@ -210,15 +254,32 @@ impl Transformer2DModel {
         let c = cfg.channels;
         // diffusers fixes this GroupNorm's eps at 1e-6.
         let norm = nn::group_norm(vb.pp("norm"), cfg.groups, c, 1e-6)?;
-        let proj_in = Projection::new(vb.pp("proj_in"), c, cfg.use_linear_projection, registry, block)?;
+        let proj_in = Projection::new(
+            vb.pp("proj_in"),
+            c,
+            cfg.use_linear_projection,
+            registry,
+            block,
+        )?;
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let vb = vb.pp("transformer_blocks").pp(i.to_string());
                 BasicTransformerBlock::new(vb, c, cfg.context_dim, cfg.heads, registry, block)
             })
             .collect::<Result<Vec<_>>>()?;
-        let proj_out = Projection::new(vb.pp("proj_out"), c, cfg.use_linear_projection, registry, block)?;
-        Ok(Self { norm, proj_in, blocks, proj_out })
+        let proj_out = Projection::new(
+            vb.pp("proj_out"),
+            c,
+            cfg.use_linear_projection,
+            registry,
+            block,
+        )?;
+        Ok(Self {
+            norm,
+            proj_in,
+            blocks,
+            proj_out,
+        })
     }
 
     /// `x` [b, c, h, w], `context` [b, m, context_dim].

@@ -1,0 +1,82 @@
+//! Whole 4-step generations equal diffusers' StableDiffusionXLPipeline on the tiny fixture
+//! (tests/fixtures/reference/pipeline.safetensors): epsilon and v-prediction, with and without a
+//! negative prompt, Euler, DDIM and DPM++ 2M Karras; from the diffusers folder and from the same
+//! model as a single SGM file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use graft_sdxl::schedulers::SchedulerConfig;
+use graft_sdxl::{GenerateParams, PipelineHooks, SdxlModel};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("reference/pipeline.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Relative to the reference's scale: guided latents of a random model reach |x| ~ 70.
+fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let diff = max_abs(&(got - want).unwrap());
+    let scale = max_abs(want).max(1.0);
+    println!("{name}: max abs diff {diff:.3e} (scale {scale:.1})");
+    assert!(diff <= tol * scale, "{name}: max abs diff {diff} > {tol} * {scale}");
+}
+
+fn run_case(model: &mut SdxlModel, reference: &HashMap<String, Tensor>, case: &str) {
+    let (scheduler, negative, prediction) = match case {
+        "euler" => ("euler", None, "epsilon"),
+        "euler_neg" => ("euler", Some("blurry"), "epsilon"),
+        "euler_v" => ("euler", None, "v_prediction"),
+        "ddim" => ("ddim", None, "epsilon"),
+        "dpmpp_2m_karras" => ("dpmpp_2m_karras", None, "epsilon"),
+        _ => unreachable!(),
+    };
+    model.config.scheduler = SchedulerConfig {
+        prediction_type: prediction.parse().unwrap(),
+        ..SchedulerConfig::from_file(&fixtures().join("tiny-sdxl/scheduler/scheduler_config.json")).unwrap()
+    };
+    let params = GenerateParams {
+        prompt: "a red fox, watercolor painting".into(),
+        negative_prompt: negative.map(String::from),
+        width: 128,
+        height: 96,
+        steps: 4,
+        guidance: 5.0,
+        scheduler: scheduler.into(),
+        seed: 0,
+        init_latents: Some(reference["init_latents"].clone()),
+    };
+    let out = model.generate(&params, PipelineHooks::none(), &mut |_, _| {}).unwrap();
+    assert_close(&format!("{case}.latents"), &out.latents, &reference[&format!("{case}.latents")], 1e-4);
+    let decoded = model.vae.decode(&(out.latents / model.config.vae.scaling_factor).unwrap()).unwrap();
+    assert_close(&format!("{case}.decoded"), &decoded, &reference[&format!("{case}.decoded")], 1e-4);
+}
+
+const CASES: [&str; 5] = ["euler", "euler_neg", "euler_v", "ddim", "dpmpp_2m_karras"];
+
+#[test]
+fn generate_matches_diffusers_from_the_diffusers_folder() {
+    let reference = reference();
+    let mut model = SdxlModel::load(&fixtures().join("tiny-sdxl"), None, &Device::Cpu).unwrap();
+    for case in CASES {
+        run_case(&mut model, &reference, case);
+    }
+}
+
+#[test]
+fn generate_matches_diffusers_from_the_single_file() {
+    let reference = reference();
+    let single = fixtures().join("tiny-sdxl-sgm.safetensors");
+    let mut model = SdxlModel::load(&single, Some(&fixtures().join("tiny-sdxl")), &Device::Cpu).unwrap();
+    for case in ["euler", "euler_neg"] {
+        run_case(&mut model, &reference, case);
+    }
+}

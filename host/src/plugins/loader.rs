@@ -1,0 +1,247 @@
+//! Loading one plugin library: private copy, abi_stable layout check, ABI version check,
+//! manifest.
+//!
+//! The library is copied to a unique private path first: the OS hands back the already loaded
+//! library for a path (or a hard link) it has seen, and overwriting a mapped library (cargo
+//! rebuilding it) corrupts the code that runs from it. Loaded libraries are never unloaded:
+//! abi_stable's layout checker keeps pointers into them, and strategy objects of an old build
+//! may still be alive. Each reload therefore keeps its build mapped (about a megabyte of address
+//! space and page cache for a small plugin). On Unix the private copy is deleted right after it
+//! is mapped (the mapping stays valid), so no files pile up.
+
+use std::fmt;
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use abi_stable::library::{lib_header_from_path, LibraryError};
+use abi_stable::std_types::{RResult, RStr};
+use graft_abi::{GraftError, PluginModRef, StrategyBox, ABI_VERSION};
+
+/// File name endings of dynamic libraries on this platform family.
+pub const LIBRARY_EXTENSIONS: [&str; 3] = ["so", "dylib", "dll"];
+
+/// True when `path` names a dynamic library (by extension).
+pub fn is_library(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| LIBRARY_EXTENSIONS.contains(&e))
+}
+
+/// The manifest of a loaded plugin, as plain Rust.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PluginManifest {
+    pub id: String,
+    pub version: String,
+    pub abi_version: u32,
+    pub description: String,
+    pub capabilities: Vec<String>,
+    pub config_example: String,
+}
+
+impl From<graft_abi::Manifest> for PluginManifest {
+    fn from(m: graft_abi::Manifest) -> Self {
+        Self {
+            id: m.id.into_string(),
+            version: m.version.into_string(),
+            abi_version: m.abi_version,
+            description: m.description.into_string(),
+            capabilities: m.capabilities.into_iter().map(|c| c.into_string()).collect(),
+            config_example: m.config_example.into_string(),
+        }
+    }
+}
+
+/// A plugin library loaded and checked.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    pub manifest: PluginManifest,
+    /// The library as found in the plugin directory.
+    pub source: PathBuf,
+    /// The private copy that was mapped (deleted on Unix after mapping).
+    pub private_copy: PathBuf,
+    /// Hash of the library's bytes (a rebuild with the same bytes is skipped).
+    pub hash: u64,
+    pub size: u64,
+    pub modified: Option<SystemTime>,
+    /// Which load this is (unique in the process, grows).
+    pub generation: u64,
+    module: PluginModRef,
+}
+
+impl fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("manifest", &self.manifest)
+            .field("source", &self.source)
+            .field("hash", &format_args!("{:016x}", self.hash))
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl LoadedPlugin {
+    /// `id version`.
+    pub fn label(&self) -> String {
+        format!("{} {}", self.manifest.id, self.manifest.version)
+    }
+
+    /// The root module (for extensions).
+    pub fn module(&self) -> PluginModRef {
+        self.module
+    }
+
+    /// A strategy object for one configured run.
+    pub fn new_strategy(&self, config_json: &str) -> Result<StrategyBox, GraftError> {
+        match (self.module.new_strategy())(RStr::from(config_json)) {
+            RResult::ROk(s) => Ok(s),
+            RResult::RErr(e) => Err(e),
+        }
+    }
+}
+
+/// Why a library could not be used.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadError {
+    /// The file could not be read or copied.
+    Io(String),
+    /// Not a graft plugin: not a loadable library, or no abi_stable root module in it.
+    NotAPlugin(String),
+    /// Built against an incompatible interface (abi_stable version, graft-abi version or type
+    /// layout).
+    Incompatible(String),
+    /// Built for another graft ABI version.
+    AbiVersion { found: u32 },
+    /// The manifest could not be read or is invalid.
+    Manifest(String),
+}
+
+impl LoadError {
+    /// A short status word for listings.
+    pub fn status(&self) -> &'static str {
+        match self {
+            LoadError::Io(_) => "unreadable",
+            LoadError::NotAPlugin(_) => "not a plugin",
+            LoadError::Incompatible(_) => "incompatible",
+            LoadError::AbiVersion { .. } => "wrong ABI",
+            LoadError::Manifest(_) => "bad manifest",
+        }
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Io(m) => write!(f, "cannot read the library: {m}"),
+            LoadError::NotAPlugin(m) => write!(f, "not a graft plugin: {m}"),
+            LoadError::Incompatible(m) => write!(
+                f,
+                "built against an incompatible plugin interface; rebuild it against this graft's graft-sdk: {m}"
+            ),
+            LoadError::AbiVersion { found } => write!(
+                f,
+                "built for graft plugin ABI {found}, this host speaks ABI {ABI_VERSION}; rebuild it against this graft's graft-sdk"
+            ),
+            LoadError::Manifest(m) => write!(f, "its manifest is unusable: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Hash of a library's bytes.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    // SipHash with fixed keys: fast (std is optimised) and stable within the process, which
+    // is all change detection needs.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// The first line of a (possibly long, multi-line) abi_stable error, plus the full text.
+fn library_error(e: LibraryError) -> LoadError {
+    match e {
+        LibraryError::OpenError { .. } => LoadError::NotAPlugin(first_lines(&e.to_string(), 3)),
+        LibraryError::GetSymbolError { .. } => {
+            LoadError::NotAPlugin("it exports no abi_stable root module (build it with graft_sdk::export_strategy!)".to_string())
+        }
+        LibraryError::InvalidAbiHeader(_) => {
+            LoadError::Incompatible(format!("its abi_stable version differs from the host's: {e}"))
+        }
+        LibraryError::IncompatibleVersionNumber { .. } | LibraryError::ParseVersionError(_) => {
+            LoadError::Incompatible(format!("its graft-abi version differs from the host's: {e}"))
+        }
+        LibraryError::AbiInstability(_) => {
+            LoadError::Incompatible(format!("the layout of its root module differs from the host's:\n{e}"))
+        }
+        LibraryError::RootModule { .. } => LoadError::Manifest(format!("its root module failed to initialise: {e}")),
+        other => LoadError::Incompatible(other.to_string()),
+    }
+}
+
+fn first_lines(text: &str, n: usize) -> String {
+    text.lines().take(n).collect::<Vec<_>>().join(" ")
+}
+
+/// Loads the library at `path` from a private copy in `private_dir`, checks its layout, its
+/// ABI version and its manifest.
+pub fn load_plugin(path: &Path, private_dir: &Path, generation: u64) -> Result<LoadedPlugin, LoadError> {
+    let bytes = std::fs::read(path).map_err(|e| LoadError::Io(format!("{}: {e}", path.display())))?;
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    load_plugin_bytes(path, &bytes, modified, private_dir, generation)
+}
+
+/// Like [`load_plugin`] with the bytes already read.
+pub fn load_plugin_bytes(
+    path: &Path,
+    bytes: &[u8],
+    modified: Option<SystemTime>,
+    private_dir: &Path,
+    generation: u64,
+) -> Result<LoadedPlugin, LoadError> {
+    let hash = content_hash(bytes);
+    std::fs::create_dir_all(private_dir)
+        .map_err(|e| LoadError::Io(format!("cannot create the private plugin folder {}: {e}", private_dir.display())))?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+    let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("so");
+    let private_copy = private_dir.join(format!("{stem}.g{generation}.{hash:016x}.{ext}"));
+    std::fs::write(&private_copy, bytes)
+        .map_err(|e| LoadError::Io(format!("cannot write the private copy {}: {e}", private_copy.display())))?;
+
+    let header = lib_header_from_path(&private_copy);
+    // The mapping keeps the file's contents alive; on Unix the name can go now.
+    if cfg!(unix) {
+        let _ = std::fs::remove_file(&private_copy);
+    }
+    let header = header.map_err(library_error)?;
+    // Checks the graft-abi version strings and the layout of every type reachable from the
+    // root module, then runs the module's constructor.
+    let module = header.init_root_module::<PluginModRef>().map_err(library_error)?;
+
+    let found = (module.abi_version())();
+    if found != ABI_VERSION {
+        return Err(LoadError::AbiVersion { found });
+    }
+    let manifest: PluginManifest = match (module.manifest())() {
+        RResult::ROk(m) => m.into(),
+        RResult::RErr(e) => return Err(LoadError::Manifest(format!("manifest() failed: {e}"))),
+    };
+    if manifest.abi_version != ABI_VERSION {
+        return Err(LoadError::AbiVersion { found: manifest.abi_version });
+    }
+    if manifest.id.is_empty() || !manifest.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(LoadError::Manifest(format!(
+            "invalid id {:?}: use letters, digits, `-`, `_` and `.`",
+            manifest.id
+        )));
+    }
+    Ok(LoadedPlugin {
+        manifest,
+        source: path.to_path_buf(),
+        private_copy,
+        hash,
+        size: bytes.len() as u64,
+        modified,
+        generation,
+        module,
+    })
+}

@@ -1,0 +1,463 @@
+//! Finding, loading and hot-reloading plugin libraries.
+//!
+//! The manager searches plugin directories (from `--plugins`, a config file, and by default the
+//! workspace's `target/release` and `target/debug`) for `*.so` / `*.dylib` / `*.dll`, loads each
+//! (see [`super::loader`]) and keeps one active build per plugin id. With [`PluginManager::watch`]
+//! it watches the directories (not the files: cargo replaces the file's inode) through
+//! notify-debouncer-full; changes queue up until [`PluginManager::poll_reloads`], which the
+//! training and generation loops call between steps or requests. A changed library whose bytes
+//! are unchanged is skipped; one that fails to load is reported and the old build keeps running.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use notify::{EventKind, RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
+
+use super::loader::{content_hash, is_library, load_plugin_bytes, LoadError, LoadedPlugin};
+
+/// Load numbers are unique in the process, so private copies never collide.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+static NEXT_MANAGER: AtomicU64 = AtomicU64::new(0);
+
+/// How long the watcher waits for a directory to go quiet before it reports a change.
+pub const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Where a search directory came from; earlier origins win when two libraries have one id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum DirOrigin {
+    /// `--plugins DIR`
+    Flag,
+    /// A config file's `[plugins] dirs`.
+    Config,
+    /// The workspace's target/release or target/debug.
+    Default,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SearchDir {
+    pub path: PathBuf,
+    pub origin: DirOrigin,
+}
+
+/// What happened to a library file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileStatus {
+    /// The build in use for its id.
+    Active,
+    /// Loaded fine, but another library with the same id wins.
+    Shadowed { by: PathBuf },
+    /// Not loadable.
+    Failed(LoadError),
+    /// The file was deleted (a build loaded from it keeps running).
+    Removed,
+}
+
+/// A library file the manager has seen.
+#[derive(Debug, Clone)]
+pub struct FileEntry {
+    pub path: PathBuf,
+    pub origin: DirOrigin,
+    pub status: FileStatus,
+    /// Hash of the bytes last looked at.
+    pub hash: Option<u64>,
+    /// The last successful load from this file.
+    pub plugin: Option<LoadedPlugin>,
+}
+
+/// A change reported by [`PluginManager::scan`] or [`PluginManager::poll_reloads`].
+#[derive(Debug, Clone)]
+pub enum ReloadEvent {
+    /// A plugin id appeared.
+    Loaded { id: String, version: String, path: PathBuf },
+    /// A new build of a plugin id replaced the active one: switch strategies to it (see
+    /// `StrategyInstance::reload`).
+    Reloaded { id: String, old_version: String, new_version: String, path: PathBuf, generation: u64 },
+    /// Loaded, but another library with the same id stays in use.
+    Shadowed { id: String, path: PathBuf, by: PathBuf },
+    /// The library could not be loaded; `still_running` is the build that stays in use.
+    Failed { path: PathBuf, error: LoadError, still_running: Option<String> },
+    /// The library file was deleted; `still_running` is the build that stays in use.
+    Removed { path: PathBuf, still_running: Option<String> },
+}
+
+impl fmt::Display for ReloadEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReloadEvent::Loaded { id, version, path } => write!(f, "loaded plugin {id} {version} from {}", path.display()),
+            ReloadEvent::Reloaded { id, old_version, new_version, path, generation } => write!(
+                f,
+                "reloaded plugin {id}: {old_version} -> {new_version} from {} (load #{generation})",
+                path.display()
+            ),
+            ReloadEvent::Shadowed { id, path, by } => {
+                write!(f, "plugin {id} at {} is shadowed by {}", path.display(), by.display())
+            }
+            ReloadEvent::Failed { path, error, still_running } => {
+                write!(f, "plugin library {} failed to load: {error}", path.display())?;
+                if let Some(p) = still_running {
+                    write!(f, " (plugin {p} keeps running)")?;
+                }
+                Ok(())
+            }
+            ReloadEvent::Removed { path, still_running } => {
+                write!(f, "plugin library {} was removed", path.display())?;
+                if let Some(p) = still_running {
+                    write!(f, " (plugin {p} keeps running)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+struct DirWatcher {
+    _debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    rx: mpsc::Receiver<DebounceEventResult>,
+}
+
+/// The plugins of a running host.
+pub struct PluginManager {
+    dirs: Vec<SearchDir>,
+    private_dir: PathBuf,
+    active: BTreeMap<String, LoadedPlugin>,
+    files: BTreeMap<PathBuf, FileEntry>,
+    watcher: Option<DirWatcher>,
+}
+
+impl fmt::Debug for PluginManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginManager")
+            .field("dirs", &self.dirs)
+            .field("active", &self.active.keys().collect::<Vec<_>>())
+            .field("watching", &self.watcher.is_some())
+            .finish()
+    }
+}
+
+/// The workspace `target` directories near the running program and the working directory:
+/// `$CARGO_TARGET_DIR`, the `target` folder the executable runs from, `./target`.
+pub fn default_target_dirs() -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        roots.push(PathBuf::from(t));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(t) = exe.ancestors().find(|a| a.file_name().is_some_and(|n| n == "target")) {
+            roots.push(t.to_path_buf());
+        }
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.push(cwd.join("target"));
+    }
+    let mut dirs = Vec::new();
+    let mut seen = BTreeSet::new();
+    for root in roots {
+        for profile in ["release", "debug"] {
+            let d = root.join(profile);
+            let key = d.canonicalize().unwrap_or_else(|_| d.clone());
+            if d.is_dir() && seen.insert(key) {
+                dirs.push(d);
+            }
+        }
+    }
+    dirs
+}
+
+impl PluginManager {
+    /// A manager over `dirs` (nothing loaded yet: call [`Self::scan`]).
+    pub fn new(dirs: Vec<SearchDir>) -> Self {
+        let n = NEXT_MANAGER.fetch_add(1, Ordering::Relaxed);
+        let private_dir = std::env::temp_dir().join(format!("graft-plugins-{}-{n}", std::process::id()));
+        let mut unique = Vec::new();
+        for d in dirs {
+            if !unique.iter().any(|u: &SearchDir| u.path == d.path) {
+                unique.push(d);
+            }
+        }
+        Self { dirs: unique, private_dir, active: BTreeMap::new(), files: BTreeMap::new(), watcher: None }
+    }
+
+    pub fn dirs(&self) -> &[SearchDir] {
+        &self.dirs
+    }
+
+    /// Every library file seen, by path.
+    pub fn files(&self) -> &BTreeMap<PathBuf, FileEntry> {
+        &self.files
+    }
+
+    /// The active build of each plugin id.
+    pub fn plugins(&self) -> impl Iterator<Item = &LoadedPlugin> {
+        self.active.values()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&LoadedPlugin> {
+        self.active.get(id)
+    }
+
+    /// The active build of `id`, or an error listing what was found and what failed.
+    pub fn require(&self, id: &str) -> anyhow::Result<&LoadedPlugin> {
+        if let Some(p) = self.active.get(id) {
+            return Ok(p);
+        }
+        let dirs: Vec<String> = self.dirs.iter().map(|d| d.path.display().to_string()).collect();
+        let mut msg = format!("no plugin with id `{id}` in {}", if dirs.is_empty() { "any plugin folder".to_string() } else { dirs.join(", ") });
+        if self.active.is_empty() {
+            msg.push_str("; no plugin was found");
+        } else {
+            let ids: Vec<&str> = self.active.keys().map(String::as_str).collect();
+            msg.push_str(&format!("; available: {}", ids.join(", ")));
+        }
+        for e in self.files.values() {
+            if let FileStatus::Failed(err) = &e.status {
+                msg.push_str(&format!("\n  {} failed: {err}", e.path.display()));
+            }
+        }
+        msg.push_str("\n(build the plugin with `cargo build -p <crate>`, or point --plugins at its folder)");
+        anyhow::bail!(msg)
+    }
+
+    fn library_files(&self) -> Vec<(PathBuf, DirOrigin)> {
+        let mut out = Vec::new();
+        for d in &self.dirs {
+            let Ok(rd) = std::fs::read_dir(&d.path) else {
+                tracing::debug!("plugin folder {} is not readable; skipped", d.path.display());
+                continue;
+            };
+            let mut found: Vec<PathBuf> =
+                rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file() && is_library(p)).collect();
+            found.sort();
+            out.extend(found.into_iter().map(|p| (p, d.origin)));
+        }
+        out
+    }
+
+    fn origin_of(&self, path: &Path) -> Option<DirOrigin> {
+        let parent = path.parent()?;
+        self.dirs.iter().find(|d| d.path == parent).map(|d| d.origin)
+    }
+
+    /// Loads every library in the search directories (the first scan, or a manual rescan).
+    pub fn scan(&mut self) -> Vec<ReloadEvent> {
+        let files = self.library_files();
+        let mut events = Vec::new();
+        for (path, origin) in files {
+            events.extend(self.process(&path, origin));
+        }
+        events
+    }
+
+    /// Loads (or reloads) one library file that lies in a search directory or anywhere else.
+    pub fn load_file(&mut self, path: &Path) -> Option<ReloadEvent> {
+        let origin = self.origin_of(path).unwrap_or(DirOrigin::Flag);
+        self.process(path, origin)
+    }
+
+    /// True when the library at `a` (origin, modified) should win over the active build `b`.
+    fn wins(&self, origin: DirOrigin, modified: Option<SystemTime>, current: &LoadedPlugin) -> bool {
+        let current_origin = self.files.get(&current.source).map(|e| e.origin).unwrap_or(DirOrigin::Default);
+        if origin != current_origin {
+            return origin < current_origin;
+        }
+        // Same origin: the newest build wins.
+        modified >= current.modified
+    }
+
+    fn process(&mut self, path: &Path, origin: DirOrigin) -> Option<ReloadEvent> {
+        let previous_id = self.files.get(path).and_then(|e| e.plugin.as_ref()).map(|p| p.manifest.id.clone());
+        let running = |m: &Self| previous_id.as_ref().and_then(|id| m.active.get(id)).map(|p| p.label());
+
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let entry = self.files.get_mut(path)?;
+                if entry.status == FileStatus::Removed {
+                    return None;
+                }
+                entry.status = FileStatus::Removed;
+                entry.hash = None;
+                return Some(ReloadEvent::Removed { path: path.to_path_buf(), still_running: running(self) });
+            }
+            Err(e) => {
+                let error = LoadError::Io(format!("{}: {e}", path.display()));
+                return Some(self.failed(path, origin, None, error, running(self)));
+            }
+        };
+        let hash = content_hash(&bytes);
+        if let Some(entry) = self.files.get(path) {
+            if entry.hash == Some(hash) {
+                tracing::debug!("plugin library {} changed on disk but its bytes did not; skipped", path.display());
+                return None;
+            }
+        }
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        let plugin = match load_plugin_bytes(path, &bytes, modified, &self.private_dir, generation) {
+            Ok(p) => p,
+            Err(error) => return Some(self.failed(path, origin, Some(hash), error, running(self))),
+        };
+
+        let id = plugin.manifest.id.clone();
+        let entry = FileEntry {
+            path: path.to_path_buf(),
+            origin,
+            status: FileStatus::Active,
+            hash: Some(hash),
+            plugin: Some(plugin.clone()),
+        };
+        self.files.insert(path.to_path_buf(), entry);
+
+        let event = match self.active.get(&id) {
+            None => ReloadEvent::Loaded { id: id.clone(), version: plugin.manifest.version.clone(), path: path.to_path_buf() },
+            Some(current) if current.source == path || self.wins(origin, modified, current) => {
+                let old_source = current.source.clone();
+                if old_source != path {
+                    if let Some(e) = self.files.get_mut(&old_source) {
+                        e.status = FileStatus::Shadowed { by: path.to_path_buf() };
+                    }
+                }
+                ReloadEvent::Reloaded {
+                    id: id.clone(),
+                    old_version: current.manifest.version.clone(),
+                    new_version: plugin.manifest.version.clone(),
+                    path: path.to_path_buf(),
+                    generation,
+                }
+            }
+            Some(current) => {
+                let by = current.source.clone();
+                if let Some(e) = self.files.get_mut(path) {
+                    e.status = FileStatus::Shadowed { by: by.clone() };
+                }
+                return Some(ReloadEvent::Shadowed { id, path: path.to_path_buf(), by });
+            }
+        };
+        self.active.insert(id, plugin);
+        Some(event)
+    }
+
+    fn failed(
+        &mut self,
+        path: &Path,
+        origin: DirOrigin,
+        hash: Option<u64>,
+        error: LoadError,
+        still_running: Option<String>,
+    ) -> ReloadEvent {
+        let entry = self.files.entry(path.to_path_buf()).or_insert_with(|| FileEntry {
+            path: path.to_path_buf(),
+            origin,
+            status: FileStatus::Removed,
+            hash: None,
+            plugin: None,
+        });
+        entry.status = FileStatus::Failed(error.clone());
+        entry.hash = hash;
+        ReloadEvent::Failed { path: path.to_path_buf(), error, still_running }
+    }
+
+    /// Starts watching the search directories. Changes are queued until
+    /// [`Self::poll_reloads`]. Directories that do not exist are skipped with a warning.
+    pub fn watch(&mut self) -> anyhow::Result<()> {
+        if self.watcher.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel();
+        let mut debouncer = new_debouncer(DEBOUNCE, None, tx).context("cannot start the plugin folder watcher")?;
+        for d in &self.dirs {
+            if !d.path.is_dir() {
+                tracing::warn!("plugin folder {} does not exist; not watched", d.path.display());
+                continue;
+            }
+            debouncer
+                .watch(&d.path, RecursiveMode::NonRecursive)
+                .with_context(|| format!("cannot watch plugin folder {}", d.path.display()))?;
+        }
+        self.watcher = Some(DirWatcher { _debouncer: debouncer, rx });
+        Ok(())
+    }
+
+    pub fn is_watching(&self) -> bool {
+        self.watcher.is_some()
+    }
+
+    /// The library paths touched by queued watcher events (create / modify / remove / rename
+    /// only: notify also reports opens and reads).
+    fn collect(&self, batch: DebounceEventResult, into: &mut BTreeSet<PathBuf>) {
+        match batch {
+            Ok(events) => {
+                for ev in events {
+                    let relevant = matches!(ev.event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_));
+                    if !relevant {
+                        continue;
+                    }
+                    for p in &ev.event.paths {
+                        if is_library(p) && self.origin_of(p).is_some() {
+                            into.insert(p.clone());
+                        }
+                    }
+                }
+            }
+            Err(errors) => {
+                for e in errors {
+                    tracing::warn!("plugin folder watcher: {e}");
+                }
+            }
+        }
+    }
+
+    fn process_paths(&mut self, paths: BTreeSet<PathBuf>) -> Vec<ReloadEvent> {
+        let mut events = Vec::new();
+        for p in paths {
+            let origin = self.origin_of(&p).unwrap_or(DirOrigin::Default);
+            events.extend(self.process(&p, origin));
+        }
+        events
+    }
+
+    /// Applies the queued library changes and returns what happened. Never blocks. Call it
+    /// between training steps or generation requests, then switch the strategies of every
+    /// `Reloaded` id (`StrategyInstance::reload`).
+    pub fn poll_reloads(&mut self) -> Vec<ReloadEvent> {
+        let mut paths = BTreeSet::new();
+        if let Some(w) = &self.watcher {
+            let batches: Vec<DebounceEventResult> = w.rx.try_iter().collect();
+            for b in batches {
+                self.collect(b, &mut paths);
+            }
+        }
+        self.process_paths(paths)
+    }
+
+    /// Like [`Self::poll_reloads`], but waits up to `timeout` for a change that produces an
+    /// event (changes whose bytes are unchanged do not count).
+    pub fn wait_reloads(&mut self, timeout: Duration) -> Vec<ReloadEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut paths = BTreeSet::new();
+            let Some(w) = &self.watcher else {
+                return Vec::new();
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let first = match w.rx.recv_timeout(left) {
+                Ok(b) => b,
+                Err(_) => return Vec::new(),
+            };
+            let rest: Vec<DebounceEventResult> = w.rx.try_iter().collect();
+            self.collect(first, &mut paths);
+            for b in rest {
+                self.collect(b, &mut paths);
+            }
+            let events = self.process_paths(paths);
+            if !events.is_empty() || Instant::now() >= deadline {
+                return events;
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Training: datasets and buckets, latent and text-embedding caches, the optimizer, learning-rate schedules.
+
+pub mod buckets;
+pub mod cache;
+pub mod dataset;
+pub mod optim;
+pub mod schedule;
