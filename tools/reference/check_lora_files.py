@@ -521,7 +521,8 @@ def check_diff_file(path, want):
             comp = "text_encoder" if k.startswith("lora_te1_") else "text_encoder_2"
             flat = k.split(".")[0].split("_", 2)[2]
             matches = [n for n, m in getattr(pipe, comp).named_modules()
-                       if isinstance(m, torch.nn.Linear) and ("text_model." + n).replace(".", "_") == flat]
+                       if isinstance(m, torch.nn.Linear)
+                       and split_layer(layer_name(comp, n))[1].replace(".", "_") == flat]
             layer = layer_name(comp, matches[0]) if len(matches) == 1 else None
             if layer is None or layer not in want:
                 fails.append(f"{path.name}: {k}: names no single text-encoder linear")

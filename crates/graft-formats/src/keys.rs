@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{bail, Result};
 use graft_sdxl::sgm::SgmLayout;
-use graft_sdxl::{Component, LayerInfo};
+use graft_sdxl::{Component, LayerInfo, LayerKind};
 
 /// Components in the order of the longest prefix first (`text_encoder_2` before `text_encoder`).
 const COMPONENTS: [Component; 3] = [Component::TextEncoder2, Component::TextEncoder, Component::Unet];
@@ -46,6 +46,15 @@ pub struct LayerEntry {
     pub component: Component,
     /// (in, out) features when known.
     pub in_out: Option<(usize, usize)>,
+    /// Linear or attention hook point, when known (names alone: assumed linear).
+    pub kind: Option<LayerKind>,
+}
+
+impl LayerEntry {
+    /// LoRA-family tensors (kohya, PEFT, LyCORIS) only go on linear layers.
+    pub fn is_linear(&self) -> bool {
+        self.kind != Some(LayerKind::Attention)
+    }
 }
 
 /// The valid layers of a model and their names in every format.
@@ -63,25 +72,30 @@ impl KeyMap {
         Self::build(
             layers
                 .iter()
-                .map(|l| (l.name.clone(), Some((l.in_features, l.out_features)))),
+                .map(|l| (l.name.clone(), Some((l.in_features, l.out_features)), Some(l.kind))),
             layout,
         )
     }
 
     /// From layer names alone (no shape checks).
     pub fn from_names<S: AsRef<str>>(names: &[S], layout: &SgmLayout) -> Self {
-        Self::build(names.iter().map(|n| (n.as_ref().to_string(), None)), layout)
+        Self::build(names.iter().map(|n| (n.as_ref().to_string(), None, None)), layout)
     }
 
-    fn build(items: impl Iterator<Item = (String, Option<(usize, usize)>)>, layout: &SgmLayout) -> Self {
+    fn build(
+        items: impl Iterator<Item = (String, Option<(usize, usize)>, Option<LayerKind>)>,
+        layout: &SgmLayout,
+    ) -> Self {
         let mut layers = BTreeMap::new();
         let mut kohya = HashMap::new();
-        for (name, in_out) in items {
+        for (name, in_out, kind) in items {
             let Some((component, path)) = split_layer(&name) else {
                 continue;
             };
-            for spelling in kohya_spellings(component, path, layout) {
-                kohya.entry(spelling).or_insert_with(|| name.clone());
+            if kind != Some(LayerKind::Attention) {
+                for spelling in kohya_spellings(component, path, layout) {
+                    kohya.entry(spelling).or_insert_with(|| name.clone());
+                }
             }
             layers.insert(
                 name.clone(),
@@ -89,6 +103,7 @@ impl KeyMap {
                     name,
                     component,
                     in_out,
+                    kind,
                 },
             );
         }
@@ -103,8 +118,14 @@ impl KeyMap {
         &self.layout
     }
 
+    /// Any known hook point (linear or attention).
     pub fn layer(&self, name: &str) -> Option<&LayerEntry> {
         self.layers.get(name)
+    }
+
+    /// A known linear hook point (where LoRA-family tensors can go).
+    pub fn linear(&self, name: &str) -> Option<&LayerEntry> {
+        self.layers.get(name).filter(|l| l.is_linear())
     }
 
     pub fn layers(&self) -> impl Iterator<Item = &LayerEntry> {

@@ -114,19 +114,19 @@ fn resolve(key: &str, keys: &KeyMap) -> Option<(String, Role)> {
 /// A module path with or without a component prefix -> the graft layer name, if known.
 fn layer_of(module: &str, keys: &KeyMap) -> Option<String> {
     if let Some((component, path)) = split_layer(module) {
-        if let Some(l) = keys.layer(module) {
+        if let Some(l) = keys.linear(module) {
             return Some(l.name.clone());
         }
         // transformers 5 has no `text_model` level in CLIPTextModel, so diffusers + transformers 5
         // writes `text_encoder.encoder.layers.N...`.
         if component != Component::Unet && !path.starts_with("text_model.") {
             let name = format!("{}.text_model.{path}", component.prefix());
-            return keys.layer(&name).map(|l| l.name.clone());
+            return keys.linear(&name).map(|l| l.name.clone());
         }
         return None;
     }
     let unet = format!("unet.{module}");
-    keys.layer(&unet).map(|l| l.name.clone())
+    keys.linear(&unet).map(|l| l.name.clone())
 }
 
 /// The PEFT config values of one component.

@@ -271,7 +271,7 @@ fn tokenizers(dir: &Path) -> Result<(ClipTokenizer, ClipTokenizer)> {
     let load = |sub: &str, pad: PadToken| -> Result<ClipTokenizer> {
         let d = dir.join(sub);
         if dir.is_dir() && d.is_dir() {
-            ClipTokenizer::from_folder(&d).map_err(|e| candle_core::Error::Msg(e.to_string()))
+            ClipTokenizer::from_folder_with_default_pad(&d, pad).map_err(|e| candle_core::Error::Msg(e.to_string()))
         } else {
             Ok(ClipTokenizer::builtin(pad))
         }

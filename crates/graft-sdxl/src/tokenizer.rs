@@ -163,7 +163,7 @@ impl ClipTokenizer {
         };
         let source = file.as_ref().map(|(p, _)| p.clone()).unwrap_or(vocab_json);
         let configs = SpecialConfigs::read(dir, file.as_ref().map(|(p, j)| (p.as_path(), j)))?;
-        let (specials, pad) = configs.resolve(&vocab, default_pad)?;
+        let (specials, pad) = configs.resolve(&vocab, default_pad, dir)?;
         Self::new(vocab, &merges, specials, &pad, &source)
     }
 
@@ -188,7 +188,7 @@ impl ClipTokenizer {
             ..SpecialConfigs::default()
         };
         let (specials, pad) = configs
-            .resolve(&vocab, pad)
+            .resolve(&vocab, pad, Path::new("<built-in CLIP vocabulary>"))
             .expect("the built-in CLIP vocabulary lacks a special token");
         Self::new(
             vocab,
@@ -692,6 +692,7 @@ impl SpecialConfigs {
         &self,
         vocab: &HashMap<String, u32>,
         default_pad: PadToken,
+        dir: &Path,
     ) -> Result<(Vec<SpecialToken>, String), TokenizerError> {
         let mut specials = self.file_added.clone();
         let mut upsert =
@@ -700,15 +701,12 @@ impl SpecialConfigs {
                     existing.normalized = normalized;
                     return Ok(());
                 }
-                let id =
-                    vocab
-                        .get(content)
-                        .copied()
-                        .or(id)
-                        .ok_or_else(|| TokenizerError::Invalid {
-                            path: PathBuf::from("<tokenizer>"),
-                            message: format!("special token `{content}` is not in the vocabulary"),
-                        })?;
+                let id = vocab.get(content).copied().or(id).ok_or_else(|| {
+                    invalid(
+                        dir,
+                        format!("special token `{content}` is not in the vocabulary"),
+                    )
+                })?;
                 specials.push(SpecialToken {
                     content: content.to_string(),
                     id,
@@ -802,6 +800,32 @@ mod tests {
         assert_eq!(ids.len(), 77);
         assert_eq!((ids[0], ids[76]), (49406, 49407));
         assert_eq!(tok.encode_padded("", 5), vec![49406, 49407, 0, 0, 0]);
+    }
+
+    #[test]
+    fn bad_folder_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("vocab.json"),
+            r#"{"a": 0, "b</w>": 1, "ab</w>": 2}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\na b</w>\n").unwrap();
+        let err = ClipTokenizer::from_folder(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("<|startoftext|>") && err.contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\nnospace\n").unwrap();
+        let err = ClipTokenizer::from_folder(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("merges.txt") && err.contains("line 2"),
+            "{err}"
+        );
     }
 
     #[test]

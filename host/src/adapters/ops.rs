@@ -485,3 +485,161 @@ impl HostOps for CandleOps<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn ok<T>(r: GResult<T>) -> T {
+        match r {
+            RResult::ROk(v) => v,
+            RResult::RErr(e) => panic!("op failed: {e}"),
+        }
+    }
+
+    fn fail<T: std::fmt::Debug>(r: GResult<T>) -> String {
+        match r {
+            RResult::ROk(v) => panic!("op should fail, got {v:?}"),
+            RResult::RErr(e) => e.message.into_string(),
+        }
+    }
+
+    fn store() -> ParamStore {
+        ParamStore::new(&Device::Cpu, DType::F32, 3)
+    }
+
+    #[test]
+    fn lora_math_matches_candle_and_has_gradients() -> candle_core::Result<()> {
+        let store = store();
+        let mut rng = GraftRng::new(1);
+        let x = rng.randn((2, 3, 4), &Device::Cpu)?;
+        let w = rng.randn((5, 4), &Device::Cpu)?;
+        let mut ops = CandleOps::new(&store, &mut rng, "lora", "unet.l", Some(w.clone()), true);
+        let xi = ops.insert(x.clone());
+        let down = ok(ops.param("down".into(), [2u64, 4].as_slice().into(), Init::normal(0.0, 1.0)));
+        let up = ok(ops.param("up".into(), [5u64, 2].as_slice().into(), Init::constant(0.1)));
+        let h = ok(ops.linear(xi, down, ROption::RNone));
+        let d = ok(ops.linear(h, up, ROption::RNone));
+        let base = ok(ops.base_weight());
+        let b = ok(ops.linear(xi, base, ROption::RNone));
+        let y = ok(ops.add(b, d));
+        let y = ops.tensor(y).unwrap();
+
+        let dv = store.get(&ParamKey::new("lora", "unet.l", "down")).unwrap().var;
+        let uv = store.get(&ParamKey::new("lora", "unet.l", "up")).unwrap().var;
+        let want = x
+            .broadcast_matmul(&w.t()?)?
+            .add(&x.broadcast_matmul(&dv.as_tensor().t()?)?.broadcast_matmul(&uv.as_tensor().t()?)?)?;
+        let diff = (y.clone() - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        for v in [&dv, &uv] {
+            let g = grads.get(v.as_tensor()).expect("gradient");
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        assert_eq!(ops.created_params().len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn shape_ops_and_reductions() -> candle_core::Result<()> {
+        let store = store();
+        let mut rng = GraftRng::new(1);
+        let mut ops = CandleOps::new(&store, &mut rng, "s", "l", None, false);
+        let x = ops.insert(Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((2, 3, 4))?);
+        let r = ok(ops.reshape(x, [-1i64, 4].as_slice().into()));
+        assert_eq!(ok(ops.shape(r)).as_slice(), &[6, 4]);
+        let t = ok(ops.transpose(x, -1, 0));
+        assert_eq!(ok(ops.shape(t)).as_slice(), &[4, 3, 2]);
+        let n = ok(ops.narrow(x, -1, 1, 2));
+        assert_eq!(ok(ops.shape(n)).as_slice(), &[2, 3, 2]);
+        let c = ok(ops.concat([x, x].as_slice().into(), 1));
+        assert_eq!(ok(ops.shape(c)).as_slice(), &[2, 6, 4]);
+        let s = ok(ops.sum(x, RSlice::from_slice(&[]), false));
+        assert_eq!(ok(ops.to_scalar(s)), 276.0);
+        let m = ok(ops.mean(x, [0i64, 2].as_slice().into(), true));
+        assert_eq!(ok(ops.shape(m)).as_slice(), &[1, 3, 1]);
+        let sm = ok(ops.softmax(x, -1));
+        let total = ok(ops.sum(sm, RSlice::from_slice(&[]), false));
+        assert!((ok(ops.to_scalar(total)) - 6.0).abs() < 1e-5);
+        let k = ok(ops.constant([2u64].as_slice().into(), 3.0));
+        let four = ok(ops.constant([2u64].as_slice().into(), 4.0));
+        let pair = ok(ops.concat([k, four].as_slice().into(), 0));
+        let nrm = ok(ops.norm(pair, RSlice::from_slice(&[]), false));
+        assert!((ok(ops.to_scalar(nrm)) - 50f64.sqrt()).abs() < 1e-5);
+        let sg = ok(ops.sigmoid(k));
+        let first = ok(ops.narrow(sg, 0, 0, 1));
+        assert!((ok(ops.to_scalar(first)) - 1.0 / (1.0 + (-3f64).exp())).abs() < 1e-6);
+        // Dropout is the identity outside training.
+        let d = ok(ops.dropout(x, 0.5));
+        assert_eq!(ops.tensor(d).unwrap().to_vec3::<f32>()?, ops.tensor(x).unwrap().to_vec3::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scaled() -> candle_core::Result<()> {
+        let store = store();
+        let run = |seed: u64| -> Vec<f32> {
+            let mut rng = GraftRng::new(seed);
+            let mut ops = CandleOps::new(&store, &mut rng, "s", "l", None, true);
+            let x = ops.insert(Tensor::ones(1000, DType::F32, &Device::Cpu).unwrap());
+            let d = ok(ops.dropout(x, 0.25));
+            ops.tensor(d).unwrap().to_vec1::<f32>().unwrap()
+        };
+        let a = run(5);
+        assert_eq!(a, run(5));
+        assert_ne!(a, run(6));
+        let kept = a.iter().filter(|&&v| v > 0.0).count();
+        assert!((650..850).contains(&kept), "{kept}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        Ok(())
+    }
+
+    #[test]
+    fn errors_are_values() -> candle_core::Result<()> {
+        let store = store();
+        let mut rng = GraftRng::new(1);
+        let stale = {
+            let mut ops = CandleOps::new(&store, &mut rng, "s", "l", None, false);
+            ops.insert(Tensor::zeros(2, DType::F32, &Device::Cpu)?)
+        };
+        let mut ops = CandleOps::new(&store, &mut rng, "s", "l", None, false);
+        let a = ops.insert(Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?);
+        let b = ops.insert(Tensor::zeros((4, 5), DType::F32, &Device::Cpu)?);
+        assert!(fail(ops.matmul(a, b)).starts_with("matmul: "));
+        assert!(fail(ops.add(a, b)).contains("operand shapes [2, 3], [4, 5]"));
+        assert!(fail(ops.add(a, TensorId(77))).contains("unknown tensor handle 77"));
+        assert!(fail(ops.add(a, stale)).contains("comes from an earlier call"));
+        assert!(fail(ops.reshape(a, [-1i64, -1].as_slice().into())).contains("at most one may be -1"));
+        assert!(fail(ops.reshape(a, [4i64].as_slice().into())).contains("cannot reshape"));
+        assert!(fail(ops.transpose(a, 0, 2)).contains("out of range"));
+        assert!(fail(ops.narrow(a, 1, 2, 5)).starts_with("narrow: "));
+        assert!(fail(ops.base_weight()).contains("no base weight"));
+        assert!(fail(ops.get_param("nope".into())).contains("no parameter `nope`"));
+        assert!(fail(ops.to_scalar(a)).contains("one-element"));
+        assert!(fail(ops.dropout(a, 1.5)).contains("[0, 1)"));
+        assert!(fail(ops.concat(RSlice::from_slice(&[]), 0)).contains("nothing to concatenate"));
+        let bad = Init { kind: graft_abi::InitKind(42), a: 0.0, b: 0.0 };
+        assert!(fail(ops.param("p".into(), [2u64].as_slice().into(), bad)).contains("unknown parameter init kind"));
+        ok(ops.param("p".into(), [2u64].as_slice().into(), Init::zeros()));
+        assert!(fail(ops.param("p".into(), [3u64].as_slice().into(), Init::zeros())).contains("exists with shape [2]"));
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_params_are_detached() -> candle_core::Result<()> {
+        let store = store();
+        let key = ParamKey::new("s", "l", "w");
+        store.get_or_create(&key, &[2], InitKind::Constant(1.0), "g", false)?;
+        let mut rng = GraftRng::new(1);
+        let mut ops = CandleOps::new(&store, &mut rng, "s", "l", None, false);
+        let w = ok(ops.get_param("w".into()));
+        let t = ops.tensor(w).unwrap();
+        let v: &Var = &store.get(&key).unwrap().var;
+        let grads = t.sum_all()?.backward()?;
+        assert!(grads.get(v.as_tensor()).is_none());
+        Ok(())
+    }
+}

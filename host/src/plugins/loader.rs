@@ -171,11 +171,33 @@ fn library_error(e: LibraryError) -> LoadError {
             LoadError::Incompatible(format!("its graft-abi version differs from the host's: {e}"))
         }
         LibraryError::AbiInstability(_) => {
-            LoadError::Incompatible(format!("the layout of its root module differs from the host's:\n{e}"))
+            let full = e.to_string();
+            tracing::debug!("layout check failed:\n{full}");
+            LoadError::Incompatible(format!(
+                "the layout of its plugin interface differs from the host's ({}); RUST_LOG=debug prints the full comparison",
+                summarize_layout_error(&full)
+            ))
         }
         LibraryError::RootModule { .. } => LoadError::Manifest(format!("its root module failed to initialise: {e}")),
         other => LoadError::Incompatible(other.to_string()),
     }
+}
+
+/// The gist of abi_stable's (very long) layout comparison: its last `Error:` block, e.g.
+/// "mismatched package: expected graft-abi, found other-abi".
+fn summarize_layout_error(text: &str) -> String {
+    let Some(at) = text.rfind("Error:") else {
+        return first_lines(text, 3);
+    };
+    let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let block = &text[at + "Error:".len()..];
+    let (desc, rest) = block.split_once("Expected:").unwrap_or((block, ""));
+    let (expected, found) = rest.split_once("Found:").unwrap_or((rest, ""));
+    let mut out = words(desc);
+    if !expected.trim().is_empty() {
+        out.push_str(&format!(": expected {}, found {}", words(expected), words(found)));
+    }
+    out
 }
 
 fn first_lines(text: &str, n: usize) -> String {

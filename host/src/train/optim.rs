@@ -363,8 +363,9 @@ impl AdamW {
     /// One AdamW update with the given gradients. `lr_factor` is the schedule's factor for this
     /// step. Parameters without a gradient are left alone (their step count does not move).
     pub fn step(&mut self, grads: &Gradients, lr_factor: f64) -> Result<StepReport> {
+        let known: HashSet<&str> = self.param_names().collect();
         for name in grads.map.keys() {
-            if !self.param_names().any(|n| n == name) {
+            if !known.contains(name.as_str()) {
                 return Err(Error::Msg(format!("gradient for '{name}', which is not a parameter of this optimizer")));
             }
         }
@@ -381,10 +382,10 @@ impl AdamW {
         let sq: HashMap<String, f64> = self.squared_norms(grads)?.into_iter().collect();
 
         // Per-parameter clipping.
-        let mut clipped: Vec<(usize, String, Tensor)> = Vec::new();
+        let mut clipped: Vec<(usize, usize, Tensor)> = Vec::new();
         let mut clipped_sq = 0f64;
         for (gi, group) in self.groups.iter().enumerate() {
-            for (name, var) in &group.params {
+            for (pi, (name, var)) in group.params.iter().enumerate() {
                 let Some(g) = grads.get(name) else { continue };
                 let mut g = g.to_dtype(var.dtype())?;
                 let mut s = sq[name];
@@ -396,7 +397,7 @@ impl AdamW {
                     }
                 }
                 clipped_sq += s;
-                clipped.push((gi, name.clone(), g));
+                clipped.push((gi, pi, g));
             }
         }
 
@@ -413,17 +414,17 @@ impl AdamW {
         }
 
         let updated = clipped.len();
-        for (gi, name, g) in clipped {
+        for (gi, pi, g) in clipped {
             let group = &self.groups[gi];
-            let var = &group.params.iter().find(|(n, _)| *n == name).expect("listed above").1;
+            let (name, var) = &group.params[pi];
             let cfg = &group.config;
             let lr = cfg.lr * cfg.lr_scale * lr_factor;
-            let st = match self.state.remove(&name) {
+            let st = match self.state.remove(name) {
                 Some(st) => st,
                 None => ParamState { m: var.zeros_like()?, v: var.zeros_like()?, step: 0 },
             };
             let st = adamw_update(var, &g, st, lr, cfg)?;
-            self.state.insert(name, st);
+            self.state.insert(name.clone(), st);
         }
         Ok(StepReport { skipped: false, nonfinite: Vec::new(), grad_norm: check.global_norm, clipped_norm, updated })
     }
