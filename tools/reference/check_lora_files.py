@@ -381,7 +381,10 @@ def make_fixtures():
 def write_readme(peft_meta, summary, modules):
     files = "\n".join(f"| `{p.name}` | {p.stat().st_size:,} |" for p in sorted(OUT.glob("*.safetensors")))
     unet_n = sum(1 for m in modules if m.startswith("unet."))
-    (OUT / "README.md").write_text(f"""# LoRA file fixtures
+    readme = OUT / "README.md"
+    # The LyCORIS section belongs to make_lycoris_fixtures.py: keep it.
+    lycoris = readme.read_text().partition("\n## LyCORIS")[1:] if readme.exists() else ("", "")
+    readme.write_text(f"""# LoRA file fixtures
 
 Written by `tools/reference/check_lora_files.py` (torch {torch.__version__}, diffusers {diffusers.__version__},
 peft {peft.__version__}); do not edit by hand. Regenerate (deterministic) from the repository root:
@@ -443,7 +446,7 @@ Two facts of this reference stack the files respect:
   an attention projection (`to_q`, ...: its converted alpha key keeps `.processor.to_q_lora.down.weight` and
   the PEFT `alpha_pattern` entry matches nothing; PEFT warns "alpha_pattern keys did not match"). kohya and
   A1111 apply it. The fixtures' non-default alpha is therefore on `proj_in`, which diffusers handles.
-""")
+""" + "".join(lycoris))
 
 
 # ---------------------------------------------------------------- checking graft's exports

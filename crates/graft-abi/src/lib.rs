@@ -277,8 +277,9 @@ pub struct TensorId(pub u64);
 /// - zeros;
 /// - normal: mean `a`, standard deviation `b`;
 /// - kaiming-uniform: negative slope `a`; uniform in ±`gain * sqrt(3 / fan_in)` with
-///   `gain = sqrt(2 / (1 + a²))` and `fan_in` the last dimension (torch's rule for a `[out, in]`
-///   weight; `a = sqrt(5)` is torch's `nn.Linear` default and kohya's `lora_down`);
+///   `gain = sqrt(2 / (1 + a²))` and `fan_in` the product of all dimensions but the first
+///   (torch's rule: `in` for an `[out, in]` weight; the size itself for a 1-d shape);
+///   `a = sqrt(5)` is torch's `nn.Linear` default and kohya's `lora_down`;
 /// - constant: every element `a`.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq)]

@@ -52,7 +52,10 @@ impl std::fmt::Display for AdapterFormat {
 pub enum LokrFactor {
     Full(Tensor),
     /// a [rows, r], b [r, cols]
-    LowRank { a: Tensor, b: Tensor },
+    LowRank {
+        a: Tensor,
+        b: Tensor,
+    },
 }
 
 impl LokrFactor {
@@ -84,13 +87,30 @@ impl LokrFactor {
 #[derive(Debug, Clone)]
 pub enum AdapterWeights {
     /// down [r, in], up [out, r].
-    Lora { down: Tensor, up: Tensor, alpha: Option<f32> },
+    Lora {
+        down: Tensor,
+        up: Tensor,
+        alpha: Option<f32>,
+    },
     /// w1_a, w2_a [out, r]; w1_b, w2_b [r, in].
-    LoHa { w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, alpha: Option<f32> },
+    LoHa {
+        w1_a: Tensor,
+        w1_b: Tensor,
+        w2_a: Tensor,
+        w2_b: Tensor,
+        alpha: Option<f32>,
+    },
     /// kron(w1, w2) is [out, in].
-    LoKr { w1: LokrFactor, w2: LokrFactor, alpha: Option<f32> },
+    LoKr {
+        w1: LokrFactor,
+        w2: LokrFactor,
+        alpha: Option<f32>,
+    },
     /// A full weight difference [out, in] and optionally a bias difference [out].
-    Full { diff: Tensor, diff_b: Option<Tensor> },
+    Full {
+        diff: Tensor,
+        diff_b: Option<Tensor>,
+    },
     /// Tensors of a graft-native file, by parameter name; their meaning is the strategy's.
     Native { tensors: BTreeMap<String, Tensor> },
 }
@@ -229,7 +249,10 @@ impl ModuleWeights {
             }
             AdapterWeights::Full { diff, .. } => diff.dims2(),
             AdapterWeights::Native { .. } => {
-                bail!("{}: a graft-native entry has no weight shape of its own", self.layer)
+                bail!(
+                    "{}: a graft-native entry has no weight shape of its own",
+                    self.layer
+                )
             }
         }
     }
@@ -250,10 +273,20 @@ impl ModuleWeights {
                 let (r, _) = two("down", down)?;
                 let (_, r2) = two("up", up)?;
                 if r != r2 {
-                    bail!("{name}: LoRA down has rank {r} but up has rank {r2} (down {:?}, up {:?})", down.dims(), up.dims());
+                    bail!(
+                        "{name}: LoRA down has rank {r} but up has rank {r2} (down {:?}, up {:?})",
+                        down.dims(),
+                        up.dims()
+                    );
                 }
             }
-            AdapterWeights::LoHa { w1_a, w1_b, w2_a, w2_b, .. } => {
+            AdapterWeights::LoHa {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+                ..
+            } => {
                 let (o1, r1) = two("hada_w1_a", w1_a)?;
                 let (r1b, i1) = two("hada_w1_b", w1_b)?;
                 let (o2, r2) = two("hada_w2_a", w2_a)?;
@@ -275,7 +308,11 @@ impl ModuleWeights {
                             let (_, r) = two(&format!("{what}_a"), a)?;
                             let (rb, _) = two(&format!("{what}_b"), b)?;
                             if r != rb {
-                                bail!("{name}: {what}_a {:?} and {what}_b {:?} do not fit", a.dims(), b.dims());
+                                bail!(
+                                    "{name}: {what}_a {:?} and {what}_b {:?} do not fit",
+                                    a.dims(),
+                                    b.dims()
+                                );
                             }
                         }
                     }
@@ -327,7 +364,9 @@ impl ModuleWeights {
     /// The bias difference at `multiplier` (full `diff_b` entries only).
     pub fn delta_bias(&self, multiplier: f64) -> Result<Option<Tensor>> {
         match &self.weights {
-            AdapterWeights::Full { diff_b: Some(b), .. } => Ok(Some((f32(b)? * multiplier)?)),
+            AdapterWeights::Full {
+                diff_b: Some(b), ..
+            } => Ok(Some((f32(b)? * multiplier)?)),
             _ => Ok(None),
         }
     }

@@ -59,7 +59,10 @@ impl<'a> Group<'a> {
     }
 
     fn leftover(self) -> Vec<String> {
-        self.tensors.into_values().map(|(k, _)| k.to_string()).collect()
+        self.tensors
+            .into_values()
+            .map(|(k, _)| k.to_string())
+            .collect()
     }
 }
 
@@ -71,14 +74,19 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
     for (key, t) in &raw.tensors {
         match key.split_once('.') {
             Some((name, suffix)) if is_kohya_key(key) => {
-                groups.entry(name).or_default().insert(suffix, (key.as_str(), t));
+                groups
+                    .entry(name)
+                    .or_default()
+                    .insert(suffix, (key.as_str(), t));
             }
             _ => parsed.unmatched.push(key.clone()),
         }
     }
     for (name, tensors) in groups {
         let Some(layer) = keys.from_kohya(name) else {
-            parsed.unmatched.extend(tensors.values().map(|(k, _)| k.to_string()));
+            parsed
+                .unmatched
+                .extend(tensors.values().map(|(k, _)| k.to_string()));
             continue;
         };
         let mut group = Group {
@@ -154,7 +162,13 @@ pub(crate) fn module_tensors(
             // kohya always writes alpha; a missing alpha means alpha = rank.
             put("alpha", alpha_tensor(effective_alpha(*alpha, r))?);
         }
-        AdapterWeights::LoHa { w1_a, w1_b, w2_a, w2_b, alpha } => {
+        AdapterWeights::LoHa {
+            w1_a,
+            w1_b,
+            w2_a,
+            w2_b,
+            alpha,
+        } => {
             let r = w1_b.dims().first().copied().unwrap_or(0);
             put("hada_w1_a", w1_a.clone());
             put("hada_w1_b", w1_b.clone());
@@ -184,7 +198,10 @@ pub(crate) fn module_tensors(
             }
         }
         AdapterWeights::Native { .. } => {
-            bail!("{}: a graft-native entry cannot be written under kohya / LyCORIS keys", m.layer)
+            bail!(
+                "{}: a graft-native entry cannot be written under kohya / LyCORIS keys",
+                m.layer
+            )
         }
     }
     if let Some(s) = &m.dora_scale {

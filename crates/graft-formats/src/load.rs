@@ -103,7 +103,11 @@ pub fn detect(raw: &RawFile) -> Option<AdapterFormat> {
                 s.starts_with("hada_") || s.starts_with("lokr_") || s == "diff" || s == "dora_scale"
             })
         });
-        Some(if lycoris { AdapterFormat::Lycoris } else { AdapterFormat::Kohya })
+        Some(if lycoris {
+            AdapterFormat::Lycoris
+        } else {
+            AdapterFormat::Kohya
+        })
     } else {
         Some(AdapterFormat::Peft)
     }
@@ -142,7 +146,12 @@ pub fn read_raw(raw: &RawFile, keys: &KeyMap) -> Result<(AdapterFile, LoadReport
         AdapterFormat::Native => native::parse(raw, keys)?,
     };
     if parsed.modules.is_empty() {
-        let sample: Vec<&str> = parsed.unmatched.iter().take(5).map(|s| s.as_str()).collect();
+        let sample: Vec<&str> = parsed
+            .unmatched
+            .iter()
+            .take(5)
+            .map(|s| s.as_str())
+            .collect();
         bail!(
             "{}: no key of this {format} file matched a layer of the model ({} keys, e.g. {}); \
              is it an adapter for another model (SD 1.x, SD 2, Flux)?",
@@ -167,10 +176,9 @@ pub fn read_raw(raw: &RawFile, keys: &KeyMap) -> Result<(AdapterFile, LoadReport
     let format = match format {
         // A kohya-family file with anything but plain LoRA is a LyCORIS file.
         AdapterFormat::Kohya | AdapterFormat::Lycoris => {
-            let plain = parsed
-                .modules
-                .iter()
-                .all(|m| matches!(m.weights, AdapterWeights::Lora { .. }) && m.dora_scale.is_none());
+            let plain = parsed.modules.iter().all(|m| {
+                matches!(m.weights, AdapterWeights::Lora { .. }) && m.dora_scale.is_none()
+            });
             if plain {
                 AdapterFormat::Kohya
             } else {

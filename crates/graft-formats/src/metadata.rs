@@ -83,7 +83,10 @@ impl KohyaMetadata {
             "ss_network_args".into(),
             serde_json::Value::Object(self.network_args.clone()).to_string(),
         );
-        m.insert("ss_base_model_version".into(), SDXL_BASE_MODEL_VERSION.into());
+        m.insert(
+            "ss_base_model_version".into(),
+            SDXL_BASE_MODEL_VERSION.into(),
+        );
         m.insert("ss_output_name".into(), self.output_name.clone());
         m.insert("ss_v2".into(), "False".into());
         if let Some(s) = self.steps {
@@ -95,12 +98,23 @@ impl KohyaMetadata {
         if let Some(lr) = self.text_encoder_lr {
             m.insert("ss_text_encoder_lr".into(), py_float(lr));
         }
-        m.insert("modelspec.sai_model_spec".into(), SAI_MODEL_SPEC_VERSION.into());
-        m.insert("modelspec.architecture".into(), SDXL_LORA_ARCHITECTURE.into());
-        m.insert("modelspec.implementation".into(), self.implementation.clone());
+        m.insert(
+            "modelspec.sai_model_spec".into(),
+            SAI_MODEL_SPEC_VERSION.into(),
+        );
+        m.insert(
+            "modelspec.architecture".into(),
+            SDXL_LORA_ARCHITECTURE.into(),
+        );
+        m.insert(
+            "modelspec.implementation".into(),
+            self.implementation.clone(),
+        );
         m.insert(
             "modelspec.title".into(),
-            self.title.clone().unwrap_or_else(|| self.output_name.clone()),
+            self.title
+                .clone()
+                .unwrap_or_else(|| self.output_name.clone()),
         );
         if let Some(r) = &self.resolution {
             m.insert("modelspec.resolution".into(), r.clone());
@@ -143,10 +157,20 @@ pub fn hex(bytes: &[u8]) -> String {
 /// are Python strings.
 pub fn py_float(v: f64) -> String {
     if !v.is_finite() {
-        return if v.is_nan() { "nan".into() } else if v > 0.0 { "inf".into() } else { "-inf".into() };
+        return if v.is_nan() {
+            "nan".into()
+        } else if v > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
     }
     if v == 0.0 {
-        return if v.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if v.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // Shortest round-trip digits, then Python's choice of notation (repr: scientific when the
     // exponent is < -4 or >= 16).
@@ -154,7 +178,6 @@ pub fn py_float(v: f64) -> String {
     let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     if !(-4..16).contains(&exp) {
-        let mant = if mant.contains('.') { mant.to_string() } else { mant.to_string() };
         let sign = if exp < 0 { '-' } else { '+' };
         format!("{mant}e{sign}{:02}", exp.abs())
     } else {

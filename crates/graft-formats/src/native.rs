@@ -39,7 +39,10 @@ impl NativeInfo {
             return Ok(None);
         };
         if strategy.trim().is_empty() {
-            bail!("{}: header metadata `{STRATEGY_KEY}` is empty", path.display());
+            bail!(
+                "{}: header metadata `{STRATEGY_KEY}` is empty",
+                path.display()
+            );
         }
         let config = match metadata.get(CONFIG_KEY) {
             Some(text) => serde_json::from_str(text).map_err(|e| {
@@ -75,7 +78,11 @@ pub fn canonical_json(v: &serde_json::Value) -> String {
             Value::Object(m) => {
                 let mut keys: Vec<&String> = m.keys().collect();
                 keys.sort();
-                Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&m[k]))).collect())
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), sorted(&m[k])))
+                        .collect(),
+                )
             }
             Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
             other => other.clone(),
@@ -118,7 +125,10 @@ pub fn write_native(
     dtype: StoreDtype,
 ) -> Result<Written> {
     if info.strategy.trim().is_empty() {
-        bail!("{}: a graft-native file needs a strategy id", path.display());
+        bail!(
+            "{}: a graft-native file needs a strategy id",
+            path.display()
+        );
     }
     let mut tensors = BTreeMap::new();
     for m in modules {
@@ -132,7 +142,11 @@ pub fn write_native(
         };
         for (name, t) in ts {
             if name.is_empty() {
-                bail!("{}: `{}` has a tensor with an empty name", path.display(), m.layer);
+                bail!(
+                    "{}: `{}` has a tensor with an empty name",
+                    path.display(),
+                    m.layer
+                );
             }
             let key = format!("{}.{name}", m.layer);
             if tensors.insert(key.clone(), t.clone()).is_some() {

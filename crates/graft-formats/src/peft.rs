@@ -165,15 +165,22 @@ fn configs(raw: &RawFile) -> Result<Option<BTreeMap<&'static str, ComponentConfi
             raw.path.display()
         ))
     };
-    let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("is not valid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("is not valid JSON: {e}")))?;
     let Value::Object(map) = value else {
         return Err(bad("is not a JSON object".into()));
     };
-    let prefixed = map
-        .keys()
-        .any(|k| ["unet.", "text_encoder.", "text_encoder_2."].iter().any(|p| k.starts_with(p)));
+    let prefixed = map.keys().any(|k| {
+        ["unet.", "text_encoder.", "text_encoder_2."]
+            .iter()
+            .any(|p| k.starts_with(p))
+    });
     let mut out = BTreeMap::new();
-    for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
+    for c in [
+        Component::Unet,
+        Component::TextEncoder,
+        Component::TextEncoder2,
+    ] {
         let get = |field: &str| -> Option<&Value> {
             if prefixed {
                 map.get(&format!("{}.{field}", c.prefix()))
@@ -181,9 +188,10 @@ fn configs(raw: &RawFile) -> Result<Option<BTreeMap<&'static str, ComponentConfi
                 map.get(field)
             }
         };
-        let present = map
-            .keys()
-            .any(|k| k.strip_prefix(c.prefix()).is_some_and(|r| r.starts_with('.')));
+        let present = map.keys().any(|k| {
+            k.strip_prefix(c.prefix())
+                .is_some_and(|r| r.starts_with('.'))
+        });
         if prefixed && !present {
             continue;
         }
@@ -254,7 +262,11 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             (None, Some(cfg)) => {
                 let a = cfg.alpha_for(module, &raw.path)?;
                 // rsLoRA scales by alpha / sqrt(r): the same as alpha * sqrt(r) / r.
-                Some(if cfg.use_rslora { a * (rank as f64).sqrt() } else { a })
+                Some(if cfg.use_rslora {
+                    a * (rank as f64).sqrt()
+                } else {
+                    a
+                })
             }
             (None, None) => None,
         };
@@ -303,10 +315,18 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
             );
         };
         if m.dora_scale.is_some() {
-            bail!("{}: `{}` has a DoRA magnitude; graft writes DoRA to LyCORIS files only", path.display(), m.layer);
+            bail!(
+                "{}: `{}` has a DoRA magnitude; graft writes DoRA to LyCORIS files only",
+                path.display(),
+                m.layer
+            );
         }
         let Some((component, module)) = split_layer(&m.layer) else {
-            bail!("{}: `{}` is not a graft layer name", path.display(), m.layer);
+            bail!(
+                "{}: `{}` is not a graft layer name",
+                path.display(),
+                m.layer
+            );
         };
         let rank = down.dims().first().copied().unwrap_or(0);
         let alpha = match alpha {
@@ -321,7 +341,10 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
             _ => module.strip_prefix("text_model.").unwrap_or(module),
         };
         let slot = per_component.entry(component.prefix()).or_default();
-        if slot.insert(config_path.to_string(), (rank, alpha)).is_some() {
+        if slot
+            .insert(config_path.to_string(), (rank, alpha))
+            .is_some()
+        {
             bail!("{}: layer `{}` appears twice", path.display(), m.layer);
         }
         tensors.insert(format!("{}.lora_A.weight", m.layer), down.clone());
@@ -356,7 +379,10 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
     }
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
-    metadata.insert(ADAPTER_METADATA_KEY.to_string(), python_json(&Value::Object(config)));
+    metadata.insert(
+        ADAPTER_METADATA_KEY.to_string(),
+        python_json(&Value::Object(config)),
+    );
     let body = encode_body(&tensors, dtype)
         .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
     let bytes = encode_file(&body, &metadata);

@@ -25,7 +25,10 @@ impl RawFile {
 /// an error naming the key. A missing, truncated or corrupt file is an error naming the file.
 pub fn read_file(path: &Path) -> Result<RawFile> {
     let bytes = std::fs::read(path).map_err(|e| {
-        candle_core::Error::Msg(format!("{}: cannot read the adapter file: {e}", path.display()))
+        candle_core::Error::Msg(format!(
+            "{}: cannot read the adapter file: {e}",
+            path.display()
+        ))
     })?;
     read_bytes(&bytes, path)
 }

@@ -55,7 +55,9 @@ pub fn encode_body(tensors: &BTreeMap<String, Tensor>, dtype: StoreDtype) -> Res
             bail!("refusing to write tensor `{name}`: it holds {bad}");
         }
         match dtype {
-            StoreDtype::F32 => values.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
+            StoreDtype::F32 => values
+                .iter()
+                .for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
             StoreDtype::F16 => values
                 .iter()
                 .for_each(|v| data.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
@@ -132,8 +134,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         bail!("{}: not a file path", path.display());
     };
     std::fs::create_dir_all(&dir).map_err(|e| err("create its folder", e))?;
+    // Unique per process and call, so concurrent writers never share a temporary file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{n}",
         file_name.to_string_lossy(),
         std::process::id()
     ));

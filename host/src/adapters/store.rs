@@ -184,7 +184,7 @@ impl ParamStore {
             InitKind::Zeros => vec![0.0; n],
             InitKind::Constant(v) => vec![v as f32; n],
             InitKind::Normal { mean, std } => {
-                if !(std >= 0.0) {
+                if std.is_nan() || std < 0.0 {
                     candle_core::bail!("parameter {key}: normal init needs std >= 0, got {std}");
                 }
                 (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()

@@ -160,7 +160,10 @@ pub fn content_hash(bytes: &[u8]) -> u64 {
 /// The first line of a (possibly long, multi-line) abi_stable error, plus the full text.
 fn library_error(e: LibraryError) -> LoadError {
     match e {
-        LibraryError::OpenError { .. } => LoadError::NotAPlugin(first_lines(&e.to_string(), 3)),
+        LibraryError::OpenError { err, .. } => LoadError::NotAPlugin(format!(
+            "the system cannot load it as a dynamic library (from its private copy): {}",
+            first_lines(&err.to_string(), 2)
+        )),
         LibraryError::GetSymbolError { .. } => {
             LoadError::NotAPlugin("it exports no abi_stable root module (build it with graft_sdk::export_strategy!)".to_string())
         }

@@ -175,7 +175,11 @@ impl PluginManager {
         let n = NEXT_MANAGER.fetch_add(1, Ordering::Relaxed);
         let private_dir = std::env::temp_dir().join(format!("graft-plugins-{}-{n}", std::process::id()));
         let mut unique = Vec::new();
-        for d in dirs {
+        for mut d in dirs {
+            // Absolute and canonical, so the watcher's event paths compare equal.
+            if let Ok(c) = d.path.canonicalize() {
+                d.path = c;
+            }
             if !unique.iter().any(|u: &SearchDir| u.path == d.path) {
                 unique.push(d);
             }

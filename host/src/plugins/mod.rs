@@ -117,3 +117,17 @@ impl PluginDirArgs {
         Ok(manager)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The loop that owns them may live on another thread than the one that made them.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<super::LoadedPlugin>();
+        send_sync::<super::StrategyInstance>();
+        send::<super::PluginManager>();
+        send_sync::<crate::adapters::store::ParamStore>();
+    }
+}

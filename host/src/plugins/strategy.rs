@@ -379,11 +379,12 @@ pub fn check_plan(plan: &abi::Plan, layers: &[abi::LayerInfo]) -> Result<(), Str
         if !groups.insert(g.name.as_str()) {
             return Err(format!("the plan defines optimizer group `{}` twice", g.name));
         }
-        if !(g.lr.is_finite() && g.lr >= 0.0) || !g.weight_decay.is_finite() {
+        let lr_ok = g.lr.is_finite() && g.lr >= 0.0;
+        if !lr_ok || !g.weight_decay.is_finite() {
             return Err(format!("optimizer group `{}`: lr {} / weight decay {} must be finite, lr >= 0", g.name, g.lr, g.weight_decay));
         }
         if let ROption::RSome(c) = g.clip_norm {
-            if !(c > 0.0) {
+            if c.is_nan() || c <= 0.0 {
                 return Err(format!("optimizer group `{}`: clip norm must be > 0, got {c}", g.name));
             }
         }
@@ -396,7 +397,7 @@ pub fn check_plan(plan: &abi::Plan, layers: &[abi::LayerInfo]) -> Result<(), Str
             }
             _ => {}
         }
-        if !(u.lr.is_finite() && u.lr >= 0.0) {
+        if !u.lr.is_finite() || u.lr < 0.0 {
             return Err(format!("the plan unfreezes `{}` with lr {}: must be finite and >= 0", u.layer, u.lr));
         }
     }

@@ -1,0 +1,477 @@
+//! The hook dispatcher: which strategies are attached where, and the `Hooks` the models call.
+//!
+//! An [`AdapterSet`] holds the configured strategies of one model, their plans, the parameter
+//! store and the host RNG. At a hook point with something attached it calls each strategy's
+//! `forward` through the ops table and combines the results as `base + Σ m·(out − base)` (`m`
+//! the strategy's weight for that component: A1111's `<lora:name:te:unet>`). A strategy that
+//! fails (panic, error, wrong shape) is reported, detached everywhere, and the base output is
+//! used: its parameters stay in the store.
+//!
+//! Fuse / unfuse and unfrozen base weights go through the registries' shared weights; the
+//! original base tensors are kept and put back, never recomputed by subtraction.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use anyhow::Context;
+use candle_core::{Result, Tensor, Var};
+use graft_abi as abi;
+use graft_sdxl::hooks::{HookRegistry, Hooks, LayerIndex, LinearWeights, SharedLinear};
+use graft_sdxl::rng::GraftRng;
+use graft_sdxl::{PipelineHooks, SdxlModel};
+
+use crate::adapters::store::{ParamStore, PlanDiff};
+use crate::plugins::loader::LoadedPlugin;
+use crate::plugins::strategy::{layer_to_abi, CallContext, ExportedLayer, PluginError, StrategyInstance};
+
+/// A strategy in use, with its plan and where it is attached.
+pub struct ActiveStrategy {
+    pub instance: StrategyInstance,
+    pub plan: abi::Plan,
+    /// Hook points (global indices) it runs at now.
+    attached: BTreeSet<usize>,
+    /// Output weight on the text encoders and on the UNet.
+    pub te_weight: f64,
+    pub unet_weight: f64,
+}
+
+impl ActiveStrategy {
+    pub fn name(&self) -> &str {
+        self.instance.name()
+    }
+}
+
+/// A base weight a plan made trainable, and the tensors it replaced.
+pub struct UnfrozenBase {
+    pub strategy: String,
+    pub layer: String,
+    pub weight: Var,
+    pub bias: Option<Var>,
+    pub lr: f64,
+    pub weight_decay: f64,
+    original: LinearWeights,
+    global: usize,
+}
+
+/// What a directive asks of the optimizer (the rest the set applies itself).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LrScale {
+    pub strategy: String,
+    pub group: String,
+    pub scale: f64,
+}
+
+pub struct AdapterSet {
+    store: ParamStore,
+    rng: Mutex<GraftRng>,
+    /// Every hook point of the model: UNet, text_encoder, text_encoder_2, in registry order.
+    layers: Vec<abi::LayerInfo>,
+    by_name: HashMap<String, usize>,
+    /// Start of each component's indices in `layers`.
+    offsets: [usize; 3],
+    weights: Vec<Option<SharedLinear>>,
+    strategies: Vec<ActiveStrategy>,
+    /// For each hook point, the strategies attached there.
+    table: Vec<Vec<usize>>,
+    /// Strategies detached because they failed, and the failures not yet taken by the caller.
+    detached: Mutex<BTreeSet<usize>>,
+    failures: Mutex<Vec<PluginError>>,
+    unfrozen: Vec<UnfrozenBase>,
+    /// Fused hook points and the base weights they replaced.
+    fused: Vec<(usize, LinearWeights, Vec<usize>)>,
+    training: bool,
+    step: u64,
+}
+
+impl AdapterSet {
+    /// An empty set over `model`'s hook points. `seed` seeds parameter inits and dropout.
+    pub fn new(model: &SdxlModel, seed: u64) -> Self {
+        let registries: [&HookRegistry; 3] = model.registries();
+        let mut layers = Vec::new();
+        let mut weights = Vec::new();
+        let mut offsets = [0; 3];
+        for (slot, reg) in registries.iter().enumerate() {
+            offsets[slot] = layers.len();
+            for (i, info) in reg.layers().iter().enumerate() {
+                layers.push(layer_to_abi(info));
+                weights.push(reg.linear_weights(i).cloned());
+            }
+        }
+        let by_name = layers.iter().enumerate().map(|(i, l)| (l.name().to_string(), i)).collect();
+        let n = layers.len();
+        Self {
+            store: ParamStore::new(&model.device, candle_core::DType::F32, seed),
+            rng: Mutex::new(GraftRng::new(seed ^ 0x5eed_d15b_a7c4_0000)),
+            layers,
+            by_name,
+            offsets,
+            weights,
+            strategies: Vec::new(),
+            table: vec![Vec::new(); n],
+            detached: Mutex::default(),
+            failures: Mutex::default(),
+            unfrozen: Vec::new(),
+            fused: Vec::new(),
+            training: false,
+            step: 0,
+        }
+    }
+
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    pub fn layers(&self) -> &[abi::LayerInfo] {
+        &self.layers
+    }
+
+    pub fn strategies(&self) -> &[ActiveStrategy] {
+        &self.strategies
+    }
+
+    pub fn unfrozen(&self) -> &[UnfrozenBase] {
+        &self.unfrozen
+    }
+
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    fn index(&self, layer: &str) -> anyhow::Result<usize> {
+        self.by_name.get(layer).copied().with_context(|| format!("no hook point named `{layer}`"))
+    }
+
+    /// Plans `instance` over the model's hook points, creates or reuses its parameters, unfreezes
+    /// the base weights it asks for, and attaches it where the plan says. Returns the index of the
+    /// strategy and what the store did.
+    pub fn add(&mut self, mut instance: StrategyInstance, te_weight: f64, unet_weight: f64) -> anyhow::Result<(usize, PlanDiff)> {
+        if self.strategies.iter().any(|s| s.name() == instance.name()) {
+            anyhow::bail!("a strategy named `{}` is already in use: give the second one another name", instance.name());
+        }
+        let plan = instance.plan(&self.layers)?;
+        let diff = self.store.apply_plan(instance.name(), &plan)?;
+        let s = self.strategies.len();
+        let mut attached = BTreeSet::new();
+        for att in plan.attachments.iter().filter(|a| a.attached) {
+            attached.insert(self.index(&att.layer)?);
+        }
+        for &g in &attached {
+            self.table[g].push(s);
+        }
+        let name = instance.name().to_string();
+        let unfreeze: Vec<abi::BaseUnfreeze> = plan.unfreeze.iter().cloned().collect();
+        self.strategies.push(ActiveStrategy { instance, plan, attached, te_weight, unet_weight });
+        for u in unfreeze {
+            self.unfreeze_base(&name, &u)?;
+        }
+        Ok((s, diff))
+    }
+
+    fn unfreeze_base(&mut self, strategy: &str, u: &abi::BaseUnfreeze) -> anyhow::Result<()> {
+        let g = self.index(&u.layer)?;
+        if self.unfrozen.iter().any(|b| b.global == g) {
+            anyhow::bail!("base weight of `{}` is unfrozen twice", u.layer);
+        }
+        let shared = self.weights[g].as_ref().with_context(|| format!("`{}` is not a linear layer", u.layer))?;
+        let mut w = shared.write().expect("weights lock");
+        let original = w.clone();
+        let weight = Var::from_tensor(&w.weight)?;
+        let bias = match (&w.bias, u.bias) {
+            (Some(b), true) => Some(Var::from_tensor(b)?),
+            _ => None,
+        };
+        w.weight = weight.as_tensor().clone();
+        if let Some(b) = &bias {
+            w.bias = Some(b.as_tensor().clone());
+        }
+        drop(w);
+        self.unfrozen.push(UnfrozenBase {
+            strategy: strategy.to_string(),
+            layer: u.layer.to_string(),
+            weight,
+            bias,
+            lr: u.lr,
+            weight_decay: u.weight_decay,
+            original,
+            global: g,
+        });
+        Ok(())
+    }
+
+    /// Puts back every unfrozen base weight exactly as it was loaded; returns how many.
+    pub fn restore_base_weights(&mut self) -> usize {
+        let n = self.unfrozen.len();
+        for b in self.unfrozen.drain(..) {
+            if let Some(shared) = &self.weights[b.global] {
+                *shared.write().expect("weights lock") = b.original;
+            }
+        }
+        n
+    }
+
+    /// Applies `on_step` directives of strategy `s`; returns the learning-rate scales for the
+    /// optimizer.
+    pub fn apply_directives(&mut self, s: usize, directives: &[abi::StageDirective]) -> anyhow::Result<Vec<LrScale>> {
+        use abi::DirectiveKind as K;
+        let name = self.strategies[s].name().to_string();
+        let mut scales = Vec::new();
+        for d in directives {
+            let param = (!d.param.is_empty()).then_some(d.param.as_str());
+            match d.kind {
+                K::ATTACH => {
+                    let g = self.index(&d.layer)?;
+                    if self.strategies[s].attached.insert(g) {
+                        self.table[g].push(s);
+                    }
+                }
+                K::DETACH => {
+                    let g = self.index(&d.layer)?;
+                    self.strategies[s].attached.remove(&g);
+                    self.table[g].retain(|&x| x != s);
+                }
+                K::FREEZE | K::UNFREEZE => {
+                    self.store.set_trainable(&name, &d.layer, param, d.kind == K::UNFREEZE);
+                }
+                K::RESET => {
+                    self.store.reset(&name, &d.layer, param)?;
+                }
+                K::FOLD_INTO_BASE => {
+                    let g = self.index(&d.layer)?;
+                    let delta = self.delta(s, g)?.with_context(|| {
+                        format!("strategy `{name}` asked to fold `{}` into the base weight, but it has no delta weight there", d.layer)
+                    })?;
+                    let shared = self.weights[g].as_ref().context("fold into a non-linear layer")?;
+                    let mut w = shared.write().expect("weights lock");
+                    w.weight = (&w.weight + delta.detach())?;
+                    drop(w);
+                    self.strategies[s].attached.remove(&g);
+                    self.table[g].retain(|&x| x != s);
+                }
+                K::LR_SCALE => scales.push(LrScale { strategy: name.clone(), group: d.group.to_string(), scale: d.value }),
+                other => anyhow::bail!("strategy `{name}` sent directive `{other}`, which this host does not know"),
+            }
+        }
+        Ok(scales)
+    }
+
+    /// Asks every strategy for its directives at `step` and applies them.
+    pub fn on_step(&mut self, step: u64) -> anyhow::Result<Vec<LrScale>> {
+        self.step = step;
+        let mut scales = Vec::new();
+        for s in 0..self.strategies.len() {
+            if self.failed(s) {
+                continue;
+            }
+            let directives = self.strategies[s].instance.on_step(step)?;
+            scales.extend(self.apply_directives(s, &directives)?);
+        }
+        Ok(scales)
+    }
+
+    fn failed(&self, s: usize) -> bool {
+        self.detached.lock().expect("detached lock").contains(&s)
+    }
+
+    /// Failures since the last call (each strategy stays detached until it is reloaded).
+    pub fn take_failures(&self) -> Vec<PluginError> {
+        std::mem::take(&mut *self.failures.lock().expect("failures lock"))
+    }
+
+    /// Strategies currently detached because they failed.
+    pub fn failed_strategies(&self) -> Vec<String> {
+        self.detached.lock().expect("detached lock").iter().map(|&s| self.strategies[s].name().to_string()).collect()
+    }
+
+    fn fail(&self, s: usize, e: PluginError) {
+        if self.detached.lock().expect("detached lock").insert(s) {
+            tracing::error!("{e}; strategy `{}` is detached, its parameters are kept", self.strategies[s].name());
+            self.failures.lock().expect("failures lock").push(e);
+        }
+    }
+
+    fn base_weight(&self, g: usize) -> Option<Tensor> {
+        self.weights[g].as_ref().map(|w| w.read().expect("weights lock").weight.clone())
+    }
+
+    fn cx<'a>(&'a self, rng: &'a mut GraftRng) -> CallContext<'a> {
+        CallContext { store: &self.store, rng, training: self.training, step: self.step }
+    }
+
+    /// The delta weight of strategy `s` at hook point `g`, if it has one.
+    pub fn delta(&self, s: usize, g: usize) -> anyhow::Result<Option<Tensor>> {
+        let w = self.base_weight(g);
+        let mut rng = self.rng.lock().expect("rng lock");
+        let mut cx = self.cx(&mut rng);
+        Ok(self.strategies[s].instance.delta_weight(&mut cx, &self.layers[g], w.as_ref())?)
+    }
+
+    fn weight_of(&self, s: usize, g: usize) -> f64 {
+        let st = &self.strategies[s];
+        if g < self.offsets[1] {
+            st.unet_weight
+        } else {
+            st.te_weight
+        }
+    }
+
+    /// Folds every attached adapter that has a delta weight into the base weights (for sampling
+    /// at the base model's speed). Returns how many hook points were fused; adapters without a
+    /// delta weight stay unfused. [`AdapterSet::unfuse`] restores the base weights exactly.
+    pub fn fuse(&mut self) -> anyhow::Result<usize> {
+        for g in 0..self.layers.len() {
+            if self.table[g].is_empty() || self.weights[g].is_none() {
+                continue;
+            }
+            let mut total: Option<Tensor> = None;
+            let mut fused_here = Vec::new();
+            for &s in &self.table[g] {
+                if let Some(d) = self.delta(s, g)? {
+                    let d = (d.detach() * self.weight_of(s, g))?;
+                    total = Some(match total {
+                        Some(t) => (t + d)?,
+                        None => d,
+                    });
+                    fused_here.push(s);
+                }
+            }
+            let Some(total) = total else { continue };
+            let shared = self.weights[g].as_ref().expect("linear");
+            let mut w = shared.write().expect("weights lock");
+            let original = w.clone();
+            w.weight = (&w.weight + total)?;
+            drop(w);
+            self.table[g].retain(|s| !fused_here.contains(s));
+            self.fused.push((g, original, fused_here));
+        }
+        Ok(self.fused.len())
+    }
+
+    /// Restores the base weights replaced by [`AdapterSet::fuse`] and re-attaches the adapters.
+    pub fn unfuse(&mut self) {
+        for (g, original, strategies) in self.fused.drain(..).rev() {
+            *self.weights[g].as_ref().expect("linear").write().expect("weights lock") = original;
+            self.table[g].extend(strategies);
+        }
+    }
+
+    /// What strategy `s` exports, layer by layer.
+    pub fn export(&self, s: usize) -> anyhow::Result<Vec<(String, ExportedLayer)>> {
+        let st = &self.strategies[s];
+        let mut out = Vec::new();
+        for att in st.plan.attachments.iter() {
+            let g = self.index(&att.layer)?;
+            let w = self.base_weight(g);
+            let mut rng = self.rng.lock().expect("rng lock");
+            let mut cx = self.cx(&mut rng);
+            if let Some(e) = st.instance.export(&mut cx, &self.layers[g], w.as_ref())? {
+                out.push((att.layer.to_string(), e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Switches strategy `s` to a new build of its plugin (between steps or requests): keeps the
+    /// parameters whose names and shapes still match, re-attaches from the new plan, and clears
+    /// a failure. On error the old build keeps running.
+    pub fn reload(&mut self, s: usize, plugin: &LoadedPlugin) -> anyhow::Result<PlanDiff> {
+        let (plan, diff) = self.strategies[s].instance.reload(plugin, &self.layers, &self.store)?;
+        let mut attached = BTreeSet::new();
+        for att in plan.attachments.iter().filter(|a| a.attached) {
+            attached.insert(self.index(&att.layer)?);
+        }
+        for row in &mut self.table {
+            row.retain(|&x| x != s);
+        }
+        for &g in &attached {
+            self.table[g].push(s);
+        }
+        self.strategies[s].attached = attached;
+        self.strategies[s].plan = plan;
+        self.detached.lock().expect("detached lock").remove(&s);
+        Ok(diff)
+    }
+
+    /// The hooks of each component, for a pipeline call.
+    pub fn hooks(&self) -> SetHooks<'_> {
+        SetHooks {
+            unet: ComponentHooks { set: self, offset: self.offsets[0] },
+            te1: ComponentHooks { set: self, offset: self.offsets[1] },
+            te2: ComponentHooks { set: self, offset: self.offsets[2] },
+        }
+    }
+
+    fn dispatch(&self, g: usize, base: Tensor, run: impl Fn(&StrategyInstance, &mut CallContext<'_>) -> std::result::Result<Tensor, PluginError>) -> Result<Tensor> {
+        let mut acc: Option<Tensor> = None;
+        let mut single: Option<Tensor> = None;
+        let active: Vec<usize> = self.table[g].iter().copied().filter(|&s| !self.failed(s)).collect();
+        for &s in &active {
+            let result = {
+                let mut rng = self.rng.lock().expect("rng lock");
+                let mut cx = self.cx(&mut rng);
+                run(&self.strategies[s].instance, &mut cx)
+            };
+            match result {
+                Ok(out) => {
+                    let m = self.weight_of(s, g);
+                    if active.len() == 1 && m == 1.0 {
+                        single = Some(out);
+                    } else {
+                        let d = ((out - &base)? * m)?;
+                        acc = Some(match acc {
+                            Some(a) => (a + d)?,
+                            None => d,
+                        });
+                    }
+                }
+                Err(e) => self.fail(s, e),
+            }
+        }
+        match (single, acc) {
+            (Some(out), _) => Ok(out),
+            (None, Some(d)) => base + d,
+            (None, None) => Ok(base),
+        }
+    }
+}
+
+/// The `Hooks` of one component.
+pub struct ComponentHooks<'a> {
+    set: &'a AdapterSet,
+    offset: usize,
+}
+
+impl Hooks for ComponentHooks<'_> {
+    fn attached(&self, layer: LayerIndex) -> bool {
+        !self.set.table[self.offset + layer].is_empty()
+    }
+
+    fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> Result<Tensor> {
+        let g = self.offset + layer;
+        let w = self.set.base_weight(g);
+        let info = &self.set.layers[g];
+        self.set.dispatch(g, base_out.clone(), |inst, cx| inst.forward_linear(cx, info, w.as_ref(), input, &base_out))
+    }
+
+    fn attention(&self, layer: LayerIndex, hidden: &Tensor, context: Option<&Tensor>, out: Tensor) -> Result<Tensor> {
+        let g = self.offset + layer;
+        let info = &self.set.layers[g];
+        self.set.dispatch(g, out.clone(), |inst, cx| inst.forward_attention(cx, info, hidden, context, &out))
+    }
+}
+
+/// The three components' hooks; [`SetHooks::pipeline`] hands them to the pipeline.
+pub struct SetHooks<'a> {
+    pub unet: ComponentHooks<'a>,
+    pub te1: ComponentHooks<'a>,
+    pub te2: ComponentHooks<'a>,
+}
+
+impl SetHooks<'_> {
+    pub fn pipeline(&self) -> PipelineHooks<'_> {
+        PipelineHooks { unet: &self.unet, text_encoder: &self.te1, text_encoder_2: &self.te2 }
+    }
+}

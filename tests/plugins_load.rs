@@ -1,0 +1,153 @@
+//! Builds real plugin libraries with cargo, loads them from disk, and calls them through the
+//! ops table with candle tensors on a small list of hook points.
+
+#[path = "plugins_common.rs"]
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use graft_host::adapters::store::{ParamKey, ParamStore};
+use graft_host::plugins::{
+    check_plan, load_plugin, CallContext, FileStatus, StrategyInstance,
+};
+use graft_sdxl::rng::GraftRng;
+use graft_tests::{graft, graft_err};
+
+const CONFIG: &str = r#"{"targets": ["unet.*.to_[kv]"], "lr": 0.01}"#;
+
+fn randn(rng: &mut GraftRng, shape: &[usize]) -> Tensor {
+    rng.randn(shape, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn example_plugin_loads_with_its_manifest() {
+    let dir = plugin_dir("plugins-load-manifest", &["example-scale"]);
+    let m = manager(&dir);
+    let p = m.require("example-scale").expect("example-scale loaded");
+    assert_eq!(p.manifest.abi_version, graft_abi::ABI_VERSION);
+    assert_eq!(p.manifest.version, "0.1.0");
+    assert!(p.manifest.capabilities.contains(&"delta_weight".to_string()));
+    assert!(serde_json::from_str::<serde_json::Value>(&p.manifest.config_example).is_ok());
+    let entry = &m.files()[&dir.join(lib_file("example-scale"))];
+    assert_eq!(entry.status, FileStatus::Active);
+    let e = m.require("nope").unwrap_err().to_string();
+    assert!(e.contains("no plugin with id `nope`") && e.contains("available: example-scale"), "{e}");
+}
+
+#[test]
+fn plan_forward_delta_weight_export_and_gradients() -> candle_core::Result<()> {
+    let dir = plugin_dir("plugins-load-forward", &["example-scale"]);
+    let m = manager(&dir);
+    let plugin = m.require("example-scale").unwrap();
+    let layers = layers();
+    let mut s = StrategyInstance::new(plugin, None, CONFIG).expect("strategy");
+    let plan = s.plan(&layers).expect("plan");
+    let attached: Vec<&str> = plan.attachments.iter().map(|a| a.layer.as_str()).collect();
+    assert_eq!(attached, vec![TO_K, TO_V]);
+    assert_eq!(plan.attachments[0].params[0].shape.as_slice(), &[6]);
+    assert_eq!(plan.groups[0].lr, 0.01);
+
+    let store = ParamStore::new(&Device::Cpu, DType::F32, 11);
+    let diff = store.apply_plan(s.name(), &plan)?;
+    assert_eq!(diff.created.len(), 2);
+    let mut rng = GraftRng::new(4);
+    let key = ParamKey::new("example-scale", TO_K, "scale");
+    let scale = randn(&mut rng, &[6]);
+    store.set(&key, &scale)?;
+
+    // A cross-attention to_k: context [2, 3, 6] -> [2, 3, 8].
+    let x = randn(&mut rng, &[2, 3, 6]);
+    let w = randn(&mut rng, &[8, 6]);
+    let b = randn(&mut rng, &[8]);
+    let base_out = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+    let layer = layer(&layers, TO_K);
+    let mut cx = CallContext { store: &store, rng: &mut rng, training: true, step: 1 };
+    let y = s.forward_linear(&mut cx, layer, Some(&w), &x, &base_out).expect("forward");
+    let want = (&base_out + x.broadcast_mul(&scale)?.broadcast_matmul(&w.t()?)?)?;
+    assert!(max_diff(&y, &want) < 1e-5);
+
+    // Every trainable parameter of the attached layer gets a gradient.
+    let grads = y.sqr()?.sum_all()?.backward()?;
+    let g = grads.get(store.get(&key).unwrap().var.as_tensor()).expect("gradient of scale");
+    assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+
+    // Fusing delta_weight into the base weight gives the same output.
+    let dw = s.delta_weight(&mut cx, layer, Some(&w)).expect("delta_weight").expect("linear adapter");
+    let fused = x.broadcast_matmul(&(&w + &dw)?.t()?)?.broadcast_add(&b)?;
+    assert!(max_diff(&fused, &y) < 1e-4);
+
+    // The default export is the full difference.
+    let ex = s.export(&mut cx, layer, Some(&w)).expect("export").expect("something to export");
+    assert_eq!(ex.family, "diff");
+    assert!(max_diff(&ex.tensors[0].1, &dw) < 1e-6);
+
+    // Private state round trip.
+    assert!(s.on_step(7).expect("on_step").is_empty());
+    let state = s.save_state().expect("save_state");
+    assert!(state.contains("7"), "{state}");
+    let mut other = StrategyInstance::new(plugin, Some("copy"), CONFIG).unwrap();
+    other.load_state(&state).expect("load_state");
+    assert_eq!(other.save_state().unwrap(), state);
+    Ok(())
+}
+
+#[test]
+fn config_and_plan_errors_are_clear() {
+    let dir = plugin_dir("plugins-load-config", &["example-scale"]);
+    let m = manager(&dir);
+    let plugin = m.require("example-scale").unwrap();
+    let e = StrategyInstance::new(plugin, None, r#"{"targetz": []}"#).unwrap_err();
+    assert_eq!(e.entry, "new_strategy");
+    assert_eq!(e.kind, graft_abi::ErrorKind::CONFIG);
+    let text = e.to_string();
+    assert!(text.contains("unknown field `targetz`") && text.contains("strategy `example-scale`"), "{text}");
+
+    let mut s = StrategyInstance::new(plugin, None, r#"{"targets": ["vae.*"]}"#).unwrap();
+    let e = s.plan(&layers()).unwrap_err().to_string();
+    assert!(e.contains("failed in plan") && e.contains("no linear layer matches"), "{e}");
+
+    // The host checks a plan against the hook points.
+    let mut plan = graft_abi::Plan::default();
+    plan.attachments.push(graft_abi::Attachment { layer: "unet.nope".into(), params: Default::default(), attached: true });
+    assert!(check_plan(&plan, &layers()).unwrap_err().contains("`unet.nope`, which is not a hook point"));
+}
+
+#[test]
+fn the_same_library_loads_twice_from_private_copies() {
+    let dir = plugin_dir("plugins-load-twice", &["example-scale"]);
+    let path = dir.join(lib_file("example-scale"));
+    let private = dir.join("private");
+    let a = load_plugin(&path, &private, 1001).expect("first load");
+    let b = load_plugin(&path, &private, 1002).expect("second load");
+    // Two mappings: the OS did not hand back the first library for the second load.
+    let fa = a.module().abi_version() as usize;
+    let fb = b.module().abi_version() as usize;
+    assert_ne!(fa, fb);
+    assert_eq!(a.hash, b.hash);
+    assert!(a.new_strategy("{}").is_ok() && b.new_strategy("{}").is_ok());
+}
+
+#[test]
+fn cli_list_and_check() {
+    let dir = plugin_dir("plugins-load-cli", &["example-scale", "fault-abi-version"]);
+    let d = dir.to_str().unwrap();
+    graft(&["plugins", "list", "--plugins", d, "--no-default-plugins"]).expect("list");
+    graft(&["plugins", "list", "--plugins", d, "--no-default-plugins", "--json"]).expect("list --json");
+    let lib = dir.join(lib_file("example-scale"));
+    graft(&["plugins", "check", lib.to_str().unwrap()]).expect("check");
+
+    let e = graft_err(&["plugins", "check", dir.join(lib_file("fault-abi-version")).to_str().unwrap()]);
+    assert!(e.contains("is not loadable") && e.contains("ABI 999"), "{e}");
+    let junk = dir.join("libjunk.so");
+    std::fs::write(&junk, b"not a library").unwrap();
+    let e = graft_err(&["plugins", "check", junk.to_str().unwrap()]);
+    assert!(e.contains("not a graft plugin"), "{e}");
+    let e = graft_err(&["plugins", "check", lib.to_str().unwrap(), "--config", r#"{"targets": []}"#]);
+    assert!(e.contains("`targets` is empty"), "{e}");
+    let e = graft_err(&["plugins", "list", "--plugins", "/no/such/folder"]);
+    assert!(e.contains("not a folder"), "{e}");
+}
