@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{generate, layers, plugins};
+use crate::{generate, layers, train, plugins};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Text to image with an SDXL model.
     Generate(generate::GenerateArgs),
+    /// Train an adapter with a strategy plugin on an image + caption dataset.
+    Train(train::command::TrainArgs),
     /// List the hook points (named layers adapters attach to) of a model, without loading weights.
     Layers(layers::LayersArgs),
     /// Inspect strategy plugins: list the libraries found, check one, watch for rebuilds.
@@ -37,6 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Layers(args) => layers::run(args),
+        Command::Train(args) => train::command::run(args),
         Command::Plugins(args) => plugins::cli::run_plugins(args),
         Command::Plugin(args) => plugins::cli::run_plugin(args),
     }

@@ -6,4 +6,5 @@ pub mod device;
 pub mod generate;
 pub mod layers;
 pub mod plugins;
+pub mod progress;
 pub mod train;

@@ -129,12 +129,29 @@ impl AdapterSet {
         &self.strategies
     }
 
+    pub fn strategies_mut(&mut self) -> &mut [ActiveStrategy] {
+        &mut self.strategies
+    }
+
     pub fn unfrozen(&self) -> &[UnfrozenBase] {
         &self.unfrozen
     }
 
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
     pub fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    /// The dispatcher's RNG (dropout), for checkpoints.
+    pub fn rng_state(&self) -> graft_sdxl::rng::RngState {
+        self.rng.lock().expect("rng lock").state()
+    }
+
+    pub fn set_rng_state(&self, state: graft_sdxl::rng::RngState) {
+        *self.rng.lock().expect("rng lock") = GraftRng::from_state(state);
     }
 
     pub fn set_step(&mut self, step: u64) {
@@ -200,6 +217,22 @@ impl AdapterSet {
             global: g,
         });
         Ok(())
+    }
+
+    /// The trained difference (weight - loaded weight, bias difference) of each base weight
+    /// strategy `s` unfroze: what a LyCORIS `diff` file holds.
+    pub fn base_diffs(&self, s: usize) -> Result<Vec<(String, Tensor, Option<Tensor>)>> {
+        let name = self.strategies[s].name();
+        let mut out = Vec::new();
+        for b in self.unfrozen.iter().filter(|b| b.strategy == name) {
+            let diff = (b.weight.as_tensor() - &b.original.weight)?.detach();
+            let diff_b = match (&b.bias, &b.original.bias) {
+                (Some(v), Some(o)) => Some((v.as_tensor() - o)?.detach()),
+                _ => None,
+            };
+            out.push((b.layer.clone(), diff, diff_b));
+        }
+        Ok(out)
     }
 
     /// Puts back every unfrozen base weight exactly as it was loaded; returns how many.
@@ -274,6 +307,11 @@ impl AdapterSet {
 
     fn failed(&self, s: usize) -> bool {
         self.detached.lock().expect("detached lock").contains(&s)
+    }
+
+    /// True when some strategy is attached at a hook point whose info satisfies `pred`.
+    pub fn any_attached(&self, pred: impl Fn(&abi::LayerInfo) -> bool) -> bool {
+        self.table.iter().enumerate().any(|(g, row)| !row.is_empty() && pred(&self.layers[g]))
     }
 
     /// Failures since the last call (each strategy stays detached until it is reloaded).

@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn errors() {
-        let e = |cfg: &str| plan(cfg).err().expect("an error").to_string();
+        let e = |cfg: &str| plan(cfg).expect_err("an error").to_string();
         assert!(e(r#"{"gate": 1}"#).contains("unknown field `gate`"));
         assert!(e(r#"{"rank": 0}"#).contains("`rank` must be at least 1"));
         assert!(e(r#"{"clip_norm": 0}"#).contains("`clip_norm` must be > 0"));

@@ -42,6 +42,20 @@
 //!   scales. Every directive sets a state, so repeating one is harmless.
 //! - `plan` describes the known stage (stage 1 for a new strategy; the loaded stage after
 //!   `load_state`), so a hot reload's re-plan does not undo the stage either.
+//!
+//! What the host must do with them: `attach` / `detach` start and stop calling `forward` at a
+//! layer; `freeze` / `unfreeze` (all of a layer's parameters) change what the optimizer
+//! updates; `lr_scale` sets a group's learning rate to `plan lr * value` (not cumulative). While
+//! stage 2's text-encoder adapters are attached, text-encoder outputs cannot be cached.
+//!
+//! **Configuration** (JSON, every key optional; see `settings.rs`): `stage1_steps` (500),
+//! `stage2_steps` (500); `stage1_targets` (`["unet.mid_block.*proj_out"]`), `stage1_rank` (4),
+//! `stage1_alpha` (16), `stage1_lr` (1e-4); `stage2_text_layers` (2),
+//! `stage2_skip_final_layer_of` (`["text_encoder"]`), `stage2_modules`
+//! (`self_attn.{q,k,v,out}_proj`), `stage2_rank` (12), `stage2_alpha` (24), `stage2_lr` (5e-5),
+//! `stage2_train_stage1` (true); `stage3_targets` (`unet.*.attn2.to_{q,k,v}`, `to_out.0`),
+//! `stage3_rank` (8), `stage3_alpha` (16), `stage3_lr` (1e-4), `stage3_lr_scale` (0.3);
+//! `weight_decay` (0). For a quick run: `{"stage1_steps": 4, "stage2_steps": 4}`.
 
 mod settings;
 mod stages;
@@ -59,8 +73,10 @@ pub(crate) const ID: &str = "progressive-fusion";
 
 struct ProgressiveFusion {
     config: Config,
-    /// The modules of the last plan, by layer name.
-    modules: BTreeMap<String, Module>,
+    /// The modules of the last plan, in plan order (stage 1, 2, 3).
+    modules: Vec<Module>,
+    /// Index into `modules` by layer name.
+    by_layer: BTreeMap<String, usize>,
     /// The stage the host is in (or was in, when `synced` is false).
     stage: StageNo,
     /// Whether the host is known to be in `stage`'s state. False after `load_state`.
@@ -70,16 +86,9 @@ struct ProgressiveFusion {
 
 impl ProgressiveFusion {
     fn module(&self, layer: &LayerInfo) -> Result<&Module> {
-        self.modules.get(layer.name()).ok_or_else(|| {
+        self.by_layer.get(layer.name()).map(|&i| &self.modules[i]).ok_or_else(|| {
             Error::msg(format!("{ID}: layer `{}` is not one of this strategy's layers (was `plan` called?)", layer.name()))
         })
-    }
-
-    /// The modules in plan order (stage 1, 2, 3).
-    fn ordered(&self) -> Vec<Module> {
-        let mut v: Vec<Module> = self.modules.values().cloned().collect();
-        v.sort_by_key(|m| m.stage);
-        v
     }
 }
 
@@ -98,7 +107,7 @@ impl Strategy for ProgressiveFusion {
     }
 
     fn new(config: &str) -> Result<Self> {
-        Ok(Self { config: Config::parse(config)?, modules: BTreeMap::new(), stage: 1, synced: true, last_step: None })
+        Ok(Self { config: Config::parse(config)?, modules: Vec::new(), by_layer: BTreeMap::new(), stage: 1, synced: true, last_step: None })
     }
 
     fn plan(&mut self, layers: &[LayerInfo], _config: &str) -> Result<Plan> {
@@ -148,7 +157,8 @@ impl Strategy for ProgressiveFusion {
                     c.stage3_lr_scale
                 ),
             );
-        self.modules = modules.into_iter().map(|m| (m.layer.clone(), m)).collect();
+        self.by_layer = modules.iter().enumerate().map(|(i, m)| (m.layer.clone(), i)).collect();
+        self.modules = modules;
         Ok(plan)
     }
 
@@ -178,9 +188,9 @@ impl Strategy for ProgressiveFusion {
         let target = stages::stage_of(&self.config, step);
         let to = stages::state_of(&self.config, target);
         let directives = if !self.synced {
-            stages::directives(&self.ordered(), None, to)
+            stages::directives(&self.modules, None, to)
         } else if target != self.stage {
-            stages::directives(&self.ordered(), Some(stages::state_of(&self.config, self.stage)), to)
+            stages::directives(&self.modules, Some(stages::state_of(&self.config, self.stage)), to)
         } else {
             Vec::new()
         };

@@ -68,6 +68,12 @@ fn names(modules: &[Module], stage: StageNo) -> Vec<String> {
     modules.iter().filter(|m| m.stage == stage).map(|m| m.layer.clone()).collect()
 }
 
+impl ProgressiveFusion {
+    fn module_named(&self, layer: &str) -> &Module {
+        &self.modules[self.by_layer[layer]]
+    }
+}
+
 fn planned(config: &str) -> ProgressiveFusion {
     let mut s = ProgressiveFusion::new(config).unwrap();
     s.plan(&layers(), config).unwrap();
@@ -121,7 +127,7 @@ fn plan_declares_everything_with_stage_one_attached() {
     let groups: Vec<(&str, f64)> = plan.groups.iter().map(|g| (g.name.as_str(), g.lr)).collect();
     assert_eq!(groups, vec![("stage1", 1e-4), ("stage2", 5e-5), ("stage3", 1e-4)]);
     for a in &plan.attachments {
-        let stage = s.modules[&a.layer].stage;
+        let stage = s.module_named(&a.layer).stage;
         assert_eq!(a.attached, stage == 1, "{}", a.layer);
         for p in &a.params {
             assert_eq!(p.trainable, stage == 1, "{}", a.layer);
@@ -146,7 +152,7 @@ fn layers_of(d: &[Directive], f: impl Fn(&Directive) -> Option<&String>) -> Vec<
 #[test]
 fn directives_at_each_boundary_exactly_once() {
     let mut s = planned(r#"{"stage1_steps": 4, "stage2_steps": 3}"#);
-    let ordered = s.ordered();
+    let ordered = s.modules.clone();
     let stage_layers = |st: StageNo| names(&ordered, st);
     for step in 0..4 {
         assert!(s.on_step(step).unwrap().is_empty(), "step {step}");
@@ -185,7 +191,7 @@ fn stage_one_frozen_in_stage_two_when_asked() {
 fn a_jump_goes_straight_to_the_target_state() {
     let mut s = planned("{}");
     let d = s.on_step(1200).unwrap();
-    let ordered = s.ordered();
+    let ordered = s.modules.clone();
     // Stage 2's adapters are attached but stay frozen; no unfreeze-then-freeze.
     let attached = layers_of(&d, |d| match d {
         Directive::Attach { layer } => Some(layer),
@@ -219,12 +225,12 @@ fn resume_resends_the_full_state_once() {
     // The re-plan describes stage 2.
     let plan = r.plan(&layers(), "{}").unwrap();
     for a in &plan.attachments {
-        let stage = r.modules[&a.layer].stage;
+        let stage = r.module_named(&a.layer).stage;
         assert_eq!(a.attached, stage <= 2, "{}", a.layer);
         assert!(a.params.iter().all(|p| p.trainable == (stage <= 2)), "{}", a.layer);
     }
     let d = r.on_step(700).unwrap();
-    let ordered = r.ordered();
+    let ordered = r.modules.clone();
     let mut want: Vec<Directive> = Vec::new();
     for st in [1, 2, 3] {
         for layer in names(&ordered, st) {
@@ -271,4 +277,20 @@ fn bad_configs_and_states_are_clear() {
     assert!(s.on_step(0).unwrap_err().message().contains("before plan"));
     assert!(s.load_state(r#"{"stage": 4}"#).unwrap_err().message().contains("stage 4"));
     assert!(s.load_state("not json").is_err());
+}
+
+#[test]
+fn empty_stages_are_skipped() {
+    // No stage 1: the first step already moves to stage 2.
+    let mut s = planned(r#"{"stage1_steps": 0}"#);
+    let d = s.on_step(0).unwrap();
+    assert!(d.contains(&Directive::Attach { layer: te("text_encoder_2", 2, "q_proj") }));
+    // No stage 2: stage 1 goes straight to stage 3 (stage 2's adapters attached, frozen).
+    let mut s = planned(r#"{"stage1_steps": 3, "stage2_steps": 0}"#);
+    assert!(s.on_step(2).unwrap().is_empty());
+    let d = s.on_step(3).unwrap();
+    assert!(d.contains(&Directive::Attach { layer: te("text_encoder", 0, "k_proj") }));
+    assert!(!d.contains(&Directive::Unfreeze { layer: te("text_encoder", 0, "k_proj"), param: None }));
+    assert!(d.contains(&Directive::Freeze { layer: MID_PROJ_OUT.into(), param: None }));
+    assert_eq!(d.last(), Some(&Directive::LrScale { group: "stage3".into(), scale: 0.3 }));
 }

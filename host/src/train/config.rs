@@ -1,0 +1,198 @@
+//! `graft train --config FILE.toml`: what a run is made of.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// An example config, shown by `graft train --help`.
+pub const EXAMPLE: &str = r#"model = "models/sd_xl_base_1.0.safetensors"   # diffusers folder or single file
+# model_config = "models/sdxl-base-1.0"           # configs for a single file (default: built-in SDXL)
+output_dir = "out/my-style"
+output_name = "my-style"                          # file names and ss_output_name
+seed = 42
+steps = 1000
+batch_size = 1
+gradient_accumulation = 1
+# prediction_type = "v_prediction"                # default: the model's scheduler config
+noise_offset = 0.0
+min_snr_gamma = 5.0                               # 0: off
+max_grad_norm = 1.0                               # global clip; 0: off
+lr_schedule = "cosine"                            # constant, constant_with_warmup, linear, cosine
+warmup_steps = 50
+save_every = 250                                  # checkpoints (0: only at the end)
+sample_every = 250                                # sample images (0: never)
+sample_prompts = "prompts.txt"                    # kohya prompt file: `a cat --w 1024 --h 1024 --d 1`
+cache_latents = "memory"                          # memory, disk or none
+max_bad_steps = 10                                # stop after this many non-finite steps in a row
+
+[dataset]
+dir = "data/my-style"                             # images + .txt captions, kohya N_name folders
+# config = "dataset.toml"                         # or a kohya dataset config instead of dir
+resolution = 1024
+enable_bucket = true
+shuffle_caption = false
+keep_tokens = 0
+flip_aug = false
+caption_dropout_rate = 0.0
+
+[strategy]
+plugin = "lora"                                   # a plugin id (see `graft plugins list`)
+config = { rank = 8, alpha = 32 }                 # the plugin's own config (see its manifest)
+"#;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    #[serde(default)]
+    pub model_config: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    #[serde(default = "default_name")]
+    pub output_name: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub steps: u64,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default = "one")]
+    pub gradient_accumulation: usize,
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    #[serde(default)]
+    pub noise_offset: f64,
+    #[serde(default)]
+    pub min_snr_gamma: f64,
+    #[serde(default)]
+    pub max_grad_norm: f64,
+    #[serde(default = "constant")]
+    pub lr_schedule: String,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub save_every: u64,
+    #[serde(default)]
+    pub sample_every: u64,
+    #[serde(default)]
+    pub sample_prompts: Option<PathBuf>,
+    #[serde(default = "memory")]
+    pub cache_latents: String,
+    #[serde(default = "ten")]
+    pub max_bad_steps: u64,
+    pub dataset: DatasetSection,
+    pub strategy: StrategySection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSection {
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    #[serde(default = "resolution")]
+    pub resolution: usize,
+    #[serde(default)]
+    pub enable_bucket: bool,
+    #[serde(default)]
+    pub shuffle_caption: bool,
+    #[serde(default)]
+    pub keep_tokens: usize,
+    #[serde(default)]
+    pub flip_aug: bool,
+    #[serde(default)]
+    pub caption_dropout_rate: f64,
+    #[serde(default)]
+    pub caption_extension: Option<String>,
+    /// Report broken images and missing captions as warnings and leave them out.
+    #[serde(default)]
+    pub skip_bad: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategySection {
+    pub plugin: String,
+    /// Keys its parameters (default: the plugin id).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "empty_table")]
+    pub config: toml::Table,
+}
+
+fn default_name() -> String {
+    "graft".into()
+}
+fn one() -> usize {
+    1
+}
+fn constant() -> String {
+    "constant".into()
+}
+fn memory() -> String {
+    "memory".into()
+}
+fn ten() -> u64 {
+    10
+}
+fn resolution() -> usize {
+    1024
+}
+fn empty_table() -> toml::Table {
+    toml::Table::new()
+}
+
+impl TrainConfig {
+    /// Reads a config file; relative paths in it are relative to the file's folder.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read training config {}", path.display()))?;
+        let mut config: TrainConfig = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid training config (`graft train --help` shows an example)", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().with_context(|| format!("{}", path.display()))?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.model);
+        fix(&mut self.output_dir);
+        self.model_config.as_mut().map(fix);
+        self.sample_prompts.as_mut().map(fix);
+        self.dataset.dir.as_mut().map(fix);
+        self.dataset.config.as_mut().map(fix);
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.steps == 0 {
+            anyhow::bail!("`steps` must be at least 1");
+        }
+        if self.gradient_accumulation == 0 {
+            anyhow::bail!("`gradient_accumulation` must be at least 1");
+        }
+        if !["memory", "disk", "none"].contains(&self.cache_latents.as_str()) {
+            anyhow::bail!("`cache_latents` is `{}`: use memory, disk or none", self.cache_latents);
+        }
+        match (&self.dataset.dir, &self.dataset.config) {
+            (None, None) => anyhow::bail!("[dataset] needs `dir` (a folder of images and captions) or `config` (a kohya dataset TOML)"),
+            (Some(_), Some(_)) => anyhow::bail!("[dataset] has both `dir` and `config`: keep one"),
+            _ => {}
+        }
+        if let Some(p) = &self.prediction_type {
+            p.parse::<graft_sdxl::schedulers::PredictionType>()?;
+        }
+        graft_sdxl::pipeline::check_size(self.dataset.resolution, self.dataset.resolution)
+            .context("[dataset] resolution")?;
+        Ok(())
+    }
+
+    /// The plugin's config as JSON.
+    pub fn strategy_json(&self) -> anyhow::Result<String> {
+        Ok(serde_json::to_string(&self.strategy.config)?)
+    }
+}

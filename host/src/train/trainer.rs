@@ -1,0 +1,472 @@
+//! The training loop: one strategy plugin, one dataset, the base model frozen.
+//!
+//! Each step: the strategy's stage directives, a batch of VAE latents (cached), text embeddings
+//! (cached while no adapter touches the text encoders), seeded noise and timesteps, the UNet with
+//! the adapters at their hook points, an epsilon or v-prediction MSE loss (min-SNR weighted),
+//! backward, then AdamW over the plan's groups. Non-finite losses or gradients skip the step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor, Var};
+use graft_sdxl::rng::GraftRng;
+use graft_sdxl::schedulers::training::NoiseSchedule;
+use graft_sdxl::schedulers::PredictionType;
+use graft_sdxl::SdxlModel;
+
+use crate::adapters::dispatcher::{AdapterSet, LrScale};
+use crate::plugins::{PluginManager, ReloadEvent, StrategyInstance};
+use crate::train::cache::{EmbeddingCache, LatentCache};
+use crate::train::config::TrainConfig;
+use crate::train::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
+use crate::train::optim::{AdamW, GradAccumulator, GroupConfig};
+use crate::train::schedule::{LrSchedule, ScheduleKind};
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+    pub seconds: f64,
+}
+
+/// Where the data stream is: which epoch, which batch of it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    pub batch: usize,
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub model: SdxlModel,
+    pub set: AdapterSet,
+    pub strategy: usize,
+    pub optimizer: AdamW,
+    pub schedule: LrSchedule,
+    pub dataset: Dataset,
+    noise: NoiseSchedule,
+    prediction: PredictionType,
+    pub rng: GraftRng,
+    latents: Option<LatentCache>,
+    embeds: EmbeddingCache,
+    /// Steps done (the next step's index).
+    pub step: u64,
+    pub position: DataPosition,
+    pub bad_in_row: u64,
+    pub skipped_total: u64,
+    /// Learning-rate scales set by stage directives, by optimizer group.
+    pub lr_scales: BTreeMap<String, f64>,
+    pub plugins: PluginManager,
+}
+
+/// The optimizer group of a strategy's plan group.
+fn group_name(strategy: &str, group: &str) -> String {
+    format!("{strategy}/{group}")
+}
+
+impl Trainer {
+    /// Loads the model and dataset, creates the strategy from its plugin and plans it.
+    pub fn new(config: TrainConfig, plugins: PluginManager, device: &Device) -> anyhow::Result<Self> {
+        let model = SdxlModel::load(&config.model, config.model_config.as_deref(), device)
+            .with_context(|| format!("loading model {}", config.model.display()))?;
+        let dataset = open_dataset(&config)?;
+        for w in dataset.warnings() {
+            tracing::warn!("{w}");
+        }
+        let plugin = plugins.require(&config.strategy.plugin)?;
+        let instance = StrategyInstance::new(plugin, config.strategy.name.as_deref(), &config.strategy_json()?)?;
+        let mut set = AdapterSet::new(&model, config.seed);
+        let (strategy, diff) = set.add(instance, 1.0, 1.0)?;
+        tracing::info!(
+            "strategy `{}` ({} {}): {} hook points, {} parameters created",
+            set.strategies()[strategy].name(),
+            plugin.manifest.id,
+            plugin.manifest.version,
+            set.strategies()[strategy].plan.attachments.len(),
+            diff.created.len()
+        );
+        let prediction = match &config.prediction_type {
+            Some(p) => p.parse()?,
+            None => model.config.scheduler.prediction_type,
+        };
+        let noise = NoiseSchedule::new(&model.config.scheduler)?;
+        let schedule = LrSchedule::new(
+            config.lr_schedule.parse::<ScheduleKind>().map_err(anyhow::Error::msg)?,
+            config.warmup_steps as usize,
+            config.steps as usize,
+        );
+        let latents = match config.cache_latents.as_str() {
+            "memory" => Some(LatentCache::in_memory()),
+            "disk" => Some(LatentCache::on_disk(&config.output_dir.join("cache"), "vae")?),
+            _ => None,
+        };
+        let optimizer = build_optimizer(&set, strategy, &config)?;
+        let rng = GraftRng::new(config.seed);
+        let mut trainer = Self {
+            config,
+            model,
+            set,
+            strategy,
+            optimizer,
+            schedule,
+            dataset,
+            noise,
+            prediction,
+            rng,
+            latents,
+            embeds: EmbeddingCache::in_memory(),
+            step: 0,
+            position: DataPosition::default(),
+            bad_in_row: 0,
+            skipped_total: 0,
+            lr_scales: BTreeMap::new(),
+            plugins,
+        };
+        trainer.prefill_latents()?;
+        Ok(trainer)
+    }
+
+    pub fn strategy_name(&self) -> &str {
+        self.set.strategies()[self.strategy].name()
+    }
+
+    /// Encodes every image once (and its flip when flip_aug is on), in dataset order with a VAE
+    /// RNG of its own, so a resumed run sees the same latents.
+    fn prefill_latents(&mut self) -> anyhow::Result<()> {
+        let Some(cache) = self.latents.as_mut() else { return Ok(()) };
+        let (vae, scale) = (&self.model.vae, self.model.config.vae.scaling_factor);
+        let mut vae_rng = self.rng.derive(0x7ae);
+        let mut encode = |img: &Tensor| -> candle_core::Result<Tensor> { vae.encode(img)?.sample(&mut vae_rng)? * scale };
+        let bar = crate::progress::bar(self.dataset.len() as u64, "caching latents");
+        cache.prefill(&self.dataset, &self.model.device, &mut encode, |done, _| bar.set_position(done as u64))?;
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// True while some adapter is attached inside a text encoder: embeddings are then computed
+    /// every step instead of cached.
+    fn text_encoders_hooked(&self) -> bool {
+        self.set.any_attached(|l| l.component != graft_abi::Component::UNET)
+    }
+
+    fn next_batch(&mut self) -> anyhow::Result<Batch> {
+        loop {
+            let mut epoch = self.dataset.epoch(self.config.seed, self.position.epoch).on(&self.model.device);
+            if self.latents.is_some() {
+                epoch = epoch.without_images();
+            }
+            if self.position.batch < epoch.len() {
+                let batch = epoch.batch(self.position.batch)?;
+                self.position.batch += 1;
+                return Ok(batch);
+            }
+            self.position = DataPosition { epoch: self.position.epoch + 1, batch: 0 };
+        }
+    }
+
+    fn batch_latents(&mut self, batch: &Batch) -> anyhow::Result<Tensor> {
+        let dev = self.model.device.clone();
+        let (vae, scale) = (&self.model.vae, self.model.config.vae.scaling_factor);
+        match self.latents.as_mut() {
+            Some(cache) => {
+                let mut fail = |_: &Tensor| -> candle_core::Result<Tensor> {
+                    candle_core::bail!("latent cache miss after prefill")
+                };
+                Ok(cache.batch_latents(&self.dataset, batch, &dev, &mut fail)?)
+            }
+            None => {
+                let mut vae_rng = self.rng.derive(0x7ae ^ self.step);
+                Ok((vae.encode(batch.images()?)?.sample(&mut vae_rng)? * scale)?)
+            }
+        }
+    }
+
+    fn text_embeddings(&mut self, captions: &[String]) -> anyhow::Result<(Tensor, Tensor)> {
+        if self.text_encoders_hooked() {
+            let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+            let hooks = self.set.hooks();
+            let e = self.model.encode_prompts(&refs, hooks.pipeline())?;
+            return Ok((e.hidden, e.pooled));
+        }
+        let model = &self.model;
+        let out = self.embeds.batch(captions, &model.device, |c| {
+            let e = model.encode_prompts(&[c], graft_sdxl::PipelineHooks::none())?;
+            Ok(vec![e.hidden, e.pooled])
+        })?;
+        Ok((out[0].clone(), out[1].clone()))
+    }
+
+    /// The loss of one batch, with the graph for backward: seeded noise and timesteps, then
+    /// [`Trainer::loss_from`].
+    pub fn loss(&mut self, batch: &Batch) -> anyhow::Result<Tensor> {
+        let dev = self.model.device.clone();
+        let latents = self.batch_latents(batch)?;
+        let (hidden, pooled) = self.text_embeddings(&batch.captions)?;
+        let (b, c, _, _) = latents.dims4()?;
+        let mut noise = self.rng.randn(latents.shape(), &dev)?;
+        if self.config.noise_offset > 0.0 {
+            noise = noise.broadcast_add(&(self.rng.randn((b, c, 1, 1), &dev)? * self.config.noise_offset)?)?;
+        }
+        let timesteps = self.noise.sample_timesteps(b, &mut self.rng);
+        let time_ids = batch.time_ids(&dev)?;
+        self.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &time_ids)
+    }
+
+    /// The diffusion loss for given latents, noise and timesteps: epsilon or v-prediction MSE,
+    /// min-SNR weighted when configured, through the UNet with the adapters attached.
+    pub fn loss_from(
+        &self,
+        latents: &Tensor,
+        noise: &Tensor,
+        timesteps: &[usize],
+        hidden: &Tensor,
+        pooled: &Tensor,
+        time_ids: &Tensor,
+    ) -> anyhow::Result<Tensor> {
+        let dev = latents.device();
+        let b = latents.dim(0)?;
+        let noisy = self.noise.add_noise(latents, noise, timesteps)?;
+        let target = match self.prediction {
+            PredictionType::VPrediction => self.noise.velocity(latents, noise, timesteps)?,
+            _ => noise.clone(),
+        };
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, b, dev)?;
+        let pred = {
+            let hooks = self.set.hooks();
+            self.model.unet.forward(&noisy, &t, hidden, pooled, time_ids, &hooks.unet)?
+        };
+        let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let per_sample = if self.config.min_snr_gamma > 0.0 {
+            let gamma = self.config.min_snr_gamma;
+            let weights: Vec<f32> = self
+                .noise
+                .snr(timesteps)?
+                .into_iter()
+                .map(|snr| {
+                    let w = snr.min(gamma);
+                    (match self.prediction {
+                        PredictionType::VPrediction => w / (snr + 1.0),
+                        _ => w / snr,
+                    }) as f32
+                })
+                .collect();
+            (per_sample * Tensor::from_vec(weights, b, dev)?)?
+        } else {
+            per_sample
+        };
+        Ok(per_sample.mean_all()?)
+    }
+
+    /// A fixed evaluation loss (no gradients): the first batch of epoch 0 with noise and
+    /// timesteps from `seed`, the same every call, so runs and steps can be compared.
+    pub fn eval_loss(&mut self, seed: u64) -> anyhow::Result<f64> {
+        let dev = self.model.device.clone();
+        let saved = self.position;
+        self.position = DataPosition::default();
+        let batch = self.next_batch();
+        self.position = saved;
+        let batch = batch?;
+        let latents = self.batch_latents(&batch)?;
+        let (hidden, pooled) = self.text_embeddings(&batch.captions)?;
+        let mut rng = GraftRng::new(seed);
+        let noise = rng.randn(latents.shape(), &dev)?;
+        let timesteps = self.noise.sample_timesteps(latents.dim(0)?, &mut rng);
+        let training = self.set_training_flag(false);
+        let loss = self.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &batch.time_ids(&dev)?);
+        self.set_training_flag(training);
+        Ok(loss?.detach().to_scalar::<f32>()? as f64)
+    }
+
+    fn set_training_flag(&mut self, training: bool) -> bool {
+        let was = self.set.is_training();
+        self.set.set_training(training);
+        was
+    }
+
+    /// One optimizer step (with gradient accumulation). Returns its record.
+    pub fn train_step(&mut self) -> anyhow::Result<StepRecord> {
+        let started = Instant::now();
+        self.set.set_training(true);
+        let scales = self.set.on_step(self.step)?;
+        self.apply_lr_scales(&scales)?;
+        self.set.set_step(self.step);
+
+        let mut acc = GradAccumulator::new();
+        let mut loss_sum = 0.0;
+        let mut finite = true;
+        for _ in 0..self.config.gradient_accumulation {
+            let batch = self.next_batch()?;
+            let loss = self.loss(&batch)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                finite = false;
+                loss_sum = value;
+                break;
+            }
+            loss_sum += value;
+            let grads = loss.backward()?;
+            acc.add(&self.optimizer.gradients(&grads))?;
+        }
+        if let Some(e) = self.set.take_failures().into_iter().next() {
+            anyhow::bail!("the strategy failed during the step: {e}");
+        }
+        let factor = self.schedule.factor(self.step as usize);
+        let lr = self.current_lr(factor);
+        let (skipped, grad_norm) = match (finite, acc.take_mean()?) {
+            (true, Some(grads)) => {
+                let report = self.optimizer.step(&grads, factor)?;
+                if report.skipped {
+                    tracing::warn!("step {}: non-finite gradient in {}: step skipped", self.step, report.nonfinite.join(", "));
+                }
+                (report.skipped, report.grad_norm)
+            }
+            (true, None) => (false, 0.0),
+            (false, _) => {
+                tracing::warn!("step {}: non-finite loss {loss_sum}: step skipped", self.step);
+                (true, f64::NAN)
+            }
+        };
+        if skipped {
+            self.bad_in_row += 1;
+            self.skipped_total += 1;
+        } else {
+            self.bad_in_row = 0;
+        }
+        let record = StepRecord {
+            step: self.step,
+            loss: loss_sum / self.config.gradient_accumulation as f64,
+            lr,
+            grad_norm,
+            skipped,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.step += 1;
+        Ok(record)
+    }
+
+    fn current_lr(&self, factor: f64) -> f64 {
+        self.optimizer
+            .groups()
+            .first()
+            .map(|g| g.config.lr * g.config.lr_scale * factor)
+            .unwrap_or(0.0)
+    }
+
+    fn apply_lr_scales(&mut self, scales: &[LrScale]) -> anyhow::Result<()> {
+        for s in scales {
+            let name = group_name(&s.strategy, &s.group);
+            self.optimizer.set_lr_scale(&name, s.scale).with_context(|| format!("lr_scale directive for group `{}`", s.group))?;
+            self.lr_scales.insert(name, s.scale);
+        }
+        Ok(())
+    }
+
+    /// Takes up a rebuilt strategy plugin between steps (`--watch`): its parameters with the same
+    /// names and shapes are kept, the optimizer keeps their moments.
+    pub fn poll_reloads(&mut self) -> anyhow::Result<()> {
+        let id = self.set.strategies()[self.strategy].instance.manifest().id.clone();
+        for event in self.plugins.poll_reloads() {
+            match &event {
+                ReloadEvent::Reloaded { id: rid, .. } if *rid == id => {
+                    let plugin = self.plugins.require(&id)?;
+                    match self.set.reload(self.strategy, plugin) {
+                        Ok(diff) => {
+                            tracing::info!("{event}; parameters: {diff}");
+                            let state = self.optimizer.state_tensors()?;
+                            let mut optimizer = build_optimizer(&self.set, self.strategy, &self.config)?;
+                            optimizer.load_state_tensors(&state.into_iter().collect())?;
+                            for (name, scale) in &self.lr_scales {
+                                optimizer.set_lr_scale(name, *scale)?;
+                            }
+                            self.optimizer = optimizer;
+                        }
+                        Err(e) => tracing::error!("{event}, but switching to it failed: {e:#}; the previous build keeps running"),
+                    }
+                }
+                ReloadEvent::Failed { .. } => tracing::error!("{event}"),
+                _ => tracing::debug!("{event}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every parameter the run trains or owns, by checkpoint key.
+    pub fn parameters(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> =
+            self.set.store().params(None).into_iter().map(|(k, p)| (k.to_string(), p.var)).collect();
+        for b in self.set.unfrozen() {
+            out.push((format!("base:{}.weight", b.layer), b.weight.clone()));
+            if let Some(bias) = &b.bias {
+                out.push((format!("base:{}.bias", b.layer), bias.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// The optimizer over the strategy's plan groups and its unfrozen base weights.
+pub fn build_optimizer(set: &AdapterSet, s: usize, config: &TrainConfig) -> anyhow::Result<AdamW> {
+    let active = &set.strategies()[s];
+    let name = active.name();
+    let mut by_group: HashMap<String, Vec<(String, Var)>> = HashMap::new();
+    for (key, p) in set.store().params(Some(name)) {
+        by_group.entry(p.group.clone()).or_default().push((key.to_string(), p.var));
+    }
+    let mut groups = Vec::new();
+    for g in active.plan.groups.iter() {
+        let params = by_group.remove(g.name.as_str()).unwrap_or_default();
+        let cfg = GroupConfig::new(group_name(name, &g.name), g.lr)
+            .weight_decay(g.weight_decay)
+            .clip_norm(g.clip_norm.into_option());
+        groups.push((cfg, params));
+    }
+    if let Some((group, params)) = by_group.into_iter().next() {
+        anyhow::bail!(
+            "strategy `{name}` puts {} parameters (e.g. {}) in group `{group}`, which its plan does not declare",
+            params.len(),
+            params[0].0
+        );
+    }
+    for b in set.unfrozen().iter().filter(|b| b.strategy == name) {
+        let mut params = vec![(format!("base:{}.weight", b.layer), b.weight.clone())];
+        if let Some(bias) = &b.bias {
+            params.push((format!("base:{}.bias", b.layer), bias.clone()));
+        }
+        let cfg = GroupConfig::new(group_name(name, &format!("base:{}", b.layer)), b.lr).weight_decay(b.weight_decay);
+        groups.push((cfg, params));
+    }
+    let mut optimizer = AdamW::new(groups)?;
+    optimizer.max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm);
+    Ok(optimizer)
+}
+
+fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
+    let d = &config.dataset;
+    let ds_config = match (&d.dir, &d.config) {
+        (_, Some(file)) => DatasetConfig::from_toml_file(file)?,
+        (Some(dir), None) => {
+            let mut spec = DatasetSpec::new(crate::train::buckets::Reso { width: d.resolution, height: d.resolution });
+            spec.buckets.enable_bucket = d.enable_bucket;
+            if let Some(b) = config.batch_size {
+                spec.batch_size = b;
+            }
+            let mut subset = SubsetSpec::new(dir.clone());
+            subset.shuffle_caption = d.shuffle_caption;
+            subset.keep_tokens = d.keep_tokens;
+            subset.flip_aug = d.flip_aug;
+            subset.caption_dropout_rate = d.caption_dropout_rate;
+            if let Some(ext) = &d.caption_extension {
+                subset.caption_extension = Some(ext.clone());
+            }
+            DatasetConfig::from_folder(dir, &spec, &subset)?
+        }
+        (None, None) => anyhow::bail!("[dataset] needs `dir` or `config`"),
+    };
+    Ok(Dataset::open(&ds_config, &OpenOptions { skip_bad: d.skip_bad, ..Default::default() })?)
+}

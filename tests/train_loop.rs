@@ -1,0 +1,217 @@
+//! `graft train` end to end on the tiny model with the three shipped strategies: the loss goes
+//! down, checkpoints resume bit-exactly, the progressive-fusion stages switch the trainable set,
+//! and the run's outputs (checkpoints, samples, loss log and plot, adapter files) are written.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use graft_host::plugins::{DirOrigin, PluginManager, SearchDir};
+use graft_host::train::config::TrainConfig;
+use graft_host::train::trainer::Trainer;
+use graft_tests::{build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
+
+fn plugins() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| build_plugins(&["lora", "attention-gate", "progressive-fusion"])).clone()
+}
+
+fn manager() -> PluginManager {
+    let mut m = PluginManager::new(vec![SearchDir { path: plugins(), origin: DirOrigin::Flag }]);
+    m.scan();
+    m
+}
+
+/// Writes a dataset and a config into `dir`; `extra` is appended to the top-level keys and
+/// `strategy` is the `[strategy]` table body.
+fn setup(dir: &Path, steps: u64, extra: &str, strategy: &str) -> PathBuf {
+    write_shapes_dataset(&dir.join("data"), 4, 64);
+    std::fs::write(dir.join("prompts.txt"), "# samples\na pink circle, line art --w 64 --h 48 --d 5 --s 2\n").unwrap();
+    let config = format!(
+        "model = {:?}\noutput_dir = \"out\"\noutput_name = \"test-adapter\"\nseed = 3\nsteps = {steps}\n\
+         lr_schedule = \"constant\"\nsample_prompts = \"prompts.txt\"\n{extra}\n\
+         [dataset]\ndir = \"data\"\nresolution = 64\n\n[strategy]\n{strategy}\n",
+        tiny_model().to_str().unwrap()
+    );
+    let path = dir.join("train.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn trainer(config: &Path) -> Trainer {
+    Trainer::new(TrainConfig::from_file(config).unwrap(), manager(), &Device::Cpu).unwrap()
+}
+
+fn train_steps(t: &mut Trainer, n: u64) {
+    for _ in 0..n {
+        let r = t.train_step().unwrap();
+        assert!(!r.skipped && r.loss.is_finite(), "{r:?}");
+    }
+}
+
+fn param_values(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+    t.parameters().into_iter().map(|(k, v)| (k, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())).collect()
+}
+
+#[test]
+fn lora_zero_init_then_loss_goes_down() {
+    let dir = scratch("train_lora_down");
+    let config = setup(&dir, 30, "", "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, unet_lr = 0.01 }");
+    let mut t = trainer(&config);
+    // Zero-initialised `up`: the adapted model is the base model at step 0.
+    let with_adapter = t.eval_loss(9).unwrap();
+    let base = {
+        let mut set = graft_host::adapters::dispatcher::AdapterSet::new(&t.model, 0);
+        std::mem::swap(&mut t.set, &mut set);
+        let l = t.eval_loss(9).unwrap();
+        std::mem::swap(&mut t.set, &mut set);
+        l
+    };
+    assert_eq!(with_adapter, base);
+    train_steps(&mut t, 30);
+    let after = t.eval_loss(9).unwrap();
+    println!("eval loss: {base:.5} -> {after:.5}");
+    assert!(after < base * 0.95, "eval loss {base} -> {after}");
+}
+
+#[test]
+fn attention_gate_trains_adapter_and_base_projections() {
+    let dir = scratch("train_gate");
+    let config = setup(&dir, 20, "", "plugin = \"attention-gate\"\nconfig = { adapter_lr = 0.01, base_lr = 0.001 }");
+    let mut t = trainer(&config);
+    let before = t.eval_loss(9).unwrap();
+    let base_before: Vec<Tensor> = t.set.unfrozen().iter().map(|b| b.weight.as_tensor().copy().unwrap()).collect();
+    assert!(!base_before.is_empty());
+    train_steps(&mut t, 20);
+    let after = t.eval_loss(9).unwrap();
+    println!("eval loss: {before:.5} -> {after:.5}");
+    assert!(after < before, "eval loss {before} -> {after}");
+    let changed = t
+        .set
+        .unfrozen()
+        .iter()
+        .zip(&base_before)
+        .filter(|(b, w)| (b.weight.as_tensor() - *w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+        .count();
+    assert_eq!(changed, base_before.len(), "every unfrozen base projection is trained");
+    // The base lr is 10x smaller than the adapter's, each per-parameter step at most lr.
+    for b in t.set.unfrozen() {
+        assert!((b.lr - 0.001).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn progressive_fusion_switches_stages() {
+    let dir = scratch("train_fusion");
+    let strategy = "plugin = \"progressive-fusion\"\nconfig = { stage1_steps = 2, stage2_steps = 2 }";
+    let config = setup(&dir, 6, "", strategy);
+    let mut t = trainer(&config);
+    let trainable = |t: &Trainer| -> Vec<String> {
+        let mut v: Vec<String> = t.set.store().trainable(None).into_iter().map(|(k, _)| k.layer).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let snapshot = |t: &Trainer| param_values(t).into_iter().collect::<std::collections::BTreeMap<_, _>>();
+    let mut stage_sets = Vec::new();
+    let mut changed_sets = Vec::new();
+    for _ in 0..6 {
+        let before = snapshot(&t);
+        train_steps(&mut t, 1);
+        let after = snapshot(&t);
+        let mut changed: Vec<String> = after
+            .iter()
+            .filter(|(k, v)| before[*k] != **v)
+            .map(|(k, _)| k.split(':').nth(1).unwrap().rsplit_once('.').unwrap().0.to_string())
+            .collect();
+        changed.dedup();
+        stage_sets.push(trainable(&t));
+        changed_sets.push(changed);
+    }
+    let is_stage1 = |l: &String| l.starts_with("unet.mid_block") && l.ends_with("proj_out");
+    let is_te = |l: &String| l.starts_with("text_encoder");
+    let is_attn2 = |l: &String| l.contains(".attn2.");
+    // Stage 1 (steps 0, 1): only the mid-block proj_out LoRA trains.
+    for s in 0..2 {
+        assert!(!stage_sets[s].is_empty() && stage_sets[s].iter().all(is_stage1), "step {s}: {:?}", stage_sets[s]);
+        assert!(changed_sets[s].iter().all(is_stage1), "step {s}: {:?}", changed_sets[s]);
+    }
+    // Stage 2 (steps 2, 3): the text-encoder self-attention LoRAs join.
+    for s in 2..4 {
+        assert!(stage_sets[s].iter().any(is_te) && stage_sets[s].iter().all(|l| is_stage1(l) || is_te(l)), "step {s}: {:?}", stage_sets[s]);
+        assert!(changed_sets[s].iter().any(is_te), "step {s}: {:?}", changed_sets[s]);
+    }
+    // Stage 3 (steps 4, 5): stages 1 and 2 frozen as the composite, attn2 LoRAs train at 0.3x.
+    for s in 4..6 {
+        assert!(!stage_sets[s].is_empty() && stage_sets[s].iter().all(is_attn2), "step {s}: {:?}", stage_sets[s]);
+        assert!(changed_sets[s].iter().all(is_attn2), "step {s}: {:?}", changed_sets[s]);
+    }
+    let stage3 = t.optimizer.groups().iter().find(|g| g.config.name.ends_with("/stage3")).unwrap();
+    assert!((stage3.config.lr_scale - 0.3).abs() < 1e-12);
+    // The composite adapter exports as one kohya file with per-module ranks.
+    let files = graft_host::train::command::export_for(&t).unwrap();
+    let kohya = files.iter().find(|p| p.file_name().unwrap() == "test-adapter.safetensors").unwrap();
+    let tensors = candle_core::safetensors::load(kohya, &Device::Cpu).unwrap();
+    let ranks: std::collections::BTreeSet<usize> =
+        tensors.iter().filter(|(k, _)| k.ends_with("lora_down.weight")).map(|(_, v)| v.dim(0).unwrap()).collect();
+    assert_eq!(ranks, [4, 8, 12].into_iter().collect());
+}
+
+#[test]
+fn interrupted_and_resumed_run_ends_with_the_same_parameters() {
+    let dir_a = scratch("train_resume_a");
+    let strategy = "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, unet_lr = 0.01, dropout = 0.1 }";
+    let config_a = setup(&dir_a, 6, "save_every = 3", strategy);
+    let mut a = trainer(&config_a);
+    train_steps(&mut a, 6);
+
+    let dir_b = scratch("train_resume_b");
+    let config_b = setup(&dir_b, 6, "save_every = 3", strategy);
+    let plugins = plugins();
+    let run = |steps: &str, resume: bool| {
+        let mut args = vec!["train", "--config", config_b.to_str().unwrap(), "--steps", steps, "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"];
+        if resume {
+            args.push("--resume");
+        }
+        graft(&args).unwrap();
+    };
+    run("3", false);
+    run("6", true);
+    let mut b = trainer(&config_b);
+    let ckpt = graft_host::train::checkpoint::latest(&b.config.output_dir).unwrap().unwrap();
+    assert!(ckpt.ends_with("step-000006"), "{}", ckpt.display());
+    graft_host::train::checkpoint::load(&mut b, &ckpt).unwrap();
+    assert_eq!(b.step, 6);
+    let (pa, pb) = (param_values(&a), param_values(&b));
+    assert_eq!(pa.len(), pb.len());
+    for ((ka, va), (kb, vb)) in pa.iter().zip(&pb) {
+        assert_eq!(ka, kb);
+        assert_eq!(va, vb, "{ka} differs after resume");
+    }
+}
+
+#[test]
+fn train_command_writes_checkpoints_samples_log_plot_and_adapters() {
+    let dir = scratch("train_command");
+    let config = setup(&dir, 4, "save_every = 2\nsample_every = 2", "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4 }");
+    let plugins = plugins();
+    graft(&["train", "--config", config.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"]).unwrap();
+    let out = dir.join("out");
+    for f in ["loss.jsonl", "loss.png", "test-adapter.safetensors", "test-adapter.peft.safetensors", "checkpoints/latest", "checkpoints/step-000002/params.safetensors", "checkpoints/step-000004/optimizer.safetensors", "samples/step000002_00_5.png", "samples/step000004_00_5.png"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let log = graft_host::train::losslog::read(&out.join("loss.jsonl")).unwrap();
+    assert_eq!(log.iter().map(|e| e.step).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    // The kohya file carries the metadata A1111 needs.
+    let bytes = std::fs::read(out.join("test-adapter.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["ss_output_name"], "test-adapter");
+    assert_eq!(meta["ss_base_model_version"], "sdxl_base_v1-0");
+    assert_eq!(meta["ss_steps"], "4");
+    // A missing config key and a broken image are named.
+    std::fs::write(dir.join("data/009.png"), b"not a png").unwrap();
+    std::fs::write(dir.join("data/009.txt"), "broken").unwrap();
+    let e = graft_tests::graft_err(&["train", "--config", config.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"]);
+    assert!(e.contains("009.png"), "{e}");
+}

@@ -1,0 +1,202 @@
+//! One training step of the real `lora` plugin through the host's `Trainer` against diffusers +
+//! PEFT (tests/fixtures/reference/train_step.safetensors, from
+//! tools/reference/make_train_fixtures.py): the v-prediction loss, the gradient of every LoRA
+//! parameter, and the parameters and losses of three AdamW steps.
+//!
+//! The LoRA values are set from the reference (PEFT's random non-zero A and B), so the gradients
+//! of both A and B are informative; the inputs (latents, noise, timesteps, text embeddings, time
+//! ids) are the reference's, fed to `Trainer::loss_from`.
+
+#[path = "plugins_common.rs"]
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
+use graft_host::adapters::store::ParamKey;
+use graft_host::train::config::TrainConfig;
+use graft_host::train::trainer::Trainer;
+
+/// Builds `plugins/lora` into the tests' plugin target and copies it into a scratch folder.
+fn lora_plugin_dir() -> std::path::PathBuf {
+    let out = cargo()
+        .current_dir(workspace())
+        .args(["build", "-p", "lora", "--target-dir"])
+        .arg(plugin_target())
+        .output()
+        .expect("run cargo");
+    assert!(out.status.success(), "cargo build -p lora failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let dir = graft_tests::scratch("train-parity/plugins");
+    let f = lib_file("lora");
+    std::fs::copy(plugin_out().join(&f), dir.join(&f)).expect("copy the lora plugin");
+    dir
+}
+
+/// Two small images with captions: `Trainer::new` opens a dataset, the test does not read it.
+fn write_dataset(dir: &Path) {
+    for (i, rgb) in [[200u8, 40, 40], [30, 90, 220]].into_iter().enumerate() {
+        image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([rgb[0], rgb[1].wrapping_add(x as u8), rgb[2].wrapping_add(y as u8)]))
+            .save(dir.join(format!("img{i}.png")))
+            .expect("write image");
+        std::fs::write(dir.join(format!("img{i}.txt")), ["a red fox", "a blue cat"][i]).expect("write caption");
+    }
+}
+
+fn train_config(root: &Path) -> TrainConfig {
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_dataset(&data);
+    let text = format!(
+        r#"
+model = {model:?}
+output_dir = {out:?}
+seed = 1
+steps = 3
+prediction_type = "v_prediction"
+min_snr_gamma = 0.0
+max_grad_norm = 0.0
+lr_schedule = "constant"
+cache_latents = "none"
+
+[dataset]
+dir = {data:?}
+resolution = 64
+
+[strategy]
+plugin = "lora"
+config = {{ rank = 4, alpha = 8, unet_lr = 1e-3, weight_decay = 0.01, targets = ["unet.*.to_q", "unet.*.to_k", "unet.*.to_v", "unet.*.to_out.0"] }}
+"#,
+        model = graft_tests::tiny_model().display().to_string(),
+        out = root.join("out").display().to_string(),
+        data = data.display().to_string(),
+    );
+    let path = root.join("train.toml");
+    std::fs::write(&path, text).unwrap();
+    TrainConfig::from_file(&path).expect("training config")
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn scalar(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32).unwrap().reshape(()).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// PEFT's `<module>.lora_A.default.weight` -> the store key `lora:unet.<module>.down` (B -> up).
+fn store_key(peft: &str) -> ParamKey {
+    let (module, name) = if let Some(m) = peft.strip_suffix(".lora_A.default.weight") {
+        (m, "down")
+    } else if let Some(m) = peft.strip_suffix(".lora_B.default.weight") {
+        (m, "up")
+    } else {
+        panic!("unexpected PEFT parameter name {peft}")
+    };
+    ParamKey::new("lora", &format!("unet.{module}"), name)
+}
+
+#[test]
+fn lora_step_matches_diffusers_peft() {
+    let dev = Device::Cpu;
+    let reference = candle_core::safetensors::load(graft_tests::fixtures().join("reference/train_step.safetensors"), &dev)
+        .expect("tests/fixtures/reference/train_step.safetensors (tools/reference/make_train_fixtures.py)");
+    let get = |k: &str| reference.get(k).unwrap_or_else(|| panic!("reference key {k}")).clone();
+
+    let root = graft_tests::scratch("train-parity");
+    let config = train_config(&root);
+    let plugins = manager(&lora_plugin_dir());
+    let mut trainer = Trainer::new(config, plugins, &dev).expect("trainer");
+
+    // The same LoRA parameters on both sides, set to the reference's initial values.
+    let peft_names: Vec<String> =
+        reference.keys().filter_map(|k| k.strip_prefix("init.")).map(str::to_string).collect();
+    let by_key: BTreeMap<ParamKey, String> = peft_names.iter().map(|n| (store_key(n), n.clone())).collect();
+    let store = trainer.set.store();
+    let ours: Vec<ParamKey> = store.params(Some("lora")).into_iter().map(|(k, _)| k).collect();
+    let theirs: Vec<ParamKey> = by_key.keys().cloned().collect();
+    assert_eq!(ours, theirs, "the plugin's LoRA parameters and PEFT's differ");
+    assert_eq!(ours.len(), 17 * 2 * 4 * 2);
+    for (key, peft) in &by_key {
+        store.set(key, &get(&format!("init.{peft}"))).unwrap();
+    }
+    // Optimizer names are ParamKey strings.
+    let opt_name: HashMap<String, String> = by_key.iter().map(|(k, p)| (p.clone(), k.to_string())).collect();
+
+    let latents = get("latents");
+    let noise = get("noise");
+    let timesteps: Vec<usize> =
+        get("timesteps").to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|t| t as usize).collect();
+    let hidden = get("prompt_embeds");
+    let pooled = get("text_embeds");
+    let time_ids = get("time_ids");
+    let losses_ref = get("losses").to_vec1::<f32>().unwrap();
+    assert_eq!(losses_ref.len(), 3);
+
+    let mut report = Vec::new();
+    for step in 0..3 {
+        let loss = trainer.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &time_ids).expect("loss");
+        let value = scalar(&loss);
+        let rel = ((value - losses_ref[step]) / losses_ref[step]).abs();
+        report.push(format!("step {step}: loss {value} reference {} rel {rel:.2e}", losses_ref[step]));
+        assert!(rel <= 1e-5, "step {step}: loss {value}, diffusers {} (rel {rel:.2e})", losses_ref[step]);
+
+        let grads = trainer.optimizer.gradients(&loss.backward().unwrap());
+        if step == 0 {
+            assert_eq!(grads.len(), by_key.len(), "every LoRA parameter gets a gradient");
+            let mut worst = (0f32, String::new());
+            for peft in &peft_names {
+                let g = grads.get(&opt_name[peft]).unwrap_or_else(|| panic!("no gradient for {peft}"));
+                let want = get(&format!("grad.{peft}"));
+                let rel = max_diff(g, &want) / max_abs(&want);
+                assert!(max_abs(g) > 0.0, "{peft}: zero gradient");
+                if rel > worst.0 {
+                    worst = (rel, peft.clone());
+                }
+                assert!(rel <= 1e-4, "{peft}: gradient differs by {rel:.2e} of its scale {}", max_abs(&want));
+            }
+            report.push(format!("gradients: worst max|diff|/max|g| {:.2e} ({})", worst.0, worst.1));
+        }
+        let r = trainer.optimizer.step(&grads, 1.0).expect("AdamW step");
+        assert!(!r.skipped && r.updated == by_key.len(), "{r:?}");
+    }
+
+    // Adam divides by |g| + eps: where the step-0 gradient is at the round-off floor of its
+    // tensor (below the gradient tolerance, |g| ~ eps), its first update lr * g / (|g| + eps) is
+    // any value in [-lr, lr] on either side. Those elements are only held to 2 lr; the rest to 1e-5.
+    let (mut worst, mut worst_floor, mut floor_count, mut total) = ((0f32, String::new()), 0f32, 0usize, 0usize);
+    for (key, peft) in &by_key {
+        let p = values(store.get(key).unwrap().var.as_tensor());
+        let want = values(&get(&format!("final.{peft}")));
+        let g0 = values(&get(&format!("grad.{peft}")));
+        let floor = 1e-4 * g0.iter().fold(0f32, |m, g| m.max(g.abs()));
+        total += p.len();
+        for ((p, w), g) in p.iter().zip(&want).zip(&g0) {
+            let d = (p - w).abs();
+            if g.abs() < floor {
+                floor_count += 1;
+                worst_floor = worst_floor.max(d);
+            } else if d > worst.0 {
+                worst = (d, peft.clone());
+            }
+        }
+    }
+    report.push(format!("parameters after 3 steps: worst max|diff| {:.2e} ({})", worst.0, worst.1));
+    report.push(format!("  {floor_count} of {total} elements with a step-0 gradient at the round-off floor: worst |diff| {worst_floor:.2e}"));
+    let after = scalar(&trainer.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &time_ids).unwrap());
+    let want = scalar(&get("loss_final"));
+    report.push(format!("loss after 3 steps {after} reference {want} rel {:.2e}", ((after - want) / want).abs()));
+    println!("{}", report.join("\n"));
+    assert!(worst.0 <= 1e-5, "parameters after 3 steps differ by {:.2e} ({})", worst.0, worst.1);
+    assert!(worst_floor <= 2e-3 && floor_count * 1000 < total, "{floor_count} of {total} round-off-floor elements, worst {worst_floor:.2e}");
+    assert!(((after - want) / want).abs() <= 1e-5, "loss after 3 steps {after}, diffusers {want}");
+}
