@@ -72,22 +72,8 @@ pub fn build_plugins(crates: &[&str]) -> PathBuf {
     target.join("debug")
 }
 
-/// A small image + caption dataset: `n` PNGs of coloured shapes on a pastel ground, with
-/// captions describing them. Deterministic.
+/// A small image + caption dataset: `n` PNGs of line-art shapes in a pastel palette, with
+/// captions describing them (the demo's generator, `graft_host::demo::dataset`). Deterministic.
 pub fn write_shapes_dataset(dir: &Path, n: usize, size: u32) {
-    std::fs::create_dir_all(dir).expect("create dataset folder");
-    let colors = [("pink", [240u8, 160, 190]), ("blue", [120, 160, 230]), ("green", [130, 200, 150]), ("yellow", [240, 220, 120])];
-    for i in 0..n {
-        let (name, fg) = colors[i % colors.len()];
-        let circle = i % 2 == 0;
-        let img = image::RgbImage::from_fn(size, size, |x, y| {
-            let (cx, cy) = (x as f32 - size as f32 / 2.0, y as f32 - size as f32 / 2.0);
-            let r = size as f32 / 3.0;
-            let inside = if circle { cx * cx + cy * cy < r * r } else { cx.abs() < r && cy.abs() < r };
-            if inside { image::Rgb(fg) } else { image::Rgb([250, 244, 235]) }
-        });
-        img.save(dir.join(format!("{i:03}.png"))).expect("write image");
-        let shape = if circle { "circle" } else { "square" };
-        std::fs::write(dir.join(format!("{i:03}.txt")), format!("a {name} {shape}, line art, pastel")).expect("write caption");
-    }
+    graft_host::demo::dataset::write_dataset(dir, n, size).expect("write the shapes dataset");
 }

@@ -103,9 +103,11 @@ fn attention_gate_trains_adapter_and_base_projections() {
 #[test]
 fn progressive_fusion_switches_stages() {
     let dir = scratch("train_fusion");
-    let strategy = "plugin = \"progressive-fusion\"\nconfig = { stage1_steps = 2, stage2_steps = 2 }";
+    let strategy = "plugin = \"progressive-fusion\"\n\
+                    config = { stage1_steps = 2, stage2_steps = 2, stage1_lr = 0.01, stage2_lr = 0.01, stage3_lr = 0.03 }";
     let config = setup(&dir, 6, "", strategy);
     let mut t = trainer(&config);
+    let loss_before = t.eval_loss(9).unwrap();
     let trainable = |t: &Trainer| -> Vec<String> {
         let mut v: Vec<String> = t.set.store().trainable(None).into_iter().map(|(k, _)| k.layer).collect();
         v.sort();
@@ -146,6 +148,9 @@ fn progressive_fusion_switches_stages() {
         assert!(!stage_sets[s].is_empty() && stage_sets[s].iter().all(is_attn2), "step {s}: {:?}", stage_sets[s]);
         assert!(changed_sets[s].iter().all(is_attn2), "step {s}: {:?}", changed_sets[s]);
     }
+    let loss_after = t.eval_loss(9).unwrap();
+    println!("eval loss: {loss_before:.5} -> {loss_after:.5}");
+    assert!(loss_after < loss_before, "eval loss {loss_before} -> {loss_after}");
     let stage3 = t.optimizer.groups().iter().find(|g| g.config.name.ends_with("/stage3")).unwrap();
     assert!((stage3.config.lr_scale - 0.3).abs() < 1e-12);
     // The composite adapter exports as one kohya file with per-module ranks.
@@ -214,4 +219,33 @@ fn train_command_writes_checkpoints_samples_log_plot_and_adapters() {
     std::fs::write(dir.join("data/009.txt"), "broken").unwrap();
     let e = graft_tests::graft_err(&["train", "--config", config.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"]);
     assert!(e.contains("009.png"), "{e}");
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_counted() {
+    let dir = scratch("train_nan");
+    let config = setup(&dir, 10, "", "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, unet_lr = 0.01 }");
+    let mut t = trainer(&config);
+    train_steps(&mut t, 2);
+    let good = param_values(&t);
+    // A fault makes one adapter's output NaN: the loss is NaN, the step is skipped.
+    let (key, p) = t.set.store().params(Some("lora")).into_iter().find(|(k, _)| k.name == "up").unwrap();
+    let poisoned = (p.var.as_tensor().ones_like().unwrap() * f64::NAN).unwrap();
+    t.set.store().set(&key, &poisoned).unwrap();
+    for n in 1..=2 {
+        let r = t.train_step().unwrap();
+        assert!(r.skipped && !r.loss.is_finite(), "{r:?}");
+        assert_eq!((t.bad_in_row, t.skipped_total), (n, n));
+    }
+    // Nothing was updated by the skipped steps; repaired, training goes on.
+    let key_s = key.to_string();
+    for (k, v) in param_values(&t) {
+        if k != key_s {
+            assert_eq!(&v, &good.iter().find(|(g, _)| *g == k).unwrap().1, "{k} changed during a skipped step");
+        }
+    }
+    t.set.store().set(&key, &p.var.as_tensor().zeros_like().unwrap()).unwrap();
+    let r = t.train_step().unwrap();
+    assert!(!r.skipped);
+    assert_eq!((t.bad_in_row, t.skipped_total), (0, 2));
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{generate, layers, train, plugins};
+use crate::{compare, demo, generate, layers, train, plugins};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +33,10 @@ pub enum Command {
     Plugins(plugins::cli::PluginsArgs),
     /// Create a strategy plugin crate (`graft plugin new NAME`).
     Plugin(plugins::cli::PluginArgs),
+    /// Train several strategies on the same data, seed and budget, and report them side by side.
+    Compare(compare::CompareArgs),
+    /// Run `compare` over the three shipped strategies on a tiny built-in model and generated data.
+    Demo(demo::DemoArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -42,6 +46,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::command::run(args),
         Command::Plugins(args) => plugins::cli::run_plugins(args),
         Command::Plugin(args) => plugins::cli::run_plugin(args),
+        Command::Compare(args) => compare::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }
 

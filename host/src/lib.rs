@@ -2,6 +2,8 @@
 
 pub mod adapters;
 pub mod cli;
+pub mod compare;
+pub mod demo;
 pub mod device;
 pub mod generate;
 pub mod layers;

@@ -2,5 +2,6 @@
 //! pipeline) the hook dispatcher.
 
 pub mod dispatcher;
+pub mod files;
 pub mod ops;
 pub mod store;

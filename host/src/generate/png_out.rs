@@ -19,12 +19,18 @@ pub fn sampler_name(scheduler: &str) -> &str {
 
 /// The `parameters` text as A1111 writes it: prompt, negative prompt, then the settings line.
 pub fn a1111_parameters(p: &GenerateParams, model: &str) -> String {
+    a1111_parameters_with(p, model, &[])
+}
+
+/// As [`a1111_parameters`], with more `Key: value` fields before `Version` (e.g. A1111's
+/// `Lora hashes: "name: 0123456789ab"`).
+pub fn a1111_parameters_with(p: &GenerateParams, model: &str, extra: &[(String, String)]) -> String {
     let mut text = p.prompt.clone();
     if let Some(n) = p.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         text.push_str(&format!("\nNegative prompt: {n}"));
     }
     text.push_str(&format!(
-        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: graft {}",
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
         p.steps,
         sampler_name(&p.scheduler),
         p.guidance,
@@ -32,8 +38,11 @@ pub fn a1111_parameters(p: &GenerateParams, model: &str) -> String {
         p.width,
         p.height,
         model,
-        env!("CARGO_PKG_VERSION")
     ));
+    for (k, v) in extra {
+        text.push_str(&format!(", {k}: {v}"));
+    }
+    text.push_str(&format!(", Version: graft {}", env!("CARGO_PKG_VERSION")));
     text
 }
 

@@ -6,6 +6,7 @@
 //! backward, then AdamW over the plan's groups. Non-finite losses or gradients skip the step.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -43,7 +44,8 @@ pub struct DataPosition {
 
 pub struct Trainer {
     pub config: TrainConfig,
-    pub model: SdxlModel,
+    /// Shared so that `graft compare` can run several strategies on one loaded model.
+    pub model: Arc<SdxlModel>,
     pub set: AdapterSet,
     pub strategy: usize,
     pub optimizer: AdamW,
@@ -74,6 +76,13 @@ impl Trainer {
     pub fn new(config: TrainConfig, plugins: PluginManager, device: &Device) -> anyhow::Result<Self> {
         let model = SdxlModel::load(&config.model, config.model_config.as_deref(), device)
             .with_context(|| format!("loading model {}", config.model.display()))?;
+        Self::with_model(config, Arc::new(model), plugins)
+    }
+
+    /// As [`Trainer::new`] on a model already loaded (`config.model` is then only a name for the
+    /// files). The model's base weights are shared: a strategy that unfreezes or folds into them
+    /// changes them for every holder until `set.restore_base_weights()`.
+    pub fn with_model(config: TrainConfig, model: Arc<SdxlModel>, plugins: PluginManager) -> anyhow::Result<Self> {
         let dataset = open_dataset(&config)?;
         for w in dataset.warnings() {
             tracing::warn!("{w}");

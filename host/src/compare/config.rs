@@ -1,0 +1,281 @@
+//! `graft compare --config compare.toml`: what a comparison is made of.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::train::config::{DatasetSection, StrategySection, TrainConfig};
+use crate::train::samples::{parse_prompt_file, parse_prompts, SampleDefaults, SamplePrompt};
+
+/// An example config, shown by `graft compare --help`.
+pub const EXAMPLE: &str = r#"model = "models/sd_xl_base_1.0.safetensors"   # diffusers folder or single file
+output_dir = "out/compare"                         # the report folder
+seed = 42                                         # data order, noise, timesteps, sample seeds
+steps = 500                                       # the same budget for every strategy
+loss_window = 50                                  # the table's mean loss is over the last N steps
+lr_schedule = "constant"
+# batch_size, gradient_accumulation, prediction_type, noise_offset, min_snr_gamma, max_grad_norm,
+# warmup_steps, cache_latents, max_bad_steps, model_config: as in `graft train --help`
+sample_prompts = "prompts.txt"                    # kohya prompt file (`a cat --w 1024 --h 1024 --s 30`)
+# prompts = ["a pink star, line art --s 20"]      # or the lines inline
+
+[dataset]                                         # as in `graft train --help`
+dir = "data/my-style"
+resolution = 1024
+
+[[strategies]]
+name = "lora-r8"                                  # row name and folder name (default: the plugin id)
+plugin = "lora"
+config = { rank = 8, alpha = 8 }
+
+[[strategies]]
+name = "lora-r32"                                 # a config variant of the same plugin
+plugin = "lora"
+config = { rank = 32, alpha = 16 }
+
+[[strategies]]
+plugin = "attention-gate"
+
+[[strategies]]
+plugin = "progressive-fusion"
+config = { stage1_steps = 250, stage2_steps = 250 }
+"#;
+
+/// One row of the comparison.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyEntry {
+    /// Row and folder name; default: the plugin id.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub plugin: String,
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+impl StrategyEntry {
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.plugin)
+    }
+
+    /// The plugin's config as JSON (for the report).
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareConfig {
+    pub model: PathBuf,
+    #[serde(default)]
+    pub model_config: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    pub steps: u64,
+    #[serde(default = "ten")]
+    pub loss_window: u64,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default = "one")]
+    pub gradient_accumulation: usize,
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    #[serde(default)]
+    pub noise_offset: f64,
+    #[serde(default)]
+    pub min_snr_gamma: f64,
+    #[serde(default)]
+    pub max_grad_norm: f64,
+    #[serde(default = "constant")]
+    pub lr_schedule: String,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "memory")]
+    pub cache_latents: String,
+    #[serde(default = "ten")]
+    pub max_bad_steps: u64,
+    #[serde(default)]
+    pub sample_prompts: Option<PathBuf>,
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    pub dataset: DatasetSection,
+    #[serde(default)]
+    pub strategies: Vec<StrategyEntry>,
+}
+
+fn one() -> usize {
+    1
+}
+fn ten() -> u64 {
+    10
+}
+fn constant() -> String {
+    "constant".into()
+}
+fn memory() -> String {
+    "memory".into()
+}
+
+/// A name safe as a folder and file stem: letters, digits, `.`, `_`, `-`.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok {
+        bail!("strategy name `{name}`: use letters, digits, `.`, `_` and `-` only (it names a folder and the adapter files)");
+    }
+    if name == "base" {
+        bail!("strategy name `base` is taken by the base model's row: choose another");
+    }
+    Ok(())
+}
+
+impl CompareConfig {
+    /// Parses a config; relative paths in it are relative to `base`. `source` names it in errors.
+    pub fn from_str(text: &str, source: &str, base: &Path) -> anyhow::Result<Self> {
+        let mut config: CompareConfig =
+            toml::from_str(text).with_context(|| format!("{source}: invalid compare config (`graft compare --help` shows an example)"))?;
+        config.resolve_paths(base);
+        config.validate().with_context(|| source.to_string())?;
+        Ok(config)
+    }
+
+    /// Reads a config file; relative paths in it are relative to the file's folder.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read compare config {}", path.display()))?;
+        Self::from_str(&text, &path.display().to_string(), path.parent().unwrap_or(Path::new(".")))
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.model);
+        fix(&mut self.output_dir);
+        self.model_config.as_mut().map(fix);
+        self.sample_prompts.as_mut().map(fix);
+        self.dataset.dir.as_mut().map(fix);
+        self.dataset.config.as_mut().map(fix);
+    }
+
+    /// Checks what the run needs before the model is loaded. Each strategy's plugin config is
+    /// checked by its plugin when the strategy starts (a bad one fails that row only).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.strategies.is_empty() {
+            bail!("no strategy: add at least one `[[strategies]]` table with `plugin = \"...\"`");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in self.strategies.iter().enumerate() {
+            check_name(s.name()).with_context(|| format!("[[strategies]] number {}", i + 1))?;
+            if !seen.insert(s.name()) {
+                bail!("two strategies are named `{}`: give each `[[strategies]]` its own `name`", s.name());
+            }
+        }
+        if self.sample_prompts.is_some() && !self.prompts.is_empty() {
+            bail!("both `sample_prompts` (a file) and `prompts` (inline) are set: keep one");
+        }
+        if self.loss_window == 0 {
+            bail!("`loss_window` must be at least 1");
+        }
+        // Everything a training run checks, on the first strategy.
+        self.train_config(&self.strategies[0], &self.output_dir)?.validate()
+    }
+
+    /// The training run of one strategy, writing into `out_dir`. Checkpoints and in-run samples
+    /// are off: compare samples once, at the end.
+    pub fn train_config(&self, s: &StrategyEntry, out_dir: &Path) -> anyhow::Result<TrainConfig> {
+        Ok(TrainConfig {
+            model: self.model.clone(),
+            model_config: self.model_config.clone(),
+            output_dir: out_dir.to_path_buf(),
+            output_name: s.name().to_string(),
+            seed: self.seed,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            gradient_accumulation: self.gradient_accumulation,
+            prediction_type: self.prediction_type.clone(),
+            noise_offset: self.noise_offset,
+            min_snr_gamma: self.min_snr_gamma,
+            max_grad_norm: self.max_grad_norm,
+            lr_schedule: self.lr_schedule.clone(),
+            warmup_steps: self.warmup_steps,
+            save_every: 0,
+            sample_every: 0,
+            sample_prompts: None,
+            cache_latents: self.cache_latents.clone(),
+            max_bad_steps: self.max_bad_steps,
+            dataset: self.dataset.clone(),
+            strategy: StrategySection { plugin: s.plugin.clone(), name: Some(s.name().to_string()), config: s.config.clone() },
+        })
+    }
+
+    /// The sample prompts (none when neither `sample_prompts` nor `prompts` is set). A line
+    /// without `--d` gets `seed + its index`, so every row draws the same noise per column.
+    pub fn prompts(&self) -> anyhow::Result<Vec<SamplePrompt>> {
+        let defaults = SampleDefaults {
+            width: self.dataset.resolution,
+            height: self.dataset.resolution,
+            seed: self.seed,
+            ..Default::default()
+        };
+        match &self.sample_prompts {
+            Some(p) => parse_prompt_file(p, &defaults),
+            None => parse_prompts(&self.prompts.join("\n"), "compare config `prompts`", &defaults),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<CompareConfig> {
+        CompareConfig::from_str(text, "c.toml", Path::new("/base"))
+    }
+
+    const MIN: &str = "model = \"m\"\noutput_dir = \"out\"\nsteps = 3\nprompts = [\"a cat --s 2 --w 64 --h 64\"]\n\
+                       [dataset]\ndir = \"d\"\nresolution = 64\n";
+
+    #[test]
+    fn example_parses() {
+        let c = CompareConfig::from_str(EXAMPLE, "example", Path::new("/x")).unwrap();
+        assert_eq!(c.strategies.len(), 4);
+        assert_eq!(c.strategies[2].name(), "attention-gate");
+        assert_eq!(c.model, Path::new("/x/models/sd_xl_base_1.0.safetensors"));
+        let t = c.train_config(&c.strategies[1], Path::new("/r/lora-r32")).unwrap();
+        assert_eq!((t.output_name.as_str(), t.strategy.plugin.as_str(), t.steps), ("lora-r32", "lora", 500));
+        assert_eq!(t.strategy_json().unwrap(), r#"{"alpha":16,"rank":32}"#);
+    }
+
+    #[test]
+    fn strategies_and_prompts() {
+        let c = parse(&format!("{MIN}[[strategies]]\nplugin = \"lora\"\n[[strategies]]\nname = \"v2\"\nplugin = \"lora\"\nconfig = {{ rank = 2 }}\n")).unwrap();
+        assert_eq!(c.strategies[0].name(), "lora");
+        assert_eq!(c.strategies[1].config_json(), r#"{"rank":2}"#);
+        assert_eq!(c.loss_window, 10);
+        assert_eq!(c.dataset.dir.as_deref(), Some(Path::new("/base/d")));
+        let p = c.prompts().unwrap();
+        assert_eq!((p.len(), p[0].width, p[0].steps, p[0].seed), (1, 64, 2, 0));
+    }
+
+    #[test]
+    fn errors_say_what_to_do() {
+        let err = |t: &str| format!("{:#}", parse(t).unwrap_err());
+        assert!(err(MIN).contains("no strategy"));
+        let e = err(&format!("{MIN}[[strategies]]\nplugin = \"lora\"\n[[strategies]]\nplugin = \"lora\"\n"));
+        assert!(e.contains("two strategies are named `lora`"), "{e}");
+        let e = err(&format!("{MIN}[[strategies]]\nname = \"a b\"\nplugin = \"lora\"\n"));
+        assert!(e.contains("`a b`") && e.contains("letters"), "{e}");
+        let e = err(&format!("{MIN}[[strategies]]\nname = \"base\"\nplugin = \"lora\"\n"));
+        assert!(e.contains("base"), "{e}");
+        let e = err(&format!("{MIN}bogus = 1\n[[strategies]]\nplugin = \"lora\"\n"));
+        assert!(e.contains("bogus") && e.contains("graft compare --help"), "{e}");
+        let e = err(&format!("{}[[strategies]]\nplugin = \"lora\"\n", MIN.replace("steps = 3", "steps = 0")));
+        assert!(e.contains("steps"), "{e}");
+    }
+}

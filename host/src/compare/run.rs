@@ -1,0 +1,410 @@
+//! Running the strategies of a comparison one after another on one loaded model.
+//!
+//! Every strategy gets the same training config apart from its `[strategy]` table, so the same
+//! seed gives each the same data order, noise and timesteps at every step; its samples use the
+//! same prompts and seeds. Between strategies the model's base weights are put back exactly as
+//! loaded ([`BaseSnapshot`]): a strategy may unfreeze them (attention-gate trains the base
+//! projections) or fold into them, and the next one must start from the same model. A strategy
+//! that fails (unknown plugin, bad config, an error or a panic mid-run) is recorded with what it
+//! had done, and the others still run.
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use graft_sdxl::hooks::{LinearWeights, SharedLinear};
+use graft_sdxl::SdxlModel;
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::dispatcher::AdapterSet;
+use crate::compare::config::{CompareConfig, StrategyEntry};
+use crate::compare::memory::{Peak, PeakMeter};
+use crate::plugins::{PluginDirArgs, PluginManager};
+use crate::train::command::export_for;
+use crate::train::losslog::{LossEntry, LossLog};
+use crate::train::samples::{render_samples, SamplePrompt};
+use crate::train::trainer::Trainer;
+
+/// The seed of the fixed evaluation loss ([`Trainer::eval_loss`]) reported for every strategy.
+pub const EVAL_SEED: u64 = 0xe7a1;
+
+/// What one strategy did. Fields a failed strategy never reached are `None` / empty.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StrategyResult {
+    pub name: String,
+    pub plugin: String,
+    pub plugin_version: Option<String>,
+    /// The plugin's config (JSON).
+    pub config: String,
+    /// `None`: it ran to the end; `Some(message)`: it failed.
+    pub error: Option<String>,
+    /// Hook points in its plan (attached now or by a later stage).
+    pub layers: Option<usize>,
+    /// Every parameter it trains (adapter parameters and unfrozen base weights).
+    pub trainable_params: Option<u64>,
+    /// Of those, base-model weights it unfroze.
+    pub base_params: Option<u64>,
+    pub steps_done: u64,
+    pub final_loss: Option<f64>,
+    /// Mean loss over the last `loss_window` steps (fewer when fewer were done).
+    pub mean_loss: Option<f64>,
+    /// The fixed evaluation loss before and after training (same batch, noise and timesteps).
+    pub eval_loss_start: Option<f64>,
+    pub eval_loss_end: Option<f64>,
+    pub seconds_per_step: Option<f64>,
+    /// Wall time of the whole strategy: setup, training, samples, export.
+    pub seconds_total: f64,
+    pub peak_memory: Option<Peak>,
+    /// Total size of its adapter files.
+    pub adapter_bytes: Option<u64>,
+    /// Adapter files, relative to the report folder.
+    pub exports: Vec<PathBuf>,
+    /// Sample images in prompt order, relative to the report folder.
+    pub samples: Vec<PathBuf>,
+    /// The loss log, step by step.
+    pub losses: Vec<LossEntry>,
+}
+
+impl StrategyResult {
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// What a whole comparison produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareOutcome {
+    pub output_dir: PathBuf,
+    pub model: String,
+    pub seed: u64,
+    pub steps: u64,
+    pub loss_window: u64,
+    pub device: String,
+    /// Seconds to load the model (once).
+    pub load_seconds: f64,
+    /// The base model's samples, relative to the report folder.
+    pub base_samples: Vec<PathBuf>,
+    /// The prompts, in column order, with their seeds and sizes.
+    pub prompts: Vec<PromptInfo>,
+    pub strategies: Vec<StrategyResult>,
+    /// Whether each strategy's peak memory is its own (`clear_refs` allowed) or the process's.
+    pub peak_per_strategy: bool,
+    /// Report files, relative to the report folder (set by the report writer).
+    pub report_files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptInfo {
+    pub prompt: String,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+}
+
+/// The loaded base weights of every linear hook point, to put back between strategies.
+pub struct BaseSnapshot {
+    entries: Vec<(String, SharedLinear, LinearWeights)>,
+}
+
+impl BaseSnapshot {
+    /// Holds the current weights of every linear hook point (tensor handles, no copy: a strategy
+    /// never writes into a loaded tensor, it replaces it).
+    pub fn take(model: &SdxlModel) -> Self {
+        let mut entries = Vec::new();
+        for reg in model.registries() {
+            for (i, info) in reg.layers().iter().enumerate() {
+                if let Some(shared) = reg.linear_weights(i) {
+                    let w = shared.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    entries.push((info.name.clone(), shared.clone(), w));
+                }
+            }
+        }
+        Self { entries }
+    }
+
+    /// Puts every held weight back; returns how many had been replaced.
+    pub fn restore(&self) -> usize {
+        let mut replaced = 0;
+        for (_, shared, original) in &self.entries {
+            let mut w = shared.write().unwrap_or_else(|e| e.into_inner());
+            if !same_tensor(&w.weight, &original.weight) || w.bias.as_ref().map(|b| b.id()) != original.bias.as_ref().map(|b| b.id()) {
+                replaced += 1;
+            }
+            *w = original.clone();
+        }
+        replaced
+    }
+
+    /// Hook points whose current weight differs in value from the held one (a check for tests:
+    /// empty after [`BaseSnapshot::restore`]).
+    pub fn differing(&self) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for (name, shared, original) in &self.entries {
+            let w = shared.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let diff = (&w.weight - &original.weight)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            if diff != 0.0 {
+                out.push(name.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+fn same_tensor(a: &candle_core::Tensor, b: &candle_core::Tensor) -> bool {
+    a.id() == b.id()
+}
+
+/// Where a comparison finds its plugins and runs.
+pub struct RunOptions {
+    pub plugins: PluginDirArgs,
+    pub device: candle_core::Device,
+}
+
+/// Runs every strategy of `config` and returns what each did (the report is written by
+/// [`crate::compare::report::write`]). Errors only for what stops the whole comparison: the
+/// output folder, the prompts, the model, the base samples.
+pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<CompareOutcome> {
+    let out = &config.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create the report folder {}", out.display()))?;
+    let prompts = config.prompts()?;
+    let mut plugins = Some(options.plugins.manager()?);
+
+    let started = Instant::now();
+    tracing::info!("loading {}", config.model.display());
+    let model = SdxlModel::load(&config.model, config.model_config.as_deref(), &options.device)
+        .with_context(|| format!("loading model {}", config.model.display()))?;
+    let model = Arc::new(model);
+    let load_seconds = started.elapsed().as_secs_f64();
+    let snapshot = BaseSnapshot::take(&model);
+
+    let base_samples = if prompts.is_empty() {
+        Vec::new()
+    } else {
+        tracing::info!("sampling the base model");
+        let set = AdapterSet::new(&model, config.seed);
+        let paths = render_samples(&model, &set, &prompts, &out.join("samples"), "base").context("sampling the base model")?;
+        relative(out, &paths)
+    };
+
+    let mut strategies = Vec::new();
+    let mut peak_per_strategy = true;
+    for (i, entry) in config.strategies.iter().enumerate() {
+        tracing::info!("strategy {}/{}: `{}` (plugin {})", i + 1, config.strategies.len(), entry.name(), entry.plugin);
+        let result = run_strategy(config, entry, &model, &mut plugins, &options.plugins, &prompts, &snapshot);
+        if let Some(e) = &result.error {
+            tracing::error!("strategy `{}` failed: {e}", entry.name());
+        }
+        peak_per_strategy &= result.peak_memory.is_none_or(|p| p.per_strategy);
+        strategies.push(result);
+    }
+
+    Ok(CompareOutcome {
+        output_dir: out.clone(),
+        model: config.model.display().to_string(),
+        seed: config.seed,
+        steps: config.steps,
+        loss_window: config.loss_window,
+        device: describe_device(&options.device),
+        load_seconds,
+        base_samples,
+        prompts: prompts
+            .iter()
+            .map(|p| PromptInfo { prompt: p.prompt.clone(), seed: p.seed, width: p.width, height: p.height, steps: p.steps })
+            .collect(),
+        strategies,
+        peak_per_strategy,
+        report_files: Vec::new(),
+    })
+}
+
+fn describe_device(device: &candle_core::Device) -> String {
+    if device.is_cuda() {
+        "CUDA GPU".into()
+    } else if device.is_metal() {
+        "Metal GPU".into()
+    } else {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        format!("CPU ({threads} threads)")
+    }
+}
+
+/// Paths relative to `base` (unchanged when not under it).
+fn relative(base: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
+    paths.iter().map(|p| p.strip_prefix(base).map(Path::to_path_buf).unwrap_or_else(|_| p.clone())).collect()
+}
+
+/// Runs one strategy, catching its errors and panics, and puts the base weights back.
+fn run_strategy(
+    config: &CompareConfig,
+    entry: &StrategyEntry,
+    model: &Arc<SdxlModel>,
+    plugins: &mut Option<PluginManager>,
+    plugin_args: &PluginDirArgs,
+    prompts: &[SamplePrompt],
+    snapshot: &BaseSnapshot,
+) -> StrategyResult {
+    let mut result = StrategyResult {
+        name: entry.name().to_string(),
+        plugin: entry.plugin.clone(),
+        config: entry.config_json(),
+        ..Default::default()
+    };
+    let meter = PeakMeter::start();
+    let started = Instant::now();
+    // The trainer lives out here so that after a panic its plugin manager can be taken back.
+    let mut slot: Option<Trainer> = None;
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        train_one(config, entry, model, plugins, prompts, &mut slot, &mut result)
+    }));
+    let error = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e:#}")),
+        Err(panic) => Some(format!("panicked: {}", panic_message(&panic))),
+    };
+    if let Some(mut trainer) = slot.take() {
+        trainer.set.restore_base_weights();
+        *plugins = Some(std::mem::replace(&mut trainer.plugins, PluginManager::new(Vec::new())));
+    }
+    let replaced = snapshot.restore();
+    tracing::debug!("strategy `{}`: {replaced} base weights put back", entry.name());
+    if plugins.is_none() {
+        // The manager went down with a trainer that failed to start: find the plugins again.
+        match plugin_args.manager() {
+            Ok(m) => *plugins = Some(m),
+            Err(e) => tracing::error!("cannot reload the plugins: {e:#}"),
+        }
+    }
+    result.error = error;
+    result.seconds_total = started.elapsed().as_secs_f64();
+    result.peak_memory = meter.finish();
+    result
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
+    }
+}
+
+fn train_one(
+    config: &CompareConfig,
+    entry: &StrategyEntry,
+    model: &Arc<SdxlModel>,
+    plugins: &mut Option<PluginManager>,
+    prompts: &[SamplePrompt],
+    slot: &mut Option<Trainer>,
+    result: &mut StrategyResult,
+) -> anyhow::Result<()> {
+    let report_dir = &config.output_dir;
+    let dir = report_dir.join("strategies").join(entry.name());
+    if dir.exists() {
+        // Files of an earlier comparison would pass for this one's.
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let manager = plugins.as_ref().context("no plugin manager (the plugin folders could not be read)")?;
+    // Checked here, while the manager is still ours: an unknown id costs nothing.
+    let plugin = manager.require(&entry.plugin)?;
+    result.plugin_version = Some(plugin.manifest.version.clone());
+
+    let train_config = config.train_config(entry, &dir)?;
+    let manager = plugins.take().expect("checked above");
+    let trainer = slot.insert(Trainer::with_model(train_config, model.clone(), manager)?);
+
+    let active = &trainer.set.strategies()[trainer.strategy];
+    result.layers = Some(active.plan.attachments.len());
+    let params = trainer.parameters();
+    result.trainable_params = Some(params.iter().map(|(_, v)| v.elem_count() as u64).sum());
+    result.base_params =
+        Some(params.iter().filter(|(k, _)| k.starts_with("base:")).map(|(_, v)| v.elem_count() as u64).sum());
+    result.eval_loss_start = Some(trainer.eval_loss(EVAL_SEED)?);
+
+    let mut log = LossLog::create(&dir.join("loss.jsonl"))?;
+    let bar = crate::progress::bar(config.steps, &format!("{} training", entry.name()));
+    let mut step_seconds = 0.0;
+    while trainer.step < config.steps {
+        let record = match trainer.train_step() {
+            Ok(r) => r,
+            Err(e) => {
+                bar.abandon();
+                return Err(e.context(format!("at step {}", trainer.step)));
+            }
+        };
+        let entry_log: LossEntry = record.clone().into();
+        log.append(&entry_log)?;
+        result.losses.push(entry_log);
+        result.steps_done = trainer.step;
+        step_seconds += record.seconds;
+        result.seconds_per_step = Some(step_seconds / trainer.step as f64);
+        result.final_loss = Some(record.loss);
+        result.mean_loss = mean_last(&result.losses, config.loss_window);
+        bar.set_position(trainer.step);
+        bar.set_message(format!("{} loss {:.4}", entry.name(), record.loss));
+        if trainer.bad_in_row >= trainer.config.max_bad_steps {
+            bar.abandon();
+            anyhow::bail!("stopped at step {}: {} steps in a row had a non-finite loss or gradient", trainer.step, trainer.bad_in_row);
+        }
+    }
+    bar.finish_and_clear();
+    result.eval_loss_end = Some(trainer.eval_loss(EVAL_SEED)?);
+
+    if !prompts.is_empty() {
+        trainer.set.set_training(false);
+        let paths = render_samples(&trainer.model, &trainer.set, prompts, &report_dir.join("samples"), entry.name())
+            .context("sampling")?;
+        if let Some(e) = trainer.set.take_failures().into_iter().next() {
+            anyhow::bail!("the strategy failed while sampling: {e}");
+        }
+        result.samples = relative(report_dir, &paths);
+    }
+
+    let exports = export_for(trainer)?;
+    let mut bytes = 0;
+    for p in &exports {
+        bytes += std::fs::metadata(p).with_context(|| format!("{}: cannot read the adapter file", p.display()))?.len();
+    }
+    result.adapter_bytes = Some(bytes);
+    result.exports = relative(report_dir, &exports);
+    Ok(())
+}
+
+/// The mean of the finite losses of the last `window` steps.
+pub fn mean_last(losses: &[LossEntry], window: u64) -> Option<f64> {
+    let tail = &losses[losses.len().saturating_sub(window as usize)..];
+    let finite: Vec<f64> = tail.iter().filter(|e| !e.skipped && e.loss.is_finite()).map(|e| e.loss).collect();
+    (!finite.is_empty()).then(|| finite.iter().sum::<f64>() / finite.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(step: u64, loss: f64) -> LossEntry {
+        LossEntry { step, loss, lr: 1e-4, grad_norm: 1.0, skipped: !loss.is_finite(), time: 0.1 }
+    }
+
+    #[test]
+    fn mean_of_the_last_steps() {
+        let l: Vec<LossEntry> = [4.0, 3.0, f64::NAN, 1.0].iter().enumerate().map(|(i, &v)| entry(i as u64, v)).collect();
+        assert_eq!(mean_last(&l, 3), Some(2.0));
+        assert_eq!(mean_last(&l, 1), Some(1.0));
+        assert_eq!(mean_last(&l, 100), Some(8.0 / 3.0));
+        assert_eq!(mean_last(&[], 5), None);
+        assert_eq!(mean_last(&l[2..3], 5), None);
+    }
+}

@@ -1,0 +1,301 @@
+//! `graft compare` and `graft demo` end to end on the tiny model: the report has every table
+//! row, the loss plot and the sample grid (parsed and checked), failing strategies are reported
+//! while the others run, the base weights are put back between strategies, and the demo's
+//! dataset generator is deterministic.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Device;
+use graft_host::compare::config::CompareConfig;
+use graft_host::compare::report::{self, MISSING_CELL};
+use graft_host::compare::run::BaseSnapshot;
+use graft_host::plugins::{DirOrigin, PluginDirArgs, PluginManager, SearchDir};
+use graft_host::train::trainer::Trainer;
+use graft_tests::{build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
+
+fn plugins() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| build_plugins(&["lora", "attention-gate", "progressive-fusion", "fault-plugin"])).clone()
+}
+
+fn plugin_args() -> PluginDirArgs {
+    PluginDirArgs { plugins: vec![plugins()], plugin_config: None, no_default_plugins: true }
+}
+
+const W: u32 = 64;
+const H: u32 = 48;
+
+/// Three strategies that run (two identical LoRAs around an attention gate, which trains base
+/// weights) and three that fail: an unknown plugin, a bad plugin config, a plugin that panics
+/// in its forward.
+fn config_text() -> String {
+    format!(
+        "model = {model:?}\noutput_dir = \"report\"\nseed = 7\nsteps = 3\nloss_window = 2\n\
+         prompts = [\"a pink star outline, line art --w {W} --h {H} --s 2\", \"a mint green square --w {W} --h {H} --s 2 --d 99\"]\n\
+         [dataset]\ndir = \"data\"\nresolution = 64\n\n\
+         [[strategies]]\nname = \"lora-a\"\nplugin = \"lora\"\nconfig = {{ rank = 2, alpha = 2, unet_lr = 0.01 }}\n\n\
+         [[strategies]]\nname = \"gate\"\nplugin = \"attention-gate\"\nconfig = {{ rank = 2, adapter_lr = 0.01, base_lr = 0.01 }}\n\n\
+         [[strategies]]\nname = \"lora-b\"\nplugin = \"lora\"\nconfig = {{ rank = 2, alpha = 2, unet_lr = 0.01 }}\n\n\
+         [[strategies]]\nname = \"missing\"\nplugin = \"no-such-plugin\"\n\n\
+         [[strategies]]\nname = \"bad-config\"\nplugin = \"lora\"\nconfig = {{ rank = \"four\" }}\n\n\
+         [[strategies]]\nname = \"panics\"\nplugin = \"fault-plugin\"\nconfig = {{ fault = \"panic\", entry = \"forward\" }}\n",
+        model = tiny_model().to_str().unwrap()
+    )
+}
+
+/// The cells of the rows of the first markdown table in `md` (header excluded).
+fn md_table(md: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let lines: Vec<&str> = md.lines().skip_while(|l| !l.starts_with("| strategy |")).take_while(|l| l.starts_with('|')).collect();
+    let split = |l: &str| -> Vec<String> {
+        // Split on `|` not escaped as `\|`.
+        let inner = l.trim().trim_start_matches('|').trim_end_matches('|');
+        let mut cells = vec![String::new()];
+        let mut chars = inner.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if chars.peek() == Some(&'|') => {
+                    cells.last_mut().unwrap().push('|');
+                    chars.next();
+                }
+                '|' => cells.push(String::new()),
+                _ => cells.last_mut().unwrap().push(c),
+            }
+        }
+        cells.into_iter().map(|c| c.trim().to_string()).collect()
+    };
+    assert!(lines.len() >= 2, "no table in the report:\n{md}");
+    assert!(lines[1].starts_with("|---"), "second line is the separator: {}", lines[1]);
+    (split(lines[0]), lines[2..].iter().map(|l| split(l)).collect())
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {}", c as char),
+        }
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let pad = chunk.iter().filter(|&&c| c == b'=').count();
+        let n = chunk.iter().take(4 - pad).enumerate().fold(0u32, |n, (i, &c)| n | value(c) << (18 - 6 * i));
+        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
+    }
+    out
+}
+
+/// The data URI image with alt text `alt` in the html, decoded.
+fn html_image(html: &str, alt: &str) -> Vec<u8> {
+    let tag = format!("<img alt=\"{alt}\" src=\"data:image/png;base64,");
+    let start = html.find(&tag).unwrap_or_else(|| panic!("no `{alt}` data URI image in report.html")) + tag.len();
+    let end = start + html[start..].find('"').unwrap();
+    base64_decode(&html[start..end])
+}
+
+fn cell_of(row: &[String], header: &[String], name: &str) -> String {
+    row[header.iter().position(|h| h.starts_with(name)).unwrap_or_else(|| panic!("no column `{name}`"))].clone()
+}
+
+#[test]
+fn compare_reports_every_strategy_side_by_side() {
+    let dir = scratch("compare_report");
+    write_shapes_dataset(&dir.join("data"), 4, 64);
+    let config_path = dir.join("compare.toml");
+    std::fs::write(&config_path, config_text()).unwrap();
+    let config = CompareConfig::from_file(&config_path).unwrap();
+    let outcome = graft_host::compare::compare(&config, plugin_args(), true).unwrap();
+    let out = dir.join("report");
+    let names: Vec<&str> = outcome.strategies.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["lora-a", "gate", "lora-b", "missing", "bad-config", "panics"]);
+    let by = |n: &str| outcome.strategies.iter().find(|r| r.name == n).unwrap();
+
+    // The three good ones ran to the end; the failures say why.
+    for n in ["lora-a", "gate", "lora-b"] {
+        let r = by(n);
+        assert!(r.ok(), "{n}: {:?}", r.error);
+        assert_eq!((r.steps_done, r.losses.len(), r.samples.len()), (3, 3, 2), "{n}");
+        assert!(r.adapter_bytes.unwrap() > 0 && !r.exports.is_empty(), "{n}");
+        for f in &r.exports {
+            assert!(out.join(f).is_file() && f.starts_with(format!("strategies/{n}")), "{n}: {}", f.display());
+        }
+    }
+    let e = by("missing").error.clone().unwrap();
+    assert!(e.contains("no-such-plugin") && e.contains("available"), "{e}");
+    let e = by("bad-config").error.clone().unwrap();
+    assert!(e.contains("rank"), "{e}");
+    let r = by("panics");
+    let e = r.error.clone().unwrap();
+    assert!(e.contains("panic") && e.contains("step 0"), "{e}");
+    assert!(r.layers.is_some(), "it started before it failed");
+
+    // Same seed, same noise, and the base weights the gate trained are put back: the second
+    // LoRA retraces the first bit for bit, samples included.
+    let (a, b, gate) = (by("lora-a"), by("lora-b"), by("gate"));
+    assert!(gate.base_params.unwrap() > 0, "the gate trains base projections");
+    assert_ne!(gate.eval_loss_end, gate.eval_loss_start);
+    assert_eq!(a.losses, b.losses);
+    assert_eq!((a.eval_loss_start, a.eval_loss_end), (b.eval_loss_start, b.eval_loss_end));
+    for (sa, sb) in a.samples.iter().zip(&b.samples) {
+        let pa = image::open(out.join(sa)).unwrap().to_rgb8();
+        let pb = image::open(out.join(sb)).unwrap().to_rgb8();
+        assert_eq!(pa, pb, "{} vs {}", sa.display(), sb.display());
+    }
+    // Zero-initialised LoRA: at step 0 the model is the base model, so its eval loss is the
+    // base's, and the gate (zero B) starts there too.
+    assert_eq!(a.eval_loss_start, gate.eval_loss_start);
+
+    // report.md: a row per strategy, in order, with the numbers of the outcome.
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let (header, rows) = md_table(&md);
+    assert_eq!(header.len(), 12, "{header:?}");
+    assert_eq!(rows.len(), 6);
+    for (row, r) in rows.iter().zip(&outcome.strategies) {
+        assert_eq!(row.len(), header.len(), "{row:?}");
+        assert_eq!(row[0], r.name);
+        let status = cell_of(row, &header, "status");
+        if r.ok() {
+            assert_eq!(status, "ok");
+            let final_loss: f64 = cell_of(row, &header, "final loss").parse().unwrap();
+            assert!((final_loss - r.final_loss.unwrap()).abs() < 1e-4);
+            let mean: f64 = cell_of(row, &header, "mean loss (last 2)").parse().unwrap();
+            let want = (r.losses[1].loss + r.losses[2].loss) / 2.0;
+            assert!((mean - want).abs() < 1e-4, "{mean} vs {want}");
+            let params = cell_of(row, &header, "trainable params");
+            let n: u64 = params.split_whitespace().next().unwrap().replace(',', "").parse().unwrap();
+            assert_eq!(n, r.trainable_params.unwrap());
+            assert!(n > 0);
+            let layers: usize = cell_of(row, &header, "layers").parse().unwrap();
+            assert!(layers > 0);
+            assert!(cell_of(row, &header, "time / step").ends_with(" s"));
+            assert!(cell_of(row, &header, "adapter size").ends_with("B"));
+            assert!(cell_of(row, &header, "peak memory").ends_with("B"));
+            assert!(cell_of(row, &header, "eval loss").contains('→'));
+        } else {
+            assert!(status.starts_with("failed after 0 steps: "), "{status}");
+        }
+    }
+    assert!(cell_of(&rows[0], &header, "config").contains("\"rank\":2"));
+    assert!(md.contains("![loss curves](loss.png)") && md.contains("![samples](grid.png)"));
+    assert!(md.contains("Rows, top to bottom: base model, lora-a, gate, lora-b, missing (failed: grey)"), "{md}");
+    assert!(md.contains("## Failures") && md.contains("- `missing`: "));
+
+    // The plot and the grid are in report.html as data URIs, byte for byte the PNG files.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let plot = html_image(&html, "loss curves");
+    assert_eq!(plot, std::fs::read(out.join("loss.png")).unwrap());
+    let grid_bytes = html_image(&html, "samples");
+    assert_eq!(grid_bytes, std::fs::read(out.join("grid.png")).unwrap());
+    assert!(!html.contains("src=\"samples/") && !html.contains("src=\"loss.png"), "self-contained");
+    for r in &outcome.strategies {
+        assert!(html.contains(&format!("<tr><td>{}</td>", r.name)), "{} row in the html table", r.name);
+    }
+    let plot = image::load_from_memory(&plot).unwrap();
+    assert_eq!((plot.width(), plot.height()), (800, 480));
+
+    // The grid: 7 rows (base + 6 strategies) by 2 prompts of 64x48, 4-pixel gaps.
+    let grid = image::load_from_memory(&grid_bytes).unwrap().to_rgb8();
+    let (rows_n, cols_n) = (7, 2);
+    assert_eq!((grid.width(), grid.height()), (cols_n * (W + 4) + 4, rows_n * (H + 4) + 4));
+    let cell = |r: u32, c: u32| image::imageops::crop_imm(&grid, 4 + c * (W + 4), 4 + r * (H + 4), W, H).to_image();
+    for (c, sample) in outcome.base_samples.iter().enumerate() {
+        assert_eq!(cell(0, c as u32), image::open(out.join(sample)).unwrap().to_rgb8(), "base row, column {c}");
+    }
+    for (i, r) in outcome.strategies.iter().enumerate() {
+        for c in 0..cols_n {
+            let got = cell(i as u32 + 1, c);
+            if r.ok() {
+                assert_eq!(got, image::open(out.join(&r.samples[c as usize])).unwrap().to_rgb8(), "{} column {c}", r.name);
+            } else {
+                assert!(got.pixels().all(|p| p.0 == MISSING_CELL), "{}: grey cells", r.name);
+            }
+        }
+    }
+    // The base model's samples differ from the trained ones (the adapters do something).
+    assert_ne!(cell(0, 0), cell(1, 0));
+
+    // summary.json has the same results.
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["strategies"].as_array().unwrap().len(), 6);
+    assert_eq!(summary["strategies"][3]["name"], "missing");
+    for f in &outcome.report_files {
+        assert!(out.join(f).is_file(), "{}", f.display());
+    }
+    // Loss logs per strategy.
+    assert_eq!(graft_host::train::losslog::read(&out.join("strategies/gate/loss.jsonl")).unwrap().len(), 3);
+    assert_eq!(report::REPORT_HTML, "report.html");
+}
+
+/// A strategy that trains base weights changes the shared model; the snapshot puts them back.
+#[test]
+fn base_weights_are_put_back_after_a_strategy() {
+    let dir = scratch("compare_restore");
+    write_shapes_dataset(&dir.join("data"), 2, 64);
+    std::fs::write(dir.join("compare.toml"), config_text()).unwrap();
+    let config = CompareConfig::from_file(&dir.join("compare.toml")).unwrap();
+    let model = Arc::new(graft_sdxl::SdxlModel::load(&tiny_model(), None, &Device::Cpu).unwrap());
+    let snapshot = BaseSnapshot::take(&model);
+    assert!(!snapshot.is_empty());
+    let mut manager = PluginManager::new(vec![SearchDir { path: plugins(), origin: DirOrigin::Flag }]);
+    manager.scan();
+    let gate = config.strategies.iter().find(|s| s.name() == "gate").unwrap();
+    let mut t = Trainer::with_model(config.train_config(gate, &dir.join("gate")).unwrap(), model.clone(), manager).unwrap();
+    for _ in 0..2 {
+        t.train_step().unwrap();
+    }
+    let changed = snapshot.differing().unwrap();
+    assert!(!changed.is_empty() && changed.iter().all(|l| l.contains("attn")), "{changed:?}");
+    // The trainer's own restore puts back what it unfroze; the snapshot covers the rest.
+    assert!(t.set.restore_base_weights() >= changed.len());
+    assert!(snapshot.differing().unwrap().is_empty());
+    assert_eq!(snapshot.restore(), 0, "nothing left to put back");
+}
+
+#[test]
+fn demo_dataset_is_deterministic() {
+    let a = scratch("compare_dataset_a");
+    let b = scratch("compare_dataset_b");
+    let pa = graft_host::demo::dataset::write_dataset(&a, 8, 48).unwrap();
+    write_shapes_dataset(&b, 8, 48);
+    assert_eq!(pa.len(), 8);
+    let files = |d: &Path| {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).collect();
+        v.sort();
+        v
+    };
+    let (fa, fb) = (files(&a), files(&b));
+    assert_eq!(fa.len(), 16, "8 images and 8 captions");
+    for (x, y) in fa.iter().zip(&fb) {
+        assert_eq!(x.file_name(), y.file_name());
+        assert_eq!(std::fs::read(x).unwrap(), std::fs::read(y).unwrap(), "{}", x.display());
+    }
+    let caption = std::fs::read_to_string(a.join("003.txt")).unwrap();
+    assert!(caption.contains("star") && caption.contains("line art") && caption.contains("pastel"), "{caption}");
+    let img = image::open(a.join("000.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (48, 48));
+}
+
+/// `graft demo` through the command line, with a short budget.
+#[test]
+fn demo_runs_and_writes_the_report() {
+    let dir = scratch("compare_demo");
+    let out = dir.join("demo");
+    let plugins = plugins();
+    graft(&["demo", "--out", out.to_str().unwrap(), "--steps", "3", "--cpu", "--no-build", "--plugins", plugins.to_str().unwrap()])
+        .unwrap();
+    for f in ["report.html", "report.md", "loss.png", "grid.png", "summary.json", "compare.toml", "prompts.txt", "data/011.png"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let (_, rows) = md_table(&md);
+    let names: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(names, ["lora", "attention-gate", "progressive-fusion"]);
+    assert!(rows.iter().all(|r| r[3] == "ok"), "{rows:?}");
+    // The config it wrote is a valid compare config (what a user edits for a real model).
+    let config = CompareConfig::from_file(&out.join("compare.toml")).unwrap();
+    assert_eq!((config.steps, config.strategies.len(), config.prompts().unwrap().len()), (3, 3, 3));
+}
