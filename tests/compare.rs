@@ -27,19 +27,21 @@ const W: u32 = 64;
 const H: u32 = 48;
 
 /// Three strategies that run (two identical LoRAs around an attention gate, which trains base
-/// weights) and three that fail: an unknown plugin, a bad plugin config, a plugin that panics
-/// in its forward.
+/// weights) and four that fail: an unknown plugin, a bad plugin config, a plan the host rejects
+/// (the fault plugin declares no optimizer group), and a LoRA whose learning rate makes it
+/// diverge mid-run (non-finite losses, `max_bad_steps = 2`).
 fn config_text() -> String {
     format!(
-        "model = {model:?}\noutput_dir = \"report\"\nseed = 7\nsteps = 3\nloss_window = 2\n\
+        "model = {model:?}\noutput_dir = \"report\"\nseed = 7\nsteps = 4\nloss_window = 2\nmax_bad_steps = 2\n\
          prompts = [\"a pink star outline, line art --w {W} --h {H} --s 2\", \"a mint green square --w {W} --h {H} --s 2 --d 99\"]\n\
          [dataset]\ndir = \"data\"\nresolution = 64\n\n\
          [[strategies]]\nname = \"lora-a\"\nplugin = \"lora\"\nconfig = {{ rank = 2, alpha = 2, unet_lr = 0.01 }}\n\n\
          [[strategies]]\nname = \"gate\"\nplugin = \"attention-gate\"\nconfig = {{ rank = 2, adapter_lr = 0.01, base_lr = 0.01 }}\n\n\
          [[strategies]]\nname = \"lora-b\"\nplugin = \"lora\"\nconfig = {{ rank = 2, alpha = 2, unet_lr = 0.01 }}\n\n\
          [[strategies]]\nname = \"missing\"\nplugin = \"no-such-plugin\"\n\n\
-         [[strategies]]\nname = \"bad-config\"\nplugin = \"lora\"\nconfig = {{ rank = \"four\" }}\n\n\
-         [[strategies]]\nname = \"panics\"\nplugin = \"fault-plugin\"\nconfig = {{ fault = \"panic\", entry = \"forward\" }}\n",
+         [[strategies]]\nname = \"bad-config\"\nplugin = \"lora\"\nconfig = {{ rnak = 4 }}\n\n\
+         [[strategies]]\nname = \"bad-plan\"\nplugin = \"fault-plugin\"\nconfig = {{ fault = \"none\" }}\n\n\
+         [[strategies]]\nname = \"diverges\"\nplugin = \"lora\"\nconfig = {{ rank = 2, unet_lr = 1e30 }}\n",
         model = tiny_model().to_str().unwrap()
     )
 }
@@ -111,14 +113,14 @@ fn compare_reports_every_strategy_side_by_side() {
     let outcome = graft_host::compare::compare(&config, plugin_args(), true).unwrap();
     let out = dir.join("report");
     let names: Vec<&str> = outcome.strategies.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(names, ["lora-a", "gate", "lora-b", "missing", "bad-config", "panics"]);
+    assert_eq!(names, ["lora-a", "gate", "lora-b", "missing", "bad-config", "bad-plan", "diverges"]);
     let by = |n: &str| outcome.strategies.iter().find(|r| r.name == n).unwrap();
 
     // The three good ones ran to the end; the failures say why.
     for n in ["lora-a", "gate", "lora-b"] {
         let r = by(n);
         assert!(r.ok(), "{n}: {:?}", r.error);
-        assert_eq!((r.steps_done, r.losses.len(), r.samples.len()), (3, 3, 2), "{n}");
+        assert_eq!((r.steps_done, r.losses.len(), r.samples.len()), (4, 4, 2), "{n}");
         assert!(r.adapter_bytes.unwrap() > 0 && !r.exports.is_empty(), "{n}");
         for f in &r.exports {
             assert!(out.join(f).is_file() && f.starts_with(format!("strategies/{n}")), "{n}: {}", f.display());
@@ -127,18 +129,26 @@ fn compare_reports_every_strategy_side_by_side() {
     let e = by("missing").error.clone().unwrap();
     assert!(e.contains("no-such-plugin") && e.contains("available"), "{e}");
     let e = by("bad-config").error.clone().unwrap();
-    assert!(e.contains("rank"), "{e}");
-    let r = by("panics");
+    assert!(e.contains("rnak") && e.contains("invalid configuration"), "{e}");
+    let e = by("bad-plan").error.clone().unwrap();
+    assert!(e.contains("does not declare"), "{e}");
+    // Diverged after its first step: what it did is kept (a partial curve), no samples or files.
+    let r = by("diverges");
     let e = r.error.clone().unwrap();
-    assert!(e.contains("panic") && e.contains("step 0"), "{e}");
-    assert!(r.layers.is_some(), "it started before it failed");
+    assert!(e.contains("non-finite") && e.contains("stopped at step 3"), "{e}");
+    assert_eq!((r.steps_done, r.losses.len(), r.samples.len(), r.exports.len()), (3, 3, 0, 0));
+    assert!(r.losses[0].loss.is_finite() && r.losses[2].skipped);
+    assert!(r.layers.is_some() && r.trainable_params.is_some(), "it started before it failed");
 
     // Same seed, same noise, and the base weights the gate trained are put back: the second
     // LoRA retraces the first bit for bit, samples included.
     let (a, b, gate) = (by("lora-a"), by("lora-b"), by("gate"));
     assert!(gate.base_params.unwrap() > 0, "the gate trains base projections");
     assert_ne!(gate.eval_loss_end, gate.eval_loss_start);
-    assert_eq!(a.losses, b.losses);
+    let without_time = |r: &graft_host::compare::StrategyResult| -> Vec<(u64, f64, f64, bool)> {
+        r.losses.iter().map(|e| (e.step, e.loss, e.grad_norm, e.skipped)).collect()
+    };
+    assert_eq!(without_time(a), without_time(b));
     assert_eq!((a.eval_loss_start, a.eval_loss_end), (b.eval_loss_start, b.eval_loss_end));
     for (sa, sb) in a.samples.iter().zip(&b.samples) {
         let pa = image::open(out.join(sa)).unwrap().to_rgb8();
@@ -153,7 +163,7 @@ fn compare_reports_every_strategy_side_by_side() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     let (header, rows) = md_table(&md);
     assert_eq!(header.len(), 12, "{header:?}");
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 7);
     for (row, r) in rows.iter().zip(&outcome.strategies) {
         assert_eq!(row.len(), header.len(), "{row:?}");
         assert_eq!(row[0], r.name);
@@ -163,7 +173,7 @@ fn compare_reports_every_strategy_side_by_side() {
             let final_loss: f64 = cell_of(row, &header, "final loss").parse().unwrap();
             assert!((final_loss - r.final_loss.unwrap()).abs() < 1e-4);
             let mean: f64 = cell_of(row, &header, "mean loss (last 2)").parse().unwrap();
-            let want = (r.losses[1].loss + r.losses[2].loss) / 2.0;
+            let want = (r.losses[2].loss + r.losses[3].loss) / 2.0;
             assert!((mean - want).abs() < 1e-4, "{mean} vs {want}");
             let params = cell_of(row, &header, "trainable params");
             let n: u64 = params.split_whitespace().next().unwrap().replace(',', "").parse().unwrap();
@@ -176,7 +186,8 @@ fn compare_reports_every_strategy_side_by_side() {
             assert!(cell_of(row, &header, "peak memory").ends_with("B"));
             assert!(cell_of(row, &header, "eval loss").contains('→'));
         } else {
-            assert!(status.starts_with("failed after 0 steps: "), "{status}");
+            let steps = if r.name == "diverges" { 3 } else { 0 };
+            assert!(status.starts_with(&format!("failed after {steps} steps: ")), "{status}");
         }
     }
     assert!(cell_of(&rows[0], &header, "config").contains("\"rank\":2"));
@@ -197,9 +208,9 @@ fn compare_reports_every_strategy_side_by_side() {
     let plot = image::load_from_memory(&plot).unwrap();
     assert_eq!((plot.width(), plot.height()), (800, 480));
 
-    // The grid: 7 rows (base + 6 strategies) by 2 prompts of 64x48, 4-pixel gaps.
+    // The grid: 8 rows (base + 7 strategies) by 2 prompts of 64x48, 4-pixel gaps.
     let grid = image::load_from_memory(&grid_bytes).unwrap().to_rgb8();
-    let (rows_n, cols_n) = (7, 2);
+    let (rows_n, cols_n) = (8, 2);
     assert_eq!((grid.width(), grid.height()), (cols_n * (W + 4) + 4, rows_n * (H + 4) + 4));
     let cell = |r: u32, c: u32| image::imageops::crop_imm(&grid, 4 + c * (W + 4), 4 + r * (H + 4), W, H).to_image();
     for (c, sample) in outcome.base_samples.iter().enumerate() {
@@ -220,13 +231,14 @@ fn compare_reports_every_strategy_side_by_side() {
 
     // summary.json has the same results.
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["strategies"].as_array().unwrap().len(), 6);
+    assert_eq!(summary["strategies"].as_array().unwrap().len(), 7);
     assert_eq!(summary["strategies"][3]["name"], "missing");
     for f in &outcome.report_files {
         assert!(out.join(f).is_file(), "{}", f.display());
     }
     // Loss logs per strategy.
-    assert_eq!(graft_host::train::losslog::read(&out.join("strategies/gate/loss.jsonl")).unwrap().len(), 3);
+    assert_eq!(graft_host::train::losslog::read(&out.join("strategies/gate/loss.jsonl")).unwrap().len(), 4);
+    assert_eq!(graft_host::train::losslog::read(&out.join("strategies/diverges/loss.jsonl")).unwrap().len(), 3);
     assert_eq!(report::REPORT_HTML, "report.html");
 }
 

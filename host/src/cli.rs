@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{compare, demo, generate, layers, train, plugins};
+use crate::{compare, demo, generate, layers, train, plugins, tools};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +37,12 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Run `compare` over the three shipped strategies on a tiny built-in model and generated data.
     Demo(demo::DemoArgs),
+    /// Show what an adapter file is: format, strategy, layers, ranks, alphas, metadata, base model.
+    Inspect(tools::inspect::InspectArgs),
+    /// Convert an adapter file between kohya, PEFT / diffusers, LyCORIS and graft-native.
+    Convert(tools::convert::ConvertArgs),
+    /// Merge adapters into a checkpoint, or several adapters into one (exact or by SVD to a rank).
+    Merge(tools::merge::MergeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -48,6 +54,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugin(args) => plugins::cli::run_plugin(args),
         Command::Compare(args) => compare::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Inspect(args) => tools::inspect::run(args),
+        Command::Convert(args) => tools::convert::run(args),
+        Command::Merge(args) => tools::merge::run(args),
     }
 }
 

@@ -9,4 +9,5 @@ pub mod generate;
 pub mod layers;
 pub mod plugins;
 pub mod progress;
+pub mod tools;
 pub mod train;

@@ -474,7 +474,14 @@ def write_readme(pipe, refs, pipe_meta, sgm):
                               sgm=sgm, params=params, files=files,
                               versions=f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
                                        f"transformers {transformers.__version__}")
-    (FIXTURES / "README.md").write_text(text)
+    # Sections other scripts appended (e.g. make_train_fixtures.py) are kept.
+    readme = FIXTURES / "README.md"
+    if readme.exists():
+        old = readme.read_text()
+        marker = "\n## `reference/train_step.safetensors`"
+        if marker in old:
+            text = text.rstrip("\n") + "\n" + old[old.index(marker):]
+    readme.write_text(text)
 
 
 def main():

@@ -41,7 +41,13 @@ pub fn read_bytes(bytes: &[u8], path: &Path) -> Result<RawFile> {
             path.display()
         ))
     };
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(&e))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        if graft_sdxl::varbuilder::looks_like_pickle(path, &bytes[..bytes.len().min(4)]) {
+            graft_sdxl::varbuilder::pickle_error(path)
+        } else {
+            bad(&e)
+        }
+    })?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(&e))?;
     let metadata: BTreeMap<String, String> = header
         .metadata()

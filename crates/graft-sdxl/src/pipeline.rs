@@ -72,9 +72,16 @@ pub struct Generated {
     pub latents: Tensor,
 }
 
+/// The largest image side (pixels) graft accepts.
+pub const MAX_SIDE: usize = 16384;
+
 /// Checks a size before any work; the error says what to do.
 pub fn check_size(width: usize, height: usize) -> Result<()> {
     for (what, v) in [("width", width), ("height", height)] {
+        // First, so a size typed wrong (or read from a bad file) allocates nothing.
+        if v > MAX_SIDE {
+            candle_core::bail!("{what} {v} is larger than the {MAX_SIDE} pixels graft accepts")
+        }
         if v == 0 || v % 8 != 0 {
             let lo = (v / 8).max(1) * 8;
             candle_core::bail!(

@@ -72,6 +72,26 @@ pub struct TensorSource {
     description: String,
 }
 
+/// True when a file that did not read as safetensors looks like a PyTorch pickle (`.ckpt`, `.pt`,
+/// `.pth`, `.bin`, `.pkl`): by its name, or by its first bytes (a pickle's `\x80` protocol mark,
+/// or torch.save's zip archive). graft never reads those: unpickling can run arbitrary code.
+/// Ask only after a safetensors read failed (a safetensors header length can start the same way).
+pub fn looks_like_pickle(path: &Path, head: &[u8]) -> bool {
+    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    ["ckpt", "pt", "pth", "bin", "pkl", "pickle"].contains(&ext.as_str())
+        || head.starts_with(b"PK\x03\x04")
+        || (head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]))
+}
+
+/// The error for a pickle file given where safetensors are expected.
+pub fn pickle_error(path: &Path) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{}: this is a PyTorch pickle file; graft reads safetensors only, because loading a pickle can run \
+         arbitrary code: use the .safetensors version of the file, or convert it in a trusted environment",
+        path.display()
+    ))
+}
+
 /// Opens safetensors files, with an error that names the file and says what to do.
 pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
     for p in paths {
@@ -81,6 +101,14 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
     }
     // Safety: the files are memory-mapped read-only; graft never writes to a model file it has open.
     unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| {
+        for p in paths {
+            let mut head = [0u8; 4];
+            let n = std::fs::File::open(p).and_then(|mut f| std::io::Read::read(&mut f, &mut head)).unwrap_or(0);
+            // Safety: as above (read-only mapping), only to tell which file failed.
+            if looks_like_pickle(p, &head[..n]) && unsafe { MmapedSafetensors::new(p) }.is_err() {
+                return pickle_error(p);
+            }
+        }
         let names: Vec<_> = paths.iter().map(|p| p.display().to_string()).collect();
         candle_core::Error::Msg(format!(
             "{}: not a readable safetensors file ({e}); the file is corrupt or truncated: download or export it again",

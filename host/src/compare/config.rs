@@ -9,8 +9,8 @@ use crate::train::config::{DatasetSection, StrategySection, TrainConfig};
 use crate::train::samples::{parse_prompt_file, parse_prompts, SampleDefaults, SamplePrompt};
 
 /// An example config, shown by `graft compare --help`.
-pub const EXAMPLE: &str = r#"model = "models/sd_xl_base_1.0.safetensors"   # diffusers folder or single file
-output_dir = "out/compare"                         # the report folder
+pub const EXAMPLE: &str = r#"model = "models/sd_xl_base_1.0.safetensors"       # diffusers folder or single file
+output_dir = "out/compare"                        # the report folder
 seed = 42                                         # data order, noise, timesteps, sample seeds
 steps = 500                                       # the same budget for every strategy
 loss_window = 50                                  # the table's mean loss is over the last N steps
@@ -135,7 +135,7 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 
 impl CompareConfig {
     /// Parses a config; relative paths in it are relative to `base`. `source` names it in errors.
-    pub fn from_str(text: &str, source: &str, base: &Path) -> anyhow::Result<Self> {
+    pub fn parse_str(text: &str, source: &str, base: &Path) -> anyhow::Result<Self> {
         let mut config: CompareConfig =
             toml::from_str(text).with_context(|| format!("{source}: invalid compare config (`graft compare --help` shows an example)"))?;
         config.resolve_paths(base);
@@ -146,13 +146,15 @@ impl CompareConfig {
     /// Reads a config file; relative paths in it are relative to the file's folder.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read compare config {}", path.display()))?;
-        Self::from_str(&text, &path.display().to_string(), path.parent().unwrap_or(Path::new(".")))
+        Self::parse_str(&text, &path.display().to_string(), path.parent().unwrap_or(Path::new(".")))
     }
 
     fn resolve_paths(&mut self, base: &Path) {
+        // `output_dir = "."` is the config's folder itself, not `folder/.`.
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                let clean: PathBuf = base.join(&*p).components().filter(|c| *c != std::path::Component::CurDir).collect();
+                *p = if clean.as_os_str().is_empty() { PathBuf::from(".") } else { clean };
             }
         };
         fix(&mut self.model);
@@ -186,8 +188,8 @@ impl CompareConfig {
         self.train_config(&self.strategies[0], &self.output_dir)?.validate()
     }
 
-    /// The training run of one strategy, writing into `out_dir`. Checkpoints and in-run samples
-    /// are off: compare samples once, at the end.
+    /// The training run of one strategy, writing into `out_dir` with files named after the
+    /// row. Checkpoints and in-run samples are off: compare samples once, at the end.
     pub fn train_config(&self, s: &StrategyEntry, out_dir: &Path) -> anyhow::Result<TrainConfig> {
         Ok(TrainConfig {
             model: self.model.clone(),
@@ -210,7 +212,9 @@ impl CompareConfig {
             cache_latents: self.cache_latents.clone(),
             max_bad_steps: self.max_bad_steps,
             dataset: self.dataset.clone(),
-            strategy: StrategySection { plugin: s.plugin.clone(), name: Some(s.name().to_string()), config: s.config.clone() },
+            // Parameters are keyed by the plugin id, not the row name: parameter inits derive from
+            // the seed and the key, so config variants of one plugin start from the same values.
+            strategy: StrategySection { plugin: s.plugin.clone(), name: None, config: s.config.clone() },
         })
     }
 
@@ -235,7 +239,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> anyhow::Result<CompareConfig> {
-        CompareConfig::from_str(text, "c.toml", Path::new("/base"))
+        CompareConfig::parse_str(text, "c.toml", Path::new("/base"))
     }
 
     const MIN: &str = "model = \"m\"\noutput_dir = \"out\"\nsteps = 3\nprompts = [\"a cat --s 2 --w 64 --h 64\"]\n\
@@ -243,10 +247,12 @@ mod tests {
 
     #[test]
     fn example_parses() {
-        let c = CompareConfig::from_str(EXAMPLE, "example", Path::new("/x")).unwrap();
+        let c = CompareConfig::parse_str(EXAMPLE, "example", Path::new("/x")).unwrap();
         assert_eq!(c.strategies.len(), 4);
         assert_eq!(c.strategies[2].name(), "attention-gate");
         assert_eq!(c.model, Path::new("/x/models/sd_xl_base_1.0.safetensors"));
+        let dot = parse(&format!("{}[[strategies]]\nplugin = \"lora\"\n", MIN.replace("\"out\"", "\".\""))).unwrap();
+        assert_eq!(dot.output_dir, Path::new("/base"));
         let t = c.train_config(&c.strategies[1], Path::new("/r/lora-r32")).unwrap();
         assert_eq!((t.output_name.as_str(), t.strategy.plugin.as_str(), t.steps), ("lora-r32", "lora", 500));
         assert_eq!(t.strategy_json().unwrap(), r#"{"alpha":16,"rank":32}"#);

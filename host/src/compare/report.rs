@@ -51,15 +51,9 @@ fn or_dash<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
 
 /// `12,345,678`.
 pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    let digits: Vec<char> = n.to_string().chars().collect();
+    let groups: Vec<String> = digits.rchunks(3).rev().map(|g| g.iter().collect()).collect();
+    groups.join(",")
 }
 
 /// The table cells of one strategy (plain text, not escaped).

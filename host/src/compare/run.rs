@@ -235,7 +235,7 @@ fn describe_device(device: &candle_core::Device) -> String {
         "Metal GPU".into()
     } else {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        format!("CPU ({threads} threads)")
+        format!("CPU, {threads} threads")
     }
 }
 

@@ -134,26 +134,60 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The `__metadata__` of a safetensors header, reading only the header.
-pub fn read_header_metadata(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+/// One tensor entry of a safetensors header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderTensor {
+    /// `F16`, `BF16`, `F32`, ...
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// A safetensors header: metadata and tensor entries, read without the tensor data.
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    pub metadata: BTreeMap<String, String>,
+    pub tensors: BTreeMap<String, HeaderTensor>,
+    /// Bytes of the whole file.
+    pub file_size: u64,
+}
+
+/// Reads the header of a safetensors file (not its data).
+pub fn read_header(path: &Path) -> anyhow::Result<Header> {
     let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let file_size = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut len = [0u8; 8];
     f.read_exact(&mut len).with_context(|| format!("{}: not a safetensors file (too short)", path.display()))?;
     let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        bail!("{}: not a safetensors file (header length {n})", path.display());
+    if n > 100 << 20 || n + 8 > file_size {
+        bail!("{}: not a safetensors file (header length {n} for a file of {file_size} bytes)", path.display());
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).with_context(|| format!("{}: truncated safetensors header", path.display()))?;
     let json: serde_json::Value =
         serde_json::from_slice(&header).with_context(|| format!("{}: the safetensors header is not JSON", path.display()))?;
-    let mut out = BTreeMap::new();
-    if let Some(m) = json.get("__metadata__").and_then(|m| m.as_object()) {
-        for (k, v) in m {
-            out.insert(k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+    let Some(map) = json.as_object() else { bail!("{}: the safetensors header is not a JSON object", path.display()) };
+    let mut out = Header { file_size, ..Default::default() };
+    for (k, v) in map {
+        if k == "__metadata__" {
+            for (mk, mv) in v.as_object().into_iter().flatten() {
+                out.metadata.insert(mk.clone(), mv.as_str().map(str::to_string).unwrap_or_else(|| mv.to_string()));
+            }
+            continue;
         }
+        let dtype = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?").to_string();
+        let shape = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
+            .unwrap_or_default();
+        out.tensors.insert(k.clone(), HeaderTensor { dtype, shape });
     }
     Ok(out)
+}
+
+/// The `__metadata__` of a safetensors header, reading only the header.
+pub fn read_header_metadata(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    Ok(read_header(path)?.metadata)
 }
 
 #[cfg(test)]

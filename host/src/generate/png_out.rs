@@ -71,8 +71,9 @@ pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8], parameter
 
 /// Reads the `parameters` text chunk of a PNG (for tests and `graft inspect`).
 pub fn read_parameters(path: &Path) -> anyhow::Result<Option<String>> {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path)?));
-    let reader = decoder.read_info()?;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder.read_info().with_context(|| format!("{}: not a readable PNG", path.display()))?;
     Ok(reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone()))
 }
 

@@ -24,7 +24,7 @@ pub struct PluginsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PluginsCommand {
-    /// List the plugin libraries found: id, version, ABI, status and path.
+    /// List the plugin libraries found: id, version, ABI, status, SHA-256 and path.
     List(ListArgs),
     /// Load one library and tell whether it is a usable plugin, and why not.
     Check(CheckArgs),
@@ -133,6 +133,8 @@ struct Row {
     abi: Option<u32>,
     status: String,
     reason: Option<String>,
+    /// SHA-256 of the loaded library's bytes.
+    sha256: Option<String>,
     path: PathBuf,
 }
 
@@ -154,6 +156,7 @@ fn rows(manager: &PluginManager) -> Vec<Row> {
                 abi: m.map(|m| m.abi_version),
                 status,
                 reason,
+                sha256: e.plugin.as_ref().map(|p| p.sha256.clone()),
                 path: e.path.clone(),
             }
         })
@@ -174,11 +177,13 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
         let w_id = rows.iter().map(|r| r.id.as_deref().unwrap_or("-").len()).max().unwrap_or(2).max(2);
         let w_ver = rows.iter().map(|r| r.version.as_deref().unwrap_or("-").len()).max().unwrap_or(7).max(7);
         let w_status = rows.iter().map(|r| r.status.len()).max().unwrap_or(6).max(6);
-        println!("{:w_id$}  {:w_ver$}  ABI  {:w_status$}  PATH", "ID", "VERSION", "STATUS");
+        // The first 16 hex digits of the SHA-256 (`--json` has all 64).
+        println!("{:w_id$}  {:w_ver$}  ABI  {:w_status$}  {:16}  PATH", "ID", "VERSION", "STATUS", "SHA256");
         for r in &rows {
             let abi = r.abi.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+            let sha = r.sha256.as_deref().map_or("-", |h| &h[..16.min(h.len())]);
             println!(
-                "{:w_id$}  {:w_ver$}  {abi:3}  {:w_status$}  {}",
+                "{:w_id$}  {:w_ver$}  {abi:3}  {:w_status$}  {sha:16}  {}",
                 r.id.as_deref().unwrap_or("-"),
                 r.version.as_deref().unwrap_or("-"),
                 r.status,
@@ -210,6 +215,7 @@ fn read_config(arg: &str) -> anyhow::Result<String> {
 fn describe(p: &LoadedPlugin) -> serde_json::Value {
     serde_json::json!({
         "path": p.source,
+        "sha256": p.sha256,
         "id": p.manifest.id,
         "version": p.manifest.version,
         "abi_version": p.manifest.abi_version,
@@ -244,6 +250,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     } else {
         let m = &plugin.manifest;
         println!("file:          {}", args.file.display());
+        println!("sha256:        {}", plugin.sha256);
         println!("id:            {}", m.id);
         println!("version:       {}", m.version);
         println!("ABI:           {} (host {}), layout check passed", m.abi_version, graft_abi::ABI_VERSION);

@@ -60,6 +60,8 @@ pub struct LoadedPlugin {
     pub private_copy: PathBuf,
     /// Hash of the library's bytes (a rebuild with the same bytes is skipped).
     pub hash: u64,
+    /// SHA-256 of the library's bytes (hex), shown to the user to identify the build.
+    pub sha256: String,
     pub size: u64,
     pub modified: Option<SystemTime>,
     /// Which load this is (unique in the process, grows).
@@ -72,7 +74,7 @@ impl fmt::Debug for LoadedPlugin {
         f.debug_struct("LoadedPlugin")
             .field("manifest", &self.manifest)
             .field("source", &self.source)
-            .field("hash", &format_args!("{:016x}", self.hash))
+            .field("sha256", &self.sha256)
             .field("generation", &self.generation)
             .finish()
     }
@@ -112,6 +114,9 @@ pub enum LoadError {
     AbiVersion { found: u32 },
     /// The manifest could not be read or is invalid.
     Manifest(String),
+    /// Not loaded because of the trust model: another user could have replaced it (see
+    /// [`super::trust`]).
+    Untrusted(String),
 }
 
 impl LoadError {
@@ -123,6 +128,7 @@ impl LoadError {
             LoadError::Incompatible(_) => "incompatible",
             LoadError::AbiVersion { .. } => "wrong ABI",
             LoadError::Manifest(_) => "bad manifest",
+            LoadError::Untrusted(_) => "refused",
         }
     }
 }
@@ -141,6 +147,7 @@ impl fmt::Display for LoadError {
                 "built for graft plugin ABI {found}, this host speaks ABI {ABI_VERSION}; rebuild it against this graft's graft-sdk"
             ),
             LoadError::Manifest(m) => write!(f, "its manifest is unusable: {m}"),
+            LoadError::Untrusted(m) => write!(f, "{m}"),
         }
     }
 }
@@ -223,14 +230,20 @@ pub fn load_plugin_bytes(
     private_dir: &Path,
     generation: u64,
 ) -> Result<LoadedPlugin, LoadError> {
+    super::trust::check_library(path).map_err(LoadError::Untrusted)?;
     let hash = content_hash(bytes);
-    std::fs::create_dir_all(private_dir)
+    super::trust::create_private_dir(private_dir)
         .map_err(|e| LoadError::Io(format!("cannot create the private plugin folder {}: {e}", private_dir.display())))?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
     let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("so");
     let private_copy = private_dir.join(format!("{stem}.g{generation}.{hash:016x}.{ext}"));
     std::fs::write(&private_copy, bytes)
         .map_err(|e| LoadError::Io(format!("cannot write the private copy {}: {e}", private_copy.display())))?;
+    // Whoever can write the private folder could swap the copy before it is mapped.
+    if let Err(why) = super::trust::private_dir_ok(private_dir, Some(&private_copy)) {
+        let _ = std::fs::remove_file(&private_copy);
+        return Err(LoadError::Untrusted(format!("refused: the private plugin folder is unsafe: {why}")));
+    }
 
     let header = lib_header_from_path(&private_copy);
     // The mapping keeps the file's contents alive; on Unix the name can go now.
@@ -264,6 +277,7 @@ pub fn load_plugin_bytes(
         source: path.to_path_buf(),
         private_copy,
         hash,
+        sha256: super::trust::sha256_hex(bytes),
         size: bytes.len() as u64,
         modified,
         generation,

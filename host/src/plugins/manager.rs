@@ -304,6 +304,8 @@ impl PluginManager {
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         let plugin = match load_plugin_bytes(path, &bytes, modified, &self.private_dir, generation) {
             Ok(p) => p,
+            // A refused library is looked at again on the next change (a chmod fixes it).
+            Err(error @ LoadError::Untrusted(_)) => return Some(self.failed(path, origin, None, error, running(self))),
             Err(error) => return Some(self.failed(path, origin, Some(hash), error, running(self))),
         };
 

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod manager;
 mod scaffold;
 pub mod strategy;
+pub mod trust;
 
 use std::path::{Path, PathBuf};
 
@@ -108,6 +109,7 @@ impl PluginDirArgs {
             // failures only show in `graft plugins list` and in the error for a missing id.
             let named = |path: &Path| manager.files().get(path).is_some_and(|e| e.origin != DirOrigin::Default);
             match &event {
+                ReloadEvent::Failed { error: LoadError::Untrusted(_), .. } => tracing::warn!("{event}"),
                 ReloadEvent::Failed { path, error, .. } if named(path) && !matches!(error, LoadError::NotAPlugin(_)) => {
                     tracing::warn!("{event}")
                 }

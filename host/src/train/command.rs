@@ -129,15 +129,22 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
         records.push(record);
         if trainer.bad_in_row >= trainer.config.max_bad_steps {
             bar.abandon();
+            let why = if trainer.strategy_failed() {
+                format!("the strategy `{}` failed and is detached", trainer.strategy_name())
+            } else {
+                "non-finite loss or gradient".to_string()
+            };
             anyhow::bail!(
-                "stopped at step {}: {} steps in a row had a non-finite loss or gradient; the last good checkpoint is {}",
+                "stopped at step {}: {} steps in a row were skipped ({why}); the last good checkpoint is {}",
                 trainer.step,
                 trainer.bad_in_row,
                 last_checkpoint.as_ref().map_or("(none yet)".into(), |p: &PathBuf| p.display().to_string())
             );
         }
         let step = trainer.step;
-        if trainer.config.save_every > 0 && step % trainer.config.save_every == 0 && step < total {
+        // Checkpoints are taken after good steps only: the last one is always a good one.
+        let good = trainer.bad_in_row == 0;
+        if good && trainer.config.save_every > 0 && step % trainer.config.save_every == 0 && step < total {
             last_checkpoint = Some(checkpoint::save(&trainer)?);
         }
         if !prompts.is_empty() && step % trainer.config.sample_every == 0 {

@@ -3,7 +3,9 @@
 //! Each step: the strategy's stage directives, a batch of VAE latents (cached), text embeddings
 //! (cached while no adapter touches the text encoders), seeded noise and timesteps, the UNet with
 //! the adapters at their hook points, an epsilon or v-prediction MSE loss (min-SNR weighted),
-//! backward, then AdamW over the plan's groups. Non-finite losses or gradients skip the step.
+//! backward, then AdamW over the plan's groups. Non-finite losses or gradients skip the step; so
+//! does a strategy that fails (panic or error) during it: it is detached, reported, its
+//! parameters are kept, and steps are skipped until a new build is taken up (`poll_reloads`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -92,10 +94,12 @@ impl Trainer {
         let mut set = AdapterSet::new(&model, config.seed);
         let (strategy, diff) = set.add(instance, 1.0, 1.0)?;
         tracing::info!(
-            "strategy `{}` ({} {}): {} hook points, {} parameters created",
+            "strategy `{}` ({} {} from {}, sha256 {}): {} hook points, {} parameters created",
             set.strategies()[strategy].name(),
             plugin.manifest.id,
             plugin.manifest.version,
+            plugin.source.display(),
+            plugin.sha256,
             set.strategies()[strategy].plan.attachments.len(),
             diff.created.len()
         );
@@ -312,6 +316,10 @@ impl Trainer {
         for _ in 0..self.config.gradient_accumulation {
             let batch = self.next_batch()?;
             let loss = self.loss(&batch)?;
+            if self.strategy_failed() {
+                // Detached part way through the forward: the graph is not the strategy's.
+                break;
+            }
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 finite = false;
@@ -322,12 +330,23 @@ impl Trainer {
             let grads = loss.backward()?;
             acc.add(&self.optimizer.gradients(&grads))?;
         }
-        if let Some(e) = self.set.take_failures().into_iter().next() {
-            anyhow::bail!("the strategy failed during the step: {e}");
+        for e in self.set.take_failures() {
+            tracing::error!("step {}: {e}", self.step);
         }
+        let failed = self.strategy_failed();
         let factor = self.schedule.factor(self.step as usize);
         let lr = self.current_lr(factor);
-        let (skipped, grad_norm) = match (finite, acc.take_mean()?) {
+        let (skipped, grad_norm) = match (finite && !failed, acc.take_mean()?) {
+            _ if failed => {
+                tracing::warn!(
+                    "step {}: strategy `{}` is detached after a failure: step skipped, its parameters are kept \
+                     (fix and rebuild the plugin; with --watch the new build is taken up at the next step)",
+                    self.step,
+                    self.strategy_name()
+                );
+                loss_sum = f64::NAN;
+                (true, f64::NAN)
+            }
             (true, Some(grads)) => {
                 let report = self.optimizer.step(&grads, factor)?;
                 if report.skipped {
@@ -357,6 +376,12 @@ impl Trainer {
         };
         self.step += 1;
         Ok(record)
+    }
+
+    /// True while the active strategy is detached because it failed (until a reload).
+    pub fn strategy_failed(&self) -> bool {
+        let name = self.strategy_name();
+        self.set.failed_strategies().iter().any(|s| s == name)
     }
 
     fn current_lr(&self, factor: f64) -> f64 {

@@ -4,6 +4,10 @@
 //! where `entry` is one of `new`, `plan`, `forward`, `delta_weight`, `on_step`, `export`,
 //! `save_state`, `load_state`. Without a fault it is a working "add a learned bias" strategy on
 //! every linear layer it is given.
+//!
+//! Numerical faults (forward only): `{"fault": "nan" | "inf", "after": k, "until": m}` makes the
+//! output NaN (or +inf) at the training steps `k <= step < m` (`until` absent: from `k` on), and
+//! is the working strategy otherwise.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,6 +21,12 @@ struct Config {
     fault: String,
     #[serde(default = "forward")]
     entry: String,
+    /// First training step of a `nan` / `inf` fault.
+    #[serde(default)]
+    after: u64,
+    /// First training step after a `nan` / `inf` fault (none: it persists).
+    #[serde(default)]
+    until: Option<u64>,
 }
 
 fn forward() -> String {
@@ -72,6 +82,13 @@ impl Strategy for Faulty {
         self.trip("forward")?;
         let base = inputs.base_out()?;
         let out = base + ops.get_param("bias");
+        let step = ops.step();
+        let in_window = ops.training() && step >= self.config.after && self.config.until.is_none_or(|u| step < u);
+        match self.config.fault.as_str() {
+            "nan" if in_window => return Ok(out.affine(1.0, f64::NAN)),
+            "inf" if in_window => return Ok(out.affine(1.0, f64::INFINITY)),
+            _ => {}
+        }
         if self.config.entry == "forward" {
             match self.config.fault.as_str() {
                 // One feature short of the hook point's output.
