@@ -5,52 +5,19 @@
 #[path = "plugins_common.rs"]
 mod common;
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
+use common::{max_diff, sdxl_layers, single_plugin_manager, tiny_layers};
 use graft_host::adapters::store::{ParamKey, ParamStore};
-use graft_host::plugins::{layers_to_abi, CallContext, PluginManager, StrategyInstance};
+use graft_host::plugins::{CallContext, PluginManager, StrategyInstance};
 use graft_sdxl::rng::GraftRng;
-use graft_sdxl::SdxlConfig;
 
-/// Builds `plugins/lora` (once per test binary) and returns a manager over a scratch folder
-/// holding a copy of it.
 fn lora_manager(test: &str) -> PluginManager {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let out = cargo()
-            .current_dir(workspace())
-            .args(["build", "-p", "lora", "--target-dir"])
-            .arg(plugin_target())
-            .output()
-            .expect("run cargo");
-        assert!(out.status.success(), "cargo build -p lora failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    });
-    let dir: PathBuf = workspace().join("target/test-scratch").join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = lib_file("lora");
-    std::fs::copy(plugin_out().join(&f), dir.join(&f)).unwrap();
-    manager(&dir)
+    single_plugin_manager("lora", test)
 }
 
 fn strategy(m: &PluginManager, config: &str) -> StrategyInstance {
     StrategyInstance::new(m.require("lora").expect("lora plugin loaded"), None, config).expect("strategy")
-}
-
-fn tiny_layers() -> Vec<graft_abi::LayerInfo> {
-    let cfg = SdxlConfig::from_diffusers_folder(&graft_tests::tiny_model()).expect("tiny config");
-    layers_to_abi(&graft_sdxl::model::layers_of(&cfg).expect("tiny layers"))
-}
-
-fn sdxl_layers() -> Vec<graft_abi::LayerInfo> {
-    layers_to_abi(&graft_sdxl::model::layers_of(&SdxlConfig::sdxl_base()).expect("SDXL layers"))
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {

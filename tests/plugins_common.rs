@@ -150,3 +150,38 @@ pub fn layers() -> Vec<graft_abi::LayerInfo> {
 pub fn layer<'a>(layers: &'a [graft_abi::LayerInfo], name: &str) -> &'a graft_abi::LayerInfo {
     layers.iter().find(|l| l.name() == name).expect("layer")
 }
+
+/// Builds one workspace plugin crate into the tests' target folder (once per crate and test
+/// binary) and returns a manager over a scratch folder `test` holding a copy of it.
+pub fn single_plugin_manager(crate_name: &str, test: &str) -> PluginManager {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    {
+        let mut built = BUILT.lock().unwrap();
+        if !built.iter().any(|c| c == crate_name) {
+            let mut cmd = cargo();
+            cmd.current_dir(workspace()).args(["build", "-p", crate_name, "--target-dir"]).arg(plugin_target());
+            run_cargo(cmd, crate_name);
+            built.push(crate_name.to_string());
+        }
+    }
+    let dir = workspace().join("target/test-scratch").join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch folder");
+    let f = lib_file(crate_name);
+    std::fs::copy(plugin_out().join(&f), dir.join(&f)).unwrap_or_else(|e| panic!("copy {f}: {e}"));
+    manager(&dir)
+}
+
+/// The hook points of the tiny fixture model and of the real SDXL base 1.0, as plugins see them.
+pub fn tiny_layers() -> Vec<graft_abi::LayerInfo> {
+    let cfg = graft_sdxl::SdxlConfig::from_diffusers_folder(&workspace().join("tests/fixtures/tiny-sdxl")).expect("tiny config");
+    graft_host::plugins::layers_to_abi(&graft_sdxl::model::layers_of(&cfg).expect("tiny layers"))
+}
+
+pub fn sdxl_layers() -> Vec<graft_abi::LayerInfo> {
+    graft_host::plugins::layers_to_abi(&graft_sdxl::model::layers_of(&graft_sdxl::SdxlConfig::sdxl_base()).expect("SDXL layers"))
+}
+
+pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}

@@ -338,6 +338,74 @@ fn key_entry() -> impl Strategy<Value = (usize, Naming, usize, Dtype, Vec<usize>
     (any::<usize>(), naming, 0..SUFFIXES.len(), dtype, shape)
 }
 
+/// A whole module of one family with consistent shapes (so deeper code runs), then maybe one
+/// tweak: a dimension off by one, a key dropped, an integer dtype.
+#[derive(Debug, Clone)]
+struct Module {
+    layer: usize,
+    family: u8,
+    rank: usize,
+    alpha: Option<f32>,
+    tweak: Option<(usize, u8)>,
+}
+
+fn module() -> impl Strategy<Value = Module> {
+    let alpha = prop_oneof![Just(None), Just(Some(0.0f32)), Just(Some(1.0)), Just(Some(8.0)), Just(Some(f32::NAN)), Just(Some(-3.0))];
+    let tweak = prop_oneof![3 => Just(None), 1 => (any::<usize>(), 0u8..3).prop_map(Some)];
+    (any::<usize>(), 0u8..7, 1usize..5, alpha, tweak).prop_map(|(layer, family, rank, alpha, tweak)| Module { layer, family, rank, alpha, tweak })
+}
+
+fn module_tensors(m: &Module) -> Vec<(String, Dtype, Vec<usize>)> {
+    let (_, layers, layout) = tiny_keys();
+    let linear: Vec<&graft_sdxl::LayerInfo> = layers.iter().filter(|l| l.kind == graft_sdxl::LayerKind::Linear).collect();
+    let l = linear[m.layer % linear.len()];
+    let (i, o, r) = (l.in_features, l.out_features, m.rank);
+    let kohya = graft_formats::to_kohya(&l.name, layout).unwrap_or_else(|_| "lora_unet_x".into());
+    let mut t: Vec<(String, Dtype, Vec<usize>)> = match m.family {
+        0 => vec![(format!("{kohya}.lora_down.weight"), Dtype::F32, vec![r, i]), (format!("{kohya}.lora_up.weight"), Dtype::F16, vec![o, r])],
+        1 => vec![(format!("{}.lora_A.weight", l.name), Dtype::F32, vec![r, i]), (format!("{}.lora_B.weight", l.name), Dtype::BF16, vec![o, r])],
+        2 => vec![
+            (format!("{kohya}.hada_w1_a"), Dtype::F32, vec![o, r]),
+            (format!("{kohya}.hada_w1_b"), Dtype::F32, vec![r, i]),
+            (format!("{kohya}.hada_w2_a"), Dtype::F32, vec![o, r]),
+            (format!("{kohya}.hada_w2_b"), Dtype::F32, vec![r, i]),
+        ],
+        3 => vec![(format!("{kohya}.lokr_w1"), Dtype::F32, vec![1, 1]), (format!("{kohya}.lokr_w2"), Dtype::F32, vec![o, i])],
+        4 => vec![
+            (format!("{kohya}.lokr_w1"), Dtype::F32, vec![1, 1]),
+            (format!("{kohya}.lokr_w2_a"), Dtype::F32, vec![o, r]),
+            (format!("{kohya}.lokr_w2_b"), Dtype::F32, vec![r, i]),
+        ],
+        5 => vec![(format!("{kohya}.diff"), Dtype::F32, vec![o, i]), (format!("{kohya}.diff_b"), Dtype::F32, vec![o])],
+        _ => vec![
+            (format!("{kohya}.lora_down.weight"), Dtype::F32, vec![r, i]),
+            (format!("{kohya}.lora_up.weight"), Dtype::F32, vec![o, r]),
+            (format!("{kohya}.dora_scale"), Dtype::F32, if r % 2 == 0 { vec![o, 1] } else { vec![1, i] }),
+        ],
+    };
+    if m.alpha.is_some() && m.family != 1 && m.family != 5 {
+        t.push((format!("{kohya}.alpha"), Dtype::F32, vec![]));
+    }
+    if let Some((at, how)) = m.tweak {
+        let n = t.len();
+        let k = at % n;
+        match how {
+            0 => {
+                let d = &mut t[k].2;
+                if !d.is_empty() {
+                    let j = at % d.len();
+                    d[j] += 1;
+                }
+            }
+            1 => {
+                t.remove(k);
+            }
+            _ => t[k].1 = Dtype::I64,
+        }
+    }
+    t
+}
+
 fn metadata_entry() -> impl Strategy<Value = (String, String)> {
     let key = prop_oneof![
         Just("lora_adapter_metadata".to_string()),
@@ -403,10 +471,20 @@ proptest! {
     /// refused with an error that names the file. The delta weights of what loads are computed.
     #[test]
     fn adapter_key_families_never_panic(
-        entries in proptest::collection::vec(key_entry(), 1..8),
+        entries in proptest::collection::vec(key_entry(), 0..6),
+        modules in proptest::collection::vec(module(), 0..4),
         metadata in proptest::collection::vec(metadata_entry(), 0..3),
     ) {
-        let bytes = adapter_bytes(&entries, &metadata);
+        let mut bytes = adapter_bytes(&entries, &metadata);
+        if !modules.is_empty() {
+            let mut tensors: Vec<(String, Dtype, Vec<usize>)> = modules.iter().flat_map(module_tensors).collect();
+            // The random entries too, so that complete and broken modules meet in one file.
+            let random = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, view) in random.tensors() {
+                tensors.push((name, view.dtype(), view.shape().to_vec()));
+            }
+            bytes = safetensors_file(&tensors, &metadata, 11);
+        }
         let path = Path::new("/fuzz/adapter.safetensors");
         let (keys, _, _) = tiny_keys();
         let (r, peak) = largest_allocation(|| {

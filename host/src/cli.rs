@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{compare, demo, generate, layers, train, plugins, tools};
+use crate::{bench, compare, demo, generate, layers, train, plugins, tools};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,6 +43,8 @@ pub enum Command {
     Convert(tools::convert::ConvertArgs),
     /// Merge adapters into a checkpoint, or several adapters into one (exact or by SVD to a rank).
     Merge(tools::merge::MergeArgs),
+    /// Time the workloads that tools/bench.sh compares with diffusers + PEFT; prints JSON lines.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -57,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => tools::inspect::run(args),
         Command::Convert(args) => tools::convert::run(args),
         Command::Merge(args) => tools::merge::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

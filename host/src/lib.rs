@@ -1,6 +1,7 @@
 //! The graft runtime: the `graft` command and what it runs.
 
 pub mod adapters;
+pub mod bench;
 pub mod cli;
 pub mod compare;
 pub mod demo;

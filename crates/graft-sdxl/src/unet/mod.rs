@@ -9,7 +9,7 @@
 mod blocks;
 pub mod config;
 mod embeddings;
-mod transformer;
+pub mod transformer;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
