@@ -187,6 +187,40 @@ fn lycoris_entries_fuse_to_lycoris_weights() {
     files.unfuse();
 }
 
+/// The bf16 kohya file with diffusers names (no alpha on the text encoders): fused weights minus
+/// loaded weights are diffusers' `fuse_lora` deltas, at weight 1 and 0.5.
+#[test]
+fn bf16_kohya_file_with_diffusers_names_fuses_to_the_diffusers_deltas() {
+    let model = model();
+    let exp = expected();
+    let selected: Vec<String> = serde_json::from_str(
+        &graft_formats::read::read_file(&lora("expected.safetensors")).unwrap().metadata["selected"],
+    )
+    .unwrap();
+    let weight = |name: &str| -> Tensor {
+        for reg in model.registries() {
+            if let Some(i) = reg.index_of(name) {
+                return reg.linear_weights(i).unwrap().read().unwrap().weight.clone();
+            }
+        }
+        panic!("no {name}")
+    };
+    let before: BTreeMap<&String, Tensor> = selected.iter().map(|l| (l, weight(l))).collect();
+    let mut files = FileAdapters::new(&model).unwrap();
+    let a = files.load(&lora("kohya_diffusers_bf16.safetensors"), "bf16", 1.0, 1.0).unwrap();
+    for w in [1.0, 0.5] {
+        files.set_weights(a, w, w).unwrap();
+        files.fuse().unwrap();
+        for layer in &selected {
+            let want = (&exp[&format!("kohya_diffusers_bf16/{layer}")] * w).unwrap();
+            let got = (weight(layer) - &before[layer]).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d <= 1e-5 * max_abs(&want).max(1.0), "{layer} at {w}: {d}");
+        }
+        files.unfuse();
+    }
+}
+
 #[test]
 fn keys_that_match_nothing_are_listed_and_a_file_that_matches_nothing_fails() {
     let model = model();

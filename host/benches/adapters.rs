@@ -124,7 +124,7 @@ fn sdxl_file_costs() {
         .iter()
         .flat_map(|r| r.layers().iter().enumerate().filter_map(|(i, l)| Some((l.name.clone(), r.linear_weights(i)?.clone()))))
         .collect();
-    let (mut fuse_s, mut unfuse_s, mut fused) = (0.0, 0.0, 0);
+    let (mut fuse_s, mut fuse_cpu, mut unfuse_s, mut fused) = (0.0, 0.0, 0.0, 0);
     for c in &chunks {
         let mut kept = Vec::new();
         for (name, w) in shared.iter().filter(|(n, _)| chunk(n) == *c) {
@@ -132,9 +132,10 @@ fn sdxl_file_costs() {
             kept.push((name.clone(), w.clone()));
             w.weight = w.weight.contiguous().unwrap().copy().unwrap();
         }
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), cpu_s());
         fused += files.fuse_where(|l| chunk(&l.name) == *c).unwrap();
         fuse_s += secs(t);
+        fuse_cpu += cpu_s() - cpu;
         let t = Instant::now();
         files.unfuse();
         unfuse_s += secs(t);
@@ -144,29 +145,50 @@ fn sdxl_file_costs() {
         }
     }
     println!(
-        "  fuse all {fused} layers (in {} chunks): {:.2} s ({:.1}x the raw read); unfuse (put the kept tensors back): {:.4} s",
+        "  fuse all {fused} layers (in {} chunks): {:.2} s wall, {:.2} s CPU ({:.1}x the raw read); unfuse (put the kept tensors back): {:.4} s",
         chunks.len(),
         fuse_s,
+        fuse_cpu,
         fuse_s / read_s,
         unfuse_s
     );
 }
 
-/// The fastest of `reps` runs of each closure, run in turns (the machine may be shared: the
-/// minimum is the least disturbed figure, and turns spread any disturbance over all of them).
-fn race(reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+/// CPU seconds used by the process so far (all threads; /proc/self/stat, 10 ms ticks).
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Runs each closure `reps` times in turns (the machine may be shared: turns spread any
+/// disturbance over all of them). Returns, per closure, the fastest wall time and the mean CPU
+/// time of a run (CPU time barely moves when other processes compete for the cores).
+fn race(reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<(f64, f64)> {
     for f in fs.iter_mut() {
         f(); // warm-up
     }
     let mut best = vec![f64::MAX; fs.len()];
+    let mut cpu = vec![0.0; fs.len()];
     for _ in 0..reps {
         for (i, f) in fs.iter_mut().enumerate() {
-            let t = Instant::now();
+            let (t, c) = (Instant::now(), cpu_s());
             f();
             best[i] = best[i].min(secs(t));
+            cpu[i] += cpu_s() - c;
         }
     }
-    best
+    best.into_iter().zip(cpu).map(|(b, c)| (b, c / reps as f64)).collect()
+}
+
+/// `wall ms / cpu ms` of a race entry, and its overhead over `base` in both.
+fn fig(t: (f64, f64), base: Option<(f64, f64)>) -> String {
+    let mut s = format!("{:.1} ms wall / {:.1} ms CPU", t.0 * 1e3, t.1 * 1e3);
+    if let Some(b) = base {
+        s.push_str(&format!(" ({:+.0}% wall, {:+.0}% CPU)", (t.0 / b.0 - 1.0) * 100.0, (t.1 / b.1 - 1.0) * 100.0));
+    }
+    s
 }
 
 fn tiny_unet_overhead() {
@@ -195,15 +217,10 @@ fn tiny_unet_overhead() {
     let fused = race(reps, &mut [&mut || run(files.hooks(PipelineHooks::none()).pipeline())])[0];
     files.unfuse();
     println!("tiny UNet forward (batch 2, 12x16 latents), LoRA rank 4 on all 192 linears:");
-    println!(
-        "  base {:.2} ms, unfused {:.2} ms (+{:.0}%), two LoRAs unfused {:.2} ms (+{:.0}%), fused {:.2} ms",
-        base * 1e3,
-        unfused * 1e3,
-        (unfused / base - 1.0) * 100.0,
-        unfused_two * 1e3,
-        (unfused_two / base - 1.0) * 100.0,
-        fused * 1e3
-    );
+    println!("  base:              {}", fig(base, None));
+    println!("  unfused:           {}", fig(unfused, Some(base)));
+    println!("  two LoRAs unfused: {}", fig(unfused_two, Some(base)));
+    println!("  fused:             {}", fig(fused, Some(base)));
 }
 
 /// diffusers' `BasicTransformerBlock` as SDXL has it (LayerNorm -> self-attention, LayerNorm ->
@@ -303,7 +320,7 @@ fn real_block_overhead() {
     let file = AdapterFile { format: AdapterFormat::Kohya, metadata: BTreeMap::new(), modules };
     files.add("random", Path::new("random"), file, report, 1.0, 1.0).unwrap();
 
-    let reps = 3;
+    let reps = 4;
     let t = race(
         reps,
         &mut [
@@ -326,19 +343,63 @@ fn real_block_overhead() {
     }])[0];
     files.unfuse();
     println!("one SDXL transformer block (dim {dim}, {heads} heads, 2 x {tokens} tokens, context 2 x 77 x {ctx}), LoRA rank {rank} on its {n} linears:");
-    println!(
-        "  base {:.0} ms, unfused {:.0} ms (+{:.1}%), fused {:.0} ms (fusing the block: {:.0} ms)",
-        base * 1e3,
-        unfused * 1e3,
-        (unfused / base - 1.0) * 100.0,
-        fused * 1e3,
-        fuse_s * 1e3
+    println!("  base:    {}", fig(base, None));
+    println!("  unfused: {}", fig(unfused, Some(base)));
+    println!("  fused:   {} (fusing the block took {:.0} ms)", fig(fused, Some(base)), fuse_s * 1e3);
+}
+
+/// The LoRA term on one real-size linear, two ways: through `nn::linear` (batched matmul with
+/// broadcast, transposed weights) and as 2-D matmuls with pre-transposed factors.
+fn lora_term_forms() {
+    let dev = Device::Cpu;
+    let mut rng = GraftRng::new(3);
+    let (n, d, r) = (2048, 1280, 32);
+    let x = rng.randn((2, n / 2, d), &dev).unwrap();
+    let w = rng.randn((d, d), &dev).unwrap();
+    let down = rng.randn((r, d), &dev).unwrap();
+    let up = rng.randn((d, r), &dev).unwrap();
+    let (down_t, up_t) = (down.t().unwrap().contiguous().unwrap(), up.t().unwrap().contiguous().unwrap());
+    let t = race(
+        5,
+        &mut [
+            &mut || {
+                graft_sdxl::nn::linear(&x, &w, None).unwrap();
+            },
+            &mut || {
+                let h = graft_sdxl::nn::linear(&x, &down, None).unwrap();
+                graft_sdxl::nn::linear(&h, &up, None).unwrap();
+            },
+            &mut || {
+                let x2 = x.reshape((n, d)).unwrap();
+                x2.matmul(&down_t).unwrap().matmul(&up_t).unwrap().reshape((2, n / 2, d)).unwrap();
+            },
+            &mut || {
+                let x2 = x.reshape((n, d)).unwrap();
+                x2.matmul(&down.t().unwrap()).unwrap().matmul(&up.t().unwrap()).unwrap().reshape((2, n / 2, d)).unwrap();
+            },
+        ],
     );
+    println!("one {d}x{d} linear on {n} tokens: {}", fig(t[0], None));
+    println!("  its rank-{r} LoRA term via nn::linear:                 {}", fig(t[1], None));
+    println!("  as 2-D matmuls with transposed copies of the factors:  {}", fig(t[2], None));
+    println!("  as 2-D matmuls with transposed views (graft's form):   {}", fig(t[3], None));
 }
 
 fn main() {
+    // `cargo bench --bench adapters -- block tiny`: only the sections named.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     println!("threads: {} (candle CPU)", candle_core::utils::get_num_threads());
-    sdxl_file_costs();
-    tiny_unet_overhead();
-    real_block_overhead();
+    if want("file") {
+        sdxl_file_costs();
+    }
+    if want("forms") {
+        lora_term_forms();
+    }
+    if want("tiny") {
+        tiny_unet_overhead();
+    }
+    if want("block") {
+        real_block_overhead();
+    }
 }

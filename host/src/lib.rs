@@ -10,5 +10,6 @@ pub mod generate;
 pub mod layers;
 pub mod plugins;
 pub mod progress;
+pub mod serve;
 pub mod tools;
 pub mod train;

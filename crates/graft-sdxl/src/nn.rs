@@ -60,6 +60,10 @@ impl HookedLinear {
 
 /// `x @ w^T + b` for x of any rank >= 2.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    // A frozen weight under an input that needs a gradient: skip the weight's gradient.
+    if x.track_op() && !w.track_op() && !b.is_some_and(|b| b.track_op()) {
+        return crate::fused::frozen_linear(x, w, b);
+    }
     let y = match x.dims() {
         [b0, b1, _, _] => x.matmul(&w.broadcast_left((*b0, *b1))?.t()?)?,
         [bsize, _, _] => x.matmul(&w.broadcast_left(*bsize)?.t()?)?,
@@ -108,6 +112,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::fused::supports_layer_norm(x, &self.weight, &self.bias) {
+            return crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
         let n = x.dim(D::Minus1)? as f64;
         let mean = (x.sum_keepdim(D::Minus1)? / n)?;
         let x = x.broadcast_sub(&mean)?;
@@ -133,6 +140,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
         t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
     };
+    if crate::fused::supports_attention(q) {
+        return crate::fused::attention(q, k, v, heads, causal);
+    }
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
     let scores = if causal { apply_causal_mask(&scores)? } else { scores };
@@ -162,9 +172,34 @@ pub fn conv2d(
     kernel: usize,
     stride: usize,
     padding: usize,
-) -> Result<candle_nn::Conv2d> {
+) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+    Ok(Conv2d(candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?))
+}
+
+/// candle-nn's `Conv2d`; with a frozen kernel on the CPU it runs [`crate::fused::conv2d`]
+/// (faster, and its backward skips the kernel's gradient).
+#[derive(Debug, Clone)]
+pub struct Conv2d(candle_nn::Conv2d);
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.0.bias()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.0.config();
+        if c.groups == 1 && c.dilation == 1 && crate::fused::supports_conv2d(x, self.weight(), self.bias()) {
+            return crate::fused::conv2d(x, self.weight(), self.bias(), c.padding, c.stride);
+        }
+        self.0.forward(x)
+    }
 }
 
 /// Sinusoidal embedding as diffusers' `get_timestep_embedding`: `t` [n] -> [n, dim].

@@ -9,11 +9,11 @@ use crate::nn::{conv2d, group_norm};
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
     norm1: candle_nn::GroupNorm,
-    conv1: candle_nn::Conv2d,
+    conv1: crate::nn::Conv2d,
     time_emb_proj: Option<candle_nn::Linear>,
     norm2: candle_nn::GroupNorm,
-    conv2: candle_nn::Conv2d,
-    conv_shortcut: Option<candle_nn::Conv2d>,
+    conv2: crate::nn::Conv2d,
+    conv_shortcut: Option<crate::nn::Conv2d>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -23,7 +23,11 @@
 //!
 //! **Together with strategies.** [`FileAdapters::hooks`] wraps any [`PipelineHooks`] (usually an
 //! [`AdapterSet`]'s): a hook point runs the inner hooks first, then adds the file adapters.
-//! When both fuse, fuse the files first and unfuse them last ([`fuse_all`], [`unfuse_all`]).
+//! When both fuse, fuse the files first and unfuse them last ([`fuse_all`], [`unfuse_all`]);
+//! unfuse the strategies before changing file adapters (their weights are put back in order).
+//!
+//! The adapter tensors stay on the CPU as read; what a hook point computes with is built from
+//! them on the model's device whenever an adapter is added or its weights change.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -88,24 +92,25 @@ impl FileAdapter {
         n
     }
 
-    /// One line: what attached where, at which weights.
+    /// One line: what attached where.
     pub fn summary(&self) -> String {
         let [u, t1, t2] = self.counts();
         format!(
-            "{} ({}): {} layers attached: {u} UNet, {t1} text_encoder, {t2} text_encoder_2; weight te {} unet {}",
+            "{} ({}): {} layers attached: {u} UNet, {t1} text_encoder, {t2} text_encoder_2",
             self.name,
             self.report.format,
             self.file.modules.len(),
-            self.te_weight,
-            self.unet_weight
         )
     }
 }
 
-/// What the entries at one hook point add, ready to compute with (on the model's device and dtype).
+/// What the entries at one hook point add, ready to compute with (on the model's device and
+/// dtype). The forward is plain 2-D matmuls over the flattened tokens with transposed views of
+/// the factors (as fast as pre-transposed copies, and attaching copies nothing).
 #[derive(Debug, Clone)]
 struct Compiled {
-    /// Concatenated LoRA factors: down [R, in], up [out, R] with weight and alpha / r folded in.
+    /// Concatenated LoRA factors: down [R, in], up [out, R] with the weight and alpha / r
+    /// folded into up.
     lora: Option<(Tensor, Tensor)>,
     /// Summed weight difference of the other entries [out, in].
     delta: Option<Tensor>,
@@ -114,7 +119,7 @@ struct Compiled {
 }
 
 impl Compiled {
-    /// The whole weight difference (and bias difference) this hook point adds.
+    /// The whole weight difference [out, in] (and bias difference) this hook point adds.
     fn weight_delta(&self) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let lora = match &self.lora {
             Some((down, up)) => Some(up.matmul(down)?),
@@ -383,15 +388,29 @@ impl FileAdapters {
     fn apply(&self, c: usize, layer: LayerIndex, input: &Tensor, out: Tensor) -> Result<Tensor> {
         let Some(Some(slot)) = self.slots[c].get(layer) else { return Ok(out) };
         let (Some(k), None) = (&slot.compiled, &slot.fused) else { return Ok(out) };
-        let mut out = out;
+        // Tokens flattened: [.., in] -> [n, in].
+        let in_f = input.dim(candle_core::D::Minus1)?;
+        let x = input.reshape((input.elem_count() / in_f.max(1), in_f))?;
+        let mut add: Option<Tensor> = None;
         if let Some((down, up)) = &k.lora {
-            let h = graft_sdxl::nn::linear(input, down, None)?;
-            out = (out + graft_sdxl::nn::linear(&h, up, None)?)?;
+            add = Some(x.matmul(&down.t()?)?.matmul(&up.t()?)?);
         }
-        match (&k.delta, &k.bias) {
-            (Some(d), b) => out = (out + graft_sdxl::nn::linear(input, d, b.as_ref())?)?,
-            (None, Some(b)) => out = out.broadcast_add(b)?,
-            (None, None) => {}
+        if let Some(d) = &k.delta {
+            let y = x.matmul(&d.t()?)?;
+            add = Some(match add {
+                Some(a) => (a + y)?,
+                None => y,
+            });
+        }
+        let mut out = match add {
+            Some(a) => {
+                let a = a.reshape(out.shape())?;
+                (out + a)?
+            }
+            None => out,
+        };
+        if let Some(b) = &k.bias {
+            out = out.broadcast_add(b)?;
         }
         Ok(out)
     }

@@ -28,6 +28,9 @@ struct Entry {
     rel: String,
 }
 
+/// A way to match a name: its description and the test.
+type Rule<'a> = (&'a str, &'a dyn Fn(&Entry) -> bool);
+
 /// The adapter files of the `--lora-dir` folders.
 #[derive(Debug, Clone, Default)]
 pub struct LoraDirs {
@@ -72,7 +75,7 @@ impl LoraDirs {
         let by_output_name = |e: &Entry| {
             read_header_metadata(&e.path).ok().and_then(|m| m.get("ss_output_name").cloned()).is_some_and(|n| n == name)
         };
-        let rules: [(&str, &dyn Fn(&Entry) -> bool); 3] = [
+        let rules: [Rule; 3] = [
             ("file name", &|e: &Entry| e.stem == name || e.rel == name),
             ("ss_output_name", &by_output_name),
             ("file name (ignoring case)", &|e: &Entry| e.stem.eq_ignore_ascii_case(name)),
@@ -232,7 +235,7 @@ mod tests {
         assert!(format!("{:#}", dirs.resolve("secret").unwrap_err()).contains("no adapter"));
 
         write(&a.join("other/ink.safetensors"), None);
-        let dirs = LoraDirs::scan(&[a.clone()]).unwrap();
+        let dirs = LoraDirs::scan(std::slice::from_ref(&a)).unwrap();
         let e = format!("{:#}", dirs.resolve("ink").unwrap_err());
         assert!(e.contains("ambiguous") && e.contains("other/ink") && e.contains("styles/ink"), "{e}");
 

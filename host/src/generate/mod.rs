@@ -236,6 +236,9 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
         }
         if current.as_ref() != Some(&jobs[i].uses) {
             activate(&jobs[i].uses, &attached, &mut files, &mut set, args.fuse)?;
+            let list: Vec<String> =
+                jobs[i].uses.iter().map(|u| format!("{} (te {}, unet {})", wanted[u.file].name, u.te, u.unet)).collect();
+            tracing::info!("adapters in use: {}", if list.is_empty() { "none".to_string() } else { list.join(", ") });
             current = Some(jobs[i].uses.clone());
         }
         let items: Vec<GenerateParams> = jobs[i..end].iter().map(|j| j.params.clone()).collect();

@@ -67,6 +67,7 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// Thin QR by modified Gram-Schmidt with one re-orthogonalisation: Q [m, n] with orthonormal
 /// (or zero, for dependent columns) columns, R [n, n] upper triangular, A = Q R.
+#[allow(clippy::needless_range_loop)]
 fn qr(a: &Cols) -> (Cols, Vec<Vec<f64>>) {
     let n = a.cols.len();
     let mut q: Vec<Vec<f64>> = Vec::with_capacity(n);

@@ -67,7 +67,7 @@ pub struct AttentionSettings {
 /// `downsamplers.0.conv`: conv 3x3, stride 2, padding 1.
 #[derive(Debug, Clone)]
 struct Downsample2D {
-    conv: candle_nn::Conv2d,
+    conv: crate::nn::Conv2d,
 }
 
 impl Downsample2D {
@@ -98,7 +98,7 @@ impl Downsample2D {
 /// `upsamplers.0.conv`: nearest-neighbour upsampling (x2, or to a given size) then conv 3x3.
 #[derive(Debug, Clone)]
 struct Upsample2D {
-    conv: candle_nn::Conv2d,
+    conv: crate::nn::Conv2d,
 }
 
 impl Upsample2D {

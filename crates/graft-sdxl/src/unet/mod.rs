@@ -28,12 +28,12 @@ pub struct UNet {
     time_embedding: TimestepEmbedding,
     /// SDXL's `text_time` add-embedding and its time-id width.
     add_embedding: Option<(TimestepEmbedding, usize)>,
-    conv_in: candle_nn::Conv2d,
+    conv_in: crate::nn::Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: candle_nn::GroupNorm,
-    conv_out: candle_nn::Conv2d,
+    conv_out: crate::nn::Conv2d,
 }
 
 impl UNet {

@@ -203,7 +203,7 @@ impl BasicTransformerBlock {
 #[derive(Debug, Clone)]
 enum Projection {
     Linear(HookedLinear),
-    Conv(candle_nn::Conv2d),
+    Conv(crate::nn::Conv2d),
 }
 
 impl Projection {

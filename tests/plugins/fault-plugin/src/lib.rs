@@ -7,7 +7,8 @@
 //!
 //! Numerical faults (forward only): `{"fault": "nan" | "inf", "after": k, "until": m}` makes the
 //! output NaN (or +inf) at the training steps `k <= step < m` (`until` absent: from `k` on), and
-//! is the working strategy otherwise.
+//! is the working strategy otherwise. `after` also delays a `panic` or `error` in `forward` to
+//! step `k`. `"lr": x` makes it trainable (it declares its optimizer group).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,12 +22,16 @@ struct Config {
     fault: String,
     #[serde(default = "forward")]
     entry: String,
-    /// First training step of a `nan` / `inf` fault.
+    /// First training step of a `nan` / `inf` fault, or of a fault in `forward`.
     #[serde(default)]
     after: u64,
     /// First training step after a `nan` / `inf` fault (none: it persists).
     #[serde(default)]
     until: Option<u64>,
+    /// Declare the `default` optimizer group with this learning rate (none: the plan declares no
+    /// group, which training refuses).
+    #[serde(default)]
+    lr: Option<f64>,
 }
 
 fn forward() -> String {
@@ -70,6 +75,9 @@ impl Strategy for Faulty {
     fn plan(&mut self, layers: &[LayerInfo], _config: &str) -> Result<Plan> {
         self.trip("plan")?;
         let mut plan = Plan::new();
+        if let Some(lr) = self.config.lr {
+            plan = plan.group(OptimizerGroup::new("default", lr));
+        }
         for l in layers.iter().filter(|l| l.is_linear()) {
             plan = plan.attach(
                 Attachment::new(l.name()).param(ParamSpec::new("bias", &[l.out_features as usize], Init::constant(0.5))),
@@ -79,7 +87,10 @@ impl Strategy for Faulty {
     }
 
     fn forward<'o>(&self, ops: Ops<'o>, _layer: &LayerInfo, inputs: &Inputs<'o>) -> Result<Tensor<'o>> {
-        self.trip("forward")?;
+        // `after` delays a forward fault to a later training step (default: from the start).
+        if ops.step() >= self.config.after {
+            self.trip("forward")?;
+        }
         let base = inputs.base_out()?;
         let out = base + ops.get_param("bias");
         let step = ops.step();
