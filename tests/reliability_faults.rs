@@ -240,6 +240,50 @@ fn a_strategy_that_starts_panicking_stops_the_run_with_its_last_good_checkpoint(
     assert_eq!(params(&t), before);
 }
 
+/// A run whose on-disk latent cache was filled only part way (a crash during caching) trains
+/// exactly as a run that cached everything at once: each image's VAE noise is its own, not the
+/// next draw of a shared generator (found by the kill test in host/tests/reliability_kill.rs).
+#[test]
+fn a_latent_cache_filled_part_way_gives_the_same_run() {
+    let strategy = "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, unet_lr = 0.01 }";
+    let run = |name: &str, drop_half: bool| {
+        let dir = scratch(name);
+        let config = setup(&dir, 10, "cache_latents = \"disk\"", strategy);
+        let text = std::fs::read_to_string(&config).unwrap().replace("resolution = 64", "resolution = 64\nflip_aug = true");
+        std::fs::write(&config, text).unwrap();
+        if drop_half {
+            // Cache everything, then lose every other entry, as a crash during caching would.
+            drop(trainer(&config));
+            let cache = dir.join("out/cache");
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+            files.sort();
+            for f in files.iter().step_by(2) {
+                std::fs::remove_file(f).unwrap();
+            }
+        }
+        let mut t = trainer(&config);
+        for _ in 0..3 {
+            assert!(!t.train_step().unwrap().skipped);
+        }
+        params(&t)
+    };
+    assert!(run("rel_cache_whole", false) == run("rel_cache_part", true), "latents depend on what was cached before");
+}
+
+#[test]
+fn a_strategy_failing_in_on_step_is_detached_and_the_step_skipped() {
+    let dir = scratch("rel_on_step");
+    let config = setup(&dir, 20, "", "plugin = \"fault-plugin\"\nconfig = { fault = \"error\", entry = \"on_step\", lr = 0.01 }");
+    let mut t = trainer(&config);
+    let before = params(&t);
+    for n in 1..=2 {
+        let r = t.train_step().unwrap();
+        assert!(r.skipped && t.strategy_failed(), "{r:?}");
+        assert_eq!(t.bad_in_row, n);
+    }
+    assert_eq!(params(&t), before);
+}
+
 // ------------------------------------------------------------------ trust
 
 #[cfg(unix)]

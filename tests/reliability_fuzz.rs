@@ -853,7 +853,15 @@ proptest! {
         w in 1u32..160,
         h in 1u32..160,
         muts in proptest::collection::vec(mutation(), 0..4),
-        giant in prop_oneof![Just(None), Just(Some((100_000u32, 100_000u32))), Just(Some((u32::MAX, 1))), Just(Some((0, 5)))],
+        giant in prop_oneof![
+            Just(None),
+            Just(Some((100_000u32, 100_000u32))),
+            Just(Some((u32::MAX, 1))),
+            Just(Some((0, 5))),
+            // Under the decoder's default 512 MB, over graft's side and memory limits.
+            Just(Some((24, 4_980_752))),
+            Just(Some((16_384, 10_000))),
+        ],
         resolution in prop_oneof![Just(64usize), Just(32), Just(128)],
         enable_bucket in any::<bool>(),
         steps in prop_oneof![Just(8usize), Just(64), Just(1)],
@@ -892,6 +900,33 @@ proptest! {
             if let Err(e) = r {
                 prop_assert!(format!("{e:#}").contains("a.png"), "{:#}", e);
             }
+        }
+    }
+}
+
+/// A tiny PNG claiming a size the decoder's own limit (512 MB) would allow but graft's limits do
+/// not: refused, naming the file, before the pixel buffer is allocated (found by cargo-fuzz: a
+/// 76-byte PNG claiming 24 x 4,980,752 pixels made graft allocate 358 MB).
+#[test]
+fn a_giant_image_header_is_refused_before_allocating() {
+    let dir = scratch_dir("giant-image");
+    for (w, h) in [(24u32, 4_980_752u32), (16_384, 10_000), (100_000, 100_000)] {
+        let _ = std::fs::remove_dir_all(dir.join("img"));
+        std::fs::create_dir_all(dir.join("img")).unwrap();
+        let (png, _) = encoded_image(0, 8, 8);
+        std::fs::write(dir.join("img/big.png"), png_claiming(png, w, h)).unwrap();
+        std::fs::write(dir.join("img/big.txt"), "big").unwrap();
+        let toml = "[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"img\"\n";
+        let cfg = DatasetConfig::from_toml_str(toml, "big.toml", &dir).unwrap();
+        for verify_images in [false, true] {
+            let (r, peak) = largest_allocation(|| {
+                graft_host::train::dataset::Dataset::open(&cfg, &OpenOptions { skip_bad: false, verify_images })
+                    .and_then(|ds| ds.load_image(0, false))
+                    .map(|_| ())
+            });
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("big.png"), "{w}x{h}: {e}");
+            assert!(peak < 16 << 20, "{w}x{h} (verify {verify_images}): allocated {peak} bytes");
         }
     }
 }

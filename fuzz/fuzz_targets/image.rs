@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let image = dir.join("a.png");
     std::fs::write(&image, data).expect("write scratch file");
     std::fs::write(dir.join("a.txt"), "a caption").expect("write scratch file");
-    let toml = "[general]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"images\"\n";
+    let toml = "[general]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 16\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"images\"\n";
     let cfg = DatasetConfig::from_toml_str(toml, "fuzz.toml", &graft_fuzz::scratch()).expect("fixed config");
     match Dataset::open(&cfg, &OpenOptions { skip_bad: false, verify_images: true }) {
         Err(e) => graft_fuzz::names(&e.to_string(), "a.png"),

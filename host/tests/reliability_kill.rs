@@ -199,30 +199,43 @@ fn killed_training_resumes_to_the_same_parameters() {
     let mut seen_temporaries = std::collections::BTreeSet::new();
     while kills < KILLS {
         runs += 1;
-        assert!(runs < KILLS + 6, "the run finished before {KILLS} kills landed: {landed:?}");
+        assert!(runs <= 3 * KILLS, "only {kills} of {KILLS} kills landed in {runs} sessions: {landed:?}");
         let mut child = train_command(&config, &plugins, &log).spawn().unwrap();
-        // A random moment of what is left of the run: start-up (model loading, latent caching),
-        // a step, a checkpoint or export write.
-        // Every third kill waits for a file being written (a checkpoint's `.partial` folder, an
-        // export's temporary file) and lands right then.
-        let left = (startup + step_time * (STEPS - last_step) as u32) * 4 / 5;
-        let during_write = kills % 3 == 2;
-        let deadline = Instant::now() + if during_write { left * 2 } else { Duration::from_millis(rng.below(left.as_millis() as u64)) };
+        // Three kinds of kill point, in turn: a random moment of start-up (model loading, latent
+        // caching); a random moment of a random later step (its forward, backward, update, loss
+        // log line or checkpoint); the moment a file is being written (a checkpoint's `.partial`
+        // folder, an export's or a cache entry's temporary file).
+        let steps_left = STEPS - last_step;
+        let kind = if kills % 3 == 1 && steps_left < 3 { 0 } else { kills % 3 };
+        let target_steps = last_step as usize + 2 + rng.below(steps_left.saturating_sub(2)) as usize;
+        let mut deadline = match kind {
+            0 => Some(Instant::now() + Duration::from_millis(rng.below(startup.as_millis() as u64))),
+            1 => None, // set once the log reaches `target_steps`
+            _ => Some(Instant::now() + full * 2),
+        };
         let mut finished = false;
-        while Instant::now() < deadline {
-            if during_write && !leftovers(&out).is_subset(&seen_temporaries) {
+        loop {
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    break;
+                }
+            } else if completed_steps(&out) >= target_steps {
+                deadline = Some(Instant::now() + Duration::from_millis(rng.below(step_time.as_millis() as u64 * 3 / 2)));
+            }
+            if kind == 2 && !leftovers(&out).is_subset(&seen_temporaries) {
                 break;
             }
             if child.try_wait().unwrap().is_some() {
                 finished = true;
                 break;
             }
-            std::thread::sleep(Duration::from_micros(if during_write { 200 } else { 2000 }));
+            std::thread::sleep(Duration::from_micros(if kind == 2 { 200 } else { 1000 }));
         }
         if finished {
             // It completed before the kill: start over from a fresh run to keep killing.
             assert!(child.wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap());
             let _ = std::fs::remove_dir_all(&out);
+            seen_temporaries.clear();
             last_step = 0;
             continue;
         }
@@ -261,8 +274,18 @@ fn killed_training_resumes_to_the_same_parameters() {
 
     // Bit for bit the uninterrupted run's parameters, optimizer state, exports and losses.
     let last = format!("checkpoints/step-{STEPS:06}");
+    let first_difference = || {
+        (1..=STEPS).find(|s| {
+            let f = format!("checkpoints/step-{s:06}/params.safetensors");
+            out.join(&f).exists() && tensors(&out.join(&f)) != tensors(&ref_out.join(&f))
+        })
+    };
     for f in ["params.safetensors", "optimizer.safetensors"] {
-        assert!(tensors(&out.join(&last).join(f)) == tensors(&ref_out.join(&last).join(f)), "{f} differs after {kills} kills");
+        assert!(
+            tensors(&out.join(&last).join(f)) == tensors(&ref_out.join(&last).join(f)),
+            "{f} differs after {kills} kills (landed after {landed:?} logged steps); the first checkpoint that differs: {:?}",
+            first_difference()
+        );
     }
     for f in ["killed.safetensors", "killed.peft.safetensors"] {
         assert!(tensors(&out.join(f)) == tensors(&ref_out.join(f)), "{f} differs after {kills} kills");

@@ -291,7 +291,8 @@ impl AdapterSet {
         Ok(scales)
     }
 
-    /// Asks every strategy for its directives at `step` and applies them.
+    /// Asks every strategy for its directives at `step` and applies them. A strategy whose
+    /// `on_step` fails is detached and reported, as in `forward`.
     pub fn on_step(&mut self, step: u64) -> anyhow::Result<Vec<LrScale>> {
         self.step = step;
         let mut scales = Vec::new();
@@ -299,7 +300,13 @@ impl AdapterSet {
             if self.failed(s) {
                 continue;
             }
-            let directives = self.strategies[s].instance.on_step(step)?;
+            let directives = match self.strategies[s].instance.on_step(step) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.fail(s, e);
+                    continue;
+                }
+            };
             scales.extend(self.apply_directives(s, &directives)?);
         }
         Ok(scales)

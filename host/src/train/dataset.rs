@@ -797,10 +797,22 @@ fn image_extension(path: &Path) -> Option<String> {
     IMAGE_EXTENSIONS.contains(&ext.as_str()).then_some(ext)
 }
 
+/// The largest image side graft decodes, and the most memory one decoded image may take: a
+/// header that claims more (a damaged file, or a size no training needs) is refused before
+/// anything is allocated for it. 256 MiB holds an 85-megapixel RGB photo.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
 fn decode_image(path: &Path) -> Result<image::DynamicImage> {
-    image::ImageReader::open(path)
+    let mut reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::Msg(format!("image {} cannot be opened: {e}", path.display())))?
+        .map_err(|e| Error::Msg(format!("image {} cannot be opened: {e}", path.display())))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    reader.limits(limits);
+    reader
         .decode()
         .map_err(|e| {
             Error::Msg(format!(
@@ -883,6 +895,13 @@ fn scan_subset(
                 .map_err(|e| format!("image {} cannot be read ({e}): re-save it as PNG, JPEG or WebP, or remove it", path.display()))
         };
         let (w, h) = match size {
+            Ok((w, h)) if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE => {
+                problems.push(format!(
+                    "image {} is {w}x{h} pixels: graft reads images up to {MAX_IMAGE_SIDE} pixels a side; resize it",
+                    path.display()
+                ));
+                continue;
+            }
             Ok(s) => s,
             Err(p) => {
                 problems.push(p);

@@ -148,15 +148,27 @@ impl Trainer {
         self.set.strategies()[self.strategy].name()
     }
 
-    /// Encodes every image once (and its flip when flip_aug is on), in dataset order with a VAE
-    /// RNG of its own, so a resumed run sees the same latents.
+    /// Encodes every image once (and its flip when flip_aug is on), each with VAE noise of its
+    /// own (derived from its index and flip), so a resumed run sees the same latents, even when
+    /// an earlier session was stopped part way through filling an on-disk cache.
     fn prefill_latents(&mut self) -> anyhow::Result<()> {
         let Some(cache) = self.latents.as_mut() else { return Ok(()) };
         let (vae, scale) = (&self.model.vae, self.model.config.vae.scaling_factor);
-        let mut vae_rng = self.rng.derive(0x7ae);
-        let mut encode = |img: &Tensor| -> candle_core::Result<Tensor> { vae.encode(img)?.sample(&mut vae_rng)? * scale };
-        let bar = crate::progress::bar(self.dataset.len() as u64, "caching latents");
-        cache.prefill(&self.dataset, &self.model.device, &mut encode, |done, _| bar.set_position(done as u64))?;
+        let vae_rng = self.rng.derive(0x7ae);
+        let mut work = Vec::new();
+        for (i, it) in self.dataset.items().iter().enumerate() {
+            work.push((i, false));
+            if self.dataset.specs()[it.dataset].subsets[it.subset].flip_aug {
+                work.push((i, true));
+            }
+        }
+        let bar = crate::progress::bar(work.len() as u64, "caching latents");
+        for (done, &(i, flip)) in work.iter().enumerate() {
+            let mut rng = vae_rng.derive(1 + 2 * i as u64 + flip as u64);
+            let mut encode = |img: &Tensor| -> candle_core::Result<Tensor> { vae.encode(img)?.sample(&mut rng)? * scale };
+            cache.latent(&self.dataset, i, flip, &self.model.device, &mut encode)?;
+            bar.set_position(done as u64 + 1);
+        }
         bar.finish_and_clear();
         Ok(())
     }
