@@ -11,6 +11,7 @@ pub mod resnet;
 pub mod rng;
 pub mod schedulers;
 pub mod sgm;
+pub mod simd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -160,8 +160,31 @@ fn apply_causal_mask(scores: &Tensor) -> Result<Tensor> {
 }
 
 /// GroupNorm (candle-nn's is written with differentiable ops).
-pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<candle_nn::GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm { weight, bias, groups, eps, inner })
+}
+
+/// candle-nn's `GroupNorm`; with frozen weights on the CPU it runs [`crate::fused::group_norm`]
+/// (one pass, and its backward skips the weight and bias gradients).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    inner: candle_nn::GroupNorm,
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::fused::supports_group_norm(x, &self.weight, &self.bias) {
+            return crate::fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps);
+        }
+        self.inner.forward(x)
+    }
 }
 
 /// A 2-d convolution with bias.

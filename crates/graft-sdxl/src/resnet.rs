@@ -8,10 +8,10 @@ use crate::nn::{conv2d, group_norm};
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
-    norm1: candle_nn::GroupNorm,
+    norm1: crate::nn::GroupNorm,
     conv1: crate::nn::Conv2d,
     time_emb_proj: Option<candle_nn::Linear>,
-    norm2: candle_nn::GroupNorm,
+    norm2: crate::nn::GroupNorm,
     conv2: crate::nn::Conv2d,
     conv_shortcut: Option<crate::nn::Conv2d>,
 }

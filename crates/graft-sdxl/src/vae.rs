@@ -3,10 +3,10 @@
 //! `scaling_factor` first). The VAE has no hook points.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{self, conv2d, group_norm, Conv2d, Linear};
+use crate::nn::{self, conv2d, group_norm, Conv2d, GroupNorm, Linear};
 use crate::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::rng::GraftRng;
 

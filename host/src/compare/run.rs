@@ -357,7 +357,7 @@ fn train_one(
         bar.set_message(format!("{} loss {:.4}", entry.name(), record.loss));
         if trainer.bad_in_row >= trainer.config.max_bad_steps {
             bar.abandon();
-            anyhow::bail!("stopped at step {}: {} steps in a row had a non-finite loss or gradient", trainer.step, trainer.bad_in_row);
+            anyhow::bail!("stopped at step {}: {} steps in a row were skipped ({})", trainer.step, trainer.bad_in_row, trainer.skip_reason());
         }
     }
     bar.finish_and_clear();

@@ -266,7 +266,7 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
             }
         }
         if trainer.bad_in_row >= trainer.config.max_bad_steps {
-            anyhow::bail!("stopped at step {step}: {} steps in a row were skipped (non-finite loss or a failed strategy)", trainer.bad_in_row);
+            anyhow::bail!("stopped at step {step}: {} steps in a row were skipped ({})", trainer.bad_in_row, trainer.skip_reason());
         }
         if !prompts.is_empty() && step % trainer.config.sample_every == 0 {
             let paths = {

@@ -129,15 +129,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
         records.push(record);
         if trainer.bad_in_row >= trainer.config.max_bad_steps {
             bar.abandon();
-            let why = if trainer.strategy_failed() {
-                format!("the strategy `{}` failed and is detached", trainer.strategy_name())
-            } else {
-                "non-finite loss or gradient".to_string()
-            };
             anyhow::bail!(
-                "stopped at step {}: {} steps in a row were skipped ({why}); the last good checkpoint is {}",
+                "stopped at step {}: {} steps in a row were skipped ({}); the last good checkpoint is {}",
                 trainer.step,
                 trainer.bad_in_row,
+                trainer.skip_reason(),
                 last_checkpoint.as_ref().map_or("(none yet)".into(), |p: &PathBuf| p.display().to_string())
             );
         }

@@ -396,6 +396,15 @@ impl Trainer {
         self.set.failed_strategies().iter().any(|s| s == name)
     }
 
+    /// Why steps are being skipped, for the message that stops a run.
+    pub fn skip_reason(&self) -> String {
+        if self.strategy_failed() {
+            format!("the strategy `{}` failed and is detached", self.strategy_name())
+        } else {
+            "non-finite loss or gradient".to_string()
+        }
+    }
+
     fn current_lr(&self, factor: f64) -> f64 {
         self.optimizer
             .groups()

@@ -32,7 +32,7 @@ pub struct UNet {
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: candle_nn::GroupNorm,
+    conv_norm_out: crate::nn::GroupNorm,
     conv_out: crate::nn::Conv2d,
 }
 

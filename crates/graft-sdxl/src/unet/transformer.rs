@@ -141,6 +141,9 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let h = self.proj_in.forward(x, hooks)?;
+        if crate::fused::supports_geglu(&h) {
+            return self.proj_out.forward(&crate::fused::geglu(&h)?, hooks);
+        }
         let last = h.rank() - 1;
         let value = h.narrow(last, 0, self.inner)?;
         let gate = h.narrow(last, self.inner, self.inner)?.gelu_erf()?;
@@ -238,7 +241,7 @@ pub struct TransformerConfig {
 /// GroupNorm, `proj_in`, `depth` transformer blocks over the h*w tokens, `proj_out`, + residual.
 #[derive(Debug, Clone)]
 pub struct Transformer2DModel {
-    norm: candle_nn::GroupNorm,
+    norm: crate::nn::GroupNorm,
     proj_in: Projection,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,

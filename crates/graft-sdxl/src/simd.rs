@@ -1,0 +1,200 @@
+//! Element-wise CPU kernels written so that the compiler vectorizes them: branch-free `exp` and
+//! `erf`, and the row loops of softmax and GEGLU. Each kernel is compiled twice, for the
+//! baseline x86-64 and for AVX2 + FMA, and picks the second at run time when the CPU has it
+//! (candle's own element-wise ops call libm's scalar `expf` / `erff` one element at a time).
+
+/// Defines `fn $name(args)` that runs its body compiled for AVX2 + FMA when the CPU has them.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])* $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: this CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
+/// e^x within 2 ulp (Cephes' expf: 2^n times a degree-7 polynomial on [-ln2/2, ln2/2]); 0 below
+/// -87.3, NaN stays NaN.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    let c = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
+    // Round to nearest with the 1.5 * 2^23 trick (plain SSE2 has no vector round).
+    let n = (c * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = c - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.3 {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// erf(x) within 4e-7: an odd rational function on [-4, 4] (Eigen's float erf), ±1 outside.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let c = if x < -4.0 { -4.0 } else if x > 4.0 { 4.0 } else { x };
+    let x2 = c * c;
+    let p = (((((-2.726_142_3e-10 * x2 + 2.770_681_4e-8) * x2 - 2.101_024e-6) * x2 - 5.692_506_4e-5) * x2
+        - 7.349_906_3e-4)
+        * x2
+        - 2.954_600_0e-3)
+        * x2
+        - 1.609_603_3e-2;
+    let q = (((-1.456_607_2e-5 * x2 - 2.133_740_6e-4) * x2 - 1.682_827e-3) * x2 - 7.373_329_3e-3) * x2 - 1.426_474e-2;
+    c * p / q
+}
+
+/// Φ(x), the standard normal cdf.
+#[inline(always)]
+pub fn normal_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// The largest element (NaN elements are passed over; they reach the result through `exp`).
+#[inline(always)]
+fn max_of(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    lanes.into_iter().chain(tail.iter().copied()).fold(f32::NEG_INFINITY, |a, v| if v > a { v } else { a })
+}
+
+/// The sum, in 8 lanes (a vector's worth).
+#[inline(always)]
+fn sum_of(row: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+multiversion! {
+    /// Softmax of each `m`-long row of `scores` into `out`. With `causal = Some(first)`, row `r`
+    /// is query `first + r % rows_per_batch` and its keys after the query get probability 0.
+    pub fn softmax_rows(scores: &[f32], out: &mut [f32], m: usize, causal: Option<(usize, usize)>, first_row: usize) {
+        for (r, (row, o)) in scores.chunks_exact(m).zip(out.chunks_exact_mut(m)).enumerate() {
+            let len = match causal {
+                Some((first, rows)) => (first + (first_row + r) % rows + 1).min(m),
+                None => m,
+            };
+            let (row, (o, masked)) = (&row[..len], o.split_at_mut(len));
+            masked.fill(0.0);
+            let max = max_of(row);
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = exp(v - max);
+            }
+            let sum = sum_of(o);
+            let inv = 1.0 / sum;
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// GEGLU of rows `[value | gate]` (each `inner` long): `out = value * gelu(gate)`.
+    pub fn geglu_rows(h: &[f32], out: &mut [f32], inner: usize) {
+        for (row, o) in h.chunks_exact(2 * inner).zip(out.chunks_exact_mut(inner)) {
+            let (value, gate) = row.split_at(inner);
+            for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate) {
+                *o = v * g * normal_cdf(g);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// GEGLU's gradient: for each row, `[grad * gelu(gate) | grad * value * gelu'(gate)]`, with
+    /// gelu'(x) = Φ(x) + x φ(x).
+    pub fn geglu_grad_rows(h: &[f32], grad: &[f32], dh: &mut [f32], inner: usize) {
+        for ((row, gr), d) in h.chunks_exact(2 * inner).zip(grad.chunks_exact(inner)).zip(dh.chunks_exact_mut(2 * inner)) {
+            let (value, gate) = row.split_at(inner);
+            let (dv, dg) = d.split_at_mut(inner);
+            for j in 0..inner {
+                let (v, g, gr) = (value[j], gate[j], gr[j]);
+                let cdf = normal_cdf(g);
+                let pdf = exp(-0.5 * g * g) * 0.398_942_3;
+                dv[j] = gr * g * cdf;
+                dg[j] = gr * v * (cdf + g * pdf);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_erf_match_libm() {
+        let mut worst = (0f32, 0f32);
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 4.5e-4;
+            if (-87.0..88.0).contains(&x) {
+                let e = ((exp(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs() as f32;
+                worst.0 = worst.0.max(e);
+            }
+            worst.1 = worst.1.max((erf(x) as f64 - libm_erf(x as f64)).abs() as f32);
+        }
+        assert!(worst.0 < 3e-7, "exp relative error {}", worst.0);
+        assert!(worst.1 < 5e-7, "erf error {}", worst.1);
+        assert_eq!(exp(-1e4), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan() && erf(f32::NAN).is_nan());
+        assert!((erf(-10.0) + 1.0).abs() < 5e-7);
+    }
+
+    fn libm_erf(x: f64) -> f64 {
+        candle_core::cpu::erf::erf_f64(x)
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_mask() {
+        let scores: Vec<f32> = (0..24).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
+        let mut out = vec![9f32; 24];
+        softmax_rows(&scores, &mut out, 6, None, 0);
+        for (row, o) in scores.chunks(6).zip(out.chunks(6)) {
+            let max = row.iter().cloned().fold(f32::MIN, f32::max);
+            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            for (&v, &p) in row.iter().zip(o) {
+                assert!((p as f64 - ((v - max) as f64).exp() / sum).abs() < 1e-7);
+            }
+        }
+        // Causal: 2 batches of 2 query rows starting at query 3 over 6 keys.
+        softmax_rows(&scores, &mut out, 6, Some((3, 2)), 0);
+        for (r, o) in out.chunks(6).enumerate() {
+            let q = 3 + r % 2;
+            assert!(o[q + 1..].iter().all(|&p| p == 0.0), "row {r}: {o:?}");
+            assert!((o.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+    }
+}
