@@ -136,6 +136,14 @@ fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
     Tensor::from_slice(&data[start..end], l.shape(), &Device::Cpu)
 }
 
+/// The f32 elements a contiguous CPU tensor's storage and layout view, without a copy.
+fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let (Storage::Cpu(s), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("fused op: expected a contiguous CPU tensor")
+    };
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
 /// The CPU storage of a tensor (a copy).
 fn cpu_storage(t: &Tensor) -> Result<CpuStorage> {
     let t = t.contiguous()?;
@@ -352,8 +360,9 @@ impl CustomOp1 for FrozenLayerNorm {
     /// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dim = self.w.len();
-        let xs = x.detach().flatten_all()?.to_vec1::<f32>()?;
-        let gs = grad.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
+        let ((x_storage, x_layout), (g_storage, g_layout)) = (x.storage_and_layout(), grad.storage_and_layout());
+        let (xs, gs) = (f32_slice(&x_storage, x_layout)?, f32_slice(&g_storage, g_layout)?);
         let mut dx = vec![0f32; xs.len()];
         dx.par_chunks_mut(dim).zip(xs.par_chunks(dim).zip(gs.par_chunks(dim))).for_each(|(dx, (row, gr))| {
             let (mean, rstd) = row_stats(row, self.eps);
@@ -407,8 +416,9 @@ impl CustomOp1 for Geglu {
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let inner = h.dim(D::Minus1)? / 2;
-        let hs = h.detach().flatten_all()?.to_vec1::<f32>()?;
-        let gs = grad.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
+        let ((h_storage, h_layout), (g_storage, g_layout)) = (h.storage_and_layout(), grad.storage_and_layout());
+        let (hs, gs) = (f32_slice(&h_storage, h_layout)?, f32_slice(&g_storage, g_layout)?);
         let mut dh = vec![0f32; hs.len()];
         let rows = 2 * inner * 8;
         dh.par_chunks_mut(rows).zip(hs.par_chunks(rows).zip(gs.par_chunks(inner * 8))).for_each(|(d, (h, g))| {
@@ -473,8 +483,9 @@ impl CustomOp1 for FrozenGroupNorm {
     /// As LayerNorm's over each (sample, group), with w per channel.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (group, spatial) = self.sizes(x.dims());
-        let xs = x.detach().flatten_all()?.to_vec1::<f32>()?;
-        let gs = grad.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
+        let ((x_storage, x_layout), (g_storage, g_layout)) = (x.storage_and_layout(), grad.storage_and_layout());
+        let (xs, gs) = (f32_slice(&x_storage, x_layout)?, f32_slice(&g_storage, g_layout)?);
         let mut dx = vec![0f32; xs.len()];
         dx.par_chunks_mut(group).zip(xs.par_chunks(group).zip(gs.par_chunks(group))).enumerate().for_each(|(i, (dx, (xs, gr)))| {
             let (mean, rstd) = row_stats(xs, self.eps);
