@@ -1,9 +1,9 @@
 //! Fused CPU kernels with their own backward, for speed and memory.
 //!
 //! - [`attention`]: scaled dot-product attention that never holds the whole [heads, n, m] score
-//!   matrix: query rows go through in chunks (scores, candle's fused softmax, times v), and the
-//!   backward recomputes each chunk's probabilities instead of keeping them (as flash attention
-//!   does). The composed form keeps five score-sized tensors per attention for backward.
+//!   matrix (see `cpu_attention.rs`: head by head, chunks of query rows, probabilities recomputed
+//!   in the backward as flash attention does). The composed form keeps five score-sized tensors
+//!   per attention for backward.
 //! - [`frozen_linear`]: `x @ w^T + b` for a frozen (untracked) weight whose input needs a
 //!   gradient. candle's matmul backward computes (and keeps until the end of backward) the
 //!   weight's gradient whether or not the weight is trained, and the bias add keeps a gradient
@@ -32,7 +32,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D,
 };
 
-/// Score elements per chunk of query rows (16 MB of f32).
+/// Elements per tile of conv columns (16 MB of f32).
 const CHUNK_ELEMENTS: usize = 1 << 22;
 
 /// True when [`attention`] runs for these inputs: f32 on the CPU.
@@ -57,83 +57,15 @@ struct FusedAttention {
     causal: bool,
 }
 
-/// Query rows per chunk of one head's scores over `m` keys.
-fn chunk_rows(m: usize, n: usize) -> usize {
-    (CHUNK_ELEMENTS / m.max(1)).clamp(1, n.max(1))
-}
-
 impl FusedAttention {
-    /// Softmax probabilities of one head's chunk of (already scaled) queries starting at query
-    /// `start`: qs [rows, d], k [m, d] -> [rows, m].
-    fn probs(&self, qs: &Tensor, k: &Tensor, start: usize) -> Result<Tensor> {
-        let scores = qs.matmul(&k.t()?)?;
-        let rows = scores.dim(0)?;
-        scores.apply_op1_no_bwd(&Softmax { causal: self.causal.then_some((start, rows)) })
-    }
-
-    /// [b, n, h*d] -> [b*h, n, d], contiguous.
-    fn split(&self, t: &Tensor) -> Result<Tensor> {
-        let (b, n, inner) = t.dims3()?;
-        let d = inner / self.heads;
-        t.reshape((b, n, self.heads, d))?.transpose(1, 2)?.contiguous()?.reshape((b * self.heads, n, d))
-    }
-
-    /// [b*h, n, d] -> [b, n, h*d].
-    fn merge(&self, t: &Tensor) -> Result<Tensor> {
-        let (bh, n, d) = t.dims3()?;
-        t.reshape((bh / self.heads, self.heads, n, d))?.transpose(1, 2)?.reshape((bh / self.heads, n, self.heads * d))
-    }
-
-    /// On split heads: q [B, n, d], k and v [B, m, d] -> [B, n, d]. Head by head, so that one
-    /// head's scores stay in the cache between the two matmuls and the softmax.
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = q.dims3()?;
-        let rows = chunk_rows(k.dim(1)?, n);
-        let qs = (q * self.scale)?;
-        let mut outs = Vec::with_capacity(b * n.div_ceil(rows));
-        for i in 0..b {
-            let (qs, k, v) = (qs.get(i)?, k.get(i)?, v.get(i)?);
-            for start in (0..n).step_by(rows) {
-                let len = rows.min(n - start);
-                outs.push(self.probs(&qs.narrow(0, start, len)?, &k, start)?.matmul(&v)?);
-            }
+    /// The attention's dimensions from q's and k's layouts.
+    fn dims(&self, q: &[usize], k: &[usize]) -> Result<crate::cpu_attention::Dims> {
+        let ([b, n, width], [kb, m, kw]) = (q, k) else { candle_core::bail!("attention: expected [b, n, heads * d] inputs, got {q:?} and {k:?}") };
+        if b != kb || width != kw || width % self.heads != 0 {
+            candle_core::bail!("attention: q {q:?} and k {k:?} do not fit {} heads", self.heads)
         }
-        Tensor::cat(&outs, 0)?.reshape(q.shape())
+        Ok(crate::cpu_attention::Dims { b: *b, n: *n, m: *m, heads: self.heads, d: width / self.heads })
     }
-}
-
-/// Softmax over the last dimension of contiguous [rows, m] scores, with the causal mask of
-/// query rows `start..start + rows` when `causal` is `Some((start, rows))`. No backward: it runs
-/// inside [`FusedAttention`].
-struct Softmax {
-    causal: Option<(usize, usize)>,
-}
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "graft-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("softmax: input is not contiguous") };
-        let scores = &s.as_slice::<f32>()?[start..end];
-        let m = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; scores.len()];
-        const ROWS: usize = 16;
-        out.par_chunks_mut(m * ROWS).zip(scores.par_chunks(m * ROWS)).enumerate().for_each(|(i, (o, sc))| {
-            crate::simd::softmax_rows(sc, o, m, self.causal, i * ROWS);
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-}
-
-/// A CPU storage as a tensor of its own (a copy of the viewed elements), without a graph.
-fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("fused op: input is not contiguous")
-    };
-    let data = s.as_slice::<f32>()?;
-    Tensor::from_slice(&data[start..end], l.shape(), &Device::Cpu)
 }
 
 /// The f32 elements a contiguous CPU tensor's storage and layout view, without a copy.
@@ -141,6 +73,12 @@ fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     let (Storage::Cpu(s), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
         candle_core::bail!("fused op: expected a contiguous CPU tensor")
     };
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// The elements of a contiguous CPU storage.
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("fused op: input is not contiguous") };
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
@@ -168,13 +106,15 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let split = |s, l| self.split(&cpu_tensor(s, l)?);
-        let out = self.merge(&self.forward(&split(s1, l1)?, &split(s2, l2)?, &split(s3, l3)?)?)?;
-        Ok((cpu_storage(&out)?, out.shape().clone()))
+        let dims = self.dims(l1.dims(), l2.dims())?;
+        if l3.dims() != l2.dims() {
+            candle_core::bail!("attention: k {:?} and v {:?} differ", l2.dims(), l3.dims())
+        }
+        let (q, k, v) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let out = crate::cpu_attention::forward(q, k, v, dims, self.scale as f32, self.causal);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    /// Recomputes each chunk's probabilities p; with dO the output's gradient and
-    /// D = rowsum(dO * O): dV = pᵀ dO, dS = p * (dO Vᵀ - D), dQ = scale dS K, dK = dSᵀ (scale Q).
     fn bwd(
         &self,
         q: &Tensor,
@@ -183,55 +123,23 @@ impl CustomOp3 for FusedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (need_q, need_k, need_v) = (q.track_op(), k.track_op(), v.track_op());
-        let (q, k, v) = (self.split(&q.detach())?, self.split(&k.detach())?, self.split(&v.detach())?);
-        let (out, grad) = (self.split(&out.detach())?, self.split(grad)?);
-        let (b, n, _) = q.dims3()?;
-        let rows = chunk_rows(k.dim(1)?, n);
-        let qs = (&q * self.scale)?;
-        let row_dot = (&grad * &out)?.sum_keepdim(D::Minus1)?; // [B, n, 1]
-        let add = |acc: Option<Tensor>, t: Tensor| -> Result<Tensor> {
-            match acc {
-                Some(a) => a + t,
-                None => Ok(t),
-            }
-        };
-        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..b {
-            let (qs, k, v, grad, row_dot) = (qs.get(i)?, k.get(i)?, v.get(i)?, grad.get(i)?, row_dot.get(i)?);
-            let (mut dk_i, mut dv_i): (Option<Tensor>, Option<Tensor>) = (None, None);
-            for start in (0..n).step_by(rows) {
-                let len = rows.min(n - start);
-                let qs_c = qs.narrow(0, start, len)?;
-                let g_c = grad.narrow(0, start, len)?;
-                let p = self.probs(&qs_c, &k, start)?;
-                if need_v {
-                    dv_i = Some(add(dv_i, p.t()?.matmul(&g_c)?)?);
-                }
-                if !(need_q || need_k) {
-                    continue;
-                }
-                let dp = g_c.matmul(&v.t()?)?;
-                let ds = (p * dp.broadcast_sub(&row_dot.narrow(0, start, len)?)?)?;
-                if need_q {
-                    dq.push((ds.matmul(&k)? * self.scale)?);
-                }
-                if need_k {
-                    dk_i = Some(add(dk_i, ds.t()?.matmul(&qs_c)?)?);
-                }
-            }
-            dk.extend(dk_i);
-            dv.extend(dv_i);
-        }
-        let join = |parts: Vec<Tensor>, like: &Tensor| -> Result<Option<Tensor>> {
-            if parts.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some(Tensor::cat(&parts, 0)?.reshape(like.shape())?))
-        };
-        let (dq, dk, dv) = (join(dq, &q)?, join(dk, &k)?, join(dv, &v)?);
-        let merge = |t: Option<Tensor>| t.map(|t| self.merge(&t)).transpose();
-        Ok((merge(dq)?, merge(dk)?, merge(dv)?))
+        let needs = crate::cpu_attention::Needs { q: q.track_op(), k: k.track_op(), v: v.track_op() };
+        let dims = self.dims(q.dims(), k.dims())?;
+        let (out, grad) = (out.contiguous()?, grad.contiguous()?);
+        let (qs, ks, vs, os, gs) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout(), out.storage_and_layout(), grad.storage_and_layout());
+        let (dq, dk, dv) = crate::cpu_attention::backward(
+            f32_slice(&qs.0, qs.1)?,
+            f32_slice(&ks.0, ks.1)?,
+            f32_slice(&vs.0, vs.1)?,
+            f32_slice(&os.0, os.1)?,
+            f32_slice(&gs.0, gs.1)?,
+            dims,
+            self.scale as f32,
+            self.causal,
+            needs,
+        );
+        let tensor = |g: Option<Vec<f32>>, like: &Tensor| g.map(|g| Tensor::from_vec(g, like.shape(), like.device())).transpose();
+        Ok((tensor(dq, q)?, tensor(dk, k)?, tensor(dv, v)?))
     }
 }
 
@@ -713,20 +621,25 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
-    /// The composed attention (what nn::attention did before), heads split.
+    /// The composed attention (what nn::attention does off the CPU).
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Tensor {
-        let op = FusedAttention { heads, scale: 0.0, causal };
-        let (q, k, v) = (op.split(q).unwrap(), op.split(k).unwrap(), op.split(v).unwrap());
+        let split = |t: &Tensor| {
+            let (b, n, w) = t.dims3().unwrap();
+            t.reshape((b, n, heads, w / heads)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+        };
+        let (q, k, v) = (split(q), split(k), split(v));
         let d = q.dim(D::Minus1).unwrap();
         let s = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / (d as f64).sqrt())).unwrap();
         let s = if causal {
-            let (_, n, m) = s.dims3().unwrap();
+            let (n, m) = (s.dim(2).unwrap(), s.dim(3).unwrap());
             let mask: Vec<f32> = (0..n).flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
             s.broadcast_add(&Tensor::from_vec(mask, (n, m), &Device::Cpu).unwrap()).unwrap()
         } else {
             s
         };
-        op.merge(&crate::nn::softmax_last_dim(&s).unwrap().matmul(&v).unwrap()).unwrap()
+        let o = crate::nn::softmax_last_dim(&s).unwrap().matmul(&v).unwrap();
+        let (b, h, n, d) = o.dims4().unwrap();
+        o.transpose(1, 2).unwrap().reshape((b, n, h * d)).unwrap()
     }
 
     fn check(b: usize, n: usize, m: usize, d: usize, heads: usize, causal: bool) {

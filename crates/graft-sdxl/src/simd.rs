@@ -31,15 +31,17 @@ macro_rules! multiversion {
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     let c = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
-    // Round to nearest with the 1.5 * 2^23 trick (plain SSE2 has no vector round).
-    let n = (c * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest with the 1.5 * 2^23 trick: t's low mantissa bits then hold n as an integer
+    // (no float -> int conversion, which does not vectorize).
+    let t = c * LOG2E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = c - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -97,24 +99,33 @@ fn sum_of(row: &[f32]) -> f32 {
 }
 
 multiversion! {
-    /// Softmax of each `m`-long row of `scores` into `out`. With `causal = Some(first)`, row `r`
-    /// is query `first + r % rows_per_batch` and its keys after the query get probability 0.
-    pub fn softmax_rows(scores: &[f32], out: &mut [f32], m: usize, causal: Option<(usize, usize)>, first_row: usize) {
-        for (r, (row, o)) in scores.chunks_exact(m).zip(out.chunks_exact_mut(m)).enumerate() {
-            let len = match causal {
-                Some((first, rows)) => (first + (first_row + r) % rows + 1).min(m),
-                None => m,
-            };
-            let (row, (o, masked)) = (&row[..len], o.split_at_mut(len));
+    /// Softmax of each `m`-long row of `data`, in place. With `causal = Some(first)`, row `r` is
+    /// query `first + r` and its keys after the query get probability 0.
+    pub fn softmax_rows(data: &mut [f32], m: usize, causal: Option<usize>) {
+        for (r, row) in data.chunks_exact_mut(m).enumerate() {
+            let len = causal.map_or(m, |first| (first + r + 1).min(m));
+            let (row, masked) = row.split_at_mut(len);
             masked.fill(0.0);
             let max = max_of(row);
-            for (o, &v) in o.iter_mut().zip(row) {
-                *o = exp(v - max);
+            for v in row.iter_mut() {
+                *v = exp(*v - max);
             }
-            let sum = sum_of(o);
-            let inv = 1.0 / sum;
-            for o in o.iter_mut() {
-                *o *= inv;
+            let inv = 1.0 / sum_of(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax's backward for rows of probabilities `p`: `ds = p * (ds - row_dot)` in place, where
+    /// `ds` holds the probabilities' gradient and `row_dot[r]` = Σ_j p[r][j] * ds[r][j].
+    pub fn softmax_grad_rows(p: &[f32], ds: &mut [f32], row_dot: &[f32]) {
+        let m = p.len() / row_dot.len().max(1);
+        for ((p, ds), &dot) in p.chunks_exact(m).zip(ds.chunks_exact_mut(m)).zip(row_dot) {
+            for (d, &p) in ds.iter_mut().zip(p) {
+                *d = p * (*d - dot);
             }
         }
     }
@@ -180,8 +191,8 @@ mod tests {
     #[test]
     fn softmax_rows_sum_to_one_and_mask() {
         let scores: Vec<f32> = (0..24).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
-        let mut out = vec![9f32; 24];
-        softmax_rows(&scores, &mut out, 6, None, 0);
+        let mut out = scores.clone();
+        softmax_rows(&mut out, 6, None);
         for (row, o) in scores.chunks(6).zip(out.chunks(6)) {
             let max = row.iter().cloned().fold(f32::MIN, f32::max);
             let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
@@ -189,11 +200,11 @@ mod tests {
                 assert!((p as f64 - ((v - max) as f64).exp() / sum).abs() < 1e-7);
             }
         }
-        // Causal: 2 batches of 2 query rows starting at query 3 over 6 keys.
-        softmax_rows(&scores, &mut out, 6, Some((3, 2)), 0);
+        // Causal: 4 query rows starting at query 1 over 6 keys.
+        let mut out = scores.clone();
+        softmax_rows(&mut out, 6, Some(1));
         for (r, o) in out.chunks(6).enumerate() {
-            let q = 3 + r % 2;
-            assert!(o[q + 1..].iter().all(|&p| p == 0.0), "row {r}: {o:?}");
+            assert!(o[r + 2..].iter().all(|&p| p == 0.0), "row {r}: {o:?}");
             assert!((o.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         }
     }

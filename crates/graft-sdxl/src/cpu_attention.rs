@@ -1,0 +1,213 @@
+//! Multi-head softmax attention on f32 slices, forward and backward, for
+//! [`crate::fused::attention`].
+//!
+//! One task per (batch entry, head), run in parallel; inside a task everything is sequential:
+//! the matmuls call gemm single-threaded on strided views of the [b, n, heads * d] inputs (no
+//! head split copies), and one head's block of scores stays in the cache between the matmuls
+//! and the softmax. Query rows go in chunks so a task never holds more than `BLOCK` scores;
+//! the backward recomputes the probabilities instead of keeping them (as flash attention does).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Score elements per task and chunk of query rows (4 MB of f32).
+const BLOCK: usize = 1 << 20;
+
+/// The shape of one attention call: q [b, n, heads * d], k and v [b, m, heads * d].
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub b: usize,
+    pub n: usize,
+    pub m: usize,
+    pub heads: usize,
+    pub d: usize,
+}
+
+impl Dims {
+    fn width(&self) -> usize {
+        self.heads * self.d
+    }
+
+    /// Query rows per chunk.
+    fn rows(&self) -> usize {
+        (BLOCK / self.m.max(1)).clamp(1, self.n.max(1))
+    }
+
+    /// Single-threaded gemm when the tasks alone keep every thread busy.
+    fn parallelism(&self) -> Parallelism {
+        let threads = rayon::current_num_threads();
+        if self.b * self.heads >= threads {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(threads)
+        }
+    }
+}
+
+/// A strided matrix inside a slice: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// Head `h` of batch entry `i` of a [b, len, heads * d] tensor: [len, d].
+    fn head(data: &'a [f32], dims: &Dims, len: usize, i: usize, h: usize) -> Self {
+        let start = i * len * dims.width() + h * dims.d;
+        Self { data: &data[start..], rows: len, cols: dims.d, rs: dims.width(), cs: 1 }
+    }
+
+    /// A contiguous [rows, cols] matrix.
+    fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, rs: cols, cs: 1 }
+    }
+
+    fn rows(self, start: usize, len: usize) -> Self {
+        Self { data: &self.data[start * self.rs..], rows: len, ..self }
+    }
+
+    fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// True when every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst [lhs.rows, rhs.cols] (row-major) = scale * lhs @ rhs`, plus `dst` when `accumulate`.
+fn matmul(dst: &mut [f32], lhs: View, rhs: View, scale: f32, accumulate: bool, par: Parallelism) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert!(rhs.rows == k && dst.len() >= m * n && lhs.in_bounds() && rhs.in_bounds(), "attention matmul out of bounds");
+    // SAFETY: the assert above keeps every element gemm reads or writes inside its slice.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, n as isize, accumulate,
+            lhs.data.as_ptr(), lhs.cs as isize, lhs.rs as isize,
+            rhs.data.as_ptr(), rhs.cs as isize, rhs.rs as isize,
+            1.0, scale, false, false, false, par,
+        )
+    }
+}
+
+/// Scores of one head's query rows `start..start + len`, turned into probabilities in place.
+fn probs(p: &mut [f32], q: View, k: View, start: usize, scale: f32, causal: bool, par: Parallelism) {
+    let len = q.rows;
+    matmul(p, q, k.t(), scale, false, par);
+    crate::simd::softmax_rows(&mut p[..len * k.rows], k.rows, causal.then_some(start));
+}
+
+/// Copies per-task [len, d] blocks into a [b, len, heads * d] tensor.
+fn scatter(blocks: Vec<Vec<f32>>, dims: &Dims, len: usize) -> Vec<f32> {
+    let mut out = vec![0f32; dims.b * len * dims.width()];
+    for (task, block) in blocks.iter().enumerate() {
+        let (i, h) = (task / dims.heads, task % dims.heads);
+        for (r, row) in block.chunks_exact(dims.d).enumerate() {
+            let at = (i * len + r) * dims.width() + h * dims.d;
+            out[at..at + dims.d].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// softmax(scale q kᵀ (+ causal mask)) v.
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: bool) -> Vec<f32> {
+    let (rows, par) = (dims.rows(), dims.parallelism());
+    let blocks: Vec<Vec<f32>> = (0..dims.b * dims.heads)
+        .into_par_iter()
+        .map(|task| {
+            let (i, h) = (task / dims.heads, task % dims.heads);
+            let (q, k, v) = (View::head(q, &dims, dims.n, i, h), View::head(k, &dims, dims.m, i, h), View::head(v, &dims, dims.m, i, h));
+            let mut out = vec![0f32; dims.n * dims.d];
+            let mut p = vec![0f32; rows * dims.m];
+            for start in (0..dims.n).step_by(rows) {
+                let len = rows.min(dims.n - start);
+                probs(&mut p, q.rows(start, len), k, start, scale, causal, par);
+                matmul(&mut out[start * dims.d..], View::dense(&p, len, dims.m), v, 1.0, false, par);
+            }
+            out
+        })
+        .collect();
+    scatter(blocks, &dims, dims.n)
+}
+
+/// Which input gradients to compute.
+#[derive(Debug, Clone, Copy)]
+pub struct Needs {
+    pub q: bool,
+    pub k: bool,
+    pub v: bool,
+}
+
+/// The gradients of q, k, v given the output `out` and its gradient `grad`. With p the
+/// probabilities and D = rowsum(grad * out): dV = pᵀ dO, dS = p * (dO Vᵀ - D), dQ = scale dS K,
+/// dK = scale dSᵀ Q.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    grad: &[f32],
+    dims: Dims,
+    scale: f32,
+    causal: bool,
+    needs: Needs,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (rows, par, d, m) = (dims.rows(), dims.parallelism(), dims.d, dims.m);
+    type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let blocks: Vec<Grads> = (0..dims.b * dims.heads)
+        .into_par_iter()
+        .map(|task| {
+            let (i, h) = (task / dims.heads, task % dims.heads);
+            let (q, k, v) = (View::head(q, &dims, dims.n, i, h), View::head(k, &dims, m, i, h), View::head(v, &dims, m, i, h));
+            let (o, g) = (View::head(out, &dims, dims.n, i, h), View::head(grad, &dims, dims.n, i, h));
+            let (mut dq, mut dk, mut dv) = (vec![0f32; if needs.q { dims.n * d } else { 0 }], vec![0f32; if needs.k { m * d } else { 0 }], vec![0f32; if needs.v { m * d } else { 0 }]);
+            let (mut p, mut ds) = (vec![0f32; rows * m], vec![0f32; rows * m]);
+            let mut row_dot = vec![0f32; rows];
+            for start in (0..dims.n).step_by(rows) {
+                let len = rows.min(dims.n - start);
+                let (q_c, g_c) = (q.rows(start, len), g.rows(start, len));
+                probs(&mut p, q_c, k, start, scale, causal, par);
+                let p_c = View::dense(&p, len, m);
+                if needs.v {
+                    matmul(&mut dv, p_c.t(), g_c, 1.0, start > 0, par);
+                }
+                if !(needs.q || needs.k) {
+                    continue;
+                }
+                for (r, rd) in row_dot[..len].iter_mut().enumerate() {
+                    let (gr, or) = (&g_c.data[r * g_c.rs..][..d], &o.data[(start + r) * o.rs..][..d]);
+                    *rd = gr.iter().zip(or).map(|(a, b)| a * b).sum();
+                }
+                matmul(&mut ds, g_c, v.t(), 1.0, false, par);
+                crate::simd::softmax_grad_rows(&p[..len * m], &mut ds[..len * m], &row_dot[..len]);
+                let ds_c = View::dense(&ds, len, m);
+                if needs.q {
+                    matmul(&mut dq[start * d..], ds_c, k, scale, false, par);
+                }
+                if needs.k {
+                    matmul(&mut dk, ds_c.t(), q_c, scale, start > 0, par);
+                }
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+    let mut parts: (Vec<_>, Vec<_>, Vec<_>) = (Vec::new(), Vec::new(), Vec::new());
+    for (dq, dk, dv) in blocks {
+        parts.0.push(dq);
+        parts.1.push(dk);
+        parts.2.push(dv);
+    }
+    (
+        needs.q.then(|| scatter(parts.0, &dims, dims.n)),
+        needs.k.then(|| scatter(parts.1, &dims, m)),
+        needs.v.then(|| scatter(parts.2, &dims, m)),
+    )
+}
