@@ -68,7 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 pub fn main() -> ExitCode {
-    crate::memory::keep_freed_memory();
+    crate::runtime::configure();
     // candle attaches a backtrace to its errors when RUST_BACKTRACE is set; a user needs the
     // message only (RUST_LIB_BACKTRACE=1 brings them back for debugging).
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {

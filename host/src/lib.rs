@@ -8,7 +8,7 @@ pub mod demo;
 pub mod device;
 pub mod generate;
 pub mod layers;
-pub mod memory;
+pub mod runtime;
 pub mod plugins;
 pub mod progress;
 pub mod serve;

@@ -342,13 +342,14 @@ pub fn supports_group_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
 }
 
 /// GroupNorm of x [b, c, ...] with `groups` groups: per sample and group
-/// `(x - mean) / sqrt(var + eps)`, then `* w[c] + b[c]`; the input's gradient only.
-pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+/// `(x - mean) / sqrt(var + eps)`, then `* w[c] + b[c]`, then SiLU when `silu` (the resnets'
+/// norm + activation in one pass); the input's gradient only.
+pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
     let c = x.dim(1)?;
     if groups == 0 || c % groups != 0 || w.elem_count() != c || b.elem_count() != c {
         candle_core::bail!("group norm: {c} channels, {groups} groups, weight {:?}, bias {:?}", w.dims(), b.dims())
     }
-    let op = FrozenGroupNorm { w: w.to_dtype(DType::F32)?.to_vec1()?, b: b.to_dtype(DType::F32)?.to_vec1()?, groups, eps };
+    let op = FrozenGroupNorm { w: w.to_dtype(DType::F32)?.to_vec1()?, b: b.to_dtype(DType::F32)?.to_vec1()?, groups, eps, silu };
     x.contiguous()?.apply_op1(op)
 }
 
@@ -357,13 +358,16 @@ struct FrozenGroupNorm {
     b: Vec<f32>,
     groups: usize,
     eps: f64,
+    silu: bool,
 }
 
 impl FrozenGroupNorm {
-    /// Elements of one (sample, group) and of one channel.
-    fn sizes(&self, dims: &[usize]) -> (usize, usize) {
+    /// Elements of one (sample, group), and the channel range of the `i`-th (sample, group).
+    fn group(&self, dims: &[usize], i: usize) -> (usize, std::ops::Range<usize>) {
         let spatial: usize = dims[2..].iter().product();
-        (dims[1] / self.groups * spatial, spatial)
+        let per = dims[1] / self.groups;
+        let c0 = (i % self.groups) * per;
+        (per * spatial, c0..c0 + per)
     }
 }
 
@@ -373,42 +377,25 @@ impl CustomOp1 for FrozenGroupNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("group norm: input is not contiguous") };
-        let x = &s.as_slice::<f32>()?[start..end];
-        let (group, spatial) = self.sizes(l.dims());
+        let x = cpu_slice(s, l)?;
+        let (size, _) = self.group(l.dims(), 0);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(group).zip(x.par_chunks(group)).enumerate().for_each(|(i, (o, xs))| {
-            let (mean, rstd) = row_stats(xs, self.eps);
-            let c0 = (i % self.groups) * (group / spatial);
-            for (j, (o, &v)) in o.iter_mut().zip(xs).enumerate() {
-                let c = c0 + j / spatial;
-                *o = (v - mean) * rstd * self.w[c] + self.b[c];
-            }
+        out.par_chunks_mut(size.max(1)).zip(x.par_chunks(size.max(1))).enumerate().for_each(|(i, (o, xs))| {
+            let (_, cs) = self.group(l.dims(), i);
+            crate::simd::group_norm_group(xs, o, &self.w[cs.clone()], &self.b[cs], self.eps, self.silu);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    /// As LayerNorm's over each (sample, group), with w per channel.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (group, spatial) = self.sizes(x.dims());
         let grad = grad.contiguous()?;
         let ((x_storage, x_layout), (g_storage, g_layout)) = (x.storage_and_layout(), grad.storage_and_layout());
         let (xs, gs) = (f32_slice(&x_storage, x_layout)?, f32_slice(&g_storage, g_layout)?);
+        let (size, _) = self.group(x.dims(), 0);
         let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(group).zip(xs.par_chunks(group).zip(gs.par_chunks(group))).enumerate().for_each(|(i, (dx, (xs, gr)))| {
-            let (mean, rstd) = row_stats(xs, self.eps);
-            let c0 = (i % self.groups) * (group / spatial);
-            let gw = |j: usize| gr[j] * self.w[c0 + j / spatial];
-            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-            for j in 0..group {
-                let g = gw(j) as f64;
-                sum_g += g;
-                sum_gx += g * ((xs[j] - mean) * rstd) as f64;
-            }
-            let (mean_g, mean_gx) = ((sum_g / group as f64) as f32, (sum_gx / group as f64) as f32);
-            for j in 0..group {
-                dx[j] = rstd * (gw(j) - mean_g - (xs[j] - mean) * rstd * mean_gx);
-            }
+        dx.par_chunks_mut(size.max(1)).zip(xs.par_chunks(size.max(1)).zip(gs.par_chunks(size.max(1)))).enumerate().for_each(|(i, (d, (xs, gs)))| {
+            let (_, cs) = self.group(x.dims(), i);
+            crate::simd::group_norm_group_grad(xs, gs, d, &self.w[cs.clone()], &self.b[cs], self.eps, self.silu);
         });
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
@@ -777,13 +764,16 @@ mod tests {
         let w = (rng.randn(6, &dev).unwrap() * 0.1).unwrap().affine(1.0, 1.0).unwrap();
         let b = (rng.randn(6, &dev).unwrap() * 0.1).unwrap();
         let up = rng.randn((2, 6, 3, 5), &dev).unwrap();
-        let fused = group_norm(&x, &w, &b, 3, 1e-5).unwrap();
-        let reference = candle_nn::GroupNorm::new(w.clone(), b.clone(), 6, 3, 1e-5).unwrap().forward(&x).unwrap();
-        assert!(max_diff(&fused, &reference) < 1e-5, "forward {}", max_diff(&fused, &reference));
-        let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let (a, r) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
-        assert!(max_diff(a, r) < 1e-5, "grad {}", max_diff(a, r));
-        assert!(g1.get(&w).is_none() && g1.get(&b).is_none());
+        for silu in [false, true] {
+            let fused = group_norm(&x, &w, &b, 3, 1e-5, silu).unwrap();
+            let reference = candle_nn::GroupNorm::new(w.clone(), b.clone(), 6, 3, 1e-5).unwrap().forward(&x).unwrap();
+            let reference = if silu { reference.silu().unwrap() } else { reference };
+            assert!(max_diff(&fused, &reference) < 1e-5, "forward {}", max_diff(&fused, &reference));
+            let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, r) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
+            assert!(max_diff(a, r) < 1e-5, "grad {}", max_diff(a, r));
+            assert!(g1.get(&w).is_none() && g1.get(&b).is_none());
+        }
     }
 }

@@ -178,10 +178,20 @@ pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
 }
 
+impl GroupNorm {
+    /// `silu(norm(x))`, the resnets' norm and activation, in one pass when fused.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::fused::supports_group_norm(x, &self.weight, &self.bias) {
+            return crate::fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true);
+        }
+        self.inner.forward(x)?.silu()
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if crate::fused::supports_group_norm(x, &self.weight, &self.bias) {
-            return crate::fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps);
+            return crate::fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false);
         }
         self.inner.forward(x)
     }

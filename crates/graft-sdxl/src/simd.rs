@@ -161,6 +161,82 @@ multiversion! {
     }
 }
 
+/// Σx and Σ(x - mean)² of a slice, accumulated in f64 per 8-lane f32 chunk run.
+#[inline(always)]
+fn moments(x: &[f32]) -> (f64, f64) {
+    let mean = x.chunks(4096).map(|c| sum_of(c) as f64).sum::<f64>() / x.len().max(1) as f64;
+    let m = mean as f32;
+    let sq = x
+        .chunks(4096)
+        .map(|c| {
+            let mut lanes = [0f32; 8];
+            let chunks = c.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().map(|&v| (v - m) * (v - m)).sum();
+            for c in chunks {
+                for (l, &v) in lanes.iter_mut().zip(c) {
+                    *l += (v - m) * (v - m);
+                }
+            }
+            (lanes.iter().sum::<f32>() + tail) as f64
+        })
+        .sum::<f64>();
+    (mean, sq)
+}
+
+/// x σ(x) (SiLU) and its derivative σ(x) (1 + x (1 - σ(x))).
+#[inline(always)]
+fn silu_and_grad(x: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + exp(-x));
+    (x * s, s * (1.0 + x * (1.0 - s)))
+}
+
+multiversion! {
+    /// GroupNorm of one (sample, group) `x` of `w.len()` channels, `spatial` elements each:
+    /// `(x - mean) / sqrt(var + eps) * w[c] + b[c]`, then SiLU when `silu`.
+    pub fn group_norm_group(x: &[f32], out: &mut [f32], w: &[f32], b: &[f32], eps: f64, silu: bool) {
+        let (mean, sq) = moments(x);
+        let rstd = (1.0 / (sq / x.len().max(1) as f64 + eps).sqrt()) as f32;
+        let (mean, spatial) = (mean as f32, x.len() / w.len().max(1));
+        for (c, (xs, os)) in x.chunks_exact(spatial).zip(out.chunks_exact_mut(spatial)).enumerate() {
+            let (scale, shift) = (rstd * w[c], b[c] - mean * rstd * w[c]);
+            for (o, &v) in os.iter_mut().zip(xs) {
+                let y = v * scale + shift;
+                *o = if silu { silu_and_grad(y).0 } else { y };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The input's gradient of [`group_norm_group`]: with xhat the normalized input and
+    /// g = (grad, through SiLU when `silu`) * w, dx = rstd (g - mean(g) - xhat mean(g xhat)).
+    pub fn group_norm_group_grad(x: &[f32], grad: &[f32], dx: &mut [f32], w: &[f32], b: &[f32], eps: f64, silu: bool) {
+        let (mean, sq) = moments(x);
+        let n = x.len().max(1) as f64;
+        let rstd = (1.0 / (sq / n + eps).sqrt()) as f32;
+        let (mean, spatial) = (mean as f32, x.len() / w.len().max(1));
+        let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+        for (c, ((xs, gs), ds)) in x.chunks_exact(spatial).zip(grad.chunks_exact(spatial)).zip(dx.chunks_exact_mut(spatial)).enumerate() {
+            let (wc, bc) = (w[c], b[c]);
+            let (mut lg, mut lgx) = ([0f32; 8], [0f32; 8]);
+            for (k, ((&v, &g), d)) in xs.iter().zip(gs).zip(ds.iter_mut()).enumerate() {
+                let xhat = (v - mean) * rstd;
+                let g = if silu { g * silu_and_grad(xhat * wc + bc).1 } else { g } * wc;
+                *d = g;
+                lg[k % 8] += g;
+                lgx[k % 8] += g * xhat;
+            }
+            sum_g += lg.iter().sum::<f32>() as f64;
+            sum_gx += lgx.iter().sum::<f32>() as f64;
+        }
+        let (mean_g, mean_gx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
+        for (&v, d) in x.iter().zip(dx.iter_mut()) {
+            let xhat = (v - mean) * rstd;
+            *d = rstd * (*d - mean_g - xhat * mean_gx);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
