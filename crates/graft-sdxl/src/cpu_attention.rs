@@ -10,6 +10,8 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::matmul::{matmul, View};
+
 /// Score elements per task and chunk of query rows (4 MB of f32).
 const BLOCK: usize = 1 << 20;
 
@@ -44,62 +46,16 @@ impl Dims {
     }
 }
 
-/// A strided matrix inside a slice: element (i, j) at `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    /// Head `h` of batch entry `i` of a [b, len, heads * d] tensor: [len, d].
-    fn head(data: &'a [f32], dims: &Dims, len: usize, i: usize, h: usize) -> Self {
-        let start = i * len * dims.width() + h * dims.d;
-        Self { data: &data[start..], rows: len, cols: dims.d, rs: dims.width(), cs: 1 }
-    }
-
-    /// A contiguous [rows, cols] matrix.
-    fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self { data, rows, cols, rs: cols, cs: 1 }
-    }
-
-    fn rows(self, start: usize, len: usize) -> Self {
-        Self { data: &self.data[start * self.rs..], rows: len, ..self }
-    }
-
-    fn t(self) -> Self {
-        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
-    }
-
-    /// True when every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
-        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst [lhs.rows, rhs.cols] (row-major) = scale * lhs @ rhs`, plus `dst` when `accumulate`.
-fn matmul(dst: &mut [f32], lhs: View, rhs: View, scale: f32, accumulate: bool, par: Parallelism) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert!(rhs.rows == k && dst.len() >= m * n && lhs.in_bounds() && rhs.in_bounds(), "attention matmul out of bounds");
-    // SAFETY: the assert above keeps every element gemm reads or writes inside its slice.
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, n as isize, accumulate,
-            lhs.data.as_ptr(), lhs.cs as isize, lhs.rs as isize,
-            rhs.data.as_ptr(), rhs.cs as isize, rhs.rs as isize,
-            1.0, scale, false, false, false, par,
-        )
-    }
+/// Head `h` of batch entry `i` of a [b, len, heads * d] tensor: [len, d].
+fn head<'a>(data: &'a [f32], dims: &Dims, len: usize, i: usize, h: usize) -> View<'a> {
+    let start = i * len * dims.width() + h * dims.d;
+    View { data: &data[start..], rows: len, cols: dims.d, rs: dims.width(), cs: 1 }
 }
 
 /// Scores of one head's query rows `start..start + len`, turned into probabilities in place.
 fn probs(p: &mut [f32], q: View, k: View, start: usize, scale: f32, causal: bool, par: Parallelism) {
     let len = q.rows;
-    matmul(p, q, k.t(), scale, false, par);
+    matmul(p, k.rows, q, k.t(), scale, false, par);
     crate::simd::softmax_rows(&mut p[..len * k.rows], k.rows, causal.then_some(start));
 }
 
@@ -123,13 +79,13 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: 
         .into_par_iter()
         .map(|task| {
             let (i, h) = (task / dims.heads, task % dims.heads);
-            let (q, k, v) = (View::head(q, &dims, dims.n, i, h), View::head(k, &dims, dims.m, i, h), View::head(v, &dims, dims.m, i, h));
+            let (q, k, v) = (head(q, &dims, dims.n, i, h), head(k, &dims, dims.m, i, h), head(v, &dims, dims.m, i, h));
             let mut out = vec![0f32; dims.n * dims.d];
             let mut p = vec![0f32; rows * dims.m];
             for start in (0..dims.n).step_by(rows) {
                 let len = rows.min(dims.n - start);
                 probs(&mut p, q.rows(start, len), k, start, scale, causal, par);
-                matmul(&mut out[start * dims.d..], View::dense(&p, len, dims.m), v, 1.0, false, par);
+                matmul(&mut out[start * dims.d..], dims.d, View::dense(&p, len, dims.m), v, 1.0, false, par);
             }
             out
         })
@@ -166,8 +122,8 @@ pub fn backward(
         .into_par_iter()
         .map(|task| {
             let (i, h) = (task / dims.heads, task % dims.heads);
-            let (q, k, v) = (View::head(q, &dims, dims.n, i, h), View::head(k, &dims, m, i, h), View::head(v, &dims, m, i, h));
-            let (o, g) = (View::head(out, &dims, dims.n, i, h), View::head(grad, &dims, dims.n, i, h));
+            let (q, k, v) = (head(q, &dims, dims.n, i, h), head(k, &dims, m, i, h), head(v, &dims, m, i, h));
+            let (o, g) = (head(out, &dims, dims.n, i, h), head(grad, &dims, dims.n, i, h));
             let (mut dq, mut dk, mut dv) = (vec![0f32; if needs.q { dims.n * d } else { 0 }], vec![0f32; if needs.k { m * d } else { 0 }], vec![0f32; if needs.v { m * d } else { 0 }]);
             let (mut p, mut ds) = (vec![0f32; rows * m], vec![0f32; rows * m]);
             let mut row_dot = vec![0f32; rows];
@@ -177,7 +133,7 @@ pub fn backward(
                 probs(&mut p, q_c, k, start, scale, causal, par);
                 let p_c = View::dense(&p, len, m);
                 if needs.v {
-                    matmul(&mut dv, p_c.t(), g_c, 1.0, start > 0, par);
+                    matmul(&mut dv, d, p_c.t(), g_c, 1.0, start > 0, par);
                 }
                 if !(needs.q || needs.k) {
                     continue;
@@ -186,14 +142,14 @@ pub fn backward(
                     let (gr, or) = (&g_c.data[r * g_c.rs..][..d], &o.data[(start + r) * o.rs..][..d]);
                     *rd = gr.iter().zip(or).map(|(a, b)| a * b).sum();
                 }
-                matmul(&mut ds, g_c, v.t(), 1.0, false, par);
+                matmul(&mut ds, m, g_c, v.t(), 1.0, false, par);
                 crate::simd::softmax_grad_rows(&p[..len * m], &mut ds[..len * m], &row_dot[..len]);
                 let ds_c = View::dense(&ds, len, m);
                 if needs.q {
-                    matmul(&mut dq[start * d..], ds_c, k, scale, false, par);
+                    matmul(&mut dq[start * d..], d, ds_c, k, scale, false, par);
                 }
                 if needs.k {
-                    matmul(&mut dk, ds_c.t(), q_c, scale, start > 0, par);
+                    matmul(&mut dk, d, ds_c.t(), q_c, scale, start > 0, par);
                 }
             }
             (dq, dk, dv)

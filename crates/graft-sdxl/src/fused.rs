@@ -28,8 +28,10 @@
 
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
+
+use crate::matmul::{matmul, Parallelism, View};
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
 
 /// Elements per tile of conv columns (16 MB of f32).
@@ -80,16 +82,6 @@ fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
 fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("fused op: input is not contiguous") };
     Ok(&s.as_slice::<f32>()?[start..end])
-}
-
-/// The CPU storage of a tensor (a copy).
-fn cpu_storage(t: &Tensor) -> Result<CpuStorage> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => s.try_clone(layout),
-        _ => candle_core::bail!("fused op: expected a CPU tensor"),
-    }
 }
 
 impl CustomOp3 for FusedAttention {
@@ -544,54 +536,65 @@ impl CustomOp1 for FrozenConv2d {
         "graft-frozen-conv2d"
     }
 
+    /// Per image and tile of output positions: columns (or the image itself for a 1x1 kernel)
+    /// times the kernel, written by gemm straight into the output, on top of the bias.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("conv2d: input is not contiguous") };
-        let x = &s.as_slice::<f32>()?[start..end];
+        let x = cpu_slice(s, l)?;
         let g = self.geo;
         let (oh, ow) = g.out_hw();
-        let image = g.c_in * g.h * g.w;
+        let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
         let batch = x.len() / image.max(1);
-        let k = self.w2.dim(1)?;
-        let (p, tile) = (oh * ow, g.tile());
-        let mut outs = Vec::with_capacity(batch);
-        for i in 0..batch {
-            let img = &x[i * image..(i + 1) * image];
-            let mut tiles = Vec::with_capacity(p.div_ceil(tile));
-            for p0 in (0..p).step_by(tile) {
-                let p1 = (p0 + tile).min(p);
-                let cols = if g.is_pointwise() { Tensor::from_slice(img, (k, p), &Device::Cpu)?.narrow(1, p0, p1 - p0)? } else { Tensor::from_vec(g.im2col(img, p0, p1), (k, p1 - p0), &Device::Cpu)? };
-                tiles.push(self.w2.matmul(&cols)?);
+        let (c_out, k) = self.w2.dims2()?;
+        let (w_storage, w_layout) = self.w2.storage_and_layout();
+        let kernel = View::dense(f32_slice(&w_storage, w_layout)?, c_out, k);
+        let mut out = vec![0f32; batch * c_out * p];
+        if let Some(b) = &self.b {
+            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for (row, &v) in out.chunks_exact_mut(p.max(1)).zip(b.iter().cycle()) {
+                row.fill(v);
             }
-            let y = if tiles.len() == 1 { tiles.remove(0) } else { Tensor::cat(&tiles, 1)? };
-            outs.push(match &self.b {
-                Some(b) => y.broadcast_add(&b.reshape(((), 1))?)?,
-                None => y,
-            });
         }
-        let out = Tensor::stack(&outs, 0)?;
-        let c_out = self.w2.dim(0)?;
-        Ok((cpu_storage(&out)?, Shape::from((batch, c_out, oh, ow))))
+        let par = Parallelism::Rayon(rayon::current_num_threads());
+        for (img, out) in x.chunks_exact(image.max(1)).zip(out.chunks_exact_mut((c_out * p).max(1))) {
+            for p0 in (0..p).step_by(tile) {
+                let len = tile.min(p - p0);
+                let cols;
+                let columns = if g.is_pointwise() {
+                    View { data: &img[p0..], rows: k, cols: len, rs: p, cs: 1 }
+                } else {
+                    cols = g.im2col(img, p0, p0 + len);
+                    View::dense(&cols, k, len)
+                };
+                matmul(&mut out[p0..], p, kernel, columns, 1.0, self.b.is_some(), par);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, oh, ow))))
     }
 
+    /// Per image and tile: kernelᵀ times the output's gradient, summed back into the image
+    /// (col2im); for a 1x1 kernel written straight into the input's gradient.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = self.geo;
         let (oh, ow) = g.out_hw();
-        let (batch, c_out) = (grad.dim(0)?, grad.dim(1)?);
-        let grad = grad.reshape((batch, c_out, oh * ow))?;
-        let wt = self.w2.t()?;
-        let (p, tile) = (oh * ow, g.tile());
-        let image = g.c_in * g.h * g.w;
-        let mut dx = vec![0f32; batch * image];
-        for (i, dx) in dx.chunks_mut(image).enumerate() {
-            let gi = grad.get(i)?;
-            if g.is_pointwise() {
-                dx.copy_from_slice(&wt.matmul(&gi)?.flatten_all()?.to_vec1::<f32>()?);
-                continue;
-            }
+        let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
+        let (c_out, k) = self.w2.dims2()?;
+        let grad = grad.contiguous()?;
+        let ((w_storage, w_layout), (g_storage, g_layout)) = (self.w2.storage_and_layout(), grad.storage_and_layout());
+        let kernel_t = View::dense(f32_slice(&w_storage, w_layout)?, c_out, k).t();
+        let grads = f32_slice(&g_storage, g_layout)?;
+        let par = Parallelism::Rayon(rayon::current_num_threads());
+        let mut dx = vec![0f32; x.elem_count()];
+        let mut cols = vec![0f32; k * tile.min(p)];
+        for (dx, gi) in dx.chunks_exact_mut(image.max(1)).zip(grads.chunks_exact((c_out * p).max(1))) {
             for p0 in (0..p).step_by(tile) {
-                let p1 = (p0 + tile).min(p);
-                let cols = wt.matmul(&gi.narrow(1, p0, p1 - p0)?)?; // [c_in * kh * kw, p1 - p0]
-                g.col2im_add(&cols.flatten_all()?.to_vec1::<f32>()?, p0, p1, dx);
+                let len = tile.min(p - p0);
+                let gv = View { data: &gi[p0..], rows: c_out, cols: len, rs: p, cs: 1 };
+                if g.is_pointwise() {
+                    matmul(&mut dx[p0..], p, kernel_t, gv, 1.0, false, par);
+                } else {
+                    matmul(&mut cols, len, kernel_t, gv, 1.0, false, par);
+                    g.col2im_add(&cols[..k * len], p0, p0 + len, dx);
+                }
             }
         }
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
@@ -602,7 +605,7 @@ impl CustomOp1 for FrozenConv2d {
 mod tests {
     use super::*;
     use crate::rng::GraftRng;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod cpu_attention;
 pub mod fused;
 pub mod hooks;
+pub mod matmul;
 pub mod model;
 pub mod nn;
 pub mod pipeline;
