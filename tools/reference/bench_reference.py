@@ -331,6 +331,18 @@ def w_block(side):
     return run
 
 
+def w_attention(a):
+    """F.scaled_dot_product_attention (what diffusers' AttnProcessor2_0 calls), forward + backward."""
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn((1, 1024, DIM), generator=g).requires_grad_(True) for _ in range(3))
+
+    def f():
+        heads = lambda t: t.view(1, 1024, HEADS, DIM // HEADS).transpose(1, 2)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(1, 1024, DIM)
+        out.sum().backward()
+    return measure(2, a.runs or 10, f)
+
+
 def w_resnet(side):
     def run(a):
         from diffusers.models.resnet import ResnetBlock2D
@@ -403,6 +415,7 @@ WORKLOADS = {
     "tiny.adapter_load_attach": w_load_attach,
     "real.transformer_block_16x16": w_block(16),
     "real.transformer_block_32x32": w_block(32),
+    "real.attention_32x32": w_attention,
     "real.resnet_block_16x16": w_resnet(16),
     "real.resnet_block_32x32": w_resnet(32),
     "real.block_lora_unfused_32x32": w_block_lora_unfused,

@@ -85,6 +85,17 @@ pub fn block_32(ctx: &Ctx) -> anyhow::Result<Measured> {
     block_forward(ctx, 32)
 }
 
+/// The attention kernel alone: q, k, v [1, 1024, 1280] -> 20 heads, forward and backward.
+pub fn attention_32(ctx: &Ctx) -> anyhow::Result<Measured> {
+    let mut rng = GraftRng::new(10);
+    let mut var = || -> anyhow::Result<candle_core::Var> { Ok(candle_core::Var::from_tensor(&rng.randn((1, 1024, DIM), &Device::Cpu)?)?) };
+    let (q, k, v) = (var()?, var()?, var()?);
+    measure(2, ctx.runs(10), || {
+        graft_sdxl::nn::attention(&q, &k, &v, HEADS, false)?.sum_all()?.backward()?;
+        Ok(())
+    })
+}
+
 fn resnet_forward(ctx: &Ctx, side: usize) -> anyhow::Result<Measured> {
     let cfg = ResnetConfig { in_channels: DIM, out_channels: DIM, temb_channels: Some(DIM), groups: 32, eps: 1e-5 };
     let r = ResnetBlock2D::new(random_vb(2), cfg)?;
