@@ -226,38 +226,22 @@ struct FrozenLayerNorm {
     eps: f64,
 }
 
-/// Mean and 1/sqrt(var + eps) of one row (accumulated in f64).
-fn row_stats(row: &[f32], eps: f64) -> (f32, f32) {
-    let n = row.len() as f64;
-    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-}
-
 impl CustomOp1 for FrozenLayerNorm {
     fn name(&self) -> &'static str {
         "graft-layer-norm"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("layer norm: input is not contiguous") };
-        let x = &s.as_slice::<f32>()?[start..end];
+        let x = cpu_slice(s, l)?;
         let dim = self.w.len();
         if l.dims().last() != Some(&dim) {
             candle_core::bail!("layer norm: input {:?} does not end in {dim}", l.dims())
         }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, row)| {
-            let (mean, rstd) = row_stats(row, self.eps);
-            for (i, (o, &v)) in o.iter_mut().zip(row).enumerate() {
-                *o = (v - mean) * rstd * self.w[i] + self.b[i];
-            }
-        });
+        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, row)| crate::simd::layer_norm_row(row, o, &self.w, &self.b, self.eps));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    /// With xhat the normalized input and g = grad * w:
-    /// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dim = self.w.len();
         let grad = grad.contiguous()?;
@@ -265,18 +249,7 @@ impl CustomOp1 for FrozenLayerNorm {
         let (xs, gs) = (f32_slice(&x_storage, x_layout)?, f32_slice(&g_storage, g_layout)?);
         let mut dx = vec![0f32; xs.len()];
         dx.par_chunks_mut(dim).zip(xs.par_chunks(dim).zip(gs.par_chunks(dim))).for_each(|(dx, (row, gr))| {
-            let (mean, rstd) = row_stats(row, self.eps);
-            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-            for i in 0..dim {
-                let g = (gr[i] * self.w[i]) as f64;
-                sum_g += g;
-                sum_gx += g * ((row[i] - mean) * rstd) as f64;
-            }
-            let (mean_g, mean_gx) = ((sum_g / dim as f64) as f32, (sum_gx / dim as f64) as f32);
-            for i in 0..dim {
-                let xhat = (row[i] - mean) * rstd;
-                dx[i] = rstd * (gr[i] * self.w[i] - mean_g - xhat * mean_gx);
-            }
+            crate::simd::layer_norm_row_grad(row, gr, dx, &self.w, self.eps)
         });
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
@@ -304,8 +277,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("geglu: input is not contiguous") };
-        let h = &s.as_slice::<f32>()?[start..end];
+        let h = cpu_slice(s, l)?;
         let mut dims = l.dims().to_vec();
         let inner = dims[dims.len() - 1] / 2;
         *dims.last_mut().expect("rank >= 1") = inner;

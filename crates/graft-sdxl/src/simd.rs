@@ -191,6 +191,40 @@ fn silu_and_grad(x: f32) -> (f32, f32) {
 }
 
 multiversion! {
+    /// LayerNorm of one row: `(x - mean) / sqrt(var + eps) * w + b`.
+    pub fn layer_norm_row(x: &[f32], out: &mut [f32], w: &[f32], b: &[f32], eps: f64) {
+        let (mean, sq) = moments(x);
+        let rstd = (1.0 / (sq / x.len().max(1) as f64 + eps).sqrt()) as f32;
+        let mean = mean as f32;
+        for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
+            *o = (v - mean) * rstd * w + b;
+        }
+    }
+}
+
+multiversion! {
+    /// The input's gradient of [`layer_norm_row`]: with xhat the normalized row and g = grad * w,
+    /// dx = rstd (g - mean(g) - xhat mean(g xhat)).
+    pub fn layer_norm_row_grad(x: &[f32], grad: &[f32], dx: &mut [f32], w: &[f32], eps: f64) {
+        let (mean, sq) = moments(x);
+        let n = x.len().max(1) as f64;
+        let rstd = (1.0 / (sq / n + eps).sqrt()) as f32;
+        let mean = mean as f32;
+        let (mut lg, mut lgx) = ([0f32; 8], [0f32; 8]);
+        for (k, ((&v, &g), &w)) in x.iter().zip(grad).zip(w).enumerate() {
+            let g = g * w;
+            lg[k % 8] += g;
+            lgx[k % 8] += g * (v - mean) * rstd;
+        }
+        let mean_g = (lg.iter().map(|&v| v as f64).sum::<f64>() / n) as f32;
+        let mean_gx = (lgx.iter().map(|&v| v as f64).sum::<f64>() / n) as f32;
+        for (((d, &v), &g), &w) in dx.iter_mut().zip(x).zip(grad).zip(w) {
+            *d = rstd * (g * w - mean_g - (v - mean) * rstd * mean_gx);
+        }
+    }
+}
+
+multiversion! {
     /// GroupNorm of one (sample, group) `x` of `w.len()` channels, `spatial` elements each:
     /// `(x - mean) / sqrt(var + eps) * w[c] + b[c]`, then SiLU when `silu`.
     pub fn group_norm_group(x: &[f32], out: &mut [f32], w: &[f32], b: &[f32], eps: f64, silu: bool) {
