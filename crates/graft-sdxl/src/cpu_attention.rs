@@ -124,7 +124,8 @@ pub fn backward(
             let (i, h) = (task / dims.heads, task % dims.heads);
             let (q, k, v) = (head(q, &dims, dims.n, i, h), head(k, &dims, m, i, h), head(v, &dims, m, i, h));
             let (o, g) = (head(out, &dims, dims.n, i, h), head(grad, &dims, dims.n, i, h));
-            let (mut dq, mut dk, mut dv) = (vec![0f32; if needs.q { dims.n * d } else { 0 }], vec![0f32; if needs.k { m * d } else { 0 }], vec![0f32; if needs.v { m * d } else { 0 }]);
+            let zeros = |need: bool, len: usize| vec![0f32; if need { len * d } else { 0 }];
+            let (mut dq, mut dk, mut dv) = (zeros(needs.q, dims.n), zeros(needs.k, m), zeros(needs.v, m));
             let (mut p, mut ds) = (vec![0f32; rows * m], vec![0f32; rows * m]);
             let mut row_dot = vec![0f32; rows];
             for start in (0..dims.n).step_by(rows) {

@@ -47,7 +47,7 @@ pub fn supports_attention(q: &Tensor) -> bool {
 /// [`supports_attention`]). The heads are split inside, so the graph keeps only q, k, v and the
 /// output.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
-    let d = q.dim(D::Minus1)? / heads;
+    let d = q.dim(D::Minus1)? / heads.max(1);
     let op = FusedAttention { heads, scale: 1.0 / (d as f64).sqrt(), causal };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
@@ -63,7 +63,7 @@ impl FusedAttention {
     /// The attention's dimensions from q's and k's layouts.
     fn dims(&self, q: &[usize], k: &[usize]) -> Result<crate::cpu_attention::Dims> {
         let ([b, n, width], [kb, m, kw]) = (q, k) else { candle_core::bail!("attention: expected [b, n, heads * d] inputs, got {q:?} and {k:?}") };
-        if b != kb || width != kw || width % self.heads != 0 {
+        if b != kb || width != kw || self.heads == 0 || width % self.heads != 0 || *width == 0 || *n == 0 || *m == 0 {
             candle_core::bail!("attention: q {q:?} and k {k:?} do not fit {} heads", self.heads)
         }
         Ok(crate::cpu_attention::Dims { b: *b, n: *n, m: *m, heads: self.heads, d: width / self.heads })

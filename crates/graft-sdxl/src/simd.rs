@@ -1,5 +1,5 @@
 //! Element-wise CPU kernels written so that the compiler vectorizes them: branch-free `exp` and
-//! `erf`, and the row loops of softmax and GEGLU. Each kernel is compiled twice, for the
+//! `erf`, and the row loops of softmax, GEGLU, LayerNorm and GroupNorm (+ SiLU). Each kernel is compiled twice, for the
 //! baseline x86-64 and for AVX2 + FMA, and picks the second at run time when the CPU has it
 //! (candle's own element-wise ops call libm's scalar `expf` / `erff` one element at a time).
 
