@@ -583,6 +583,17 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// Asserts that `fused` and `reference`, both computed from `x`, agree within `tol` in value
+    /// and in x's gradient under the upstream gradient `up`; the fused side gives `frozen` none.
+    fn assert_same(fused: Tensor, reference: Tensor, x: &Var, up: &Tensor, tol: f32, frozen: &[&Tensor]) {
+        assert!(max_diff(&fused, &reference) < tol, "forward {}", max_diff(&fused, &reference));
+        let g1 = (fused * up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, r) = (g1.get(x).unwrap(), g2.get(x).unwrap());
+        assert!(max_diff(a, r) < tol, "grad {}", max_diff(a, r));
+        assert!(frozen.iter().all(|t| g1.get(t).is_none()), "a frozen tensor got a gradient");
+    }
+
     /// The composed attention (what nn::attention does off the CPU).
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Tensor {
         let split = |t: &Tensor| {
@@ -682,13 +693,7 @@ mod tests {
         // Through a linear view so that the composed path is taken (the weight "tracks").
         let wv = Var::from_tensor(&w).unwrap();
         let reference = crate::nn::LayerNorm { weight: wv.as_tensor().clone(), bias: b.clone(), eps: 1e-5 }.forward(&x).unwrap();
-        let fused = composed.forward(&x).unwrap();
-        assert!(max_diff(&fused, &reference) < 1e-5, "forward {}", max_diff(&fused, &reference));
-        let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let (a, r) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
-        assert!(max_diff(a, r) < 1e-5, "grad {}", max_diff(a, r));
-        assert!(g1.get(&w).is_none() && g1.get(&b).is_none());
+        assert_same(composed.forward(&x).unwrap(), reference, &x, &up, 1e-5, &[&w, &b]);
     }
 
     #[test]
@@ -721,13 +726,8 @@ mod tests {
         let mut rng = GraftRng::new(9);
         let h = Var::from_tensor(&(rng.randn((2, 3, 10), &dev).unwrap() * 2.0).unwrap()).unwrap();
         let up = rng.randn((2, 3, 5), &dev).unwrap();
-        let fused = geglu(&h).unwrap();
         let reference = (h.narrow(2, 0, 5).unwrap() * h.narrow(2, 5, 5).unwrap().gelu_erf().unwrap()).unwrap();
-        assert!(max_diff(&fused, &reference) < 1e-6, "forward {}", max_diff(&fused, &reference));
-        let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let (a, r) = (g1.get(&h).unwrap(), g2.get(&h).unwrap());
-        assert!(max_diff(a, r) < 1e-5, "grad {}", max_diff(a, r));
+        assert_same(geglu(&h).unwrap(), reference, &h, &up, 1e-5, &[]);
     }
 
     #[test]
@@ -743,12 +743,7 @@ mod tests {
             let fused = group_norm(&x, &w, &b, 3, 1e-5, silu).unwrap();
             let reference = candle_nn::GroupNorm::new(w.clone(), b.clone(), 6, 3, 1e-5).unwrap().forward(&x).unwrap();
             let reference = if silu { reference.silu().unwrap() } else { reference };
-            assert!(max_diff(&fused, &reference) < 1e-5, "forward {}", max_diff(&fused, &reference));
-            let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let (a, r) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
-            assert!(max_diff(a, r) < 1e-5, "grad {}", max_diff(a, r));
-            assert!(g1.get(&w).is_none() && g1.get(&b).is_none());
+            assert_same(fused, reference, &x, &up, 1e-5, &[&w, &b]);
         }
     }
 }
