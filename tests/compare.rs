@@ -12,7 +12,7 @@ use graft_host::compare::report::{self, MISSING_CELL};
 use graft_host::compare::run::BaseSnapshot;
 use graft_host::plugins::{DirOrigin, PluginDirArgs, PluginManager, SearchDir};
 use graft_host::train::trainer::Trainer;
-use graft_tests::{build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
+use graft_tests::{base64_decode, build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
 
 fn plugins() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -69,26 +69,6 @@ fn md_table(md: &str) -> (Vec<String>, Vec<Vec<String>>) {
     assert!(lines.len() >= 2, "no table in the report:\n{md}");
     assert!(lines[1].starts_with("|---"), "second line is the separator: {}", lines[1]);
     (split(lines[0]), lines[2..].iter().map(|l| split(l)).collect())
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let value = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a' + 26) as u32,
-            b'0'..=b'9' => (c - b'0' + 52) as u32,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {}", c as char),
-        }
-    };
-    let mut out = Vec::new();
-    for chunk in s.as_bytes().chunks(4) {
-        let pad = chunk.iter().filter(|&&c| c == b'=').count();
-        let n = chunk.iter().take(4 - pad).enumerate().fold(0u32, |n, (i, &c)| n | value(c) << (18 - 6 * i));
-        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
-    }
-    out
 }
 
 /// The data URI image with alt text `alt` in the html, decoded.

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use graft_host::serve::{plugin_dir_args, start, ServeArgs, ServerHandle};
-use graft_tests::{build_plugins, scratch, tiny_model, write_shapes_dataset};
+use graft_host::serve::{start, ServerHandle};
+use graft_tests::{build_plugins, scratch, serve_args, write_shapes_dataset};
 use serde_json::{json, Value};
 
 fn server() -> &'static (ServerHandle, PathBuf) {
@@ -15,17 +15,7 @@ fn server() -> &'static (ServerHandle, PathBuf) {
     S.get_or_init(|| {
         let plugins = build_plugins(&["lora"]);
         let dir = scratch("serve_api");
-        let args = ServeArgs {
-            model: Some(tiny_model()),
-            model_config: None,
-            plugins: plugin_dir_args(plugins),
-            port: 0,
-            listen: None,
-            lora_dirs: vec![],
-            work_dir: dir.join("work"),
-            cpu: true,
-        };
-        (start(&args).expect("server starts"), dir)
+        (start(&serve_args(&dir, plugins)).expect("server starts"), dir)
     })
 }
 

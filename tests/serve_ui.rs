@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use graft_host::serve::{plugin_dir_args, start, ServeArgs};
-use graft_tests::{build_plugins, scratch, tiny_model, workspace, write_shapes_dataset};
+use graft_host::serve::start;
+use graft_tests::{base64_decode, build_plugins, scratch, serve_args, workspace, write_shapes_dataset};
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -138,31 +138,6 @@ impl Driver {
     }
 }
 
-fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a' + 26) as u32,
-            b'0'..=b'9' => (c - b'0' + 52) as u32,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c}"),
-        }
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=').collect();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= val(c) << (18 - 6 * i);
-        }
-        for i in 0..chunk.len().saturating_sub(1) {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-    }
-    out
-}
-
 #[test]
 fn base64_decodes() {
     assert_eq!(base64_decode("Zm9vYmFy"), b"foobar");
@@ -180,17 +155,7 @@ fn train_and_generate_in_the_browser() {
     let dir = scratch("serve_ui");
     let data = dir.join("data");
     write_shapes_dataset(&data, 4, 64);
-    let args = ServeArgs {
-        model: Some(tiny_model()),
-        model_config: None,
-        plugins: plugin_dir_args(plugins),
-        port: 0,
-        listen: None,
-        lora_dirs: vec![],
-        work_dir: dir.join("work"),
-        cpu: true,
-    };
-    let server = start(&args).expect("server starts");
+    let server = start(&serve_args(&dir, plugins)).expect("server starts");
     let d = Driver::start();
     d.goto(&server.url());
     d.wait_for("the plugin list", "return document.getElementById('train-plugin').value === 'lora'", Duration::from_secs(30));

@@ -77,3 +77,44 @@ pub fn build_plugins(crates: &[&str]) -> PathBuf {
 pub fn write_shapes_dataset(dir: &Path, n: usize, size: u32) {
     graft_host::demo::dataset::write_dataset(dir, n, size).expect("write the shapes dataset");
 }
+
+/// `graft serve` on the tiny model, on the CPU, on a free port, with `plugins` and a work folder
+/// under `dir`.
+pub fn serve_args(dir: &Path, plugins: PathBuf) -> graft_host::serve::ServeArgs {
+    graft_host::serve::ServeArgs {
+        model: Some(tiny_model()),
+        model_config: None,
+        plugins: graft_host::serve::plugin_dir_args(plugins),
+        port: 0,
+        listen: None,
+        lora_dirs: vec![],
+        work_dir: dir.join("work"),
+        cpu: true,
+    }
+}
+
+/// Standard base64 (padding and whitespace allowed), for PNGs in data URIs and screenshots.
+pub fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c) << (18 - 6 * i);
+        }
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}

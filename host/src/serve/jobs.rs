@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::compare::config::CompareConfig;
 use crate::serve::state::{lock, App};
 use crate::train::config::TrainConfig;
-use crate::train::samples::{parse_prompt_file, render_samples, SampleDefaults, SamplePrompt};
+use crate::train::samples::render_samples;
 use crate::train::trainer::Trainer;
 use crate::train::{checkpoint, losslog};
 
@@ -186,22 +186,6 @@ pub fn start_worker(app: Arc<App>) {
     });
 }
 
-/// The sample prompts of a run (the prompts file the API wrote for it).
-fn sample_prompts(config: &TrainConfig) -> anyhow::Result<Vec<SamplePrompt>> {
-    match &config.sample_prompts {
-        Some(p) if config.sample_every > 0 => {
-            let defaults = SampleDefaults {
-                width: config.dataset.resolution,
-                height: config.dataset.resolution,
-                seed: config.seed,
-                ..Default::default()
-            };
-            parse_prompt_file(p, &defaults)
-        }
-        _ => Ok(Vec::new()),
-    }
-}
-
 fn file_url(id: u64, out: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(out).unwrap_or(path);
     let rel: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
@@ -210,7 +194,7 @@ fn file_url(id: u64, out: &Path, path: &Path) -> String {
 
 fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyhow::Result<()> {
     let model = app.model.clone().context("no model is loaded (start the server with --model)")?;
-    let prompts = sample_prompts(&config)?;
+    let prompts = config.sample_prompts_to_render()?;
     let mut plugins = app.plugin_args.manager()?;
     // A rebuilt strategy plugin is taken up between steps.
     if let Err(e) = plugins.watch() {

@@ -6,7 +6,7 @@ use anyhow::Context;
 
 use crate::plugins::PluginDirArgs;
 use crate::train::config::{TrainConfig, EXAMPLE};
-use crate::train::samples::{parse_prompt_file, render_samples, SampleDefaults, SamplePrompt};
+use crate::train::samples::{render_samples, SamplePrompt};
 use crate::train::trainer::{StepRecord, Trainer};
 use crate::train::{checkpoint, export, losslog};
 
@@ -72,25 +72,10 @@ fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(config)
 }
 
-fn sample_prompts(config: &TrainConfig) -> anyhow::Result<Vec<SamplePrompt>> {
-    match &config.sample_prompts {
-        Some(p) if config.sample_every > 0 => {
-            let defaults = SampleDefaults {
-                width: config.dataset.resolution,
-                height: config.dataset.resolution,
-                seed: config.seed,
-                ..Default::default()
-            };
-            parse_prompt_file(p, &defaults)
-        }
-        _ => Ok(Vec::new()),
-    }
-}
-
 /// Runs a whole training from a config; the library entry point of `graft train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
     let config = config_from_args(&args)?;
-    let prompts = sample_prompts(&config)?;
+    let prompts = config.sample_prompts_to_render()?;
     let device = crate::device::pick(args.cpu)?;
     let mut plugins = args.plugins.manager()?;
     if args.watch {

@@ -143,6 +143,23 @@ fn empty_table() -> toml::Table {
 }
 
 impl TrainConfig {
+    /// The prompts to render every `sample_every` steps (none when sampling is off), sized and
+    /// seeded like the training images unless a prompt line says otherwise.
+    pub fn sample_prompts_to_render(&self) -> anyhow::Result<Vec<crate::train::samples::SamplePrompt>> {
+        match &self.sample_prompts {
+            Some(p) if self.sample_every > 0 => {
+                let defaults = crate::train::samples::SampleDefaults {
+                    width: self.dataset.resolution,
+                    height: self.dataset.resolution,
+                    seed: self.seed,
+                    ..Default::default()
+                };
+                crate::train::samples::parse_prompt_file(p, &defaults)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// Reads a config file; relative paths in it are relative to the file's folder.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read training config {}", path.display()))?;
