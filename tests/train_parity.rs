@@ -200,3 +200,142 @@ fn lora_step_matches_diffusers_peft() {
     assert!(worst_floor <= 2e-3 && floor_count * 1000 < total, "{floor_count} of {total} round-off-floor elements, worst {worst_floor:.2e}");
     assert!(((after - want) / want).abs() <= 1e-5, "loss after 3 steps {after}, diffusers {want}");
 }
+
+/// A training config on the tiny model for `plugin` with its JSON `strategy` config.
+fn strategy_config(root: &Path, plugin: &str, strategy: &str, extra: &str) -> TrainConfig {
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_dataset(&data);
+    let text = format!(
+        r#"
+model = {model:?}
+output_dir = {out:?}
+seed = 3
+steps = 10
+prediction_type = "v_prediction"
+cache_latents = "none"
+{extra}
+
+[dataset]
+dir = {data:?}
+resolution = 64
+
+[strategy]
+plugin = "{plugin}"
+config = {strategy}
+"#,
+        model = graft_tests::tiny_model().display().to_string(),
+        out = root.join("out").display().to_string(),
+        data = data.display().to_string(),
+    );
+    let path = root.join("train.toml");
+    std::fs::write(&path, text).unwrap();
+    TrainConfig::from_file(&path).expect("training config")
+}
+
+/// The gradients of one batch, with or without gradient checkpointing, from the same random
+/// state (noise, timesteps and the adapters' dropout draws).
+fn gradients_of(trainer: &mut Trainer, checkpointing: bool) -> (f32, graft_host::train::optim::Gradients) {
+    let (rng, set_rng) = (trainer.rng.clone(), trainer.set.rng_state());
+    let batch = trainer.dataset.epoch(3, 0).on(&Device::Cpu).batch(0).expect("batch");
+    trainer.config.gradient_checkpointing = checkpointing;
+    let (loss, grads) = trainer.loss_and_grads(&batch).expect("loss and gradients");
+    trainer.rng = rng;
+    trainer.set.set_rng_state(set_rng);
+    (scalar(&loss), trainer.optimizer.gradients(&grads))
+}
+
+/// Gradient checkpointing gives the gradients of the plain backward, for each shipped strategy:
+/// LoRA with dropout (the replay must draw the same masks), attention-gate (unfrozen base
+/// weights and gates), progressive fusion in stage 2 (text-encoder adapters: the gradient leaves
+/// the checkpointed UNet through the text embeddings).
+#[test]
+fn checkpointing_gives_the_same_gradients() {
+    let plugins = graft_tests::build_plugins(&["lora", "attention-gate", "progressive-fusion"]);
+    let cases = [
+        ("lora", r#"{ rank = 4, alpha = 8, dropout = 0.2, module_dropout = 0.1, unet_lr = 1e-2 }"#),
+        ("attention-gate", r#"{ adapter_lr = 1e-2, base_lr = 1e-3 }"#),
+        ("progressive-fusion", r#"{ stage1_steps = 1, stage2_steps = 50, stage1_lr = 1e-2, stage2_lr = 1e-2 }"#),
+    ];
+    for (plugin, strategy) in cases {
+        let root = graft_tests::scratch(&format!("train-checkpointing/{plugin}"));
+        let mut trainer = Trainer::new(strategy_config(&root, plugin, strategy, ""), manager(&plugins), &Device::Cpu).expect("trainer");
+        // Two plain steps first: zero-initialised factors move, and progressive fusion reaches stage 2.
+        for _ in 0..2 {
+            assert!(!trainer.train_step().expect("step").skipped);
+        }
+        trainer.set.on_step(trainer.step).expect("directives");
+        let (plain_loss, plain) = gradients_of(&mut trainer, false);
+        let (ckpt_loss, ckpt) = gradients_of(&mut trainer, true);
+        assert_eq!(plain_loss, ckpt_loss, "{plugin}: the loss differs");
+        assert!(!plain.is_empty(), "{plugin}: no gradients");
+        assert_eq!(plain.len(), ckpt.len(), "{plugin}: checkpointing reached other parameters");
+        // Only the order of a few sums differs (a gradient reaching a tensor from several segments).
+        let scale = plain.iter().map(|(_, g)| max_abs(g)).fold(0f32, f32::max);
+        let mut nonzero = 0;
+        for (name, g) in plain.iter() {
+            let c = ckpt.get(name).unwrap_or_else(|| panic!("{plugin}: no checkpointed gradient for {name}"));
+            nonzero += (max_abs(g) > 0.0) as usize;
+            assert!(max_diff(g, c) <= 1e-6 * scale, "{plugin} {name}: |diff| {} at gradient scale {scale}", max_diff(g, c));
+        }
+        assert!(nonzero * 2 > plain.len(), "{plugin}: only {nonzero} of {} gradients are non-zero", plain.len());
+        if plugin == "progressive-fusion" {
+            assert!(plain.iter().any(|(n, g)| n.contains("text_encoder") && max_abs(g) > 0.0), "stage 2 trains no text-encoder adapter");
+        }
+    }
+}
+
+/// bf16 and fp16 weights against f32 on the same LoRA step (the diffusers + PEFT fixture's
+/// inputs and initial values). bf16: the loss and every gradient deviate by bf16 rounding (of the
+/// weights, and of the activations in the bf16 products), not more. fp16: the fixture is stored
+/// in fp16 and fp16 weights are widened exactly for their products, so nothing changes. The
+/// figures are in docs/PERFORMANCE.md.
+#[test]
+fn half_precision_step_deviation() {
+    let dev = Device::Cpu;
+    let reference = candle_core::safetensors::load(graft_tests::fixtures().join("reference/train_step.safetensors"), &dev).unwrap();
+    let get = |k: &str| reference.get(k).unwrap_or_else(|| panic!("reference key {k}")).clone();
+    let timesteps: Vec<usize> =
+        get("timesteps").to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|t| t as usize).collect();
+    let plugins = lora_plugin_dir();
+    let step = |dtype: &str| {
+        let root = graft_tests::scratch(&format!("train-precision/{dtype}"));
+        let mut config = train_config(&root);
+        config.dtype = dtype.parse().unwrap();
+        let trainer = Trainer::new(config, manager(&plugins), &dev).expect("trainer");
+        let store = trainer.set.store();
+        for (key, _) in store.params(Some("lora")) {
+            let peft = reference.keys().find(|k| k.starts_with("init.") && store_key(&k["init.".len()..]) == key).unwrap();
+            store.set(&key, &get(peft)).unwrap();
+        }
+        let loss = trainer.loss_from(&get("latents"), &get("noise"), &timesteps, &get("prompt_embeds"), &get("text_embeds"), &get("time_ids")).unwrap();
+        (scalar(&loss), trainer.optimizer.gradients(&loss.backward().unwrap()))
+    };
+    let (loss32, grads32) = step("fp32");
+    for (dtype, tol) in [("bf16", 0.1f32), ("fp16", 0.0)] {
+        let (loss, grads) = step(dtype);
+        let rel = ((loss - loss32) / loss32).abs();
+        let mut devs: Vec<(f32, f32, String)> = grads32
+            .iter()
+            .map(|(n, g)| {
+                let h = grads.get(n).unwrap();
+                let dot = (g * h).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let norms = g.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap()
+                    * h.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+                (max_diff(g, h) / max_abs(g), dot / norms.max(f32::MIN_POSITIVE), n.clone())
+            })
+            .collect();
+        devs.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let worst = devs[0].0;
+        let median = devs[devs.len() / 2].0;
+        let min_cos = devs.iter().map(|d| d.1).fold(1f32, f32::min);
+        println!("{dtype}: loss {loss} (f32 {loss32}, rel {rel:.2e}); gradients: median max|diff|/max|g| {median:.2e}, worst {worst:.2e} ({}), lowest cosine {min_cos:.5}", devs[0].2);
+        for d in devs.iter().take(5) { println!("  {:.2e} cos {:.5} {}", d.0, d.1, d.2); }
+        assert!(rel <= 1e-2, "{dtype}: loss deviates by {rel:.2e}");
+        // bf16 keeps 8 significant bits of the weights and of the activations in each product.
+        assert!(median <= tol && min_cos >= 1.0 - 2.0 * tol - 1e-6, "{dtype}: the gradients deviate (median {median:.2e}, lowest cosine {min_cos})");
+        if dtype == "bf16" {
+            assert!(worst > 0.0, "bf16: no deviation at all: the weights were not kept in bf16");
+        }
+    }
+}

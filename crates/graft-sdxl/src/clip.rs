@@ -341,8 +341,9 @@ impl ClipTextModel {
         let (b, n) = (rows.len(), rows[0].len());
         let device = self.token_embedding.device();
         let ids = Tensor::from_vec(rows.concat(), b * n, device)?;
-        let tokens = self.token_embedding.index_select(&ids, 0)?.reshape((b, n, self.config.hidden_size))?;
-        let positions = self.position_embedding.narrow(0, 0, n)?;
+        // The tables may be kept in half precision: the rows read are widened to f32.
+        let tokens = self.token_embedding.index_select(&ids, 0)?.to_dtype(DType::F32)?.reshape((b, n, self.config.hidden_size))?;
+        let positions = self.position_embedding.narrow(0, 0, n)?.to_dtype(DType::F32)?;
         let mut x = tokens.broadcast_add(&positions)?;
 
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);

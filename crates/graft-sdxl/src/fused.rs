@@ -25,11 +25,14 @@
 //!   gradient and keeps an output-sized gradient for the bias.
 //!
 //! All are exact reformulations: same math, results within float rounding of the composed ops.
+//!
+//! The frozen linear and conv take a weight kept in bf16 or fp16 ([`crate::precision`]): their
+//! products then run through [`matmul_any`].
 
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
 
-use crate::matmul::{matmul, Parallelism, View};
+use crate::matmul::{matmul_any, Operand, Parallelism, View};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
@@ -82,6 +85,33 @@ fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
 fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("fused op: input is not contiguous") };
     Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// Runs `f` on a frozen CPU weight seen as a [rows, cols] gemm operand. A bf16 weight stays in
+/// bf16 where the CPU has a bf16 kernel; an fp16 weight (whose products in bf16 would lose three
+/// bits of it) and a bf16 weight on a CPU without one are widened to f32 once for the call.
+fn with_weight<R>(w: &Tensor, rows: usize, cols: usize, f: impl FnOnce(Operand) -> R) -> Result<R> {
+    let (storage, layout) = w.storage_and_layout();
+    let (Storage::Cpu(s), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("fused op: expected a contiguous CPU weight")
+    };
+    if end - start != rows * cols {
+        candle_core::bail!("fused op: weight {:?} is not [{rows}, {cols}]", layout.dims())
+    }
+    use half::slice::HalfFloatSliceExt;
+    let widened = match s {
+        CpuStorage::BF16(v) if crate::precision::bf16_kernel().is_some() => {
+            return Ok(f(Operand::Bf16(View::dense(&v[start..end], rows, cols))))
+        }
+        CpuStorage::BF16(v) => v[start..end].to_f32_vec(),
+        CpuStorage::F16(v) => v[start..end].to_f32_vec(),
+        _ => Vec::new(),
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => f(Operand::F32(View::dense(&v[start..end], rows, cols))),
+        CpuStorage::BF16(_) | CpuStorage::F16(_) => f(Operand::F32(View::dense(&widened, rows, cols))),
+        other => candle_core::bail!("fused op: weights in {:?} are not supported", other.dtype()),
+    })
 }
 
 impl CustomOp3 for FusedAttention {
@@ -176,6 +206,9 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if self.w.dtype() != DType::F32 {
+            return self.cpu_fwd_half(s, l);
+        }
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen linear: weight not on the CPU") };
         match &self.b {
@@ -202,10 +235,47 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let n = self.w.dim(0)?;
+        let (n, k) = self.w.dims2()?;
         let m = grad.elem_count() / n.max(1);
-        Ok(Some(grad.reshape((m, n))?.matmul(&self.w)?.reshape(x.shape())?))
+        if self.w.dtype() == DType::F32 || !x.device().is_cpu() {
+            let w = self.w.to_dtype(grad.dtype())?;
+            return Ok(Some(grad.reshape((m, n))?.matmul(&w)?.reshape(x.shape())?));
+        }
+        // dx [m, k] = grad [m, n] @ w [n, k]
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let g = View::dense(f32_slice(&gs, gl)?, m, n);
+        let mut dx = vec![0f32; m * k];
+        with_weight(&self.w, n, k, |w| matmul_any(&mut dx, k, Operand::F32(g), w, false, par()))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
+}
+
+impl FrozenLinear {
+    /// The forward with a half-precision weight: `x [m, k] @ w [n, k]^T`, on top of the bias.
+    fn cpu_fwd_half(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(s, l)?;
+        let (n, k) = self.w.dims2()?;
+        if l.dims().last() != Some(&k) {
+            candle_core::bail!("linear: input {:?} does not end in the weight's {k} inputs", l.dims())
+        }
+        let m = x.len() / k.max(1);
+        let mut out = vec![0f32; m * n];
+        if let Some(b) = &self.b {
+            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            out.chunks_exact_mut(n.max(1)).for_each(|row| row.copy_from_slice(&b));
+        }
+        let xv = Operand::F32(View::dense(x, m, k));
+        with_weight(&self.w, n, k, |w| matmul_any(&mut out, n, xv, w.t(), self.b.is_some(), par()))?;
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// Every thread of the pool.
+fn par() -> Parallelism {
+    Parallelism::Rayon(rayon::current_num_threads())
 }
 
 /// True when [`layer_norm`] runs: f32 on the CPU, weight and bias frozen.
@@ -517,8 +587,6 @@ impl CustomOp1 for FrozenConv2d {
         let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
         let batch = x.len() / image.max(1);
         let (c_out, k) = self.w2.dims2()?;
-        let (w_storage, w_layout) = self.w2.storage_and_layout();
-        let kernel = View::dense(f32_slice(&w_storage, w_layout)?, c_out, k);
         let mut out = vec![0f32; batch * c_out * p];
         if let Some(b) = &self.b {
             let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -526,20 +594,21 @@ impl CustomOp1 for FrozenConv2d {
                 row.fill(v);
             }
         }
-        let par = Parallelism::Rayon(rayon::current_num_threads());
-        for (img, out) in x.chunks_exact(image.max(1)).zip(out.chunks_exact_mut((c_out * p).max(1))) {
-            for p0 in (0..p).step_by(tile) {
-                let len = tile.min(p - p0);
-                let cols;
-                let columns = if g.is_pointwise() {
-                    View { data: &img[p0..], rows: k, cols: len, rs: p, cs: 1 }
-                } else {
-                    cols = g.im2col(img, p0, p0 + len);
-                    View::dense(&cols, k, len)
-                };
-                matmul(&mut out[p0..], p, kernel, columns, 1.0, self.b.is_some(), par);
+        with_weight(&self.w2, c_out, k, |kernel| {
+            for (img, out) in x.chunks_exact(image.max(1)).zip(out.chunks_exact_mut((c_out * p).max(1))) {
+                for p0 in (0..p).step_by(tile) {
+                    let len = tile.min(p - p0);
+                    let cols;
+                    let columns = if g.is_pointwise() {
+                        View { data: &img[p0..], rows: k, cols: len, rs: p, cs: 1 }
+                    } else {
+                        cols = g.im2col(img, p0, p0 + len);
+                        View::dense(&cols, k, len)
+                    };
+                    matmul_any(&mut out[p0..], p, kernel, Operand::F32(columns), self.b.is_some(), par());
+                }
             }
-        }
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, oh, ow))))
     }
 
@@ -551,24 +620,25 @@ impl CustomOp1 for FrozenConv2d {
         let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
         let (c_out, k) = self.w2.dims2()?;
         let grad = grad.contiguous()?;
-        let ((w_storage, w_layout), (g_storage, g_layout)) = (self.w2.storage_and_layout(), grad.storage_and_layout());
-        let kernel_t = View::dense(f32_slice(&w_storage, w_layout)?, c_out, k).t();
+        let (g_storage, g_layout) = grad.storage_and_layout();
         let grads = f32_slice(&g_storage, g_layout)?;
-        let par = Parallelism::Rayon(rayon::current_num_threads());
         let mut dx = vec![0f32; x.elem_count()];
         let mut cols = vec![0f32; k * tile.min(p)];
-        for (dx, gi) in dx.chunks_exact_mut(image.max(1)).zip(grads.chunks_exact((c_out * p).max(1))) {
-            for p0 in (0..p).step_by(tile) {
-                let len = tile.min(p - p0);
-                let gv = View { data: &gi[p0..], rows: c_out, cols: len, rs: p, cs: 1 };
-                if g.is_pointwise() {
-                    matmul(&mut dx[p0..], p, kernel_t, gv, 1.0, false, par);
-                } else {
-                    matmul(&mut cols, len, kernel_t, gv, 1.0, false, par);
-                    g.col2im_add(&cols[..k * len], p0, p0 + len, dx);
+        with_weight(&self.w2, c_out, k, |kernel| {
+            let kernel_t = kernel.t();
+            for (dx, gi) in dx.chunks_exact_mut(image.max(1)).zip(grads.chunks_exact((c_out * p).max(1))) {
+                for p0 in (0..p).step_by(tile) {
+                    let len = tile.min(p - p0);
+                    let gv = Operand::F32(View { data: &gi[p0..], rows: c_out, cols: len, rs: p, cs: 1 });
+                    if g.is_pointwise() {
+                        matmul_any(&mut dx[p0..], p, kernel_t, gv, false, par());
+                    } else {
+                        matmul_any(&mut cols, len, kernel_t, gv, false, par());
+                        g.col2im_add(&cols[..k * len], p0, p0 + len, dx);
+                    }
                 }
             }
-        }
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

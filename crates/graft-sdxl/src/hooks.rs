@@ -74,6 +74,20 @@ pub struct LinearWeights {
     pub bias: Option<Tensor>,
 }
 
+impl LinearWeights {
+    /// The weight in f32 (a copy when it is kept in half precision): what adapter parameters and
+    /// deltas combine with.
+    pub fn weight_f32(&self) -> candle_core::Result<Tensor> {
+        self.weight.to_dtype(candle_core::DType::F32)
+    }
+
+    /// The weight plus an f32 `delta`, in f32: rounding the sum back to half precision would lose
+    /// most of a small delta, so a changed weight is held in f32.
+    pub fn plus(&self, delta: &Tensor) -> candle_core::Result<Tensor> {
+        self.weight_f32()? + delta
+    }
+}
+
 pub type SharedLinear = Arc<RwLock<LinearWeights>>;
 
 /// Index of a hook point inside its component's registry.
@@ -148,6 +162,14 @@ pub trait Hooks {
         context: Option<&Tensor>,
         out: Tensor,
     ) -> Result<Tensor>;
+
+    /// The random state the hooks draw from (adapter dropout), if any: gradient checkpointing
+    /// rewinds it so that a segment's replay draws what its forward drew.
+    fn random_state(&self) -> Option<crate::rng::RngState> {
+        None
+    }
+
+    fn set_random_state(&self, _state: crate::rng::RngState) {}
 }
 
 /// Nothing attached anywhere: the plain model.

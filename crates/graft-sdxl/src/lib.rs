@@ -1,6 +1,7 @@
 //! SDXL on candle: the UNet, the two CLIP text encoders, the VAE, schedulers, the CLIP tokenizer
 //! and the loaders, with every attention linear a named hook point (see [`hooks`]).
 
+pub mod checkpoint;
 pub mod clip;
 pub mod cpu_attention;
 pub mod fused;
@@ -9,6 +10,7 @@ pub mod matmul;
 pub mod model;
 pub mod nn;
 pub mod pipeline;
+pub mod precision;
 pub mod resnet;
 pub mod rng;
 pub mod schedulers;
@@ -22,3 +24,4 @@ pub mod varbuilder;
 pub use hooks::{Component, HookRegistry, Hooks, LayerInfo, LayerKind, NoHooks};
 pub use model::{SdxlConfig, SdxlModel};
 pub use pipeline::{GenerateParams, PipelineHooks};
+pub use precision::WeightDtype;

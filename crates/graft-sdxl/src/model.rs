@@ -3,7 +3,8 @@
 //!
 //! Every component is loaded in two passes: first built with shape-only weights to learn what it
 //! needs, then checked against the files (every missing key and wrong shape reported at once),
-//! then built for real from memory-mapped tensors converted to f32.
+//! then built for real from memory-mapped tensors, each converted to the chosen weight precision
+//! ([`WeightDtype`]) as it is built.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use crate::sgm::{is_known_extra, SgmComponent, SgmLayout};
 use crate::tokenizer::{ClipTokenizer, PadToken};
 use crate::unet::{UNet, UNetConfig};
 use crate::vae::{Vae, VaeConfig};
+use crate::precision::WeightDtype;
 use crate::varbuilder::{open_safetensors, shape_only, Requests, Stored, TensorSource};
 
 /// The architecture of every component.
@@ -165,6 +167,11 @@ impl SdxlModel {
     /// Loads a diffusers folder or a single-file checkpoint. The architecture comes from the folder's
     /// configs, from `model_config` (a diffusers folder) if given, or the built-in SDXL base 1.0.
     pub fn load(path: &Path, model_config: Option<&Path>, device: &Device) -> Result<Self> {
+        Self::load_as(path, model_config, device, WeightDtype::File)
+    }
+
+    /// [`SdxlModel::load`] with the weights (matrices and kernels) kept in `dtype`.
+    pub fn load_as(path: &Path, model_config: Option<&Path>, device: &Device, dtype: WeightDtype) -> Result<Self> {
         if !path.exists() {
             candle_core::bail!("{}: no such file or folder (expected an SDXL diffusers folder or .safetensors checkpoint)", path.display())
         }
@@ -175,15 +182,15 @@ impl SdxlModel {
         };
         let tokenizer_dir = model_config.unwrap_or(path);
         if path.is_dir() {
-            Self::load_diffusers(path, config, device, tokenizer_dir)
+            Self::load_diffusers(path, config, device, tokenizer_dir, dtype)
         } else {
-            Self::load_single_file(path, config, device, tokenizer_dir)
+            Self::load_single_file(path, config, device, tokenizer_dir, dtype)
         }
     }
 
-    fn load_diffusers(dir: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path) -> Result<Self> {
+    fn load_diffusers(dir: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path, dtype: WeightDtype) -> Result<Self> {
         let src = |sub: &str, stem: &str| -> Result<TensorSource> {
-            TensorSource::new(component_files(&dir.join(sub), stem)?, dir.join(sub).display().to_string())
+            Ok(TensorSource::new(component_files(&dir.join(sub), stem)?, dir.join(sub).display().to_string())?.with_dtype(dtype))
         };
         let all = |_: &str| true;
         let unet_src = src("unet", "diffusion_pytorch_model")?;
@@ -202,14 +209,14 @@ impl SdxlModel {
         Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device: device.clone(), source: dir.to_path_buf() })
     }
 
-    fn load_single_file(file: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path) -> Result<Self> {
+    fn load_single_file(file: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path, dtype: WeightDtype) -> Result<Self> {
         let desc = file.display().to_string();
         let files = open_safetensors(&[file.to_path_buf()])?;
         let keys: Vec<String> = files.tensors().into_iter().map(|(k, _)| k).collect();
         drop(files);
         check_single_file_is_sdxl(file, &keys)?;
         let layout = config.sgm_layout()?;
-        let base = TensorSource::new(vec![file.to_path_buf()], desc.clone())?;
+        let base = TensorSource::new(vec![file.to_path_buf()], desc.clone())?.with_dtype(dtype);
         let component = |c: SgmComponent, build_requests: &dyn Fn(VarBuilder<'static>) -> Result<()>| -> Result<TensorSource> {
             // Learn the names the model asks for, then map each to its SGM key.
             let (vb, requests) = shape_only(device);

@@ -64,6 +64,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if x.track_op() && !w.track_op() && !b.is_some_and(|b| b.track_op()) {
         return crate::fused::frozen_linear(x, w, b);
     }
+    // A weight kept in half precision (always frozen): mixed-precision product on the CPU.
+    if w.dtype() != x.dtype() {
+        if x.device().is_cpu() && !b.is_some_and(|b| b.track_op()) {
+            return crate::fused::frozen_linear(x, w, b);
+        }
+        return linear(x, &w.to_dtype(x.dtype())?, b);
+    }
     let y = match x.dims() {
         [b0, b1, _, _] => x.matmul(&w.broadcast_left((*b0, *b1))?.t()?)?,
         [bsize, _, _] => x.matmul(&w.broadcast_left(*bsize)?.t()?)?,
@@ -230,6 +237,11 @@ impl Module for Conv2d {
         let c = self.0.config();
         if c.groups == 1 && c.dilation == 1 && crate::fused::supports_conv2d(x, self.weight(), self.bias()) {
             return crate::fused::conv2d(x, self.weight(), self.bias(), c.padding, c.stride);
+        }
+        if self.weight().dtype() != x.dtype() {
+            // A half-precision kernel off the fused path: widen it for this call.
+            let conv = candle_nn::Conv2d::new(self.weight().to_dtype(x.dtype())?, self.bias().cloned(), *c);
+            return conv.forward(x);
         }
         self.0.forward(x)
     }

@@ -10,7 +10,7 @@ use crate::nn::{conv2d, group_norm};
 pub struct ResnetBlock2D {
     norm1: crate::nn::GroupNorm,
     conv1: crate::nn::Conv2d,
-    time_emb_proj: Option<candle_nn::Linear>,
+    time_emb_proj: Option<crate::nn::Linear>,
     norm2: crate::nn::GroupNorm,
     conv2: crate::nn::Conv2d,
     conv_shortcut: Option<crate::nn::Conv2d>,
@@ -30,7 +30,7 @@ impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, cfg: ResnetConfig) -> Result<Self> {
         let (cin, cout) = (cfg.in_channels, cfg.out_channels);
         let time_emb_proj = match cfg.temb_channels {
-            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            Some(t) => Some(crate::nn::Linear::new(vb.pp("time_emb_proj"), t, cout, true)?),
             None => None,
         };
         let conv_shortcut =

@@ -5,7 +5,8 @@
 //!   check a weight file against what the model needs before loading anything, so that every
 //!   missing key and wrong shape is reported at once.
 //! - [`TensorSource`]: named tensors of one component, memory-mapped from safetensors files,
-//!   possibly under other names (the single-file SGM layout), converted to f32 on load.
+//!   possibly under other names (the single-file SGM layout), converted tensor by tensor to the
+//!   chosen weight precision ([`WeightDtype`]) as they are built, so no second full copy exists.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+
+use crate::precision::WeightDtype;
 
 /// The (name, shape) pairs a model requested while it was built.
 pub type Requests = Arc<Mutex<Vec<(String, Vec<usize>)>>>;
@@ -70,6 +73,8 @@ pub struct TensorSource {
     renames: Arc<HashMap<String, Stored>>,
     /// The file key prefix every lookup gets (the component prefix of a single file).
     description: String,
+    /// The precision weights are kept in.
+    dtype: WeightDtype,
 }
 
 /// True when a file that did not read as safetensors looks like a PyTorch pickle (`.ckpt`, `.pt`,
@@ -120,7 +125,13 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
 impl TensorSource {
     pub fn new(paths: Vec<PathBuf>, description: impl Into<String>) -> Result<Self> {
         let files = open_safetensors(&paths)?;
-        Ok(Self { files: Arc::new(files), paths, renames: Arc::default(), description: description.into() })
+        Ok(Self { files: Arc::new(files), paths, renames: Arc::default(), description: description.into(), dtype: WeightDtype::File })
+    }
+
+    /// The same files, with weights loaded in `dtype`.
+    pub fn with_dtype(mut self, dtype: WeightDtype) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     /// The same files, with model names mapped to stored keys.
@@ -166,13 +177,17 @@ impl TensorSource {
         })
     }
 
-    /// Loads `name` as f32 on `device`.
+    /// Loads `name` on `device`, in the precision [`WeightDtype::for_weight`] gives it.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let stored = self.stored(name);
-        let t = self.files.load(&stored.key, &Device::Cpu).map_err(|e| {
+        let read_error = |e: &dyn std::fmt::Display| {
             candle_core::Error::Msg(format!("{}: cannot read tensor `{}`: {e}", self.description, stored.key))
-        })?;
-        let t = t.to_dtype(DType::F32)?;
+        };
+        let view = self.files.get(&stored.key).map_err(|e| read_error(&e))?;
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| read_error(&e))?;
+        // The copy is made: give the mapped pages back, so the file does not stay resident too.
+        release_pages(view.data());
+        let t = t.to_dtype(self.dtype.for_weight(t.dtype(), t.rank()))?;
         let t = match stored.transform {
             Transform::None => t,
             Transform::Rows { start, len } => t.narrow(0, start, len)?,
@@ -259,6 +274,24 @@ impl SimpleBackend for TensorSource {
     }
     fn contains_tensor(&self, name: &str) -> bool {
         self.shape_of(name).is_some()
+    }
+}
+
+/// Tells the kernel that the mapped file pages under `data` are no longer needed (they are read
+/// again from the file if touched), so a model's resident memory is its weights, not weights plus
+/// file.
+fn release_pages(data: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: `page_size` has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let start = (data.as_ptr() as usize).div_ceil(page) * page;
+        let end = (data.as_ptr() as usize + data.len()) / page * page;
+        if end > start {
+            // SAFETY: whole pages inside a read-only file mapping that nothing writes; after
+            // MADV_DONTNEED a read faults the page back in from the file, so the bytes stay valid.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
     }
 }
 

@@ -196,7 +196,8 @@ impl AdapterSet {
         let shared = self.weights[g].as_ref().with_context(|| format!("`{}` is not a linear layer", u.layer))?;
         let mut w = shared.write().expect("weights lock");
         let original = w.clone();
-        let weight = Var::from_tensor(&w.weight)?;
+        // f32 master weight, whatever precision the base is kept in.
+        let weight = Var::from_tensor(&w.weight_f32()?)?;
         let bias = match (&w.bias, u.bias) {
             (Some(b), true) => Some(Var::from_tensor(b)?),
             _ => None,
@@ -225,7 +226,7 @@ impl AdapterSet {
         let name = self.strategies[s].name();
         let mut out = Vec::new();
         for b in self.unfrozen.iter().filter(|b| b.strategy == name) {
-            let diff = (b.weight.as_tensor() - &b.original.weight)?.detach();
+            let diff = (b.weight.as_tensor() - b.original.weight_f32()?)?.detach();
             let diff_b = match (&b.bias, &b.original.bias) {
                 (Some(v), Some(o)) => Some((v.as_tensor() - o)?.detach()),
                 _ => None,
@@ -279,7 +280,7 @@ impl AdapterSet {
                     })?;
                     let shared = self.weights[g].as_ref().context("fold into a non-linear layer")?;
                     let mut w = shared.write().expect("weights lock");
-                    w.weight = (&w.weight + delta.detach())?;
+                    w.weight = w.plus(&delta.detach())?;
                     drop(w);
                     self.strategies[s].attached.remove(&g);
                     self.table[g].retain(|&x| x != s);
@@ -387,7 +388,7 @@ impl AdapterSet {
             let shared = self.weights[g].as_ref().expect("linear");
             let mut w = shared.write().expect("weights lock");
             let original = w.clone();
-            w.weight = (&w.weight + total)?;
+            w.weight = w.plus(&total)?;
             drop(w);
             self.table[g].retain(|s| !fused_here.contains(s));
             self.fused.push((g, original, fused_here));
@@ -505,6 +506,14 @@ impl Hooks for ComponentHooks<'_> {
         let g = self.offset + layer;
         let info = &self.set.layers[g];
         self.set.dispatch(g, out.clone(), |inst, cx| inst.forward_attention(cx, info, hidden, context, &out))
+    }
+
+    fn random_state(&self) -> Option<graft_sdxl::rng::RngState> {
+        Some(self.set.rng_state())
+    }
+
+    fn set_random_state(&self, state: graft_sdxl::rng::RngState) {
+        self.set.set_rng_state(state)
     }
 }
 

@@ -321,10 +321,9 @@ impl FileAdapters {
     fn compile(&self, c: usize, i: usize) -> Result<Option<Compiled>> {
         let Some(slot) = &self.slots[c][i] else { return Ok(None) };
         let component = COMPONENTS[c];
-        let (base, dtype) = {
-            let w = slot.weights.read().expect("weights lock");
-            (w.weight.clone(), w.weight.dtype())
-        };
+        let base = slot.weights.read().expect("weights lock").weight.clone();
+        // Activations are f32 whatever precision the base weight is kept in.
+        let dtype = DType::F32;
         let mut downs = Vec::new();
         let mut ups = Vec::new();
         let mut delta: Option<Tensor> = None;
@@ -438,7 +437,7 @@ impl FileAdapters {
             let mut w = slot.weights.write().expect("weights lock");
             let original = w.clone();
             if let Some(d) = delta {
-                w.weight = (&w.weight + d)?;
+                w.weight = w.plus(&d)?;
             }
             if let Some(db) = bias {
                 w.bias = Some(match &w.bias {
@@ -505,6 +504,14 @@ impl Hooks for ComponentFileHooks<'_> {
         } else {
             Ok(out)
         }
+    }
+
+    fn random_state(&self) -> Option<graft_sdxl::rng::RngState> {
+        self.inner.random_state()
+    }
+
+    fn set_random_state(&self, state: graft_sdxl::rng::RngState) {
+        self.inner.set_random_state(state)
     }
 }
 

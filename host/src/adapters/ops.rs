@@ -247,9 +247,11 @@ impl HostOps for CandleOps<'_> {
 
     fn base_weight(&mut self) -> GResult<TensorId> {
         self.op("base_weight", |ops| {
-            ops.base_weight
+            let w = ops.base_weight
                 .clone()
-                .ok_or_else(|| err(format!("layer `{}` has no base weight here (an attention hook point?)", ops.layer)))
+                .ok_or_else(|| err(format!("layer `{}` has no base weight here (an attention hook point?)", ops.layer)))?;
+            // Plugins compute in f32: a weight kept in half precision is widened when asked for.
+            w.to_dtype(candle_core::DType::F32).map_err(|e| err(format!("layer `{}`: {e}", ops.layer)))
         })
     }
 

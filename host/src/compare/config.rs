@@ -101,6 +101,10 @@ pub struct CompareConfig {
     pub sample_prompts: Option<PathBuf>,
     #[serde(default)]
     pub prompts: Vec<String>,
+    #[serde(default)]
+    pub dtype: graft_sdxl::WeightDtype,
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     pub dataset: DatasetSection,
     #[serde(default)]
     pub strategies: Vec<StrategyEntry>,
@@ -211,6 +215,8 @@ impl CompareConfig {
             sample_prompts: None,
             cache_latents: self.cache_latents.clone(),
             max_bad_steps: self.max_bad_steps,
+            dtype: self.dtype,
+            gradient_checkpointing: self.gradient_checkpointing,
             dataset: self.dataset.clone(),
             // Parameters are keyed by the plugin id, not the row name: parameter inits derive from
             // the seed and the key, so config variants of one plugin start from the same values.

@@ -182,7 +182,7 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
 
     let started = Instant::now();
     tracing::info!("loading {}", config.model.display());
-    let model = SdxlModel::load(&config.model, config.model_config.as_deref(), &options.device)
+    let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), &options.device, config.dtype)
         .with_context(|| format!("loading model {}", config.model.display()))?;
     let model = Arc::new(model);
     let load_seconds = started.elapsed().as_secs_f64();

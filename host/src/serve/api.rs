@@ -336,6 +336,8 @@ struct TrainRequest {
     shuffle_caption: bool,
     #[serde(default = "memory")]
     cache_latents: String,
+    #[serde(default)]
+    gradient_checkpointing: bool,
 }
 
 /// A JSON object as a TOML table (the plugin config of a strategy).
@@ -410,6 +412,9 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         sample_prompts: (req.sample_every > 0).then(|| prompts_file.clone()),
         cache_latents: req.cache_latents.clone(),
         max_bad_steps: 10,
+        // The model is loaded once for the server (`graft serve --dtype`).
+        dtype: graft_sdxl::WeightDtype::File,
+        gradient_checkpointing: req.gradient_checkpointing,
         dataset: DatasetSection {
             dir: Some(req.dataset_dir.clone()),
             config: None,

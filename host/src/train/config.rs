@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use graft_sdxl::WeightDtype;
 use serde::{Deserialize, Serialize};
 
 /// An example config, shown by `graft train --help`.
@@ -25,6 +26,8 @@ sample_every = 250                                # sample images (0: never)
 sample_prompts = "prompts.txt"                    # kohya prompt file: `a cat --w 1024 --h 1024 --d 1`
 cache_latents = "memory"                          # memory, disk or none
 max_bad_steps = 10                                # stop after this many non-finite steps in a row
+dtype = "bf16"                                    # frozen weights: file (default), bf16, fp16, fp32
+gradient_checkpointing = true                     # recompute activations in the backward: less memory
 
 [dataset]
 dir = "data/my-style"                             # images + .txt captions, kohya N_name folders
@@ -79,6 +82,12 @@ pub struct TrainConfig {
     pub cache_latents: String,
     #[serde(default = "ten")]
     pub max_bad_steps: u64,
+    /// The precision frozen base weights are kept in (adapters and optimizer state stay f32).
+    #[serde(default)]
+    pub dtype: WeightDtype,
+    /// Keep only segment inputs in the forward and recompute each segment in the backward.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     pub dataset: DatasetSection,
     pub strategy: StrategySection,
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
+use graft_sdxl::checkpoint::{Direct, Runner, Tape};
 use graft_sdxl::rng::GraftRng;
 use graft_sdxl::schedulers::training::NoiseSchedule;
 use graft_sdxl::schedulers::PredictionType;
@@ -25,6 +27,16 @@ use crate::train::config::TrainConfig;
 use crate::train::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
 use crate::train::optim::{AdamW, GradAccumulator, GroupConfig};
 use crate::train::schedule::{LrSchedule, ScheduleKind};
+
+/// What the loss of one batch is computed from.
+struct LossInputs<'a> {
+    latents: &'a Tensor,
+    noise: &'a Tensor,
+    timesteps: &'a [usize],
+    hidden: &'a Tensor,
+    pooled: &'a Tensor,
+    time_ids: &'a Tensor,
+}
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -76,7 +88,7 @@ fn group_name(strategy: &str, group: &str) -> String {
 impl Trainer {
     /// Loads the model and dataset, creates the strategy from its plugin and plans it.
     pub fn new(config: TrainConfig, plugins: PluginManager, device: &Device) -> anyhow::Result<Self> {
-        let model = SdxlModel::load(&config.model, config.model_config.as_deref(), device)
+        let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), device, config.dtype)
             .with_context(|| format!("loading model {}", config.model.display()))?;
         Self::with_model(config, Arc::new(model), plugins)
     }
@@ -226,9 +238,10 @@ impl Trainer {
         Ok((out[0].clone(), out[1].clone()))
     }
 
-    /// The loss of one batch, with the graph for backward: seeded noise and timesteps, then
-    /// [`Trainer::loss_from`].
-    pub fn loss(&mut self, batch: &Batch) -> anyhow::Result<Tensor> {
+    /// The loss of one batch and its gradients: seeded noise and timesteps, then
+    /// [`Trainer::loss_from`] and the backward (through the checkpointing tape when
+    /// `gradient_checkpointing` is on).
+    pub fn loss_and_grads(&mut self, batch: &Batch) -> anyhow::Result<(Tensor, GradStore)> {
         let dev = self.model.device.clone();
         let latents = self.batch_latents(batch)?;
         let (hidden, pooled) = self.text_embeddings(&batch.captions)?;
@@ -239,7 +252,32 @@ impl Trainer {
         }
         let timesteps = self.noise.sample_timesteps(b, &mut self.rng);
         let time_ids = batch.time_ids(&dev)?;
-        self.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &time_ids)
+        let inputs = LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids: &time_ids };
+        if !self.config.gradient_checkpointing {
+            let loss = self.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &time_ids)?;
+            let grads = loss.backward()?;
+            return Ok((loss.detach(), grads));
+        }
+        let hooks = self.set.hooks();
+        let mut tape = Tape::new(&hooks.unet);
+        let pred = self.predict(&inputs, &hooks.unet, &mut tape)?;
+        let pred_var = Var::from_tensor(&pred)?;
+        let loss = self.loss_of(pred_var.as_tensor(), &inputs)?;
+        let mut head = loss.backward()?;
+        let grads = match head.remove(pred_var.as_tensor()) {
+            Some(g) => tape.backward(&[(&pred, g)])?,
+            None => tape.backward(&[])?,
+        };
+        Ok((loss.detach(), grads))
+    }
+
+    /// The UNet's prediction for the noised latents, its segments run by `runner`.
+    fn predict<'a>(&'a self, x: &LossInputs, hooks: &'a dyn graft_sdxl::Hooks, runner: &mut dyn Runner<'a>) -> anyhow::Result<Tensor> {
+        let dev = x.latents.device();
+        let noisy = self.noise.add_noise(x.latents, x.noise, x.timesteps)?;
+        let t: Vec<f32> = x.timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, x.timesteps.len(), dev)?;
+        Ok(self.model.unet.forward_with(&noisy, &t, x.hidden, x.pooled, x.time_ids, hooks, runner)?)
     }
 
     /// The diffusion loss for given latents, noise and timesteps: epsilon or v-prediction MSE,
@@ -253,18 +291,21 @@ impl Trainer {
         pooled: &Tensor,
         time_ids: &Tensor,
     ) -> anyhow::Result<Tensor> {
-        let dev = latents.device();
-        let b = latents.dim(0)?;
-        let noisy = self.noise.add_noise(latents, noise, timesteps)?;
-        let target = match self.prediction {
-            PredictionType::VPrediction => self.noise.velocity(latents, noise, timesteps)?,
-            _ => noise.clone(),
-        };
-        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-        let t = Tensor::from_vec(t, b, dev)?;
+        let x = LossInputs { latents, noise, timesteps, hidden, pooled, time_ids };
         let pred = {
             let hooks = self.set.hooks();
-            self.model.unet.forward(&noisy, &t, hidden, pooled, time_ids, &hooks.unet)?
+            self.predict(&x, &hooks.unet, &mut Direct)?
+        };
+        self.loss_of(&pred, &x)
+    }
+
+    /// The loss of a prediction against the target of `x`.
+    fn loss_of(&self, pred: &Tensor, x: &LossInputs) -> anyhow::Result<Tensor> {
+        let (dev, timesteps) = (x.latents.device(), x.timesteps);
+        let b = x.latents.dim(0)?;
+        let target = match self.prediction {
+            PredictionType::VPrediction => self.noise.velocity(x.latents, x.noise, timesteps)?,
+            _ => x.noise.clone(),
         };
         let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         let per_sample = if self.config.min_snr_gamma > 0.0 {
@@ -303,7 +344,16 @@ impl Trainer {
         let noise = rng.randn(latents.shape(), &dev)?;
         let timesteps = self.noise.sample_timesteps(latents.dim(0)?, &mut rng);
         let training = self.set_training_flag(false);
-        let loss = self.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &batch.time_ids(&dev)?);
+        let time_ids = batch.time_ids(&dev)?;
+        let inputs = LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids: &time_ids };
+        let loss = if self.config.gradient_checkpointing {
+            // Without the graph: segment by segment, as in training.
+            let hooks = self.set.hooks();
+            let mut tape = Tape::new(&hooks.unet);
+            self.predict(&inputs, &hooks.unet, &mut tape).and_then(|pred| self.loss_of(&pred, &inputs))
+        } else {
+            self.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &batch.time_ids(&dev)?)
+        };
         self.set_training_flag(training);
         Ok(loss?.detach().to_scalar::<f32>()? as f64)
     }
@@ -327,7 +377,7 @@ impl Trainer {
         let mut finite = true;
         for _ in 0..self.config.gradient_accumulation {
             let batch = self.next_batch()?;
-            let loss = self.loss(&batch)?;
+            let (loss, grads) = self.loss_and_grads(&batch)?;
             if self.strategy_failed() {
                 // Detached part way through the forward: the graph is not the strategy's.
                 break;
@@ -339,7 +389,6 @@ impl Trainer {
                 break;
             }
             loss_sum += value;
-            let grads = loss.backward()?;
             acc.add(&self.optimizer.gradients(&grads))?;
         }
         for e in self.set.take_failures() {

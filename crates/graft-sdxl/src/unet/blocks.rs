@@ -4,6 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::checkpoint::{run1, Runner};
 use crate::hooks::{BlockPosition, HookRegistry, Hooks};
 use crate::nn::conv2d;
 use crate::resnet::{ResnetBlock2D, ResnetConfig};
@@ -87,7 +88,7 @@ impl Downsample2D {
         // the bottom / right padding row that a stride-2 conv over an even side never reads, so
         // that no output padding is needed. Same result as padding 1.
         let x = x.pad_with_zeros(2, 1, h % 2)?.pad_with_zeros(3, 1, w % 2)?;
-        let y = x.conv2d(self.conv.weight(), 0, 2, 1, 1)?;
+        let y = x.conv2d(&self.conv.weight().to_dtype(x.dtype())?, 0, 2, 1, 1)?;
         match self.conv.bias() {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -185,24 +186,25 @@ impl DownBlock {
 
     /// Returns the output and the skip connections it produced (one per resnet, one after the
     /// downsampler).
-    pub fn forward(
-        &self,
+    pub fn forward<'a>(
+        &'a self,
         x: &Tensor,
         temb: &Tensor,
         context: &Tensor,
-        hooks: &dyn Hooks,
+        hooks: &'a dyn Hooks,
+        runner: &mut dyn Runner<'a>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
+            h = run1(runner, &[&h, temb], move |xs| resnet.forward(&xs[0], Some(&xs[1])))?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context, hooks)?;
+                h = attn.forward_with(&h, context, hooks, runner)?;
             }
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsampler {
-            h = down.forward(&h)?;
+            h = run1(runner, &[&h], move |xs| down.forward(&xs[0]))?;
             skips.push(h.clone());
         }
         Ok((h, skips))
@@ -237,16 +239,17 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(
-        &self,
+    pub fn forward<'a>(
+        &'a self,
         x: &Tensor,
         temb: &Tensor,
         context: &Tensor,
-        hooks: &dyn Hooks,
+        hooks: &'a dyn Hooks,
+        runner: &mut dyn Runner<'a>,
     ) -> Result<Tensor> {
-        let h = self.resnet_0.forward(x, Some(temb))?;
-        let h = self.attention.forward(&h, context, hooks)?;
-        self.resnet_1.forward(&h, Some(temb))
+        let h = run1(runner, &[x, temb], move |xs| self.resnet_0.forward(&xs[0], Some(&xs[1])))?;
+        let h = self.attention.forward_with(&h, context, hooks, runner)?;
+        run1(runner, &[&h, temb], move |xs| self.resnet_1.forward(&xs[0], Some(&xs[1])))
     }
 }
 
@@ -318,26 +321,27 @@ impl UpBlock {
 
     /// `skips` are consumed from the last; `upsample_size` is the target of the upsampler when the
     /// latent size is not a multiple of the total downscale.
-    pub fn forward(
-        &self,
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<'a>(
+        &'a self,
         x: &Tensor,
         skips: &[Tensor],
         temb: &Tensor,
         context: &Tensor,
         upsample_size: Option<(usize, usize)>,
-        hooks: &dyn Hooks,
+        hooks: &'a dyn Hooks,
+        runner: &mut dyn Runner<'a>,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = &skips[skips.len() - 1 - i];
-            h = Tensor::cat(&[&h, skip], 1)?;
-            h = resnet.forward(&h, Some(temb))?;
+            h = run1(runner, &[&h, skip, temb], move |xs| resnet.forward(&Tensor::cat(&[&xs[0], &xs[1]], 1)?, Some(&xs[2])))?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context, hooks)?;
+                h = attn.forward_with(&h, context, hooks, runner)?;
             }
         }
         match &self.upsampler {
-            Some(up) => up.forward(&h, upsample_size),
+            Some(up) => run1(runner, &[&h], move |xs| up.forward(&xs[0], upsample_size)),
             None => Ok(h),
         }
     }

@@ -14,6 +14,7 @@ pub mod transformer;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::checkpoint::{run1, Direct, Runner};
 use crate::hooks::{HookRegistry, Hooks};
 use crate::nn::{conv2d, group_norm, timestep_embedding};
 
@@ -174,6 +175,23 @@ impl UNet {
         time_ids: &Tensor,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, encoder_hidden_states, text_embeds, time_ids, hooks, &mut Direct)
+    }
+
+    /// [`UNet::forward`] as segments run by `runner`: the embeddings with `conv_in`, each resnet,
+    /// transformer block and resampler, and the output head. With a
+    /// [`crate::checkpoint::Tape`] this is the gradient-checkpointed forward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with<'a>(
+        &'a self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+        hooks: &'a dyn Hooks,
+        runner: &mut dyn Runner<'a>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = sample.dims4()?;
         if c != self.config.in_channels {
             candle_core::bail!(
@@ -187,29 +205,27 @@ impl UNet {
                 encoder_hidden_states.dims()
             )
         }
-        let emb = self.embedding(b, sample.dtype(), timesteps, text_embeds, time_ids)?;
+        let head = runner.run(&[sample, timesteps, text_embeds, time_ids], Box::new(move |xs| {
+            let emb = self.embedding(b, xs[0].dtype(), &xs[1], &xs[2], &xs[3])?;
+            let sample = if self.config.center_input_sample { xs[0].affine(2.0, -1.0)? } else { xs[0].clone() };
+            Ok(vec![emb, self.conv_in.forward(&sample)?])
+        }))?;
+        let (emb, mut x) = (head[0].clone(), head[1].clone());
+        let context = encoder_hidden_states;
 
         // The upsamplers must land on the skip connections' sizes when the latent size is not a
         // multiple of the total downscale (diffusers' `forward_upsample_size`).
         let factor = 1usize << (self.up_blocks.len() - 1);
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
-        let sample = if self.config.center_input_sample {
-            sample.affine(2.0, -1.0)?
-        } else {
-            sample.clone()
-        };
-        let mut x = self.conv_in.forward(&sample)?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            let (out, block_skips) = block.forward(&x, &emb, encoder_hidden_states, hooks)?;
+            let (out, block_skips) = block.forward(&x, &emb, context, hooks, runner)?;
             x = out;
             skips.extend(block_skips);
         }
 
-        x = self
-            .mid_block
-            .forward(&x, &emb, encoder_hidden_states, hooks)?;
+        x = self.mid_block.forward(&x, &emb, context, hooks, runner)?;
 
         let n_up = self.up_blocks.len();
         for (i, block) in self.up_blocks.iter().enumerate() {
@@ -221,18 +237,10 @@ impl UNet {
                 }
                 _ => None,
             };
-            x = block.forward(
-                &x,
-                &block_skips,
-                &emb,
-                encoder_hidden_states,
-                upsample_size,
-                hooks,
-            )?;
+            x = block.forward(&x, &block_skips, &emb, context, upsample_size, hooks, runner)?;
         }
 
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        self.conv_out.forward(&x)
+        run1(runner, &[&x], move |xs| self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs[0])?))
     }
 
     /// Timestep embedding plus, for SDXL, the `text_time` add-embedding: [b, time_embed_dim].

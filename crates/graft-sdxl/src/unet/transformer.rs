@@ -3,6 +3,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use crate::checkpoint::{run1, Direct, Runner};
 
 use crate::hooks::{
     AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind,
@@ -287,21 +288,31 @@ impl Transformer2DModel {
 
     /// `x` [b, c, h, w], `context` [b, m, context_dim].
     pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        self.forward_with(x, context, hooks, &mut Direct)
+    }
+
+    /// [`Transformer2DModel::forward`] as segments (for checkpointing): the input projection,
+    /// each transformer block, the output projection.
+    pub fn forward_with<'a>(&'a self, x: &Tensor, context: &Tensor, hooks: &'a dyn Hooks, runner: &mut dyn Runner<'a>) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
-        let to_map = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
-        let normed = self.norm.forward(x)?;
-        let mut tokens = match &self.proj_in {
-            Projection::Linear(l) => l.forward(&to_tokens(&normed)?, hooks)?,
-            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
-        };
+        let to_tokens = move |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let to_map = move |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
+        let mut tokens = run1(runner, &[x], move |xs| {
+            let normed = self.norm.forward(&xs[0])?;
+            match &self.proj_in {
+                Projection::Linear(l) => l.forward(&to_tokens(&normed)?, hooks),
+                Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?),
+            }
+        })?;
         for block in &self.blocks {
-            tokens = block.forward(&tokens, context, hooks)?;
+            tokens = run1(runner, &[&tokens, context], move |xs| block.forward(&xs[0], &xs[1], hooks))?;
         }
-        let out = match &self.proj_out {
-            Projection::Linear(l) => to_map(&l.forward(&tokens, hooks)?)?,
-            Projection::Conv(conv) => conv.forward(&to_map(&tokens)?.contiguous()?)?,
-        };
-        out + x
+        run1(runner, &[&tokens, x], move |xs| {
+            let out = match &self.proj_out {
+                Projection::Linear(l) => to_map(&l.forward(&xs[0], hooks)?)?,
+                Projection::Conv(conv) => conv.forward(&to_map(&xs[0])?.contiguous()?)?,
+            };
+            out + &xs[1]
+        })
     }
 }

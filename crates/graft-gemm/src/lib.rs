@@ -1,0 +1,435 @@
+//! bf16 matrix multiply with f32 accumulation for x86-64, kernel chosen at run time.
+//!
+//! `C = beta * C + A · B` where A and B are read through strided views of `f32`, `bf16` or `f16`,
+//! converted to bf16 (round-to-nearest-even) while they are packed, and multiplied with
+//!
+//! * [`Kernel::Amx`]: AMX-BF16 tiles (`tdpbf16ps`, a 32x32 micro-kernel of 2x2 16x16 f32 tiles), or
+//! * [`Kernel::Avx512Bf16`]: AVX-512 BF16 (`vdpbf16ps`, an 8x32 micro-kernel in zmm registers).
+//!
+//! [`kernel()`] tells which one this CPU (and OS) can run; `None` means the caller should compute
+//! in f32 itself. Work runs on the rayon global pool, parallel over blocks of C.
+//!
+//! Blocking: K is cut into blocks of [`KC`]; for each K block the whole of A and B are packed once
+//! (in parallel) into zero-padded bf16 panels in the pair-interleaved ("VNNI") layout the
+//! instructions need, then blocks of `MB x NB` of C are computed in parallel from the packed
+//! panels. Padding means the micro-kernels never read out of range; only the valid part of C is
+//! written.
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports, unused_variables))]
+
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod pack;
+
+use rayon::prelude::*;
+
+/// Which kernel runs on this CPU, detected once per process.
+///
+/// Detection uses cpuid (`is_x86_feature_detected!` for AVX-512; raw cpuid leaf 7 plus XCR0 for
+/// AMX, since AMX detection is not stable in std), and for AMX also the Linux
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18)` permission request, done
+/// once per process; if the request fails, AMX is not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX-BF16 tile instructions (Sapphire Rapids and later).
+    Amx,
+    /// AVX-512 BF16 `vdpbf16ps` (Cooper Lake, Sapphire Rapids, Zen 4 and later).
+    Avx512Bf16,
+}
+
+impl Kernel {
+    /// Whether this kernel can run on this CPU in this process (cached; for AMX this includes the
+    /// OS permission request).
+    pub fn is_available(self) -> bool {
+        match self {
+            Kernel::Amx => amx_available(),
+            Kernel::Avx512Bf16 => avx512bf16_available(),
+        }
+    }
+}
+
+/// The kernel to use on this CPU: AMX where available, else AVX-512 BF16, else `None` (the caller
+/// computes in f32 instead). Detected once and cached.
+///
+/// The environment variable `GRAFT_GEMM_KERNEL=amx|avx512bf16|none` (read once) forces a choice,
+/// for tests and benches; a forced kernel the CPU lacks gives `None`. Any other value is ignored.
+pub fn kernel() -> Option<Kernel> {
+    static K: OnceLock<Option<Kernel>> = OnceLock::new();
+    *K.get_or_init(|| {
+        let forced = std::env::var("GRAFT_GEMM_KERNEL").ok();
+        match forced.as_deref().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+            Some("amx") => Kernel::Amx.is_available().then_some(Kernel::Amx),
+            Some("avx512bf16") | Some("avx512") => {
+                Kernel::Avx512Bf16.is_available().then_some(Kernel::Avx512Bf16)
+            }
+            Some("none") => None,
+            _ => {
+                if Kernel::Amx.is_available() {
+                    Some(Kernel::Amx)
+                } else if Kernel::Avx512Bf16.is_available() {
+                    Some(Kernel::Avx512Bf16)
+                } else {
+                    None
+                }
+            }
+        }
+    })
+}
+
+fn avx512bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static A: OnceLock<bool> = OnceLock::new();
+        *A.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static A: OnceLock<bool> = OnceLock::new();
+        *A.get_or_init(amx::detect_and_request)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Element types the packing routines read: `f32`, `half::bf16`, `half::f16`, all converted to
+/// bf16 with round-to-nearest-even when packed (NaN stays NaN).
+pub trait Element: Copy + Send + Sync + 'static {
+    /// Convert to bf16, round-to-nearest-even.
+    fn to_bf16(self) -> half::bf16;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_bf16(self) -> half::bf16 {
+        half::bf16::from_bits(f32_to_bf16_bits(self))
+    }
+}
+
+impl Element for half::bf16 {
+    #[inline(always)]
+    fn to_bf16(self) -> half::bf16 {
+        self
+    }
+}
+
+impl Element for half::f16 {
+    #[inline(always)]
+    fn to_bf16(self) -> half::bf16 {
+        // f16 -> f32 is exact; then one rounding to bf16.
+        half::bf16::from_bits(f32_to_bf16_bits(self.to_f32()))
+    }
+}
+
+/// f32 -> bf16 bits, round-to-nearest-even; NaN becomes a quiet NaN. Branch-free so that the
+/// contiguous packing loops vectorize (same results as `half::bf16::from_f32`).
+#[inline(always)]
+pub(crate) fn f32_to_bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    let is_nan = (u & 0x7fff_ffff) > 0x7f80_0000;
+    let rounded = (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16;
+    let nan = ((u >> 16) as u16) | 0x0040;
+    if is_nan {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    /// Backing storage; must hold every element of the view.
+    pub data: &'a [T],
+    /// Number of rows.
+    pub rows: usize,
+    /// Number of columns.
+    pub cols: usize,
+    /// Distance in elements between rows.
+    pub row_stride: usize,
+    /// Distance in elements between columns.
+    pub col_stride: usize,
+}
+
+impl<'a, T: Copy> MatRef<'a, T> {
+    /// A row-major view: `data[i * cols + j]`.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// A column-major view: `data[i + j * rows]` (e.g. the transpose of a row-major `[cols, rows]`
+    /// weight).
+    pub fn col_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        MatRef { data, rows, cols, row_stride: 1, col_stride: rows }
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    /// Element `(i, j)`.
+    #[inline(always)]
+    pub fn at(&self, i: usize, j: usize) -> T {
+        self.data[i * self.row_stride + j * self.col_stride]
+    }
+
+    /// Panics unless every element of the view lies inside `data` (checked once, so the packing
+    /// loops can index without further overflow concerns).
+    fn check(&self, what: &str) {
+        if self.rows == 0 || self.cols == 0 {
+            return;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.row_stride)
+            .and_then(|r| (self.cols - 1).checked_mul(self.col_stride).and_then(|c| r.checked_add(c)));
+        assert!(
+            matches!(last, Some(l) if l < self.data.len()),
+            "graft-gemm: view {what} ({}x{}, strides {},{}) exceeds its data (len {})",
+            self.rows,
+            self.cols,
+            self.row_stride,
+            self.col_stride,
+            self.data.len()
+        );
+    }
+}
+
+/// K block: K is processed in blocks of this many (a multiple of 32); C is re-read between blocks.
+pub const KC: usize = 1024;
+/// Rows of C per parallel task (a multiple of 32).
+const MB: usize = 256;
+/// Columns of C per parallel task (a multiple of 32).
+const NB: usize = 256;
+
+fn check_shapes<A: Copy, B: Copy>(a: &MatRef<A>, b: &MatRef<B>, c: &[f32], ldc: usize) {
+    assert_eq!(a.cols, b.rows, "graft-gemm: A is {}x{} but B is {}x{}", a.rows, a.cols, b.rows, b.cols);
+    a.check("A");
+    b.check("B");
+    let (m, n) = (a.rows, b.cols);
+    if m > 0 && n > 0 {
+        assert!(ldc >= n, "graft-gemm: c_row_stride {ldc} < n {n}");
+        let need = (m - 1).checked_mul(ldc).and_then(|x| x.checked_add(n));
+        assert!(
+            matches!(need, Some(x) if x <= c.len()),
+            "graft-gemm: C slice (len {}) too short for {m}x{n} with row stride {ldc}",
+            c.len()
+        );
+    }
+}
+
+/// Scale the valid `m x n` part of C by beta (beta == 0 writes zeros, so NaN garbage goes away).
+fn scale_c(c: &mut [f32], m: usize, n: usize, ldc: usize, beta: f32) {
+    if beta == 1.0 {
+        return;
+    }
+    let rows = c.par_chunks_mut(ldc).take(m);
+    if beta == 0.0 {
+        rows.for_each(|r| r[..n].fill(0.0));
+    } else {
+        rows.for_each(|r| r[..n].iter_mut().for_each(|x| *x *= beta));
+    }
+}
+
+/// `C[m, n] = beta * C + A[m, k] · B[k, n]`.
+///
+/// C is row-major with row stride `c_row_stride` (column stride 1). `beta` is normally 0.0
+/// (overwrite: C may hold garbage or NaN) or 1.0 (accumulate); other values scale C first. A and B
+/// are converted to bf16 while packed; products are accumulated in f32. Runs on the rayon global
+/// pool, parallel over blocks of C. Any `m, n, k` work, including 0 (`k == 0` only applies beta).
+///
+/// Panics if the shapes disagree, a view or C is too short for its shape, or `kernel` is not
+/// available on this CPU (see [`Kernel::is_available`]); running it anyway would be undefined.
+pub fn gemm<A: Element, B: Element>(
+    kernel: Kernel,
+    a: MatRef<A>,
+    b: MatRef<B>,
+    c: &mut [f32],
+    c_row_stride: usize,
+    beta: f32,
+) {
+    check_shapes(&a, &b, c, c_row_stride);
+    assert!(kernel.is_available(), "graft-gemm: kernel {kernel:?} is not available on this CPU");
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Any beta other than 0 or 1 is applied up front; then the kernels either overwrite (first K
+    // block with beta 0) or accumulate.
+    if k == 0 || (beta != 0.0 && beta != 1.0) {
+        scale_c(c, m, n, c_row_stride, beta);
+        if k == 0 {
+            return;
+        }
+    }
+    let overwrite_first = beta == 0.0;
+    #[cfg(target_arch = "x86_64")]
+    gemm_blocked(kernel, &a, &b, c, c_row_stride, overwrite_first);
+}
+
+#[inline]
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// View packed u32 storage as bf16 bits.
+fn as_u16(x: &mut [u32]) -> &mut [u16] {
+    // SAFETY: u16 has weaker alignment than u32 and every bit pattern is valid for both.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut u16, x.len() * 2) }
+}
+
+fn as_u16_ref(x: &[u32]) -> &[u16] {
+    // SAFETY: as in as_u16.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u16, x.len() * 2) }
+}
+
+/// Blocking (K block, rows per task, columns per task): the constants, or
+/// `GRAFT_GEMM_TUNE=kc,mb,nb` (read once; for benchmarking; kc is rounded up to a multiple of 32,
+/// mb and nb to multiples of 32, all at least 32).
+fn tune() -> (usize, usize, usize) {
+    static T: OnceLock<(usize, usize, usize)> = OnceLock::new();
+    *T.get_or_init(|| {
+        let v: Vec<usize> = std::env::var("GRAFT_GEMM_TUNE").unwrap_or_default().split(',').filter_map(|x| x.parse().ok()).collect();
+        if v.len() == 3 {
+            let r = |x: usize| round_up(x.max(32), 32);
+            (r(v[0]), r(v[1]), r(v[2]))
+        } else {
+            (KC, MB, NB)
+        }
+    })
+}
+
+/// A raw pointer to C that tasks may share: each task writes a disjoint block of C.
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+// SAFETY: tasks only write disjoint row/column blocks of C (see gemm_blocked).
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+impl CPtr {
+    /// A method (not field access) so closures capture the whole Sync wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn gemm_blocked<A: Element, B: Element>(
+    kernel: Kernel,
+    a: &MatRef<A>,
+    b: &MatRef<B>,
+    c: &mut [f32],
+    ldc: usize,
+    overwrite_first: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    // Panels are 16 rows of A / 16 columns of B; micro-kernels span 32, so round to 32.
+    let mp = round_up(m, 32);
+    let np = round_up(n, 32);
+    let (kc_blk, mb, nb) = tune();
+    let kc_max = round_up(k.min(kc_blk), 32);
+    // u32 storage: 4-byte aligned pairs for pack_pairs; the AMX A layout views it as u16.
+    let mut apack = vec![0u32; mp * kc_max / 2];
+    let mut bpack = vec![0u32; np * kc_max / 2];
+    let cptr = CPtr(c.as_mut_ptr());
+    let (mtasks, ntasks) = (m.div_ceil(mb), n.div_ceil(nb));
+
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = (k - k0).min(kc_blk);
+        let kcp = round_up(kc, 32);
+        let panel = 8 * kcp; // u32s per 16-wide panel
+        // Pack B: 16-column panels, rows k and k+1 interleaved (same layout for both kernels).
+        bpack[..np * kcp / 2]
+            .par_chunks_mut(panel)
+            .enumerate()
+            .for_each(|(p, dst)| pack::pack_pairs(b, k0, kc, p * 16, dst));
+        // Pack A: 16-row panels, layout depends on the kernel.
+        let at = a.t();
+        apack[..mp * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| match kernel {
+            Kernel::Amx => pack::pack_a_amx(a, k0, kc, p * 16, as_u16(dst)),
+            Kernel::Avx512Bf16 => pack::pack_pairs(&at, k0, kc, p * 16, dst),
+        });
+        let load_c = !(overwrite_first && k0 == 0);
+        let (ap, bp) = (as_u16_ref(&apack), as_u16_ref(&bpack));
+        (0..mtasks * ntasks).into_par_iter().for_each(|t| {
+            // Neighbouring tasks share one operand's block (kept in cache) and stream the other;
+            // stream the operand whose whole packed K block is the smaller (more likely cached).
+            let (mt, nt) = if mp <= np { (t % mtasks, t / mtasks) } else { (t / ntasks, t % ntasks) };
+            let (m0, n0) = (mt * mb, nt * nb);
+            let (m1, n1) = ((m0 + mb).min(m), (n0 + nb).min(n));
+            let blk = Block { m0, m1, n0, n1, kcp, ldc, load_c };
+            // SAFETY: the kernel is available (checked in gemm); packed buffers hold
+            // round_up(m,32) x kcp and round_up(n,32) x kcp zero-padded elements, which covers every
+            // 32-wide micro-panel the block touches; this task writes only C[m0..m1, n0..n1], which
+            // lies inside `c` (checked in check_shapes) and is disjoint from other tasks' blocks.
+            unsafe {
+                match kernel {
+                    Kernel::Amx => amx::block(ap, bp, cptr.get(), &blk),
+                    Kernel::Avx512Bf16 => avx512::block(ap, bp, cptr.get(), &blk),
+                }
+            }
+        });
+        k0 += kc;
+    }
+}
+
+/// One task's block of C for one K block.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Block {
+    pub m0: usize,
+    pub m1: usize,
+    pub n0: usize,
+    pub n1: usize,
+    /// Padded K-block length (multiple of 32); a 16-wide panel holds `16 * kcp` bf16.
+    pub kcp: usize,
+    pub ldc: usize,
+    /// Add to C (true) or overwrite it (false).
+    pub load_c: bool,
+}
+
+/// Plain reference: converts A and B to bf16 exactly as the kernels do, multiplies in f32 (exact
+/// for bf16 inputs) and sums in f64, then `C = beta * C + sum` (beta == 0 overwrites, ignoring NaN
+/// in C). Single-threaded and slow; for tests.
+pub fn gemm_reference<A: Element, B: Element>(
+    a: MatRef<A>,
+    b: MatRef<B>,
+    c: &mut [f32],
+    c_row_stride: usize,
+    beta: f32,
+) {
+    check_shapes(&a, &b, c, c_row_stride);
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for p in 0..k {
+                s += (a.at(i, p).to_bf16().to_f32() * b.at(p, j).to_bf16().to_f32()) as f64;
+            }
+            let cij = &mut c[i * c_row_stride + j];
+            *cij = if beta == 0.0 { s as f32 } else { (beta as f64 * *cij as f64 + s) as f32 };
+        }
+    }
+}

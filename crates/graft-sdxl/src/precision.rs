@@ -1,0 +1,99 @@
+//! How frozen weights are held in memory, and which matrix-product kernel runs on them.
+//!
+//! Weights (matrices and conv kernels) may stay in half precision; everything else (biases, norm
+//! weights, activations, adapter parameters, gradients, optimizer state) is f32. A matrix product
+//! with a half-precision operand runs the bf16 kernel of `graft-gemm` (AMX or AVX-512 BF16, f32
+//! accumulation) when the CPU has one, as torch's bf16 autocast does; elsewhere the weight is
+//! widened to f32 for the product, which keeps the memory saving and costs only the conversion.
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+/// The precision frozen weights are kept in (`dtype` in configs, `--dtype` on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// As stored in the model files (an fp16 file stays fp16, an f32 file f32).
+    #[default]
+    File,
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl WeightDtype {
+    pub const NAMES: &'static str = "file, fp32, bf16 or fp16";
+
+    /// The in-memory dtype of a weight of `rank` stored as `stored`. Vectors (biases, norms) are
+    /// always f32: they are small, and the fused kernels read them as f32.
+    pub fn for_weight(self, stored: DType, rank: usize) -> DType {
+        if rank < 2 {
+            return DType::F32;
+        }
+        match self {
+            WeightDtype::File => match stored {
+                DType::BF16 | DType::F16 => stored,
+                _ => DType::F32,
+            },
+            WeightDtype::Fp32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::Fp16 => DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "file" | "auto" => Ok(Self::File),
+            "fp32" | "f32" | "float32" | "no" => Ok(Self::Fp32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "fp16" | "f16" | "float16" | "half" => Ok(Self::Fp16),
+            other => Err(format!("unknown dtype `{other}`: use {}", Self::NAMES)),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::File => "file",
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
+            Self::Fp16 => "fp16",
+        })
+    }
+}
+
+/// The bf16 matrix-product kernel this process uses for half-precision weights, if any
+/// (`GRAFT_GEMM_KERNEL=none` turns it off).
+pub fn bf16_kernel() -> Option<graft_gemm::Kernel> {
+    graft_gemm::kernel()
+}
+
+/// One line for logs: the weights' precision and the kernel their products run on.
+pub fn describe(weights: DType) -> String {
+    match (weights, bf16_kernel()) {
+        (DType::F32, _) => "weights f32, f32 matrix products".to_string(),
+        (w, Some(k)) => format!("weights {w:?}, bf16 matrix products on {k:?} with f32 accumulation"),
+        (w, None) => format!("weights {w:?}, widened to f32 for matrix products (this CPU has no bf16 unit)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_stay_f32_and_matrices_follow_the_choice() {
+        assert_eq!(WeightDtype::File.for_weight(DType::F16, 2), DType::F16);
+        assert_eq!(WeightDtype::File.for_weight(DType::F32, 4), DType::F32);
+        assert_eq!(WeightDtype::File.for_weight(DType::F16, 1), DType::F32);
+        assert_eq!(WeightDtype::Bf16.for_weight(DType::F32, 2), DType::BF16);
+        assert_eq!(WeightDtype::Fp32.for_weight(DType::BF16, 2), DType::F32);
+        assert_eq!("BF16".parse::<WeightDtype>(), Ok(WeightDtype::Bf16));
+        assert!("int8".parse::<WeightDtype>().unwrap_err().contains("bf16"));
+    }
+}
