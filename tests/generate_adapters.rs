@@ -85,7 +85,7 @@ fn base_weights(model: &SdxlModel) -> Vec<(String, Vec<f32>, Option<Vec<f32>>)> 
         for (i, info) in reg.layers().iter().enumerate() {
             if let Some(w) = reg.linear_weights(i) {
                 let w = w.read().unwrap();
-                let v = w.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let v = w.weight_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let b = w.bias.as_ref().map(|b| b.to_vec1::<f32>().unwrap());
                 out.push((info.name.clone(), v, b));
             }
@@ -172,7 +172,7 @@ fn lycoris_entries_fuse_to_lycoris_weights() {
     let weight = |name: &str| -> Tensor {
         for reg in model.registries() {
             if let Some(i) = reg.index_of(name) {
-                return reg.linear_weights(i).unwrap().read().unwrap().weight.clone();
+                return reg.linear_weights(i).unwrap().read().unwrap().weight_f32().unwrap();
             }
         }
         panic!("no {name}")
@@ -200,7 +200,7 @@ fn bf16_kohya_file_with_diffusers_names_fuses_to_the_diffusers_deltas() {
     let weight = |name: &str| -> Tensor {
         for reg in model.registries() {
             if let Some(i) = reg.index_of(name) {
-                return reg.linear_weights(i).unwrap().read().unwrap().weight.clone();
+                return reg.linear_weights(i).unwrap().read().unwrap().weight_f32().unwrap();
             }
         }
         panic!("no {name}")

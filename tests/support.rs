@@ -82,6 +82,7 @@ pub fn write_shapes_dataset(dir: &Path, n: usize, size: u32) {
 /// under `dir`.
 pub fn serve_args(dir: &Path, plugins: PathBuf) -> graft_host::serve::ServeArgs {
     graft_host::serve::ServeArgs {
+        dtype: graft_sdxl::WeightDtype::File,
         model: Some(tiny_model()),
         model_config: None,
         plugins: graft_host::serve::plugin_dir_args(plugins),

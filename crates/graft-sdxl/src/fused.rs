@@ -206,7 +206,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if self.w.dtype() != DType::F32 {
+        if is_half(self.w.dtype()) {
             return self.cpu_fwd_half(s, l);
         }
         let (ws, wl) = self.w.storage_and_layout();
@@ -237,7 +237,7 @@ impl CustomOp1 for FrozenLinear {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (n, k) = self.w.dims2()?;
         let m = grad.elem_count() / n.max(1);
-        if self.w.dtype() == DType::F32 || !x.device().is_cpu() {
+        if !is_half(self.w.dtype()) || !x.device().is_cpu() {
             let w = self.w.to_dtype(grad.dtype())?;
             return Ok(Some(grad.reshape((m, n))?.matmul(&w)?.reshape(x.shape())?));
         }
@@ -271,6 +271,10 @@ impl FrozenLinear {
         *dims.last_mut().expect("rank >= 1") = n;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
+}
+
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// Every thread of the pool.
@@ -748,6 +752,33 @@ mod tests {
         let y = frozen_linear(&xn, &w, None).unwrap();
         let reference = xn.broadcast_matmul(&w.t().unwrap()).unwrap();
         assert!(max_diff(&y, &reference) < 1e-6);
+    }
+
+    /// A weight kept in bf16 or fp16: the linear and the conv give the f32 result of the weight as
+    /// stored (fp16 exactly; bf16 within the rounding of the activations to bf16 where a bf16 unit
+    /// runs the product), and the input's gradient likewise.
+    #[test]
+    fn half_precision_weights() {
+        let dev = Device::Cpu;
+        let mut rng = GraftRng::new(8);
+        let x = Var::from_tensor(&rng.randn((2, 33, 70), &dev).unwrap()).unwrap();
+        let img = Var::from_tensor(&rng.randn((1, 6, 9, 7), &dev).unwrap()).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let tol = if dtype == DType::F16 || crate::precision::bf16_kernel().is_none() { 1e-5 } else { 2e-2 };
+            let w = rng.randn((17, 70), &dev).unwrap().to_dtype(dtype).unwrap();
+            let b = rng.randn(17, &dev).unwrap();
+            let wide = w.to_dtype(DType::F32).unwrap();
+            let up = rng.randn((2, 33, 17), &dev).unwrap();
+            let reference = x.broadcast_matmul(&wide.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_same(frozen_linear(&x, &w, Some(&b)).unwrap(), reference, &x, &up, tol * scale, &[&w, &b]);
+
+            let kernel = rng.randn((5, 6, 3, 3), &dev).unwrap().to_dtype(dtype).unwrap();
+            let reference = img.conv2d(&kernel.to_dtype(DType::F32).unwrap(), 1, 1, 1, 1).unwrap();
+            let up = rng.randn(reference.shape(), &dev).unwrap();
+            let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_same(conv2d(&img, &kernel, None, 1, 1).unwrap(), reference, &img, &up, tol * scale, &[&kernel]);
+        }
     }
 
     #[test]

@@ -249,6 +249,11 @@ impl SdxlModel {
         Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device: device.clone(), source: file.to_path_buf() })
     }
 
+    /// The precision the UNet's matrices are kept in (the conv_in kernel's).
+    pub fn weight_dtype(&self) -> candle_core::DType {
+        self.unet.conv_in_weight().dtype()
+    }
+
     /// Every hook point of the three hooked components: UNet, then text encoders.
     pub fn layers(&self) -> Vec<&LayerInfo> {
         self.registries().into_iter().flat_map(|r| r.layers().iter()).collect()

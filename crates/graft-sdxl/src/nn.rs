@@ -60,16 +60,17 @@ impl HookedLinear {
 
 /// `x @ w^T + b` for x of any rank >= 2.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    // A frozen weight under an input that needs a gradient: skip the weight's gradient.
-    if x.track_op() && !w.track_op() && !b.is_some_and(|b| b.track_op()) {
-        return crate::fused::frozen_linear(x, w, b);
-    }
-    // A weight kept in half precision (always frozen): mixed-precision product on the CPU.
+    // A weight kept in half precision (always frozen): a mixed-precision product for f32
+    // activations on the CPU, else the weight widened for this call.
     if w.dtype() != x.dtype() {
-        if x.device().is_cpu() && !b.is_some_and(|b| b.track_op()) {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && !b.is_some_and(|b| b.track_op()) {
             return crate::fused::frozen_linear(x, w, b);
         }
         return linear(x, &w.to_dtype(x.dtype())?, b);
+    }
+    // A frozen weight under an input that needs a gradient: skip the weight's gradient.
+    if x.track_op() && !w.track_op() && !b.is_some_and(|b| b.track_op()) {
+        return crate::fused::frozen_linear(x, w, b);
     }
     let y = match x.dims() {
         [b0, b1, _, _] => x.matmul(&w.broadcast_left((*b0, *b1))?.t()?)?,

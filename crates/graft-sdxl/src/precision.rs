@@ -2,9 +2,10 @@
 //!
 //! Weights (matrices and conv kernels) may stay in half precision; everything else (biases, norm
 //! weights, activations, adapter parameters, gradients, optimizer state) is f32. A matrix product
-//! with a half-precision operand runs the bf16 kernel of `graft-gemm` (AMX or AVX-512 BF16, f32
-//! accumulation) when the CPU has one, as torch's bf16 autocast does; elsewhere the weight is
-//! widened to f32 for the product, which keeps the memory saving and costs only the conversion.
+//! with a bf16 weight runs the bf16 kernel of `graft-gemm` (AMX or AVX-512 BF16, f32
+//! accumulation) when the CPU has one, as torch's bf16 autocast does. An fp16 weight, or a bf16
+//! one on a CPU without a bf16 unit, is widened exactly to f32 for the product: the memory saving
+//! stays, the product is the f32 one (so an fp16 model gives the results of its f32 conversion).
 
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
@@ -76,9 +77,9 @@ pub fn bf16_kernel() -> Option<graft_gemm::Kernel> {
 /// One line for logs: the weights' precision and the kernel their products run on.
 pub fn describe(weights: DType) -> String {
     match (weights, bf16_kernel()) {
-        (DType::F32, _) => "weights f32, f32 matrix products".to_string(),
-        (w, Some(k)) => format!("weights {w:?}, bf16 matrix products on {k:?} with f32 accumulation"),
-        (w, None) => format!("weights {w:?}, widened to f32 for matrix products (this CPU has no bf16 unit)"),
+        (DType::BF16, Some(k)) => format!("weights bf16, bf16 matrix products on {k:?} with f32 accumulation"),
+        (DType::BF16, None) => "weights bf16, widened to f32 for matrix products (this CPU has no bf16 unit)".to_string(),
+        (w, _) => format!("weights {w:?}, f32 matrix products"),
     }
 }
 

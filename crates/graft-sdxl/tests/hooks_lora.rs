@@ -104,7 +104,7 @@ fn lora_at_hook_points_zero_init_fuse_and_restore() {
         let shared = unet.registry().linear_weights(i).unwrap();
         let mut w = shared.write().unwrap();
         kept.push((i, w.weight.clone()));
-        w.weight = (&w.weight + (up.matmul(down).unwrap() * *scale).unwrap()).unwrap();
+        w.weight = w.plus(&(up.matmul(down).unwrap() * *scale).unwrap()).unwrap();
     }
     let fused = run(&NoHooks);
     assert!(max_diff(&fused, &with_lora) < 1e-4, "fused {}", max_diff(&fused, &with_lora));

@@ -144,7 +144,7 @@ impl BaseSnapshot {
         let mut out = Vec::new();
         for (name, shared, original) in &self.entries {
             let w = shared.read().unwrap_or_else(|e| e.into_inner()).clone();
-            let diff = (&w.weight - &original.weight)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (w.weight_f32()? - original.weight_f32()?)?.abs()?.max_all()?.to_scalar::<f32>()?;
             if diff != 0.0 {
                 out.push(name.clone());
             }

@@ -67,7 +67,7 @@ impl App {
         let model = match &args.model {
             Some(path) => {
                 let started = std::time::Instant::now();
-                let m = SdxlModel::load(path, args.model_config.as_deref(), &device)
+                let m = SdxlModel::load_as(path, args.model_config.as_deref(), &device, args.dtype)
                     .with_context(|| format!("loading model {}", path.display()))?;
                 tracing::info!("loaded {} in {:.1}s", path.display(), started.elapsed().as_secs_f64());
                 Some(Arc::new(m))

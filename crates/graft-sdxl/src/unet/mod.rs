@@ -153,6 +153,10 @@ impl UNet {
         })
     }
 
+    pub fn conv_in_weight(&self) -> &Tensor {
+        self.conv_in.weight()
+    }
+
     /// The hook points, in forward order.
     pub fn registry(&self) -> &HookRegistry {
         &self.registry

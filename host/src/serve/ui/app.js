@@ -94,6 +94,7 @@ $("train-start").addEventListener("click", async () => {
     dataset_dir: $("train-dataset").value.trim(), resolution: num("train-resolution"), steps: num("train-steps"),
     seed: num("train-seed"), lr_schedule: $("train-schedule").value, warmup_steps: num("train-warmup"),
     sample_every: num("train-sample-every"), sample_prompts: lines("train-prompts"),
+    gradient_checkpointing: $("train-checkpointing").checked,
   };
   try {
     const job = await api("POST", "/api/train", req);
