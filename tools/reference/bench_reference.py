@@ -403,6 +403,118 @@ def w_block_train(a):
     return r
 
 
+# ---------------------------------------------------------------- workloads: whole SDXL, full size
+
+SDXL_DIR = ROOT / "target" / "bench" / "sdxl-random-fp16"
+SDXL_RANK, SDXL_ALPHA = 16, 16
+
+
+def sdxl_dir():
+    """The random fp16 SDXL folder that `graft bench` writes (tools/bench.sh runs graft first)."""
+    d = Path(os.environ.get("GRAFT_BENCH_SDXL", SDXL_DIR))
+    if not (d / "model_index.json").is_file():
+        sys.exit(f"{d}: no random SDXL folder; run `graft bench --workload real.load_fp16` first (it writes it)")
+    return d
+
+
+def sdxl_components(dtype):
+    """UNet, VAE and both text encoders of the folder's fp16 variant, in `dtype`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    d = sdxl_dir()
+    unet = UNet2DConditionModel.from_pretrained(d, subfolder="unet", variant="fp16", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(d, subfolder="vae", variant="fp16", torch_dtype=dtype)
+    te1 = CLIPTextModel.from_pretrained(d, subfolder="text_encoder", variant="fp16", dtype=dtype)
+    te2 = CLIPTextModelWithProjection.from_pretrained(d, subfolder="text_encoder_2", variant="fp16", dtype=dtype)
+    for m in (unet, vae, te1, te2):
+        m.eval()
+        m.requires_grad_(False)
+    return unet, vae, te1, te2
+
+
+def w_sdxl_load(a):
+    """Loads the four components as stored (fp16); the folder has no tokenizers (graft uses its
+    built-in CLIP vocabulary)."""
+    before = rss_mb()
+    reset_peak()
+    t = time.perf_counter()
+    models = sdxl_components(torch.float16)
+    ms = (time.perf_counter() - t) * 1e3
+    peak = peak_mb()
+    n = sum(p.numel() for m in models for p in m.parameters())
+    return {**timing([ms]), "peak_mb": peak, "delta_mb": max(peak - before, 0.0),
+            "extra": {"parameters": n, "weights": str(models[0].dtype)}}
+
+
+def w_sdxl_generate(a):
+    """1024x1024, one Euler step, CFG 5, VAE decode: bf16 weights under torch's bf16 autocast.
+    Tokenizers from the tiny fixture (the prompt is padded to 77 tokens either way)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+    unet, vae, te1, te2 = sdxl_components(torch.bfloat16)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, unet=unet,
+        tokenizer=CLIPTokenizer.from_pretrained(FIXTURE / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(FIXTURE / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler.from_pretrained(sdxl_dir(), subfolder="scheduler"),
+        add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def f():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            pipe(PROMPT, height=1024, width=1024, num_inference_steps=1, guidance_scale=5.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(0))
+    r = measure(0, a.runs or 1, f)
+    r["extra"]["weights"] = "bf16, bf16 autocast"
+    return r
+
+
+def sdxl_train(res, checkpointing):
+    """One step of diffusers' SDXL LoRA training with mixed_precision=bf16: frozen weights in bf16,
+    LoRA r16 a16 (fp32) on the attention projections, forward under bf16 autocast, AdamW; latent
+    and text embeddings cached (random, of the right shapes: what encoding one image and caption
+    gives, outside the timed part)."""
+    def run(a):
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
+        unet, vae, te1, te2 = sdxl_components(torch.bfloat16)
+        unet.add_adapter(LoraConfig(r=SDXL_RANK, lora_alpha=SDXL_ALPHA, init_lora_weights="gaussian",
+                                    target_modules=TARGETS))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+        sched = DDPMScheduler.from_pretrained(sdxl_dir(), subfolder="scheduler")
+        g = torch.Generator().manual_seed(1)
+        latents = torch.randn((1, 4, res // 8, res // 8), generator=g) * 0.13025
+        hidden = torch.randn((1, 77, 2048), generator=g)
+        pooled = torch.randn((1, 1280), generator=g)
+        ids = torch.tensor([[float(res), res, 0, 0, res, res]])
+
+        def step():
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
+            noisy = sched.add_noise(latents, noise, t)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = unet(noisy, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+                            return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state["loss"] = loss.item()
+        state = {}
+        warmup = int(os.environ.get("GRAFT_BENCH_WARMUP", "1"))
+        r = measure(warmup, a.runs or 1, step)
+        r["extra"].update({"lora_parameters": sum(p.numel() for p in params), "warmup_steps": warmup,
+                           "loss": state.get("loss"), "checkpointing": checkpointing})
+        return r
+    return run
+
+
 WORKLOADS = {
     "tiny.text_encoders": w_text_encoders,
     "tiny.unet_forward": w_unet_forward,
@@ -421,9 +533,17 @@ WORKLOADS = {
     "real.block_lora_unfused_32x32": w_block_lora_unfused,
     "real.block_lora_fused_32x32": w_block_lora_fused,
     "real.block_train_32x32": w_block_train,
+    "real.load_fp16": w_sdxl_load,
+    "real.generate_1024_1step": w_sdxl_generate,
+    "real.train_step_512": sdxl_train(512, False),
+    "real.train_step_512_ckpt": sdxl_train(512, True),
+    "real.train_step_1024": sdxl_train(1024, False),
+    "real.train_step_1024_ckpt": sdxl_train(1024, True),
     # hot_swap: graft only (diffusers has no plugin reload to compare with)
 }
 
+# Whole-SDXL workloads (minutes, ~16 GB): run only when named or by prefix (as in `graft bench`).
+HEAVY = {n for n in WORKLOADS if n in ("real.load_fp16", "real.generate_1024_1step") or n.startswith("real.train_step_")}
 
 # ---------------------------------------------------------------- the table
 
@@ -509,6 +629,22 @@ def targets(g, r):
         ov = g.get(n, {}).get("extra", {}).get("overhead")
         if ov is not None:
             out.append(f"{n}: graft overhead {ov * 100:+.1f}% (target <= {limit * 100:.0f}%: {verdict(ov <= limit)})")
+    gb = lambda rec: rec["peak_mb"] * 1.048576 / 1000  # MiB -> GB (10^9 bytes)
+    gen = g.get("real.generate_1024_1step")
+    if gen:
+        out.append(f"real.generate_1024_1step: graft peak {gb(gen):.1f} GB (target <= 9 GB: {verdict(gb(gen) <= 9)})")
+    for n in ("real.train_step_1024_ckpt", "real.train_step_512_ckpt"):
+        if n in g:
+            tr = t(n)
+            tr_s = "no reference row" if tr is None else f"{tr:.2f}x (target <= 0.8x: {verdict(tr <= 0.8)})"
+            out.append(f"{n}: graft peak {gb(g[n]):.1f} GB (target <= 8 GB: {verdict(gb(g[n]) <= 8)}); time {tr_s}")
+    ld = g.get("real.load_fp16")
+    if ld:
+        out.append(f"real.load_fp16: graft {ld['min_ms'] / 1e3:.1f} s (target <= 15 s: {verdict(ld['min_ms'] <= 15e3)})")
+    for n in ("real.train_step_512", "real.train_step_1024"):
+        if n in g and n + "_ckpt" in g:
+            cost = g[n + "_ckpt"]["min_ms"] / g[n]["min_ms"] - 1
+            out.append(f"{n}: graft checkpointing costs {cost * 100:+.0f}% of the step (target <= 35%: {verdict(cost <= 0.35)})")
     hs = g.get("hot_swap", {})
     if hs:
         out.append(f"hot_swap: {hs['ms']:.1f} ms median, {hs['min_ms']:.1f} ms best (target < 20 ms: {verdict(hs['ms'] < 20)})")
@@ -532,7 +668,10 @@ def main():
     if a.table:
         table(a.table[0], a.table[1], a.markdown)
         return
-    names = [n for n in WORKLOADS if not a.workload or any(n == w or n.startswith(w) for w in a.workload)]
+    # A full name selects that workload alone (real.train_step_512 is a prefix of ..._512_ckpt).
+    names = [n for n in WORKLOADS if (any(n == w or (w not in WORKLOADS and n.startswith(w)) for w in a.workload)
+                                      if a.workload
+                                      else a.list or n not in HEAVY)]
     if a.workload and not names:
         sys.exit(f"no workload matches {a.workload}; the workloads are: {', '.join(WORKLOADS)}")
     if a.list:

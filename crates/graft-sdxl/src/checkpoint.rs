@@ -11,7 +11,7 @@
 //! draw from (adapter dropout) is rewound before each replay, so the replay draws what the
 //! forward drew.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId, Var};
@@ -85,9 +85,12 @@ impl<'a> Tape<'a> {
     }
 
     /// Back-propagates `grads` (upstream gradients of outputs this tape handed out) through every
-    /// recorded segment, then into the graphs of tracked leaf inputs. Returns the gradient of
-    /// every `Var` reached, as `Tensor::backward` would.
-    pub fn backward(self, grads: &[(&Tensor, Tensor)]) -> Result<GradStore> {
+    /// recorded segment, then into the graphs of tracked leaf inputs. Returns the gradients of the
+    /// `wanted` tensors (the trainable `Var`s) it reached. Only those are kept from segment to
+    /// segment: candle's backward also returns gradients for untracked operands (frozen inputs
+    /// of tracked ops), which, kept for every segment, would grow to the size of the activations
+    /// checkpointing saves.
+    pub fn backward(self, grads: &[(&Tensor, Tensor)], wanted: &HashSet<TensorId>) -> Result<GradStore> {
         let end_state = self.hooks.random_state();
         let mut pending: HashMap<(usize, usize), Tensor> = HashMap::new();
         for (t, g) in grads {
@@ -96,7 +99,10 @@ impl<'a> Tape<'a> {
             };
             add_into(&mut pending, at, g.clone())?;
         }
-        let mut store: Option<GradStore> = None;
+        // An empty store: the gradient of an untracked scalar, without that entry.
+        let scalar = Tensor::new(0f32, &candle_core::Device::Cpu)?;
+        let mut store = scalar.backward()?;
+        store.remove(&scalar);
         let mut leaves: HashMap<TensorId, (Tensor, Tensor)> = HashMap::new();
         for (s, rec) in self.segments.iter().enumerate().rev() {
             let upstream: Vec<(usize, Tensor)> =
@@ -143,7 +149,7 @@ impl<'a> Tape<'a> {
                     }
                 }
             }
-            merge(&mut store, seg_grads)?;
+            merge(&mut store, seg_grads, wanted)?;
         }
         // Tracked leaves (text embeddings from a text encoder with adapters): continue into the
         // graph that produced them.
@@ -156,16 +162,12 @@ impl<'a> Tape<'a> {
             });
         }
         if let Some(s) = surrogate {
-            merge(&mut store, s.backward()?)?;
+            merge(&mut store, s.backward()?, wanted)?;
         }
         if let Some(state) = end_state {
             self.hooks.set_random_state(state);
         }
-        match store {
-            Some(s) => Ok(s),
-            // Nothing trainable was reached: an empty store (the gradient of an untracked scalar).
-            None => Tensor::new(0f32, &candle_core::Device::Cpu)?.backward(),
-        }
+        Ok(store)
     }
 }
 
@@ -210,13 +212,9 @@ fn add_into(pending: &mut HashMap<(usize, usize), Tensor>, at: (usize, usize), g
     Ok(())
 }
 
-/// Adds every gradient of `from` into `into` (a `Var` used in several segments sums).
-fn merge(into: &mut Option<GradStore>, from: GradStore) -> Result<()> {
-    let Some(store) = into else {
-        *into = Some(from);
-        return Ok(());
-    };
-    for id in from.get_ids().copied().collect::<Vec<_>>() {
+/// Adds the wanted gradients of `from` into `store` (a `Var` used in several segments sums).
+fn merge(store: &mut GradStore, from: GradStore, wanted: &HashSet<TensorId>) -> Result<()> {
+    for id in from.get_ids().copied().filter(|id| wanted.contains(id)).collect::<Vec<_>>() {
         let g = from.get_id(id).expect("listed").clone();
         match store.get_id(id) {
             Some(acc) => {
@@ -230,3 +228,4 @@ fn merge(into: &mut Option<GradStore>, from: GradStore) -> Result<()> {
     }
     Ok(())
 }
+

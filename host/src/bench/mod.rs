@@ -17,6 +17,7 @@
 mod adapters;
 mod measure;
 mod real;
+mod sdxl;
 mod tiny;
 mod train;
 
@@ -31,7 +32,8 @@ pub use measure::{Measured, Record};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Run only these workloads (repeat, or a prefix such as `tiny.` or `real.`). Default: all.
+    /// Run only these workloads (repeat, or a prefix such as `tiny.` or `real.`). Default: all but
+    /// the whole-SDXL ones (`real.load_fp16`, `real.generate_1024_1step`, `real.train_step_*`).
     #[arg(long = "workload", short = 'w', value_name = "NAME")]
     pub workloads: Vec<String>,
     /// List the workloads and exit.
@@ -79,12 +81,15 @@ type RunFn = fn(&Ctx) -> anyhow::Result<Measured>;
 pub struct Workload {
     pub name: &'static str,
     pub about: &'static str,
+    /// Whole-model workloads (minutes, ~16 GB): left out when no workload is named.
+    pub heavy: bool,
     run: RunFn,
 }
 
 /// Every workload, in the order the table shows them.
 pub fn workloads() -> Vec<Workload> {
-    let w = |name, about, run| Workload { name, about, run };
+    let w = |name, about, run| Workload { name, about, heavy: false, run };
+    let heavy = |name, about, run| Workload { name, about, heavy: true, run };
     vec![
         w("tiny.text_encoders", "both text encoders, 2 prompts (tiny fixture)", tiny::text_encoders as RunFn),
         w("tiny.unet_forward", "UNet forward, batch 2, 128x96 (tiny fixture)", tiny::unet_forward),
@@ -103,6 +108,12 @@ pub fn workloads() -> Vec<Workload> {
         w("real.block_lora_unfused_32x32", "transformer block 32x32 with LoRA r8 unfused (extra: overhead)", real::block_lora_unfused),
         w("real.block_lora_fused_32x32", "transformer block 32x32 with LoRA r8 fused (extra: overhead)", real::block_lora_fused),
         w("real.block_train_32x32", "transformer block 32x32, LoRA r8 plugin: forward + backward + AdamW", real::block_train),
+        heavy("real.load_fp16", "load the 6.9 GB fp16 SDXL folder (random weights) as stored", sdxl::load_fp16 as RunFn),
+        heavy("real.generate_1024_1step", "full SDXL txt2img 1024x1024, 1 Euler step, CFG 5, VAE decode; bf16 weights", sdxl::generate_1024_1step),
+        heavy("real.train_step_512", "full SDXL LoRA r16 a16 q/k/v/out step, 512x512, batch 1, bf16 weights", sdxl::train_512),
+        heavy("real.train_step_512_ckpt", "real.train_step_512 with gradient checkpointing", sdxl::train_512_ckpt),
+        heavy("real.train_step_1024", "full SDXL LoRA r16 a16 q/k/v/out step, 1024x1024, batch 1, bf16 weights", sdxl::train_1024),
+        heavy("real.train_step_1024_ckpt", "real.train_step_1024 with gradient checkpointing", sdxl::train_1024_ckpt),
         w("hot_swap", "strategy hot swap over SDXL's hook points: load + check a build, re-plan, reconcile", adapters::hot_swap),
     ]
 }
@@ -110,7 +121,7 @@ pub fn workloads() -> Vec<Workload> {
 fn select(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
     let all = workloads();
     if args.workloads.is_empty() {
-        return Ok(all);
+        return Ok(all.into_iter().filter(|w| !w.heavy).collect());
     }
     for w in &args.workloads {
         if !all.iter().any(|x| x.name == w || x.name.starts_with(w.as_str())) {
@@ -118,10 +129,11 @@ fn select(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
             bail!("unknown workload `{w}`; the workloads are: {}", names.join(", "));
         }
     }
-    Ok(all
-        .into_iter()
-        .filter(|x| args.workloads.iter().any(|w| x.name == w || x.name.starts_with(w.as_str())))
-        .collect())
+    // A full name selects that workload alone (`real.train_step_512` is also a prefix of
+    // `real.train_step_512_ckpt`); anything else is a prefix.
+    let matches = |name: &str, w: &str| name == w || (!all.iter().any(|x| x.name == w) && name.starts_with(w));
+    let keep: Vec<bool> = all.iter().map(|x| args.workloads.iter().any(|w| matches(x.name, w))).collect();
+    Ok(all.into_iter().zip(keep).filter(|(_, k)| *k).map(|(x, _)| x).collect())
 }
 
 /// The tiny fixture: `--fixture`, else tests/fixtures/tiny-sdxl under the current folder or this

@@ -7,13 +7,13 @@
 //! does a strategy that fails (panic or error) during it: it is detached, reported, its
 //! parameters are kept, and steps are skipped until a new build is taken up (`poll_reloads`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor, TensorId, Var};
 use graft_sdxl::checkpoint::{Direct, Runner, Tape};
 use graft_sdxl::rng::GraftRng;
 use graft_sdxl::schedulers::training::NoiseSchedule;
@@ -265,10 +265,10 @@ impl Trainer {
         let pred_var = Var::from_tensor(&pred)?;
         let loss = self.loss_of(pred_var.as_tensor(), &inputs)?;
         let mut head = loss.backward()?;
-        let grads = match head.remove(pred_var.as_tensor()) {
-            Some(g) => tape.backward(&[(&pred, g)])?,
-            None => tape.backward(&[])?,
-        };
+        let trainable: HashSet<TensorId> =
+            self.optimizer.groups().iter().flat_map(|g| g.params.iter().map(|(_, v)| v.as_tensor().id())).collect();
+        let upstream: Vec<(&Tensor, Tensor)> = head.remove(pred_var.as_tensor()).map(|g| (&pred, g)).into_iter().collect();
+        let grads = tape.backward(&upstream, &trainable)?;
         Ok((loss.detach(), grads))
     }
 
@@ -575,3 +575,4 @@ fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
     };
     Ok(Dataset::open(&ds_config, &OpenOptions { skip_bad: d.skip_bad, ..Default::default() })?)
 }
+
