@@ -24,9 +24,6 @@ fn pin_thread_count() {
 /// A fixed 32 MiB threshold (glibc's upper bound) and no trimming keep freed tensors' memory for
 /// the next step: `graft bench real.block_train_32x32` 1.33 s -> 1.01 s per step, same peak.
 fn keep_freed_memory() {
-    if std::env::var_os("GRAFT_MALLOC_DEFAULT").is_some() {
-        return;
-    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any other thread starts.
     unsafe {
