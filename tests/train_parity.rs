@@ -12,6 +12,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
@@ -19,8 +20,9 @@ use graft_host::adapters::store::ParamKey;
 use graft_host::train::config::TrainConfig;
 use graft_host::train::trainer::Trainer;
 
-/// Builds `plugins/lora` into the tests' plugin target and copies it into a scratch folder.
-fn lora_plugin_dir() -> std::path::PathBuf {
+/// Builds `plugins/lora` into the tests' plugin target and copies it into the scratch folder
+/// `name` (one per test: the tests run in parallel).
+fn lora_plugin_dir(name: &str) -> std::path::PathBuf {
     let out = cargo()
         .current_dir(workspace())
         .args(["build", "-p", "lora", "--target-dir"])
@@ -28,7 +30,7 @@ fn lora_plugin_dir() -> std::path::PathBuf {
         .output()
         .expect("run cargo");
     assert!(out.status.success(), "cargo build -p lora failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let dir = graft_tests::scratch("train-parity/plugins");
+    let dir = graft_tests::scratch(&format!("train-parity-plugins/{name}"));
     let f = lib_file("lora");
     std::fs::copy(plugin_out().join(&f), dir.join(&f)).expect("copy the lora plugin");
     dir
@@ -114,7 +116,7 @@ fn lora_step_matches_diffusers_peft() {
 
     let root = graft_tests::scratch("train-parity");
     let config = train_config(&root);
-    let plugins = manager(&lora_plugin_dir());
+    let plugins = manager(&lora_plugin_dir("parity"));
     let mut trainer = Trainer::new(config, plugins, &dev).expect("trainer");
 
     // The same LoRA parameters on both sides, set to the reference's initial values.
@@ -289,7 +291,8 @@ fn checkpointing_gives_the_same_gradients() {
 /// inputs and initial values). bf16: the loss and every gradient deviate by bf16 rounding (of the
 /// weights, and of the activations in the bf16 products), not more. fp16: the fixture is stored
 /// in fp16 and fp16 weights are widened exactly for their products, so nothing changes. The
-/// figures are in docs/PERFORMANCE.md.
+/// figures are in docs/PERFORMANCE.md. bf16 activations (the GPU's path: every product, norm and
+/// attention on half tensors with f32 statistics, adapters in f32) deviate by their rounding too.
 #[test]
 fn half_precision_step_deviation() {
     let dev = Device::Cpu;
@@ -297,12 +300,17 @@ fn half_precision_step_deviation() {
     let get = |k: &str| reference.get(k).unwrap_or_else(|| panic!("reference key {k}")).clone();
     let timesteps: Vec<usize> =
         get("timesteps").to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|t| t as usize).collect();
-    let plugins = lora_plugin_dir();
+    let plugins = lora_plugin_dir("precision");
     let step = |dtype: &str| {
         let root = graft_tests::scratch(&format!("train-precision/{dtype}"));
         let mut config = train_config(&root);
-        config.dtype = dtype.parse().unwrap();
-        let trainer = Trainer::new(config, manager(&plugins), &dev).expect("trainer");
+        // "fp16+act": fp16 weights and activations, the GPU's code path (see precision.rs; a GPU
+        // runs it in bf16, candle's CPU matmul has no bf16).
+        config.dtype = dtype.trim_end_matches("+act").parse().unwrap();
+        let mut trainer = Trainer::new(config, manager(&plugins), &dev).expect("trainer");
+        if dtype.ends_with("+act") {
+            Arc::get_mut(&mut trainer.model).expect("the trainer's model is not shared").set_activations(DType::F16);
+        }
         let store = trainer.set.store();
         for (key, _) in store.params(Some("lora")) {
             let peft = reference.keys().find(|k| k.starts_with("init.") && store_key(&k["init.".len()..]) == key).unwrap();
@@ -312,7 +320,7 @@ fn half_precision_step_deviation() {
         (scalar(&loss), trainer.optimizer.gradients(&loss.backward().unwrap()))
     };
     let (loss32, grads32) = step("fp32");
-    for (dtype, tol) in [("bf16", 0.1f32), ("fp16", 0.0)] {
+    for (dtype, tol) in [("bf16", 0.1f32), ("fp16", 0.0), ("fp16+act", 0.02)] {
         let (loss, grads) = step(dtype);
         let rel = ((loss - loss32) / loss32).abs();
         let mut devs: Vec<(f32, f32, String)> = grads32
@@ -334,8 +342,24 @@ fn half_precision_step_deviation() {
         assert!(rel <= 1e-2, "{dtype}: loss deviates by {rel:.2e}");
         // bf16 keeps 8 significant bits of the weights and of the activations in each product.
         assert!(median <= tol && min_cos >= 1.0 - 2.0 * tol - 1e-6, "{dtype}: the gradients deviate (median {median:.2e}, lowest cosine {min_cos})");
-        if dtype == "bf16" {
+        if dtype != "fp16" {
             assert!(worst > 0.0, "bf16: no deviation at all: the weights were not kept in bf16");
         }
     }
+}
+
+/// `graft device-check` on the CPU: the same comparisons with the references as the tests above,
+/// through the command that tools/gpu-check.sh runs on a GPU.
+#[test]
+fn device_check_passes_on_the_cpu() {
+    let plugins = lora_plugin_dir("device-check");
+    let out = graft_tests::scratch("device-check").join("checks.md");
+    let fixtures = graft_tests::fixtures();
+    graft_tests::graft(&[
+        "device-check", "--cpu", "--no-default-plugins", "--plugins", plugins.to_str().unwrap(),
+        "--fixtures", fixtures.to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ])
+    .expect("device-check");
+    let table = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(table.matches("| ok |").count(), 8, "{table}");
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{bench, compare, demo, generate, layers, train, plugins, serve, tools};
+use crate::{bench, compare, demo, device_check, generate, layers, train, plugins, serve, tools};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,6 +45,9 @@ pub enum Command {
     Merge(tools::merge::MergeArgs),
     /// Time the workloads that tools/bench.sh compares with diffusers + PEFT; prints JSON lines.
     Bench(bench::BenchArgs),
+    /// Check this build on the GPU (and the CPU) against the committed diffusers + PEFT references
+    /// on the tiny fixture: generation and a LoRA training step, f32 and bf16 (tools/gpu-check.sh).
+    DeviceCheck(device_check::DeviceCheckArgs),
     /// A web UI and JSON API on one loaded model: datasets, training with live previews,
     /// generation, plugins, compare (binds 127.0.0.1 unless --listen says otherwise).
     Serve(serve::ServeArgs),
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => tools::convert::run(args),
         Command::Merge(args) => tools::merge::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::DeviceCheck(args) => device_check::run(args),
         Command::Serve(args) => serve::run(args),
     }
 }

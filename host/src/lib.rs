@@ -6,6 +6,7 @@ pub mod cli;
 pub mod compare;
 pub mod demo;
 pub mod device;
+pub mod device_check;
 pub mod generate;
 pub mod layers;
 pub mod runtime;

@@ -93,6 +93,39 @@ def measure(warmup, runs, f, setup=None):
     return {**timing(ms), "peak_mb": peak, "delta_mb": max(peak - before, 0.0), "extra": {}}
 
 
+def measure_on_gpu(warmup, runs, f):
+    """measure() on the GPU: each run waits for the GPU, and the memory figures are the card's used
+    memory (the CUDA context included, as nvidia-smi shows it) sampled every millisecond by a
+    second thread, the way `graft bench --gpu` measures itself."""
+    import threading
+    used = lambda: (lambda free, total: (total - free) / 1048576.0)(*torch.cuda.mem_get_info())
+    peak, stop = [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], used())
+            time.sleep(0.001)
+    before = used()
+    poller = threading.Thread(target=sample, daemon=True)
+    poller.start()
+
+    def run():
+        f()
+        torch.cuda.synchronize()
+    for _ in range(warmup):
+        run()
+    ms = [time_ms(run) for _ in range(runs)]
+    stop.set()
+    poller.join()
+    return {**timing(ms), "peak_mb": peak[0], "delta_mb": max(peak[0] - before, 0.0),
+            "extra": {"memory": "GPU used memory, sampled every ms",
+                      "torch_max_allocated_mb": torch.cuda.max_memory_allocated() / 1048576.0}}
+
+
+def measure_heavy(a, warmup, runs, f):
+    return measure_on_gpu(warmup, runs, f) if a.gpu else measure(warmup, runs, f)
+
+
 def measure_against(warmup, runs, base, other):
     """Times base and other alternately; the record of other with base_ms and overhead."""
     before = rss_mb()
@@ -446,12 +479,15 @@ def w_sdxl_load(a):
             "extra": {"parameters": n, "weights": str(models[0].dtype)}}
 
 
-def w_sdxl_generate(a):
-    """1024x1024, one Euler step, CFG 5, VAE decode: bf16 weights under torch's bf16 autocast.
-    Tokenizers from the tiny fixture (the prompt is padded to 77 tokens either way)."""
+def w_sdxl_generate(a, steps=1):
+    """1024x1024, `steps` Euler steps, CFG 5, VAE decode: bf16 weights under torch's bf16 autocast
+    (on the GPU: the weights in bf16 on the card, SDPA attention). Tokenizers from the tiny fixture
+    (the prompt is padded to 77 tokens either way)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
     unet, vae, te1, te2 = sdxl_components(torch.bfloat16)
+    for m in (unet, vae, te1, te2):
+        m.to(device(a))
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=te1, text_encoder_2=te2, unet=unet,
         tokenizer=CLIPTokenizer.from_pretrained(FIXTURE / "tokenizer"),
@@ -461,12 +497,16 @@ def w_sdxl_generate(a):
     pipe.set_progress_bar_config(disable=True)
 
     def f():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            pipe(PROMPT, height=1024, width=1024, num_inference_steps=1, guidance_scale=5.0, output_type="pt",
+        with torch.inference_mode(), torch.autocast(device(a), dtype=torch.bfloat16):
+            pipe(PROMPT, height=1024, width=1024, num_inference_steps=steps, guidance_scale=5.0, output_type="pt",
                  generator=torch.Generator().manual_seed(0))
-    r = measure(0, a.runs or 1, f)
-    r["extra"]["weights"] = "bf16, bf16 autocast"
+    r = measure_heavy(a, 1 if a.gpu else 0, a.runs or 1, f)
+    r["extra"].update({"weights": "bf16, bf16 autocast", "device": device(a)})
     return r
+
+
+def device(a):
+    return "cuda" if a.gpu else "cpu"
 
 
 def sdxl_train(res, checkpointing):
@@ -478,6 +518,8 @@ def sdxl_train(res, checkpointing):
         from diffusers import DDPMScheduler
         from peft import LoraConfig
         unet, vae, te1, te2 = sdxl_components(torch.bfloat16)
+        dev = device(a)
+        unet.to(dev)
         unet.add_adapter(LoraConfig(r=SDXL_RANK, lora_alpha=SDXL_ALPHA, init_lora_weights="gaussian",
                                     target_modules=TARGETS))
         params = [p for p in unet.parameters() if p.requires_grad]
@@ -489,16 +531,16 @@ def sdxl_train(res, checkpointing):
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
         sched = DDPMScheduler.from_pretrained(sdxl_dir(), subfolder="scheduler")
         g = torch.Generator().manual_seed(1)
-        latents = torch.randn((1, 4, res // 8, res // 8), generator=g) * 0.13025
-        hidden = torch.randn((1, 77, 2048), generator=g)
-        pooled = torch.randn((1, 1280), generator=g)
-        ids = torch.tensor([[float(res), res, 0, 0, res, res]])
+        latents = (torch.randn((1, 4, res // 8, res // 8), generator=g) * 0.13025).to(dev)
+        hidden = torch.randn((1, 77, 2048), generator=g).to(dev)
+        pooled = torch.randn((1, 1280), generator=g).to(dev)
+        ids = torch.tensor([[float(res), res, 0, 0, res, res]]).to(dev)
 
         def step():
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
+            noise = torch.randn(latents.shape, generator=g).to(dev)
+            t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g).to(dev)
             noisy = sched.add_noise(latents, noise, t)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(dev, dtype=torch.bfloat16):
                 pred = unet(noisy, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
                             return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
@@ -508,8 +550,8 @@ def sdxl_train(res, checkpointing):
             state["loss"] = loss.item()
         state = {}
         warmup = int(os.environ.get("GRAFT_BENCH_WARMUP", "1"))
-        r = measure(warmup, a.runs or 1, step)
-        r["extra"].update({"lora_parameters": sum(p.numel() for p in params), "warmup_steps": warmup,
+        r = measure_heavy(a, warmup, a.runs or 1, step)
+        r["extra"].update({"device": dev, "lora_parameters": sum(p.numel() for p in params), "warmup_steps": warmup,
                            "loss": state.get("loss"), "checkpointing": checkpointing})
         return r
     return run
@@ -535,6 +577,7 @@ WORKLOADS = {
     "real.block_train_32x32": w_block_train,
     "real.load_fp16": w_sdxl_load,
     "real.generate_1024_1step": w_sdxl_generate,
+    "real.generate_1024_30steps": lambda a: w_sdxl_generate(a, 30),
     "real.train_step_512": sdxl_train(512, False),
     "real.train_step_512_ckpt": sdxl_train(512, True),
     "real.train_step_1024": sdxl_train(1024, False),
@@ -543,7 +586,7 @@ WORKLOADS = {
 }
 
 # Whole-SDXL workloads (minutes, ~16 GB): run only when named or by prefix (as in `graft bench`).
-HEAVY = {n for n in WORKLOADS if n in ("real.load_fp16", "real.generate_1024_1step") or n.startswith("real.train_step_")}
+HEAVY = {n for n in WORKLOADS if n == "real.load_fp16" or n.startswith(("real.generate_1024", "real.train_step_"))}
 
 # ---------------------------------------------------------------- the table
 
@@ -661,6 +704,8 @@ def main():
     ap.add_argument("--json", help="also write the records (JSON lines) to this file")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--in-process", action="store_true")
+    ap.add_argument("--gpu", action="store_true",
+                    help="run the whole-SDXL workloads on CUDA (peak_mb is then the GPU's used memory)")
     ap.add_argument("--table", nargs=2, metavar=("GRAFT_JSONL", "REFERENCE_JSONL"),
                     help="print the comparison table of two result files and exit")
     ap.add_argument("--markdown", action="store_true", help="the table in Markdown")
@@ -692,6 +737,8 @@ def main():
                 cmd += ["--threads", str(a.threads)]
             if a.runs:
                 cmd += ["--runs", str(a.runs)]
+            if a.gpu:
+                cmd += ["--gpu"]
             res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
             line = [x for x in res.stdout.splitlines() if x.startswith("{")][-1]
         print(line, flush=True)

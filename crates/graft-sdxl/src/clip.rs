@@ -291,6 +291,8 @@ pub struct ClipTextModel {
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
     registry: HookRegistry,
+    /// The dtype it computes in ([`crate::precision::activation_dtype`]); outputs are f32.
+    activations: DType,
 }
 
 impl ClipTextModel {
@@ -314,7 +316,9 @@ impl ClipTextModel {
         } else {
             None
         };
+        let activations = crate::precision::activation_dtype(token_embedding.dtype(), token_embedding.device());
         Ok(Self {
+            activations,
             config: config.clone(),
             token_embedding,
             position_embedding,
@@ -329,6 +333,12 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// Computes in `dtype` from now on (default: [`crate::precision::activation_dtype`] of the
+    /// weights); the outputs stay f32.
+    pub fn set_activations(&mut self, dtype: DType) {
+        self.activations = dtype;
+    }
+
     /// The hook points, in registration order: for each layer `self_attn`, its four projections,
     /// `mlp.fc1`, `mlp.fc2`.
     pub fn registry(&self) -> &HookRegistry {
@@ -341,18 +351,20 @@ impl ClipTextModel {
         let (b, n) = (rows.len(), rows[0].len());
         let device = self.token_embedding.device();
         let ids = Tensor::from_vec(rows.concat(), b * n, device)?;
-        // The tables may be kept in half precision: the rows read are widened to f32.
-        let tokens = self.token_embedding.index_select(&ids, 0)?.to_dtype(DType::F32)?.reshape((b, n, self.config.hidden_size))?;
-        let positions = self.position_embedding.narrow(0, 0, n)?.to_dtype(DType::F32)?;
+        // The tables may be kept in half precision: the rows read are converted.
+        let dt = self.activations;
+        let tokens = self.token_embedding.index_select(&ids, 0)?.to_dtype(dt)?.reshape((b, n, self.config.hidden_size))?;
+        let positions = self.position_embedding.narrow(0, 0, n)?.to_dtype(dt)?;
         let mut x = tokens.broadcast_add(&positions)?;
 
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
-        hidden_states.push(x.clone());
+        hidden_states.push(f32(&x)?);
         for layer in &self.layers {
             x = layer.forward(&x, hooks)?;
-            hidden_states.push(x.clone());
+            hidden_states.push(f32(&x)?);
         }
-        let last_hidden_state = self.final_layer_norm.forward(&x)?;
+        let last_hidden_state = f32(&self.final_layer_norm.forward(&x)?)?;
 
         // The final-LN state at each row's end-of-text token.
         let flat: Vec<u32> = rows.iter().enumerate().map(|(i, r)| (i * n + self.eos_position(r)) as u32).collect();

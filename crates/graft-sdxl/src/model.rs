@@ -254,6 +254,16 @@ impl SdxlModel {
         self.unet.conv_in_weight().dtype()
     }
 
+    /// Runs every component in `dtype` from now on (the default is
+    /// [`crate::precision::activation_dtype`]: bf16 for bf16 weights on a GPU, else f32). bf16
+    /// on the CPU runs the GPU's code path there, for tests.
+    pub fn set_activations(&mut self, dtype: candle_core::DType) {
+        self.unet.set_activations(dtype);
+        self.text_encoder.set_activations(dtype);
+        self.text_encoder_2.set_activations(dtype);
+        self.vae.set_activations(dtype);
+    }
+
     /// Every hook point of the three hooked components: UNet, then text encoders.
     pub fn layers(&self) -> Vec<&LayerInfo> {
         self.registries().into_iter().flat_map(|r| r.layers().iter()).collect()

@@ -6,7 +6,10 @@
 
 use std::sync::{Arc, RwLock};
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor, D};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_nn::VarBuilder;
 
 use crate::hooks::{HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind, LinearWeights};
@@ -60,8 +63,12 @@ impl HookedLinear {
 
 /// `x @ w^T + b` for x of any rank >= 2.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    // Biases are kept in f32: follow bf16 activations.
+    if let Some(bias) = b.filter(|b| b.dtype() != x.dtype()) {
+        return linear(x, w, Some(&bias.to_dtype(x.dtype())?));
+    }
     // A weight kept in half precision (always frozen): a mixed-precision product for f32
-    // activations on the CPU, else the weight widened for this call.
+    // activations on the CPU, else the weight converted for this call.
     if w.dtype() != x.dtype() {
         if x.device().is_cpu() && x.dtype() == DType::F32 && !b.is_some_and(|b| b.track_op()) {
             return crate::fused::frozen_linear(x, w, b);
@@ -123,6 +130,10 @@ impl Module for LayerNorm {
         if crate::fused::supports_layer_norm(x, &self.weight, &self.bias) {
             return crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
+        // bf16 activations are normalised in f32, as torch does.
+        if x.dtype() != self.weight.dtype() {
+            return self.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
+        }
         let n = x.dim(D::Minus1)? as f64;
         let mean = (x.sum_keepdim(D::Minus1)? / n)?;
         let x = x.broadcast_sub(&mean)?;
@@ -132,11 +143,41 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last dimension, differentiable (unlike `candle_nn::ops::softmax_last_dim`).
+/// Softmax over the last dimension, differentiable (candle-nn's `softmax_last_dim` has no
+/// backward). The forward is candle-nn's one-pass kernel on every device (f32 accumulation for
+/// bf16); the backward, `p * (g - sum(g * p))`, needs only the probabilities, so the graph keeps
+/// the scores and the probabilities instead of the composed form's four f32 temporaries.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    let p = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    if !x.track_op() {
+        return Ok(p);
+    }
+    x.apply_op2(&p, SoftmaxGrad)
+}
+
+/// Hands on the probabilities `p` computed from `x` and gives `x` their gradient.
+struct SoftmaxGrad;
+
+impl candle_core::CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "graft-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((p.try_clone(pl)?, pl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, p: &CudaStorage, pl: &Layout) -> Result<(CudaStorage, Shape)> {
+        Ok((p.try_clone(pl)?, pl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (p32, g32) = (p.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+        let dot = (&p32 * &g32)?.sum_keepdim(D::Minus1)?;
+        let dx = (p32 * g32.broadcast_sub(&dot)?)?.to_dtype(x.dtype())?;
+        Ok((Some(dx), None))
+    }
 }
 
 /// Multi-head scaled dot-product attention. q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
@@ -152,7 +193,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
         return crate::fused::attention(q, k, v, heads, causal);
     }
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    // q scaled first: the graph then keeps the scores once (in the softmax), not twice.
+    let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
     let scores = if causal { apply_causal_mask(&scores)? } else { scores };
     let probs = softmax_last_dim(&scores)?;
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
@@ -192,7 +234,7 @@ impl GroupNorm {
         if crate::fused::supports_group_norm(x, &self.weight, &self.bias) {
             return crate::fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true);
         }
-        self.inner.forward(x)?.silu()
+        self.forward(x)?.silu()
     }
 }
 
@@ -200,6 +242,10 @@ impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if crate::fused::supports_group_norm(x, &self.weight, &self.bias) {
             return crate::fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false);
+        }
+        // bf16 activations are normalised in f32, as torch does.
+        if x.dtype() != self.weight.dtype() {
+            return self.inner.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
         }
         self.inner.forward(x)
     }
@@ -239,9 +285,11 @@ impl Module for Conv2d {
         if c.groups == 1 && c.dilation == 1 && crate::fused::supports_conv2d(x, self.weight(), self.bias()) {
             return crate::fused::conv2d(x, self.weight(), self.bias(), c.padding, c.stride);
         }
-        if self.weight().dtype() != x.dtype() {
-            // A half-precision kernel off the fused path: widen it for this call.
-            let conv = candle_nn::Conv2d::new(self.weight().to_dtype(x.dtype())?, self.bias().cloned(), *c);
+        if self.weight().dtype() != x.dtype() || self.bias().is_some_and(|b| b.dtype() != x.dtype()) {
+            // Off the fused path, the kernel (half precision) or the bias (f32) in the
+            // activations' dtype for this call.
+            let bias = self.bias().map(|b| b.to_dtype(x.dtype())).transpose()?;
+            let conv = candle_nn::Conv2d::new(self.weight().to_dtype(x.dtype())?, bias, *c);
             return conv.forward(x);
         }
         self.0.forward(x)
@@ -262,5 +310,38 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_sh
         emb.pad_with_zeros(1, 0, 1)
     } else {
         Ok(emb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The composed softmax, whose gradient candle derives.
+    fn composed(x: &Tensor) -> Result<Tensor> {
+        let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    #[test]
+    fn softmax_gradient_equals_the_composed_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(crate::rng::GraftRng::new(5).randn((2, 3, 7), &dev)? * 3.0)?)?;
+        let w = crate::rng::GraftRng::new(6).randn((2, 3, 7), &dev)?;
+        let ours = softmax_last_dim(x.as_tensor())?;
+        let theirs = composed(x.as_tensor())?;
+        assert!((&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        let g1 = (ours * &w)?.sum_all()?.backward()?.get(x.as_tensor()).cloned().expect("gradient");
+        let g2 = (theirs * &w)?.sum_all()?.backward()?.get(x.as_tensor()).cloned().expect("gradient");
+        assert!((&g1 - &g2)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        // bf16 scores: the gradient in bf16, within its rounding.
+        let xb = Var::from_tensor(&x.as_tensor().to_dtype(DType::BF16)?)?;
+        let gb = (softmax_last_dim(xb.as_tensor())?.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+        let gb = gb.get(xb.as_tensor()).expect("gradient").to_dtype(DType::F32)?;
+        assert_eq!(gb.dtype(), DType::F32);
+        let scale = g2.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!((gb - g2)?.abs()?.max_all()?.to_scalar::<f32>()? < 2e-2 * scale);
+        Ok(())
     }
 }

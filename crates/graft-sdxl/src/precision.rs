@@ -6,8 +6,12 @@
 //! accumulation) when the CPU has one, as torch's bf16 autocast does. An fp16 weight, or a bf16
 //! one on a CPU without a bf16 unit, is widened exactly to f32 for the product: the memory saving
 //! stays, the product is the f32 one (so an fp16 model gives the results of its f32 conversion).
+//!
+//! On a GPU, bf16 weights make the activations bf16 too ([`activation_dtype`]): every product then
+//! runs on the tensor cores, as diffusers does with `torch_dtype=torch.bfloat16`. Norms and
+//! softmax still compute in f32, and adapters in f32 (the host widens their inputs).
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 /// The precision frozen weights are kept in (`dtype` in configs, `--dtype` on the command line).
@@ -65,6 +69,17 @@ impl std::fmt::Display for WeightDtype {
             Self::Bf16 => "bf16",
             Self::Fp16 => "fp16",
         })
+    }
+}
+
+/// The dtype activations flow in for weights held as `weights` on `device`: bf16 for bf16 weights
+/// on a GPU, else f32 (the CPU's fused kernels take f32 activations with half-precision weights;
+/// an fp16 model is widened, since SDXL's VAE overflows fp16 activations).
+pub fn activation_dtype(weights: DType, device: &Device) -> DType {
+    if weights == DType::BF16 && !device.is_cpu() {
+        DType::BF16
+    } else {
+        DType::F32
     }
 }
 

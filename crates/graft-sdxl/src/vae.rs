@@ -373,6 +373,8 @@ pub struct Vae {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
+    /// The dtype it computes in ([`crate::precision::activation_dtype`]); outputs are f32.
+    activations: candle_core::DType,
 }
 
 impl Vae {
@@ -389,13 +391,22 @@ impl Vae {
         } else {
             None
         };
+        let decoder = Decoder::new(vb.pp("decoder"), config)?;
+        let w = decoder.conv_in.weight();
         Ok(Self {
+            activations: crate::precision::activation_dtype(w.dtype(), w.device()),
             config: config.clone(),
             encoder: Encoder::new(vb.pp("encoder"), config)?,
             quant_conv,
             post_quant_conv,
-            decoder: Decoder::new(vb.pp("decoder"), config)?,
+            decoder,
         })
+    }
+
+    /// Computes in `dtype` from now on (default: [`crate::precision::activation_dtype`] of the
+    /// weights); the outputs stay f32.
+    pub fn set_activations(&mut self, dtype: candle_core::DType) {
+        self.activations = dtype;
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -405,11 +416,12 @@ impl Vae {
     /// `image` [b, in_channels, h, w] with values in [-1, 1].
     pub fn encode(&self, image: &Tensor) -> Result<LatentDist> {
         self.check_input("image", image, self.config.in_channels)?;
-        let moments = self.encoder.forward(image)?;
+        let moments = self.encoder.forward(&image.to_dtype(self.activations)?)?;
         let moments = match &self.quant_conv {
             Some(c) => c.forward(&moments)?,
             None => moments,
-        };
+        }
+        .to_dtype(candle_core::DType::F32)?;
         let latent = self.config.latent_channels;
         let mean = moments.narrow(1, 0, latent)?;
         let logvar = moments.narrow(1, latent, latent)?.clamp(-30f32, 20f32)?;
@@ -420,11 +432,12 @@ impl Vae {
     /// Returns the image [b, out_channels, 8h, 8w] (for SDXL), roughly in [-1, 1], not clamped.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_input("latents", latents, self.config.latent_channels)?;
+        let latents = latents.to_dtype(self.activations)?;
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(latents)?,
-            None => latents.clone(),
+            Some(c) => c.forward(&latents)?,
+            None => latents,
         };
-        self.decoder.forward(&z)
+        self.decoder.forward(&z)?.to_dtype(candle_core::DType::F32)
     }
 
     fn check_input(&self, what: &str, x: &Tensor, channels: usize) -> Result<()> {

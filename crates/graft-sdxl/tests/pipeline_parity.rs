@@ -93,6 +93,30 @@ fn generate_in_bf16_and_fp16_against_diffusers_f32() {
     let mut fp16 = SdxlModel::load_as(&path, None, &Device::Cpu, graft_sdxl::WeightDtype::Fp16).unwrap();
     assert_eq!(fp16.weight_dtype(), candle_core::DType::F16);
     run_case(&mut fp16, &reference, "euler");
+    // Half-precision activations too: the GPU's code path (every product, norm and attention on
+    // half tensors, statistics in f32). A GPU runs it in bf16; candle's CPU matmul has no bf16,
+    // so the CPU proves the path in fp16.
+    fp16.set_activations(candle_core::DType::F16);
+    let params = GenerateParams {
+        prompt: "a red fox, watercolor painting".into(),
+        negative_prompt: None,
+        width: 128,
+        height: 96,
+        steps: 4,
+        guidance: 5.0,
+        scheduler: "euler".into(),
+        seed: 0,
+        init_latents: Some(reference["init_latents"].clone()),
+    };
+    let out = fp16.generate(&params, PipelineHooks::none(), &mut |_, _| {}).unwrap();
+    let decoded = fp16.vae.decode(&(&out.latents / fp16.config.vae.scaling_factor).unwrap()).unwrap();
+    for (name, got) in [("latents", &out.latents), ("decoded", &decoded)] {
+        let want = &reference[&format!("euler.{name}")];
+        let rel = max_abs(&(got - want).unwrap()) / max_abs(want).max(1.0);
+        println!("fp16 weights and activations, euler.{name}: max abs diff {rel:.3e} of the scale");
+        assert!(rel <= 2e-2, "fp16 activations euler.{name}: deviates by {rel:.3e} of the scale");
+        assert!(rel > 1e-6, "fp16 activations euler.{name}: identical to f32: the activations were not half");
+    }
     let mut bf16 = SdxlModel::load_as(&path, None, &Device::Cpu, graft_sdxl::WeightDtype::Bf16).unwrap();
     assert_eq!(bf16.weight_dtype(), candle_core::DType::BF16);
     for case in ["euler", "euler_v"] {

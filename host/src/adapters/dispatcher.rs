@@ -499,13 +499,17 @@ impl Hooks for ComponentHooks<'_> {
         let g = self.offset + layer;
         let w = self.set.base_weight(g);
         let info = &self.set.layers[g];
-        self.set.dispatch(g, base_out.clone(), |inst, cx| inst.forward_linear(cx, info, w.as_ref(), input, &base_out))
+        let dtype = base_out.dtype();
+        let (input, base_out) = (f32(input)?, f32(&base_out)?);
+        self.set.dispatch(g, base_out.clone(), |inst, cx| inst.forward_linear(cx, info, w.as_ref(), &input, &base_out))?.to_dtype(dtype)
     }
 
     fn attention(&self, layer: LayerIndex, hidden: &Tensor, context: Option<&Tensor>, out: Tensor) -> Result<Tensor> {
         let g = self.offset + layer;
         let info = &self.set.layers[g];
-        self.set.dispatch(g, out.clone(), |inst, cx| inst.forward_attention(cx, info, hidden, context, &out))
+        let dtype = out.dtype();
+        let (hidden, context, out) = (f32(hidden)?, context.map(f32).transpose()?, f32(&out)?);
+        self.set.dispatch(g, out.clone(), |inst, cx| inst.forward_attention(cx, info, &hidden, context.as_ref(), &out))?.to_dtype(dtype)
     }
 
     fn random_state(&self) -> Option<graft_sdxl::rng::RngState> {
@@ -515,6 +519,12 @@ impl Hooks for ComponentHooks<'_> {
     fn set_random_state(&self, state: graft_sdxl::rng::RngState) {
         self.set.set_rng_state(state)
     }
+}
+
+/// Adapters compute in f32, as their parameters are (PEFT does the same): bf16 activations
+/// (on a GPU) are widened on the way in, the result narrowed on the way out.
+fn f32(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(candle_core::DType::F32)
 }
 
 /// The three components' hooks; [`SetHooks::pipeline`] hands them to the pipeline.

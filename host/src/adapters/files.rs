@@ -389,7 +389,8 @@ impl FileAdapters {
         let (Some(k), None) = (&slot.compiled, &slot.fused) else { return Ok(out) };
         // Tokens flattened: [.., in] -> [n, in].
         let in_f = input.dim(candle_core::D::Minus1)?;
-        let x = input.reshape((input.elem_count() / in_f.max(1), in_f))?;
+        // The adapters are f32; bf16 activations (on a GPU) are widened for them.
+        let x = input.reshape((input.elem_count() / in_f.max(1), in_f))?.to_dtype(candle_core::DType::F32)?;
         let mut add: Option<Tensor> = None;
         if let Some((down, up)) = &k.lora {
             add = Some(x.matmul(&down.t()?)?.matmul(&up.t()?)?);
@@ -403,13 +404,13 @@ impl FileAdapters {
         }
         let mut out = match add {
             Some(a) => {
-                let a = a.reshape(out.shape())?;
+                let a = a.reshape(out.shape())?.to_dtype(out.dtype())?;
                 (out + a)?
             }
             None => out,
         };
         if let Some(b) = &k.bias {
-            out = out.broadcast_add(b)?;
+            out = out.broadcast_add(&b.to_dtype(out.dtype())?)?;
         }
         Ok(out)
     }

@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use candle_core::Device;
+
 use serde_json::{Map, Value};
 
 /// Resident memory figures of this process, in MB (Linux /proc; 0 elsewhere).
@@ -148,4 +150,88 @@ pub fn measure_against(
     let (tb, to) = (Timing::of(b), Timing::of(o));
     let m = Measured { timing: to, peak_mb: peak, delta_mb: (peak - before).max(0.0), extra: Map::new() };
     Ok(m.with("base_ms", tb.median_ms).with("overhead", to.median_ms / tb.median_ms - 1.0))
+}
+
+/// [`measure`] on `device`. On a GPU each run waits for the GPU to finish, and the memory figures
+/// are the card's used memory (as nvidia-smi shows it, the CUDA context included), sampled every
+/// millisecond by a second thread; the reference script measures torch the same way.
+pub fn measure_on(device: &Device, warmup: usize, runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Measured> {
+    if device.is_cpu() {
+        return measure(warmup, runs, f);
+    }
+    let memory = GpuMemory::start(device)?;
+    let before = memory.used_mb();
+    let mut f = || -> anyhow::Result<()> {
+        f()?;
+        Ok(device.synchronize()?)
+    };
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut ms = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        ms.push(time_ms(&mut f)?);
+    }
+    let peak = memory.stop();
+    Ok(Measured { timing: Timing::of(ms), peak_mb: peak, delta_mb: (peak - before).max(0.0), extra: Map::new() }
+        .with("memory", "GPU used memory, sampled every ms"))
+}
+
+#[cfg(feature = "cuda")]
+struct GpuMemory {
+    context: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuMemory {
+    fn start(device: &Device) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let context = device.as_cuda_device()?.cuda_stream().context().clone();
+        let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let thread = {
+            let (context, peak, stop) = (context.clone(), peak.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((free, total)) = context.mem_get_info() {
+                        peak.fetch_max((total - free) as u64, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            })
+        };
+        Ok(Self { context, peak, stop, thread })
+    }
+
+    fn used_mb(&self) -> f64 {
+        self.context.mem_get_info().map_or(0.0, |(free, total)| (total - free) as f64 / 1048576.0)
+    }
+
+    /// The peak used memory since `start`, in MB.
+    fn stop(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1048576.0
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+struct GpuMemory;
+
+#[cfg(not(feature = "cuda"))]
+impl GpuMemory {
+    fn start(device: &Device) -> anyhow::Result<Self> {
+        anyhow::bail!("no GPU memory figures for {device:?} in this build")
+    }
+
+    fn used_mb(&self) -> f64 {
+        0.0
+    }
+
+    fn stop(self) -> f64 {
+        0.0
+    }
 }

@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// carries over from one workload to the next).
     #[arg(long)]
     pub in_process: bool,
+    /// Run the whole-SDXL workloads on CUDA GPU 0 (a `--features cuda` build, see
+    /// tools/cuda-build.sh); `peak_mb` is then the GPU's used memory. The others stay on the CPU.
+    #[arg(long)]
+    pub gpu: bool,
     #[command(flatten)]
     pub plugin_dirs: PluginDirArgs,
 }
@@ -66,6 +70,8 @@ pub struct Ctx {
     pub plugin_dirs: PluginDirArgs,
     /// A scratch folder for this process (datasets, adapter files, plugin copies).
     pub scratch: PathBuf,
+    /// Where the whole-SDXL workloads run (`--gpu`).
+    pub device: candle_core::Device,
 }
 
 impl Ctx {
@@ -110,6 +116,7 @@ pub fn workloads() -> Vec<Workload> {
         w("real.block_train_32x32", "transformer block 32x32, LoRA r8 plugin: forward + backward + AdamW", real::block_train),
         heavy("real.load_fp16", "load the 6.9 GB fp16 SDXL folder (random weights) as stored", sdxl::load_fp16 as RunFn),
         heavy("real.generate_1024_1step", "full SDXL txt2img 1024x1024, 1 Euler step, CFG 5, VAE decode; bf16 weights", sdxl::generate_1024_1step),
+        heavy("real.generate_1024_30steps", "full SDXL txt2img 1024x1024, 30 Euler steps, CFG 5, VAE decode; bf16 weights", sdxl::generate_1024_30steps),
         heavy("real.train_step_512", "full SDXL LoRA r16 a16 q/k/v/out step, 512x512, batch 1, bf16 weights", sdxl::train_512),
         heavy("real.train_step_512_ckpt", "real.train_step_512 with gradient checkpointing", sdxl::train_512_ckpt),
         heavy("real.train_step_1024", "full SDXL LoRA r16 a16 q/k/v/out step, 1024x1024, batch 1, bf16 weights", sdxl::train_1024),
@@ -195,7 +202,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn run_here(w: &Workload, args: &BenchArgs, fixture: &Path) -> anyhow::Result<Record> {
     let scratch = std::env::temp_dir().join(format!("graft-bench-{}-{}", std::process::id(), w.name));
     std::fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
-    let ctx = Ctx { fixture: fixture.to_path_buf(), runs: args.runs, plugin_dirs: args.plugin_dirs.clone(), scratch: scratch.clone() };
+    let device = if args.gpu && w.heavy { crate::device::pick(false)? } else { candle_core::Device::Cpu };
+    if args.gpu && w.heavy && device.is_cpu() {
+        bail!("--gpu: no CUDA GPU is available to this build (see the log above)");
+    }
+    let ctx = Ctx { fixture: fixture.to_path_buf(), runs: args.runs, plugin_dirs: args.plugin_dirs.clone(), scratch: scratch.clone(), device };
     let result = (w.run)(&ctx).with_context(|| format!("workload {}", w.name));
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(result?.record(w.name))
@@ -211,6 +222,9 @@ fn run_child(w: &Workload, args: &BenchArgs, fixture: &Path) -> anyhow::Result<R
     }
     if let Some(r) = args.runs {
         cmd.args(["--runs", &r.to_string()]);
+    }
+    if args.gpu {
+        cmd.arg("--gpu");
     }
     for d in &args.plugin_dirs.plugins {
         cmd.arg("--plugins").arg(d);

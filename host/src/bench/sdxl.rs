@@ -34,7 +34,7 @@ use serde_json::{json, Map, Value};
 use crate::train::config::TrainConfig;
 use crate::train::trainer::Trainer;
 
-use super::measure::{measure, peak_mb, reset_peak, rss_mb, Measured, Timing};
+use super::measure::{measure_on, peak_mb, reset_peak, rss_mb, Measured, Timing};
 use super::tiny::PROMPT;
 use super::Ctx;
 
@@ -205,23 +205,34 @@ fn once<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Measured
 }
 
 /// Loads the 6.9 GB fp16 folder as stored (weights stay fp16).
-pub fn load_fp16(_ctx: &Ctx) -> anyhow::Result<Measured> {
+pub fn load_fp16(ctx: &Ctx) -> anyhow::Result<Measured> {
     let dir = ensure_model()?;
-    let (model, m) = once(|| Ok(SdxlModel::load_as(&dir, None, &Device::Cpu, WeightDtype::File)?))?;
+    let (model, m) = once(|| Ok(SdxlModel::load_as(&dir, None, &ctx.device, WeightDtype::File)?))?;
     let dtype = format!("{:?}", model.weight_dtype());
     Ok(m.with("weights", dtype))
 }
 
 /// txt2img 1024x1024, one Euler step with CFG 5 (UNet batch 2), VAE decode; bf16 weights.
 pub fn generate_1024_1step(ctx: &Ctx) -> anyhow::Result<Measured> {
+    generate_1024(ctx, 1)
+}
+
+/// The same with 30 steps (the GPU workload).
+pub fn generate_1024_30steps(ctx: &Ctx) -> anyhow::Result<Measured> {
+    generate_1024(ctx, 30)
+}
+
+fn generate_1024(ctx: &Ctx, steps: usize) -> anyhow::Result<Measured> {
     let dir = ensure_model()?;
-    let model = SdxlModel::load_as(&dir, None, &Device::Cpu, WeightDtype::Bf16)?;
-    let params = GenerateParams { prompt: PROMPT.into(), width: 1024, height: 1024, steps: 1, guidance: 5.0, ..Default::default() };
-    let m = measure(0, ctx.runs(1), || {
+    let model = SdxlModel::load_as(&dir, None, &ctx.device, WeightDtype::Bf16)?;
+    let params = GenerateParams { prompt: PROMPT.into(), width: 1024, height: 1024, steps, guidance: 5.0, ..Default::default() };
+    // On a GPU one warm-up run (kernels load on first use), as the reference does.
+    let warmup = usize::from(!ctx.device.is_cpu());
+    let m = measure_on(&ctx.device, warmup, ctx.runs(1), || {
         model.generate(&params, PipelineHooks::none(), &mut |_, _| {})?;
         Ok(())
     })?;
-    Ok(m.with("weights", graft_sdxl::precision::describe(model.weight_dtype())))
+    Ok(m.with("weights", graft_sdxl::precision::describe(model.weight_dtype())).with("device", format!("{:?}", ctx.device)))
 }
 
 /// One LoRA training step on the whole model: rank 16, alpha 16 on the UNet's attention
@@ -248,11 +259,11 @@ fn train_step(ctx: &Ctx, res: usize, checkpointing: bool) -> anyhow::Result<Meas
     std::fs::write(&path, text)?;
     let plugins = ctx.plugin_dirs.manager()?;
     let setup = Instant::now();
-    let mut t = Trainer::new(TrainConfig::from_file(&path)?, plugins, &Device::Cpu)?;
+    let mut t = Trainer::new(TrainConfig::from_file(&path)?, plugins, &ctx.device)?;
     let setup_s = setup.elapsed().as_secs_f64();
     let warmup = std::env::var("GRAFT_BENCH_WARMUP").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let mut losses = Vec::new();
-    let m = measure(warmup, ctx.runs(1), || {
+    let m = measure_on(&ctx.device, warmup, ctx.runs(1), || {
         let r = t.train_step()?;
         anyhow::ensure!(!r.skipped, "step {} skipped (loss {})", r.step, r.loss);
         losses.push(r.loss);

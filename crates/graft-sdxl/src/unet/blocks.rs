@@ -90,7 +90,7 @@ impl Downsample2D {
         let x = x.pad_with_zeros(2, 1, h % 2)?.pad_with_zeros(3, 1, w % 2)?;
         let y = x.conv2d(&self.conv.weight().to_dtype(x.dtype())?, 0, 2, 1, 1)?;
         match self.conv.bias() {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }

@@ -35,6 +35,8 @@ pub struct UNet {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: crate::nn::GroupNorm,
     conv_out: crate::nn::Conv2d,
+    /// The dtype it computes in ([`crate::precision::activation_dtype`]).
+    activations: candle_core::DType,
 }
 
 impl UNet {
@@ -139,7 +141,9 @@ impl UNet {
             k_out / 2,
         )?;
 
+        let activations = crate::precision::activation_dtype(conv_in.weight().dtype(), conv_in.weight().device());
         Ok(Self {
+            activations,
             config: config.clone(),
             registry,
             time_embedding,
@@ -155,6 +159,12 @@ impl UNet {
 
     pub fn conv_in_weight(&self) -> &Tensor {
         self.conv_in.weight()
+    }
+
+    /// Computes in `dtype` from now on (default: [`crate::precision::activation_dtype`] of the
+    /// weights). Inputs are converted on the way in, the prediction back on the way out.
+    pub fn set_activations(&mut self, dtype: candle_core::DType) {
+        self.activations = dtype;
     }
 
     /// The hook points, in forward order.
@@ -196,6 +206,9 @@ impl UNet {
         hooks: &'a dyn Hooks,
         runner: &mut dyn Runner<'a>,
     ) -> Result<Tensor> {
+        let out_dtype = sample.dtype();
+        let sample = &sample.to_dtype(self.activations)?;
+        let encoder_hidden_states = &encoder_hidden_states.to_dtype(self.activations)?;
         let (b, c, h, w) = sample.dims4()?;
         if c != self.config.in_channels {
             candle_core::bail!(
@@ -244,7 +257,7 @@ impl UNet {
             x = block.forward(&x, &block_skips, &emb, context, upsample_size, hooks, runner)?;
         }
 
-        run1(runner, &[&x], move |xs| self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs[0])?))
+        run1(runner, &[&x], move |xs| self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs[0])?))?.to_dtype(out_dtype)
     }
 
     /// Timestep embedding plus, for SDXL, the `text_time` add-embedding: [b, time_embed_dim].
