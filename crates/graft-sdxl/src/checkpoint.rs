@@ -124,7 +124,8 @@ impl<'a> Tape<'a> {
                 if !y.track_op() {
                     continue;
                 }
-                let term = (y * g)?.sum_all()?;
+                // In f32: outputs (and leaves below) may differ in dtype (bf16 activations).
+                let term = (y * g)?.sum_all()?.to_dtype(candle_core::DType::F32)?;
                 surrogate = Some(match surrogate {
                     Some(s) => (s + term)?,
                     None => term,
@@ -155,7 +156,7 @@ impl<'a> Tape<'a> {
         // graph that produced them.
         let mut surrogate: Option<Tensor> = None;
         for (leaf, g) in leaves.into_values() {
-            let term = (leaf * g)?.sum_all()?;
+            let term = (leaf * g)?.sum_all()?.to_dtype(candle_core::DType::F32)?;
             surrogate = Some(match surrogate {
                 Some(s) => (s + term)?,
                 None => term,

@@ -257,7 +257,9 @@ impl UNet {
             x = block.forward(&x, &block_skips, &emb, context, upsample_size, hooks, runner)?;
         }
 
-        run1(runner, &[&x], move |xs| self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs[0])?))?.to_dtype(out_dtype)
+        // The conversion back inside the last segment: a checkpointing tape must produce the
+        // tensor it is handed gradients for.
+        run1(runner, &[&x], move |xs| self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs[0])?)?.to_dtype(out_dtype))
     }
 
     /// Timestep embedding plus, for SDXL, the `text_time` add-embedding: [b, time_embed_dim].
