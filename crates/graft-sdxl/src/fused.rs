@@ -670,25 +670,8 @@ mod tests {
         assert!(frozen.iter().all(|t| g1.get(t).is_none()), "a frozen tensor got a gradient");
     }
 
-    /// The composed attention (what nn::attention does off the CPU).
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Tensor {
-        let split = |t: &Tensor| {
-            let (b, n, w) = t.dims3().unwrap();
-            t.reshape((b, n, heads, w / heads)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
-        };
-        let (q, k, v) = (split(q), split(k), split(v));
-        let d = q.dim(D::Minus1).unwrap();
-        let s = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / (d as f64).sqrt())).unwrap();
-        let s = if causal {
-            let (n, m) = (s.dim(2).unwrap(), s.dim(3).unwrap());
-            let mask: Vec<f32> = (0..n).flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-            s.broadcast_add(&Tensor::from_vec(mask, (n, m), &Device::Cpu).unwrap()).unwrap()
-        } else {
-            s
-        };
-        let o = crate::nn::softmax_last_dim(&s).unwrap().matmul(&v).unwrap();
-        let (b, h, n, d) = o.dims4().unwrap();
-        o.transpose(1, 2).unwrap().reshape((b, n, h * d)).unwrap()
+        crate::nn::composed_attention(q, k, v, heads, causal).unwrap()
     }
 
     fn check(b: usize, n: usize, m: usize, d: usize, heads: usize, causal: bool) {

@@ -2,6 +2,7 @@
 //! and the loaders, with every attention linear a named hook point (see [`hooks`]).
 
 pub mod checkpoint;
+pub mod chunked_attention;
 pub mod clip;
 pub mod cpu_attention;
 pub mod fused;

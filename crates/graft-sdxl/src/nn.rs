@@ -1,15 +1,12 @@
 //! Small building blocks shared by the models, all differentiable.
 //!
 //! candle-nn's `softmax_last_dim` and its fused `LayerNorm` path have no backward pass: gradients
-//! upstream of them vanish silently. The forms here are written with plain tensor ops so that
-//! anything attached at a hook point receives its gradient.
+//! upstream of them vanish silently. The forms here are written with plain tensor ops, or are ops
+//! with their own backward, so that anything attached at a hook point receives its gradient.
 
 use std::sync::{Arc, RwLock};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor, D};
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::hooks::{HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind, LinearWeights};
@@ -143,70 +140,32 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last dimension, differentiable (candle-nn's `softmax_last_dim` has no
-/// backward). The forward is candle-nn's one-pass kernel on every device (f32 accumulation for
-/// bf16); the backward, `p * (g - sum(g * p))`, needs only the probabilities, so the graph keeps
-/// the scores and the probabilities instead of the composed form's four f32 temporaries.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let p = candle_nn::ops::softmax_last_dim(&x.detach())?;
-    if !x.track_op() {
-        return Ok(p);
-    }
-    x.apply_op2(&p, SoftmaxGrad)
-}
-
-/// Hands on the probabilities `p` computed from `x` and gives `x` their gradient.
-struct SoftmaxGrad;
-
-impl candle_core::CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "graft-softmax-grad"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((p.try_clone(pl)?, pl.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, p: &CudaStorage, pl: &Layout) -> Result<(CudaStorage, Shape)> {
-        Ok((p.try_clone(pl)?, pl.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (p32, g32) = (p.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
-        let dot = (&p32 * &g32)?.sum_keepdim(D::Minus1)?;
-        let dx = (p32 * g32.broadcast_sub(&dot)?)?.to_dtype(x.dtype())?;
-        Ok((Some(dx), None))
-    }
-}
-
 /// Multi-head scaled dot-product attention. q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
 /// `causal` masks future positions (the text encoders).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
-    let (b, n, inner) = q.dims3()?;
-    let m = k.dim(1)?;
-    let d = inner / heads;
-    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-        t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
-    };
     if crate::fused::supports_attention(q) {
         return crate::fused::attention(q, k, v, heads, causal);
     }
-    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
-    // q scaled first: the graph then keeps the scores once (in the softmax), not twice.
-    let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
-    let scores = if causal { apply_causal_mask(&scores)? } else { scores };
-    let probs = softmax_last_dim(&scores)?;
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
+    crate::chunked_attention::attention(q, k, v, heads, causal)
 }
 
-fn apply_causal_mask(scores: &Tensor) -> Result<Tensor> {
-    let (_, _, n, m) = scores.dims4()?;
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (n, m), scores.device())?.to_dtype(scores.dtype())?;
-    scores.broadcast_add(&mask)
+/// The composed attention, whose gradients candle derives: what the attention kernels are
+/// tested against.
+#[cfg(test)]
+pub(crate) fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let mut s = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    if causal {
+        let mask: Vec<f32> = (0..n).flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        s = s.broadcast_add(&Tensor::from_vec(mask, (n, m), s.device())?)?;
+    }
+    let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
 }
 
 /// GroupNorm (candle-nn's is written with differentiable ops).
@@ -313,35 +272,3 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_sh
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
-
-    /// The composed softmax, whose gradient candle derives.
-    fn composed(x: &Tensor) -> Result<Tensor> {
-        let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-    }
-
-    #[test]
-    fn softmax_gradient_equals_the_composed_one() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&(crate::rng::GraftRng::new(5).randn((2, 3, 7), &dev)? * 3.0)?)?;
-        let w = crate::rng::GraftRng::new(6).randn((2, 3, 7), &dev)?;
-        let ours = softmax_last_dim(x.as_tensor())?;
-        let theirs = composed(x.as_tensor())?;
-        assert!((&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
-        let g1 = (ours * &w)?.sum_all()?.backward()?.get(x.as_tensor()).cloned().expect("gradient");
-        let g2 = (theirs * &w)?.sum_all()?.backward()?.get(x.as_tensor()).cloned().expect("gradient");
-        assert!((&g1 - &g2)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
-        // bf16 scores: the gradient in bf16, within its rounding.
-        let xb = Var::from_tensor(&x.as_tensor().to_dtype(DType::BF16)?)?;
-        let gb = (softmax_last_dim(xb.as_tensor())?.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
-        let gb = gb.get(xb.as_tensor()).expect("gradient").to_dtype(DType::F32)?;
-        assert_eq!(gb.dtype(), DType::F32);
-        let scale = g2.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!((gb - g2)?.abs()?.max_all()?.to_scalar::<f32>()? < 2e-2 * scale);
-        Ok(())
-    }
-}

@@ -74,12 +74,13 @@ impl std::fmt::Display for WeightDtype {
 
 /// The dtype activations flow in for weights held as `weights` on `device`: bf16 for bf16 weights
 /// on a GPU, else f32 (the CPU's fused kernels take f32 activations with half-precision weights;
-/// an fp16 model is widened, since SDXL's VAE overflows fp16 activations).
+/// an fp16 model is widened, since SDXL's VAE overflows fp16 activations); f64 for f64.
 pub fn activation_dtype(weights: DType, device: &Device) -> DType {
-    if weights == DType::BF16 && !device.is_cpu() {
-        DType::BF16
-    } else {
-        DType::F32
+    match weights {
+        DType::BF16 if !device.is_cpu() => DType::BF16,
+        // f64 models (the gradient tests' finite differences) stay f64.
+        DType::F64 => DType::F64,
+        _ => DType::F32,
     }
 }
 
