@@ -271,4 +271,3 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_sh
         Ok(emb)
     }
 }
-
