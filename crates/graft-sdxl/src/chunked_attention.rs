@@ -7,7 +7,7 @@
 //! Products run in the inputs' dtype (bf16 on the tensor cores); softmax and its gradient in
 //! f32. Exact reformulation of the composed form: the tests compare value and gradients.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 /// Score elements per chunk: 64 M (256 MB in f32).
 const CHUNK_SCORES: usize = 1 << 26;
@@ -28,12 +28,13 @@ pub fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, cau
     if kb != b || kw != inner || v.dims() != k.dims() || heads == 0 || inner % heads != 0 {
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads", q.dims(), k.dims(), v.dims())
     }
-    let op = ChunkedAttention { heads, scale: 1.0 / ((inner / heads) as f64).sqrt(), causal, rows: rows.max(1), out: None };
+    let op = ChunkedAttention { heads, scale: 1.0 / ((inner / heads) as f64).sqrt(), causal, rows: rows.max(1) };
     let out = op.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    q.apply_op3(k, v, ChunkedAttention { out: Some(out), ..op })
+    let backward = Box::new(move |q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, g: &Tensor| op.backward(q, k, v, out, g));
+    crate::precomputed::with_backward3("graft-chunked-attention", q, k, v, out, backward)
 }
 
 /// The dtype of softmax and its gradient: f32, or f64 for f64 inputs.
@@ -45,14 +46,13 @@ fn stats(dtype: DType) -> DType {
     }
 }
 
-/// The op: its forward hands on `out` (computed with tensor ops by [`attention_in_chunks`], so
-/// it runs on every device), its backward recomputes chunk by chunk.
+/// The attention's settings, and its forward and backward in chunks.
+#[derive(Debug, Clone, Copy)]
 struct ChunkedAttention {
     heads: usize,
     scale: f64,
     causal: bool,
     rows: usize,
-    out: Option<Tensor>,
 }
 
 impl ChunkedAttention {
@@ -74,9 +74,12 @@ impl ChunkedAttention {
     }
 
     /// Softmax probabilities of the chunk of queries `qc` [b, h, len, d] starting at row `start`,
-    /// against `k` [b, h, m, d]: [b, h, len, m] in f32 (f64 for f64 inputs).
+    /// against `k` [b, h, m, d]: [b, h, len, m]. In f32 (f64 for f64 inputs), except half scores
+    /// on a GPU, whose softmax kernel accumulates in f32 already: two passes over the scores saved.
     fn probs(&self, qc: &Tensor, k: &Tensor, start: usize) -> Result<Tensor> {
-        let scores = (qc * self.scale)?.matmul(&k.t()?)?.to_dtype(stats(qc.dtype()))?;
+        let dt = qc.dtype();
+        let softmax_dtype = if qc.device().is_cuda() && matches!(dt, DType::BF16 | DType::F16) { dt } else { stats(dt) };
+        let scores = (qc * self.scale)?.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
         let scores = if self.causal {
             let (len, m) = (qc.dim(2)?, k.dim(2)?);
             let mask: Vec<f32> =
@@ -98,52 +101,9 @@ impl ChunkedAttention {
         Self::merge(&Tensor::cat(&outs, 2)?)
     }
 
-    /// The stored output's storage, copied (the graph's node keeps the op and its own output).
-    fn out_storage(&self) -> Result<(Storage, Shape)> {
-        let out = self.out.as_ref().ok_or_else(|| candle_core::Error::Msg("attention: no output to hand on".into()))?;
-        let (storage, layout) = out.storage_and_layout();
-        let copy = match &*storage {
-            Storage::Cpu(s) => Storage::Cpu(candle_core::backend::BackendStorage::try_clone(s, layout)?),
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => Storage::Cuda(candle_core::backend::BackendStorage::try_clone(s, layout)?),
-            #[allow(unreachable_patterns)]
-            _ => candle_core::bail!("attention: unsupported device"),
-        };
-        Ok((copy, out.shape().clone()))
-    }
-}
-
-impl CustomOp3 for ChunkedAttention {
-    fn name(&self) -> &'static str {
-        "graft-chunked-attention"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        match self.out_storage()? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("attention: output not on the CPU"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        match self.out_storage()? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("attention: output not on the GPU"),
-        }
-    }
-
     /// With p = softmax(s), o = p v: dv = p^T g, dp = g v^T, ds = p (dp - rowsum(g o)),
     /// dq = ds k scale, dk = ds^T q scale; p recomputed chunk by chunk.
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dt = q.dtype();
         let (qs, ks, vs) = (self.split(q)?, self.split(k)?, self.split(v)?);
         let (g, o) = (self.split(&grad.to_dtype(dt)?)?, self.split(out)?);
@@ -155,7 +115,7 @@ impl CustomOp3 for ChunkedAttention {
             let (qc, gc) = (qs.narrow(2, start, len)?, g.narrow(2, start, len)?);
             let p = self.probs(&qc, &ks, start)?;
             let dp = gc.matmul(&vs.t()?)?.to_dtype(stats(dt))?;
-            let ds = (&p * dp.broadcast_sub(&row_dot.narrow(2, start, len)?)?)?.to_dtype(dt)?;
+            let ds = (p.to_dtype(stats(dt))? * dp.broadcast_sub(&row_dot.narrow(2, start, len)?)?)?.to_dtype(dt)?;
             if v.track_op() {
                 dv = add(dv, p.to_dtype(dt)?.t()?.matmul(&gc)?)?;
             }

@@ -11,6 +11,7 @@ pub mod matmul;
 pub mod model;
 pub mod nn;
 pub mod pipeline;
+pub mod precomputed;
 pub mod precision;
 pub mod resnet;
 pub mod rng;

@@ -127,7 +127,11 @@ impl Module for LayerNorm {
         if crate::fused::supports_layer_norm(x, &self.weight, &self.bias) {
             return crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
-        // bf16 activations are normalised in f32, as torch does.
+        // Frozen weights off the CPU's f32 kernel (the GPU's path): candle-nn's one-pass kernel.
+        if !self.weight.track_op() && !self.bias.track_op() && x.dtype() != DType::F64 {
+            return frozen_layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
+        // Half activations are normalised in f32, as torch does.
         if x.dtype() != self.weight.dtype() {
             return self.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
         }
@@ -138,6 +142,29 @@ impl Module for LayerNorm {
         let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         x.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
+}
+
+/// LayerNorm with frozen weight and bias on any device: candle-nn's one-pass kernel (f32
+/// statistics for half activations), and a backward for the input only, in f32, from the input
+/// alone (the composed form keeps five input-sized tensors).
+pub fn frozen_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let out = candle_nn::ops::layer_norm(&x.detach().contiguous()?, &weight.to_dtype(dt)?, &bias.to_dtype(dt)?, eps as f32)?;
+    if !x.track_op() {
+        return Ok(out);
+    }
+    let w = weight.detach().to_dtype(DType::F32)?;
+    // With xh = (x - mean) / std: dx = (gw - mean(gw) - xh * mean(gw * xh)) / std, gw = g * w.
+    let backward = Box::new(move |x: &Tensor, _: &Tensor, g: &Tensor| -> Result<Option<Tensor>> {
+        let x32 = x.to_dtype(DType::F32)?;
+        let centred = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+        let inv_std = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let xh = centred.broadcast_mul(&inv_std)?;
+        let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w)?;
+        let inner = (gw.broadcast_sub(&gw.mean_keepdim(D::Minus1)?)? - xh.broadcast_mul(&(&gw * &xh)?.mean_keepdim(D::Minus1)?)?)?;
+        Ok(Some(inner.broadcast_mul(&inv_std)?.to_dtype(x.dtype())?))
+    });
+    crate::precomputed::with_backward1("graft-layer-norm", x, out, backward)
 }
 
 /// Multi-head scaled dot-product attention. q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
@@ -269,5 +296,33 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_sh
         emb.pad_with_zeros(1, 0, 1)
     } else {
         Ok(emb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_layer_norm_equals_the_composed_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::GraftRng::new(4);
+        let x = Var::from_tensor(&rng.randn((2, 5, 16), &dev)?.affine(3.0, 1.0)?)?;
+        let (w, b) = ((rng.randn(16, &dev)? + 1.0)?, rng.randn(16, &dev)?);
+        let g = rng.randn((2, 5, 16), &dev)?;
+        let ours = frozen_layer_norm(&x, &w, &b, 1e-5)?;
+        let composed = {
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let c = x.broadcast_sub(&mean)?;
+            let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+            c.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&w)?.broadcast_add(&b)?
+        };
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        assert!(diff(&ours, &composed)? < 1e-5);
+        let g1 = (ours * &g)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
+        let g2 = (composed * &g)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
+        assert!(diff(&g1, &g2)? < 1e-5, "{}", diff(&g1, &g2)?);
+        Ok(())
     }
 }
