@@ -167,6 +167,42 @@ pub fn frozen_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
     crate::precomputed::with_backward1("graft-layer-norm", x, out, backward)
 }
 
+/// GroupNorm over [b, c, ...] with frozen weight and bias on any device, in f32 (half activations
+/// included), with a backward for the input only from the input alone (candle-nn's composed form
+/// keeps its f32 temporaries for the backward).
+pub fn frozen_group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+        candle_core::bail!("group norm: input {dims:?} does not split into {groups} groups")
+    }
+    // Per-channel vectors shaped to broadcast over [b, c, ...].
+    let mut channel_shape = vec![1; dims.len()];
+    channel_shape[1] = dims[1];
+    let (w, b) = (weight.detach().to_dtype(DType::F32)?.reshape(channel_shape.as_slice())?, bias.detach().to_dtype(DType::F32)?.reshape(channel_shape.as_slice())?);
+    let batch = dims[0];
+    let grouped = move |t: &Tensor| t.reshape((batch, groups, ()));
+    // (x - mean) / std per sample and group, and 1 / std.
+    let normalise = move |x: &Tensor| -> Result<(Tensor, Tensor)> {
+        let xg = grouped(&x.to_dtype(DType::F32)?)?;
+        let centred = xg.broadcast_sub(&xg.mean_keepdim(D::Minus1)?)?;
+        let inv_std = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        Ok((centred.broadcast_mul(&inv_std)?, inv_std))
+    };
+    let (xh, _) = normalise(&x.detach())?;
+    let out = xh.reshape(x.shape())?.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(x.dtype())?;
+    if !x.track_op() {
+        return Ok(out);
+    }
+    // dx = (gw - mean(gw) - xh * mean(gw * xh)) / std over each group, gw = g * w.
+    let backward = Box::new(move |x: &Tensor, _: &Tensor, g: &Tensor| -> Result<Option<Tensor>> {
+        let (xh, inv_std) = normalise(x)?;
+        let gw = grouped(&g.to_dtype(DType::F32)?.broadcast_mul(&w)?)?;
+        let inner = (gw.broadcast_sub(&gw.mean_keepdim(D::Minus1)?)? - xh.broadcast_mul(&(&gw * &xh)?.mean_keepdim(D::Minus1)?)?)?;
+        Ok(Some(inner.broadcast_mul(&inv_std)?.reshape(x.shape())?.to_dtype(x.dtype())?))
+    });
+    crate::precomputed::with_backward1("graft-group-norm", x, out, backward)
+}
+
 /// Multi-head scaled dot-product attention. q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
 /// `causal` masks future positions (the text encoders).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
@@ -229,9 +265,8 @@ impl Module for GroupNorm {
         if crate::fused::supports_group_norm(x, &self.weight, &self.bias) {
             return crate::fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false);
         }
-        // bf16 activations are normalised in f32, as torch does.
-        if x.dtype() != self.weight.dtype() {
-            return self.inner.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
+        if !self.weight.track_op() && !self.bias.track_op() && x.dtype() != DType::F64 {
+            return frozen_group_norm(x, &self.weight, &self.bias, self.groups, self.eps);
         }
         self.inner.forward(x)
     }
@@ -322,6 +357,23 @@ mod tests {
         assert!(diff(&ours, &composed)? < 1e-5);
         let g1 = (ours * &g)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
         let g2 = (composed * &g)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
+        assert!(diff(&g1, &g2)? < 1e-5, "{}", diff(&g1, &g2)?);
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_group_norm_equals_candle_nn() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::GraftRng::new(8);
+        let x = Var::from_tensor(&rng.randn((2, 6, 3, 5), &dev)?.affine(2.0, 0.5)?)?;
+        let (w, b) = ((rng.randn(6, &dev)? + 1.0)?, rng.randn(6, &dev)?);
+        let g = rng.randn((2, 6, 3, 5), &dev)?;
+        let ours = frozen_group_norm(&x, &w, &b, 3, 1e-5)?;
+        let theirs = candle_nn::GroupNorm::new(w.clone(), b.clone(), 6, 3, 1e-5)?.forward(&x)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        assert!(diff(&ours, &theirs)? < 1e-5);
+        let g1 = (ours * &g)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
+        let g2 = (theirs * &g)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
         assert!(diff(&g1, &g2)? < 1e-5, "{}", diff(&g1, &g2)?);
         Ok(())
     }
