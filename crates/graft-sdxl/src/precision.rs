@@ -91,7 +91,10 @@ pub fn bf16_kernel() -> Option<graft_gemm::Kernel> {
 }
 
 /// One line for logs: the weights' precision and the kernel their products run on.
-pub fn describe(weights: DType) -> String {
+pub fn describe(weights: DType, device: &Device) -> String {
+    if !device.is_cpu() {
+        return format!("weights {weights:?}, activations {:?}, on the GPU", activation_dtype(weights, device));
+    }
     match (weights, bf16_kernel()) {
         (DType::BF16, Some(k)) => format!("weights bf16, bf16 matrix products on {k:?} with f32 accumulation"),
         (DType::BF16, None) => "weights bf16, widened to f32 for matrix products (this CPU has no bf16 unit)".to_string(),

@@ -232,7 +232,7 @@ fn generate_1024(ctx: &Ctx, steps: usize) -> anyhow::Result<Measured> {
         model.generate(&params, PipelineHooks::none(), &mut |_, _| {})?;
         Ok(())
     })?;
-    Ok(m.with("weights", graft_sdxl::precision::describe(model.weight_dtype())).with("device", format!("{:?}", ctx.device)))
+    Ok(m.with("weights", graft_sdxl::precision::describe(model.weight_dtype(), &model.device)).with("device", format!("{:?}", ctx.device)))
 }
 
 /// One LoRA training step on the whole model: rank 16, alpha 16 on the UNet's attention

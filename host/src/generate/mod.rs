@@ -201,7 +201,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
     let device = crate::device::pick(args.cpu)?;
     let started = std::time::Instant::now();
     let model = SdxlModel::load_as(&args.model, args.model_config.as_deref(), &device, args.dtype)?;
-    tracing::info!("{}", graft_sdxl::precision::describe(model.weight_dtype()));
+    tracing::info!("{}", graft_sdxl::precision::describe(model.weight_dtype(), &model.device));
     tracing::info!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
 
     let mut files = FileAdapters::new(&model)?;

@@ -90,7 +90,7 @@ impl Trainer {
     pub fn new(config: TrainConfig, plugins: PluginManager, device: &Device) -> anyhow::Result<Self> {
         let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), device, config.dtype)
             .with_context(|| format!("loading model {}", config.model.display()))?;
-        tracing::info!("{}", graft_sdxl::precision::describe(model.weight_dtype()));
+        tracing::info!("{}", graft_sdxl::precision::describe(model.weight_dtype(), &model.device));
         Self::with_model(config, Arc::new(model), plugins)
     }
 
