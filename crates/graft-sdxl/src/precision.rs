@@ -47,6 +47,19 @@ impl WeightDtype {
     }
 }
 
+impl WeightDtype {
+    /// [`WeightDtype::for_weight`] for a tensor loaded onto a GPU (`on_gpu`): there bf16 models keep
+    /// their vectors in bf16 as well, as the activations are (no fused kernel reads them as f32,
+    /// and each product would otherwise convert its bias).
+    pub fn for_tensor(self, stored: DType, rank: usize, on_gpu: bool) -> DType {
+        if on_gpu && rank < 2 && self.for_weight(stored, 2) == DType::BF16 {
+            DType::BF16
+        } else {
+            self.for_weight(stored, rank)
+        }
+    }
+}
+
 impl std::str::FromStr for WeightDtype {
     type Err = String;
 
@@ -115,5 +128,8 @@ mod tests {
         assert_eq!(WeightDtype::Fp32.for_weight(DType::BF16, 2), DType::F32);
         assert_eq!("BF16".parse::<WeightDtype>(), Ok(WeightDtype::Bf16));
         assert!("int8".parse::<WeightDtype>().unwrap_err().contains("bf16"));
+        assert_eq!(WeightDtype::Bf16.for_tensor(DType::F32, 1, true), DType::BF16);
+        assert_eq!(WeightDtype::Bf16.for_tensor(DType::F32, 1, false), DType::F32);
+        assert_eq!(WeightDtype::File.for_tensor(DType::F16, 1, true), DType::F32);
     }
 }

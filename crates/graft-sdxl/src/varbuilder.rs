@@ -177,7 +177,7 @@ impl TensorSource {
         })
     }
 
-    /// Loads `name` on `device`, in the precision [`WeightDtype::for_weight`] gives it.
+    /// Loads `name` on `device`, in the precision [`WeightDtype::for_tensor`] gives it.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let stored = self.stored(name);
         let read_error = |e: &dyn std::fmt::Display| {
@@ -187,7 +187,7 @@ impl TensorSource {
         let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| read_error(&e))?;
         // The copy is made: give the mapped pages back, so the file does not stay resident too.
         release_pages(view.data());
-        let t = t.to_dtype(self.dtype.for_weight(t.dtype(), t.rank()))?;
+        let t = t.to_dtype(self.dtype.for_tensor(t.dtype(), t.rank(), !device.is_cpu()))?;
         let t = match stored.transform {
             Transform::None => t,
             Transform::Rows { start, len } => t.narrow(0, start, len)?,
