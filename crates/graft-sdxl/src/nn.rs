@@ -306,6 +306,10 @@ impl Module for Conv2d {
         if c.groups == 1 && c.dilation == 1 && crate::fused::supports_conv2d(x, self.weight(), self.bias()) {
             return crate::fused::conv2d(x, self.weight(), self.bias(), c.padding, c.stride);
         }
+        let frozen = !self.weight().track_op() && !self.bias().is_some_and(|b| b.track_op());
+        if c.groups == 1 && c.dilation == 1 && frozen {
+            return frozen_conv2d(x, self.weight(), self.bias(), c.padding, c.stride);
+        }
         if self.weight().dtype() != x.dtype() || self.bias().is_some_and(|b| b.dtype() != x.dtype()) {
             // Off the fused path, the kernel (half precision) or the bias (f32) in the
             // activations' dtype for this call.
@@ -315,6 +319,28 @@ impl Module for Conv2d {
         }
         self.0.forward(x)
     }
+}
+
+/// A 2-d convolution (groups 1, dilation 1) with a frozen kernel and bias, on any device, whose
+/// backward gives the input's gradient only: candle's conv backward also computes the kernel's
+/// (a second convolution as large as the forward) whether or not it is trained.
+pub fn frozen_conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let w = w.detach().to_dtype(x.dtype())?;
+    let y = x.detach().conv2d(&w, padding, stride, 1, 1)?;
+    let out = match b {
+        Some(b) => y.broadcast_add(&b.detach().to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)?,
+        None => y,
+    };
+    if !x.track_op() {
+        return Ok(out);
+    }
+    // As candle's conv backward: a transposed convolution, its output padding from the height.
+    let backward = Box::new(move |x: &Tensor, _: &Tensor, g: &Tensor| -> Result<Option<Tensor>> {
+        let (gh, kh) = (g.dim(2)?, w.dim(2)?);
+        let out_padding = x.dim(2)? - ((gh - 1) * stride + kh - 2 * padding);
+        Ok(Some(g.to_dtype(x.dtype())?.conv_transpose2d(&w, padding, out_padding, stride, 1)?))
+    });
+    crate::precomputed::with_backward1("graft-frozen-conv2d", x, out, backward)
 }
 
 /// Sinusoidal embedding as diffusers' `get_timestep_embedding`: `t` [n] -> [n, dim].
@@ -358,6 +384,26 @@ mod tests {
         let g1 = (ours * &g)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
         let g2 = (composed * &g)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
         assert!(diff(&g1, &g2)? < 1e-5, "{}", diff(&g1, &g2)?);
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_conv_equals_candle_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::GraftRng::new(12);
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        for (k, padding, stride, h, w) in [(3, 1, 1, 6, 5), (3, 1, 2, 8, 6), (1, 0, 1, 4, 4)] {
+            let x = Var::from_tensor(&rng.randn((2, 3, h, w), &dev)?)?;
+            let (kernel, bias) = (rng.randn((4, 3, k, k), &dev)?, rng.randn(4, &dev)?);
+            let ours = frozen_conv2d(&x, &kernel, Some(&bias), padding, stride)?;
+            let theirs = x.conv2d(&kernel, padding, stride, 1, 1)?.broadcast_add(&bias.reshape((1, 4, 1, 1))?)?;
+            assert!(diff(&ours, &theirs)? < 1e-5);
+            let g = rng.randn(ours.shape(), &dev)?;
+            let g1 = (ours * &g)?.sum_all()?.backward()?;
+            let g2 = (theirs * &g)?.sum_all()?.backward()?;
+            assert!(diff(g1.get(&x).expect("gradient"), g2.get(&x).expect("gradient"))? < 1e-5);
+            assert!(g1.get(&kernel).is_none(), "the frozen kernel got a gradient");
+        }
         Ok(())
     }
 

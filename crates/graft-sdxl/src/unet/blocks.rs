@@ -88,8 +88,12 @@ impl Downsample2D {
         // the bottom / right padding row that a stride-2 conv over an even side never reads, so
         // that no output padding is needed. Same result as padding 1.
         let x = x.pad_with_zeros(2, 1, h % 2)?.pad_with_zeros(3, 1, w % 2)?;
-        let y = x.conv2d(&self.conv.weight().to_dtype(x.dtype())?, 0, 2, 1, 1)?;
-        match self.conv.bias() {
+        let (w, b) = (self.conv.weight(), self.conv.bias());
+        if !w.track_op() && !b.is_some_and(|b| b.track_op()) {
+            return crate::nn::frozen_conv2d(&x, w, b, 0, 2);
+        }
+        let y = x.conv2d(&w.to_dtype(x.dtype())?, 0, 2, 1, 1)?;
+        match b {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
