@@ -334,13 +334,44 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize,
     if !x.track_op() {
         return Ok(out);
     }
-    // As candle's conv backward: a transposed convolution, its output padding from the height.
     let backward = Box::new(move |x: &Tensor, _: &Tensor, g: &Tensor| -> Result<Option<Tensor>> {
-        let (gh, kh) = (g.dim(2)?, w.dim(2)?);
-        let out_padding = x.dim(2)? - ((gh - 1) * stride + kh - 2 * padding);
-        Ok(Some(g.to_dtype(x.dtype())?.conv_transpose2d(&w, padding, out_padding, stride, 1)?))
+        let (_, _, h, w_in) = x.dims4()?;
+        Ok(Some(conv2d_input_grad(&g.to_dtype(x.dtype())?, &w, (h, w_in), padding, stride)?))
     });
     crate::precomputed::with_backward1("graft-frozen-conv2d", x, out, backward)
+}
+
+/// The input's gradient of `conv2d(x, w, padding, stride)` for an input of `size` (h, w), as a
+/// convolution (im2col and a matrix product on every device; candle's CUDA transposed
+/// convolution is a naive kernel): `g` spread out by the stride and padded by k - 1 - padding
+/// (plus the input rows and columns the forward's stride never reached), against the kernel
+/// flipped, with its input and output channels swapped.
+fn conv2d_input_grad(g: &Tensor, w: &Tensor, size: (usize, usize), padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    if padding + 1 > kh.min(kw) {
+        // A padding this wide leaves output pixels that see no input: the transposed convolution.
+        let out_padding = size.0 - ((g.dim(2)? - 1) * stride + kh - 2 * padding);
+        return g.conv_transpose2d(w, padding, out_padding, stride, 1);
+    }
+    let reversed = |n: usize| Tensor::from_vec((0..n as u32).rev().collect::<Vec<u32>>(), n, w.device());
+    let flipped = w.transpose(0, 1)?.contiguous()?.index_select(&reversed(kh)?, 2)?.index_select(&reversed(kw)?, 3)?;
+    let g = spread(g, stride)?;
+    let (ph, pw) = (kh - 1 - padding, kw - 1 - padding);
+    let (extra_h, extra_w) = ((size.0 + kh - 1) - (g.dim(2)? + 2 * ph), (size.1 + kw - 1) - (g.dim(3)? + 2 * pw));
+    g.pad_with_zeros(2, ph, ph + extra_h)?.pad_with_zeros(3, pw, pw + extra_w)?.conv2d(&flipped, 0, 1, 1, 1)
+}
+
+/// `g` [b, c, h, w] with `stride - 1` zeros between neighbouring rows and columns.
+fn spread(g: &Tensor, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(g.clone());
+    }
+    let (b, c, h, w) = g.dims4()?;
+    let zeros = Tensor::zeros((b, c, h, w, stride - 1), g.dtype(), g.device())?;
+    let wide = (w - 1) * stride + 1;
+    let g = Tensor::cat(&[&g.unsqueeze(4)?, &zeros], 4)?.reshape((b, c, h, w * stride))?.narrow(3, 0, wide)?;
+    let zeros = Tensor::zeros((b, c, h, stride - 1, wide), g.dtype(), g.device())?;
+    Tensor::cat(&[&g.unsqueeze(3)?, &zeros], 3)?.reshape((b, c, h * stride, wide))?.narrow(2, 0, (h - 1) * stride + 1)
 }
 
 /// Sinusoidal embedding as diffusers' `get_timestep_embedding`: `t` [n] -> [n, dim].
@@ -392,7 +423,7 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = crate::rng::GraftRng::new(12);
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
-        for (k, padding, stride, h, w) in [(3, 1, 1, 6, 5), (3, 1, 2, 8, 6), (1, 0, 1, 4, 4)] {
+        for (k, padding, stride, h, w) in [(3, 1, 1, 6, 5), (3, 1, 2, 8, 6), (3, 1, 2, 7, 7), (3, 0, 2, 9, 7), (1, 0, 1, 4, 4), (3, 2, 1, 4, 5)] {
             let x = Var::from_tensor(&rng.randn((2, 3, h, w), &dev)?)?;
             let (kernel, bias) = (rng.randn((4, 3, k, k), &dev)?, rng.randn(4, &dev)?);
             let ours = frozen_conv2d(&x, &kernel, Some(&bias), padding, stride)?;
