@@ -12,7 +12,8 @@
 #   runtime (libcudart.so.13, which candle's kernels link) is needed at start: it is copied beside
 #   the binary, which looks there first.
 #
-# Usage: tools/cuda-build.sh [extra cargo args]     prints the binary's path on its last line
+# Usage: tools/cuda-build.sh [extra cargo args]     prints the binary's path on its last line;
+#        exit status 3 when PyPI cannot be reached for the compiler wheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -25,7 +26,8 @@ venv=$cuda/toolchain
 # Every part pinned: nvcc's own requirements would otherwise bring a newer cicc, whose PTX the 13.0
 # ptxas (and the 580 driver) cannot read.
 "$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" \
-    "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*"
+    "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" ||
+    { echo "cuda-build: could not install the CUDA 13.0 compiler wheels from PyPI (no network?)" >&2; exit 3; }
 cu=$(echo "$venv"/lib/python3*/site-packages/nvidia/cu13)
 [ -x "$cu/bin/nvcc" ] || { echo "cuda-build: no nvcc under $cu after the install" >&2; exit 1; }
 # The wheels ship libcudart.so.13 only; the linker asks for libcudart.so.
