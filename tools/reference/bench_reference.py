@@ -688,6 +688,16 @@ def targets(g, r):
         if n in g and n + "_ckpt" in g:
             cost = g[n + "_ckpt"]["min_ms"] / g[n]["min_ms"] - 1
             out.append(f"{n}: graft checkpointing costs {cost * 100:+.0f}% of the step (target <= 35%: {verdict(cost <= 0.35)})")
+    # The CUDA issue's targets, on rows measured on a GPU (`--gpu` on both sides).
+    on_gpu = lambda n: g.get(n, {}).get("extra", {}).get("device", "").lower().startswith("cuda")
+    for n in ("real.train_step_1024", "real.train_step_1024_ckpt"):
+        if on_gpu(n) and n in r:
+            tr, mp = t(n), m(n, "peak_mb")
+            out.append(f"{n} (GPU): time {tr:.2f}x (target <= 1x: {verdict(tr <= 1.0)}); "
+                       f"peak GPU memory {mp:.2f}x (target <= 1x: {verdict(mp <= 1.0)})")
+    n = "real.generate_1024_30steps"
+    if on_gpu(n) and n in r:
+        out.append(f"{n} (GPU): time {t(n):.2f}x (target <= 1x: {verdict(t(n) <= 1.0)})")
     hs = g.get("hot_swap", {})
     if hs:
         out.append(f"hot_swap: {hs['ms']:.1f} ms median, {hs['min_ms']:.1f} ms best (target < 20 ms: {verdict(hs['ms'] < 20)})")

@@ -274,7 +274,8 @@ fn train_step(ctx: &Ctx, res: usize, checkpointing: bool) -> anyhow::Result<Meas
         .with("warmup_steps", warmup)
         .with("setup_s", setup_s)
         .with("loss", losses.last().copied().unwrap_or(f64::NAN))
-        .with("checkpointing", checkpointing))
+        .with("checkpointing", checkpointing)
+        .with("device", format!("{:?}", ctx.device)))
 }
 
 pub fn train_512(ctx: &Ctx) -> anyhow::Result<Measured> {
