@@ -97,14 +97,7 @@ fn scalar(t: &Tensor) -> f32 {
 
 /// PEFT's `<module>.lora_A.default.weight` -> the store key `lora:unet.<module>.down` (B -> up).
 fn store_key(peft: &str) -> ParamKey {
-    let (module, name) = if let Some(m) = peft.strip_suffix(".lora_A.default.weight") {
-        (m, "down")
-    } else if let Some(m) = peft.strip_suffix(".lora_B.default.weight") {
-        (m, "up")
-    } else {
-        panic!("unexpected PEFT parameter name {peft}")
-    };
-    ParamKey::new("lora", &format!("unet.{module}"), name)
+    graft_host::device_check::store_key(peft).expect("a PEFT LoRA parameter name")
 }
 
 #[test]

@@ -219,7 +219,7 @@ fn train_step(
 }
 
 /// PEFT's `<module>.lora_A.default.weight` -> the store key `lora:unet.<module>.down` (B -> up).
-fn store_key(peft: &str) -> anyhow::Result<ParamKey> {
+pub fn store_key(peft: &str) -> anyhow::Result<ParamKey> {
     let (module, name) = if let Some(m) = peft.strip_suffix(".lora_A.default.weight") {
         (m, "down")
     } else if let Some(m) = peft.strip_suffix(".lora_B.default.weight") {

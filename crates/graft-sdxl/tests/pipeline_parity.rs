@@ -97,6 +97,30 @@ fn generate_in_bf16_and_fp16_against_diffusers_f32() {
     // half tensors, statistics in f32). A GPU runs it in bf16; candle's CPU matmul has no bf16,
     // so the CPU proves the path in fp16.
     fp16.set_activations(candle_core::DType::F16);
+    for (name, rel) in deviations(&mut fp16, &reference, "euler") {
+        println!("fp16 weights and activations, euler.{name}: max abs diff {rel:.3e} of the scale");
+        assert!(rel <= 2e-2, "fp16 activations euler.{name}: deviates by {rel:.3e} of the scale");
+        assert!(rel > 1e-6, "fp16 activations euler.{name}: identical to f32: the activations were not half");
+    }
+    let mut bf16 = SdxlModel::load_as(&path, None, &Device::Cpu, graft_sdxl::WeightDtype::Bf16).unwrap();
+    assert_eq!(bf16.weight_dtype(), candle_core::DType::BF16);
+    for case in ["euler", "euler_v"] {
+        for (name, rel) in deviations(&mut bf16, &reference, case) {
+            println!("bf16 {case}.{name}: max abs diff {rel:.3e} of the scale");
+            assert!(rel <= 5e-2, "bf16 {case}.{name}: deviates by {rel:.3e} of the scale");
+            assert!(rel > 1e-5, "bf16 {case}.{name}: identical to f32: the weights were not used in bf16");
+        }
+    }
+}
+
+/// The 4-step generation of `case` ("euler" or "euler_v") from the reference's initial latents:
+/// the latents' and the decoded image's max abs difference from diffusers' f32 run, over the
+/// reference's scale (at least 1).
+fn deviations(model: &mut SdxlModel, reference: &HashMap<String, Tensor>, case: &str) -> [(&'static str, f32); 2] {
+    model.config.scheduler = SchedulerConfig {
+        prediction_type: if case == "euler" { "epsilon" } else { "v_prediction" }.parse().unwrap(),
+        ..SchedulerConfig::from_file(&fixtures().join("tiny-sdxl/scheduler/scheduler_config.json")).unwrap()
+    };
     let params = GenerateParams {
         prompt: "a red fox, watercolor painting".into(),
         negative_prompt: None,
@@ -108,41 +132,11 @@ fn generate_in_bf16_and_fp16_against_diffusers_f32() {
         seed: 0,
         init_latents: Some(reference["init_latents"].clone()),
     };
-    let out = fp16.generate(&params, PipelineHooks::none(), &mut |_, _| {}).unwrap();
-    let decoded = fp16.vae.decode(&(&out.latents / fp16.config.vae.scaling_factor).unwrap()).unwrap();
-    for (name, got) in [("latents", &out.latents), ("decoded", &decoded)] {
-        let want = &reference[&format!("euler.{name}")];
-        let rel = max_abs(&(got - want).unwrap()) / max_abs(want).max(1.0);
-        println!("fp16 weights and activations, euler.{name}: max abs diff {rel:.3e} of the scale");
-        assert!(rel <= 2e-2, "fp16 activations euler.{name}: deviates by {rel:.3e} of the scale");
-        assert!(rel > 1e-6, "fp16 activations euler.{name}: identical to f32: the activations were not half");
-    }
-    let mut bf16 = SdxlModel::load_as(&path, None, &Device::Cpu, graft_sdxl::WeightDtype::Bf16).unwrap();
-    assert_eq!(bf16.weight_dtype(), candle_core::DType::BF16);
-    for case in ["euler", "euler_v"] {
-        bf16.config.scheduler = SchedulerConfig {
-            prediction_type: if case == "euler" { "epsilon" } else { "v_prediction" }.parse().unwrap(),
-            ..SchedulerConfig::from_file(&fixtures().join("tiny-sdxl/scheduler/scheduler_config.json")).unwrap()
-        };
-        let params = GenerateParams {
-            prompt: "a red fox, watercolor painting".into(),
-            negative_prompt: None,
-            width: 128,
-            height: 96,
-            steps: 4,
-            guidance: 5.0,
-            scheduler: "euler".into(),
-            seed: 0,
-            init_latents: Some(reference["init_latents"].clone()),
-        };
-        let out = bf16.generate(&params, PipelineHooks::none(), &mut |_, _| {}).unwrap();
-        let decoded = bf16.vae.decode(&(&out.latents / bf16.config.vae.scaling_factor).unwrap()).unwrap();
-        for (name, got) in [("latents", &out.latents), ("decoded", &decoded)] {
-            let want = &reference[&format!("{case}.{name}")];
-            let rel = max_abs(&(got - want).unwrap()) / max_abs(want).max(1.0);
-            println!("bf16 {case}.{name}: max abs diff {rel:.3e} of the scale");
-            assert!(rel <= 5e-2, "bf16 {case}.{name}: deviates by {rel:.3e} of the scale");
-            assert!(rel > 1e-5, "bf16 {case}.{name}: identical to f32: the weights were not used in bf16");
-        }
-    }
+    let out = model.generate(&params, PipelineHooks::none(), &mut |_, _| {}).unwrap();
+    let decoded = model.vae.decode(&(&out.latents / model.config.vae.scaling_factor).unwrap()).unwrap();
+    let rel = |got: &Tensor, name: &str| {
+        let want = &reference[&format!("{case}.{name}")];
+        max_abs(&(got - want).unwrap()) / max_abs(want).max(1.0)
+    };
+    [("latents", rel(&out.latents, "latents")), ("decoded", rel(&decoded, "decoded"))]
 }
