@@ -96,8 +96,11 @@ fn a_rebuilt_plugin_takes_over_between_steps_with_its_parameters() -> candle_cor
     write_probe(src.path(), "2.0.0", "2.0");
     build_standalone(src.path(), "the reload probe v2");
     let event = wait_for(&mut m, "reload", |e| matches!(e, ReloadEvent::Reloaded { id, .. } if id == ID));
-    let ReloadEvent::Reloaded { old_version, new_version, .. } = &event else { unreachable!() };
+    let ReloadEvent::Reloaded { old_version, new_version, old_build, new_build, .. } = &event else { unreachable!() };
     assert_eq!((old_version.as_str(), new_version.as_str()), ("1.0.0", "2.0.0"));
+    // The log tells the builds apart by their content.
+    assert!(old_build.len() == 12 && new_build.len() == 12 && old_build != new_build, "{old_build} {new_build}");
+    assert!(event.to_string().contains(&format!("(build {new_build})")), "{event}");
     // The old build is still what the strategy runs until the switch at the step boundary.
     assert!(close(&forward(&s), &(&base_out + &extra)?));
 

@@ -77,7 +77,9 @@ pub enum ReloadEvent {
     Loaded { id: String, version: String, path: PathBuf },
     /// A new build of a plugin id replaced the active one: switch strategies to it (see
     /// `StrategyInstance::reload`).
-    Reloaded { id: String, old_version: String, new_version: String, path: PathBuf, generation: u64 },
+    /// `old_build` and `new_build` tell builds of one version apart: the first 12 hex digits of
+    /// each library's SHA-256.
+    Reloaded { id: String, old_version: String, new_version: String, old_build: String, new_build: String, path: PathBuf, generation: u64 },
     /// Loaded, but another library with the same id stays in use.
     Shadowed { id: String, path: PathBuf, by: PathBuf },
     /// The library could not be loaded; `still_running` is the build that stays in use.
@@ -90,9 +92,9 @@ impl fmt::Display for ReloadEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ReloadEvent::Loaded { id, version, path } => write!(f, "loaded plugin {id} {version} from {}", path.display()),
-            ReloadEvent::Reloaded { id, old_version, new_version, path, generation } => write!(
+            ReloadEvent::Reloaded { id, old_version, new_version, old_build, new_build, path, generation } => write!(
                 f,
-                "reloaded plugin {id}: {old_version} -> {new_version} from {} (load #{generation})",
+                "reloaded plugin {id}: {old_version} (build {old_build}) -> {new_version} (build {new_build}) from {} (load #{generation})",
                 path.display()
             ),
             ReloadEvent::Shadowed { id, path, by } => {
@@ -143,30 +145,31 @@ impl fmt::Debug for PluginManager {
 /// The workspace `target` directories near the running program and the working directory:
 /// `$CARGO_TARGET_DIR`, the `target` folder the executable runs from, `./target`.
 pub fn default_target_dirs() -> Vec<PathBuf> {
-    let mut roots = Vec::new();
-    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-        roots.push(PathBuf::from(t));
+    let target_env = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from);
+    let (exe, cwd) = (std::env::current_exe().ok(), std::env::current_dir().ok());
+    default_dirs_for(target_env.as_deref(), exe.as_deref(), cwd.as_deref()).into_iter().filter(|d| d.is_dir()).collect()
+}
+
+/// [`default_target_dirs`] before the existence check: the running executable's own folder (a
+/// binary copied elsewhere, or built into another target folder, with its plugins beside it),
+/// then `release` and `debug` under `$CARGO_TARGET_DIR`, under the `target` folder the
+/// executable sits in, and under `./target`. Cargo's `deps` folders (test binaries) are left
+/// out: they hold every dependency's library.
+fn default_dirs_for(target_env: Option<&Path>, exe: Option<&Path>, cwd: Option<&Path>) -> Vec<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(folder) = exe.and_then(Path::parent).filter(|f| f.file_name().is_some_and(|n| n != "deps")) {
+        candidates.push(folder.to_path_buf());
     }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(t) = exe.ancestors().find(|a| a.file_name().is_some_and(|n| n == "target")) {
-            roots.push(t.to_path_buf());
-        }
+    let mut roots: Vec<PathBuf> = target_env.map(Path::to_path_buf).into_iter().collect();
+    if let Some(t) = exe.and_then(|e| e.ancestors().find(|a| a.file_name().is_some_and(|n| n == "target"))) {
+        roots.push(t.to_path_buf());
     }
-    if let Ok(cwd) = std::env::current_dir() {
-        roots.push(cwd.join("target"));
-    }
-    let mut dirs = Vec::new();
-    let mut seen = BTreeSet::new();
+    roots.extend(cwd.map(|c| c.join("target")));
     for root in roots {
-        for profile in ["release", "debug"] {
-            let d = root.join(profile);
-            let key = d.canonicalize().unwrap_or_else(|_| d.clone());
-            if d.is_dir() && seen.insert(key) {
-                dirs.push(d);
-            }
-        }
+        candidates.extend(["release", "debug"].iter().map(|p| root.join(p)));
     }
-    dirs
+    let mut seen = BTreeSet::new();
+    candidates.into_iter().filter(|d| seen.insert(d.canonicalize().unwrap_or_else(|_| d.clone()))).collect()
 }
 
 impl PluginManager {
@@ -332,6 +335,8 @@ impl PluginManager {
                     id: id.clone(),
                     old_version: current.manifest.version.clone(),
                     new_version: plugin.manifest.version.clone(),
+                    old_build: current.sha256.chars().take(12).collect(),
+                    new_build: plugin.sha256.chars().take(12).collect(),
                     path: path.to_path_buf(),
                     generation,
                 }
@@ -465,5 +470,18 @@ impl PluginManager {
                 return events;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_executables_folder_comes_first_and_deps_folders_never() {
+        let dirs = default_dirs_for(None, Some(Path::new("/opt/graft/bin/graft")), Some(Path::new("/work")));
+        assert_eq!(dirs, ["/opt/graft/bin", "/work/target/release", "/work/target/debug"].map(PathBuf::from));
+        let dirs = default_dirs_for(Some(Path::new("/t")), Some(Path::new("/w/target/debug/deps/test-123")), Some(Path::new("/w")));
+        assert_eq!(dirs, ["/t/release", "/t/debug", "/w/target/release", "/w/target/debug"].map(PathBuf::from));
     }
 }
