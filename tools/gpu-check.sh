@@ -71,7 +71,7 @@ print(":".join(sorted(dirs)))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     export LD_LIBRARY_PATH
     for w in "$kit"/wheels/*.whl; do python3 -m zipfile -e "$w" "$work/python"; done
     export PYTHONPATH=$PWD/$work/python${PYTHONPATH:+:$PYTHONPATH} GRAFT_BENCH_SDXL=$PWD/$work/sdxl-random-fp16
-    local graft=(timeout 90 "$work/bin/graft") plugins=(--no-default-plugins --plugins "$kit/plugins") status=0
+    local graft=(timeout 60 "$work/bin/graft") plugins=(--no-default-plugins --plugins "$kit/plugins") status=0
     step() { echo "== $*"; "$@" || { echo "gpu-check: FAILED ($?): $*"; status=1; }; }
 
     step "${graft[@]}" device-check "${plugins[@]}" --out "$out/device-check.md"
