@@ -20,11 +20,22 @@ fn a_new_plugin_builds_loads_and_runs() -> candle_core::Result<()> {
     let cargo_toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
     assert!(cargo_toml.contains("crate-type = [\"cdylib\"]") && cargo_toml.contains("[workspace]"), "{cargo_toml}");
     assert!(!cargo_toml.contains("candle"), "plugins never depend on candle");
+    // A crate of its own: the SDK by absolute path, the host's dependency versions, a .gitignore.
+    let sdk_abs = sdk.canonicalize().unwrap();
+    assert!(cargo_toml.contains(&format!("path = \"{}\"", sdk_abs.display())), "{cargo_toml}");
+    assert_eq!(std::fs::read_to_string(dir.join(".gitignore")).unwrap(), "/target\n");
+    let abi_stable = |lock: &str| {
+        let package = lock.split("[[package]]").find(|p| p.contains("name = \"abi_stable\""))?;
+        package.lines().find(|l| l.starts_with("version = ")).map(str::to_string)
+    };
+    let host_lock = std::fs::read_to_string(workspace().join("Cargo.lock")).unwrap();
+    assert_eq!(abi_stable(&std::fs::read_to_string(dir.join("Cargo.lock")).unwrap()), abi_stable(&host_lock));
 
     // Build it as the user would (plus the workspace's profiles, so the tests reuse the
     // dependencies already built).
     std::fs::write(dir.join("Cargo.toml"), cargo_toml.replace("[workspace]\n", &standalone_tail())).unwrap();
     build_standalone(&dir, "the scaffolded plugin");
+    assert_eq!(abi_stable(&std::fs::read_to_string(dir.join("Cargo.lock")).unwrap()), abi_stable(&host_lock), "the build moved abi_stable");
     let lib = plugin_out().join(lib_file("scaffold-probe"));
     let plugin = load_plugin(&lib, &tmp.path().join("private"), 1).expect("the new plugin loads");
     assert_eq!(plugin.manifest.id, "scaffold-probe");

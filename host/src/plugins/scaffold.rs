@@ -224,7 +224,9 @@ pub fn new_plugin(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> anyhow:
     std::fs::create_dir_all(dir.join("src")).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize().unwrap_or(dir);
     let workspace = enclosing_workspace(&dir);
-    let sdk_path = relative(&dir, &sdk);
+    // Inside a workspace (graft's own) the path moves with the tree; a crate of its own gets the
+    // SDK's absolute path, which holds wherever the crate is copied on this machine.
+    let sdk_path = if workspace.is_some() { relative(&dir, &sdk) } else { sdk.clone() };
     let standalone = if workspace.is_some() {
         ""
     } else {
@@ -236,6 +238,14 @@ pub fn new_plugin(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> anyhow:
         .replace("{{workspace}}", standalone);
     std::fs::write(dir.join("Cargo.toml"), cargo)?;
     std::fs::write(dir.join("src/lib.rs"), LIB_RS.replace("{{name}}", name))?;
+    std::fs::write(dir.join(".gitignore"), "/target\n")?;
+    // A crate of its own starts from the host's Cargo.lock: abi_stable and the rest resolve to
+    // the versions the host was built with (cargo drops the entries the plugin does not use).
+    if workspace.is_none() {
+        if let Some(lock) = sdk.parent().and_then(Path::parent).map(|root| root.join("Cargo.lock")).filter(|l| l.is_file()) {
+            std::fs::copy(&lock, dir.join("Cargo.lock")).with_context(|| format!("cannot copy {}", lock.display()))?;
+        }
+    }
     if let Some(root) = &workspace {
         let member = relative(root, &dir).to_string_lossy().replace('\\', "/");
         if !add_member(&root.join("Cargo.toml"), &member)? {
