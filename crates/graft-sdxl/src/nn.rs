@@ -154,15 +154,13 @@ pub fn frozen_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
         return Ok(out);
     }
     let w = weight.detach().to_dtype(DType::F32)?;
-    // With xh = (x - mean) / std: dx = (gw - mean(gw) - xh * mean(gw * xh)) / std, gw = g * w.
     let backward = Box::new(move |x: &Tensor, _: &Tensor, g: &Tensor| -> Result<Option<Tensor>> {
         let x32 = x.to_dtype(DType::F32)?;
         let centred = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
         let inv_std = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
         let xh = centred.broadcast_mul(&inv_std)?;
         let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w)?;
-        let inner = (gw.broadcast_sub(&gw.mean_keepdim(D::Minus1)?)? - xh.broadcast_mul(&(&gw * &xh)?.mean_keepdim(D::Minus1)?)?)?;
-        Ok(Some(inner.broadcast_mul(&inv_std)?.to_dtype(x.dtype())?))
+        Ok(Some(normalised_input_grad(&xh, &gw, &inv_std)?.to_dtype(x.dtype())?))
     });
     crate::precomputed::with_backward1("graft-layer-norm", x, out, backward)
 }
@@ -193,14 +191,20 @@ pub fn frozen_group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usi
     if !x.track_op() {
         return Ok(out);
     }
-    // dx = (gw - mean(gw) - xh * mean(gw * xh)) / std over each group, gw = g * w.
     let backward = Box::new(move |x: &Tensor, _: &Tensor, g: &Tensor| -> Result<Option<Tensor>> {
         let (xh, inv_std) = normalise(x)?;
         let gw = grouped(&g.to_dtype(DType::F32)?.broadcast_mul(&w)?)?;
-        let inner = (gw.broadcast_sub(&gw.mean_keepdim(D::Minus1)?)? - xh.broadcast_mul(&(&gw * &xh)?.mean_keepdim(D::Minus1)?)?)?;
-        Ok(Some(inner.broadcast_mul(&inv_std)?.reshape(x.shape())?.to_dtype(x.dtype())?))
+        Ok(Some(normalised_input_grad(&xh, &gw, &inv_std)?.reshape(x.shape())?.to_dtype(x.dtype())?))
     });
     crate::precomputed::with_backward1("graft-group-norm", x, out, backward)
+}
+
+/// The input's gradient of a normalisation over the last dimension with a frozen scale `w`:
+/// `(gw - mean(gw) - xh * mean(gw * xh)) * inv_std`, where `xh` is the normalised input,
+/// `inv_std` 1 / std and `gw` the output's gradient times `w`.
+fn normalised_input_grad(xh: &Tensor, gw: &Tensor, inv_std: &Tensor) -> Result<Tensor> {
+    let centred = gw.broadcast_sub(&gw.mean_keepdim(D::Minus1)?)?;
+    (centred - xh.broadcast_mul(&(gw * xh)?.mean_keepdim(D::Minus1)?)?)?.broadcast_mul(inv_std)
 }
 
 /// Multi-head scaled dot-product attention. q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
