@@ -1,5 +1,7 @@
 //! The contract between the graft host and its strategy plugins.
 #![allow(non_local_definitions)]
+// The defaulted trait methods added after version 1 ignore their arguments.
+#![allow(unused_variables)]
 //!
 //! Everything here crosses a dynamic-library boundary, so every type is `#[repr(C)]` /
 //! `#[repr(transparent)]` and derives `abi_stable::StableAbi`: the host checks the whole layout
@@ -132,6 +134,9 @@ open_enum! {
         NORMAL = 1 => "normal",
         KAIMING_UNIFORM = 2 => "kaiming_uniform",
         CONSTANT = 3 => "constant",
+        /// Computed by the strategy's `init_param` from the layer (its base weight and bias)
+        /// when the parameter is created or reset. Declare it in the plan, not through `param`.
+        FROM_LAYER = 4 => "from_layer",
     }
 }
 
@@ -280,7 +285,8 @@ pub struct TensorId(pub u64);
 ///   `gain = sqrt(2 / (1 + a²))` and `fan_in` the product of all dimensions but the first
 ///   (torch's rule: `in` for an `[out, in]` weight; the size itself for a 1-d shape);
 ///   `a = sqrt(5)` is torch's `nn.Linear` default and kohya's `lora_down`;
-/// - constant: every element `a`.
+/// - constant: every element `a`;
+/// - from_layer: the strategy's `init_param` computes it from the layer (`a`, `b` unused).
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq)]
 pub struct Init {
@@ -302,6 +308,9 @@ impl Init {
     pub const fn constant(value: f64) -> Self {
         Self { kind: InitKind::CONSTANT, a: value, b: 0.0 }
     }
+    pub const fn from_layer() -> Self {
+        Self { kind: InitKind::FROM_LAYER, a: 0.0, b: 0.0 }
+    }
 }
 
 impl std::fmt::Display for Init {
@@ -311,6 +320,7 @@ impl std::fmt::Display for Init {
             InitKind::NORMAL => write!(f, "normal(mean={}, std={})", self.a, self.b),
             InitKind::KAIMING_UNIFORM => write!(f, "kaiming_uniform(a={})", self.a),
             InitKind::CONSTANT => write!(f, "constant({})", self.a),
+            InitKind::FROM_LAYER => write!(f, "from_layer"),
             k => write!(f, "{k}"),
         }
     }
@@ -424,7 +434,8 @@ pub struct NamedTensor {
 /// What `export` returns for one layer: tensors in a key family the host's formats crate knows.
 ///
 /// - `lora`: tensors `down` [r, in] and `up` [out, r] and `alpha`: the host writes kohya or PEFT
-///   keys (`y = W x + alpha / r * up down x`);
+///   keys (`y = W x + alpha / r * up down x`); with a tensor `dora_scale` ([out, 1], DoRA's
+///   magnitude: `W' = m * (W + dW) / ||W + dW||` per output row) it writes a LyCORIS file;
 /// - `diff`: tensor `diff` [out, in], a full weight difference (LyCORIS `diff`);
 /// - `native`: any tensors, written under graft-native keys `<layer>.<name>`.
 #[repr(C)]
@@ -518,6 +529,78 @@ pub trait HostOps {
     /// A message in the host's log, tagged with the plugin and layer.
     #[sabi(last_prefix_field)]
     fn log(&mut self, level: LogLevel, message: RStr<'_>);
+
+    // Added after ABI version 1 shipped. Each has a default body: a plugin built against this
+    // contract that calls one on an older host gets an `unsupported` error instead of a crash.
+
+    /// The bias [out] of the current linear layer; none when the layer has no bias.
+    fn base_bias(&mut self) -> GResult<ROption<TensorId>> {
+        unsupported("base_bias")
+    }
+    /// |x|; the gradient is sign(x) (0 at 0).
+    fn abs(&mut self, x: TensorId) -> GResult<TensorId> {
+        unsupported("abs")
+    }
+    /// x limited to [min, max]; the gradient passes where x is inside, 0 outside.
+    fn clamp(&mut self, x: TensorId, min: f64, max: f64) -> GResult<TensorId> {
+        unsupported("clamp")
+    }
+    /// Element-wise max (broadcast); the gradient goes to the larger operand.
+    fn maximum(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
+        unsupported("maximum")
+    }
+    /// Element-wise min (broadcast); the gradient goes to the smaller operand.
+    fn minimum(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
+        unsupported("minimum")
+    }
+    /// `a` where `cond` is not 0, else `b` (broadcast to one shape); gradients flow to `a` and
+    /// `b` through the positions they were taken from, none to `cond`.
+    fn where_cond(&mut self, cond: TensorId, a: TensorId, b: TensorId) -> GResult<TensorId> {
+        unsupported("where_cond")
+    }
+    /// 1 where `a > b`, else 0 (broadcast), in the compute dtype; no gradient.
+    fn gt(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
+        unsupported("gt")
+    }
+    /// Natural logarithm.
+    fn ln(&mut self, x: TensorId) -> GResult<TensorId> {
+        unsupported("ln")
+    }
+    /// x^e element-wise (x > 0 for a non-integer e).
+    fn powf(&mut self, x: TensorId, e: f64) -> GResult<TensorId> {
+        unsupported("powf")
+    }
+    /// The identity matrix [n, n].
+    fn eye(&mut self, n: u64) -> GResult<TensorId> {
+        unsupported("eye")
+    }
+    /// The inverse of each square matrix in the last two dimensions; differentiable
+    /// (d(A⁻¹) = −A⁻¹ dA A⁻¹). An error names a singular matrix. For OFT's Cayley transform.
+    fn inverse(&mut self, x: TensorId) -> GResult<TensorId> {
+        unsupported("inverse")
+    }
+    /// Reorders the dimensions: `dims` is a permutation of 0..rank (negative counted from the end).
+    fn permute(&mut self, x: TensorId, dims: RSlice<'_, i64>) -> GResult<TensorId> {
+        unsupported("permute")
+    }
+    /// The entries `indices` along `dim` (a gather; the gradient scatters back). For fixed
+    /// permutations such as BOFT's butterfly.
+    fn index_select(&mut self, x: TensorId, dim: i64, indices: RSlice<'_, u64>) -> GResult<TensorId> {
+        unsupported("index_select")
+    }
+    /// Standard normal values that depend only on `seed` and `shape` (not on the host RNG), with
+    /// no gradient: frozen random projections shared by every layer (VeRA) without storing them.
+    fn random_normal(&mut self, shape: RSlice<'_, u64>, seed: u64) -> GResult<TensorId> {
+        unsupported("random_normal")
+    }
+}
+
+/// The answer of an op or entry point the other side's build does not have.
+fn unsupported<T>(what: &str) -> GResult<T> {
+    RResult::RErr(GraftError::new(
+        ErrorKind::UNSUPPORTED,
+        format!("`{what}` is not in the other side's build of graft-abi (update graft, or rebuild the plugin)"),
+    ))
 }
 
 /// The ops table as passed to a plugin entry point.
@@ -561,6 +644,20 @@ pub trait Strategy: Send + Sync {
     fn save_state(&self) -> GResult<RString>;
     #[sabi(last_prefix_field)]
     fn load_state(&mut self, state_json: RStr<'_>) -> GResult<()>;
+
+    // Added after ABI version 1 shipped (defaulted: plugins built before still load).
+
+    /// The initial value of parameter `name` of `layer`, declared with [`Init::from_layer`];
+    /// computed through `ops` (`base_weight`, `base_bias`), with the parameter's shape. Called
+    /// when the host creates or resets the parameter.
+    fn init_param(
+        &self,
+        ops: HostOps_TO<'_, RMut<'_, ()>>,
+        layer: &LayerInfo,
+        name: RStr<'_>,
+    ) -> GResult<TensorId> {
+        unsupported("init_param")
+    }
 }
 
 /// An owned strategy object.

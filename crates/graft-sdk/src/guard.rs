@@ -115,6 +115,10 @@ impl<S: Strategy> abi::Strategy for Guarded<S> {
     fn load_state(&mut self, state_json: RStr<'_>) -> GResult<()> {
         guard("load_state", || self.inner.load_state(state_json.as_str()))
     }
+
+    fn init_param(&self, ops: HostOps_TO<'_, RMut<'_, ()>>, layer: &LayerInfo, name: RStr<'_>) -> GResult<TensorId> {
+        guard("init_param", || with_ops(ops, false, 0, |ops| Ok(self.inner.init_param(ops, layer, name.as_str())?.id())))
+    }
 }
 
 extern "C" fn abi_version() -> u32 {

@@ -35,6 +35,7 @@ mod guard;
 pub mod layers;
 mod ops;
 mod plan;
+pub mod state;
 
 pub use error::{Error, Result};
 pub use graft_abi::{
@@ -70,7 +71,8 @@ pub trait Strategy: Sized + Send + Sync + 'static {
     fn new(config: &str) -> Result<Self>;
 
     /// Which layers to attach to, with which parameters, optimizer groups, base weights to
-    /// unfreeze and stages. Called again with the same config after a hot reload.
+    /// unfreeze and stages. Called again after a hot reload. `config` is the JSON `new` got
+    /// (most strategies parse it in `new` and ignore it here).
     fn plan(&mut self, layers: &[LayerInfo], config: &str) -> Result<Plan>;
 
     /// The output that replaces the hook point's output: `inputs.base_out()` for a linear,
@@ -104,6 +106,15 @@ pub trait Strategy: Sized + Send + Sync + 'static {
     fn load_state(&mut self, state: &str) -> Result<()> {
         let _ = state;
         Ok(())
+    }
+
+    /// The initial value of parameter `name` of `layer`, for parameters declared with
+    /// [`Init::from_layer`]: computed through `ops` from [`Ops::base_weight`] and
+    /// [`Ops::base_bias`], with the declared shape. The host calls it when it creates the
+    /// parameter and on a `Reset` directive (DoRA's magnitude is the row norms of `W`).
+    fn init_param<'o>(&self, ops: Ops<'o>, layer: &LayerInfo, name: &str) -> Result<Tensor<'o>> {
+        let _ = ops;
+        bail!("parameter `{name}` of `{}` is declared from_layer, but this strategy has no init_param", layer.name())
     }
 }
 

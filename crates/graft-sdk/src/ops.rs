@@ -162,6 +162,38 @@ impl<'o> Ops<'o> {
         self.run("constant", |raw| raw.constant(shape.as_slice().into(), value))
     }
 
+    /// The bias `[out]` of the current linear layer; `None` when it has none (or the call is
+    /// poisoned). Detached from the graph unless the plan unfroze it.
+    pub fn base_bias(self) -> Option<Tensor<'o>> {
+        if self.backend.poisoned() {
+            return None;
+        }
+        let id = self.query("base_bias", ROption::RNone, |raw| raw.base_bias());
+        id.into_option().map(|id| self.tensor(id))
+    }
+
+    /// The identity matrix `[n, n]`.
+    pub fn eye(self, n: usize) -> Tensor<'o> {
+        self.run("eye", |raw| raw.eye(n as u64))
+    }
+
+    /// Standard normal values that depend only on `seed` and `shape`, with no gradient: a frozen
+    /// random matrix rebuilt on every call instead of stored (VeRA's shared projections).
+    pub fn random_normal(self, shape: &[usize], seed: u64) -> Tensor<'o> {
+        let shape = dims_u64(shape);
+        self.run("random_normal", |raw| raw.random_normal(shape.as_slice().into(), seed))
+    }
+
+    /// `on_true` where `cond` is not 0, else `on_false` (broadcast). Gradients flow to both
+    /// branches where they were taken, none to `cond`.
+    pub fn where_cond(self, cond: Tensor<'o>, on_true: Tensor<'o>, on_false: Tensor<'o>) -> Tensor<'o> {
+        let (c, a, b) = (cond.id, on_true.id, on_false.id);
+        if [c, a, b].contains(&POISONED) {
+            return Tensor { id: POISONED, ops: self };
+        }
+        self.run("where_cond", |raw| raw.where_cond(c, a, b))
+    }
+
     /// A 0-d tensor.
     pub fn scalar(self, value: f64) -> Tensor<'o> {
         self.constant(&[], value)
@@ -377,7 +409,49 @@ impl<'o> Tensor<'o> {
         self * self
     }
 
+    /// Limited to `[min, max]`; the gradient is 0 where the value was clamped.
+    pub fn clamp(self, min: f64, max: f64) -> Tensor<'o> {
+        self.unary("clamp", |raw, x| raw.clamp(x, min, max))
+    }
+
+    /// Element-wise maximum (broadcast); the gradient goes to the larger operand.
+    pub fn maximum(self, rhs: Tensor<'o>) -> Tensor<'o> {
+        self.binary(rhs, "maximum", |raw, a, b| raw.maximum(a, b))
+    }
+
+    /// Element-wise minimum (broadcast); the gradient goes to the smaller operand.
+    pub fn minimum(self, rhs: Tensor<'o>) -> Tensor<'o> {
+        self.binary(rhs, "minimum", |raw, a, b| raw.minimum(a, b))
+    }
+
+    /// 1 where `self > rhs`, else 0 (broadcast); no gradient. A mask for [`Ops::where_cond`].
+    pub fn gt(self, rhs: Tensor<'o>) -> Tensor<'o> {
+        self.binary(rhs, "gt", |raw, a, b| raw.gt(a, b))
+    }
+
+    /// `self` to the power `e`, element-wise.
+    pub fn powf(self, e: f64) -> Tensor<'o> {
+        self.unary("powf", |raw, x| raw.powf(x, e))
+    }
+
+    /// Reorders the dimensions (`dims` a permutation of `0..rank`).
+    pub fn permute(self, dims: &[i64]) -> Tensor<'o> {
+        self.unary("permute", |raw, x| raw.permute(x, dims.into()))
+    }
+
+    /// The entries `indices` along `dim` (a gather; the gradient scatters back).
+    pub fn index_select(self, dim: i64, indices: &[usize]) -> Tensor<'o> {
+        let indices = dims_u64(indices);
+        self.unary("index_select", |raw, x| raw.index_select(x, dim, indices.as_slice().into()))
+    }
+
     unary! {
+        /// |x|; gradient sign(x).
+        abs,
+        /// Natural logarithm.
+        ln,
+        /// The inverse of each square matrix in the last two dimensions (differentiable).
+        inverse,
         sigmoid,
         tanh,
         silu,

@@ -65,7 +65,8 @@ pub struct ParamSpec {
     pub name: String,
     pub shape: Vec<usize>,
     pub init: Init,
-    /// Optimizer group; a group the plan does not define gets the run's learning rate.
+    /// Optimizer group: a name in [`Plan::groups`] (the host refuses a plan that puts a
+    /// parameter in a group it does not declare).
     pub group: String,
     pub trainable: bool,
 }
@@ -285,6 +286,10 @@ impl Directive {
 pub enum Export<'o> {
     /// Standard LoRA: the host writes kohya or PEFT keys. `down` [r, in], `up` [out, r].
     Lora { down: Tensor<'o>, up: Tensor<'o>, alpha: f64 },
+    /// DoRA: a LoRA with a magnitude [out, 1] (or [out]), `W' = magnitude * (W + dW) /
+    /// ||W + dW||` per output row. The host writes a LyCORIS file (kohya keys plus
+    /// `dora_scale`) that A1111, ComfyUI and `graft generate` apply.
+    Dora { down: Tensor<'o>, up: Tensor<'o>, alpha: f64, magnitude: Tensor<'o> },
     /// A full weight difference [out, in].
     Diff(Tensor<'o>),
     /// Any tensors, saved under graft-native keys `<layer>.<name>`.
@@ -302,6 +307,11 @@ impl Export<'_> {
             Export::Lora { down, up, alpha } => {
                 ("lora", named(vec![("down".into(), down), ("up".into(), up)]), RSome(alpha))
             }
+            Export::Dora { down, up, alpha, magnitude } => (
+                "lora",
+                named(vec![("down".into(), down), ("up".into(), up), ("dora_scale".into(), magnitude)]),
+                RSome(alpha),
+            ),
             Export::Diff(t) => ("diff", named(vec![("diff".into(), t)]), RNone),
             Export::Native(v) => ("native", named(v), RNone),
             Export::Family { family, tensors, alpha } => {

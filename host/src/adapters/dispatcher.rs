@@ -20,7 +20,7 @@ use graft_sdxl::hooks::{HookRegistry, Hooks, LayerIndex, LinearWeights, SharedLi
 use graft_sdxl::rng::GraftRng;
 use graft_sdxl::{PipelineHooks, SdxlModel};
 
-use crate::adapters::store::{ParamStore, PlanDiff};
+use crate::adapters::store::{InitKind, ParamKey, ParamStore, PlanDiff};
 use crate::plugins::loader::LoadedPlugin;
 use crate::plugins::strategy::{layer_to_abi, CallContext, ExportedLayer, PluginError, StrategyInstance};
 
@@ -171,6 +171,8 @@ impl AdapterSet {
         }
         let plan = instance.plan(&self.layers)?;
         let diff = self.store.apply_plan(instance.name(), &plan)?;
+        let fresh: Vec<ParamKey> = diff.created.iter().chain(diff.reshaped.iter().map(|(k, _, _)| k)).cloned().collect();
+        self.init_from_layer(&instance, &fresh)?;
         let s = self.strategies.len();
         let mut attached = BTreeSet::new();
         for att in plan.attachments.iter().filter(|a| a.attached) {
@@ -271,7 +273,8 @@ impl AdapterSet {
                     self.store.set_trainable(&name, &d.layer, param, d.kind == K::UNFREEZE);
                 }
                 K::RESET => {
-                    self.store.reset(&name, &d.layer, param)?;
+                    let keys = self.store.reset(&name, &d.layer, param)?;
+                    self.init_from_layer(&self.strategies[s].instance, &keys)?;
                 }
                 K::FOLD_INTO_BASE => {
                     let g = self.index(&d.layer)?;
@@ -290,6 +293,23 @@ impl AdapterSet {
             }
         }
         Ok(scales)
+    }
+
+    /// Fills in the parameters among `keys` that start from the layer (`from_layer` init): the
+    /// strategy's `init_param` computes each from the layer's current base weight and bias.
+    fn init_from_layer(&self, instance: &StrategyInstance, keys: &[ParamKey]) -> anyhow::Result<()> {
+        for key in keys {
+            let Some(p) = self.store.get(key).filter(|p| p.init == InitKind::FromLayer) else { continue };
+            let g = self.index(&key.layer)?;
+            let base = self.base(g);
+            let value = {
+                let mut rng = self.rng.lock().expect("rng lock");
+                let mut cx = self.cx(&mut rng);
+                instance.init_param(&mut cx, &self.layers[g], base.as_ref(), &key.name, &p.dims())?
+            };
+            self.store.set(key, &value).with_context(|| format!("parameter {key}"))?;
+        }
+        Ok(())
     }
 
     /// Asks every strategy for its directives at `step` and applies them. A strategy whose
@@ -339,8 +359,9 @@ impl AdapterSet {
         }
     }
 
-    fn base_weight(&self, g: usize) -> Option<Tensor> {
-        self.weights[g].as_ref().map(|w| w.read().expect("weights lock").weight.clone())
+    /// The base weight and bias of hook point `g` now (none for an attention module).
+    fn base(&self, g: usize) -> Option<LinearWeights> {
+        self.weights[g].as_ref().map(|w| w.read().expect("weights lock").clone())
     }
 
     fn cx<'a>(&'a self, rng: &'a mut GraftRng) -> CallContext<'a> {
@@ -349,7 +370,7 @@ impl AdapterSet {
 
     /// The delta weight of strategy `s` at hook point `g`, if it has one.
     pub fn delta(&self, s: usize, g: usize) -> anyhow::Result<Option<Tensor>> {
-        let w = self.base_weight(g);
+        let w = self.base(g);
         let mut rng = self.rng.lock().expect("rng lock");
         let mut cx = self.cx(&mut rng);
         Ok(self.strategies[s].instance.delta_weight(&mut cx, &self.layers[g], w.as_ref())?)
@@ -410,7 +431,7 @@ impl AdapterSet {
         let mut out = Vec::new();
         for att in st.plan.attachments.iter() {
             let g = self.index(&att.layer)?;
-            let w = self.base_weight(g);
+            let w = self.base(g);
             let mut rng = self.rng.lock().expect("rng lock");
             let mut cx = self.cx(&mut rng);
             if let Some(e) = st.instance.export(&mut cx, &self.layers[g], w.as_ref())? {
@@ -425,6 +446,8 @@ impl AdapterSet {
     /// a failure. On error the old build keeps running.
     pub fn reload(&mut self, s: usize, plugin: &LoadedPlugin) -> anyhow::Result<PlanDiff> {
         let (plan, diff) = self.strategies[s].instance.reload(plugin, &self.layers, &self.store)?;
+        let fresh: Vec<ParamKey> = diff.created.iter().chain(diff.reshaped.iter().map(|(k, _, _)| k)).cloned().collect();
+        self.init_from_layer(&self.strategies[s].instance, &fresh)?;
         let mut attached = BTreeSet::new();
         for att in plan.attachments.iter().filter(|a| a.attached) {
             attached.insert(self.index(&att.layer)?);
@@ -497,7 +520,7 @@ impl Hooks for ComponentHooks<'_> {
 
     fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> Result<Tensor> {
         let g = self.offset + layer;
-        let w = self.set.base_weight(g);
+        let w = self.set.base(g);
         let info = &self.set.layers[g];
         let dtype = base_out.dtype();
         let (input, base_out) = (f32(input)?, f32(&base_out)?);

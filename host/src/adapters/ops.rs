@@ -15,6 +15,7 @@ use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
 use candle_core::{DType, Tensor};
 use graft_abi::{GResult, GraftError, HostOps, HostOpsMut, HostOps_TO, Init, LogLevel, TensorId};
+use graft_sdxl::hooks::LinearWeights;
 use graft_sdxl::rng::GraftRng;
 
 use super::store::{InitKind, ParamKey, ParamStore};
@@ -29,7 +30,7 @@ pub struct CandleOps<'a> {
     rng: &'a mut GraftRng,
     strategy: &'a str,
     layer: &'a str,
-    base_weight: Option<Tensor>,
+    base: Option<LinearWeights>,
     training: bool,
     call: u32,
     tensors: Vec<Tensor>,
@@ -37,15 +38,15 @@ pub struct CandleOps<'a> {
 }
 
 impl<'a> CandleOps<'a> {
-    /// Ops for a call of `strategy` at `layer`. `base_weight` is the layer's base weight
-    /// [out, in] (none for attention hook points); `rng` feeds dropout; dropout is the identity
+    /// Ops for a call of `strategy` at `layer`. `base` is the layer's base weight [out, in] and
+    /// bias (none for attention hook points); `rng` feeds dropout; dropout is the identity
     /// unless `training`.
     pub fn new(
         store: &'a ParamStore,
         rng: &'a mut GraftRng,
         strategy: &'a str,
         layer: &'a str,
-        base_weight: Option<Tensor>,
+        base: Option<LinearWeights>,
         training: bool,
     ) -> Self {
         Self {
@@ -53,7 +54,7 @@ impl<'a> CandleOps<'a> {
             rng,
             strategy,
             layer,
-            base_weight,
+            base,
             training,
             call: NEXT_CALL.fetch_add(1, Ordering::Relaxed),
             tensors: Vec::new(),
@@ -205,6 +206,72 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Ten
     }
 }
 
+/// `a` where `cond != 0`, else `b`, all broadcast to one shape.
+fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let shape = cond.shape().broadcast_shape_binary_op(a.shape(), "where_cond")?;
+    let shape = shape.broadcast_shape_binary_op(b.shape(), "where_cond")?;
+    let mask = cond.ne(0.0)?.broadcast_as(&shape)?;
+    mask.where_cond(&a.broadcast_as(&shape)?, &b.broadcast_as(&shape)?)
+}
+
+/// The inverse of each matrix in the last two dimensions: Gauss-Jordan with partial pivoting
+/// in f64 on the CPU (the matrices adapters invert are small), with the backward
+/// `dA = -A^-T G A^-T` in candle ops, so it runs on any device.
+fn inverse(x: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let n = match dims {
+        [.., r, c] if r == c => *c,
+        _ => candle_core::bail!("inverse needs square matrices in the last two dimensions, got {dims:?}"),
+    };
+    let values = x.detach().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let mut out = Vec::with_capacity(values.len());
+    for (m, a) in values.chunks(n * n.max(1)).enumerate() {
+        out.extend(invert(a, n).ok_or_else(|| candle_core::Error::Msg(format!("matrix {m} of {dims:?} is singular")))?);
+    }
+    let inv = Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?;
+    graft_sdxl::precomputed::with_backward1(
+        "inverse",
+        x,
+        inv,
+        Box::new(|_, inv, grad| {
+            let inv_t = inv.transpose(inv.rank() - 2, inv.rank() - 1)?;
+            Ok(Some(inv_t.broadcast_matmul(grad)?.broadcast_matmul(&inv_t)?.neg()?))
+        }),
+    )
+}
+
+/// One n x n matrix (row-major) inverted; none when singular.
+fn invert(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    let mut m = a.to_vec();
+    let mut inv: Vec<f64> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
+    let scale = a.iter().fold(0f64, |s, v| s.max(v.abs()));
+    for col in 0..n {
+        let pivot = (col..n).max_by(|&i, &j| m[i * n + col].abs().total_cmp(&m[j * n + col].abs()))?;
+        if m[pivot * n + col].abs() <= scale * 1e-12 || !m[pivot * n + col].is_finite() {
+            return None;
+        }
+        for k in 0..n {
+            m.swap(col * n + k, pivot * n + k);
+            inv.swap(col * n + k, pivot * n + k);
+        }
+        let p = m[col * n + col];
+        for k in 0..n {
+            m[col * n + k] /= p;
+            inv[col * n + k] /= p;
+        }
+        for row in (0..n).filter(|&r| r != col) {
+            let f = m[row * n + col];
+            if f != 0.0 {
+                for k in 0..n {
+                    m[row * n + k] -= f * m[col * n + k];
+                    inv[row * n + k] -= f * inv[col * n + k];
+                }
+            }
+        }
+    }
+    Some(inv)
+}
+
 fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if a.rank() < 2 || b.rank() < 2 {
         candle_core::bail!("matmul needs operands of rank >= 2, got {:?} and {:?}", a.dims(), b.dims());
@@ -220,6 +287,9 @@ impl HostOps for CandleOps<'_> {
     fn param(&mut self, name: RStr<'_>, shape: RSlice<'_, u64>, init: Init) -> GResult<TensorId> {
         self.op("param", |ops| {
             let key = ops.key(name.as_str());
+            if init.kind == graft_abi::InitKind::FROM_LAYER {
+                return Err(err(format!("{key}: a parameter initialised from the layer must be declared in the plan")));
+            }
             let init = InitKind::try_from(init).map_err(|e| err(format!("{key}: {e}")))?;
             let (p, created) = ops
                 .store
@@ -247,8 +317,9 @@ impl HostOps for CandleOps<'_> {
 
     fn base_weight(&mut self) -> GResult<TensorId> {
         self.op("base_weight", |ops| {
-            let w = ops.base_weight
-                .clone()
+            let w = ops.base
+                .as_ref()
+                .map(|b| b.weight.clone())
                 .ok_or_else(|| err(format!("layer `{}` has no base weight here (an attention hook point?)", ops.layer)))?;
             // Plugins compute in f32: a weight kept in half precision is widened when asked for.
             w.to_dtype(candle_core::DType::F32).map_err(|e| err(format!("layer `{}`: {e}", ops.layer)))
@@ -477,6 +548,109 @@ impl HostOps for CandleOps<'_> {
         }
     }
 
+    fn base_bias(&mut self) -> GResult<ROption<TensorId>> {
+        let Some(base) = &self.base else {
+            return RResult::RErr(err(format!("base_bias: layer `{}` has no base weight here (an attention hook point?)", self.layer)));
+        };
+        match base.bias.clone().map(|b| b.to_dtype(DType::F32)) {
+            None => RResult::ROk(ROption::RNone),
+            Some(Ok(b)) => RResult::ROk(ROption::RSome(self.insert(b))),
+            Some(Err(e)) => RResult::RErr(err(format!("base_bias: layer `{}`: {e}", self.layer))),
+        }
+    }
+
+    fn abs(&mut self, x: TensorId) -> GResult<TensorId> {
+        self.unary("abs", x, |x| x.abs())
+    }
+
+    fn clamp(&mut self, x: TensorId, min: f64, max: f64) -> GResult<TensorId> {
+        if min.is_nan() || max.is_nan() || min > max {
+            return RResult::RErr(err(format!("clamp: needs min <= max, got [{min}, {max}]")));
+        }
+        // maximum / minimum against scalars carry candle's backward (clamp itself has none).
+        self.unary("clamp", x, |x| x.maximum(min)?.minimum(max))
+    }
+
+    fn maximum(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
+        self.binary("maximum", a, b, |a, b| a.broadcast_maximum(b))
+    }
+
+    fn minimum(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
+        self.binary("minimum", a, b, |a, b| a.broadcast_minimum(b))
+    }
+
+    fn where_cond(&mut self, cond: TensorId, a: TensorId, b: TensorId) -> GResult<TensorId> {
+        self.op("where_cond", |ops| {
+            let (c, a, b) = (ops.tensor(cond)?, ops.tensor(a)?, ops.tensor(b)?);
+            where_cond(&c, &a, &b).map_err(|e| candle(e, &[&c, &a, &b]))
+        })
+    }
+
+    fn gt(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
+        self.binary("gt", a, b, |a, b| a.broadcast_gt(b)?.to_dtype(a.dtype()))
+    }
+
+    fn ln(&mut self, x: TensorId) -> GResult<TensorId> {
+        self.unary("ln", x, |x| x.log())
+    }
+
+    fn powf(&mut self, x: TensorId, e: f64) -> GResult<TensorId> {
+        self.unary("powf", x, |x| x.powf(e))
+    }
+
+    fn eye(&mut self, n: u64) -> GResult<TensorId> {
+        self.op("eye", |ops| {
+            let n = n as usize;
+            let values: Vec<f32> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
+            Tensor::from_vec(values, (n, n), ops.store.device())
+                .and_then(|t| t.to_dtype(ops.store.dtype()))
+                .map_err(|e| err(e.to_string()))
+        })
+    }
+
+    fn inverse(&mut self, x: TensorId) -> GResult<TensorId> {
+        self.op("inverse", |ops| {
+            let x = ops.tensor(x)?;
+            inverse(&x).map_err(|e| candle(e, &[&x]))
+        })
+    }
+
+    fn permute(&mut self, x: TensorId, dims: RSlice<'_, i64>) -> GResult<TensorId> {
+        self.op("permute", |ops| {
+            let x = ops.tensor(x)?;
+            let order = dims.iter().map(|&d| resolve_dim(d, x.rank())).collect::<Result<Vec<_>, _>>()?;
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            if sorted != (0..x.rank()).collect::<Vec<_>>() {
+                return Err(err(format!("{:?} is not a permutation of the {} dimensions of {:?}", dims.as_slice(), x.rank(), x.dims())));
+            }
+            x.permute(order).map_err(|e| candle(e, &[&x]))
+        })
+    }
+
+    fn index_select(&mut self, x: TensorId, dim: i64, indices: RSlice<'_, u64>) -> GResult<TensorId> {
+        self.op("index_select", |ops| {
+            let x = ops.tensor(x)?;
+            let d = resolve_dim(dim, x.rank())?;
+            if let Some(&bad) = indices.iter().find(|&&i| i as usize >= x.dim(d).unwrap_or(0)) {
+                return Err(err(format!("index {bad} out of range for dimension {dim} of {:?}", x.dims())));
+            }
+            let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+            let idx = Tensor::from_vec(idx, indices.len(), x.device()).map_err(|e| err(e.to_string()))?;
+            x.index_select(&idx, d).map_err(|e| candle(e, &[&x]))
+        })
+    }
+
+    fn random_normal(&mut self, shape: RSlice<'_, u64>, seed: u64) -> GResult<TensorId> {
+        self.op("random_normal", |ops| {
+            let shape = shape_usize(shape);
+            GraftRng::new(seed)
+                .randn(shape.as_slice(), ops.store.device())
+                .and_then(|t| t.to_dtype(ops.store.dtype()))
+                .map_err(|e| err(format!("shape {shape:?}: {e}")))
+        })
+    }
+
     fn log(&mut self, level: LogLevel, message: RStr<'_>) {
         let (s, l, m) = (self.strategy, self.layer, message.as_str());
         match level {
@@ -517,7 +691,7 @@ mod tests {
         let mut rng = GraftRng::new(1);
         let x = rng.randn((2, 3, 4), &Device::Cpu)?;
         let w = rng.randn((5, 4), &Device::Cpu)?;
-        let mut ops = CandleOps::new(&store, &mut rng, "lora", "unet.l", Some(w.clone()), true);
+        let mut ops = CandleOps::new(&store, &mut rng, "lora", "unet.l", Some(LinearWeights { weight: w.clone(), bias: None }), true);
         let xi = ops.insert(x.clone());
         let down = ok(ops.param("down".into(), [2u64, 4].as_slice().into(), Init::normal(0.0, 1.0)));
         let up = ok(ops.param("up".into(), [5u64, 2].as_slice().into(), Init::constant(0.1)));
@@ -577,6 +751,82 @@ mod tests {
         // Dropout is the identity outside training.
         let d = ok(ops.dropout(x, 0.5));
         assert_eq!(ops.tensor(d).unwrap().to_vec3::<f32>()?, ops.tensor(x).unwrap().to_vec3::<f32>()?);
+        Ok(())
+    }
+
+    /// The ops added after ABI version 1, each against a value computed by hand, with the
+    /// gradients that pass through them.
+    #[test]
+    fn added_ops_values_and_gradients() -> candle_core::Result<()> {
+        let store = store();
+        let mut rng = GraftRng::new(1);
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, -2.0], [3.0, 0.5]], &dev)?;
+        let bias = Tensor::new(&[0.25f32, -1.0], &dev)?;
+        let mut ops = CandleOps::new(&store, &mut rng, "s", "l", Some(LinearWeights { weight: w.clone(), bias: Some(bias) }), true);
+        let vals = |ops: &CandleOps<'_>, id| ops.tensor(id).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = ok(ops.base_bias()).into_option().expect("a bias");
+        assert_eq!(vals(&ops, b), vec![0.25, -1.0]);
+        let x = Var::new(&[[-1.5f32, 0.5], [2.0, -3.0]], &dev)?;
+        let xi = ops.insert(x.as_tensor().clone());
+        let a = ok(ops.abs(xi));
+        assert_eq!(vals(&ops, a), vec![1.5, 0.5, 2.0, 3.0]);
+        let c = ok(ops.clamp(xi, -1.0, 1.0));
+        assert_eq!(vals(&ops, c), vec![-1.0, 0.5, 1.0, -1.0]);
+        assert!(fail(ops.clamp(xi, 1.0, -1.0)).contains("min <= max"));
+        let wi = ops.insert(w.clone());
+        let mx = ok(ops.maximum(xi, wi));
+        assert_eq!(vals(&ops, mx), vec![1.0, 0.5, 3.0, 0.5]);
+        let mn = ok(ops.minimum(xi, wi));
+        assert_eq!(vals(&ops, mn), vec![-1.5, -2.0, 2.0, -3.0]);
+        let mask = ok(ops.gt(xi, wi));
+        assert_eq!(vals(&ops, mask), vec![0.0, 1.0, 0.0, 0.0]);
+        let zero = ok(ops.constant([].as_slice().into(), 0.0));
+        let sel = ok(ops.where_cond(mask, xi, zero));
+        assert_eq!(vals(&ops, sel), vec![0.0, 0.5, 0.0, 0.0]);
+        let p = ok(ops.powf(a, 2.0));
+        let l = ok(ops.ln(p));
+        assert!(vals(&ops, l).iter().zip([2.25f32, 0.25, 4.0, 9.0]).all(|(v, w)| (v - w.ln()).abs() < 1e-6));
+        let e = ok(ops.eye(3));
+        assert_eq!(vals(&ops, e), vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
+        let pm = ok(ops.permute(wi, [1i64, 0].as_slice().into()));
+        assert_eq!(vals(&ops, pm), vec![1.0, 3.0, -2.0, 0.5]);
+        assert!(fail(ops.permute(wi, [0i64, 0].as_slice().into())).contains("not a permutation"));
+        let rows = ok(ops.index_select(xi, 0, [1u64, 0, 1].as_slice().into()));
+        assert_eq!(vals(&ops, rows), vec![2.0, -3.0, -1.5, 0.5, 2.0, -3.0]);
+        assert!(fail(ops.index_select(xi, 0, [2u64].as_slice().into())).contains("out of range"));
+        let r1 = ok(ops.random_normal([4u64].as_slice().into(), 9));
+        let r2 = ok(ops.random_normal([4u64].as_slice().into(), 9));
+        assert_eq!(vals(&ops, r1), vals(&ops, r2));
+        // inverse: x @ inverse(x) = I, and its gradient matches -A^-T G A^-T.
+        let inv = ok(ops.inverse(xi));
+        let prod = ok(ops.matmul(xi, inv));
+        assert!(vals(&ops, prod).iter().zip([1f32, 0.0, 0.0, 1.0]).all(|(v, w)| (v - w).abs() < 1e-5));
+        let single = ops.insert(Tensor::new(&[[1f32, 2.0], [2.0, 4.0]], &dev)?);
+        assert!(fail(ops.inverse(single)).contains("singular"));
+        let parts = [a, c, mx, mn, sel, l, rows, inv];
+        let total = parts.iter().map(|&id| ops.tensor(id).unwrap().sum_all().unwrap()).reduce(|s, t| (s + t).unwrap()).unwrap();
+        let grads = total.backward()?;
+        let g = grads.get(x.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+        // By hand: abs sign + clamp inside + max/min winners + where + d ln(x²) = 2/x + rows (1, 2)
+        // + inverse: -(A^-T 1 A^-T).
+        let xv = [-1.5f64, 0.5, 2.0, -3.0];
+        let inv_v = x.as_tensor().to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let det = inv_v[0][0] * inv_v[1][1] - inv_v[0][1] * inv_v[1][0];
+        let ai = [[inv_v[1][1] / det, -inv_v[0][1] / det], [-inv_v[1][0] / det, inv_v[0][0] / det]];
+        let ait = [[ai[0][0], ai[1][0]], [ai[0][1], ai[1][1]]];
+        let s = [ait[0][0] + ait[0][1], ait[1][0] + ait[1][1]];
+        let col = [ait[0][0] + ait[1][0], ait[0][1] + ait[1][1]];
+        let inv_grad = [-s[0] * col[0], -s[0] * col[1], -s[1] * col[0], -s[1] * col[1]];
+        let clamp_in = [0.0, 1.0, 0.0, 0.0];
+        let max_win = [0.0, 1.0, 0.0, 0.0];
+        let min_win = [1.0, 0.0, 1.0, 1.0];
+        let where_in = [0.0, 1.0, 0.0, 0.0];
+        let rows_n = [1.0, 1.0, 2.0, 2.0];
+        for i in 0..4 {
+            let want = xv[i].signum() + clamp_in[i] + max_win[i] + min_win[i] + where_in[i] + 2.0 / xv[i] + rows_n[i] + inv_grad[i];
+            assert!((g[i] as f64 - want).abs() < 1e-4, "element {i}: {} vs {want}", g[i]);
+        }
         Ok(())
     }
 

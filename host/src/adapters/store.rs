@@ -45,6 +45,9 @@ pub enum InitKind {
     /// fan_in = the product of all dimensions but the first.
     KaimingUniform { a: f64 },
     Constant(f64),
+    /// Computed by the strategy from the layer (its `init_param`): the store creates zeros, the
+    /// [`AdapterSet`](super::dispatcher::AdapterSet) fills them in.
+    FromLayer,
 }
 
 impl TryFrom<graft_abi::Init> for InitKind {
@@ -57,7 +60,10 @@ impl TryFrom<graft_abi::Init> for InitKind {
             K::NORMAL => InitKind::Normal { mean: init.a, std: init.b },
             K::KAIMING_UNIFORM => InitKind::KaimingUniform { a: init.a },
             K::CONSTANT => InitKind::Constant(init.a),
-            other => candle_core::bail!("unknown parameter init kind `{other}` (this host knows zeros, normal, kaiming_uniform, constant)"),
+            K::FROM_LAYER => InitKind::FromLayer,
+            other => candle_core::bail!(
+                "unknown parameter init kind `{other}` (this host knows zeros, normal, kaiming_uniform, constant, from_layer)"
+            ),
         })
     }
 }
@@ -69,6 +75,7 @@ impl fmt::Display for InitKind {
             InitKind::Normal { mean, std } => write!(f, "normal(mean={mean}, std={std})"),
             InitKind::KaimingUniform { a } => write!(f, "kaiming_uniform(a={a})"),
             InitKind::Constant(v) => write!(f, "constant({v})"),
+            InitKind::FromLayer => write!(f, "from_layer"),
         }
     }
 }
@@ -181,7 +188,7 @@ impl ParamStore {
         let n: usize = shape.iter().product();
         let mut rng = GraftRng::new(self.seed ^ key_hash(key));
         let values: Vec<f32> = match init {
-            InitKind::Zeros => vec![0.0; n],
+            InitKind::Zeros | InitKind::FromLayer => vec![0.0; n],
             InitKind::Constant(v) => vec![v as f32; n],
             InitKind::Normal { mean, std } => {
                 if std.is_nan() || std < 0.0 {

@@ -210,7 +210,7 @@ impl Hooks for StrategyHooks<'_> {
         self.attached[layer]
     }
     fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> candle_core::Result<Tensor> {
-        let w = self.registry.linear_weights(layer).map(|w| w.read().expect("weights lock").weight.clone());
+        let w = self.registry.linear_weights(layer).map(|w| w.read().expect("weights lock").clone());
         let mut rng = self.rng.lock().expect("rng lock");
         let mut cx = CallContext { store: self.store, rng: &mut rng, training: true, step: 0 };
         self.instance

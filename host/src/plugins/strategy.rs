@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use graft_abi as abi;
 use graft_abi::{ErrorKind, GResult, StrategyBox};
 use graft_sdxl::hooks;
+use graft_sdxl::hooks::LinearWeights;
 use graft_sdxl::rng::GraftRng;
 
 use super::loader::{LoadedPlugin, PluginManifest};
@@ -196,11 +197,11 @@ impl StrategyInstance {
         &self,
         cx: &mut CallContext<'_>,
         layer: &abi::LayerInfo,
-        base_weight: Option<&Tensor>,
+        base: Option<&LinearWeights>,
         input: &Tensor,
         base_out: &Tensor,
     ) -> Result<Tensor, PluginError> {
-        let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base_weight.cloned(), cx.training);
+        let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base.cloned(), cx.training);
         let inputs = abi::ForwardInputs {
             input: RSome(ops.insert(input.clone())),
             base_out: RSome(ops.insert(base_out.clone())),
@@ -269,10 +270,10 @@ impl StrategyInstance {
         &self,
         cx: &mut CallContext<'_>,
         layer: &abi::LayerInfo,
-        base_weight: Option<&Tensor>,
+        base: Option<&LinearWeights>,
     ) -> Result<Option<Tensor>, PluginError> {
         let name = Some(layer.name());
-        let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base_weight.cloned(), false);
+        let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base.cloned(), false);
         let r = self.obj.delta_weight(ops.as_abi(), layer);
         let Some(id) = self.check("delta_weight", name, r)?.into_option() else {
             return Ok(None);
@@ -295,10 +296,10 @@ impl StrategyInstance {
         &self,
         cx: &mut CallContext<'_>,
         layer: &abi::LayerInfo,
-        base_weight: Option<&Tensor>,
+        base: Option<&LinearWeights>,
     ) -> Result<Option<ExportedLayer>, PluginError> {
         let name = Some(layer.name());
-        let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base_weight.cloned(), false);
+        let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base.cloned(), false);
         let r = self.obj.export(ops.as_abi(), layer);
         let Some(form) = self.check("export", name, r)?.into_option() else {
             return Ok(None);
@@ -320,6 +321,34 @@ impl StrategyInstance {
             return Err(self.fail("export", name, ErrorKind::OTHER, m));
         }
         Ok(Some(ExportedLayer { family: form.family.to_string(), tensors, alpha: form.alpha.into_option() }))
+    }
+
+    /// The initial value of parameter `param` of `layer` (declared `from_layer`): what the
+    /// strategy's `init_param` computes, detached, with the shape `shape`.
+    pub fn init_param(
+        &self,
+        cx: &mut CallContext<'_>,
+        layer: &abi::LayerInfo,
+        base: Option<&LinearWeights>,
+        param: &str,
+        shape: &[usize],
+    ) -> Result<Tensor, PluginError> {
+        let name = Some(layer.name());
+        let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base.cloned(), false);
+        let r = self.obj.init_param(ops.as_abi(), layer, param.into());
+        let id = self.check("init_param", name, r)?;
+        let t = ops
+            .tensor(id)
+            .map_err(|e| self.fail("init_param", name, ErrorKind::OP, format!("`{param}`: returned {}", e.message)))?;
+        if t.dims() != shape {
+            return Err(self.fail(
+                "init_param",
+                name,
+                ErrorKind::OP,
+                format!("returned a tensor of shape {:?} for `{param}`, which the plan declares {shape:?}", t.dims()),
+            ));
+        }
+        Ok(t.detach())
     }
 
     /// The directives for this step.
@@ -387,6 +416,18 @@ pub fn check_plan(plan: &abi::Plan, layers: &[abi::LayerInfo]) -> Result<(), Str
             if c.is_nan() || c <= 0.0 {
                 return Err(format!("optimizer group `{}`: clip norm must be > 0, got {c}", g.name));
             }
+        }
+    }
+    for a in plan.attachments.iter() {
+        if let Some(p) = a.params.iter().find(|p| !groups.contains(p.group.as_str())) {
+            let declared: Vec<&str> = groups.iter().copied().collect();
+            return Err(format!(
+                "parameter `{}` of `{}` is in optimizer group `{}`, which the plan does not declare (it declares: {})",
+                p.name,
+                a.layer,
+                p.group,
+                if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
+            ));
         }
     }
     for u in plan.unfreeze.iter() {
