@@ -79,6 +79,9 @@ pub struct AdapterSet {
     unfrozen: Vec<UnfrozenBase>,
     /// Fused hook points and the base weights they replaced.
     fused: Vec<(usize, LinearWeights, Vec<usize>)>,
+    /// Base weights a strategy folded its delta into (`fold_into_base`): the strategy, the hook
+    /// point and the weights before its first fold there, for [`AdapterSet::eject`].
+    folded: Vec<(usize, usize, LinearWeights)>,
     training: bool,
     step: u64,
 }
@@ -112,6 +115,7 @@ impl AdapterSet {
             failures: Mutex::default(),
             unfrozen: Vec::new(),
             fused: Vec::new(),
+            folded: Vec::new(),
             training: false,
             step: 0,
         }
@@ -283,6 +287,9 @@ impl AdapterSet {
                     })?;
                     let shared = self.weights[g].as_ref().context("fold into a non-linear layer")?;
                     let mut w = shared.write().expect("weights lock");
+                    if !self.folded.iter().any(|(fs, fg, _)| (*fs, *fg) == (s, g)) {
+                        self.folded.push((s, g, w.clone()));
+                    }
                     w.weight = w.plus(&delta.detach())?;
                     drop(w);
                     self.strategies[s].attached.remove(&g);
@@ -308,6 +315,33 @@ impl AdapterSet {
                 instance.init_param(&mut cx, &self.layers[g], base.as_ref(), &key.name, &p.dims())?
             };
             self.store.set(key, &value).with_context(|| format!("parameter {key}"))?;
+        }
+        Ok(())
+    }
+
+    /// Takes strategy `s` out of the model (refiners' eject): detached from every hook point,
+    /// the base weights it unfroze or folded into put back as they were, so the model computes
+    /// exactly what it did before [`AdapterSet::add`]. Its parameters stay in the store. Unfuse
+    /// first.
+    pub fn eject(&mut self, s: usize) -> anyhow::Result<()> {
+        if !self.fused.is_empty() {
+            anyhow::bail!("eject of strategy `{}` while adapters are fused: unfuse first", self.strategies[s].name());
+        }
+        for row in &mut self.table {
+            row.retain(|&x| x != s);
+        }
+        self.strategies[s].attached.clear();
+        // Put back the earliest weights first recorded: unfrozen, then folded, newest last.
+        let name = self.strategies[s].name().to_string();
+        let (mine, rest): (Vec<_>, Vec<_>) = self.unfrozen.drain(..).partition(|b| b.strategy == name);
+        self.unfrozen = rest;
+        let (folds, rest): (Vec<_>, Vec<_>) = self.folded.drain(..).partition(|(fs, _, _)| *fs == s);
+        self.folded = rest;
+        for (_, g, original) in folds.into_iter().rev() {
+            *self.weights[g].as_ref().expect("linear").write().expect("weights lock") = original;
+        }
+        for b in mine.into_iter().rev() {
+            *self.weights[b.global].as_ref().expect("linear").write().expect("weights lock") = b.original;
         }
         Ok(())
     }

@@ -26,7 +26,12 @@ pub struct PluginsArgs {
 pub enum PluginsCommand {
     /// List the plugin libraries found: id, version, ABI, status, SHA-256 and path.
     List(ListArgs),
-    /// Load one library and tell whether it is a usable plugin, and why not.
+    /// Load one library, create its strategy and run the conformance checks.
+    #[command(long_about = "Load one library and tell whether it is a usable plugin, and why not. Then run the \
+                            conformance checks on it: its plan over the real SDXL layer list and over the test \
+                            model's (every `targets` pattern must match), zero-init identity, that its parameters \
+                            take effect, fuse / unfuse, eject restoring the model bit for bit, and export -> load \
+                            giving the output it gave. Exits non-zero when any fails.")]
     Check(CheckArgs),
     /// Watch the plugin folders and report each rebuilt plugin as it is reloaded.
     Watch(WatchArgs),
@@ -52,6 +57,13 @@ pub struct CheckArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The SDXL-architecture model for the conformance checks (default: the repository's tiny
+    /// test model, tests/fixtures/tiny-sdxl).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Only load the library and create the strategy; skip the conformance checks.
+    #[arg(long)]
+    pub load_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +251,16 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         None => plugin.manifest.config_example.clone(),
     };
     let strategy = StrategyInstance::new(&plugin, None, &config);
+    let checks = match (&strategy, args.load_only) {
+        (Ok(_), false) => {
+            let model = match &args.model {
+                Some(m) => m.clone(),
+                None => crate::demo::demo_model()?,
+            };
+            Some(super::conformance::run(&plugin, &config, &model)?)
+        }
+        _ => None,
+    };
     if args.json {
         let mut v = describe(&plugin);
         v["loadable"] = serde_json::json!(true);
@@ -246,6 +268,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             Ok(_) => serde_json::json!("ok"),
             Err(e) => serde_json::json!(e.to_string()),
         };
+        v["conformance"] = serde_json::json!(checks);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let m = &plugin.manifest;
@@ -266,8 +289,16 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             Err(e) => println!("new_strategy:  FAILED: {e}"),
         }
         println!("loadable:      yes");
+        for c in checks.iter().flatten() {
+            println!("{:5} {}: {}", if c.passed { "ok" } else { "FAIL" }, c.check, c.detail);
+        }
     }
-    strategy.map(|_| ()).map_err(|e| anyhow::anyhow!("the library loads, but creating its strategy failed: {e}"))
+    strategy.map_err(|e| anyhow::anyhow!("the library loads, but creating its strategy failed: {e}"))?;
+    let failed: Vec<&str> = checks.iter().flatten().filter(|c| !c.passed).map(|c| c.check).collect();
+    if !failed.is_empty() {
+        anyhow::bail!("{}: {} conformance check(s) failed: {}", args.file.display(), failed.len(), failed.join(", "));
+    }
+    Ok(())
 }
 
 fn watch(args: WatchArgs) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@
 //! - [`cli`]: `graft plugins list|check|watch` and `graft plugin new`.
 
 pub mod cli;
+pub mod conformance;
 pub mod loader;
 pub mod manager;
 mod scaffold;

@@ -124,7 +124,11 @@ pub fn write_exports(
             graft_formats::write_peft(&peft, &linear, StoreDtype::F32)?;
             written.push(peft);
         } else {
-            tracing::info!("{}: LoRA and full-diff layers together: a LyCORIS file, no PEFT file", path.display());
+            tracing::info!(
+                "{}: {}: a LyCORIS file (kohya key names; A1111, ComfyUI and graft read it), no PEFT file",
+                path.display(),
+                describe_modules(&linear)
+            );
             graft_formats::write_lycoris(&path, &linear, &meta.sgm_layout, &kohya, StoreDtype::F32)?;
             written.push(path);
         }
@@ -146,6 +150,22 @@ pub fn write_exports(
         written.push(path);
     }
     Ok(written)
+}
+
+/// What a list of entries holds, e.g. "64 LoRA layers with DoRA magnitudes, 2 full weight
+/// differences".
+fn describe_modules(modules: &[ModuleWeights]) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for m in modules {
+        let kind = match (&m.weights, m.dora_scale.is_some()) {
+            (AdapterWeights::Lora { .. }, true) => "LoRA layers with DoRA magnitudes".to_string(),
+            (AdapterWeights::Lora { .. }, false) => "plain LoRA layers".to_string(),
+            (AdapterWeights::Full { .. }, _) => "full weight differences".to_string(),
+            (_, dora) => format!("{} layers{}", m.kind(), if dora { " with DoRA magnitudes" } else { "" }),
+        };
+        *counts.entry(kind).or_default() += 1;
+    }
+    counts.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
 }
 
 /// A file stem: not empty, no folder part.
