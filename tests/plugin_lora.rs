@@ -173,7 +173,7 @@ fn case(s: &mut StrategyInstance, seed: u64) -> Case {
 
 fn forward(s: &StrategyInstance, c: &Case, rng: &mut GraftRng, training: bool) -> Tensor {
     let mut cx = CallContext { store: &c.store, rng, training, step: 1 };
-    s.forward_linear(&mut cx, &c.layer, Some(&c.w), &c.x, &c.base_out).expect("forward")
+    s.forward_linear(&mut cx, &c.layer, Some(&c.w.clone().into()), &c.x, &c.base_out).expect("forward")
 }
 
 /// `m * scale * up(down(x))` in candle.
@@ -215,13 +215,13 @@ fn forward_delta_weight_and_export_match_candle() -> candle_core::Result<()> {
 
         // delta_weight @ x = forward - base_out, and it is m * scale * up @ down.
         let mut cx = CallContext { store: &c.store, rng: &mut rng, training: false, step: 0 };
-        let dw = s.delta_weight(&mut cx, &c.layer, Some(&c.w)).expect("delta_weight").expect("lora is linear");
+        let dw = s.delta_weight(&mut cx, &c.layer, Some(&c.w.clone().into())).expect("delta_weight").expect("lora is linear");
         assert!(max_diff(&dw, &(c.up.matmul(&c.down)? * m_scale)?) < 1e-5);
         let via_dw = c.x.broadcast_matmul(&dw.t()?)?;
         assert!(max_diff(&via_dw, &(&want - &c.base_out)?) < 1e-4);
 
         // Export: down as is, the multiplier folded into up, alpha such that alpha / r = scale.
-        let ex = s.export(&mut cx, &c.layer, Some(&c.w)).expect("export").expect("exported");
+        let ex = s.export(&mut cx, &c.layer, Some(&c.w.clone().into())).expect("export").expect("exported");
         assert_eq!(ex.family, "lora");
         assert_eq!(ex.alpha, Some(alpha_out));
         let t = |n: &str| ex.tensors.iter().find(|(k, _)| k == n).unwrap().1.clone();
@@ -252,7 +252,7 @@ fn zero_initialised_up_leaves_the_output_unchanged() -> candle_core::Result<()> 
         for training in [false, true] {
             let mut rng2 = GraftRng::new(8);
             let mut cx = CallContext { store: &store, rng: &mut rng2, training, step: 0 };
-            let y = s.forward_linear(&mut cx, l, Some(&w), &x, &base_out).expect("forward");
+            let y = s.forward_linear(&mut cx, l, Some(&w.clone().into()), &x, &base_out).expect("forward");
             assert_eq!(values(&y), values(&base_out), "{} (training {training})", a.layer);
         }
     }

@@ -398,7 +398,7 @@ fn forward_delta_weight_and_export_match_lora_math() -> candle_core::Result<()> 
         let b = rng.randn(&[outf], &dev)?;
         let base_out = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
         let mut cx = CallContext { store: &store, rng: &mut rng, training: true, step: 3 };
-        let y = s.forward_linear(&mut cx, l, Some(&w), &x, &base_out).expect("forward");
+        let y = s.forward_linear(&mut cx, l, Some(&w.clone().into()), &x, &base_out).expect("forward");
         let lora = x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?;
         let want = (&base_out + (lora * scale)?)?;
         assert!(max_diff(&y, &want) < 1e-5, "{name}: forward differs by {}", max_diff(&y, &want));
@@ -412,13 +412,13 @@ fn forward_delta_weight_and_export_match_lora_math() -> candle_core::Result<()> 
         }
 
         // delta_weight = (alpha / r) up @ down, and fusing it gives the forward's output.
-        let dw = s.delta_weight(&mut cx, l, Some(&w)).expect("delta_weight").expect("linear adapter");
+        let dw = s.delta_weight(&mut cx, l, Some(&w.clone().into())).expect("delta_weight").expect("linear adapter");
         assert!(max_diff(&dw, &(up.matmul(&down)? * scale)?) < 1e-5, "{name}: delta_weight");
         let fused = x.broadcast_matmul(&(&w + &dw)?.t()?)?.broadcast_add(&b)?;
         assert!(max_diff(&fused, &y) < 1e-4, "{name}: fused differs by {}", max_diff(&fused, &y));
 
         // Export: the lora family with this module's own rank and alpha.
-        let ex = s.export(&mut cx, l, Some(&w)).expect("export").expect("exported");
+        let ex = s.export(&mut cx, l, Some(&w.clone().into())).expect("export").expect("exported");
         assert_eq!((ex.family.as_str(), ex.alpha), ("lora", Some(ALPHAS[i])));
         let get = |k: &str| ex.tensors.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()).unwrap();
         assert_eq!(max_diff(&get("down"), &down), 0.0);

@@ -138,7 +138,7 @@ fn plugin_figures() -> candle_core::Result<()> {
     let t = Instant::now();
     for _ in 0..reps {
         let mut cx = CallContext { store: &store, rng: &mut rng, training: false, step: 0 };
-        let y = s.forward_linear(&mut cx, layer, Some(&w), &x, &base_out).unwrap();
+        let y = s.forward_linear(&mut cx, layer, Some(&w.clone().into()), &x, &base_out).unwrap();
         std::hint::black_box(y);
     }
     let plugin_ms = t.elapsed().as_secs_f64() * 1000.0 / reps as f64;
@@ -155,7 +155,7 @@ fn plugin_figures() -> candle_core::Result<()> {
     let t = Instant::now();
     for _ in 0..reps {
         let mut cx = CallContext { store: &store, rng: &mut rng, training: false, step: 0 };
-        std::hint::black_box(tiny.forward_linear(&mut cx, small_layer, Some(&ws), &xs, &bs).unwrap());
+        std::hint::black_box(tiny.forward_linear(&mut cx, small_layer, Some(&ws.clone().into()), &xs, &bs).unwrap());
     }
     let call_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
     let ss = store.get(&ParamKey::new("tiny", TO_K, "scale")).unwrap().var.as_tensor().clone();

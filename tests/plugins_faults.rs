@@ -42,10 +42,10 @@ fn lifecycle(m: &PluginManager, name: &str, config: &str, b: &mut Bench) -> Resu
     b.store.apply_plan(name, &plan).unwrap();
     let layer = layer(&layers, TO_K);
     let mut cx = CallContext { store: &b.store, rng: &mut b.rng, training: true, step: 1 };
-    let y = s.forward_linear(&mut cx, layer, Some(&b.w), &b.x, &b.base_out)?;
-    s.delta_weight(&mut cx, layer, Some(&b.w))?;
+    let y = s.forward_linear(&mut cx, layer, Some(&b.w.clone().into()), &b.x, &b.base_out)?;
+    s.delta_weight(&mut cx, layer, Some(&b.w.clone().into()))?;
     s.on_step(1)?;
-    s.export(&mut cx, layer, Some(&b.w))?;
+    s.export(&mut cx, layer, Some(&b.w.clone().into()))?;
     let state = s.save_state()?;
     s.load_state(&state)?;
     Ok(y)
@@ -120,8 +120,8 @@ fn unknown_and_stale_handles_are_reported() {
     b.store.apply_plan("stale", &s.plan(&layers).unwrap()).unwrap();
     let mut cx = CallContext { store: &b.store, rng: &mut b.rng, training: false, step: 0 };
     let layer = layer(&layers, TO_K);
-    s.forward_linear(&mut cx, layer, Some(&b.w), &b.x, &b.base_out).expect("first call");
-    let e = s.forward_linear(&mut cx, layer, Some(&b.w), &b.x, &b.base_out).unwrap_err();
+    s.forward_linear(&mut cx, layer, Some(&b.w.clone().into()), &b.x, &b.base_out).expect("first call");
+    let e = s.forward_linear(&mut cx, layer, Some(&b.w.clone().into()), &b.x, &b.base_out).unwrap_err();
     assert!(e.message.contains("comes from an earlier call"), "{e}");
 }
 

@@ -66,7 +66,7 @@ fn plan_forward_delta_weight_export_and_gradients() -> candle_core::Result<()> {
     let base_out = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
     let layer = layer(&layers, TO_K);
     let mut cx = CallContext { store: &store, rng: &mut rng, training: true, step: 1 };
-    let y = s.forward_linear(&mut cx, layer, Some(&w), &x, &base_out).expect("forward");
+    let y = s.forward_linear(&mut cx, layer, Some(&w.clone().into()), &x, &base_out).expect("forward");
     let want = (&base_out + x.broadcast_mul(&scale)?.broadcast_matmul(&w.t()?)?)?;
     assert!(max_diff(&y, &want) < 1e-5);
 
@@ -76,12 +76,12 @@ fn plan_forward_delta_weight_export_and_gradients() -> candle_core::Result<()> {
     assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
 
     // Fusing delta_weight into the base weight gives the same output.
-    let dw = s.delta_weight(&mut cx, layer, Some(&w)).expect("delta_weight").expect("linear adapter");
+    let dw = s.delta_weight(&mut cx, layer, Some(&w.clone().into())).expect("delta_weight").expect("linear adapter");
     let fused = x.broadcast_matmul(&(&w + &dw)?.t()?)?.broadcast_add(&b)?;
     assert!(max_diff(&fused, &y) < 1e-4);
 
     // The default export is the full difference.
-    let ex = s.export(&mut cx, layer, Some(&w)).expect("export").expect("something to export");
+    let ex = s.export(&mut cx, layer, Some(&w.clone().into())).expect("export").expect("something to export");
     assert_eq!(ex.family, "diff");
     assert!(max_diff(&ex.tensors[0].1, &dw) < 1e-6);
 
@@ -150,4 +150,56 @@ fn cli_list_and_check() {
     assert!(e.contains("`targets` is empty"), "{e}");
     let e = graft_err(&["plugins", "list", "--plugins", "/no/such/folder"]);
     assert!(e.contains("not a folder"), "{e}");
+}
+
+/// `graft plugins check`'s conformance checks, run on the DoRA plugin (parameters initialised
+/// from the layer, the layer's bias, a DoRA export): all pass; a target pattern that matches
+/// nothing is named even when the plugin itself lets it pass.
+#[test]
+fn conformance_checks_on_the_dora_plugin() {
+    use graft_host::plugins::conformance;
+    let dir = graft_tests::build_plugins(&["dora"]);
+    let m = manager(&dir);
+    let dora = m.require("dora").expect("dora plugin");
+    let model = workspace().join("tests/fixtures/tiny-sdxl");
+    let checks = conformance::run(dora, &dora.manifest.config_example, &model).expect("checks run");
+    let names: Vec<&str> = checks.iter().map(|c| c.check).collect();
+    assert_eq!(
+        names,
+        [
+            "plan on SDXL base 1.0",
+            "plan on the test model",
+            "zero-init identity",
+            "parameters take effect",
+            "fuse / unfuse",
+            "eject restores the model",
+            "export -> load"
+        ]
+    );
+    for c in &checks {
+        assert!(c.passed, "{}: {}", c.check, c.detail);
+    }
+    // The export is one LyCORIS file (kohya keys with dora_scale), no PEFT file.
+    let export = checks.last().unwrap();
+    assert!(export.detail.starts_with("check.safetensors: differs by"), "{}", export.detail);
+
+    // The magnitude starts as the row norms of the base weight (init_param through the host).
+    let sdxl = graft_sdxl::SdxlModel::load(&model, None, &Device::Cpu).unwrap();
+    let mut set = graft_host::adapters::dispatcher::AdapterSet::new(&sdxl, 1);
+    set.add(StrategyInstance::new(dora, None, "{}").unwrap(), 1.0, 1.0).unwrap();
+    let layer = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k";
+    let magnitude = set.store().get(&ParamKey::new("dora", layer, "magnitude")).expect("magnitude").var.as_tensor().clone();
+    let weight = sdxl.registries()[0]
+        .layers()
+        .iter()
+        .position(|l| l.name == layer)
+        .and_then(|i| sdxl.registries()[0].linear_weights(i).cloned())
+        .expect("layer weights");
+    let norms = weight.read().unwrap().weight_f32().unwrap().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+    assert!(max_diff(&magnitude, &norms) < 1e-6);
+
+    let config = r#"{"targets": ["unet.*.to_q", "unet.*.no_such_layer"]}"#;
+    let checks = conformance::run(dora, config, &model).expect("checks run");
+    assert!(!checks[0].passed && checks[0].detail.contains("`unet.*.no_such_layer`"), "{:?}", checks[0]);
+    assert!(!checks[1].passed && checks.len() == 2, "a plan that fails on the test model stops the checks: {checks:?}");
 }

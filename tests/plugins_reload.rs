@@ -86,7 +86,7 @@ fn a_rebuilt_plugin_takes_over_between_steps_with_its_parameters() -> candle_cor
     let extra = x.broadcast_mul(&trained)?.broadcast_matmul(&w.t()?)?;
     let mut forward = |s: &StrategyInstance| -> Tensor {
         let mut cx = CallContext { store: &store, rng: &mut rng, training: false, step: 0 };
-        s.forward_linear(&mut cx, layer, Some(&w), &x, &base_out).expect("forward")
+        s.forward_linear(&mut cx, layer, Some(&w.clone().into()), &x, &base_out).expect("forward")
     };
     let close = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5;
     assert!(close(&forward(&s), &(&base_out + &extra)?));

@@ -74,6 +74,13 @@ pub struct LinearWeights {
     pub bias: Option<Tensor>,
 }
 
+/// A weight without a bias.
+impl From<Tensor> for LinearWeights {
+    fn from(weight: Tensor) -> Self {
+        Self { weight, bias: None }
+    }
+}
+
 impl LinearWeights {
     /// The weight in f32 (a copy when it is kept in half precision): what adapter parameters and
     /// deltas combine with.
