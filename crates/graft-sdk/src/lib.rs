@@ -36,6 +36,7 @@ pub mod layers;
 mod ops;
 mod plan;
 pub mod state;
+pub mod testing;
 
 pub use error::{Error, Result};
 pub use graft_abi::{

@@ -194,6 +194,12 @@ graft_sdk::export_strategy!(AttentionGate);
 
 #[cfg(test)]
 mod tests {
+    /// The host's conformance checks (`graft plugins check`) on this plugin.
+    #[test]
+    fn conformance() {
+        graft_sdk::conformance_test!();
+    }
+
     use super::*;
     use graft_sdk::{AttentionKind, BlockKind, BlockPosition, LayerKind};
 

@@ -132,3 +132,12 @@ impl Strategy for Dora {
 }
 
 graft_sdk::export_strategy!(Dora);
+
+#[cfg(test)]
+mod tests {
+    /// The host's conformance checks (`graft plugins check`) on this plugin.
+    #[test]
+    fn conformance() {
+        graft_sdk::conformance_test!();
+    }
+}

@@ -100,3 +100,12 @@ impl Strategy for ExampleScale {
 }
 
 graft_sdk::export_strategy!(ExampleScale);
+
+#[cfg(test)]
+mod tests {
+    /// The host's conformance checks (`graft plugins check`) on this plugin.
+    #[test]
+    fn conformance() {
+        graft_sdk::conformance_test!();
+    }
+}

@@ -281,6 +281,12 @@ graft_sdk::export_strategy!(Lora);
 
 #[cfg(test)]
 mod tests {
+    /// The host's conformance checks (`graft plugins check`) on this plugin.
+    #[test]
+    fn conformance() {
+        graft_sdk::conformance_test!();
+    }
+
     use super::*;
     use graft_sdk::{AttentionKind, BlockKind, BlockPosition, LayerKind};
 

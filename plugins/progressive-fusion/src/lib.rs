@@ -229,3 +229,12 @@ graft_sdk::export_strategy!(ProgressiveFusion);
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod conformance {
+    /// The host's conformance checks (`graft plugins check`) on this plugin.
+    #[test]
+    fn conformance() {
+        graft_sdk::conformance_test!();
+    }
+}
