@@ -203,3 +203,34 @@ fn conformance_checks_on_the_dora_plugin() {
     assert!(!checks[0].passed && checks[0].detail.contains("`unet.*.no_such_layer`"), "{:?}", checks[0]);
     assert!(!checks[1].passed && checks.len() == 2, "a plan that fails on the test model stops the checks: {checks:?}");
 }
+
+/// Plugins written against the SDK of ABI version 1 build unchanged against today's SDK, load,
+/// and pass the conformance checks (tests/fixtures/sdk-v1-plugin is that source, frozen).
+#[test]
+fn a_plugin_written_for_the_first_sdk_builds_and_passes() {
+    let src = workspace().join("tests/fixtures/sdk-v1-plugin/src/lib.rs");
+    let dir = workspace().join("target/test-scratch/sdk-v1-plugin");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::copy(&src, dir.join("src/lib.rs")).unwrap();
+    let manifest = format!(
+        "[package]\nname = \"sdk-v1-example\"\nversion = \"0.1.0\"\nedition = \"2021\"\npublish = false\n\n\
+         [lib]\ncrate-type = [\"cdylib\"]\n\n\
+         [dependencies]\ngraft-sdk = {{ path = {:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n{}",
+        workspace().join("crates/graft-sdk").to_str().unwrap(),
+        standalone_tail()
+    );
+    std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
+    build_standalone(&dir, "the ABI-1 example plugin");
+    let libs = workspace().join("target/test-scratch/sdk-v1-plugin-lib");
+    let _ = std::fs::remove_dir_all(&libs);
+    std::fs::create_dir_all(&libs).unwrap();
+    std::fs::copy(plugin_out().join(lib_file("sdk-v1-example")), libs.join(lib_file("sdk-v1-example"))).unwrap();
+    let m = manager(&libs);
+    let p = m.require("example-scale").expect("the ABI-1 plugin loads");
+    let model = workspace().join("tests/fixtures/tiny-sdxl");
+    let checks = graft_host::plugins::conformance::run(p, &p.manifest.config_example, &model).expect("checks run");
+    for c in &checks {
+        assert!(c.passed, "{}: {}", c.check, c.detail);
+    }
+}
