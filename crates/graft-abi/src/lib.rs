@@ -11,7 +11,8 @@
 //! - the root module [`PluginMod`] never changes; growth goes through [`PluginMod::extension`]
 //!   (versioned extension modules, the way CLAP and OpenFX grow);
 //! - the trait objects ([`Strategy`], [`HostOps`]) only grow by appending defaulted methods after
-//!   the `last_prefix_field` one;
+//!   the `last_prefix_field` one: plugin source keeps building, but abi_stable's layout check
+//!   refuses a plugin binary built with fewer methods, so binaries are rebuilt (the host says so);
 //! - the "kind" types ([`LayerKind`], [`InitKind`], ...) are open sets (a wrapped integer with
 //!   named constants), so new kinds are not a layout change: match them with a fallback arm.
 //!
