@@ -467,6 +467,13 @@ impl Trainer {
         undone
     }
 
+    /// Forgets the last good step and a pause (after the trainer's state was replaced, e.g. by
+    /// loading a checkpoint: the next step starts from a good state again).
+    pub(crate) fn forget_step_history(&mut self) {
+        self.last_good = None;
+        self.paused_plugin_state = None;
+    }
+
     /// One step, undone on error (so a checkpoint saved after the error resumes exactly), or,
     /// with `pause`, undone and reported when the strategy fails.
     fn run_step(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
