@@ -13,5 +13,6 @@ pub mod runtime;
 pub mod plugins;
 pub mod progress;
 pub mod serve;
+pub mod stop;
 pub mod tools;
 pub mod train;

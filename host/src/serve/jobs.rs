@@ -15,8 +15,8 @@ use crate::compare::config::CompareConfig;
 use crate::serve::state::{lock, App};
 use crate::train::config::TrainConfig;
 use crate::train::samples::render_samples;
-use crate::train::trainer::Trainer;
-use crate::train::{checkpoint, losslog};
+use crate::train::trainer::{StepOutcome, Trainer};
+use crate::train::losslog;
 
 /// Pause and stop requests from the API to a running job.
 #[derive(Debug, Default)]
@@ -56,6 +56,9 @@ pub struct JobInfo {
     pub samples: Vec<SampleImage>,
     pub exports: Vec<String>,
     pub error: Option<String>,
+    /// Set while a training run is paused because its strategy failed: why, and the plugin file
+    /// whose rebuild it waits for (the run goes on by itself once the rebuild is taken up).
+    pub waiting: Option<String>,
     pub output_dir: String,
     /// The compare report (compare jobs, once done).
     pub report_url: Option<String>,
@@ -124,6 +127,7 @@ pub fn enqueue(app: &App, id: u64, kind: &str, name: &str, output_dir: PathBuf, 
         samples: Vec::new(),
         exports: Vec::new(),
         error: None,
+        waiting: None,
         output_dir: output_dir.display().to_string(),
         report_url: None,
         plugin,
@@ -182,6 +186,7 @@ pub fn start_worker(app: Arc<App>) {
         update(&app, id, |info| {
             info.status = status.into();
             info.error = error;
+            info.waiting = None;
         });
     });
 }
@@ -196,10 +201,15 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
     let model = app.model.clone().context("no model is loaded (start the server with --model)")?;
     let prompts = config.sample_prompts_to_render()?;
     let mut plugins = app.plugin_args.manager()?;
-    // A rebuilt strategy plugin is taken up between steps.
-    if let Err(e) = plugins.watch() {
-        tracing::warn!("job {id}: plugin folders are not watched: {e:#}");
-    }
+    // A rebuilt strategy plugin is taken up between steps; a failing strategy then pauses the
+    // run until its rebuild (without the watcher no rebuild would come: steps are skipped).
+    let watching = match plugins.watch() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("job {id}: plugin folders are not watched: {e:#}");
+            false
+        }
+    };
     let out = config.output_dir.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create output folder {}", out.display()))?;
     let mut trainer = {
@@ -207,7 +217,60 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
         Trainer::with_model(config, model, plugins)?
     };
     let log_path = out.join("loss.jsonl");
-    let mut log = losslog::LossLog::create(&log_path)?;
+    let result = train_steps(app, id, control, &mut trainer, watching, &prompts, &log_path);
+    if let Err(e) = &result {
+        if e.downcast_ref::<TooManyBad>().is_some() {
+            // The skipped steps changed no parameter: save the state right after the last good step.
+            trainer.rewind_to_last_good();
+        }
+    }
+    // What was trained is kept, also when stopped part way or failed.
+    if trainer.step > 0 {
+        let saved = {
+            let _g = lock(&app.compute);
+            crate::train::command::save_on_stop(&trainer)
+        };
+        if let Ok(entries) = losslog::read(&log_path) {
+            if let Err(e) = losslog::plot_loss_png(&entries, &out.join("loss.png")) {
+                tracing::warn!("job {id}: no loss plot: {e:#}");
+            }
+        }
+        let names: Vec<String> = saved.exports.iter().map(|p| p.display().to_string()).collect();
+        update(app, id, |i| i.exports = names);
+        if result.is_err() {
+            return result.context(format!("saved {}", saved.describe()));
+        }
+        if !saved.problems.is_empty() {
+            anyhow::bail!("the run ended at step {}, but not everything was saved: {}", trainer.step, saved.problems.join("; "));
+        }
+    }
+    result
+}
+
+/// The error of a run stopped by too many bad steps in a row.
+#[derive(Debug)]
+struct TooManyBad(String);
+
+impl std::fmt::Display for TooManyBad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TooManyBad {}
+
+/// The steps of a serve training run, until its end, a stop request or an error.
+fn train_steps(
+    app: &App,
+    id: u64,
+    control: &Control,
+    trainer: &mut Trainer,
+    watching: bool,
+    prompts: &[crate::train::samples::SamplePrompt],
+    log_path: &Path,
+) -> anyhow::Result<()> {
+    let out = trainer.config.output_dir.clone();
+    let mut log = losslog::LossLog::create(log_path)?;
     let total = trainer.config.steps;
     let mut recent: Vec<f64> = Vec::new();
     while trainer.step < total {
@@ -219,9 +282,23 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
             continue;
         }
         trainer.poll_reloads()?;
-        let record = {
+        let outcome = {
             let _g = lock(&app.compute);
-            trainer.train_step()?
+            if watching { trainer.step_or_pause()? } else { StepOutcome::Trained(trainer.train_step()?) }
+        };
+        let record = match outcome {
+            StepOutcome::Trained(r) => r,
+            StepOutcome::Paused(p) => {
+                let message = p.message();
+                update(app, id, |i| i.waiting = Some(message.clone()));
+                app.emit("train.waiting", json!({ "id": id, "step": p.step, "message": message }));
+                let resumed = trainer.wait_for_rebuild(&|| control.stop.load(Ordering::SeqCst))?;
+                update(app, id, |i| i.waiting = None);
+                if !resumed {
+                    break;
+                }
+                continue;
+            }
         };
         log.append(&record.clone().into())?;
         recent.push(record.seconds);
@@ -250,14 +327,19 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
             }
         }
         if trainer.bad_in_row >= trainer.config.max_bad_steps {
-            anyhow::bail!("stopped at step {step}: {} steps in a row were skipped ({})", trainer.bad_in_row, trainer.skip_reason());
+            return Err(TooManyBad(format!(
+                "stopped at step {step}: {} steps in a row were skipped ({})",
+                trainer.bad_in_row,
+                trainer.skip_reason()
+            ))
+            .into());
         }
         if !prompts.is_empty() && step % trainer.config.sample_every == 0 {
             let paths = {
                 let _g = lock(&app.compute);
                 trainer.set.set_training(false);
                 let dir = out.join("samples");
-                let r = render_samples(&trainer.model, &trainer.set, &prompts, &dir, &format!("step{step:06}"));
+                let r = render_samples(&trainer.model, &trainer.set, prompts, &dir, &format!("step{step:06}"));
                 trainer.set.set_training(true);
                 r?
             };
@@ -267,15 +349,6 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
         }
     }
     log.sync()?;
-    // What was trained is kept, also when stopped part way.
-    if trainer.step > 0 {
-        checkpoint::save(&trainer)?;
-        let exports = crate::train::command::export_for(&trainer)?;
-        let entries = losslog::read(&log_path)?;
-        losslog::plot_loss_png(&entries, &out.join("loss.png"))?;
-        let names: Vec<String> = exports.iter().map(|p| p.display().to_string()).collect();
-        update(app, id, |i| i.exports = names);
-    }
     Ok(())
 }
 

@@ -104,10 +104,39 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.listen.is_some_and(|a| !a.is_loopback()) {
         tracing::warn!("listening on {:?}: the API has no authentication", args.listen);
     }
+    // Ctrl-C / SIGTERM: the running job stops after its step and saves, then the server exits.
+    crate::stop::install();
     let handle = start(&args)?;
     println!("graft serve: open {}", handle.url());
+    while !handle._runtime.is_finished() {
+        if crate::stop::requested() {
+            return stop_jobs(&handle.app);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     handle._runtime.join().map_err(|_| anyhow::anyhow!("the server thread panicked"))?;
     Ok(())
+}
+
+/// Asks every live job to stop (a training run saves a checkpoint and its adapter), waits for
+/// the one running, and ends with an error that says so.
+fn stop_jobs(app: &App) -> anyhow::Result<()> {
+    let live = |status: &str| matches!(status, "queued" | "running" | "paused" | "stopping");
+    {
+        let book = state::lock(&app.jobs);
+        for j in book.jobs.iter().filter(|j| live(&j.info.status)) {
+            j.control.paused.store(false, std::sync::atomic::Ordering::SeqCst);
+            j.control.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    tracing::info!("stopping: the running job saves its checkpoint and adapter first (Ctrl-C again to quit at once)");
+    loop {
+        let running = state::lock(&app.jobs).jobs.iter().any(|j| matches!(j.info.status.as_str(), "running" | "paused" | "stopping"));
+        if !running {
+            anyhow::bail!("stopped by Ctrl-C or SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// The plugin folder arguments of a server with one `--plugins DIR` (tests).

@@ -160,6 +160,7 @@ pub fn load(trainer: &mut Trainer, dir: &Path) -> anyhow::Result<()> {
     trainer.set.set_rng_state(state.dispatcher_rng);
     trainer.bad_in_row = state.bad_in_row;
     trainer.skipped_total = state.skipped_total;
+    trainer.forget_step_history();
     for (group, scale) in state.lr_scales {
         trainer.optimizer.set_lr_scale(&group, scale)?;
         trainer.lr_scales.insert(group, scale);

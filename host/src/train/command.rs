@@ -7,7 +7,7 @@ use anyhow::Context;
 use crate::plugins::PluginDirArgs;
 use crate::train::config::{TrainConfig, EXAMPLE};
 use crate::train::samples::{render_samples, SamplePrompt};
-use crate::train::trainer::{StepRecord, Trainer};
+use crate::train::trainer::{StepOutcome, StepRecord, Trainer};
 use crate::train::{checkpoint, export, losslog};
 
 #[derive(clap::Args, Debug)]
@@ -28,7 +28,9 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint in the output folder (bit-exact).
     #[arg(long)]
     pub resume: bool,
-    /// Take up a rebuilt strategy plugin at the next step, keeping its trained parameters.
+    /// Take up a rebuilt strategy plugin at the next step, keeping its trained parameters. When
+    /// the strategy fails (a panic or an error in the plugin), the run pauses until a rebuild is
+    /// taken up, then tries the same step again.
     #[arg(long)]
     pub watch: bool,
     #[command(flatten)]
@@ -50,6 +52,8 @@ pub struct TrainOutcome {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    // Ctrl-C / SIGTERM: stop after the step in progress and save.
+    crate::stop::install();
     let outcome = train(args)?;
     for p in &outcome.exports {
         println!("{}", p.display());
@@ -101,35 +105,28 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
     let total = trainer.config.steps;
     let bar = crate::progress::bar(total, "training");
     bar.set_position(trainer.step);
-    let mut records = Vec::new();
-    let mut samples = Vec::new();
-    while trainer.step < total {
-        if args.watch {
-            trainer.poll_reloads()?;
-        }
-        let record = trainer.train_step()?;
-        log.append(&record.clone().into())?;
-        bar.set_position(trainer.step);
-        bar.set_message(format!("training loss {:.4} lr {:.2e}", record.loss, record.lr));
-        records.push(record);
-        if trainer.bad_in_row >= trainer.config.max_bad_steps {
+    let mut done = Produced { records: Vec::new(), samples: Vec::new(), last_checkpoint };
+    let ended = run_steps(&mut trainer, args.watch, &prompts, &mut log, &bar, &mut done);
+    let Produced { records, samples, mut last_checkpoint } = done;
+    match ended {
+        Ok(Ended::Finished) => {}
+        Ok(Ended::Interrupted) => {
             bar.abandon();
-            anyhow::bail!(
-                "stopped at step {}: {} steps in a row were skipped ({}); the last good checkpoint is {}",
-                trainer.step,
-                trainer.bad_in_row,
-                trainer.skip_reason(),
-                last_checkpoint.as_ref().map_or("(none yet)".into(), |p: &PathBuf| p.display().to_string())
-            );
+            let saved = save_on_stop(&trainer);
+            anyhow::bail!("stopped by Ctrl-C or SIGTERM at step {}; saved {} (continue with --resume)", trainer.step, saved.describe());
         }
-        let step = trainer.step;
-        // Checkpoints are taken after good steps only: the last one is always a good one.
-        let good = trainer.bad_in_row == 0;
-        if good && trainer.config.save_every > 0 && step % trainer.config.save_every == 0 && step < total {
-            last_checkpoint = Some(checkpoint::save(&trainer)?);
+        Ok(Ended::TooManyBad(why)) => {
+            bar.abandon();
+            // The skipped steps changed no parameter: save the state right after the last good step.
+            let undone = trainer.rewind_to_last_good();
+            tracing::info!("{undone} skipped steps undone: saving the state after step {}", trainer.step);
+            let saved = save_on_stop(&trainer);
+            anyhow::bail!("{why}; the last good checkpoint is {} (continue with --resume once the cause is fixed)", saved.describe());
         }
-        if !prompts.is_empty() && step % trainer.config.sample_every == 0 {
-            samples.extend(sample(&mut trainer, &prompts)?);
+        Err(e) => {
+            bar.abandon();
+            let saved = save_on_stop(&trainer);
+            return Err(e.context(format!("the run stopped at step {}; saved {}", trainer.step, saved.describe())));
         }
     }
     bar.finish_and_clear();
@@ -145,6 +142,132 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
         out_dir.display()
     );
     Ok(TrainOutcome { steps: trainer.step, skipped: trainer.skipped_total, last_checkpoint, exports, samples, records })
+}
+
+/// How the step loop ended without an error.
+enum Ended {
+    Finished,
+    /// Ctrl-C or SIGTERM.
+    Interrupted,
+    /// Too many bad steps in a row; why.
+    TooManyBad(String),
+}
+
+/// What the step loop produced.
+struct Produced {
+    records: Vec<StepRecord>,
+    samples: Vec<PathBuf>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// The steps of `graft train`, with checkpoints and samples, until the end, a stop request or
+/// too many bad steps. With `watch`, a failing strategy pauses the run until a rebuild.
+fn run_steps(
+    trainer: &mut Trainer,
+    watch: bool,
+    prompts: &[SamplePrompt],
+    log: &mut losslog::LossLog,
+    bar: &indicatif::ProgressBar,
+    done: &mut Produced,
+) -> anyhow::Result<Ended> {
+    let total = trainer.config.steps;
+    while trainer.step < total {
+        if crate::stop::requested() {
+            return Ok(Ended::Interrupted);
+        }
+        let record = if watch {
+            trainer.poll_reloads()?;
+            match trainer.step_or_pause()? {
+                StepOutcome::Trained(r) => r,
+                StepOutcome::Paused(p) => {
+                    bar.set_message(format!("paused: waiting for a rebuild of {}", p.plugin_file.display()));
+                    if !trainer.wait_for_rebuild(&crate::stop::requested)? {
+                        return Ok(Ended::Interrupted);
+                    }
+                    continue;
+                }
+            }
+        } else {
+            trainer.train_step()?
+        };
+        log.append(&record.clone().into())?;
+        bar.set_position(trainer.step);
+        bar.set_message(format!("training loss {:.4} lr {:.2e}", record.loss, record.lr));
+        done.records.push(record);
+        if trainer.bad_in_row >= trainer.config.max_bad_steps {
+            return Ok(Ended::TooManyBad(format!(
+                "stopped at step {}: {} steps in a row were skipped ({})",
+                trainer.step,
+                trainer.bad_in_row,
+                trainer.skip_reason()
+            )));
+        }
+        let step = trainer.step;
+        // Checkpoints are taken after good steps only: the last one is always a good one.
+        let good = trainer.bad_in_row == 0;
+        if good && trainer.config.save_every > 0 && step % trainer.config.save_every == 0 && step < total {
+            done.last_checkpoint = Some(checkpoint::save(trainer)?);
+        }
+        if !prompts.is_empty() && step % trainer.config.sample_every == 0 {
+            done.samples.extend(sample(trainer, prompts)?);
+        }
+    }
+    Ok(Ended::Finished)
+}
+
+/// What a stopped run wrote: its checkpoint and adapter files, and what could not be written.
+#[derive(Debug, Default)]
+pub struct StopSave {
+    pub checkpoint: Option<PathBuf>,
+    pub exports: Vec<PathBuf>,
+    pub problems: Vec<String>,
+}
+
+impl StopSave {
+    /// "CHECKPOINT (adapter: FILES)", for the stop message.
+    pub fn describe(&self) -> String {
+        let checkpoint = self.checkpoint.as_ref().map_or("(none)".to_string(), |p| p.display().to_string());
+        let exports: Vec<String> = self.exports.iter().map(|p| p.display().to_string()).collect();
+        let mut text = format!("{checkpoint} (adapter: {})", if exports.is_empty() { "none".to_string() } else { exports.join(", ") });
+        if !self.problems.is_empty() {
+            text.push_str(&format!("; not saved: {}", self.problems.join("; ")));
+        }
+        text
+    }
+}
+
+/// Writes a checkpoint and the adapter files of a run that stops part way (error, bad steps,
+/// Ctrl-C, stop in serve), so that no trained step is lost. Never fails: what cannot be
+/// written is logged and listed in `problems`. Nothing is written before the first step.
+pub fn save_on_stop(trainer: &Trainer) -> StopSave {
+    let mut saved = StopSave::default();
+    if trainer.step == 0 {
+        saved.problems.push("nothing was trained yet".into());
+        return saved;
+    }
+    match checkpoint::save(trainer) {
+        Ok(dir) => {
+            tracing::info!("stopped at step {}: checkpoint written to {}", trainer.step, dir.display());
+            saved.checkpoint = Some(dir);
+        }
+        Err(e) => {
+            tracing::error!("stopped at step {}: the checkpoint could not be written: {e:#}", trainer.step);
+            saved.problems.push(format!("checkpoint: {e:#}"));
+        }
+    }
+    match export_for(trainer) {
+        Ok(files) => {
+            for f in &files {
+                tracing::info!("stopped at step {}: adapter written to {}", trainer.step, f.display());
+            }
+            saved.exports = files;
+        }
+        Err(e) => {
+            tracing::error!("stopped at step {}: the adapter could not be exported: {e:#}", trainer.step);
+            saved.problems.push(format!("export: {e:#}"));
+        }
+    }
+    saved
 }
 
 fn sample(trainer: &mut Trainer, prompts: &[SamplePrompt]) -> anyhow::Result<Vec<std::path::PathBuf>> {

@@ -6,16 +6,22 @@
 //! backward, then AdamW over the plan's groups. Non-finite losses or gradients skip the step; so
 //! does a strategy that fails (panic or error) during it: it is detached, reported, its
 //! parameters are kept, and steps are skipped until a new build is taken up (`poll_reloads`).
+//!
+//! In watch mode ([`Trainer::step_or_pause`]) a failing strategy pauses the run instead: the
+//! step is rewound as if it had not been tried (step counter, data position, random streams,
+//! bad-step counters), and [`Trainer::wait_for_rebuild`] waits for a new build, then the same
+//! step is tried again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, TensorId, Var};
 use graft_sdxl::checkpoint::{Direct, Runner, Tape};
-use graft_sdxl::rng::GraftRng;
+use graft_sdxl::rng::{GraftRng, RngState};
 use graft_sdxl::schedulers::training::NoiseSchedule;
 use graft_sdxl::schedulers::PredictionType;
 use graft_sdxl::SdxlModel;
@@ -56,6 +62,47 @@ pub struct DataPosition {
     pub batch: usize,
 }
 
+/// Why a watch-mode run waits instead of training: its strategy failed at `step`.
+#[derive(Debug, Clone)]
+pub struct Pause {
+    /// The step that is tried again once a rebuild is taken up.
+    pub step: u64,
+    /// What failed (the plugin's error).
+    pub reason: String,
+    /// The plugin library whose rebuild the run waits for.
+    pub plugin_file: PathBuf,
+}
+
+impl Pause {
+    /// One line for logs and status displays.
+    pub fn message(&self) -> String {
+        format!(
+            "step {}: {}; the run is paused (no step used, no bad step counted) and waits for a rebuild of {}",
+            self.step,
+            self.reason,
+            self.plugin_file.display()
+        )
+    }
+}
+
+/// What [`Trainer::step_or_pause`] did.
+#[derive(Debug)]
+pub enum StepOutcome {
+    Trained(StepRecord),
+    Paused(Pause),
+}
+
+/// The counters and random streams a step moves, to undo a step that did not happen.
+#[derive(Debug, Clone)]
+struct StepStart {
+    step: u64,
+    position: DataPosition,
+    rng: RngState,
+    dispatcher_rng: RngState,
+    bad_in_row: u64,
+    skipped_total: u64,
+}
+
 pub struct Trainer {
     pub config: TrainConfig,
     /// Shared so that `graft compare` can run several strategies on one loaded model.
@@ -78,6 +125,11 @@ pub struct Trainer {
     /// Learning-rate scales set by stage directives, by optimizer group.
     pub lr_scales: BTreeMap<String, f64>,
     pub plugins: PluginManager,
+    /// The state right after the last good (not skipped) step: where a stop after bad steps
+    /// rewinds to, so its checkpoint holds the last good parameters at the right step.
+    last_good: Option<StepStart>,
+    /// The plugin's private state before a step that paused the run, given to the rebuild.
+    paused_plugin_state: Option<String>,
 }
 
 /// The optimizer group of a strategy's plan group.
@@ -152,6 +204,8 @@ impl Trainer {
             skipped_total: 0,
             lr_scales: BTreeMap::new(),
             plugins,
+            last_good: None,
+            paused_plugin_state: None,
         };
         trainer.prefill_latents()?;
         Ok(trainer)
@@ -365,11 +419,112 @@ impl Trainer {
         was
     }
 
-    /// One optimizer step (with gradient accumulation). Returns its record.
+    /// One optimizer step (with gradient accumulation). Returns its record. A strategy that
+    /// fails during it is detached and the step is skipped (and counted as a bad step).
     pub fn train_step(&mut self) -> anyhow::Result<StepRecord> {
+        match self.run_step(false)? {
+            StepOutcome::Trained(r) => Ok(r),
+            // Not reached: run_step(false) skips instead of pausing.
+            StepOutcome::Paused(p) => anyhow::bail!("{}", p.message()),
+        }
+    }
+
+    /// As [`Trainer::train_step`], for watch mode: when the strategy fails (or has failed), the
+    /// step is undone as if it had not been tried and the run pauses; call
+    /// [`Trainer::wait_for_rebuild`], then this again to try the same step.
+    pub fn step_or_pause(&mut self) -> anyhow::Result<StepOutcome> {
+        self.run_step(true)
+    }
+
+    fn step_start(&self) -> StepStart {
+        StepStart {
+            step: self.step,
+            position: self.position,
+            rng: self.rng.state(),
+            dispatcher_rng: self.set.rng_state(),
+            bad_in_row: self.bad_in_row,
+            skipped_total: self.skipped_total,
+        }
+    }
+
+    fn rewind(&mut self, to: &StepStart) {
+        self.step = to.step;
+        self.position = to.position;
+        self.rng = GraftRng::from_state(to.rng);
+        self.set.set_rng_state(to.dispatcher_rng);
+        self.bad_in_row = to.bad_in_row;
+        self.skipped_total = to.skipped_total;
+    }
+
+    /// Undoes the skipped steps since the last good one (or since the start of this session):
+    /// the parameters and optimizer moments did not change in them, so the trainer is then
+    /// exactly as right after the last good step, and a checkpoint of it resumes from there.
+    /// Returns how many steps were undone.
+    pub fn rewind_to_last_good(&mut self) -> u64 {
+        let Some(good) = self.last_good.clone() else { return 0 };
+        let undone = self.step.saturating_sub(good.step);
+        self.rewind(&good);
+        undone
+    }
+
+    /// Forgets the last good step and a pause (after the trainer's state was replaced, e.g. by
+    /// loading a checkpoint: the next step starts from a good state again).
+    pub(crate) fn forget_step_history(&mut self) {
+        self.last_good = None;
+        self.paused_plugin_state = None;
+    }
+
+    /// One step, undone on error (so a checkpoint saved after the error resumes exactly), or,
+    /// with `pause`, undone and reported when the strategy fails.
+    fn run_step(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
+        let start = self.step_start();
+        if self.last_good.is_none() {
+            // A session starts from a good state (fresh, or a checkpoint taken after a good step).
+            self.last_good = Some(start.clone());
+        }
+        let plugin_state = if pause { self.set.strategies()[self.strategy].instance.save_state().ok() } else { None };
+        match self.attempt(pause) {
+            Ok(StepOutcome::Trained(r)) => {
+                if !r.skipped {
+                    self.last_good = Some(self.step_start());
+                }
+                Ok(StepOutcome::Trained(r))
+            }
+            Ok(StepOutcome::Paused(p)) => {
+                self.rewind(&start);
+                self.paused_plugin_state = plugin_state;
+                tracing::warn!("{}", p.message());
+                Ok(StepOutcome::Paused(p))
+            }
+            Err(e) => {
+                self.rewind(&start);
+                Err(e)
+            }
+        }
+    }
+
+    /// The pause for a failed strategy: its failures since the last call, or why it is detached.
+    fn pause_now(&self) -> Pause {
+        let failures: Vec<String> = self.set.take_failures().iter().map(|e| e.to_string()).collect();
+        let reason = if failures.is_empty() { self.skip_reason() } else { failures.join("; ") };
+        let id = &self.set.strategies()[self.strategy].instance.manifest().id;
+        let plugin_file = match self.plugins.require(id) {
+            Ok(p) => p.source.clone(),
+            Err(_) => PathBuf::from(format!("the library of plugin `{id}`")),
+        };
+        Pause { step: self.step, reason, plugin_file }
+    }
+
+    fn attempt(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
+        if pause && self.strategy_failed() {
+            return Ok(StepOutcome::Paused(self.pause_now()));
+        }
         let started = Instant::now();
         self.set.set_training(true);
         let scales = self.set.on_step(self.step)?;
+        if pause && self.strategy_failed() {
+            return Ok(StepOutcome::Paused(self.pause_now()));
+        }
         self.apply_lr_scales(&scales)?;
         self.set.set_step(self.step);
 
@@ -391,6 +546,9 @@ impl Trainer {
             }
             loss_sum += value;
             acc.add(&self.optimizer.gradients(&grads))?;
+        }
+        if pause && self.strategy_failed() {
+            return Ok(StepOutcome::Paused(self.pause_now()));
         }
         for e in self.set.take_failures() {
             tracing::error!("step {}: {e}", self.step);
@@ -437,7 +595,24 @@ impl Trainer {
             seconds: started.elapsed().as_secs_f64(),
         };
         self.step += 1;
-        Ok(record)
+        Ok(StepOutcome::Trained(record))
+    }
+
+    /// Waits, polling for plugin reloads, until a rebuild of the failed strategy's plugin is
+    /// taken up (true) or `stop` says to give up (false). The step that paused is then tried
+    /// again by the next [`Trainer::step_or_pause`].
+    pub fn wait_for_rebuild(&mut self, stop: &dyn Fn() -> bool) -> anyhow::Result<bool> {
+        loop {
+            self.poll_reloads()?;
+            if !self.strategy_failed() {
+                tracing::info!("a new build of `{}` is taken up: the run resumes at step {}", self.strategy_name(), self.step);
+                return Ok(true);
+            }
+            if stop() {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// True while the active strategy is detached because it failed (until a reload).
@@ -483,6 +658,13 @@ impl Trainer {
                     match self.set.reload(self.strategy, plugin) {
                         Ok(diff) => {
                             tracing::info!("{event}; parameters: {diff}");
+                            if let Some(state) = self.paused_plugin_state.take() {
+                                // The step that paused is tried again from the state before it.
+                                let instance = &mut self.set.strategies_mut()[self.strategy].instance;
+                                if let Err(e) = instance.load_state(&state) {
+                                    tracing::warn!("the new build did not take the state from before step {}: {e}", self.step);
+                                }
+                            }
                             let state = self.optimizer.state_tensors()?;
                             let mut optimizer = build_optimizer(&self.set, self.strategy, &self.config)?;
                             optimizer.load_state_tensors(&state.into_iter().collect())?;

@@ -141,7 +141,8 @@ function upsertJob(job) {
 function renderJobs() {
   $("jobs-table").querySelector("tbody").replaceChildren(...state.jobs.filter((j) => j.kind === "train").map((j) => {
     const tr = el("tr", { onclick: () => selectJob(j.id) }, el("td", { text: j.id }), el("td", { text: j.kind }),
-      el("td", { text: j.name }), el("td", { text: j.status }), el("td", { text: `${j.step}/${j.total}` }));
+      el("td", { text: j.name }), el("td", { text: j.waiting ? j.status + " (waiting for a rebuild)" : j.status }),
+      el("td", { text: `${j.step}/${j.total}` }));
     if (state.current && state.current.id === j.id) tr.className = "current";
     return tr;
   }));
@@ -156,14 +157,14 @@ function renderJob() {
   const j = state.current;
   if (!j) return;
   $("job-title").textContent = `#${j.id} ${j.name} (${j.plugin || j.kind})`;
-  $("job-status").textContent = j.status;
+  $("job-status").textContent = j.waiting ? j.status + ", waiting for a rebuild" : j.status;
   $("job-step").textContent = `${j.step} / ${j.total}`;
   $("job-loss").textContent = fmt(j.loss, 4);
   $("job-lr").textContent = j.lr === null ? "–" : Number(j.lr).toExponential(2);
   $("job-speed").textContent = fmt(j.it_per_s, 3);
   $("job-progress").max = j.total || 1;
   $("job-progress").value = j.step;
-  $("job-error").textContent = j.error || "";
+  $("job-error").textContent = j.error || j.waiting || "";
   $("job-exports").textContent = j.exports.length ? "adapter files: " + j.exports.join(", ") : "";
   const live = ["running", "paused", "queued"].includes(j.status);
   $("job-pause").disabled = j.status !== "running";
