@@ -204,25 +204,32 @@ fn conformance_checks_on_the_dora_plugin() {
     assert!(!checks[1].passed && checks.len() == 2, "a plan that fails on the test model stops the checks: {checks:?}");
 }
 
-/// Plugins written against the SDK of ABI version 1 build unchanged against today's SDK, load,
-/// and pass the conformance checks (tests/fixtures/sdk-v1-plugin is that source, frozen).
-#[test]
-fn a_plugin_written_for_the_first_sdk_builds_and_passes() {
-    let src = workspace().join("tests/fixtures/sdk-v1-plugin/src/lib.rs");
-    let dir = workspace().join("target/test-scratch/sdk-v1-plugin");
+/// `tests/fixtures/sdk-v1.tar.gz` holds graft-abi, graft-sdk and the example-scale plugin as they
+/// were before anything was added to ABI version 1 (frozen; never edit it). Extracted into a
+/// scratch folder, with the plugin renamed `sdk-v1-example` so its library does not replace the
+/// workspace's example-scale.
+fn extract_sdk_v1(test: &str) -> std::path::PathBuf {
+    let dir = workspace().join("target/test-scratch").join(test);
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("src")).unwrap();
-    std::fs::copy(&src, dir.join("src/lib.rs")).unwrap();
-    let manifest = format!(
-        "[package]\nname = \"sdk-v1-example\"\nversion = \"0.1.0\"\nedition = \"2021\"\npublish = false\n\n\
-         [lib]\ncrate-type = [\"cdylib\"]\n\n\
-         [dependencies]\ngraft-sdk = {{ path = {:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n{}",
-        workspace().join("crates/graft-sdk").to_str().unwrap(),
-        standalone_tail()
-    );
-    std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
-    build_standalone(&dir, "the ABI-1 example plugin");
-    let libs = workspace().join("target/test-scratch/sdk-v1-plugin-lib");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(workspace().join("tests/fixtures/sdk-v1.tar.gz"))
+        .arg("-C")
+        .arg(&dir)
+        .output()
+        .expect("run tar");
+    assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+    let manifest = dir.join("plugins/example-scale/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("name = \"example-scale\"", "name = \"sdk-v1-example\"");
+    std::fs::write(&manifest, text).unwrap();
+    dir
+}
+
+/// Copies the built `sdk-v1-example` library into a folder of its own and checks it: it loads,
+/// and passes every conformance check.
+fn check_v1_library(test: &str) {
+    let libs = workspace().join("target/test-scratch").join(format!("{test}-lib"));
     let _ = std::fs::remove_dir_all(&libs);
     std::fs::create_dir_all(&libs).unwrap();
     std::fs::copy(plugin_out().join(lib_file("sdk-v1-example")), libs.join(lib_file("sdk-v1-example"))).unwrap();
@@ -231,6 +238,45 @@ fn a_plugin_written_for_the_first_sdk_builds_and_passes() {
     let model = workspace().join("tests/fixtures/tiny-sdxl");
     let checks = graft_host::plugins::conformance::run(p, &p.manifest.config_example, &model).expect("checks run");
     for c in &checks {
-        assert!(c.passed, "{}: {}", c.check, c.detail);
+        assert!(c.passed, "{test}: {}: {}", c.check, c.detail);
     }
+}
+
+/// Plugins of the first SDK keep working: their source builds unchanged against today's SDK,
+/// and a binary built with the first SDK loads in today's host (the additions came as the
+/// `graft.ops` extension, not as changes to the ABI's types). Both pass the conformance checks.
+/// One test, because both build the same crate into the tests' target folder.
+#[test]
+fn plugins_of_the_first_sdk_build_and_load() {
+    // The source against today's SDK.
+    let dir = extract_sdk_v1("sdk-v1-source");
+    let plugin = dir.join("plugins/example-scale");
+    let manifest = format!(
+        "[package]\nname = \"sdk-v1-example\"\nversion = \"0.1.0\"\nedition = \"2021\"\npublish = false\n\n\
+         [lib]\ncrate-type = [\"cdylib\"]\n\n\
+         [dependencies]\ngraft-sdk = {{ path = {:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n{}",
+        workspace().join("crates/graft-sdk").to_str().unwrap(),
+        standalone_tail()
+    );
+    std::fs::write(plugin.join("Cargo.toml"), manifest).unwrap();
+    build_standalone(&plugin, "the ABI-1 example plugin against today's SDK");
+    check_v1_library("sdk-v1-source");
+
+    // The binary built with the first SDK.
+    let dir = extract_sdk_v1("sdk-v1-binary");
+    let root: toml::Table = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap().parse().unwrap();
+    let mut ws = toml::Table::new();
+    ws.insert("members".into(), toml::Value::Array(vec!["crates/graft-abi".into(), "crates/graft-sdk".into(), "plugins/example-scale".into()]));
+    ws.insert("resolver".into(), "2".into());
+    for key in ["package", "dependencies"] {
+        ws.insert(key.into(), root["workspace"][key].clone());
+    }
+    let mut top = toml::Table::new();
+    top.insert("workspace".into(), toml::Value::Table(ws));
+    if let Some(p) = root.get("profile") {
+        top.insert("profile".into(), p.clone());
+    }
+    std::fs::write(dir.join("Cargo.toml"), toml::to_string(&top).unwrap()).unwrap();
+    build_standalone(&dir, "the ABI-1 example plugin with the first SDK");
+    check_v1_library("sdk-v1-binary");
 }

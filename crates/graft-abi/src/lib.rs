@@ -1,7 +1,5 @@
 //! The contract between the graft host and its strategy plugins.
 #![allow(non_local_definitions)]
-// The defaulted trait methods added after version 1 ignore their arguments.
-#![allow(unused_variables)]
 //!
 //! Everything here crosses a dynamic-library boundary, so every type is `#[repr(C)]` /
 //! `#[repr(transparent)]` and derives `abi_stable::StableAbi`: the host checks the whole layout
@@ -10,9 +8,10 @@
 //! Rules that keep old plugins loadable:
 //! - the root module [`PluginMod`] never changes; growth goes through [`PluginMod::extension`]
 //!   (versioned extension modules, the way CLAP and OpenFX grow);
-//! - the trait objects ([`Strategy`], [`HostOps`]) only grow by appending defaulted methods after
-//!   the `last_prefix_field` one: plugin source keeps building, but abi_stable's layout check
-//!   refuses a plugin binary built with fewer methods, so binaries are rebuilt (the host says so);
+//! - the trait objects ([`Strategy`], [`HostOps`]) never change either: abi_stable's layout check
+//!   refuses a library whose copy of a type has fewer fields than the host's, so a method added
+//!   to them would lock out every plugin built before. New ops and entry points come as
+//!   extensions ([`OpsExtensionV1`]): a plugin built with an older SDK simply lacks them;
 //! - the "kind" types ([`LayerKind`], [`InitKind`], ...) are open sets (a wrapped integer with
 //!   named constants), so new kinds are not a layout change: match them with a fallback arm.
 //!
@@ -530,78 +529,6 @@ pub trait HostOps {
     /// A message in the host's log, tagged with the plugin and layer.
     #[sabi(last_prefix_field)]
     fn log(&mut self, level: LogLevel, message: RStr<'_>);
-
-    // Added after ABI version 1 shipped. Each has a default body: a plugin built against this
-    // contract that calls one on an older host gets an `unsupported` error instead of a crash.
-
-    /// The bias [out] of the current linear layer; none when the layer has no bias.
-    fn base_bias(&mut self) -> GResult<ROption<TensorId>> {
-        unsupported("base_bias")
-    }
-    /// |x|; the gradient is sign(x) (0 at 0).
-    fn abs(&mut self, x: TensorId) -> GResult<TensorId> {
-        unsupported("abs")
-    }
-    /// x limited to [min, max]; the gradient passes where x is inside, 0 outside.
-    fn clamp(&mut self, x: TensorId, min: f64, max: f64) -> GResult<TensorId> {
-        unsupported("clamp")
-    }
-    /// Element-wise max (broadcast); the gradient goes to the larger operand.
-    fn maximum(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
-        unsupported("maximum")
-    }
-    /// Element-wise min (broadcast); the gradient goes to the smaller operand.
-    fn minimum(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
-        unsupported("minimum")
-    }
-    /// `a` where `cond` is not 0, else `b` (broadcast to one shape); gradients flow to `a` and
-    /// `b` through the positions they were taken from, none to `cond`.
-    fn where_cond(&mut self, cond: TensorId, a: TensorId, b: TensorId) -> GResult<TensorId> {
-        unsupported("where_cond")
-    }
-    /// 1 where `a > b`, else 0 (broadcast), in the compute dtype; no gradient.
-    fn gt(&mut self, a: TensorId, b: TensorId) -> GResult<TensorId> {
-        unsupported("gt")
-    }
-    /// Natural logarithm.
-    fn ln(&mut self, x: TensorId) -> GResult<TensorId> {
-        unsupported("ln")
-    }
-    /// x^e element-wise (x > 0 for a non-integer e).
-    fn powf(&mut self, x: TensorId, e: f64) -> GResult<TensorId> {
-        unsupported("powf")
-    }
-    /// The identity matrix [n, n].
-    fn eye(&mut self, n: u64) -> GResult<TensorId> {
-        unsupported("eye")
-    }
-    /// The inverse of each square matrix in the last two dimensions; differentiable
-    /// (d(A⁻¹) = −A⁻¹ dA A⁻¹). An error names a singular matrix. For OFT's Cayley transform.
-    fn inverse(&mut self, x: TensorId) -> GResult<TensorId> {
-        unsupported("inverse")
-    }
-    /// Reorders the dimensions: `dims` is a permutation of 0..rank (negative counted from the end).
-    fn permute(&mut self, x: TensorId, dims: RSlice<'_, i64>) -> GResult<TensorId> {
-        unsupported("permute")
-    }
-    /// The entries `indices` along `dim` (a gather; the gradient scatters back). For fixed
-    /// permutations such as BOFT's butterfly.
-    fn index_select(&mut self, x: TensorId, dim: i64, indices: RSlice<'_, u64>) -> GResult<TensorId> {
-        unsupported("index_select")
-    }
-    /// Standard normal values that depend only on `seed` and `shape` (not on the host RNG), with
-    /// no gradient: frozen random projections shared by every layer (VeRA) without storing them.
-    fn random_normal(&mut self, shape: RSlice<'_, u64>, seed: u64) -> GResult<TensorId> {
-        unsupported("random_normal")
-    }
-}
-
-/// The answer of an op or entry point the other side's build does not have.
-fn unsupported<T>(what: &str) -> GResult<T> {
-    RResult::RErr(GraftError::new(
-        ErrorKind::UNSUPPORTED,
-        format!("`{what}` is not in the other side's build of graft-abi (update graft, or rebuild the plugin)"),
-    ))
 }
 
 /// The ops table as passed to a plugin entry point.
@@ -645,24 +572,70 @@ pub trait Strategy: Send + Sync {
     fn save_state(&self) -> GResult<RString>;
     #[sabi(last_prefix_field)]
     fn load_state(&mut self, state_json: RStr<'_>) -> GResult<()>;
-
-    // Added after ABI version 1 shipped (defaulted: plugins built before still load).
-
-    /// The initial value of parameter `name` of `layer`, declared with [`Init::from_layer`];
-    /// computed through `ops` (`base_weight`, `base_bias`), with the parameter's shape. Called
-    /// when the host creates or resets the parameter.
-    fn init_param(
-        &self,
-        ops: HostOps_TO<'_, RMut<'_, ()>>,
-        layer: &LayerInfo,
-        name: RStr<'_>,
-    ) -> GResult<TensorId> {
-        unsupported("init_param")
-    }
 }
 
 /// An owned strategy object.
 pub type StrategyBox = Strategy_TO<'static, RBox<()>>;
+
+// ---------------------------------------------------------------------------------------------
+// Extension `graft.ops` version 1: ops and entry points added after ABI version 1 shipped
+// ---------------------------------------------------------------------------------------------
+
+/// Name of the extension [`OpsExtensionV1`] (with [`OPS_EXTENSION_VERSION`]).
+pub const OPS_EXTENSION: &str = "graft.ops";
+pub const OPS_EXTENSION_VERSION: u32 = 1;
+
+/// The host's ops added after ABI version 1. Each works on the plugin call in progress on the
+/// calling thread (the `forward`, `delta_weight`, `export` or `init_param` the host is running),
+/// like the [`HostOps`] table handed to that call; called outside one, it returns an error.
+/// Shapes: element-wise ops keep their input's shape, binary ones broadcast.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct HostOpsV1Ext {
+    /// The bias [out] of the current linear layer; none when it has none.
+    pub base_bias: extern "C" fn() -> GResult<ROption<TensorId>>,
+    /// |x|; gradient sign(x) (0 at 0).
+    pub abs: extern "C" fn(x: TensorId) -> GResult<TensorId>,
+    /// x limited to [min, max]; the gradient passes inside, 0 where clamped.
+    pub clamp: extern "C" fn(x: TensorId, min: f64, max: f64) -> GResult<TensorId>,
+    /// Element-wise max / min (broadcast); the gradient goes to the operand taken.
+    pub maximum: extern "C" fn(a: TensorId, b: TensorId) -> GResult<TensorId>,
+    pub minimum: extern "C" fn(a: TensorId, b: TensorId) -> GResult<TensorId>,
+    /// `a` where `cond` is not 0, else `b` (broadcast); gradients to `a` and `b` where taken.
+    pub where_cond: extern "C" fn(cond: TensorId, a: TensorId, b: TensorId) -> GResult<TensorId>,
+    /// 1 where `a > b`, else 0 (broadcast); no gradient.
+    pub gt: extern "C" fn(a: TensorId, b: TensorId) -> GResult<TensorId>,
+    /// Natural logarithm; x^e.
+    pub ln: extern "C" fn(x: TensorId) -> GResult<TensorId>,
+    pub powf: extern "C" fn(x: TensorId, e: f64) -> GResult<TensorId>,
+    /// The identity matrix [n, n].
+    pub eye: extern "C" fn(n: u64) -> GResult<TensorId>,
+    /// The inverse of each square matrix in the last two dimensions; gradient −A⁻ᵀ G A⁻ᵀ.
+    pub inverse: extern "C" fn(x: TensorId) -> GResult<TensorId>,
+    /// Reorders the dimensions (`dims` a permutation of 0..rank, negative from the end).
+    pub permute: extern "C" fn(x: TensorId, dims: RSlice<'_, i64>) -> GResult<TensorId>,
+    /// The entries `indices` along `dim` (gather; the gradient scatters back).
+    pub index_select: extern "C" fn(x: TensorId, dim: i64, indices: RSlice<'_, u64>) -> GResult<TensorId>,
+    /// N(0, 1) values that depend only on `seed` and `shape`; no gradient.
+    pub random_normal: extern "C" fn(shape: RSlice<'_, u64>, seed: u64) -> GResult<TensorId>,
+}
+
+/// What a plugin built with this extension offers the host, found with
+/// `extension(OPS_EXTENSION, OPS_EXTENSION_VERSION)`.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct OpsExtensionV1 {
+    /// The host hands the plugin its [`HostOpsV1Ext`] once, right after loading it.
+    pub connect: extern "C" fn(host: &'static HostOpsV1Ext),
+    /// The initial value of parameter `name` of `layer`, declared with [`Init::from_layer`], for a
+    /// strategy object this plugin made; computed through `ops` with the declared shape.
+    pub init_param: extern "C" fn(
+        strategy: &StrategyBox,
+        ops: HostOps_TO<'_, RMut<'_, ()>>,
+        layer: &LayerInfo,
+        name: RStr<'_>,
+    ) -> GResult<TensorId>,
+}
 
 // ---------------------------------------------------------------------------------------------
 // Root module

@@ -4,11 +4,11 @@
 
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 use abi_stable::prefix_type::PrefixTypeTrait;
-use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RNone, ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::sabi_trait::TD_CanDowncast;
+use abi_stable::std_types::{RNone, ROption, RResult, RSlice, RSome, RStr, RString, RVec};
 use graft_abi as abi;
 use abi_stable::sabi_types::RMut;
 use graft_abi::{ErrorKind, GResult, GraftError, HostOps_TO, LayerInfo, PluginMod, PluginModRef, TensorId};
@@ -116,9 +116,6 @@ impl<S: Strategy> abi::Strategy for Guarded<S> {
         guard("load_state", || self.inner.load_state(state_json.as_str()))
     }
 
-    fn init_param(&self, ops: HostOps_TO<'_, RMut<'_, ()>>, layer: &LayerInfo, name: RStr<'_>) -> GResult<TensorId> {
-        guard("init_param", || with_ops(ops, false, 0, |ops| Ok(self.inner.init_param(ops, layer, name.as_str())?.id())))
-    }
 }
 
 extern "C" fn abi_version() -> u32 {
@@ -135,13 +132,46 @@ extern "C" fn new_strategy<S: Strategy>(config_json: RStr<'_>) -> GResult<abi::S
             ErrorKind::OTHER => Error::new(ErrorKind::CONFIG, e.message()),
             _ => e,
         })?;
-        Ok(abi::Strategy_TO::from_value(Guarded { inner }, TD_Opaque))
+        // Downcastable, so the `graft.ops` extension's entry points can reach the strategy.
+        Ok(abi::Strategy_TO::from_value(Guarded { inner }, TD_CanDowncast))
     })
 }
 
-extern "C" fn extension(_name: RStr<'_>, _version: u32) -> ROption<abi::Extension> {
-    // No extensions exist at ABI version 1.
-    RNone
+/// The extensions this SDK builds into a plugin: `graft.ops` version 1.
+extern "C" fn extension<S: Strategy>(name: RStr<'_>, version: u32) -> ROption<abi::Extension> {
+    static OPS: OnceLock<usize> = OnceLock::new();
+    if name.as_str() != abi::OPS_EXTENSION || version != abi::OPS_EXTENSION_VERSION {
+        return RNone;
+    }
+    // One plugin library holds one strategy type, so one module per library.
+    let module = *OPS.get_or_init(|| {
+        let m: &'static abi::OpsExtensionV1 =
+            Box::leak(Box::new(abi::OpsExtensionV1 { connect, init_param: init_param::<S> }));
+        m as *const abi::OpsExtensionV1 as usize
+    });
+    RSome(abi::Extension {
+        layout: <abi::OpsExtensionV1 as abi_stable::StableAbi>::LAYOUT,
+        module: module as *const (),
+    })
+}
+
+/// Keeps the host's extra ops for [`crate::ops`].
+extern "C" fn connect(host: &'static abi::HostOpsV1Ext) {
+    let _ = crate::ops::HOST_EXT.set(host);
+}
+
+extern "C" fn init_param<S: Strategy>(
+    strategy: &abi::StrategyBox,
+    ops: HostOps_TO<'_, RMut<'_, ()>>,
+    layer: &LayerInfo,
+    name: RStr<'_>,
+) -> GResult<TensorId> {
+    guard("init_param", || {
+        let Ok(g) = strategy.obj.downcast_as::<Guarded<S>>() else {
+            return Err(Error::msg("init_param: the strategy object was not made by this plugin"));
+        };
+        with_ops(ops, false, 0, |ops| Ok(g.inner.init_param(ops, layer, name.as_str())?.id()))
+    })
 }
 
 /// The root module for strategy `S` (called once, by the library header's constructor).
@@ -150,7 +180,7 @@ pub fn root_module<S: Strategy>() -> PluginModRef {
         abi_version,
         manifest: manifest::<S>,
         new_strategy: new_strategy::<S>,
-        extension,
+        extension: extension::<S>,
     }
     .leak_into_prefix()
 }

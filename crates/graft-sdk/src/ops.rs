@@ -16,6 +16,10 @@ type Raw<'a, 'b> = HostOps_TO<'a, RMut<'b, ()>>;
 
 use crate::error::{Error, Result};
 
+/// The host's ops added after ABI version 1 (extension `graft.ops`), handed over when the host
+/// loads this library; unset under a host that predates them.
+pub(crate) static HOST_EXT: std::sync::OnceLock<&'static graft_abi::HostOpsV1Ext> = std::sync::OnceLock::new();
+
 /// The handle every op returns once the call is poisoned.
 const POISONED: TensorId = TensorId(u64::MAX);
 
@@ -111,6 +115,18 @@ impl<'o> Ops<'o> {
         }
     }
 
+    /// Runs one op of the `graft.ops` extension, honouring the poison rule.
+    fn run_ext(self, op: &str, f: impl FnOnce(&graft_abi::HostOpsV1Ext) -> GResult<TensorId>) -> Tensor<'o> {
+        let mut f = Some(f);
+        self.run(op, |_| match (HOST_EXT.get(), f.take()) {
+            (Some(ext), Some(f)) => f(ext),
+            _ => RResult::RErr(graft_abi::GraftError::new(
+                ErrorKind::UNSUPPORTED,
+                "this graft is older than the plugin's graft-sdk (it lacks the `graft.ops` extension): update graft",
+            )),
+        })
+    }
+
     /// True in training (dropout active), false in inference.
     pub fn training(self) -> bool {
         self.training
@@ -168,20 +184,24 @@ impl<'o> Ops<'o> {
         if self.backend.poisoned() {
             return None;
         }
-        let id = self.query("base_bias", ROption::RNone, |raw| raw.base_bias());
+        let Some(ext) = HOST_EXT.get() else {
+            self.fail(Error::new(ErrorKind::UNSUPPORTED, "base_bias: this graft is older than the plugin's graft-sdk: update graft"));
+            return None;
+        };
+        let id = self.query("base_bias", ROption::RNone, |_| (ext.base_bias)());
         id.into_option().map(|id| self.tensor(id))
     }
 
     /// The identity matrix `[n, n]`.
     pub fn eye(self, n: usize) -> Tensor<'o> {
-        self.run("eye", |raw| raw.eye(n as u64))
+        self.run_ext("eye", |ext| (ext.eye)(n as u64))
     }
 
     /// Standard normal values that depend only on `seed` and `shape`, with no gradient: a frozen
     /// random matrix rebuilt on every call instead of stored (VeRA's shared projections).
     pub fn random_normal(self, shape: &[usize], seed: u64) -> Tensor<'o> {
         let shape = dims_u64(shape);
-        self.run("random_normal", |raw| raw.random_normal(shape.as_slice().into(), seed))
+        self.run_ext("random_normal", |ext| (ext.random_normal)(shape.as_slice().into(), seed))
     }
 
     /// `on_true` where `cond` is not 0, else `on_false` (broadcast). Gradients flow to both
@@ -191,7 +211,7 @@ impl<'o> Ops<'o> {
         if [c, a, b].contains(&POISONED) {
             return Tensor { id: POISONED, ops: self };
         }
-        self.run("where_cond", |raw| raw.where_cond(c, a, b))
+        self.run_ext("where_cond", |ext| (ext.where_cond)(c, a, b))
     }
 
     /// A 0-d tensor.
@@ -278,6 +298,27 @@ impl<'o> Tensor<'o> {
             return Tensor { id: POISONED, ops: self.ops };
         }
         self.ops.run(op, |raw| f(raw, a, b))
+    }
+
+    fn unary_ext(self, op: &str, f: impl FnOnce(&graft_abi::HostOpsV1Ext, TensorId) -> GResult<TensorId>) -> Tensor<'o> {
+        let x = self.id;
+        if x == POISONED {
+            return self;
+        }
+        self.ops.run_ext(op, |ext| f(ext, x))
+    }
+
+    fn binary_ext(
+        self,
+        rhs: Tensor<'o>,
+        op: &str,
+        f: impl FnOnce(&graft_abi::HostOpsV1Ext, TensorId, TensorId) -> GResult<TensorId>,
+    ) -> Tensor<'o> {
+        let (a, b) = (self.id, rhs.id);
+        if a == POISONED || b == POISONED {
+            return Tensor { id: POISONED, ops: self.ops };
+        }
+        self.ops.run_ext(op, |ext| f(ext, a, b))
     }
 
     /// The dimensions (empty when the call is poisoned).
@@ -411,47 +452,56 @@ impl<'o> Tensor<'o> {
 
     /// Limited to `[min, max]`; the gradient is 0 where the value was clamped.
     pub fn clamp(self, min: f64, max: f64) -> Tensor<'o> {
-        self.unary("clamp", |raw, x| raw.clamp(x, min, max))
+        self.unary_ext("clamp", |ext, x| (ext.clamp)(x, min, max))
     }
 
     /// Element-wise maximum (broadcast); the gradient goes to the larger operand.
     pub fn maximum(self, rhs: Tensor<'o>) -> Tensor<'o> {
-        self.binary(rhs, "maximum", |raw, a, b| raw.maximum(a, b))
+        self.binary_ext(rhs, "maximum", |ext, a, b| (ext.maximum)(a, b))
     }
 
     /// Element-wise minimum (broadcast); the gradient goes to the smaller operand.
     pub fn minimum(self, rhs: Tensor<'o>) -> Tensor<'o> {
-        self.binary(rhs, "minimum", |raw, a, b| raw.minimum(a, b))
+        self.binary_ext(rhs, "minimum", |ext, a, b| (ext.minimum)(a, b))
     }
 
     /// 1 where `self > rhs`, else 0 (broadcast); no gradient. A mask for [`Ops::where_cond`].
     pub fn gt(self, rhs: Tensor<'o>) -> Tensor<'o> {
-        self.binary(rhs, "gt", |raw, a, b| raw.gt(a, b))
+        self.binary_ext(rhs, "gt", |ext, a, b| (ext.gt)(a, b))
     }
 
     /// `self` to the power `e`, element-wise.
     pub fn powf(self, e: f64) -> Tensor<'o> {
-        self.unary("powf", |raw, x| raw.powf(x, e))
+        self.unary_ext("powf", |ext, x| (ext.powf)(x, e))
     }
 
     /// Reorders the dimensions (`dims` a permutation of `0..rank`).
     pub fn permute(self, dims: &[i64]) -> Tensor<'o> {
-        self.unary("permute", |raw, x| raw.permute(x, dims.into()))
+        self.unary_ext("permute", |ext, x| (ext.permute)(x, dims.into()))
     }
 
     /// The entries `indices` along `dim` (a gather; the gradient scatters back).
     pub fn index_select(self, dim: i64, indices: &[usize]) -> Tensor<'o> {
         let indices = dims_u64(indices);
-        self.unary("index_select", |raw, x| raw.index_select(x, dim, indices.as_slice().into()))
+        self.unary_ext("index_select", |ext, x| (ext.index_select)(x, dim, indices.as_slice().into()))
+    }
+
+    /// |x|; gradient sign(x).
+    pub fn abs(self) -> Tensor<'o> {
+        self.unary_ext("abs", |ext, x| (ext.abs)(x))
+    }
+
+    /// Natural logarithm.
+    pub fn ln(self) -> Tensor<'o> {
+        self.unary_ext("ln", |ext, x| (ext.ln)(x))
+    }
+
+    /// The inverse of each square matrix in the last two dimensions (differentiable).
+    pub fn inverse(self) -> Tensor<'o> {
+        self.unary_ext("inverse", |ext, x| (ext.inverse)(x))
     }
 
     unary! {
-        /// |x|; gradient sign(x).
-        abs,
-        /// Natural logarithm.
-        ln,
-        /// The inverse of each square matrix in the last two dimensions (differentiable).
-        inverse,
         sigmoid,
         tanh,
         silu,

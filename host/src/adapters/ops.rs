@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
 use candle_core::{DType, Tensor};
-use graft_abi::{GResult, GraftError, HostOps, HostOpsMut, HostOps_TO, Init, LogLevel, TensorId};
+use graft_abi::{GResult, GraftError, HostOps, HostOpsMut, HostOpsV1Ext, HostOps_TO, Init, LogLevel, TensorId};
 use graft_sdxl::hooks::LinearWeights;
 use graft_sdxl::rng::GraftRng;
 
@@ -92,10 +92,6 @@ impl<'a> CandleOps<'a> {
         &self.created
     }
 
-    /// The ABI trait object to hand to a plugin entry point.
-    pub fn as_abi(&mut self) -> HostOpsMut<'_> {
-        HostOps_TO::from_ptr(self, TD_Opaque)
-    }
 
     fn key(&self, name: &str) -> ParamKey {
         ParamKey::new(self.strategy, self.layer, name)
@@ -548,6 +544,19 @@ impl HostOps for CandleOps<'_> {
         }
     }
 
+    fn log(&mut self, level: LogLevel, message: RStr<'_>) {
+        let (s, l, m) = (self.strategy, self.layer, message.as_str());
+        match level {
+            LogLevel::ERROR => tracing::error!(strategy = s, layer = l, "{m}"),
+            LogLevel::WARN => tracing::warn!(strategy = s, layer = l, "{m}"),
+            LogLevel::DEBUG => tracing::debug!(strategy = s, layer = l, "{m}"),
+            _ => tracing::info!(strategy = s, layer = l, "{m}"),
+        }
+    }
+}
+
+/// The ops of the `graft.ops` extension, for the call in progress (see [`HOST_OPS_V1`]).
+impl CandleOps<'_> {
     fn base_bias(&mut self) -> GResult<ROption<TensorId>> {
         let Some(base) = &self.base else {
             return RResult::RErr(err(format!("base_bias: layer `{}` has no base weight here (an attention hook point?)", self.layer)));
@@ -651,16 +660,88 @@ impl HostOps for CandleOps<'_> {
         })
     }
 
-    fn log(&mut self, level: LogLevel, message: RStr<'_>) {
-        let (s, l, m) = (self.strategy, self.layer, message.as_str());
-        match level {
-            LogLevel::ERROR => tracing::error!(strategy = s, layer = l, "{m}"),
-            LogLevel::WARN => tracing::warn!(strategy = s, layer = l, "{m}"),
-            LogLevel::DEBUG => tracing::debug!(strategy = s, layer = l, "{m}"),
-            _ => tracing::info!(strategy = s, layer = l, "{m}"),
+}
+
+thread_local! {
+    /// The ops table of the plugin call this thread is running, for the extension's functions,
+    /// which get no table of their own.
+    static CURRENT: std::cell::Cell<*mut ()> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+impl<'a> CandleOps<'a> {
+    /// Runs a plugin entry point `f` with this table, as the ABI table and as the current call
+    /// of this thread (for the `graft.ops` extension).
+    pub fn call<R>(&mut self, f: impl FnOnce(HostOpsMut<'_>) -> R) -> R {
+        struct Restore(*mut ());
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(self.0));
+            }
         }
+        let this: *mut Self = self;
+        let _restore = Restore(CURRENT.with(|c| c.replace(this as *mut ())));
+        // SAFETY: `this` comes from `&mut self`, which outlives the call; the extension reaches
+        // the table only while the plugin runs inside `f`, one op at a time, on this thread.
+        f(HostOps_TO::from_ptr(unsafe { &mut *this }, TD_Opaque))
     }
 }
+
+/// Runs `f` on the call in progress on this thread.
+fn with_current<T>(op: &str, f: impl FnOnce(&mut CandleOps<'static>) -> GResult<T>) -> GResult<T> {
+    let p = CURRENT.with(|c| c.get());
+    if p.is_null() {
+        return RResult::RErr(err(format!("{op}: called outside a plugin call (extension ops work only inside forward, delta_weight, export or init_param, on the host's thread)")));
+    }
+    // SAFETY: set by `CandleOps::call` for the duration of the plugin call; the lifetime is
+    // erased because the table only lives that long, and nothing here keeps the reference.
+    f(unsafe { &mut *(p as *mut CandleOps<'static>) })
+}
+
+macro_rules! ext_fns {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        $(pub(super) extern "C" fn $name($($arg: $ty),*) -> GResult<$ret> {
+            with_current(stringify!($name), |ops| ops.$name($($arg),*))
+        })*
+    };
+}
+
+mod ext {
+    use super::*;
+    ext_fns! {
+        base_bias() -> ROption<TensorId>;
+        abs(x: TensorId) -> TensorId;
+        clamp(x: TensorId, min: f64, max: f64) -> TensorId;
+        maximum(a: TensorId, b: TensorId) -> TensorId;
+        minimum(a: TensorId, b: TensorId) -> TensorId;
+        where_cond(c: TensorId, a: TensorId, b: TensorId) -> TensorId;
+        gt(a: TensorId, b: TensorId) -> TensorId;
+        ln(x: TensorId) -> TensorId;
+        powf(x: TensorId, e: f64) -> TensorId;
+        eye(n: u64) -> TensorId;
+        inverse(x: TensorId) -> TensorId;
+        permute(x: TensorId, dims: RSlice<'_, i64>) -> TensorId;
+        index_select(x: TensorId, dim: i64, indices: RSlice<'_, u64>) -> TensorId;
+        random_normal(shape: RSlice<'_, u64>, seed: u64) -> TensorId;
+    }
+}
+
+/// The host's side of the `graft.ops` extension, handed to each plugin that has it.
+pub static HOST_OPS_V1: HostOpsV1Ext = HostOpsV1Ext {
+    base_bias: ext::base_bias,
+    abs: ext::abs,
+    clamp: ext::clamp,
+    maximum: ext::maximum,
+    minimum: ext::minimum,
+    where_cond: ext::where_cond,
+    gt: ext::gt,
+    ln: ext::ln,
+    powf: ext::powf,
+    eye: ext::eye,
+    inverse: ext::inverse,
+    permute: ext::permute,
+    index_select: ext::index_select,
+    random_normal: ext::random_normal,
+};
 
 #[cfg(test)]
 mod tests {

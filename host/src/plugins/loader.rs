@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
-use abi_stable::std_types::{RResult, RStr};
-use graft_abi::{GraftError, PluginModRef, StrategyBox, ABI_VERSION};
+use abi_stable::std_types::{RResult, RSome, RStr};
+use graft_abi::{GraftError, OpsExtensionV1, PluginModRef, StrategyBox, ABI_VERSION, OPS_EXTENSION, OPS_EXTENSION_VERSION};
 
 /// File name endings of dynamic libraries on this platform family.
 pub const LIBRARY_EXTENSIONS: [&str; 3] = ["so", "dylib", "dll"];
@@ -67,6 +67,8 @@ pub struct LoadedPlugin {
     /// Which load this is (unique in the process, grows).
     pub generation: u64,
     module: PluginModRef,
+    /// The `graft.ops` extension (built with a graft-sdk that has it), already connected.
+    pub ops_ext: Option<&'static OpsExtensionV1>,
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -98,6 +100,26 @@ impl LoadedPlugin {
             RResult::RErr(e) => Err(e),
         }
     }
+}
+
+/// Finds the plugin's `graft.ops` extension, checks its layout against this host's and hands it
+/// the host's extra ops. None for a plugin built before the extension existed.
+fn connect_ops_extension(module: PluginModRef) -> Result<Option<&'static OpsExtensionV1>, LoadError> {
+    let RSome(ext) = (module.extension())(OPS_EXTENSION.into(), OPS_EXTENSION_VERSION) else {
+        return Ok(None);
+    };
+    let expected = <OpsExtensionV1 as abi_stable::StableAbi>::LAYOUT;
+    if let Err(e) = abi_stable::abi_stability::abi_checking::check_layout_compatibility(expected, ext.layout) {
+        return Err(LoadError::Incompatible(format!(
+            "its `{OPS_EXTENSION}` extension version {OPS_EXTENSION_VERSION} differs from the host's: {}",
+            first_lines(&e.to_string(), 3)
+        )));
+    }
+    // SAFETY: the layout check above proved `module` points to an `OpsExtensionV1`; the plugin
+    // leaks it, and the library stays loaded for the life of the process.
+    let ext: &'static OpsExtensionV1 = unsafe { &*(ext.module as *const OpsExtensionV1) };
+    (ext.connect)(&crate::adapters::ops::HOST_OPS_V1);
+    Ok(Some(ext))
 }
 
 /// Why a library could not be used.
@@ -272,8 +294,10 @@ pub fn load_plugin_bytes(
             manifest.id
         )));
     }
+    let ops_ext = connect_ops_extension(module)?;
     Ok(LoadedPlugin {
         manifest,
+        ops_ext,
         source: path.to_path_buf(),
         private_copy,
         hash,

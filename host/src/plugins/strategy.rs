@@ -114,6 +114,7 @@ pub struct StrategyInstance {
     manifest: PluginManifest,
     generation: u64,
     obj: StrategyBox,
+    ops_ext: Option<&'static abi::OpsExtensionV1>,
 }
 
 impl fmt::Debug for StrategyInstance {
@@ -141,7 +142,7 @@ impl StrategyInstance {
             kind: e.kind,
             message: e.message.to_string(),
         })?;
-        Ok(Self { name, config, manifest: plugin.manifest.clone(), generation: plugin.generation, obj })
+        Ok(Self { name, config, manifest: plugin.manifest.clone(), generation: plugin.generation, obj, ops_ext: plugin.ops_ext })
     }
 
     pub fn name(&self) -> &str {
@@ -211,7 +212,7 @@ impl StrategyInstance {
             training: cx.training,
             step: cx.step,
         };
-        let r = self.obj.forward(ops.as_abi(), layer, &inputs);
+        let r = ops.call(|abi| self.obj.forward(abi, layer, &inputs));
         self.finish_forward(&ops, layer, r, base_out)
     }
 
@@ -237,7 +238,7 @@ impl StrategyInstance {
             training: cx.training,
             step: cx.step,
         };
-        let r = self.obj.forward(ops.as_abi(), layer, &inputs);
+        let r = ops.call(|abi| self.obj.forward(abi, layer, &inputs));
         self.finish_forward(&ops, layer, r, out)
     }
 
@@ -274,7 +275,7 @@ impl StrategyInstance {
     ) -> Result<Option<Tensor>, PluginError> {
         let name = Some(layer.name());
         let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base.cloned(), false);
-        let r = self.obj.delta_weight(ops.as_abi(), layer);
+        let r = ops.call(|abi| self.obj.delta_weight(abi, layer));
         let Some(id) = self.check("delta_weight", name, r)?.into_option() else {
             return Ok(None);
         };
@@ -300,7 +301,7 @@ impl StrategyInstance {
     ) -> Result<Option<ExportedLayer>, PluginError> {
         let name = Some(layer.name());
         let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base.cloned(), false);
-        let r = self.obj.export(ops.as_abi(), layer);
+        let r = ops.call(|abi| self.obj.export(abi, layer));
         let Some(form) = self.check("export", name, r)?.into_option() else {
             return Ok(None);
         };
@@ -335,7 +336,15 @@ impl StrategyInstance {
     ) -> Result<Tensor, PluginError> {
         let name = Some(layer.name());
         let mut ops = CandleOps::new(cx.store, cx.rng, &self.name, layer.name(), base.cloned(), false);
-        let r = self.obj.init_param(ops.as_abi(), layer, param.into());
+        let Some(ext) = self.ops_ext else {
+            return Err(self.fail(
+                "init_param",
+                name,
+                ErrorKind::UNSUPPORTED,
+                format!("`{param}` is declared from_layer, but this build of the plugin has no init_param (rebuild it with a newer graft-sdk)"),
+            ));
+        };
+        let r = ops.call(|abi| (ext.init_param)(&self.obj, abi, layer, param.into()));
         let id = self.check("init_param", name, r)?;
         let t = ops
             .tensor(id)
