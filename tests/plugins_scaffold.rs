@@ -53,7 +53,7 @@ fn a_new_plugin_builds_loads_and_runs() -> candle_core::Result<()> {
     let w = rng.randn((8, 6), &Device::Cpu)?;
     let base_out = x.broadcast_matmul(&w.t()?)?;
     let mut cx = CallContext { store: &store, rng: &mut rng, training: true, step: 0 };
-    let y = s.forward_linear(&mut cx, layer(&layers, TO_K), Some(&w), &x, &base_out).expect("forward");
+    let y = s.forward_linear(&mut cx, layer(&layers, TO_K), Some(&w.clone().into()), &x, &base_out).expect("forward");
     assert_eq!(y.to_vec3::<f32>()?, base_out.to_vec3::<f32>()?);
     let _ = std::fs::remove_file(&lib);
     Ok(())
