@@ -65,8 +65,8 @@ pub struct ParamSpec {
     pub name: String,
     pub shape: Vec<usize>,
     pub init: Init,
-    /// Optimizer group: a name in [`Plan::groups`] (the host refuses a plan that puts a
-    /// parameter in a group it does not declare).
+    /// Optimizer group: a name in [`Plan::groups`] (training refuses a parameter in a group the
+    /// plan does not declare; `graft plugins check` reports it).
     pub group: String,
     pub trainable: bool,
 }

@@ -2,7 +2,8 @@
 //! host's real machinery.
 //!
 //! 1. `plan` over the real SDXL layer list (the built-in config, no weights) and over the test
-//!    model's; every include pattern of a `targets` config key must match a layer;
+//!    model's; every include pattern of a `targets` config key must match a layer, and every
+//!    parameter's optimizer group must be declared;
 //! 2. zero-init identity: attached with its initial parameters, the model computes what it
 //!    computed without it;
 //! 3. after its parameters move (a seeded perturbation), the output changes;
@@ -126,6 +127,23 @@ fn plan_check(check: &'static str, plugin: &LoadedPlugin, config: &str, layers: 
     let unmatched = unmatched_targets(config, layers)?;
     if !unmatched.is_empty() {
         return Ok(outcome(check, false, format!("target patterns that match no layer: {}", unmatched.join(", "))));
+    }
+    // Training refuses a parameter in a group the plan does not declare: say so before that.
+    let groups: Vec<&str> = plan.groups.iter().map(|g| g.name.as_str()).collect();
+    for a in plan.attachments.iter() {
+        if let Some(p) = a.params.iter().find(|p| !groups.contains(&p.group.as_str())) {
+            return Ok(outcome(
+                check,
+                false,
+                format!(
+                    "parameter `{}` of `{}` is in optimizer group `{}`, which the plan does not declare (it declares: {})",
+                    p.name,
+                    a.layer,
+                    p.group,
+                    if groups.is_empty() { "none".to_string() } else { groups.join(", ") }
+                ),
+            ));
+        }
     }
     if plan.attachments.is_empty() && plan.unfreeze.is_empty() {
         return Ok(outcome(check, false, format!("the plan attaches to none of the {} layers and unfreezes nothing", layers.len())));

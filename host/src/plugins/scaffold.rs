@@ -97,6 +97,16 @@ impl Strategy for Plugin {
 }
 
 graft_sdk::export_strategy!(Plugin);
+
+#[cfg(test)]
+mod tests {
+    /// graft's conformance checks (`graft plugins check`) on this plugin. It runs the `graft`
+    /// executable: set GRAFT_BIN or put it on PATH.
+    #[test]
+    fn conformance() {
+        graft_sdk::conformance_test!();
+    }
+}
 "##;
 
 /// A valid crate / plugin name: lower-case letters, digits, `-` and `_`, starting with a letter.

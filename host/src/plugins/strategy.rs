@@ -427,18 +427,6 @@ pub fn check_plan(plan: &abi::Plan, layers: &[abi::LayerInfo]) -> Result<(), Str
             }
         }
     }
-    for a in plan.attachments.iter() {
-        if let Some(p) = a.params.iter().find(|p| !groups.contains(p.group.as_str())) {
-            let declared: Vec<&str> = groups.iter().copied().collect();
-            return Err(format!(
-                "parameter `{}` of `{}` is in optimizer group `{}`, which the plan does not declare (it declares: {})",
-                p.name,
-                a.layer,
-                p.group,
-                if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
-            ));
-        }
-    }
     for u in plan.unfreeze.iter() {
         match by_name.get(u.layer.as_str()) {
             None => return Err(format!("the plan unfreezes `{}`, which is not a hook point of this model", u.layer)),
