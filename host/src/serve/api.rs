@@ -420,6 +420,11 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
             config: None,
             resolution: req.resolution,
             enable_bucket: req.enable_bucket,
+            // kohya's range, widened to hold the resolution the form asked for.
+            min_bucket_reso: 256.min(req.resolution / 64 * 64).max(64),
+            max_bucket_reso: 1024.max(req.resolution.div_ceil(64) * 64),
+            bucket_reso_steps: 64,
+            bucket_no_upscale: false,
             shuffle_caption: req.shuffle_caption,
             keep_tokens: 0,
             flip_aug: req.flip_aug,

@@ -132,10 +132,21 @@ impl Bucketer {
                 ));
             }
             let (rw, rh) = (s.resolution.width, s.resolution.height);
-            if s.max_bucket_reso < rw.max(rh) || s.min_bucket_reso > rw.min(rh) {
+            // Name the one key to change, with the value that would do.
+            if s.min_bucket_reso > rw.min(rh) {
                 return bad(format!(
-                    "the buckets {}..{} must include the resolution {} (raise max_bucket_reso or lower min_bucket_reso)",
-                    s.min_bucket_reso, s.max_bucket_reso, s.resolution
+                    "min_bucket_reso = {} is above the resolution {}: lower min_bucket_reso to {} or less",
+                    s.min_bucket_reso,
+                    s.resolution,
+                    rw.min(rh) / s.bucket_reso_steps.max(1) * s.bucket_reso_steps.max(1)
+                ));
+            }
+            if s.max_bucket_reso < rw.max(rh) {
+                return bad(format!(
+                    "max_bucket_reso = {} is below the resolution {}: raise max_bucket_reso to {} or more",
+                    s.max_bucket_reso,
+                    s.resolution,
+                    rw.max(rh).div_ceil(s.bucket_reso_steps) * s.bucket_reso_steps
                 ));
             }
             for (what, v) in [("min_bucket_reso", s.min_bucket_reso), ("max_bucket_reso", s.max_bucket_reso)] {
@@ -255,6 +266,19 @@ mod tests {
         s.enable_bucket = true;
         s.max_bucket_reso = 2048;
         Bucketer::new(s).unwrap()
+    }
+
+    /// A resolution outside the bucket range names the one key to change and a value that works.
+    #[test]
+    fn a_resolution_outside_the_range_names_the_key() {
+        let settings = |res: usize| BucketSettings { enable_bucket: true, ..BucketSettings::new(Reso::new(res, res)) };
+        let e = Bucketer::new(settings(128)).unwrap_err().to_string();
+        assert!(e.contains("min_bucket_reso = 256 is above the resolution 128x128: lower min_bucket_reso to 128 or less"), "{e}");
+        let e = Bucketer::new(settings(1100)).unwrap_err().to_string();
+        assert!(e.contains("raise max_bucket_reso to 1152 or more"), "{e}");
+        let mut ok = settings(128);
+        ok.min_bucket_reso = 64;
+        assert!(Bucketer::new(ok).is_ok());
     }
 
     #[test]

@@ -34,6 +34,10 @@ dir = "data/my-style"                             # images + .txt captions, kohy
 # config = "dataset.toml"                         # or a kohya dataset config instead of dir
 resolution = 1024
 enable_bucket = true
+min_bucket_reso = 256                             # kohya's bucket range and step
+max_bucket_reso = 1024
+bucket_reso_steps = 64
+bucket_no_upscale = false                         # true: never enlarge an image
 shuffle_caption = false
 keep_tokens = 0
 flip_aug = false
@@ -103,6 +107,16 @@ pub struct DatasetSection {
     pub resolution: usize,
     #[serde(default)]
     pub enable_bucket: bool,
+    /// kohya's bucket range and step (defaults 256, 1024, 64) and `bucket_no_upscale`; used with
+    /// `enable_bucket`.
+    #[serde(default = "min_bucket_reso")]
+    pub min_bucket_reso: usize,
+    #[serde(default = "max_bucket_reso")]
+    pub max_bucket_reso: usize,
+    #[serde(default = "bucket_reso_steps")]
+    pub bucket_reso_steps: usize,
+    #[serde(default)]
+    pub bucket_no_upscale: bool,
     #[serde(default)]
     pub shuffle_caption: bool,
     #[serde(default)]
@@ -144,6 +158,18 @@ fn memory() -> String {
 fn ten() -> u64 {
     10
 }
+fn min_bucket_reso() -> usize {
+    256
+}
+
+fn max_bucket_reso() -> usize {
+    1024
+}
+
+fn bucket_reso_steps() -> usize {
+    64
+}
+
 fn resolution() -> usize {
     1024
 }

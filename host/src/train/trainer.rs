@@ -740,6 +740,10 @@ fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
         (Some(dir), None) => {
             let mut spec = DatasetSpec::new(crate::train::buckets::Reso { width: d.resolution, height: d.resolution });
             spec.buckets.enable_bucket = d.enable_bucket;
+            spec.buckets.min_bucket_reso = d.min_bucket_reso;
+            spec.buckets.max_bucket_reso = d.max_bucket_reso;
+            spec.buckets.bucket_reso_steps = d.bucket_reso_steps;
+            spec.buckets.bucket_no_upscale = d.bucket_no_upscale;
             if let Some(b) = config.batch_size {
                 spec.batch_size = b;
             }
@@ -758,3 +762,33 @@ fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
     Ok(Dataset::open(&ds_config, &OpenOptions { skip_bad: d.skip_bad, ..Default::default() })?)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, dataset_keys: &str) -> TrainConfig {
+        let text = format!(
+            "model = \"m\"\noutput_dir = \"o\"\nsteps = 1\n[dataset]\ndir = {:?}\nresolution = 128\nenable_bucket = true\n{dataset_keys}\n[strategy]\nplugin = \"lora\"\n",
+            dir.to_str().unwrap()
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    /// kohya's bucket keys in `[dataset]` reach the bucketer; without them kohya's defaults
+    /// (256..1024) cannot hold 128 px, and the error says which key to lower.
+    #[test]
+    fn dataset_bucket_keys_reach_the_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::demo::dataset::write_dataset(dir.path(), 3, 96).unwrap();
+        let keys = "min_bucket_reso = 64\nmax_bucket_reso = 256\nbucket_reso_steps = 32\nbucket_no_upscale = false";
+        let ds = open_dataset(&config(dir.path(), keys)).unwrap();
+        let b = &ds.specs()[0].buckets;
+        assert_eq!((b.min_bucket_reso, b.max_bucket_reso, b.bucket_reso_steps, b.bucket_no_upscale), (64, 256, 32, false));
+        for (reso, _) in ds.bucket_counts() {
+            assert!(reso.width % 32 == 0 && (64..=256).contains(&reso.width) && (64..=256).contains(&reso.height), "{reso}");
+        }
+        let e = format!("{:#}", open_dataset(&config(dir.path(), "")).unwrap_err());
+        assert!(e.contains("lower min_bucket_reso to 128 or less"), "{e}");
+    }
+}
