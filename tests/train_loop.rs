@@ -249,3 +249,56 @@ fn non_finite_steps_are_skipped_and_counted() {
     assert!(!r.skipped);
     assert_eq!((t.bad_in_row, t.skipped_total), (0, 2));
 }
+
+/// `cache_text_encoder_outputs`: with UNet-only LoRA and static captions the text encoders'
+/// weights leave memory for the steps, come back (the same values) for sample images, and leave
+/// again at the next step. The samples and the losses equal a run that keeps them in memory. A
+/// strategy with text-encoder adapters keeps them.
+#[test]
+fn text_encoders_leave_memory_during_the_steps() {
+    use graft_host::train::samples::render_samples;
+    let prompts = vec![graft_host::train::samples::SamplePrompt {
+        prompt: "a pink circle".into(),
+        negative: None,
+        width: 64,
+        height: 48,
+        seed: 5,
+        steps: 2,
+        guidance: 5.0,
+        scheduler: None,
+    }];
+    let run = |cache: bool| {
+        let dir = scratch(&format!("train_te_release_{cache}"));
+        let config = setup(&dir, 4, &format!("cache_text_encoder_outputs = {cache}"), "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, unet_lr = 0.01 }");
+        let mut t = trainer(&config);
+        let te_bytes = |t: &Trainer| -> usize {
+            t.model.registries()[1..]
+                .iter()
+                .flat_map(|r| (0..r.len()).filter_map(|i| r.linear_weights(i).map(|w| w.read().unwrap().weight.elem_count())))
+                .sum()
+        };
+        let full = te_bytes(&t);
+        let mut losses = Vec::new();
+        losses.push(t.train_step().unwrap().loss);
+        assert_eq!(t.model.text_encoders_released(), cache);
+        assert_eq!(te_bytes(&t) == 0, cache, "released weights are empty");
+        t.set.set_training(false);
+        let paths = render_samples(&t.model, &t.set, &prompts, &dir.join("samples"), "s").unwrap();
+        t.set.set_training(true);
+        assert!(!t.model.text_encoders_released(), "sampling reads them back");
+        assert_eq!(te_bytes(&t), full);
+        losses.push(t.train_step().unwrap().loss);
+        assert_eq!(t.model.text_encoders_released(), cache, "the next step releases them again");
+        (losses, std::fs::read(&paths[0]).unwrap())
+    };
+    let (kept_losses, kept_png) = run(false);
+    let (losses, png) = run(true);
+    assert_eq!(losses, kept_losses);
+    assert_eq!(png, kept_png, "samples are bit-identical");
+
+    let dir = scratch("train_te_release_hooked");
+    let config = setup(&dir, 2, "", "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, train_text_encoder = true }");
+    let mut t = trainer(&config);
+    t.train_step().unwrap();
+    assert!(!t.model.text_encoders_released(), "adapters in the text encoders keep them in memory");
+}

@@ -147,6 +147,35 @@ impl HookRegistry {
     pub fn linear_weights(&self, index: LayerIndex) -> Option<&SharedLinear> {
         self.weights.get(index).and_then(|w| w.as_ref())
     }
+
+    /// Replaces every linear's weights with an empty tensor, freeing their memory wherever they
+    /// are shared (the model and the adapters see the same slots). Returns the bytes freed.
+    pub fn release_linears(&self) -> usize {
+        let mut freed = 0;
+        for shared in self.weights.iter().flatten() {
+            let mut w = shared.write().unwrap_or_else(|e| e.into_inner());
+            let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+            freed += bytes(&w.weight) + w.bias.as_ref().map_or(0, bytes);
+            let empty = Tensor::zeros(0, w.weight.dtype(), w.weight.device()).unwrap_or_else(|_| w.weight.clone());
+            *w = LinearWeights { weight: empty, bias: None };
+        }
+        freed
+    }
+
+    /// Puts `other`'s linear weights (a fresh build of the same component) into this registry's
+    /// shared slots, layer by layer.
+    pub fn take_linears(&self, other: &HookRegistry) -> Result<()> {
+        if self.layers != other.layers {
+            candle_core::bail!("take_linears: the registries list different hook points");
+        }
+        for (mine, theirs) in self.weights.iter().zip(&other.weights) {
+            if let (Some(mine), Some(theirs)) = (mine, theirs) {
+                let fresh = theirs.read().unwrap_or_else(|e| e.into_inner()).clone();
+                *mine.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Called by the models at every hook point. Implemented by the host's adapter dispatcher.

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::{Device, Result};
 use candle_nn::VarBuilder;
@@ -100,6 +102,28 @@ pub struct SdxlModel {
     pub device: Device,
     /// Where the weights came from, for PNG metadata and logs.
     pub source: PathBuf,
+    /// The text encoders' files, kept mapped (not resident) so their weights can be released
+    /// during training and read back for sample images; `None` for a model built by hand.
+    pub text_encoder_files: Option<TextEncoderFiles>,
+}
+
+/// Where the two text encoders are read from, and whether their weights are released now.
+#[derive(Clone)]
+pub struct TextEncoderFiles {
+    sources: [TensorSource; 2],
+    released: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for TextEncoderFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TextEncoderFiles(released: {})", self.released.load(Ordering::Relaxed))
+    }
+}
+
+impl TextEncoderFiles {
+    fn new(te1: TensorSource, te2: TensorSource) -> Option<Self> {
+        Some(Self { sources: [te1, te2], released: Arc::new(AtomicBool::new(false)) })
+    }
 }
 
 /// Builds one component, first with shape-only weights (to learn what it needs and list
@@ -206,7 +230,19 @@ impl SdxlModel {
         let vae_src = src("vae", "diffusion_pytorch_model")?;
         let vae = load_component(&vae_src, device, all, |vb| Vae::new(vb, &config.vae))?;
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
-        Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device: device.clone(), source: dir.to_path_buf() })
+        let text_encoder_files = TextEncoderFiles::new(te1, te2);
+        Ok(Self {
+            config,
+            unet,
+            text_encoder,
+            text_encoder_2,
+            vae,
+            tokenizer,
+            tokenizer_2,
+            device: device.clone(),
+            source: dir.to_path_buf(),
+            text_encoder_files,
+        })
     }
 
     fn load_single_file(file: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path, dtype: WeightDtype) -> Result<Self> {
@@ -246,7 +282,19 @@ impl SdxlModel {
         let vae_src = component(SgmComponent::Vae, &|vb| Vae::new(vb, &config.vae).map(|_| ()))?;
         let vae = load_component(&vae_src, device, |k| k.starts_with("first_stage_model.") && !is_known_extra(k), |vb| Vae::new(vb, &config.vae))?;
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
-        Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device: device.clone(), source: file.to_path_buf() })
+        let text_encoder_files = TextEncoderFiles::new(te1_src, te2_src);
+        Ok(Self {
+            config,
+            unet,
+            text_encoder,
+            text_encoder_2,
+            vae,
+            tokenizer,
+            tokenizer_2,
+            device: device.clone(),
+            source: file.to_path_buf(),
+            text_encoder_files,
+        })
     }
 
     /// The precision the UNet's matrices are kept in (the conv_in kernel's).
@@ -271,6 +319,46 @@ impl SdxlModel {
 
     pub fn registries(&self) -> [&HookRegistry; 3] {
         [self.unet.registry(), self.text_encoder.registry(), self.text_encoder_2.registry()]
+    }
+
+    /// True while the text encoders' weights are released ([`SdxlModel::release_text_encoders`]).
+    pub fn text_encoders_released(&self) -> bool {
+        self.text_encoder_files.as_ref().is_some_and(|f| f.released.load(Ordering::Acquire))
+    }
+
+    /// Frees the text encoders' linear weights (most of their memory; kohya's
+    /// `cache_text_encoder_outputs`), for training with cached embeddings. The next
+    /// [`SdxlModel::encode_prompts`] reads them back from the files. Returns the bytes freed;
+    /// 0 when already released. An error for a model built by hand (no files to read back).
+    pub fn release_text_encoders(&self) -> Result<usize> {
+        let Some(files) = &self.text_encoder_files else {
+            candle_core::bail!("this model was not loaded from files: its text encoders cannot be released and read back");
+        };
+        if files.released.swap(true, Ordering::AcqRel) {
+            return Ok(0);
+        }
+        Ok(self.text_encoder.registry().release_linears() + self.text_encoder_2.registry().release_linears())
+    }
+
+    /// Reads the text encoders' weights back after [`SdxlModel::release_text_encoders`], in the
+    /// precision they were loaded in; nothing to do when they are in memory.
+    pub fn restore_text_encoders(&self) -> Result<()> {
+        let Some(files) = &self.text_encoder_files else { return Ok(()) };
+        if !files.released.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let c = &self.config;
+        let te1 = load_component(&files.sources[0], &self.device, |_| false, |vb| {
+            ClipTextModel::new(vb, &c.text_encoder, Component::TextEncoder, false)
+        })?;
+        self.text_encoder.registry().take_linears(te1.registry())?;
+        drop(te1);
+        let te2 = load_component(&files.sources[1], &self.device, |_| false, |vb| {
+            ClipTextModel::new(vb, &c.text_encoder_2, Component::TextEncoder2, true)
+        })?;
+        self.text_encoder_2.registry().take_linears(te2.registry())?;
+        files.released.store(false, Ordering::Release);
+        Ok(())
     }
 }
 

@@ -96,6 +96,8 @@ pub fn check_size(width: usize, height: usize) -> Result<()> {
 impl SdxlModel {
     /// Encodes prompts with both text encoders.
     pub fn encode_prompts(&self, prompts: &[&str], hooks: PipelineHooks) -> Result<PromptEmbeds> {
+        // Weights released for training come back for samples.
+        self.restore_text_encoders()?;
         let ids = |tok: &crate::tokenizer::ClipTokenizer| -> Result<Tensor> {
             let rows: Vec<u32> = prompts.iter().flat_map(|p| tok.encode_padded(p, 77)).collect();
             Tensor::from_vec(rows, (prompts.len(), 77), &self.device)

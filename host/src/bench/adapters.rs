@@ -102,6 +102,7 @@ fn shape_only_sdxl() -> anyhow::Result<SdxlModel> {
         tokenizer_2: ClipTokenizer::builtin(PadToken::Exclamation),
         device: dev,
         source: PathBuf::from("sdxl-base-1.0 (shape only)"),
+        text_encoder_files: None,
         config,
     })
 }

@@ -105,6 +105,8 @@ pub struct CompareConfig {
     pub dtype: graft_sdxl::WeightDtype,
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    #[serde(default = "yes")]
+    pub cache_text_encoder_outputs: bool,
     pub dataset: DatasetSection,
     #[serde(default)]
     pub strategies: Vec<StrategyEntry>,
@@ -217,6 +219,7 @@ impl CompareConfig {
             max_bad_steps: self.max_bad_steps,
             dtype: self.dtype,
             gradient_checkpointing: self.gradient_checkpointing,
+            cache_text_encoder_outputs: self.cache_text_encoder_outputs,
             dataset: self.dataset.clone(),
             // Parameters are keyed by the plugin id, not the row name: parameter inits derive from
             // the seed and the key, so config variants of one plugin start from the same values.
@@ -290,4 +293,8 @@ mod tests {
         let e = err(&format!("{}[[strategies]]\nplugin = \"lora\"\n", MIN.replace("steps = 3", "steps = 0")));
         assert!(e.contains("steps"), "{e}");
     }
+}
+
+fn yes() -> bool {
+    true
 }

@@ -76,6 +76,7 @@ pub fn shape_model(config: &SdxlConfig) -> anyhow::Result<SdxlModel> {
         tokenizer_2: ClipTokenizer::builtin(PadToken::Exclamation),
         device: dev,
         source: PathBuf::new(),
+        text_encoder_files: None,
     })
 }
 

@@ -28,6 +28,8 @@ cache_latents = "memory"                          # memory, disk or none
 max_bad_steps = 10                                # stop after this many non-finite steps in a row
 dtype = "bf16"                                    # frozen weights: file (default), bf16, fp16, fp32
 gradient_checkpointing = true                     # recompute activations in the backward: less memory
+cache_text_encoder_outputs = true                 # free the text encoders during the steps when
+                                                  # their outputs are cached (back for samples)
 
 [dataset]
 dir = "data/my-style"                             # images + .txt captions, kohya N_name folders
@@ -92,6 +94,10 @@ pub struct TrainConfig {
     /// Keep only segment inputs in the forward and recompute each segment in the backward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// With every caption's embeddings cached and no adapter in a text encoder, free the text
+    /// encoders' weights during the steps; they are read back for sample images (kohya's name).
+    #[serde(default = "yes")]
+    pub cache_text_encoder_outputs: bool,
     pub dataset: DatasetSection,
     pub strategy: StrategySection,
 }
@@ -158,6 +164,10 @@ fn memory() -> String {
 fn ten() -> u64 {
     10
 }
+fn yes() -> bool {
+    true
+}
+
 fn min_bucket_reso() -> usize {
     256
 }

@@ -130,6 +130,8 @@ pub struct Trainer {
     last_good: Option<StepStart>,
     /// The plugin's private state before a step that paused the run, given to the rebuild.
     paused_plugin_state: Option<String>,
+    /// The text encoders were released at least once (for the log).
+    text_encoders_were_released: bool,
 }
 
 /// The optimizer group of a strategy's plan group.
@@ -206,6 +208,7 @@ impl Trainer {
             plugins,
             last_good: None,
             paused_plugin_state: None,
+            text_encoders_were_released: false,
         };
         trainer.prefill_latents()?;
         Ok(trainer)
@@ -237,6 +240,45 @@ impl Trainer {
             bar.set_position(done as u64 + 1);
         }
         bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// Frees the text encoders' weights when the steps do not need them
+    /// (`cache_text_encoder_outputs`): no adapter in them, no base weight of theirs trained, and
+    /// every caption's embeddings cached (computed here the first time). Sampling reads them
+    /// back; the next step frees them again.
+    fn release_text_encoders_if_unused(&mut self) -> anyhow::Result<()> {
+        let te_unfrozen = self.set.unfrozen().iter().any(|b| !b.layer.starts_with("unet."));
+        let possible = self.config.cache_text_encoder_outputs
+            && self.model.text_encoder_files.is_some()
+            && self.dataset.captions_are_static()
+            && !self.text_encoders_hooked()
+            && !te_unfrozen;
+        if !possible || self.model.text_encoders_released() {
+            return Ok(());
+        }
+        let mut captions: Vec<String> = self.dataset.items().iter().map(|it| it.caption.clone()).collect();
+        captions.push(String::new()); // caption dropout
+        captions.sort();
+        captions.dedup();
+        let model = &self.model;
+        self.embeds.batch(&captions, &model.device, |c| {
+            let e = model.encode_prompts(&[c], graft_sdxl::PipelineHooks::none())?;
+            Ok(vec![e.hidden, e.pooled])
+        })?;
+        let freed = self.model.release_text_encoders()?;
+        let first = !self.text_encoders_were_released;
+        self.text_encoders_were_released = true;
+        let text = format!(
+            "text encoders released for the steps ({:.2} GB; {} captions cached); they come back for sample images",
+            freed as f64 / 1e9,
+            captions.len()
+        );
+        if first {
+            tracing::info!("{text}");
+        } else {
+            tracing::debug!("{text}");
+        }
         Ok(())
     }
 
@@ -477,6 +519,7 @@ impl Trainer {
     /// One step, undone on error (so a checkpoint saved after the error resumes exactly), or,
     /// with `pause`, undone and reported when the strategy fails.
     fn run_step(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
+        self.release_text_encoders_if_unused()?;
         let start = self.step_start();
         if self.last_good.is_none() {
             // A session starts from a good state (fresh, or a checkpoint taken after a good step).
