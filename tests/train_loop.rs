@@ -251,8 +251,8 @@ fn non_finite_steps_are_skipped_and_counted() {
 }
 
 /// `cache_text_encoder_outputs`: with UNet-only LoRA and static captions the text encoders'
-/// weights leave memory for the steps, come back (the same values) for sample images, and leave
-/// again at the next step. The samples and the losses equal a run that keeps them in memory. A
+/// weights leave memory for the steps (and the VAE, every latent being cached), come back (the
+/// same values) for sample images, and leave again at the next step. The samples and the losses equal a run that keeps them in memory. A
 /// strategy with text-encoder adapters keeps them.
 #[test]
 fn text_encoders_leave_memory_during_the_steps() {
@@ -282,13 +282,15 @@ fn text_encoders_leave_memory_during_the_steps() {
         losses.push(t.train_step().unwrap().loss);
         assert_eq!(t.model.text_encoders_released(), cache);
         assert_eq!(te_bytes(&t) == 0, cache, "released weights are empty");
+        assert!(t.model.vae.is_released(), "every latent is cached: the VAE is released");
         t.set.set_training(false);
         let paths = render_samples(&t.model, &t.set, &prompts, &dir.join("samples"), "s").unwrap();
         t.set.set_training(true);
-        assert!(!t.model.text_encoders_released(), "sampling reads them back");
+        assert!(!t.model.text_encoders_released() && !t.model.vae.is_released(), "sampling reads them back");
         assert_eq!(te_bytes(&t), full);
         losses.push(t.train_step().unwrap().loss);
         assert_eq!(t.model.text_encoders_released(), cache, "the next step releases them again");
+        assert!(t.model.vae.is_released());
         (losses, std::fs::read(&paths[0]).unwrap())
     };
     let (kept_losses, kept_png) = run(false);

@@ -162,7 +162,7 @@ fn generate(model: &mut SdxlModel, reference: &HashMap<String, Tensor>, schedule
         init_latents: Some(reference["init_latents"].clone()),
     };
     let out = model.generate(&params, PipelineHooks::none(), &mut |_, _| {})?;
-    let decoded = model.vae.decode(&(&out.latents / model.config.vae.scaling_factor)?)?;
+    let decoded = model.vae()?.decode(&(&out.latents / model.config.vae.scaling_factor)?)?;
     Ok((out.latents.to_device(&Device::Cpu)?, decoded.to_device(&Device::Cpu)?))
 }
 

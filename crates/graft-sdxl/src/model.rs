@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use candle_core::{Device, Result};
 use candle_nn::VarBuilder;
@@ -96,7 +96,8 @@ pub struct SdxlModel {
     pub unet: UNet,
     pub text_encoder: ClipTextModel,
     pub text_encoder_2: ClipTextModel,
-    pub vae: Vae,
+    /// The VAE: [`SdxlModel::vae`] gives it, reading it back when training released it.
+    pub vae: VaeSlot,
     pub tokenizer: ClipTokenizer,
     pub tokenizer_2: ClipTokenizer,
     pub device: Device,
@@ -105,6 +106,38 @@ pub struct SdxlModel {
     /// The text encoders' files, kept mapped (not resident) so their weights can be released
     /// during training and read back for sample images; `None` for a model built by hand.
     pub text_encoder_files: Option<TextEncoderFiles>,
+}
+
+/// The VAE, which training with cached latents can release and read back from its files.
+pub struct VaeSlot {
+    loaded: RwLock<Option<Arc<Vae>>>,
+    /// Its tensors, kept mapped (not resident); `None` for a model built by hand.
+    source: Option<TensorSource>,
+    /// A compute dtype set with [`SdxlModel::set_activations`], for a VAE read back.
+    activations: Option<candle_core::DType>,
+}
+
+impl Clone for VaeSlot {
+    fn clone(&self) -> Self {
+        Self { loaded: RwLock::new(self.loaded.read().unwrap_or_else(|e| e.into_inner()).clone()), source: self.source.clone(), activations: self.activations }
+    }
+}
+
+impl std::fmt::Debug for VaeSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VaeSlot(released: {})", self.is_released())
+    }
+}
+
+impl VaeSlot {
+    /// A VAE in memory, with the files to read it back from when it is released.
+    pub fn new(vae: Vae, source: Option<TensorSource>) -> Self {
+        Self { loaded: RwLock::new(Some(Arc::new(vae))), source, activations: None }
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
 }
 
 /// Where the two text encoders are read from, and whether their weights are released now.
@@ -228,7 +261,7 @@ impl SdxlModel {
             ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true)
         })?;
         let vae_src = src("vae", "diffusion_pytorch_model")?;
-        let vae = load_component(&vae_src, device, all, |vb| Vae::new(vb, &config.vae))?;
+        let vae = VaeSlot::new(load_component(&vae_src, device, all, |vb| Vae::new(vb, &config.vae))?, Some(vae_src));
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
         let text_encoder_files = TextEncoderFiles::new(te1, te2);
         Ok(Self {
@@ -281,6 +314,7 @@ impl SdxlModel {
         })?;
         let vae_src = component(SgmComponent::Vae, &|vb| Vae::new(vb, &config.vae).map(|_| ()))?;
         let vae = load_component(&vae_src, device, |k| k.starts_with("first_stage_model.") && !is_known_extra(k), |vb| Vae::new(vb, &config.vae))?;
+        let vae = VaeSlot::new(vae, Some(vae_src));
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
         let text_encoder_files = TextEncoderFiles::new(te1_src, te2_src);
         Ok(Self {
@@ -309,7 +343,10 @@ impl SdxlModel {
         self.unet.set_activations(dtype);
         self.text_encoder.set_activations(dtype);
         self.text_encoder_2.set_activations(dtype);
-        self.vae.set_activations(dtype);
+        self.vae.activations = Some(dtype);
+        if let Some(v) = self.vae.loaded.get_mut().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Arc::make_mut(v).set_activations(dtype);
+        }
     }
 
     /// Every hook point of the three hooked components: UNet, then text encoders.
@@ -319,6 +356,36 @@ impl SdxlModel {
 
     pub fn registries(&self) -> [&HookRegistry; 3] {
         [self.unet.registry(), self.text_encoder.registry(), self.text_encoder_2.registry()]
+    }
+
+    /// The VAE, read back from its files first when [`SdxlModel::release_vae`] released it.
+    pub fn vae(&self) -> Result<Arc<Vae>> {
+        if let Some(v) = self.vae.loaded.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(v.clone());
+        }
+        let mut slot = self.vae.loaded.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = slot.as_ref() {
+            return Ok(v.clone());
+        }
+        let Some(source) = &self.vae.source else {
+            candle_core::bail!("the VAE was released and this model has no files to read it back from");
+        };
+        let mut vae = load_component(source, &self.device, |_| false, |vb| Vae::new(vb, &self.config.vae))?;
+        if let Some(dt) = self.vae.activations {
+            vae.set_activations(dt);
+        }
+        let vae = Arc::new(vae);
+        *slot = Some(vae.clone());
+        Ok(vae)
+    }
+
+    /// Frees the VAE (training with cached latents does not use it); [`SdxlModel::vae`] reads it
+    /// back. False when it is already released; an error for a model built by hand.
+    pub fn release_vae(&self) -> Result<bool> {
+        if self.vae.source.is_none() {
+            candle_core::bail!("this model was not loaded from files: its VAE cannot be released and read back");
+        }
+        Ok(self.vae.loaded.write().unwrap_or_else(|e| e.into_inner()).take().is_some())
     }
 
     /// True while the text encoders' weights are released ([`SdxlModel::release_text_encoders`]).

@@ -186,7 +186,7 @@ impl SdxlModel {
 
     /// Latents (unscaled) -> image [b, 3, h, w] in [0, 1].
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let decoded = self.vae.decode(&(latents / self.config.vae.scaling_factor)?)?;
+        let decoded = self.vae()?.decode(&(latents / self.config.vae.scaling_factor)?)?;
         ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)
     }
 }

@@ -56,7 +56,7 @@ fn run_case(model: &mut SdxlModel, reference: &HashMap<String, Tensor>, case: &s
     };
     let out = model.generate(&params, PipelineHooks::none(), &mut |_, _| {}).unwrap();
     assert_close(&format!("{case}.latents"), &out.latents, &reference[&format!("{case}.latents")], 1e-4);
-    let decoded = model.vae.decode(&(out.latents / model.config.vae.scaling_factor).unwrap()).unwrap();
+    let decoded = model.vae().unwrap().decode(&(out.latents / model.config.vae.scaling_factor).unwrap()).unwrap();
     assert_close(&format!("{case}.decoded"), &decoded, &reference[&format!("{case}.decoded")], 1e-4);
 }
 
@@ -133,7 +133,7 @@ fn deviations(model: &mut SdxlModel, reference: &HashMap<String, Tensor>, case: 
         init_latents: Some(reference["init_latents"].clone()),
     };
     let out = model.generate(&params, PipelineHooks::none(), &mut |_, _| {}).unwrap();
-    let decoded = model.vae.decode(&(&out.latents / model.config.vae.scaling_factor).unwrap()).unwrap();
+    let decoded = model.vae().unwrap().decode(&(&out.latents / model.config.vae.scaling_factor).unwrap()).unwrap();
     let rel = |got: &Tensor, name: &str| {
         let want = &reference[&format!("{case}.{name}")];
         max_abs(&(got - want).unwrap()) / max_abs(want).max(1.0)

@@ -97,7 +97,7 @@ fn shape_only_sdxl() -> anyhow::Result<SdxlModel> {
         unet: UNet::new(shape_only(&dev).0, &config.unet)?,
         text_encoder: ClipTextModel::new(shape_only(&dev).0, &config.text_encoder, Component::TextEncoder, false)?,
         text_encoder_2: ClipTextModel::new(shape_only(&dev).0, &config.text_encoder_2, Component::TextEncoder2, true)?,
-        vae: Vae::new(shape_only(&dev).0, &config.vae)?,
+        vae: graft_sdxl::model::VaeSlot::new(Vae::new(shape_only(&dev).0, &config.vae)?, None),
         tokenizer: ClipTokenizer::builtin(PadToken::EndOfText),
         tokenizer_2: ClipTokenizer::builtin(PadToken::Exclamation),
         device: dev,

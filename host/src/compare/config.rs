@@ -220,6 +220,7 @@ impl CompareConfig {
             dtype: self.dtype,
             gradient_checkpointing: self.gradient_checkpointing,
             cache_text_encoder_outputs: self.cache_text_encoder_outputs,
+            shared_model: false,
             dataset: self.dataset.clone(),
             // Parameters are keyed by the plugin id, not the row name: parameter inits derive from
             // the seed and the key, so config variants of one plugin start from the same values.

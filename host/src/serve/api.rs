@@ -415,8 +415,9 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         // The model is loaded once for the server (`graft serve --dtype`).
         dtype: graft_sdxl::WeightDtype::File,
         gradient_checkpointing: req.gradient_checkpointing,
-        // The server's model is shared with generate requests: its text encoders stay.
+        // The server's model is shared with generate requests: nothing of it is released.
         cache_text_encoder_outputs: false,
+        shared_model: true,
         dataset: DatasetSection {
             dir: Some(req.dataset_dir.clone()),
             config: None,

@@ -98,6 +98,9 @@ pub struct TrainConfig {
     /// encoders' weights during the steps; they are read back for sample images (kohya's name).
     #[serde(default = "yes")]
     pub cache_text_encoder_outputs: bool,
+    /// The model is shared with other work (`graft serve`): nothing of it is released.
+    #[serde(skip)]
+    pub shared_model: bool,
     pub dataset: DatasetSection,
     pub strategy: StrategySection,
 }

@@ -130,8 +130,9 @@ pub struct Trainer {
     last_good: Option<StepStart>,
     /// The plugin's private state before a step that paused the run, given to the rebuild.
     paused_plugin_state: Option<String>,
-    /// The text encoders were released at least once (for the log).
+    /// The text encoders / the VAE were released at least once (for the log).
     text_encoders_were_released: bool,
+    vae_was_released: bool,
 }
 
 /// The optimizer group of a strategy's plan group.
@@ -209,6 +210,7 @@ impl Trainer {
             last_good: None,
             paused_plugin_state: None,
             text_encoders_were_released: false,
+            vae_was_released: false,
         };
         trainer.prefill_latents()?;
         Ok(trainer)
@@ -223,7 +225,7 @@ impl Trainer {
     /// an earlier session was stopped part way through filling an on-disk cache.
     fn prefill_latents(&mut self) -> anyhow::Result<()> {
         let Some(cache) = self.latents.as_mut() else { return Ok(()) };
-        let (vae, scale) = (&self.model.vae, self.model.config.vae.scaling_factor);
+        let (vae, scale) = (self.model.vae()?, self.model.config.vae.scaling_factor);
         let vae_rng = self.rng.derive(0x7ae);
         let mut work = Vec::new();
         for (i, it) in self.dataset.items().iter().enumerate() {
@@ -243,14 +245,21 @@ impl Trainer {
         Ok(())
     }
 
-    /// Frees the text encoders' weights when the steps do not need them
-    /// (`cache_text_encoder_outputs`): no adapter in them, no base weight of theirs trained, and
-    /// every caption's embeddings cached (computed here the first time). Sampling reads them
-    /// back; the next step frees them again.
-    fn release_text_encoders_if_unused(&mut self) -> anyhow::Result<()> {
+    /// Frees what the steps do not use (kohya's `cache_latents` and
+    /// `cache_text_encoder_outputs`): the VAE once every latent is cached, the text encoders'
+    /// weights when no adapter is in them, no base weight of theirs is trained and every
+    /// caption's embeddings are cached (computed here the first time). Sample images read them
+    /// back; the next step frees them again. A shared model (serve) keeps everything.
+    fn release_unused_components(&mut self) -> anyhow::Result<()> {
+        if self.config.shared_model || self.model.text_encoder_files.is_none() {
+            return Ok(());
+        }
+        if self.latents.is_some() && self.model.release_vae()? && !self.vae_was_released {
+            self.vae_was_released = true;
+            tracing::info!("VAE released for the steps (every latent is cached); it comes back for sample images");
+        }
         let te_unfrozen = self.set.unfrozen().iter().any(|b| !b.layer.starts_with("unet."));
         let possible = self.config.cache_text_encoder_outputs
-            && self.model.text_encoder_files.is_some()
             && self.dataset.captions_are_static()
             && !self.text_encoders_hooked()
             && !te_unfrozen;
@@ -305,7 +314,7 @@ impl Trainer {
 
     fn batch_latents(&mut self, batch: &Batch) -> anyhow::Result<Tensor> {
         let dev = self.model.device.clone();
-        let (vae, scale) = (&self.model.vae, self.model.config.vae.scaling_factor);
+        let scale = self.model.config.vae.scaling_factor;
         match self.latents.as_mut() {
             Some(cache) => {
                 let mut fail = |_: &Tensor| -> candle_core::Result<Tensor> {
@@ -315,7 +324,7 @@ impl Trainer {
             }
             None => {
                 let mut vae_rng = self.rng.derive(0x7ae ^ self.step);
-                Ok((vae.encode(batch.images()?)?.sample(&mut vae_rng)? * scale)?)
+                Ok((self.model.vae()?.encode(batch.images()?)?.sample(&mut vae_rng)? * scale)?)
             }
         }
     }
@@ -519,7 +528,7 @@ impl Trainer {
     /// One step, undone on error (so a checkpoint saved after the error resumes exactly), or,
     /// with `pause`, undone and reported when the strategy fails.
     fn run_step(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
-        self.release_text_encoders_if_unused()?;
+        self.release_unused_components()?;
         let start = self.step_start();
         if self.last_good.is_none() {
             // A session starts from a good state (fresh, or a checkpoint taken after a good step).
