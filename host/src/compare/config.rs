@@ -105,8 +105,6 @@ pub struct CompareConfig {
     pub dtype: graft_sdxl::WeightDtype,
     #[serde(default)]
     pub gradient_checkpointing: bool,
-    #[serde(default = "yes")]
-    pub cache_text_encoder_outputs: bool,
     pub dataset: DatasetSection,
     #[serde(default)]
     pub strategies: Vec<StrategyEntry>,
@@ -219,8 +217,10 @@ impl CompareConfig {
             max_bad_steps: self.max_bad_steps,
             dtype: self.dtype,
             gradient_checkpointing: self.gradient_checkpointing,
-            cache_text_encoder_outputs: self.cache_text_encoder_outputs,
-            shared_model: false,
+            cache_text_encoder_outputs: false,
+            // The run keeps a snapshot of every base weight to put back between strategies, so
+            // releasing the text encoders or the VAE would free nothing.
+            shared_model: true,
             dataset: self.dataset.clone(),
             // Parameters are keyed by the plugin id, not the row name: parameter inits derive from
             // the seed and the key, so config variants of one plugin start from the same values.
@@ -294,8 +294,4 @@ mod tests {
         let e = err(&format!("{}[[strategies]]\nplugin = \"lora\"\n", MIN.replace("steps = 3", "steps = 0")));
         assert!(e.contains("steps"), "{e}");
     }
-}
-
-fn yes() -> bool {
-    true
 }
