@@ -220,6 +220,10 @@ fn extract_sdk_v1(test: &str) -> std::path::PathBuf {
         .output()
         .expect("run tar");
     assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+    // Cargo names a workspace crate's build by its path inside the workspace: under
+    // `crates/graft-sdk` the first SDK would share (and overwrite) the artifacts of today's in the
+    // tests' target folder. So it moves to `sdk-v1/`.
+    std::fs::rename(dir.join("crates"), dir.join("sdk-v1")).unwrap();
     let manifest = dir.join("plugins/example-scale/Cargo.toml");
     let text = std::fs::read_to_string(&manifest).unwrap().replace("name = \"example-scale\"", "name = \"sdk-v1-example\"");
     std::fs::write(&manifest, text).unwrap();
@@ -266,10 +270,16 @@ fn plugins_of_the_first_sdk_build_and_load() {
     let dir = extract_sdk_v1("sdk-v1-binary");
     let root: toml::Table = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap().parse().unwrap();
     let mut ws = toml::Table::new();
-    ws.insert("members".into(), toml::Value::Array(vec!["crates/graft-abi".into(), "crates/graft-sdk".into(), "plugins/example-scale".into()]));
+    ws.insert("members".into(), toml::Value::Array(vec!["sdk-v1/graft-abi".into(), "sdk-v1/graft-sdk".into(), "plugins/example-scale".into()]));
     ws.insert("resolver".into(), "2".into());
     for key in ["package", "dependencies"] {
         ws.insert(key.into(), root["workspace"][key].clone());
+    }
+    let deps = ws["dependencies"].as_table_mut().unwrap();
+    for name in ["graft-abi", "graft-sdk"] {
+        let mut dep = toml::Table::new();
+        dep.insert("path".into(), format!("sdk-v1/{name}").into());
+        deps.insert(name.into(), toml::Value::Table(dep));
     }
     let mut top = toml::Table::new();
     top.insert("workspace".into(), toml::Value::Table(ws));
