@@ -264,18 +264,8 @@ impl SdxlModel {
         let vae = VaeSlot::new(load_component(&vae_src, device, all, |vb| Vae::new(vb, &config.vae))?, Some(vae_src));
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
         let text_encoder_files = TextEncoderFiles::new(te1, te2);
-        Ok(Self {
-            config,
-            unet,
-            text_encoder,
-            text_encoder_2,
-            vae,
-            tokenizer,
-            tokenizer_2,
-            device: device.clone(),
-            source: dir.to_path_buf(),
-            text_encoder_files,
-        })
+        let (device, source) = (device.clone(), dir.to_path_buf());
+        Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device, source, text_encoder_files })
     }
 
     fn load_single_file(file: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path, dtype: WeightDtype) -> Result<Self> {
@@ -317,18 +307,8 @@ impl SdxlModel {
         let vae = VaeSlot::new(vae, Some(vae_src));
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
         let text_encoder_files = TextEncoderFiles::new(te1_src, te2_src);
-        Ok(Self {
-            config,
-            unet,
-            text_encoder,
-            text_encoder_2,
-            vae,
-            tokenizer,
-            tokenizer_2,
-            device: device.clone(),
-            source: file.to_path_buf(),
-            text_encoder_files,
-        })
+        let (device, source) = (device.clone(), file.to_path_buf());
+        Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device, source, text_encoder_files })
     }
 
     /// The precision the UNet's matrices are kept in (the conv_in kernel's).
