@@ -115,16 +115,25 @@ impl<'o> Ops<'o> {
         }
     }
 
-    /// Runs one op of the `graft.ops` extension, honouring the poison rule.
-    fn run_ext(self, op: &str, f: impl FnOnce(&graft_abi::HostOpsV1Ext) -> GResult<TensorId>) -> Tensor<'o> {
-        let mut f = Some(f);
-        self.run(op, |_| match (HOST_EXT.get(), f.take()) {
-            (Some(ext), Some(f)) => f(ext),
-            _ => RResult::RErr(graft_abi::GraftError::new(
+    /// The `graft.ops` extension; under a host that predates it, `None` and an `unsupported`
+    /// error recorded for `op`.
+    fn ext(self, op: &str) -> Option<&'static graft_abi::HostOpsV1Ext> {
+        let ext = HOST_EXT.get().copied();
+        if ext.is_none() {
+            self.fail(Error::new(
                 ErrorKind::UNSUPPORTED,
-                "this graft is older than the plugin's graft-sdk (it lacks the `graft.ops` extension): update graft",
-            )),
-        })
+                format!("{op}: this graft is older than the plugin's graft-sdk (it lacks the `graft.ops` extension): update graft"),
+            ));
+        }
+        ext
+    }
+
+    /// Runs one op of the `graft.ops` extension, honouring the poison rule.
+    fn run_ext(self, op: &str, f: impl Fn(&graft_abi::HostOpsV1Ext) -> GResult<TensorId>) -> Tensor<'o> {
+        match self.ext(op) {
+            Some(ext) => self.run(op, |_| f(ext)),
+            None => Tensor { id: POISONED, ops: self },
+        }
     }
 
     /// True in training (dropout active), false in inference.
@@ -184,10 +193,7 @@ impl<'o> Ops<'o> {
         if self.backend.poisoned() {
             return None;
         }
-        let Some(ext) = HOST_EXT.get() else {
-            self.fail(Error::new(ErrorKind::UNSUPPORTED, "base_bias: this graft is older than the plugin's graft-sdk: update graft"));
-            return None;
-        };
+        let ext = self.ext("base_bias")?;
         let id = self.query("base_bias", ROption::RNone, |_| (ext.base_bias)());
         id.into_option().map(|id| self.tensor(id))
     }
@@ -300,7 +306,7 @@ impl<'o> Tensor<'o> {
         self.ops.run(op, |raw| f(raw, a, b))
     }
 
-    fn unary_ext(self, op: &str, f: impl FnOnce(&graft_abi::HostOpsV1Ext, TensorId) -> GResult<TensorId>) -> Tensor<'o> {
+    fn unary_ext(self, op: &str, f: impl Fn(&graft_abi::HostOpsV1Ext, TensorId) -> GResult<TensorId>) -> Tensor<'o> {
         let x = self.id;
         if x == POISONED {
             return self;
@@ -312,7 +318,7 @@ impl<'o> Tensor<'o> {
         self,
         rhs: Tensor<'o>,
         op: &str,
-        f: impl FnOnce(&graft_abi::HostOpsV1Ext, TensorId, TensorId) -> GResult<TensorId>,
+        f: impl Fn(&graft_abi::HostOpsV1Ext, TensorId, TensorId) -> GResult<TensorId>,
     ) -> Tensor<'o> {
         let (a, b) = (self.id, rhs.id);
         if a == POISONED || b == POISONED {

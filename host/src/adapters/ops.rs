@@ -92,7 +92,6 @@ impl<'a> CandleOps<'a> {
         &self.created
     }
 
-
     fn key(&self, name: &str) -> ParamKey {
         ParamKey::new(self.strategy, self.layer, name)
     }

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{Device, Tensor};
-use graft_sdxl::rng::{GraftRng, RngState};
+use graft_sdxl::rng::RngState;
 use serde::{Deserialize, Serialize};
 
-use crate::train::trainer::{DataPosition, Trainer};
+use crate::train::trainer::{DataPosition, StepStart, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointState {
@@ -154,12 +154,14 @@ pub fn load(trainer: &mut Trainer, dir: &Path) -> anyhow::Result<()> {
     trainer.optimizer.load(&dir.join("optimizer.safetensors"))?;
     let instance = &mut trainer.set.strategies_mut()[trainer.strategy].instance;
     instance.load_state(&state.plugin_state)?;
-    trainer.step = state.step;
-    trainer.position = state.position;
-    trainer.rng = GraftRng::from_state(state.rng);
-    trainer.set.set_rng_state(state.dispatcher_rng);
-    trainer.bad_in_row = state.bad_in_row;
-    trainer.skipped_total = state.skipped_total;
+    trainer.rewind(&StepStart {
+        step: state.step,
+        position: state.position,
+        rng: state.rng,
+        dispatcher_rng: state.dispatcher_rng,
+        bad_in_row: state.bad_in_row,
+        skipped_total: state.skipped_total,
+    });
     trainer.forget_step_history();
     for (group, scale) in state.lr_scales {
         trainer.optimizer.set_lr_scale(&group, scale)?;

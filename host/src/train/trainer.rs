@@ -92,15 +92,16 @@ pub enum StepOutcome {
     Paused(Pause),
 }
 
-/// The counters and random streams a step moves, to undo a step that did not happen.
+/// The counters and random streams a step moves: to undo a step that did not happen, or to
+/// set them from a checkpoint.
 #[derive(Debug, Clone)]
-struct StepStart {
-    step: u64,
-    position: DataPosition,
-    rng: RngState,
-    dispatcher_rng: RngState,
-    bad_in_row: u64,
-    skipped_total: u64,
+pub(crate) struct StepStart {
+    pub step: u64,
+    pub position: DataPosition,
+    pub rng: RngState,
+    pub dispatcher_rng: RngState,
+    pub bad_in_row: u64,
+    pub skipped_total: u64,
 }
 
 pub struct Trainer {
@@ -498,7 +499,7 @@ impl Trainer {
         }
     }
 
-    fn rewind(&mut self, to: &StepStart) {
+    pub(crate) fn rewind(&mut self, to: &StepStart) {
         self.step = to.step;
         self.position = to.position;
         self.rng = GraftRng::from_state(to.rng);
@@ -813,7 +814,6 @@ fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
     };
     Ok(Dataset::open(&ds_config, &OpenOptions { skip_bad: d.skip_bad, ..Default::default() })?)
 }
-
 
 #[cfg(test)]
 mod tests {
