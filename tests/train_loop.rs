@@ -304,3 +304,86 @@ fn text_encoders_leave_memory_during_the_steps() {
     t.train_step().unwrap();
     assert!(!t.model.text_encoders_released(), "adapters in the text encoders keep them in memory");
 }
+
+/// The kohya_ss fixture with its paths pointed at `dir` and the tiny model; the dataset in kohya's
+/// `10_name` folder and the prompt file where kohya_ss writes it.
+fn kohya_setup(dir: &Path, extra: &str) -> PathBuf {
+    write_shapes_dataset(&dir.join("img/10_pastel"), 4, 64);
+    std::fs::create_dir_all(dir.join("model/sample")).unwrap();
+    std::fs::write(dir.join("model/sample/prompt.txt"), "a pink circle, line art --w 64 --h 64 --d 5 --s 2\n").unwrap();
+    let fixture = graft_tests::fixtures().join("kohya/config_lora-20261206-091512.toml");
+    let text = std::fs::read_to_string(fixture).unwrap();
+    let text = text
+        .replace("/home/user/models/sd_xl_base_1.0", tiny_model().to_str().unwrap())
+        .replace("/home/user/kohya", dir.to_str().unwrap());
+    let path = dir.join("config_lora.toml");
+    std::fs::write(&path, format!("{extra}{text}")).unwrap();
+    path
+}
+
+/// A kohya_ss GUI config (SDXL LoRA at dim 16 / alpha 32, UNet only, bf16, samples every 50
+/// steps) trains unchanged, with every key mapped or noted.
+#[test]
+fn kohya_ss_config_trains_unchanged() {
+    let dir = scratch("train_kohya");
+    let path = kohya_setup(&dir, "");
+    let cwd = std::env::current_dir().unwrap();
+    let import = graft_host::train::kohya::import(&path, &cwd, false).unwrap();
+    let c = &import.config;
+    let lora = &c.strategy.config;
+    assert_eq!((lora["rank"].as_integer(), lora["alpha"].as_float()), (Some(16), Some(32.0)));
+    let targets: Vec<&str> = lora["targets"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert!(targets.contains(&"unet.*.ff.net.2") && targets.iter().all(|t| t.starts_with("unet.")), "{targets:?}");
+    assert_eq!((c.steps, c.save_every, c.sample_every, c.batch_size, c.warmup_steps), (50, 25, 50, Some(2), 5));
+    assert_eq!((c.lr_schedule.as_str(), c.cache_latents.as_str(), c.dtype.to_string().as_str()), ("cosine", "disk", "bf16"));
+    assert_eq!((c.sample_sampler.as_deref(), c.prediction_type.as_deref(), c.seed), (Some("euler_a"), Some("epsilon"), 1234));
+    assert_eq!((c.noise_offset, c.min_snr_gamma, c.max_grad_norm, c.gradient_checkpointing), (0.0357, 5.0, 1.0, true));
+    let d = &c.dataset;
+    assert_eq!((d.resolution, d.enable_bucket, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps), (64, true, 32, 128, 32));
+    assert_eq!((d.caption_extension.as_deref(), d.shuffle_caption, d.keep_tokens, d.bucket_no_upscale), (Some(".txt"), true, 1, true));
+    for noted in ["`sdpa`", "`huber_c`", "`loss_type = \"l2\"`", "`epoch`", "`save_precision`", "`max_token_length = 75`"] {
+        assert!(import.notes.iter().any(|n| n.starts_with(noted)), "{noted} not noted: {:#?}", import.notes);
+    }
+
+    let plugins = plugins();
+    let args = ["train", "--kohya-config", path.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"];
+    graft(&args).unwrap();
+    let out = dir.join("model");
+    let log = graft_host::train::losslog::read(&out.join("loss.jsonl")).unwrap();
+    assert_eq!(log.len(), 50);
+    assert!(log.iter().all(|e| e.loss.is_finite()));
+    for f in ["pastel-style.safetensors", "checkpoints/step-000025/params.safetensors", "checkpoints/step-000050/params.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let samples: Vec<_> = std::fs::read_dir(out.join("samples")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(samples.iter().any(|n| n.to_string_lossy().contains("000050")), "no sample at step 50: {samples:?}");
+    let file = graft_formats::read::read_file(&out.join("pastel-style.safetensors")).unwrap();
+    assert_eq!(file.metadata.get("ss_network_dim").map(String::as_str), Some("16"), "{:?}", file.metadata);
+    // The kept graft config repeats the run.
+    let kept = TrainConfig::from_file(&out.join("graft-config.toml")).unwrap();
+    assert_eq!((kept.steps, kept.strategy.config["rank"].as_integer()), (50, Some(16)));
+}
+
+/// Settings graft cannot do are refused together, each named; `--ignore-unsupported` trains
+/// without them. Epoch counts become steps with the dataset's epoch length.
+#[test]
+fn kohya_config_unsupported_keys_and_epochs() {
+    let dir = scratch("train_kohya_refused");
+    let path = kohya_setup(&dir, "reg_data_dir = \"/home/user/kohya/reg\"\nloss_type = \"huber\"\nmy_own_key = 3\n");
+    let text = std::fs::read_to_string(&path).unwrap().replace("loss_type = \"l2\"\n", "");
+    std::fs::write(&path, text).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let e = format!("{:#}", graft_host::train::kohya::import(&path, &cwd, false).unwrap_err());
+    for k in ["`reg_data_dir = ", "`loss_type = \"huber\"` (losses other than l2)", "`my_own_key = 3` (not a setting graft knows)", "--ignore-unsupported"] {
+        assert!(e.contains(k), "{k} not in: {e}");
+    }
+    let import = graft_host::train::kohya::import(&path, &cwd, true).unwrap();
+    assert!(import.notes.iter().any(|n| n.contains("reg_data_dir") && n.contains("left out")), "{:#?}", import.notes);
+
+    // 4 images x 10 repeats in batches of 2: 20 steps an epoch.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("max_train_steps = 50\n", "max_train_epochs = 3\nsave_every_n_epochs = 1\n").replace("lr_warmup_steps = 5", "lr_warmup_steps = 0.1");
+    std::fs::write(&path, text).unwrap();
+    let c = graft_host::train::kohya::import(&path, &cwd, true).unwrap().config;
+    assert_eq!((c.steps, c.save_every, c.warmup_steps), (60, 20, 6));
+}

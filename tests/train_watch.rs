@@ -140,7 +140,10 @@ fn probe_config(dir: &Path, id: &str, steps: u64, extra: &str) -> PathBuf {
 
 fn train_args(config: &Path, lib_dir: &Path, output_dir: Option<PathBuf>, watch: bool) -> TrainArgs {
     TrainArgs {
-        config: config.to_path_buf(),
+        config: Some(config.to_path_buf()),
+        kohya_config: None,
+        print: false,
+        ignore_unsupported: false,
         steps: None,
         output_dir,
         seed: None,

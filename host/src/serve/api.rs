@@ -407,9 +407,11 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         max_grad_norm: req.max_grad_norm,
         lr_schedule: req.lr_schedule.clone(),
         warmup_steps: req.warmup_steps,
+        lr_scheduler_num_cycles: None,
         save_every: 0,
         sample_every: req.sample_every,
         sample_prompts: (req.sample_every > 0).then(|| prompts_file.clone()),
+        sample_sampler: None,
         cache_latents: req.cache_latents.clone(),
         max_bad_steps: 10,
         // The model is loaded once for the server (`graft serve --dtype`).

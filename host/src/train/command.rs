@@ -14,8 +14,20 @@ use crate::train::{checkpoint, export, losslog};
 #[command(after_long_help = format!("Example config (FILE.toml):\n\n{EXAMPLE}"))]
 pub struct TrainArgs {
     /// The training config (TOML); `graft train --help` shows an example.
-    #[arg(long)]
-    pub config: PathBuf,
+    #[arg(long, required_unless_present = "kohya_config", conflicts_with = "kohya_config")]
+    pub config: Option<PathBuf>,
+    /// Train from a kohya sd-scripts / kohya_ss config (`sdxl_train_network.py --config_file`,
+    /// networks.lora) instead; relative paths in it are taken from the current folder. Every key
+    /// is mapped, noted as changing nothing, or refused as unsupported (docs/KOHYA.md).
+    #[arg(long, value_name = "FILE.toml")]
+    pub kohya_config: Option<PathBuf>,
+    /// With --kohya-config: print the graft config made from it, and the notes, and exit.
+    #[arg(long, requires = "kohya_config")]
+    pub print: bool,
+    /// With --kohya-config: train without the settings graft does not support, instead of
+    /// refusing the file.
+    #[arg(long, requires = "kohya_config")]
+    pub ignore_unsupported: bool,
     /// Override `steps`.
     #[arg(long)]
     pub steps: Option<u64>,
@@ -52,6 +64,15 @@ pub struct TrainOutcome {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    if args.print {
+        let path = args.kohya_config.as_deref().expect("clap: --print requires --kohya-config");
+        let import = crate::train::kohya::import(path, &std::env::current_dir()?, args.ignore_unsupported)?;
+        println!("# graft config made from {}\n{}", path.display(), import.toml);
+        for note in &import.notes {
+            println!("# {note}");
+        }
+        return Ok(());
+    }
     // Ctrl-C / SIGTERM: stop after the step in progress and save.
     crate::stop::install();
     let outcome = train(args)?;
@@ -62,7 +83,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
-    let mut config = TrainConfig::from_file(&args.config)?;
+    let (mut config, source, imported) = match (&args.config, &args.kohya_config) {
+        (Some(path), _) => (TrainConfig::from_file(path)?, path, None),
+        (None, Some(path)) => {
+            let (config, text) = from_kohya(path, args)?;
+            (config, path, Some(text))
+        }
+        (None, None) => anyhow::bail!("give --config FILE.toml or --kohya-config FILE.toml"),
+    };
     if let Some(s) = args.steps {
         config.steps = s;
     }
@@ -72,8 +100,33 @@ fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(s) = args.seed {
         config.seed = s;
     }
-    config.validate().with_context(|| args.config.display().to_string())?;
+    config.validate().with_context(|| source.display().to_string())?;
+    if let Some(text) = imported {
+        keep_imported_config(&config, source, &text)?;
+    }
     Ok(config)
+}
+
+/// A kohya config as a graft config; logs the notes. Returns the graft config's text too.
+fn from_kohya(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<(TrainConfig, String)> {
+    let cwd = std::env::current_dir().context("the current folder")?;
+    let import = crate::train::kohya::import(path, &cwd, args.ignore_unsupported)?;
+    for note in &import.notes {
+        tracing::info!("{}: {note}", path.display());
+    }
+    Ok((import.config, import.toml))
+}
+
+/// Keeps the graft config made from a kohya file beside the run's outputs, so the run can be
+/// repeated with `--config`.
+fn keep_imported_config(config: &TrainConfig, kohya: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let out = &config.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let copy = out.join("graft-config.toml");
+    let header = format!("# Made by `graft train --kohya-config {}` (before command-line overrides)\n", kohya.display());
+    std::fs::write(&copy, header + text).with_context(|| format!("cannot write {}", copy.display()))?;
+    tracing::info!("the graft config of this run: {}", copy.display());
+    Ok(())
 }
 
 /// Runs a whole training from a config; the library entry point of `graft train`.

@@ -19,11 +19,14 @@ gradient_accumulation = 1
 noise_offset = 0.0
 min_snr_gamma = 5.0                               # 0: off
 max_grad_norm = 1.0                               # global clip; 0: off
-lr_schedule = "cosine"                            # constant, constant_with_warmup, linear, cosine
+lr_schedule = "cosine"                            # constant, constant_with_warmup, linear, cosine,
+                                                  # cosine_with_restarts
+# lr_scheduler_num_cycles = 1                     # restarts of cosine_with_restarts (kohya's name)
 warmup_steps = 50
 save_every = 250                                  # checkpoints (0: only at the end)
 sample_every = 250                                # sample images (0: never)
 sample_prompts = "prompts.txt"                    # kohya prompt file: `a cat --w 1024 --h 1024 --d 1`
+# sample_sampler = "euler_a"                      # default sampler of the prompts (kohya's name)
 cache_latents = "memory"                          # memory, disk or none
 max_bad_steps = 10                                # stop after this many non-finite steps in a row
 dtype = "bf16"                                    # frozen weights: file (default), bf16, fp16, fp32
@@ -78,12 +81,19 @@ pub struct TrainConfig {
     pub lr_schedule: String,
     #[serde(default)]
     pub warmup_steps: u64,
+    /// The restarts of `cosine_with_restarts` (kohya's name; default 1); other schedules ignore it,
+    /// as in kohya.
+    #[serde(default)]
+    pub lr_scheduler_num_cycles: Option<f64>,
     #[serde(default)]
     pub save_every: u64,
     #[serde(default)]
     pub sample_every: u64,
     #[serde(default)]
     pub sample_prompts: Option<PathBuf>,
+    /// The sampler of prompts that name none (`--ss`): a graft, kohya or A1111 name; default euler.
+    #[serde(default)]
+    pub sample_sampler: Option<String>,
     #[serde(default = "memory")]
     pub cache_latents: String,
     #[serde(default = "ten")]
@@ -200,6 +210,7 @@ impl TrainConfig {
                     width: self.dataset.resolution,
                     height: self.dataset.resolution,
                     seed: self.seed,
+                    scheduler: self.sample_scheduler()?,
                     ..Default::default()
                 };
                 crate::train::samples::parse_prompt_file(p, &defaults)
@@ -208,10 +219,25 @@ impl TrainConfig {
         }
     }
 
+    /// The graft scheduler of `sample_sampler`.
+    fn sample_scheduler(&self) -> anyhow::Result<Option<String>> {
+        let Some(name) = &self.sample_sampler else { return Ok(None) };
+        let s = crate::train::samples::sampler_to_scheduler(name).with_context(|| {
+            format!("`sample_sampler = \"{name}\"` is not a sampler graft has; use one of {}", crate::train::samples::SAMPLERS.join(", "))
+        })?;
+        Ok(Some(s.to_string()))
+    }
+
     /// Reads a config file; relative paths in it are relative to the file's folder.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read training config {}", path.display()))?;
-        let mut config: TrainConfig = toml::from_str(&text)
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses a config's text; `path` names it in messages, and relative paths are taken from its
+    /// folder.
+    pub fn from_toml(text: &str, path: &Path) -> anyhow::Result<Self> {
+        let mut config: TrainConfig = toml::from_str(text)
             .with_context(|| format!("{}: invalid training config (`graft train --help` shows an example)", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
@@ -248,6 +274,12 @@ impl TrainConfig {
             (Some(_), Some(_)) => anyhow::bail!("[dataset] has both `dir` and `config`: keep one"),
             _ => {}
         }
+        if let Some(n) = self.lr_scheduler_num_cycles {
+            if !(n.is_finite() && n > 0.0) {
+                anyhow::bail!("`lr_scheduler_num_cycles` is {n}: use a number above 0 (1: one restart)");
+            }
+        }
+        self.sample_scheduler()?;
         if let Some(p) = &self.prediction_type {
             p.parse::<graft_sdxl::schedulers::PredictionType>()?;
         }

@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod optim;
 pub mod schedule;
 pub mod config;
+pub mod kohya;
 pub mod trainer;
 pub mod checkpoint;
 pub mod command;

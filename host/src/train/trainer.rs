@@ -177,11 +177,11 @@ impl Trainer {
             None => model.config.scheduler.prediction_type,
         };
         let noise = NoiseSchedule::new(&model.config.scheduler)?;
-        let schedule = LrSchedule::new(
-            config.lr_schedule.parse::<ScheduleKind>().map_err(anyhow::Error::msg)?,
-            config.warmup_steps as usize,
-            config.steps as usize,
-        );
+        let kind = config.lr_schedule.parse::<ScheduleKind>().map_err(anyhow::Error::msg)?;
+        let mut schedule = LrSchedule::new(kind, config.warmup_steps as usize, config.steps as usize);
+        if let (ScheduleKind::CosineWithRestarts, Some(n)) = (kind, config.lr_scheduler_num_cycles) {
+            schedule.num_cycles = n;
+        }
         let latents = match config.cache_latents.as_str() {
             "memory" => Some(LatentCache::in_memory()),
             "disk" => Some(LatentCache::on_disk(&config.output_dir.join("cache"), "vae")?),
@@ -786,7 +786,7 @@ pub fn build_optimizer(set: &AdapterSet, s: usize, config: &TrainConfig) -> anyh
     Ok(optimizer)
 }
 
-fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
+pub(crate) fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
     let d = &config.dataset;
     let ds_config = match (&d.dir, &d.config) {
         (_, Some(file)) => DatasetConfig::from_toml_file(file)?,
