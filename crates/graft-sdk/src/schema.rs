@@ -285,8 +285,10 @@ impl ConfigSchema {
             match self.get(key) {
                 Some(k) => k.check_value(value)?,
                 None => {
-                    let known: Vec<&str> = self.keys.iter().map(|k| k.key.as_str()).collect();
-                    return Err(format!("unknown key `{key}` (the schema lists: {})", known.join(", ")));
+                    // Worded as serde words it, so the message reads the same whether the host or
+                    // the plugin's parser catches the key.
+                    let known: Vec<String> = self.keys.iter().map(|k| format!("`{}`", k.key)).collect();
+                    return Err(format!("unknown field `{key}`, expected one of {}", known.join(", ")));
                 }
             }
         }
@@ -415,7 +417,7 @@ mod tests {
         assert!(s.validate_json(r#"{"targets": [1]}"#).unwrap_err().starts_with("key `targets`"));
         assert!(s.validate_json(r#"{"rank": null}"#).unwrap_err().starts_with("key `rank`: null"));
         let e = s.validate_json(r#"{"rnak": 4}"#).unwrap_err();
-        assert!(e.starts_with("unknown key `rnak`") && e.contains("rank, alpha"), "{e}");
+        assert!(e.starts_with("unknown field `rnak`, expected one of `rank`, `alpha`"), "{e}");
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl StrategyInstance {
                 entry: "new_strategy",
                 layer: None,
                 kind: ErrorKind::CONFIG,
-                message: format!("the configuration does not fit the plugin's config schema: {message}"),
+                message: format!("invalid configuration for strategy `{}` (by its config schema): {message}", plugin.manifest.id),
             })?;
         }
         let obj = plugin.new_strategy(&config).map_err(|e| PluginError {
