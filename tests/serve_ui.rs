@@ -206,8 +206,9 @@ fn train_and_generate_in_the_browser() {
     d.fill("#cfg-rank", "4");
     d.fill("#cfg-alpha", "4");
     d.fill("#cfg-unet_lr", "0.01");
+    d.js("const s = document.getElementById('cfg-init'); s.value = 'kaiming_uniform'; s.dispatchEvent(new Event('change'))");
     let config: Value = serde_json::from_str(d.js("return document.getElementById('train-config').value").as_str().unwrap()).unwrap();
-    assert_eq!(config, json!({"rank": 4, "init": "gaussian", "alpha": 4, "unet_lr": 0.01}));
+    assert_eq!(config, json!({"rank": 4, "init": "kaiming_uniform", "alpha": 4, "unet_lr": 0.01}));
     d.click("#train-config-raw");
     assert_eq!(shown("train-config"), json!(false));
     d.screenshot("train-form.png");
