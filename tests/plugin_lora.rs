@@ -332,7 +332,8 @@ fn manifest_and_config_errors() {
     let text = e.to_string();
     assert!(text.contains("strategy `lora`") && text.contains("unknown field `alpah`"), "{text}");
     let e = StrategyInstance::new(p, None, r#"{"rank_dropout": 1.5}"#).unwrap_err().to_string();
-    assert!(e.contains("`rank_dropout` is a probability in [0, 1)"), "{e}");
+    // The host checks the config against the plugin's schema first, naming the key.
+    assert!(e.contains("key `rank_dropout`: 1.5 is out of range (must be < 1)"), "{e}");
     let e = strategy(&m, r#"{"targets": ["unet.*.to_kk"]}"#).plan(&layers).unwrap_err().to_string();
     assert!(e.contains("failed in plan") && e.contains("`unet.*.to_kk` matches no linear hook point"), "{e}");
 }

@@ -167,6 +167,7 @@ fn conformance_checks_on_the_dora_plugin() {
     assert_eq!(
         names,
         [
+            "config schema",
             "plan on SDXL base 1.0",
             "plan on the test model",
             "zero-init identity",
@@ -200,8 +201,45 @@ fn conformance_checks_on_the_dora_plugin() {
 
     let config = r#"{"targets": ["unet.*.to_q", "unet.*.no_such_layer"]}"#;
     let checks = conformance::run(dora, config, &model).expect("checks run");
-    assert!(!checks[0].passed && checks[0].detail.contains("`unet.*.no_such_layer`"), "{:?}", checks[0]);
-    assert!(!checks[1].passed && checks.len() == 2, "a plan that fails on the test model stops the checks: {checks:?}");
+    assert!(checks[0].passed, "{:?}", checks[0]);
+    assert!(!checks[1].passed && checks[1].detail.contains("`unet.*.no_such_layer`"), "{:?}", checks[1]);
+    assert!(!checks[2].passed && checks.len() == 3, "a plan that fails on the test model stops the checks: {checks:?}");
+}
+
+/// Every shipped plugin describes its configuration: a schema, read through the
+/// `graft.config_schema` extension, that lists exactly the keys its parser accepts (compared with
+/// the parser's own "unknown field" list), each with a default the parser takes and within its
+/// range. A key the schema does not list is refused by the parser and, before it, by the host.
+#[test]
+fn shipped_plugins_have_config_schemas_matching_their_parsers() {
+    use graft_host::plugins::conformance;
+    let shipped = ["lora", "attention-gate", "progressive-fusion", "dora", "example-scale"];
+    let dir = graft_tests::build_plugins(&shipped);
+    let m = manager(&dir);
+    for id in shipped {
+        let p = m.require(id).unwrap_or_else(|e| panic!("{id}: {e}"));
+        let schema = p.config_schema.as_ref().unwrap_or_else(|| panic!("{id} has no config schema"));
+        assert!(schema.keys.iter().all(|k| !k.help.is_empty()), "{id}: every key has its help line");
+        let check = conformance::schema_check(p, &p.manifest.config_example);
+        assert!(check.passed && check.detail.contains("the same as the parser's"), "{id}: {}", check.detail);
+        StrategyInstance::new(p, None, &schema.defaults().to_string()).unwrap_or_else(|e| panic!("{id}: the defaults: {e}"));
+        let probe = r#"{"not_a_key": 1}"#;
+        let raw = p.new_strategy(probe).err().unwrap_or_else(|| panic!("{id}: its parser takes an unknown key"));
+        assert!(raw.message.contains("unknown field `not_a_key`"), "{id}: {}", raw.message);
+        let e = StrategyInstance::new(p, None, probe).unwrap_err().to_string();
+        assert!(e.contains("(by its config schema): unknown field `not_a_key`"), "{id}: {e}");
+    }
+    // A value out of range is refused by the host, naming the key; `graft plugins check` shows
+    // the schema as a table.
+    let lora = m.require("lora").unwrap();
+    let e = StrategyInstance::new(lora, None, r#"{"rank": 0}"#).unwrap_err();
+    assert_eq!(e.kind, graft_abi::ErrorKind::CONFIG);
+    assert!(e.to_string().contains("key `rank`: 0 is out of range (must be >= 1)"), "{e}");
+    let table = graft_host::plugins::cli::schema_table(lora.config_schema.as_ref().unwrap());
+    let rank = table.lines().find(|l| l.trim_start().starts_with("rank ")).unwrap_or_else(|| panic!("{table}"));
+    let cols: Vec<&str> = rank.split_whitespace().take(4).collect();
+    assert_eq!(cols, ["rank", "int", "8", "[1,"], "{table}");
+    graft(&["plugins", "check", "--load-only", dir.join(lib_file("lora")).to_str().unwrap()]).expect("check prints the schema");
 }
 
 /// `tests/fixtures/sdk-v1.tar.gz` holds graft-abi, graft-sdk and the example-scale plugin as they

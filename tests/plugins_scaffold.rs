@@ -39,6 +39,9 @@ fn a_new_plugin_builds_loads_and_runs() -> candle_core::Result<()> {
     let lib = plugin_out().join(lib_file("scaffold-probe"));
     let plugin = load_plugin(&lib, &tmp.path().join("private"), 1).expect("the new plugin loads");
     assert_eq!(plugin.manifest.id, "scaffold-probe");
+    // It starts with a config schema that matches its parser (the host's conformance check of it).
+    let check = graft_host::plugins::conformance::schema_check(&plugin, &plugin.manifest.config_example);
+    assert!(plugin.config_schema.is_some() && check.passed && check.detail.contains("the same as the parser's"), "{}", check.detail);
 
     // Its default strategy attaches a zero-initialised low-rank adapter: output unchanged.
     let layers = layers();

@@ -111,6 +111,13 @@ fn status_ui_and_plugins() {
     let lora = p["files"].as_array().unwrap().iter().find(|f| f["id"] == "lora").expect("lora listed");
     assert_eq!(lora["status"], "active");
     assert!(lora["abi_version"].as_u64().is_some() && lora["version"].is_string(), "{lora}");
+    // The config schema comes with the strategy list: the UI draws its settings form from it.
+    let keys = lora["config_schema"]["keys"].as_array().expect("lora has a config schema");
+    let rank = keys.iter().find(|k| k["key"] == "rank").expect("rank in the schema");
+    assert_eq!((&rank["type"], &rank["default"], &rank["min"]), (&json!("int"), &json!(8), &json!(1.0)), "{rank}");
+    assert!(rank["help"].as_str().is_some_and(|h| !h.is_empty()), "{rank}");
+    let init = keys.iter().find(|k| k["key"] == "init").expect("init in the schema");
+    assert_eq!((&init["type"], &init["choices"][1]), (&json!("enum"), &json!("gaussian")), "{init}");
     let (status, _) = call("POST", "/api/plugins/rescan", None);
     assert_eq!(status, 200);
 }
@@ -133,6 +140,13 @@ fn bad_requests_get_clear_4xx() {
     assert_error(s, &b, 400, "steps");
     let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"rank": "big"}}).to_string()));
     assert_error(s, &b, 400, "refuses this config");
+    // Checked against the plugin's config schema before the run is queued: the error names the key.
+    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"rank": 0}}).to_string()));
+    assert_error(s, &b, 400, "key `rank`: 0 is out of range (must be >= 1)");
+    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"dropout": 1.0}}).to_string()));
+    assert_error(s, &b, 400, "key `dropout`");
+    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"init": "xavier"}}).to_string()));
+    assert_error(s, &b, 400, "key `init`: expected one of");
     let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "name": "../x"}).to_string()));
     assert_error(s, &b, 400, "name");
     let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "sample_every": 1, "sample_prompts": ["a cat --w 63"]}).to_string()));

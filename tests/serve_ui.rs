@@ -1,6 +1,8 @@
 //! The `graft serve` UI end to end in headless Chromium, driven over WebDriver (plain HTTP to
-//! Debian's chromedriver): the dataset page, a short training run until a sample image and the
-//! loss curve appear, a generate with the trained adapter. Screenshots go to
+//! Debian's chromedriver): the dataset page, the strategy settings form drawn from the lora
+//! plugin's config schema (kept in step with the JSON; a plugin without a schema gets the JSON box),
+//! a short training run with the rank set through the form until a sample image and the loss
+//! curve appear, a generate with the trained adapter. Screenshots go to
 //! target/serve-screenshots/. Skipped (with a notice) only when /usr/bin/chromium is absent;
 //! `.ci/run` installs it.
 
@@ -151,7 +153,7 @@ fn train_and_generate_in_the_browser() {
         println!("NOTICE: {CHROMIUM} is absent; the browser test is skipped (apt-get install chromium chromium-driver)");
         return;
     }
-    let plugins = build_plugins(&["lora"]);
+    let plugins = build_plugins(&["lora", "fault-plugin"]);
     let dir = scratch("serve_ui");
     let data = dir.join("data");
     write_shapes_dataset(&data, 4, 64);
@@ -177,7 +179,39 @@ fn train_and_generate_in_the_browser() {
     // Train page: a short run with samples every 4 steps.
     d.click("#nav-train");
     d.fill("#train-name", "ui-run");
-    d.fill("#train-config", r#"{"rank": 4, "alpha": 4, "unet_lr": 0.01}"#);
+    // A plugin without a config schema (the fault fixture) gets the JSON text box, no form.
+    let pick = |id: &str| {
+        d.js(&format!("const s = document.getElementById('train-plugin'); s.value = '{id}'; s.dispatchEvent(new Event('change'))"));
+    };
+    let shown = |id: &str| d.js(&format!("return document.getElementById('{id}').offsetParent !== null"));
+    pick("fault-plugin");
+    assert_eq!((shown("train-config"), shown("train-config-note"), shown("train-config-toggle")), (json!(true), json!(true), json!(false)));
+    assert_eq!(d.js("return document.getElementById('train-config-form').children.length"), json!(0));
+    d.screenshot("train-no-schema.png");
+    // lora has one: a form with its keys, their defaults, bounds and help; the JSON behind a toggle.
+    pick("lora");
+    assert_eq!((shown("train-config"), shown("cfg-rank"), shown("train-config-toggle")), (json!(false), json!(true), json!(true)));
+    assert_eq!(
+        d.js("const r = document.getElementById('cfg-rank'); return [r.type, r.value, r.min, r.step, document.getElementById('cfg-init').tagName, document.getElementById('cfg-use_rslora').type]"),
+        json!(["number", "8", "1", "1", "SELECT", "checkbox"])
+    );
+    let help = d.js("return document.querySelector('.field[data-key=rank] .help').textContent");
+    assert!(help.as_str().unwrap().contains("rank") && help.as_str().unwrap().contains("default 8"), "{help}");
+    // JSON -> form: keys left out show their default.
+    d.click("#train-config-raw");
+    d.fill("#train-config", r#"{"rank": 6, "init": "gaussian"}"#);
+    let form = "return ['rank', 'alpha', 'init'].map(k => document.getElementById('cfg-' + k).value)";
+    assert_eq!(d.js(form), json!(["6", "32", "gaussian"]));
+    // Form -> JSON: the rank for this run is set through the form.
+    d.fill("#cfg-rank", "4");
+    d.fill("#cfg-alpha", "4");
+    d.fill("#cfg-unet_lr", "0.01");
+    d.js("const s = document.getElementById('cfg-init'); s.value = 'kaiming_uniform'; s.dispatchEvent(new Event('change'))");
+    let config: Value = serde_json::from_str(d.js("return document.getElementById('train-config').value").as_str().unwrap()).unwrap();
+    assert_eq!(config, json!({"rank": 4, "init": "kaiming_uniform", "alpha": 4, "unet_lr": 0.01}));
+    d.click("#train-config-raw");
+    assert_eq!(shown("train-config"), json!(false));
+    d.screenshot("train-form.png");
     d.fill("#train-dataset", data.to_str().unwrap());
     d.fill("#train-resolution", "64");
     d.fill("#train-steps", "8");
@@ -196,6 +230,12 @@ fn train_and_generate_in_the_browser() {
     assert_eq!(d.js("return Number(document.getElementById('loss-canvas').dataset.points)"), json!(8));
     assert_eq!(d.js("return document.querySelectorAll('#samples img').length"), json!(2));
     d.screenshot("train-done.png");
+    // The run used the rank set in the form: the kohya file says so.
+    let jobs: Value = serde_json::from_str(&agent().get(&format!("{}/api/jobs", server.url())).call().unwrap().body_mut().read_to_string().unwrap()).unwrap();
+    let job = jobs.as_array().unwrap().iter().rev().find(|j| j["name"] == "ui-run").expect("the ui-run job");
+    let file = job["exports"].as_array().unwrap().iter().filter_map(|e| e.as_str()).find(|e| e.ends_with("/ui-run.safetensors")).expect("the kohya file");
+    let raw = graft_formats::read::read_bytes(&std::fs::read(file).unwrap(), Path::new(file)).unwrap();
+    assert_eq!((raw.metadata["ss_network_dim"].as_str(), raw.metadata["ss_network_alpha"].as_str()), ("4", "4.0"), "{file}");
 
     // Generate page: the trained adapter is offered; use it.
     d.click("#nav-generate");

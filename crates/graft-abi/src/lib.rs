@@ -638,6 +638,30 @@ pub struct OpsExtensionV1 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Extension `graft.config_schema` version 1: the keys a strategy's configuration accepts
+// ---------------------------------------------------------------------------------------------
+
+/// Name of the extension [`ConfigSchemaExtensionV1`] (with [`CONFIG_SCHEMA_EXTENSION_VERSION`]).
+pub const CONFIG_SCHEMA_EXTENSION: &str = "graft.config_schema";
+pub const CONFIG_SCHEMA_EXTENSION_VERSION: u32 = 1;
+
+/// What a plugin offers through `extension(CONFIG_SCHEMA_EXTENSION, 1)`: a description of every
+/// configuration key (type, default, range, one line of help) that the host shows, draws forms
+/// from and checks a configuration against before it calls `new_strategy`.
+///
+/// The schema travels as JSON (docs/PLUGINS.md, "Config schema"), so that keys and key types can
+/// grow without a layout change. Memory: the returned `RString` belongs to the host once returned
+/// (it is freed through its own vtable, like every `RString` of this ABI); the module itself is
+/// `'static` in the plugin.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct ConfigSchemaExtensionV1 {
+    /// The schema as JSON; none: this plugin describes no schema (the host then takes the
+    /// configuration as free JSON, as before the extension).
+    pub config_schema: extern "C" fn() -> GResult<ROption<RString>>,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Root module
 // ---------------------------------------------------------------------------------------------
 

@@ -137,22 +137,41 @@ extern "C" fn new_strategy<S: Strategy>(config_json: RStr<'_>) -> GResult<abi::S
     })
 }
 
-/// The extensions this SDK builds into a plugin: `graft.ops` version 1.
+/// The extensions this SDK builds into a plugin: `graft.ops` and `graft.config_schema`, version 1.
 extern "C" fn extension<S: Strategy>(name: RStr<'_>, version: u32) -> ROption<abi::Extension> {
     static OPS: OnceLock<usize> = OnceLock::new();
-    if name.as_str() != abi::OPS_EXTENSION || version != abi::OPS_EXTENSION_VERSION {
-        return RNone;
-    }
+    static SCHEMA: OnceLock<usize> = OnceLock::new();
     // One plugin library holds one strategy type, so one module per library.
-    let module = *OPS.get_or_init(|| {
-        let m: &'static abi::OpsExtensionV1 =
-            Box::leak(Box::new(abi::OpsExtensionV1 { connect, init_param: init_param::<S> }));
-        m as *const abi::OpsExtensionV1 as usize
-    });
-    RSome(abi::Extension {
-        layout: <abi::OpsExtensionV1 as abi_stable::StableAbi>::LAYOUT,
-        module: module as *const (),
-    })
+    match (name.as_str(), version) {
+        (abi::OPS_EXTENSION, abi::OPS_EXTENSION_VERSION) => {
+            let module = *OPS.get_or_init(|| {
+                let m: &'static abi::OpsExtensionV1 =
+                    Box::leak(Box::new(abi::OpsExtensionV1 { connect, init_param: init_param::<S> }));
+                m as *const abi::OpsExtensionV1 as usize
+            });
+            RSome(abi::Extension {
+                layout: <abi::OpsExtensionV1 as abi_stable::StableAbi>::LAYOUT,
+                module: module as *const (),
+            })
+        }
+        (abi::CONFIG_SCHEMA_EXTENSION, abi::CONFIG_SCHEMA_EXTENSION_VERSION) => {
+            let module = *SCHEMA.get_or_init(|| {
+                let m: &'static abi::ConfigSchemaExtensionV1 =
+                    Box::leak(Box::new(abi::ConfigSchemaExtensionV1 { config_schema: config_schema::<S> }));
+                m as *const abi::ConfigSchemaExtensionV1 as usize
+            });
+            RSome(abi::Extension {
+                layout: <abi::ConfigSchemaExtensionV1 as abi_stable::StableAbi>::LAYOUT,
+                module: module as *const (),
+            })
+        }
+        _ => RNone,
+    }
+}
+
+/// The strategy's config schema as JSON (none without one).
+extern "C" fn config_schema<S: Strategy>() -> GResult<ROption<RString>> {
+    guard("config_schema", || Ok(S::config_schema().map(|s| RString::from(s.to_json())).into()))
 }
 
 /// Keeps the host's extra ops for [`crate::ops`].

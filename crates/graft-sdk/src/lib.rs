@@ -35,6 +35,7 @@ mod guard;
 pub mod layers;
 mod ops;
 mod plan;
+pub mod schema;
 pub mod state;
 pub mod testing;
 
@@ -48,11 +49,12 @@ pub use ops::{Inputs, Ops, Tensor};
 pub use plan::{
     Attachment, BaseUnfreeze, Directive, Export, Manifest, OptimizerGroup, ParamSpec, Plan, Stage,
 };
+pub use schema::{ConfigKey, ConfigSchema};
 
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        bail, config, Attachment, BaseUnfreeze, Component, Directive, Error, Export, Init,
+        bail, config, Attachment, BaseUnfreeze, Component, ConfigKey, ConfigSchema, Directive, Error, Export, Init,
         Inputs, LayerInfo, LayerKind, LayerMatcher, Manifest, Ops, OptimizerGroup, ParamSpec,
         Plan, Result, Stage, Strategy, Tensor,
     };
@@ -66,6 +68,14 @@ pub mod prelude {
 pub trait Strategy: Sized + Send + Sync + 'static {
     /// Who the plugin is. `abi_version` is filled in by the SDK.
     fn manifest() -> Manifest;
+
+    /// Every key the configuration accepts, with type, default, range and help (see
+    /// [`schema`]): the host shows it, draws the serve UI's form from it and checks a
+    /// configuration against it before calling `new`. `None` (the default): no schema; the
+    /// configuration is free JSON. List exactly the keys `new` accepts.
+    fn config_schema() -> Option<ConfigSchema> {
+        None
+    }
 
     /// A strategy for one run, from its configuration (JSON; `{}` when the user gave none).
     /// Parse it with [`config::parse`] for a clear error on a bad key.

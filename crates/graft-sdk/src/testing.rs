@@ -102,3 +102,23 @@ fn graft_binary() -> Option<PathBuf> {
         std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(&name)).find(|p| p.is_file())
     })
 }
+
+/// Checks the strategy's config schema against its own parser, in a plain unit test (no build,
+/// no `graft`): the schema is consistent (defaults of their type, within range), `new` accepts
+/// the defaults, and `new` refuses an unknown key listing exactly the schema's keys. Panics
+/// with what differs.
+///
+/// ```ignore
+/// #[test]
+/// fn schema_matches_parser() {
+///     graft_sdk::testing::check_schema::<MyStrategy>();
+/// }
+/// ```
+pub fn check_schema<S: crate::Strategy>() {
+    let name = S::manifest().id;
+    let schema = S::config_schema().unwrap_or_else(|| panic!("strategy `{name}` has no config_schema"));
+    let parse = |json: &str| S::new(json).map(|_| ()).map_err(|e| e.to_string());
+    if let Err(e) = crate::schema::check_against_parser(&schema, parse) {
+        panic!("the config schema of `{name}` does not match its parser: {e}");
+    }
+}

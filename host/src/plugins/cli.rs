@@ -148,6 +148,9 @@ struct Row {
     /// SHA-256 of the loaded library's bytes.
     sha256: Option<String>,
     path: PathBuf,
+    /// The config schema, when the plugin describes one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config_schema: Option<graft_sdk::ConfigSchema>,
 }
 
 fn rows(manager: &PluginManager) -> Vec<Row> {
@@ -170,6 +173,7 @@ fn rows(manager: &PluginManager) -> Vec<Row> {
                 reason,
                 sha256: e.plugin.as_ref().map(|p| p.sha256.clone()),
                 path: e.path.clone(),
+                config_schema: e.plugin.as_ref().and_then(|p| p.config_schema.clone()),
             }
         })
         .collect()
@@ -235,8 +239,34 @@ fn describe(p: &LoadedPlugin) -> serde_json::Value {
         "description": p.manifest.description,
         "capabilities": p.manifest.capabilities,
         "config_example": p.manifest.config_example,
+        "config_schema": p.config_schema,
         "size": p.size,
     })
+}
+
+/// The config schema as an aligned table: key, type, default, range, help.
+pub fn schema_table(schema: &graft_sdk::ConfigSchema) -> String {
+    let rows: Vec<[String; 5]> = schema
+        .keys
+        .iter()
+        .map(|k| {
+            let kind = match k.kind {
+                graft_sdk::schema::KeyType::Enum => format!("enum({})", k.choices.join("|")),
+                other => other.name().to_string(),
+            };
+            let kind = if k.nullable { format!("{kind}?") } else { kind };
+            [k.key.clone(), kind, k.default.to_string(), k.range_text(), k.help.clone()]
+        })
+        .collect();
+    let header = ["KEY", "TYPE", "DEFAULT", "RANGE", "HELP"].map(String::from);
+    let width = |i: usize| rows.iter().chain([&header]).map(|r| r[i].chars().count()).max().unwrap_or(0);
+    let (w0, w1, w2, w3) = (width(0), width(1), width(2), width(3));
+    let mut out = format!("config schema: {} keys\n", rows.len());
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        out.push_str(format!("  {:w0$}  {:w1$}  {:w2$}  {:w3$}  {}", r[0], r[1], r[2], r[3], r[4]).trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
@@ -284,6 +314,10 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             println!("capabilities:  {}", m.capabilities.join(", "));
         }
         println!("config example: {}", m.config_example);
+        match &plugin.config_schema {
+            Some(schema) => print!("{}", schema_table(schema)),
+            None => println!("config schema: none (the configuration is free JSON)"),
+        }
         match &strategy {
             Ok(_) => println!("new_strategy:  ok with {}", if args.config.is_some() { "the given config" } else { "the config example" }),
             Err(e) => println!("new_strategy:  FAILED: {e}"),

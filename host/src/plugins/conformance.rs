@@ -10,7 +10,10 @@
 //! 4. fuse / unfuse gives the same output as the hooks, and unfuse puts every weight back;
 //! 5. eject restores the model's output bit for bit;
 //! 6. export -> load: the files it writes, loaded the way `graft generate` loads them, give the
-//!    output the strategy gave.
+//!    output the strategy gave;
+//! 7. config schema (when the plugin has one): consistent (defaults of their type and within
+//!    range), its defaults accepted by the plugin's parser, the same keys as the parser's (read
+//!    from serde's "unknown field" error), and the configuration under test fits it.
 //!
 //! The same checks run from a plugin's own `cargo test` through `graft_sdk::testing`.
 
@@ -44,7 +47,7 @@ fn outcome(check: &'static str, passed: bool, detail: impl Into<String>) -> Outc
 
 /// Runs every check of `plugin` with `config` on the model at `model_path`.
 pub fn run(plugin: &LoadedPlugin, config: &str, model_path: &Path) -> anyhow::Result<Vec<Outcome>> {
-    let mut out = Vec::new();
+    let mut out = vec![schema_check(plugin, config)];
     let sdxl = layers_to_abi(&graft_sdxl::model::layers_of(&SdxlConfig::sdxl_base())?);
     out.push(plan_check("plan on SDXL base 1.0", plugin, config, &sdxl)?);
 
@@ -113,6 +116,23 @@ pub fn run(plugin: &LoadedPlugin, config: &str, model_path: &Path) -> anyhow::Re
     });
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
+}
+
+/// The plugin's config schema against its own parser (raw `new_strategy`, without the host's
+/// schema check in between).
+pub fn schema_check(plugin: &LoadedPlugin, config: &str) -> Outcome {
+    const CHECK: &str = "config schema";
+    let Some(schema) = &plugin.config_schema else {
+        return outcome(CHECK, true, "no config schema (the serve UI offers a JSON text box)");
+    };
+    let parse = |json: &str| plugin.new_strategy(json).map(|_| ()).map_err(|e| e.to_string());
+    match graft_sdk::schema::check_against_parser(schema, parse) {
+        Err(e) => outcome(CHECK, false, e),
+        Ok(summary) => match schema.validate_json(config) {
+            Ok(()) => outcome(CHECK, true, summary),
+            Err(e) => outcome(CHECK, false, format!("the configuration under test does not fit the schema: {e}")),
+        },
+    }
 }
 
 fn plan_check(check: &'static str, plugin: &LoadedPlugin, config: &str, layers: &[abi::LayerInfo]) -> anyhow::Result<Outcome> {

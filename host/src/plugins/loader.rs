@@ -16,7 +16,12 @@ use std::time::SystemTime;
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::{RResult, RSome, RStr};
-use graft_abi::{GraftError, OpsExtensionV1, PluginModRef, StrategyBox, ABI_VERSION, OPS_EXTENSION, OPS_EXTENSION_VERSION};
+use abi_stable::std_types::ROption;
+use graft_abi::{
+    ConfigSchemaExtensionV1, GraftError, OpsExtensionV1, PluginModRef, StrategyBox, ABI_VERSION, CONFIG_SCHEMA_EXTENSION,
+    CONFIG_SCHEMA_EXTENSION_VERSION, OPS_EXTENSION, OPS_EXTENSION_VERSION,
+};
+use graft_sdk::schema::ConfigSchema;
 
 /// File name endings of dynamic libraries on this platform family.
 pub const LIBRARY_EXTENSIONS: [&str; 3] = ["so", "dylib", "dll"];
@@ -69,6 +74,9 @@ pub struct LoadedPlugin {
     module: PluginModRef,
     /// The `graft.ops` extension (built with a graft-sdk that has it), already connected.
     pub ops_ext: Option<&'static OpsExtensionV1>,
+    /// The strategy's config schema (`graft.config_schema` extension); none when the plugin
+    /// describes none or predates the extension.
+    pub config_schema: Option<ConfigSchema>,
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -120,6 +128,31 @@ fn connect_ops_extension(module: PluginModRef) -> Result<Option<&'static OpsExte
     let ext: &'static OpsExtensionV1 = unsafe { &*(ext.module as *const OpsExtensionV1) };
     (ext.connect)(&crate::adapters::ops::HOST_OPS_V1);
     Ok(Some(ext))
+}
+
+/// Reads the plugin's config schema through the `graft.config_schema` extension, after checking
+/// the extension's layout. None for a plugin without one; an error for an unreadable schema.
+fn read_config_schema(module: PluginModRef) -> Result<Option<ConfigSchema>, LoadError> {
+    let RSome(ext) = (module.extension())(CONFIG_SCHEMA_EXTENSION.into(), CONFIG_SCHEMA_EXTENSION_VERSION) else {
+        return Ok(None);
+    };
+    let expected = <ConfigSchemaExtensionV1 as abi_stable::StableAbi>::LAYOUT;
+    if let Err(e) = abi_stable::abi_stability::abi_checking::check_layout_compatibility(expected, ext.layout) {
+        return Err(LoadError::Incompatible(format!(
+            "its `{CONFIG_SCHEMA_EXTENSION}` extension version {CONFIG_SCHEMA_EXTENSION_VERSION} differs from the host's: {}",
+            first_lines(&e.to_string(), 3)
+        )));
+    }
+    // SAFETY: the layout check above proved `module` points to a `ConfigSchemaExtensionV1`,
+    // leaked by the plugin, whose library stays loaded for the life of the process.
+    let ext: &'static ConfigSchemaExtensionV1 = unsafe { &*(ext.module as *const ConfigSchemaExtensionV1) };
+    match (ext.config_schema)() {
+        RResult::ROk(ROption::RNone) => Ok(None),
+        RResult::ROk(ROption::RSome(json)) => ConfigSchema::from_json(json.as_str())
+            .map(Some)
+            .map_err(|e| LoadError::Manifest(format!("its config schema is unusable: {e}"))),
+        RResult::RErr(e) => Err(LoadError::Manifest(format!("config_schema() failed: {e}"))),
+    }
 }
 
 /// Why a library could not be used.
@@ -295,9 +328,11 @@ pub fn load_plugin_bytes(
         )));
     }
     let ops_ext = connect_ops_extension(module)?;
+    let config_schema = read_config_schema(module)?;
     Ok(LoadedPlugin {
         manifest,
         ops_ext,
+        config_schema,
         source: path.to_path_buf(),
         private_copy,
         hash,

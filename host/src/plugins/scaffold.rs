@@ -58,6 +58,18 @@ impl Strategy for Plugin {
             .config_example(r#"{"targets": ["unet.*.attn?.to_[qkv]"], "rank": 4, "alpha": 4.0, "lr": 0.0001}"#)
     }
 
+    /// Every key of `Config`: graft shows it, draws the serve UI's form from it and checks a
+    /// configuration against it. Keep it in step with `Config` (the `schema` test checks).
+    fn config_schema() -> Option<ConfigSchema> {
+        Some(
+            ConfigSchema::new()
+                .key(ConfigKey::strings("targets", &["unet.*.attn?.to_[qkv]"]).help("layer name patterns: globs, `re:` regexes, `!` excludes"))
+                .key(ConfigKey::int("rank", 4).min(1.0).help("rank of up · down"))
+                .key(ConfigKey::float("alpha", 4.0).min(0.0).help("scale = alpha / rank"))
+                .key(ConfigKey::float("lr", 1e-4).min(0.0).help("learning rate")),
+        )
+    }
+
     fn new(config: &str) -> Result<Self> {
         let config: Config = config::parse("{{name}}", config)?;
         if config.rank == 0 {
@@ -100,6 +112,12 @@ graft_sdk::export_strategy!(Plugin);
 
 #[cfg(test)]
 mod tests {
+    /// The config schema lists exactly the keys `Config` accepts, with defaults it takes.
+    #[test]
+    fn schema() {
+        graft_sdk::testing::check_schema::<super::Plugin>();
+    }
+
     /// graft's conformance checks (`graft plugins check`) on this plugin. It runs the `graft`
     /// executable: set GRAFT_BIN or put it on PATH.
     #[test]

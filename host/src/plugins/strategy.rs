@@ -134,6 +134,18 @@ impl StrategyInstance {
     pub fn new(plugin: &LoadedPlugin, name: Option<&str>, config: &str) -> Result<Self, PluginError> {
         let name = name.unwrap_or(&plugin.manifest.id).to_string();
         let config = if config.trim().is_empty() { "{}".to_string() } else { config.to_string() };
+        // Checked against the plugin's schema first: the error names the key, whatever the
+        // plugin's own parser would have said (or let through).
+        if let Some(schema) = &plugin.config_schema {
+            schema.validate_json(&config).map_err(|message| PluginError {
+                strategy: name.clone(),
+                plugin: plugin.label(),
+                entry: "new_strategy",
+                layer: None,
+                kind: ErrorKind::CONFIG,
+                message: format!("invalid configuration for strategy `{}` (by its config schema): {message}", plugin.manifest.id),
+            })?;
+        }
         let obj = plugin.new_strategy(&config).map_err(|e| PluginError {
             strategy: name.clone(),
             plugin: plugin.label(),

@@ -130,6 +130,9 @@ impl App {
                     "description": p.map(|p| p.manifest.description.clone()),
                     "capabilities": p.map(|p| p.manifest.capabilities.clone()),
                     "config_example": p.map(|p| p.manifest.config_example.clone()),
+                    // Every key of the configuration (docs/PLUGINS.md, "Config schema"); null
+                    // when the plugin has none. The UI draws its settings form from it.
+                    "config_schema": p.and_then(|p| p.config_schema.clone()),
                     "sha256": p.map(|p| p.sha256.clone()),
                     "generation": p.map(|p| p.generation),
                 })

@@ -102,6 +102,24 @@ impl Config {
     }
 }
 
+/// Every key of `Config`, for the host (`graft plugins check`, the serve UI's form).
+fn schema() -> ConfigSchema {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    ConfigSchema::new()
+        .key(ConfigKey::strings("targets", &strings(&["unet.*.attn2"])).help("attention hook point patterns (globs, `re:` regexes, `!` excludes)"))
+        .key(ConfigKey::int("rank", 8).range(1.0, 4096.0).help("r: the rank of the patch"))
+        .key(ConfigKey::float("init_std", 0.02).min(0.0).help("standard deviation of A's normal init"))
+        .key(ConfigKey::float("gate_init", 1.0).help("the gate g's initial value"))
+        .key(ConfigKey::bool("train_gate", true).help("false keeps g at gate_init"))
+        .key(ConfigKey::float("adapter_lr", 5e-4).min(0.0).help("learning rate of group `adapter` (A, B, g)"))
+        .key(ConfigKey::float("adapter_weight_decay", 0.0).min(0.0).help("AdamW weight decay of group `adapter`"))
+        .key(ConfigKey::float_or_null("clip_norm", Some(0.1)).above(0.0).help("per-parameter gradient clip of A, B and g (L2 norm); null: none"))
+        .key(ConfigKey::strings("unfreeze", &strings(&["to_q", "to_k", "to_v", "to_out.0"])).help("base projections of each patched module to train ([]: none)"))
+        .key(ConfigKey::float("base_lr", 1e-5).min(0.0).help("learning rate of the unfrozen projections (group `base`)"))
+        .key(ConfigKey::float("base_weight_decay", 0.0).min(0.0).help("AdamW weight decay of group `base`"))
+        .key(ConfigKey::bool("base_bias", true).help("train the unfrozen projections' biases too (where they have one)"))
+}
+
 struct AttentionGate {
     config: Config,
 }
@@ -115,6 +133,10 @@ impl Strategy for AttentionGate {
             .config_example(
                 r#"{"targets": ["unet.*.attn2"], "rank": 8, "init_std": 0.02, "gate_init": 1.0, "train_gate": true, "adapter_lr": 0.0005, "adapter_weight_decay": 0.0, "clip_norm": 0.1, "unfreeze": ["to_q", "to_k", "to_v", "to_out.0"], "base_lr": 0.00001, "base_weight_decay": 0.0, "base_bias": true}"#,
             )
+    }
+
+    fn config_schema() -> Option<ConfigSchema> {
+        Some(schema())
     }
 
     fn new(config: &str) -> Result<Self> {
@@ -194,6 +216,12 @@ graft_sdk::export_strategy!(AttentionGate);
 
 #[cfg(test)]
 mod tests {
+    /// Every key the parser accepts is in the schema, with a default it takes, and no other.
+    #[test]
+    fn schema_matches_parser() {
+        graft_sdk::testing::check_schema::<super::AttentionGate>();
+    }
+
     /// The host's conformance checks (`graft plugins check`) on this plugin.
     #[test]
     fn conformance() {

@@ -46,6 +46,16 @@ impl Config {
     }
 }
 
+/// Every key of `Config`, for the host (`graft plugins check`, the serve UI's form).
+fn schema() -> ConfigSchema {
+    ConfigSchema::new()
+        .key(ConfigKey::strings("targets", &UNET_TARGETS).help("layer name patterns (globs, `re:` regexes, `!` excludes); linear hook points only"))
+        .key(ConfigKey::int("rank", 8).range(1.0, 4096.0).help("r: the rank of up · down"))
+        .key(ConfigKey::float("alpha", 8.0).min(0.0).help("s = alpha / r; 0 means alpha = r"))
+        .key(ConfigKey::float("lr", 1e-4).min(0.0).help("learning rate of down, up and magnitude"))
+        .key(ConfigKey::float("weight_decay", 0.0).help("AdamW weight decay"))
+}
+
 struct Dora {
     config: Config,
 }
@@ -67,6 +77,10 @@ impl Strategy for Dora {
             .capability("delta_weight")
             .capability("export:lora+dora")
             .config_example(r#"{"targets": ["unet.*.to_q", "unet.*.to_k", "unet.*.to_v", "unet.*.to_out.0"], "rank": 8, "alpha": 8, "lr": 0.0001, "weight_decay": 0.0}"#)
+    }
+
+    fn config_schema() -> Option<ConfigSchema> {
+        Some(schema())
     }
 
     fn new(config: &str) -> Result<Self> {
@@ -135,6 +149,12 @@ graft_sdk::export_strategy!(Dora);
 
 #[cfg(test)]
 mod tests {
+    /// Every key the parser accepts is in the schema, with a default it takes, and no other.
+    #[test]
+    fn schema_matches_parser() {
+        graft_sdk::testing::check_schema::<super::Dora>();
+    }
+
     /// The host's conformance checks (`graft plugins check`) on this plugin.
     #[test]
     fn conformance() {

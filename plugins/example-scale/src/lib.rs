@@ -44,6 +44,17 @@ impl Strategy for ExampleScale {
             .config_example(r#"{"targets": ["unet.*.attn2.to_k", "unet.*.attn2.to_v"], "lr": 0.001, "init": 0.0}"#)
     }
 
+    /// Every key of `Config`, for the host: `graft plugins check` shows it, the serve UI draws a
+    /// form from it, and the host checks a configuration against it before calling `new`.
+    fn config_schema() -> Option<ConfigSchema> {
+        Some(
+            ConfigSchema::new()
+                .key(ConfigKey::strings("targets", &["unet.*.attn2.to_k", "unet.*.attn2.to_v"]).help("layer name patterns (globs, `re:` regexes, `!` excludes)"))
+                .key(ConfigKey::float("lr", 1e-3).min(0.0).help("learning rate of the scales"))
+                .key(ConfigKey::float("init", 0.0).help("initial value of every scale (0: the adapter starts as the identity)")),
+        )
+    }
+
     fn new(config: &str) -> Result<Self> {
         let config: Config = config::parse("example-scale", config)?;
         if config.targets.is_empty() {
@@ -103,6 +114,12 @@ graft_sdk::export_strategy!(ExampleScale);
 
 #[cfg(test)]
 mod tests {
+    /// Every key the parser accepts is in the schema, with a default it takes, and no other.
+    #[test]
+    fn schema_matches_parser() {
+        graft_sdk::testing::check_schema::<super::ExampleScale>();
+    }
+
     /// The host's conformance checks (`graft plugins check`) on this plugin.
     #[test]
     fn conformance() {

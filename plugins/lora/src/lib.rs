@@ -22,6 +22,8 @@
 use graft_sdk::prelude::*;
 use serde::Deserialize;
 
+mod schema;
+
 /// Default UNet targets: the four projections of every attention module (attn1 and attn2).
 const UNET_TARGETS: [&str; 4] = ["unet.*.to_q", "unet.*.to_k", "unet.*.to_v", "unet.*.to_out.0"];
 
@@ -206,6 +208,10 @@ impl Strategy for Lora {
             )
     }
 
+    fn config_schema() -> Option<ConfigSchema> {
+        Some(schema::schema())
+    }
+
     fn new(config: &str) -> Result<Self> {
         let config: Config = config::parse("lora", config)?;
         config.check()?;
@@ -281,6 +287,12 @@ graft_sdk::export_strategy!(Lora);
 
 #[cfg(test)]
 mod tests {
+    /// Every key `Config` accepts is in the schema, with a default the parser takes, and no other.
+    #[test]
+    fn schema_matches_parser() {
+        graft_sdk::testing::check_schema::<super::Lora>();
+    }
+
     /// The host's conformance checks (`graft plugins check`) on this plugin.
     #[test]
     fn conformance() {

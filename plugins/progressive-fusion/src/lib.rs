@@ -106,6 +106,10 @@ impl Strategy for ProgressiveFusion {
             .config_example(settings::EXAMPLE)
     }
 
+    fn config_schema() -> Option<ConfigSchema> {
+        Some(settings::schema())
+    }
+
     fn new(config: &str) -> Result<Self> {
         Ok(Self { config: Config::parse(config)?, modules: Vec::new(), by_layer: BTreeMap::new(), stage: 1, synced: true, last_step: None })
     }
@@ -232,6 +236,12 @@ mod tests;
 
 #[cfg(test)]
 mod conformance {
+    /// Every key the parser accepts is in the schema, with a default it takes, and no other.
+    #[test]
+    fn schema_matches_parser() {
+        graft_sdk::testing::check_schema::<super::ProgressiveFusion>();
+    }
+
     /// The host's conformance checks (`graft plugins check`) on this plugin.
     #[test]
     fn conformance() {

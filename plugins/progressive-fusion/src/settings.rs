@@ -1,6 +1,6 @@
 //! The strategy's configuration (JSON), its defaults (the method's numbers) and its checks.
 
-use graft_sdk::{bail, config, Result};
+use graft_sdk::{bail, config, ConfigKey, ConfigSchema, Result};
 use serde::Deserialize;
 
 /// Every key is optional; a misspelt key is an error (`deny_unknown_fields`).
@@ -73,6 +73,39 @@ impl Default for Config {
             weight_decay: 0.0,
         }
     }
+}
+
+/// Every key of `Config` with its default, for the host (`graft plugins check`, the serve UI's
+/// form).
+pub fn schema() -> ConfigSchema {
+    let d = Config::default();
+    let steps = |k: &str, v: u64, help: &str| ConfigKey::int(k, v as i64).min(0.0).help(help);
+    let rank = |k: &str, v: usize| ConfigKey::int(k, v as i64).range(1.0, 4096.0).help("rank of this stage's adapters");
+    let alpha = |k: &str, v: f64| ConfigKey::float(k, v).above(0.0).help("scale = alpha / rank of this stage's adapters");
+    let lr = |k: &str, v: f64| ConfigKey::float(k, v).min(0.0).help("learning rate of this stage's optimizer group");
+    ConfigSchema::new()
+        .key(steps("stage1_steps", d.stage1_steps, "length of stage 1 in optimizer steps"))
+        .key(steps("stage2_steps", d.stage2_steps, "length of stage 2; stage 3 runs from there to the end"))
+        .key(ConfigKey::strings("stage1_targets", &d.stage1_targets).help("stage 1 layer patterns (the UNet mid block's proj_out)"))
+        .key(rank("stage1_rank", d.stage1_rank))
+        .key(alpha("stage1_alpha", d.stage1_alpha))
+        .key(lr("stage1_lr", d.stage1_lr))
+        .key(ConfigKey::int("stage2_text_layers", d.stage2_text_layers as i64).min(0.0).help("how many of the last layers of each text encoder get adapters in stage 2"))
+        .key(
+            ConfigKey::strings("stage2_skip_final_layer_of", &d.stage2_skip_final_layer_of)
+                .help("text encoders (text_encoder, text_encoder_2) whose final layer is not counted (unused by the pipeline)"),
+        )
+        .key(ConfigKey::strings("stage2_modules", &d.stage2_modules).help("modules inside a text-encoder layer that get adapters"))
+        .key(rank("stage2_rank", d.stage2_rank))
+        .key(alpha("stage2_alpha", d.stage2_alpha))
+        .key(lr("stage2_lr", d.stage2_lr))
+        .key(ConfigKey::bool("stage2_train_stage1", d.stage2_train_stage1).help("the stage-1 adapters keep training in stage 2 (else frozen)"))
+        .key(ConfigKey::strings("stage3_targets", &d.stage3_targets).help("stage 3 layer patterns (every UNet cross-attention projection)"))
+        .key(rank("stage3_rank", d.stage3_rank))
+        .key(alpha("stage3_alpha", d.stage3_alpha))
+        .key(ConfigKey::float("stage3_lr", d.stage3_lr).min(0.0).help("the stage-3 group's planned learning rate, before stage3_lr_scale"))
+        .key(ConfigKey::float("stage3_lr_scale", d.stage3_lr_scale).above(0.0).help("lr_scale sent at the start of stage 3 (effective lr = stage3_lr * scale)"))
+        .key(ConfigKey::float("weight_decay", d.weight_decay).min(0.0).help("AdamW weight decay of the three groups"))
 }
 
 /// The example the manifest shows (the defaults, spelled out).

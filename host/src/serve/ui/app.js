@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { jobs: [], current: null, losses: [], plugins: null, adapters: [] };
+const state = { jobs: [], current: null, losses: [], plugins: null, adapters: [], schema: null };
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -62,20 +62,131 @@ function renderPlugins(p) {
   const was = select.value;
   select.replaceChildren(...p.active.map((id) => el("option", { text: id })));
   if (p.active.includes(was)) select.value = was; else if (p.active.includes("lora")) select.value = "lora";
-  if (!$("train-config").value.trim() || $("train-config").dataset.auto === "1") fillStrategyConfig();
+  if (!$("train-config").value.trim() || $("train-config").dataset.auto === "1") fillStrategyConfig(); else refreshConfigForm();
   const cmp = $("cmp-strategies");
   if (!cmp.value.trim()) cmp.value = JSON.stringify(p.active.map((id) => ({ name: id, plugin: id, config: {} })), null, 1);
 }
+// ---- strategy settings: a form drawn from the plugin's config schema, in step with the JSON ----
+function activePlugin(id) {
+  return state.plugins && state.plugins.files.find((x) => x.id === id && x.status === "active");
+}
+// A new strategy was picked: its schema's defaults (or its config example without a schema).
 function fillStrategyConfig() {
-  const id = $("train-plugin").value;
-  const f = state.plugins && state.plugins.files.find((x) => x.id === id && x.status === "active");
+  const f = activePlugin($("train-plugin").value);
+  const schema = (f && f.config_schema) || null;
   let text = (f && f.config_example) || "{}";
-  try { text = JSON.stringify(JSON.parse(text), null, 1); } catch (_) { /* keep as written */ }
+  if (schema) {
+    const config = {};
+    for (const k of schema.keys) if (k.default !== null) config[k.key] = k.default;
+    text = JSON.stringify(config, null, 1);
+  } else {
+    try { text = JSON.stringify(JSON.parse(text), null, 1); } catch (_) { /* keep as written */ }
+  }
   $("train-config").value = text;
   $("train-config").dataset.auto = "1";
+  refreshConfigForm();
+}
+// Redraws the form for the selected strategy's schema and fills it from the JSON.
+function refreshConfigForm() {
+  const f = activePlugin($("train-plugin").value);
+  state.schema = (f && f.config_schema) || null;
+  const box = $("train-config-form");
+  box.replaceChildren(...(state.schema ? state.schema.keys.map(configField) : []));
+  syncFormFromJson();
+  showConfigViews();
+}
+function showConfigViews() {
+  const has = !!state.schema;
+  $("train-config-toggle").classList.toggle("hidden", !has);
+  $("train-config-note").classList.toggle("hidden", has);
+  $("train-config-form").classList.toggle("hidden", !has);
+  $("train-config-label").classList.toggle("hidden", has && !$("train-config-raw").checked);
+}
+function rangeText(k) {
+  if (k.min == null && k.max == null) return "";
+  if (k.min != null && k.max != null) return `${k.min_exclusive ? "(" : "["}${k.min}, ${k.max}${k.max_exclusive ? ")" : "]"}`;
+  if (k.min != null) return `${k.min_exclusive ? ">" : "≥"} ${k.min}`;
+  return `${k.max_exclusive ? "<" : "≤"} ${k.max}`;
+}
+function configField(k) {
+  const id = "cfg-" + k.key;
+  const def = k.type === "string_list" ? JSON.stringify(k.default) : String(k.default);
+  const range = rangeText(k);
+  const help = el("span", { class: "help", text: [k.help, "default " + (k.default === null ? "none" : def), range && "range " + range].filter(Boolean).join(" · ") });
+  const problem = el("span", { class: "problem", id: id + "-problem" });
+  let input;
+  if (k.type === "bool") {
+    input = el("input", { id, type: "checkbox" });
+  } else if (k.type === "enum") {
+    input = el("select", { id }, ...k.choices.map((c) => el("option", { value: c, text: c })));
+  } else if (k.type === "string_list") {
+    input = el("textarea", { id, rows: Math.max(2, Math.min(5, (k.default || []).length)), spellcheck: "false", title: "one a line" });
+  } else if (k.type === "int" || k.type === "float") {
+    input = el("input", { id, type: "number", step: k.type === "int" ? "1" : "any" });
+    if (k.min != null) input.min = k.type === "int" && k.min_exclusive ? Math.floor(k.min) + 1 : k.min;
+    if (k.max != null) input.max = k.type === "int" && k.max_exclusive ? Math.ceil(k.max) - 1 : k.max;
+    if (k.nullable) input.placeholder = k.default === null ? "none" : "default " + def;
+  } else {
+    input = el("input", { id, type: "text" });
+  }
+  input.dataset.key = k.key;
+  input.addEventListener(k.type === "bool" || k.type === "enum" ? "change" : "input", () => formChanged(k, input));
+  const label = k.type === "bool" ? el("label", { class: "check", for: id }, input, k.key) : el("label", { for: id, text: k.key });
+  return el("div", { class: "field", "data-key": k.key }, label, ...(k.type === "bool" ? [] : [input]), help, problem);
+}
+// The value a field holds: {value} (undefined: the key is left out, so the default applies), or {error}.
+function readField(k, input) {
+  if (k.type === "bool") return { value: input.checked };
+  if (k.type === "enum" || k.type === "string") return { value: input.value };
+  if (k.type === "string_list") return { value: input.value.split("\n").map((s) => s.trim()).filter((s) => s) };
+  if (!input.value.trim()) return { value: undefined };
+  const v = Number(input.value);
+  if (!Number.isFinite(v) || (k.type === "int" && !Number.isInteger(v))) return { error: `${k.key}: expected ${k.type === "int" ? "an integer" : "a number"}` };
+  if (k.min != null && (v < k.min || (k.min_exclusive && v === k.min))) return { error: `${k.key}: must be ${k.min_exclusive ? ">" : "≥"} ${k.min}` };
+  if (k.max != null && (v > k.max || (k.max_exclusive && v === k.max))) return { error: `${k.key}: must be ${k.max_exclusive ? "<" : "≤"} ${k.max}` };
+  return { value: v };
+}
+function writeField(k, input, v) {
+  if (k.type === "bool") input.checked = !!v;
+  else if (k.type === "string_list") input.value = Array.isArray(v) ? v.join("\n") : "";
+  else input.value = v === null || v === undefined ? "" : String(v);
+}
+function jsonConfig() {
+  const v = JSON.parse($("train-config").value || "{}");
+  if (v === null || typeof v !== "object" || Array.isArray(v)) throw new Error("it must be a JSON object");
+  return v;
+}
+// Form -> JSON: the edited key only (a JSON that does not parse is rebuilt from the whole form).
+function formChanged(k, input) {
+  const r = readField(k, input);
+  $("cfg-" + k.key + "-problem").textContent = r.error || "";
+  if (r.error) return;
+  let config;
+  try { config = jsonConfig(); } catch (_) {
+    config = {};
+    for (const key of state.schema.keys) { const x = readField(key, $("cfg-" + key.key)); if (x.value !== undefined && !x.error) config[key.key] = x.value; }
+  }
+  if (r.value === undefined) delete config[k.key]; else config[k.key] = r.value;
+  $("train-config").value = JSON.stringify(config, null, 1);
+  $("train-config").dataset.auto = "0";
+  $("train-config-error").textContent = "";
+}
+// JSON -> form: every field shows the JSON's value, or its default when the key is absent.
+function syncFormFromJson() {
+  $("train-config-error").textContent = "";
+  if (!state.schema) return;
+  let config;
+  try { config = jsonConfig(); } catch (e) { $("train-config-error").textContent = "strategy config: " + e.message; return; }
+  const unknown = Object.keys(config).filter((key) => !state.schema.keys.some((k) => k.key === key));
+  if (unknown.length) $("train-config-error").textContent = "not in the plugin's schema: " + unknown.join(", ");
+  for (const k of state.schema.keys) {
+    writeField(k, $("cfg-" + k.key), k.key in config ? config[k.key] : k.default);
+    $("cfg-" + k.key + "-problem").textContent = "";
+  }
 }
 $("train-plugin").addEventListener("change", fillStrategyConfig);
-$("train-config").addEventListener("input", () => $("train-config").dataset.auto = "0");
+$("train-config").addEventListener("input", () => { $("train-config").dataset.auto = "0"; syncFormFromJson(); });
+$("train-config-raw").addEventListener("change", showConfigViews);
 $("pl-rescan").addEventListener("click", async () => {
   try { const r = await api("POST", "/api/plugins/rescan"); renderPlugins(r.plugins); } catch (e) { toast(e.message); }
 });
