@@ -16,7 +16,9 @@ rates times lr_factors[k]. Keys:
   <opt>.param.<k>.<p>                                the parameter after step k
   lion:        a: lr 1e-3, wd 0.1, betas (0.9, 0.99);  b: lr 5e-4, wd 0, betas (0.8, 0.95)
   prodigy:     lr 1.0 in both groups (prodigyopt needs equal rates), d_coef 2, use_bias_correction,
-               a: wd 0.01, b: wd 0 (decoupled), default betas and eps; prodigy.d = d after each step
+               a: wd 0.01, b: wd 0 (decoupled), default betas and eps; prodigy.d = d after each step;
+               its own gradients prodigy.grad.<k>.<p> = grad.0.<p> + 0.1 * grad.<k>.<p> (a steady
+               direction, so that d grows) and prodigy.init.<p> = init.<p>
   adafactor:   transformers' defaults (relative_step, scale_parameter, no beta1), a: wd 0, b: wd 0.01;
                the schedule's factors do not apply (relative step sizes)
   adafactor_lr: relative_step False, scale_parameter False, beta1 0.9, a: lr 1e-2 wd 0.01,
@@ -88,11 +90,19 @@ def main():
         {"params": ps[1], "lr": 5e-4, "weight_decay": 0.0, "betas": (0.8, 0.95)},
     ]), init, grads, groups)
 
+    # Prodigy grows d only after progress along a steady direction: its gradients are the first
+    # one plus a little of each step's.
+    p_init = {n: t.clone() for n, t in init.items()}
+    p_grads = [{n: grads[0][n] + 0.1 * grads[k][n] for n in init} for k in range(STEPS)]
+    for n, t in p_init.items():
+        out[f"prodigy.init.{n}"] = t.clone()
+        for k in range(STEPS):
+            out[f"prodigy.grad.{k}.{n}"] = p_grads[k][n].clone()
     ds = []
     run(out, "prodigy", lambda ps: Prodigy([
         {"params": ps[0], "weight_decay": 0.01},
         {"params": ps[1], "weight_decay": 0.0},
-    ], lr=1.0, d_coef=2.0, use_bias_correction=True), init, grads, groups,
+    ], lr=1.0, d_coef=2.0, use_bias_correction=True), p_init, p_grads, groups,
         after_step=lambda opt, k: ds.append(opt.param_groups[0]["d"]))
     out["prodigy.d"] = torch.tensor(ds, dtype=torch.float64)
 

@@ -2,8 +2,8 @@
 //! are stored as 8-bit codes, block-wise quantized (the reference is bitsandbytes' CPU backend,
 //! version pinned in tools/reference/requirements.txt):
 //! - the dynamic quantization map (`create_dynamic_map`): 256 values in [-1, 1] whose exponent
-//!   shrinks as the fraction grows, signed for `exp_avg`, unsigned (all >= 0, finer) for
-//!   `exp_avg_sq`; the CPU quantizer sets the map's first entry to -1;
+//!   shrinks as the fraction grows, signed for `exp_avg` (from -0.99297 to 1), unsigned (0 to 1,
+//!   finer) for `exp_avg_sq`;
 //! - blocks of 256 values, each with its absolute maximum (f32) as scale; a value is stored as
 //!   the index of the map entry nearest to value / absmax (ties to the lower one);
 //! - per step: dequantize, one AdamW update in f32 with the moments as they come out of it,
@@ -51,7 +51,7 @@ fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
     (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - 1 - i) as f32 }).collect()
 }
 
-/// bitsandbytes' dynamic map (8 bits, 7 exponent bits), with the CPU quantizer's first entry -1.
+/// bitsandbytes' dynamic map (8 bits, 7 exponent bits).
 pub fn dynamic_map(signed: bool) -> [f32; 256] {
     // 10^(i - 6) for i in 0..7, as Python writes them (then rounded to f32 by torch).
     const SCALES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
@@ -74,7 +74,6 @@ pub fn dynamic_map(signed: bool) -> [f32; 256] {
     data.sort_by(f32::total_cmp);
     let mut map = [0f32; 256];
     map.copy_from_slice(&data);
-    map[0] = -1.0;
     map
 }
 
@@ -233,7 +232,8 @@ mod tests {
         let u = dynamic_map(false);
         assert!(s.windows(2).all(|w| w[0] < w[1]), "signed map strictly increasing");
         assert!(u.windows(2).all(|w| w[0] < w[1]), "unsigned map strictly increasing");
-        assert_eq!((s[0], s[255], u[0], u[255]), (-1.0, 1.0, -1.0, 1.0));
+        assert_eq!((s[255], u[0], u[255]), (1.0, 0.0, 1.0));
+        assert!((s[0] + 0.99297).abs() < 1e-5, "{}", s[0]);
         assert!(s.contains(&0.0) && u[1] > 0.0 && u[1] < 1e-6);
     }
 
