@@ -16,7 +16,8 @@ steps = 500                                       # the same budget for every st
 loss_window = 50                                  # the table's mean loss is over the last N steps
 lr_schedule = "constant"
 # batch_size, gradient_accumulation, prediction_type, noise_offset, min_snr_gamma, max_grad_norm,
-# warmup_steps, cache_latents, max_bad_steps, model_config: as in `graft train --help`
+# warmup_steps, cache_latents, max_bad_steps, model_config, optimizer and [optimizer_args]: as in
+# `graft train --help` (one optimizer for every strategy)
 sample_prompts = "prompts.txt"                    # kohya prompt file (`a cat --w 1024 --h 1024 --s 30`)
 # prompts = ["a pink star, line art --s 20"]      # or the lines inline
 
@@ -89,6 +90,11 @@ pub struct CompareConfig {
     pub min_snr_gamma: f64,
     #[serde(default)]
     pub max_grad_norm: f64,
+    /// The optimizer of every strategy's run and its arguments (as in a training config).
+    #[serde(default = "adamw")]
+    pub optimizer: String,
+    #[serde(default)]
+    pub optimizer_args: toml::Table,
     #[serde(default = "constant")]
     pub lr_schedule: String,
     #[serde(default)]
@@ -115,6 +121,9 @@ fn one() -> usize {
 }
 fn ten() -> u64 {
     10
+}
+fn adamw() -> String {
+    "AdamW".into()
 }
 fn constant() -> String {
     "constant".into()
@@ -208,6 +217,8 @@ impl CompareConfig {
             noise_offset: self.noise_offset,
             min_snr_gamma: self.min_snr_gamma,
             max_grad_norm: self.max_grad_norm,
+            optimizer: self.optimizer.clone(),
+            optimizer_args: self.optimizer_args.clone(),
             lr_schedule: self.lr_schedule.clone(),
             warmup_steps: self.warmup_steps,
             lr_scheduler_num_cycles: None,

@@ -283,6 +283,9 @@ async fn job_file(State(app): State<Arc<App>>, UrlPath((id, path)): UrlPath<(Str
 fn zero() -> f64 {
     0.0
 }
+fn adamw() -> String {
+    "AdamW".into()
+}
 fn constant() -> String {
     "constant".into()
 }
@@ -324,6 +327,11 @@ struct TrainRequest {
     min_snr_gamma: f64,
     #[serde(default = "zero")]
     max_grad_norm: f64,
+    /// AdamW, AdamW8bit, Lion, Prodigy or Adafactor, and its arguments (as in a training config).
+    #[serde(default = "adamw")]
+    optimizer: String,
+    #[serde(default)]
+    optimizer_args: Option<Value>,
     #[serde(default)]
     sample_every: u64,
     #[serde(default)]
@@ -382,6 +390,8 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     }
     let table = to_table(req.strategy_config.clone(), "strategy_config")?;
     check_strategy(&app, &req.plugin, &table, "plugin")?;
+    let optimizer_args = to_table(req.optimizer_args.clone(), "optimizer_args")?;
+    crate::train::optim::OptimizerSpec::parse(&req.optimizer, &optimizer_args).map_err(|e| ApiError::bad(e.to_string()))?;
     let defaults = SampleDefaults { width: req.resolution, height: req.resolution, seed: req.seed, ..Default::default() };
     let prompt_text = req.sample_prompts.join("\n");
     parse_prompts(&prompt_text, "sample_prompts", &defaults).map_err(|e| ApiError::bad(format!("{e:#}")))?;
@@ -405,6 +415,8 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         noise_offset: req.noise_offset,
         min_snr_gamma: req.min_snr_gamma,
         max_grad_norm: req.max_grad_norm,
+        optimizer: req.optimizer.clone(),
+        optimizer_args,
         lr_schedule: req.lr_schedule.clone(),
         warmup_steps: req.warmup_steps,
         lr_scheduler_num_cycles: None,

@@ -19,6 +19,8 @@ gradient_accumulation = 1
 noise_offset = 0.0
 min_snr_gamma = 5.0                               # 0: off
 max_grad_norm = 1.0                               # global clip; 0: off
+optimizer = "AdamW"                               # AdamW, AdamW8bit, Lion, Prodigy, Adafactor
+                                                  # (kohya's names); arguments in [optimizer_args]
 lr_schedule = "cosine"                            # constant, constant_with_warmup, linear, cosine,
                                                   # cosine_with_restarts
 # lr_scheduler_num_cycles = 1                     # restarts of cosine_with_restarts (kohya's name)
@@ -33,6 +35,13 @@ dtype = "bf16"                                    # frozen weights: file (defaul
 gradient_checkpointing = true                     # recompute activations in the backward: less memory
 cache_text_encoder_outputs = true                 # free the text encoders during the steps when
                                                   # their outputs are cached (back for samples)
+
+[optimizer_args]                                  # the reference libraries' names, e.g.
+weight_decay = 0.01                               # replaces every group's weight decay
+betas = [0.9, 0.999]
+# Prodigy: d_coef, d0, growth_rate, use_bias_correction, safeguard_warmup, decouple, beta3, eps
+# Adafactor: eps = [1e-30, 1e-3], clip_threshold, decay_rate, beta1, scale_parameter,
+#            relative_step, warmup_init;  AdamW8bit: min_8bit_size;  Lion: betas, weight_decay
 
 [dataset]
 dir = "data/my-style"                             # images + .txt captions, kohya N_name folders
@@ -77,6 +86,12 @@ pub struct TrainConfig {
     pub min_snr_gamma: f64,
     #[serde(default)]
     pub max_grad_norm: f64,
+    /// AdamW (default), AdamW8bit, Lion, Prodigy or Adafactor, any case (kohya's names).
+    #[serde(default = "adamw", skip_serializing_if = "is_adamw")]
+    pub optimizer: String,
+    /// The optimizer's arguments, by the reference libraries' names.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub optimizer_args: toml::Table,
     #[serde(default = "constant")]
     pub lr_schedule: String,
     #[serde(default)]
@@ -167,6 +182,14 @@ fn default_name() -> String {
 }
 fn one() -> usize {
     1
+}
+fn adamw() -> String {
+    "AdamW".into()
+}
+/// The default optimizer is left out of what a checkpoint records, so checkpoints made before
+/// the key existed still resume.
+fn is_adamw(name: &String) -> bool {
+    name.eq_ignore_ascii_case("adamw")
 }
 fn constant() -> String {
     "constant".into()
@@ -280,12 +303,18 @@ impl TrainConfig {
             }
         }
         self.sample_scheduler()?;
+        self.optimizer_spec()?;
         if let Some(p) = &self.prediction_type {
             p.parse::<graft_sdxl::schedulers::PredictionType>()?;
         }
         graft_sdxl::pipeline::check_size(self.dataset.resolution, self.dataset.resolution)
             .context("[dataset] resolution")?;
         Ok(())
+    }
+
+    /// `optimizer` and `[optimizer_args]`, checked.
+    pub fn optimizer_spec(&self) -> anyhow::Result<crate::train::optim::OptimizerSpec> {
+        Ok(crate::train::optim::OptimizerSpec::parse(&self.optimizer, &self.optimizer_args)?)
     }
 
     /// The plugin's config as JSON.

@@ -3,9 +3,10 @@
 //! Each step: the strategy's stage directives, a batch of VAE latents (cached), text embeddings
 //! (cached while no adapter touches the text encoders), seeded noise and timesteps, the UNet with
 //! the adapters at their hook points, an epsilon or v-prediction MSE loss (min-SNR weighted),
-//! backward, then AdamW over the plan's groups. Non-finite losses or gradients skip the step; so
-//! does a strategy that fails (panic or error) during it: it is detached, reported, its
-//! parameters are kept, and steps are skipped until a new build is taken up (`poll_reloads`).
+//! backward, then the configured optimizer (AdamW by default) over the plan's groups. Non-finite
+//! losses or gradients skip the step; so does a strategy that fails (panic or error) during it:
+//! it is detached, reported, its parameters are kept, and steps are skipped until a new build is
+//! taken up (`poll_reloads`).
 //!
 //! In watch mode ([`Trainer::step_or_pause`]) a failing strategy pauses the run instead: the
 //! step is rewound as if it had not been tried (step counter, data position, random streams,
@@ -31,7 +32,7 @@ use crate::plugins::{PluginManager, ReloadEvent, StrategyInstance};
 use crate::train::cache::{EmbeddingCache, LatentCache};
 use crate::train::config::TrainConfig;
 use crate::train::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
-use crate::train::optim::{AdamW, GradAccumulator, GroupConfig};
+use crate::train::optim::{GradAccumulator, GroupConfig, Optimizer};
 use crate::train::schedule::{LrSchedule, ScheduleKind};
 
 /// What the loss of one batch is computed from.
@@ -110,7 +111,7 @@ pub struct Trainer {
     pub model: Arc<SdxlModel>,
     pub set: AdapterSet,
     pub strategy: usize,
-    pub optimizer: AdamW,
+    pub optimizer: Optimizer,
     pub schedule: LrSchedule,
     pub dataset: Dataset,
     noise: NoiseSchedule,
@@ -689,6 +690,8 @@ impl Trainer {
             .first()
             .map(|g| g.config.lr * g.config.lr_scale * factor)
             .unwrap_or(0.0)
+            // Prodigy's rates multiply its estimate d: log the step size it takes (as kohya's d*lr).
+            * self.optimizer.prodigy_d().unwrap_or(1.0)
     }
 
     fn apply_lr_scales(&mut self, scales: &[LrScale]) -> anyhow::Result<()> {
@@ -751,7 +754,7 @@ impl Trainer {
 }
 
 /// The optimizer over the strategy's plan groups and its unfrozen base weights.
-pub fn build_optimizer(set: &AdapterSet, s: usize, config: &TrainConfig) -> anyhow::Result<AdamW> {
+pub fn build_optimizer(set: &AdapterSet, s: usize, config: &TrainConfig) -> anyhow::Result<Optimizer> {
     let active = &set.strategies()[s];
     let name = active.name();
     let mut by_group: HashMap<String, Vec<(String, Var)>> = HashMap::new();
@@ -781,7 +784,7 @@ pub fn build_optimizer(set: &AdapterSet, s: usize, config: &TrainConfig) -> anyh
         let cfg = GroupConfig::new(group_name(name, &format!("base:{}", b.layer)), b.lr).weight_decay(b.weight_decay);
         groups.push((cfg, params));
     }
-    let mut optimizer = AdamW::new(groups)?;
+    let mut optimizer = Optimizer::with_spec(&config.optimizer_spec()?, groups)?;
     optimizer.max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm);
     Ok(optimizer)
 }

@@ -1,16 +1,12 @@
-//! AdamW over candle `Var`s with parameter groups, the host's own (candle's has no groups, no
-//! clipping and no state to save).
+//! The training optimizers, over candle `Var`s with parameter groups (candle's own have no
+//! groups, no clipping and no state to save): AdamW (the default), AdamW8bit, Lion, Prodigy and
+//! Adafactor, one file each with its math, checked against its reference library by a fixture.
+//! `optimizer` and `[optimizer_args]` in the training config choose one ([`OptimizerSpec`]).
 //!
-//! The math is torch.optim.AdamW's, step for step (checked against torch by a fixture):
-//! ```text
-//! t += 1
-//! p  = p * (1 - lr * wd)                      decoupled weight decay, before the Adam update
-//! m  = m + (g - m) * (1 - b1)
-//! v  = v * b2 + g * g * (1 - b2)
-//! p  = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-//! ```
-//! `lr` is the group's learning rate times its `lr_scale` (staged strategies) times the schedule's
-//! factor. Before the update, in this order:
+//! What they share lives here. Each group has its learning rate, an `lr_scale` (staged
+//! strategies), a weight decay and optionally a per-parameter clip norm; the rate a step uses is
+//! the group's rate times its `lr_scale` times the schedule's factor. Before the update, in this
+//! order:
 //! 1. a non-finite gradient anywhere skips the whole step (nothing changes, the report names the
 //!    parameters) so the caller can count it;
 //! 2. each parameter of a group with `clip_norm` has its gradient clipped to that L2 norm on its own;
@@ -18,8 +14,18 @@
 //!
 //! Both clips use torch's `clip_grad_norm_` rule: `g *= min(1, max / (norm + 1e-6))`.
 //!
-//! The state (m, v and the step count of each parameter) is saved to safetensors keyed by the
-//! parameter name, so a resumed run continues bit-exactly.
+//! The state (each parameter's tensors and step count, plus optimizer-wide values such as
+//! Prodigy's `d`) is saved to safetensors keyed by the parameter name, tagged with the optimizer,
+//! so a resumed run continues bit-exactly.
+
+mod adafactor;
+mod adamw;
+mod adamw8bit;
+mod lion;
+mod prodigy;
+#[cfg(test)]
+mod reference_tests;
+mod spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -27,8 +33,10 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Error, Result, Tensor, Var};
 
-/// File-format tag written into the state file's metadata.
-const STATE_FORMAT: &str = "graft-adamw/1";
+pub use adafactor::AdafactorArgs;
+pub use adamw8bit::{dequantize, dynamic_map, quantize, AdamW8bitArgs};
+pub use prodigy::ProdigyArgs;
+pub use spec::{EngineArgs, GroupOverrides, OptimizerKind, OptimizerSpec};
 
 /// The hyper-parameters of one group. Defaults are torch's AdamW defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -237,29 +245,174 @@ pub struct LoadReport {
     pub unused: Vec<String>,
 }
 
-#[derive(Debug)]
-struct ParamState {
-    m: Tensor,
-    v: Tensor,
-    step: u64,
+/// One parameter's optimizer state: named tensors (moments, quantized codes, ...) and its step
+/// count. Which tensors depends on the optimizer (see each one's `slots`).
+#[derive(Debug, Clone)]
+pub(crate) struct ParamState {
+    pub step: u64,
+    pub slots: BTreeMap<&'static str, Tensor>,
 }
 
-/// AdamW with parameter groups. See the module documentation for the math.
+impl ParamState {
+    pub(crate) fn new(slots: Vec<(&'static str, Tensor)>) -> Self {
+        Self { step: 0, slots: slots.into_iter().collect() }
+    }
+
+    pub(crate) fn get(&self, slot: &str) -> Result<&Tensor> {
+        self.slots.get(slot).ok_or_else(|| Error::Msg(format!("optimizer state has no `{slot}` (internal error)")))
+    }
+
+    pub(crate) fn set(&mut self, slot: &'static str, t: Tensor) {
+        self.slots.insert(slot, t);
+    }
+}
+
+/// What one saved state tensor of a parameter must look like.
+#[derive(Debug, Clone)]
+pub(crate) struct SlotSpec {
+    pub name: &'static str,
+    /// Accepted shapes (Prodigy keeps a 0-d `p0` for an all-zero parameter).
+    pub shapes: Vec<Vec<usize>>,
+    pub dtype: DType,
+    /// Kept in host memory whatever the parameter's device (the 8-bit codes).
+    pub on_cpu: bool,
+}
+
+impl SlotSpec {
+    pub(crate) fn like(name: &'static str, var: &Var) -> Self {
+        Self { name, shapes: vec![var.dims().to_vec()], dtype: var.dtype(), on_cpu: false }
+    }
+}
+
+/// One parameter's update in a step: its (clipped) gradient, learning rate and state.
+pub(crate) struct Item<'a> {
+    pub var: &'a Var,
+    pub grad: Tensor,
+    /// The group's learning rate times its `lr_scale` times the schedule's factor.
+    pub lr: f64,
+    pub cfg: &'a GroupConfig,
+    pub state: ParamState,
+}
+
+/// The update rule and whatever it keeps besides per-parameter state.
+#[derive(Debug, Clone)]
+enum Engine {
+    AdamW,
+    AdamW8bit(adamw8bit::AdamW8bit),
+    Lion,
+    Prodigy(prodigy::Prodigy),
+    Adafactor(adafactor::Adafactor),
+}
+
+impl Engine {
+    fn new(args: &EngineArgs) -> Self {
+        match args {
+            EngineArgs::AdamW => Engine::AdamW,
+            EngineArgs::AdamW8bit(a) => Engine::AdamW8bit(adamw8bit::AdamW8bit::new(a.clone())),
+            EngineArgs::Lion => Engine::Lion,
+            EngineArgs::Prodigy(a) => Engine::Prodigy(prodigy::Prodigy::new(a.clone())),
+            EngineArgs::Adafactor(a) => Engine::Adafactor(adafactor::Adafactor::new(a.clone())),
+        }
+    }
+
+    fn kind(&self) -> OptimizerKind {
+        match self {
+            Engine::AdamW => OptimizerKind::AdamW,
+            Engine::AdamW8bit(_) => OptimizerKind::AdamW8bit,
+            Engine::Lion => OptimizerKind::Lion,
+            Engine::Prodigy(_) => OptimizerKind::Prodigy,
+            Engine::Adafactor(_) => OptimizerKind::Adafactor,
+        }
+    }
+
+    fn init(&self, var: &Var) -> Result<ParamState> {
+        match self {
+            Engine::AdamW => adamw::init(var),
+            Engine::AdamW8bit(e) => e.init(var),
+            Engine::Lion => lion::init(var),
+            Engine::Prodigy(e) => e.init(var),
+            Engine::Adafactor(e) => e.init(var),
+        }
+    }
+
+    fn slots(&self, var: &Var) -> Vec<SlotSpec> {
+        match self {
+            Engine::AdamW => adamw::slots(var),
+            Engine::AdamW8bit(e) => e.slots(var),
+            Engine::Lion => lion::slots(var),
+            Engine::Prodigy(e) => e.slots(var),
+            Engine::Adafactor(e) => e.slots(var),
+        }
+    }
+
+    fn step(&mut self, items: &mut [Item<'_>]) -> Result<()> {
+        match self {
+            Engine::AdamW => items.iter_mut().try_for_each(adamw::update),
+            Engine::AdamW8bit(e) => items.iter_mut().try_for_each(|it| e.update(it)),
+            Engine::Lion => items.iter_mut().try_for_each(lion::update),
+            Engine::Prodigy(e) => e.step(items),
+            Engine::Adafactor(e) => items.iter_mut().try_for_each(|it| e.update(it)),
+        }
+    }
+
+    /// Optimizer-wide values saved with the state (Prodigy's step-size estimate).
+    fn globals(&self) -> Vec<(&'static str, f64)> {
+        match self {
+            Engine::Prodigy(e) => e.globals(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn set_globals(&mut self, values: &HashMap<&str, f64>) -> Result<()> {
+        match self {
+            Engine::Prodigy(e) => e.set_globals(values),
+            _ => Ok(()),
+        }
+    }
+
+    fn reset_globals(&mut self) {
+        if let Engine::Prodigy(e) = self {
+            *e = prodigy::Prodigy::new(e.args.clone());
+        }
+    }
+}
+
+/// Key prefix of optimizer-wide values in the state file (never a parameter name: those hold
+/// no `@`).
+const GLOBAL_PREFIX: &str = "@optimizer.";
+
+/// An optimizer with parameter groups: AdamW, AdamW8bit, Lion, Prodigy or Adafactor (see
+/// [`OptimizerSpec`]). The module documentation tells what all of them share.
 #[derive(Debug)]
-pub struct AdamW {
+pub struct Optimizer {
     groups: Vec<ParamGroup>,
     state: HashMap<String, ParamState>,
+    engine: Engine,
     /// Clip all gradients together to this global L2 norm.
     pub max_grad_norm: Option<f64>,
 }
 
-impl AdamW {
+/// The plain AdamW optimizer keeps its historical name.
+pub type AdamW = Optimizer;
+
+impl Optimizer {
+    /// AdamW (torch's defaults) over the given groups.
     pub fn new(groups: Vec<(GroupConfig, Vec<(String, Var)>)>) -> Result<Self> {
-        let mut opt = Self { groups: Vec::new(), state: HashMap::new(), max_grad_norm: None };
+        Self::with_spec(&OptimizerSpec::default(), groups)
+    }
+
+    /// The optimizer `spec` names over the given groups; its `[optimizer_args]` replace each
+    /// group's weight decay, betas and eps where they are given.
+    pub fn with_spec(spec: &OptimizerSpec, groups: Vec<(GroupConfig, Vec<(String, Var)>)>) -> Result<Self> {
+        let mut opt = Self { groups: Vec::new(), state: HashMap::new(), engine: Engine::new(&spec.engine), max_grad_norm: None };
         for (config, params) in groups {
-            opt.add_group(config, params)?;
+            opt.add_group(spec.apply(config), params)?;
         }
         Ok(opt)
+    }
+
+    pub fn kind(&self) -> OptimizerKind {
+        self.engine.kind()
     }
 
     /// Adds a group. Group and parameter names must be unique across the optimizer.
@@ -312,6 +465,21 @@ impl AdamW {
         self.state.get(name).map_or(0, |s| s.step)
     }
 
+    /// Prodigy's current step-size estimate `d` (the learning rates multiply it); None for the others.
+    pub fn prodigy_d(&self) -> Option<f64> {
+        match &self.engine {
+            Engine::Prodigy(p) => Some(p.d),
+            _ => None,
+        }
+    }
+
+    /// Bytes of optimizer state held now (all parameters with a state).
+    pub fn state_bytes(&self) -> usize {
+        let per_param: usize =
+            self.state.values().flat_map(|s| s.slots.values()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+        per_param + self.engine.globals().len() * 8
+    }
+
     /// The gradients of this optimizer's parameters found in a candle `GradStore`.
     pub fn gradients(&self, store: &GradStore) -> Gradients {
         let mut grads = Gradients::new();
@@ -360,7 +528,7 @@ impl AdamW {
         Ok(GradCheck { nonfinite, global_norm })
     }
 
-    /// One AdamW update with the given gradients. `lr_factor` is the schedule's factor for this
+    /// One update with the given gradients. `lr_factor` is the schedule's factor for this
     /// step. Parameters without a gradient are left alone (their step count does not move).
     pub fn step(&mut self, grads: &Gradients, lr_factor: f64) -> Result<StepReport> {
         let known: HashSet<&str> = self.param_names().collect();
@@ -414,30 +582,41 @@ impl AdamW {
         }
 
         let updated = clipped.len();
-        for (gi, pi, g) in clipped {
+        let mut items = Vec::with_capacity(updated);
+        let mut names = Vec::with_capacity(updated);
+        for (gi, pi, grad) in clipped {
             let group = &self.groups[gi];
             let (name, var) = &group.params[pi];
             let cfg = &group.config;
-            let lr = cfg.lr * cfg.lr_scale * lr_factor;
-            let st = match self.state.remove(name) {
+            let state = match self.state.remove(name) {
                 Some(st) => st,
-                None => ParamState { m: var.zeros_like()?, v: var.zeros_like()?, step: 0 },
+                None => self.engine.init(var)?,
             };
-            let st = adamw_update(var, &g, st, lr, cfg)?;
-            self.state.insert(name.clone(), st);
+            names.push(name.clone());
+            items.push(Item { var, grad, lr: cfg.lr * cfg.lr_scale * lr_factor, cfg, state });
+        }
+        self.engine.step(&mut items)?;
+        for (name, item) in names.into_iter().zip(items) {
+            self.state.insert(name, item.state);
         }
         Ok(StepReport { skipped: false, nonfinite: Vec::new(), grad_norm: check.global_norm, clipped_norm, updated })
     }
 
-    /// The state as named tensors: `<param>.exp_avg`, `<param>.exp_avg_sq`, `<param>.step` (i64, 0-d).
+    /// The state as named tensors: `<param>.<slot>` (the optimizer's moments, e.g. `exp_avg`,
+    /// `exp_avg_sq`), `<param>.step` (i64, 0-d) and optimizer-wide values as
+    /// `@optimizer.<name>` (f64, 0-d).
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for name in self.param_names() {
             if let Some(st) = self.state.get(name) {
-                out.insert(format!("{name}.exp_avg"), st.m.to_device(&Device::Cpu)?);
-                out.insert(format!("{name}.exp_avg_sq"), st.v.to_device(&Device::Cpu)?);
+                for (slot, t) in &st.slots {
+                    out.insert(format!("{name}.{slot}"), t.to_device(&Device::Cpu)?);
+                }
                 out.insert(format!("{name}.step"), Tensor::new(st.step as i64, &Device::Cpu)?);
             }
+        }
+        for (k, v) in self.engine.globals() {
+            out.insert(format!("{GLOBAL_PREFIX}{k}"), Tensor::new(v, &Device::Cpu)?);
         }
         Ok(out)
     }
@@ -449,36 +628,71 @@ impl AdamW {
         let mut new_state = HashMap::new();
         for group in &self.groups {
             for (name, var) in &group.params {
-                let keys = [format!("{name}.exp_avg"), format!("{name}.exp_avg_sq"), format!("{name}.step")];
+                let specs = self.engine.slots(var);
+                let mut keys: Vec<String> = specs.iter().map(|s| format!("{name}.{}", s.name)).collect();
+                keys.push(format!("{name}.step"));
                 let found: Vec<Option<&Tensor>> = keys.iter().map(|k| tensors.get(k)).collect();
                 if found.iter().all(|t| t.is_none()) {
                     report.fresh.push(name.clone());
                     continue;
                 }
-                let (Some(m), Some(v), Some(step)) = (found[0], found[1], found[2]) else {
+                if found.iter().any(|t| t.is_none()) {
                     return Err(Error::Msg(format!(
-                        "optimizer state of '{name}' is incomplete (needs {}): the file is damaged, resume from another checkpoint",
+                        "{} state of '{name}' is incomplete (needs {}): the file is damaged or written by another optimizer, resume from another checkpoint",
+                        self.kind().name(),
                         keys.join(", ")
                     )));
-                };
-                for (k, t) in [(&keys[0], m), (&keys[1], v)] {
-                    if t.dims() != var.dims() {
+                }
+                let mut slots = BTreeMap::new();
+                for ((spec, key), t) in specs.iter().zip(&keys).zip(&found) {
+                    let t = t.expect("checked above");
+                    if !spec.shapes.iter().any(|s| s.as_slice() == t.dims()) {
                         return Err(Error::Msg(format!(
-                            "optimizer state '{k}' has shape {:?} but the parameter has {:?}: the checkpoint belongs to another configuration",
+                            "optimizer state '{key}' has shape {:?} but the parameter needs {:?}: the checkpoint belongs to another configuration",
                             t.dims(),
-                            var.dims()
+                            spec.shapes[0]
                         )));
                     }
+                    let device = if spec.on_cpu { Device::Cpu } else { var.device().clone() };
+                    slots.insert(spec.name, t.to_dtype(spec.dtype)?.to_device(&device)?);
                 }
+                let step_key = keys.last().expect("pushed above");
+                let step = found.last().expect("pushed above").expect("checked above");
                 let step = step.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
                 let step = match step.as_slice() {
                     [s] if *s >= 0 => *s as u64,
-                    _ => return Err(Error::Msg(format!("optimizer state '{}' is not one step count >= 0", keys[2]))),
+                    _ => return Err(Error::Msg(format!("optimizer state '{step_key}' is not one step count >= 0"))),
                 };
-                let to_param = |t: &Tensor| -> Result<Tensor> { t.to_dtype(var.dtype())?.to_device(var.device()) };
-                new_state.insert(name.clone(), ParamState { m: to_param(m)?, v: to_param(v)?, step });
+                new_state.insert(name.clone(), ParamState { step, slots });
                 used.extend(keys);
             }
+        }
+        // Optimizer-wide values: all of them, or none for a fresh start.
+        let wanted: Vec<&'static str> = self.engine.globals().into_iter().map(|(k, _)| k).collect();
+        let mut values = HashMap::new();
+        for k in &wanted {
+            let key = format!("{GLOBAL_PREFIX}{k}");
+            if let Some(t) = tensors.get(&key) {
+                let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                let [v] = v.as_slice() else {
+                    return Err(Error::Msg(format!("optimizer state '{key}' is not one number")));
+                };
+                values.insert(*k, *v);
+                used.insert(key);
+            }
+        }
+        if values.is_empty() && new_state.is_empty() {
+            self.engine.reset_globals();
+        } else if values.len() != wanted.len() {
+            let missing: Vec<String> =
+                wanted.iter().filter(|k| !values.contains_key(*k)).map(|k| format!("{GLOBAL_PREFIX}{k}")).collect();
+            return Err(Error::Msg(format!(
+                "{} state lacks {}: the file was written by another optimizer or is damaged",
+                self.kind().name(),
+                missing.join(", ")
+            )));
+        } else {
+            self.engine.set_globals(&values)?;
         }
         let mut unused: BTreeMap<String, ()> = BTreeMap::new();
         for k in tensors.keys().filter(|k| !used.contains(*k)) {
@@ -493,11 +707,11 @@ impl AdamW {
     /// Writes the state to a safetensors file (written to a temporary file, then renamed).
     pub fn save(&self, path: &Path) -> Result<()> {
         let tensors = self.state_tensors()?;
-        let metadata = HashMap::from([("format".to_string(), STATE_FORMAT.to_string())]);
+        let metadata = HashMap::from([("format".to_string(), self.kind().state_format().to_string())]);
         write_safetensors_atomic(path, &tensors, metadata)
     }
 
-    /// Reads a state file written by `save`.
+    /// Reads a state file written by `save` with the same optimizer.
     pub fn load(&mut self, path: &Path) -> Result<LoadReport> {
         let bytes = std::fs::read(path)
             .map_err(|e| Error::Msg(format!("cannot read optimizer state {}: {e}", path.display())))?;
@@ -505,12 +719,23 @@ impl AdamW {
             Error::Msg(format!("optimizer state {} is not a safetensors file ({e}): use the checkpoint's optimizer.safetensors", path.display()))
         })?;
         let format = meta.metadata().as_ref().and_then(|m| m.get("format")).cloned();
-        if format.as_deref() != Some(STATE_FORMAT) {
-            return Err(Error::Msg(format!(
-                "{} is not a graft optimizer state (format {:?}, expected '{STATE_FORMAT}')",
-                path.display(),
-                format
-            )));
+        let expected = self.kind().state_format();
+        if format.as_deref() != Some(expected) {
+            let writer = OptimizerKind::ALL.iter().find(|k| Some(k.state_format()) == format.as_deref());
+            return Err(match writer {
+                Some(k) => Error::Msg(format!(
+                    "{} holds {} state but the run uses {}: resume with `optimizer = \"{}\"` or start a new output_dir",
+                    path.display(),
+                    k.name(),
+                    self.kind().name(),
+                    k.name()
+                )),
+                None => Error::Msg(format!(
+                    "{} is not a graft optimizer state (format {:?}, expected '{expected}')",
+                    path.display(),
+                    format
+                )),
+            });
         }
         let device = self.groups.iter().flat_map(|g| g.params.first()).map(|(_, v)| v.device().clone()).next();
         let tensors = candle_core::safetensors::load_buffer(&bytes, &device.unwrap_or(Device::Cpu))?;
@@ -521,26 +746,6 @@ impl AdamW {
 /// torch's `clip_grad_norm_` coefficient, at most 1.
 fn clip_coef(max_norm: f64, norm: f64) -> f64 {
     (max_norm / (norm + 1e-6)).min(1.0)
-}
-
-/// One torch AdamW update of one parameter.
-fn adamw_update(var: &Var, g: &Tensor, st: ParamState, lr: f64, cfg: &GroupConfig) -> Result<ParamState> {
-    let (b1, b2) = cfg.betas;
-    let step = st.step + 1;
-    let mut p = var.as_tensor().detach();
-    if cfg.weight_decay != 0.0 {
-        p = p.affine(1.0 - lr * cfg.weight_decay, 0.0)?;
-    }
-    // m.lerp_(g, 1 - b1) as torch writes it.
-    let m = st.m.add(&g.sub(&st.m)?.affine(1.0 - b1, 0.0)?)?.detach();
-    let v = st.v.affine(b2, 0.0)?.add(&g.sqr()?.affine(1.0 - b2, 0.0)?)?.detach();
-    let bias1 = 1.0 - b1.powi(step as i32);
-    let bias2_sqrt = (1.0 - b2.powi(step as i32)).sqrt();
-    let step_size = lr / bias1;
-    let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, cfg.eps)?;
-    let p = p.sub(&m.div(&denom)?.affine(step_size, 0.0)?)?;
-    var.set(&p)?;
-    Ok(ParamState { m, v, step })
 }
 
 /// Writes named tensors with header metadata to `path` through a temporary file and a rename, so
