@@ -127,6 +127,10 @@ pub enum AdapterWeights {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ModuleKind {
     Lora,
+    /// LoRA factors of a k x k convolution (kohya's LoCon).
+    LoCon,
+    /// LyCORIS' Tucker LoCon (`lora_mid`).
+    LoConTucker,
     LoHa,
     LoKr,
     Full,
@@ -137,6 +141,8 @@ impl ModuleKind {
     pub fn name(self) -> &'static str {
         match self {
             ModuleKind::Lora => "lora",
+            ModuleKind::LoCon => "locon",
+            ModuleKind::LoConTucker => "locon-tucker",
             ModuleKind::LoHa => "loha",
             ModuleKind::LoKr => "lokr",
             ModuleKind::Full => "full",
@@ -203,6 +209,8 @@ impl ModuleWeights {
 
     pub fn kind(&self) -> ModuleKind {
         match &self.weights {
+            AdapterWeights::Lora { mid: Some(_), .. } => ModuleKind::LoConTucker,
+            AdapterWeights::Lora { down, .. } if down.rank() == 4 => ModuleKind::LoCon,
             AdapterWeights::Lora { .. } => ModuleKind::Lora,
             AdapterWeights::LoHa { .. } => ModuleKind::LoHa,
             AdapterWeights::LoKr { .. } => ModuleKind::LoKr,
