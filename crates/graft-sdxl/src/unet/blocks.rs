@@ -1,7 +1,7 @@
 //! The UNet's down, mid and up blocks (diffusers' `DownBlock2D` / `CrossAttnDownBlock2D`,
 //! `UNetMidBlock2DCrossAttn`, `UpBlock2D` / `CrossAttnUpBlock2D`) and their resamplers.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::{run1, Runner};

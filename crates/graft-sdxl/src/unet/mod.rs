@@ -460,6 +460,20 @@ mod tests {
     }
 
     #[test]
+    fn conv_projections_are_conv_hook_points_only_without_linear_projection() {
+        let mut c = small_config();
+        c.use_linear_projection = false;
+        let unet = UNet::new(zeros_vb(), &c).unwrap();
+        let reg = unet.registry();
+        let p = &reg.layers()[reg.index_of("unet.down_blocks.1.attentions.0.proj_in").unwrap()];
+        assert_eq!((p.kind, p.in_features, p.out_features), (LayerKind::Conv, 16, 16));
+        assert_eq!(p.conv, Some(crate::hooks::ConvInfo { kernel: (1, 1), stride: 1, padding: 0 }));
+        let linear = UNet::new(zeros_vb(), &small_config()).unwrap();
+        let l = &linear.registry().layers()[linear.registry().index_of("unet.down_blocks.1.attentions.0.proj_in").unwrap()];
+        assert_eq!(l.kind, LayerKind::Linear);
+    }
+
+    #[test]
     fn nearest_indices_match_torch() {
         // torch.nn.functional.interpolate(x, size=..., mode="nearest") on an arange input.
         let dev = Device::Cpu;
