@@ -439,8 +439,8 @@ impl FileAdapters {
         let stride = slot.info.conv.map_or(1, |g| g.stride);
         let mut out = out;
         if let Some(d) = &k.delta {
-            let y = input.to_dtype(DType::F32)?.conv2d(d, padding, stride, 1, 1)?;
-            out = (out + y.to_dtype(out.dtype())?)?;
+            let y = input.to_dtype(DType::F32)?.conv2d(d, padding, stride, 1, 1)?.to_dtype(out.dtype())?;
+            out = (out + y)?;
         }
         if let Some(b) = &k.bias {
             out = out.broadcast_add(&b.to_dtype(out.dtype())?.reshape((1, (), 1, 1))?)?;
