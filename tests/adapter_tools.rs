@@ -388,3 +388,66 @@ fn graft_native_lora_files_round_trip_through_the_plugin() {
     let e = graft_err(&["convert", s(&native), "--to", "kohya", "--out", s(&back), CFG, s(&tiny), "--no-default-plugins"]);
     assert!(e.contains("strategy plugin `lora`"), "{e}");
 }
+
+#[test]
+fn locon_and_tucker_files_inspect_convert_and_fail_clearly_on_bad_shapes() {
+    let dir = scratch("tools_locon");
+    let tiny = tiny_model();
+    let arch = ArchArgs { model_config: Some(tiny.clone()) };
+    let r = inspect(&InspectArgs { file: lora("lycoris_locon.safetensors"), layers: true, json: true, full: false, arch }).unwrap();
+    assert_eq!(r["format"], "lycoris");
+    assert_eq!(r["layers"], 6);
+    // The 1x1 shortcut's factors are a plain LoRA of its [out, in] matrix.
+    assert_eq!(r["kinds"], serde_json::json!({"locon": 3, "locon-tucker": 2, "lora": 1}));
+    assert_eq!(r["unmatched_keys"], serde_json::json!([]));
+    let list = r["layer_list"].as_array().unwrap();
+    let l = list.iter().find(|l| l["layer"] == "unet.down_blocks.1.resnets.0.conv1").unwrap();
+    assert_eq!((l["kind"].as_str(), l["weight_shape"].clone()), (Some("locon"), serde_json::json!([48, 32, 3, 3])));
+
+    // LyCORIS -> LyCORIS keeps every kernel difference; kohya takes the LoCon entries but not
+    // Tucker; PEFT takes none.
+    let src = read(&lora("lycoris_locon.safetensors"));
+    let want = deltas(&src, 1.0);
+    let out = dir.join("l.safetensors");
+    graft(&["convert", s(&lora("lycoris_locon.safetensors")), "--to", "lycoris", "--out", s(&out), CFG, s(&tiny)]).unwrap();
+    let again = read(&out);
+    assert_same_deltas(&want, &deltas(&again, 1.0), 1e-6, "locon -> lycoris");
+    let raw = graft_formats::read::read_file(&out).unwrap();
+    let config = graft_sdxl::SdxlConfig::from_diffusers_folder(&tiny).unwrap();
+    let layout = graft_host::tools::key_map(&config).unwrap().1;
+    let key = |layer: &str, t: &str| format!("{}.{t}", graft_formats::to_kohya(layer, &layout).unwrap());
+    // SGM names, as kohya writes SDXL files: the shortcut is `input_blocks_4_0_skip_connection`.
+    let sc = key("unet.down_blocks.1.resnets.0.conv_shortcut", "lora_down.weight");
+    assert_eq!(sc, "lora_unet_input_blocks_4_0_skip_connection.lora_down.weight");
+    assert_eq!(raw.tensors[&sc].dims(), [3, 32, 1, 1], "1x1 factors as kernels");
+    assert_eq!(raw.tensors[&key("unet.mid_block.resnets.0.conv2", "lora_mid.weight")].dims(), [3, 3, 3, 3]);
+    assert_eq!(raw.tensors[&key("unet.mid_block.resnets.0.conv2", "lora_up.weight")].dims(), [56, 3, 1, 1]);
+    assert_eq!(raw.tensors[&key("unet.down_blocks.1.resnets.0.conv1", "lora_down.weight")].dims(), [4, 32, 3, 3]);
+    let e = graft_err(&["convert", s(&lora("lycoris_locon.safetensors")), "--to", "kohya", "--out", s(&dir.join("k.safetensors")), CFG, s(&tiny)]);
+    assert!(e.contains("mid_block.resnets.0.conv2") && e.contains("Tucker"), "{e}");
+    let e = graft_err(&["convert", s(&lora("lycoris_locon.safetensors")), "--to", "peft", "--out", s(&dir.join("p.safetensors")), CFG, s(&tiny)]);
+    assert!(e.contains("conv"), "{e}");
+
+    // Malformed: a mid of the wrong rank, a 3x3 kernel on a 1x1 conv, a kernel on a linear.
+    let bad = |name: &str, put: Vec<(&str, Tensor)>| -> String {
+        let mut tensors: std::collections::HashMap<String, Tensor> = candle_core::safetensors::load(lora("lycoris_locon.safetensors"), &Device::Cpu).unwrap();
+        for (key, t) in put {
+            tensors.insert(key.to_string(), t);
+        }
+        let path = dir.join(name);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let e = read_adapter(&path, &keys()).err().expect("an error").to_string();
+        assert!(e.contains(name), "{e}");
+        e
+    };
+    let z = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let e = bad("mid.safetensors", vec![("lora_unet_mid_block_resnets_0_conv2.lora_mid.weight", z(&[2, 3, 3, 3]))]);
+    assert!(e.contains("lora_mid") && e.contains("[2, 3, 3, 3]"), "{e}");
+    let e = bad("kernel.safetensors", vec![("lora_unet_down_blocks_1_resnets_0_conv_shortcut.lora_down.weight", z(&[3, 32, 3, 3]))]);
+    assert!(e.contains("conv_shortcut") && e.contains("kernel is 3x3") && e.contains("1x1"), "{e}");
+    let e = bad(
+        "linear.safetensors",
+        vec![("lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight", z(&[4, 48, 3, 3])), ("lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight", z(&[48, 4, 1, 1]))],
+    );
+    assert!(e.contains("proj_in") && e.contains("linear"), "{e}");
+}

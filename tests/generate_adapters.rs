@@ -440,3 +440,75 @@ fn graft_native_file_goes_through_its_strategy() {
     let e = graft_err(&args(&dir.join("x.png"), &[path.display().to_string()]).iter().map(|s| s.as_str()).filter(|s| *s != "--plugins" && *s != plugins.to_str().unwrap()).collect::<Vec<_>>());
     assert!(e.contains("attention-gate"), "{e}");
 }
+
+/// The registry weight (linear or conv kernel) of hook point `name`, in f32.
+fn hook_weight(model: &SdxlModel, name: &str) -> Tensor {
+    for reg in model.registries() {
+        if let Some(i) = reg.index_of(name) {
+            return reg.linear_weights(i).unwrap().read().unwrap().weight_f32().unwrap();
+        }
+    }
+    panic!("no hook point {name}")
+}
+
+#[test]
+fn locon_and_tucker_files_apply_as_lycoris_computes() {
+    // LoCon (3x3, 1x1, stride-2) and Tucker LoCon entries made by the LyCORIS library: the fused
+    // kernel minus the loaded kernel is LyCORIS' weight difference, the unfused extra convolution
+    // gives the fused model's output, and unfuse restores the kernels bit for bit.
+    let model = model();
+    let mut files = FileAdapters::new(&model).unwrap();
+    let a = files.load(&lora("lycoris_locon.safetensors"), "locon", 1.0, 1.0).unwrap();
+    let want = load(&lora("lycoris_locon_expected.safetensors"));
+    let ad = &files.adapters()[a];
+    assert_eq!(ad.report.format, graft_formats::AdapterFormat::Lycoris, "lora_mid makes it a LyCORIS file");
+    assert!(ad.report.unmatched_keys.is_empty() && ad.report.warnings.is_empty(), "{}", ad.report.summary());
+    assert_eq!(ad.file.modules.len(), want.len());
+
+    let base = unet_out(&model, PipelineHooks::none());
+    let unfused = unet_out(&model, files.hooks(PipelineHooks::none()).pipeline());
+    assert!(max_diff(&base, &unfused) > 1e-3, "the LoCon changes the UNet output");
+    let before = base_weights(&model);
+    let kernels: BTreeMap<String, Tensor> = want.keys().map(|k| (k.clone(), hook_weight(&model, k))).collect();
+    assert_eq!(files.fuse().unwrap(), want.len());
+    for (layer, w) in &want {
+        let d = (hook_weight(&model, layer) - &kernels[layer]).unwrap();
+        let err = max_diff(&d, w);
+        println!("{layer}: max |graft - LyCORIS| {err:.2e}");
+        assert!(err <= 1e-5 * max_abs(w).max(1.0), "{layer}: {err}");
+    }
+    let fused = unet_out(&model, PipelineHooks::none());
+    let d = max_diff(&fused, &unfused);
+    assert!(d <= 1e-4 * max_abs(&fused).max(1.0), "fused vs unfused conv adapters: {d}");
+    files.unfuse();
+    assert!(before == base_weights(&model), "unfuse restores every kernel bit for bit");
+    assert_eq!(max_diff(&unet_out(&model, PipelineHooks::none()), &base), 0.0);
+
+    // At weight 0.5 the difference halves (unfused).
+    files.set_weights(a, 1.0, 0.5).unwrap();
+    let half = unet_out(&model, files.hooks(PipelineHooks::none()).pipeline());
+    assert!(max_diff(&half, &base) > 0.0 && max_diff(&half, &unfused) > 0.0);
+}
+
+#[test]
+fn generate_with_a_locon_file_changes_the_image() {
+    let dir = scratch("generate_locon");
+    let model = tiny_model();
+    let m = model.to_str().unwrap();
+    let locon = lora("lycoris_locon.safetensors");
+    let common = ["--model", m, "--width", "64", "--height", "48", "--steps", "2", "--seed", "5", "--prompt", "a red fox"];
+    let run = |name: &str, extra: &[&str]| -> PathBuf {
+        let out = dir.join(name);
+        let mut args = vec!["generate", "--out", out.to_str().unwrap()];
+        args.extend(common);
+        args.extend(extra);
+        graft(&args).unwrap();
+        out
+    };
+    let base = run("base.png", &[]);
+    let with = run("locon.png", &["--adapter", &format!("{}:1", locon.display())]);
+    let fused = run("fused.png", &["--adapter", &format!("{}:1", locon.display()), "--fuse"]);
+    assert_ne!(png(&base), png(&with), "the LoCon changes the image");
+    let d = max_pixel_diff(&png(&with), &png(&fused));
+    assert!(d <= 2, "fused and unfused LoCon differ by {d} levels");
+}

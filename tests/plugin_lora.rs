@@ -337,3 +337,258 @@ fn manifest_and_config_errors() {
     let e = strategy(&m, r#"{"targets": ["unet.*.to_kk"]}"#).plan(&layers).unwrap_err().to_string();
     assert!(e.contains("failed in plan") && e.contains("`unet.*.to_kk` matches no linear hook point"), "{e}");
 }
+
+// ------------------------------------------------------------------------------------------------
+// Conv adapters (LoCon, Tucker)
+
+/// The conv hook points of a layer list.
+fn convs(layers: &[graft_abi::LayerInfo]) -> Vec<&graft_abi::LayerInfo> {
+    layers.iter().filter(|l| l.is_conv()).collect()
+}
+
+fn kernel(l: &graft_abi::LayerInfo) -> (usize, usize) {
+    let g = l.conv().expect("conv geometry");
+    (g.kernel[0] as usize, g.kernel[1] as usize)
+}
+
+/// `Σ_ab up[o, a] mid[a, b, h, w] down[b, i]` one kernel position at a time.
+fn tucker_by_position(up: &Tensor, mid: &Tensor, down: &Tensor) -> Tensor {
+    let (_, _, kh, kw) = mid.dims4().unwrap();
+    let mut cols = Vec::new();
+    for h in 0..kh {
+        for w in 0..kw {
+            let core = mid.narrow(2, h, 1).unwrap().narrow(3, w, 1).unwrap().squeeze(3).unwrap().squeeze(2).unwrap();
+            cols.push(up.matmul(&core).unwrap().matmul(down).unwrap()); // [out, in]
+        }
+    }
+    let (out, inp) = cols[0].dims2().unwrap();
+    Tensor::stack(&cols, 2).unwrap().reshape((out, inp, kh, kw)).unwrap()
+}
+
+#[test]
+fn conv_adapters_plan_delta_and_export() -> candle_core::Result<()> {
+    let m = lora_manager("plugin-lora-conv");
+    let tiny = tiny_layers();
+    let conv_layers = convs(&tiny);
+    // The tiny UNet: 3 down blocks x 2 resnets + 2 downsamplers, mid 2 resnets, 3 up blocks x 3
+    // resnets + 2 upsamplers; conv1 and conv2 each, shortcuts where the widths change.
+    assert_eq!(conv_layers.iter().filter(|l| l.name().ends_with(".conv1")).count(), 6 + 2 + 9);
+    assert_eq!(conv_layers.iter().filter(|l| l.name().ends_with("samplers.0.conv")).count(), 4);
+    assert!(conv_layers.iter().all(|l| l.name().starts_with("unet.")));
+
+    // conv_rank 0 (the default): no conv adapter; conv_rank > 0: every conv hook point.
+    assert!(strategy(&m, "{}").plan(&tiny).unwrap().attachments.iter().all(|a| !a.layer.contains("resnets")));
+    let mut s = strategy(&m, r#"{"targets": [], "conv_rank": 4, "conv_alpha": 2, "multiplier": 0.5}"#);
+    let plan = s.plan(&tiny).expect("plan");
+    assert_eq!(plan.attachments.len(), conv_layers.len());
+    for a in plan.attachments.iter() {
+        let l = layers_find(&tiny, &a.layer);
+        let (kh, kw) = kernel(l);
+        assert_eq!(a.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["down", "up"]);
+        assert_eq!(a.params[0].shape.as_slice(), &[4, l.in_features * (kh * kw) as u64], "{}", a.layer);
+        assert_eq!(a.params[1].shape.as_slice(), &[l.out_features, 4]);
+        assert_eq!(a.params[0].init, graft_abi::Init::kaiming_uniform(5f64.sqrt()));
+        assert_eq!(a.params[1].init, graft_abi::Init::zeros());
+    }
+    // Tucker: a [r, r*kh*kw] core on the 3x3 convs only, beside the linear LoRA.
+    let mut t = strategy(&m, r#"{"conv_rank": 2, "conv_alpha": 0, "use_tucker": true}"#);
+    let tplan = t.plan(&tiny).expect("plan");
+    assert_eq!(tplan.attachments.len(), 17 * 2 * 4 + conv_layers.len());
+    let conv1 = tplan.attachments.iter().find(|a| a.layer.as_str() == "unet.down_blocks.1.resnets.0.conv1").unwrap();
+    assert_eq!(conv1.params.iter().map(|p| (p.name.as_str(), p.shape.to_vec())).collect::<Vec<_>>(), [("down", vec![2, 32]), ("mid", vec![2, 18]), ("up", vec![48, 2])]);
+    let sc = tplan.attachments.iter().find(|a| a.layer.as_str() == "unet.down_blocks.1.resnets.0.conv_shortcut").unwrap();
+    assert_eq!(sc.params.len(), 2, "1x1: no Tucker core");
+
+    // delta_weight and export on random parameters, against the math written here.
+    let mut rng = GraftRng::new(4);
+    let dev = Device::Cpu;
+    for (s, plan, scale, alpha) in [(&s, &plan, 0.5 * 2.0 / 4.0, 2.0), (&t, &tplan, 1.0, 2.0)] {
+        let store = ParamStore::new(&dev, DType::F32, 3);
+        store.apply_plan(s.name(), plan)?;
+        for (key, p) in store.params(Some(s.name())) {
+            store.set(&key, &rng.randn(p.dims(), &dev)?)?;
+        }
+        for name in ["unet.down_blocks.1.resnets.0.conv1", "unet.down_blocks.1.resnets.0.conv_shortcut", "unet.down_blocks.0.downsamplers.0.conv"] {
+            let l = layers_find(&tiny, name);
+            let (kh, kw) = kernel(l);
+            let (inf, outf) = (l.in_features as usize, l.out_features as usize);
+            let get = |p: &str| store.get(&ParamKey::new(s.name(), name, p)).unwrap().var.as_tensor().clone();
+            let (down, up) = (get("down"), get("up"));
+            let r = up.dim(1)?;
+            let tucker = store.get(&ParamKey::new(s.name(), name, "mid")).is_some();
+            let want = if tucker {
+                let mid = get("mid").reshape((r, r, kh, kw))?;
+                (tucker_by_position(&up, &mid, &down) * scale)?
+            } else {
+                (up.matmul(&down)?.reshape((outf, inf, kh, kw))? * scale)?
+            };
+            let w = rng.randn((outf, inf, kh, kw), &dev)?;
+            let mut rng2 = GraftRng::new(1);
+            let mut cx = CallContext { store: &store, rng: &mut rng2, training: false, step: 0 };
+            let dw = s.delta_weight(&mut cx, l, Some(&w.clone().into())).expect("delta_weight").expect("a conv delta");
+            assert_eq!(dw.dims(), [outf, inf, kh, kw]);
+            assert!(max_diff(&dw, &want) < 1e-5, "{name}: {}", max_diff(&dw, &want));
+
+            // kohya / LyCORIS LoCon shapes, the multiplier in up, alpha = conv_alpha (0: r).
+            let ex = s.export(&mut cx, l, Some(&w.into())).expect("export").expect("exported");
+            assert_eq!((ex.family.as_str(), ex.alpha), ("lora", Some(alpha)));
+            let shape = |n: &str| ex.tensors.iter().find(|(k, _)| k == n).map(|(_, t)| t.dims().to_vec());
+            assert_eq!(shape("up"), Some(vec![outf, r, 1, 1]));
+            if tucker {
+                assert_eq!((shape("down"), shape("mid")), (Some(vec![r, inf, 1, 1]), Some(vec![r, r, kh, kw])));
+            } else {
+                assert_eq!((shape("down"), shape("mid")), (Some(vec![r, inf, kh, kw]), None));
+            }
+        }
+    }
+
+    // Config errors are named.
+    let e = StrategyInstance::new(m.require("lora").unwrap(), None, r#"{"use_tucker": true}"#).err().unwrap().to_string();
+    assert!(e.contains("`use_tucker`") && e.contains("conv_rank"), "{e}");
+    let e = strategy(&m, r#"{"conv_rank": 2, "conv_targets": ["unet.*.convv"]}"#).plan(&tiny).unwrap_err().to_string();
+    assert!(e.contains("`unet.*.convv` matches no conv hook point"), "{e}");
+    Ok(())
+}
+
+fn layers_find<'a>(layers: &'a [graft_abi::LayerInfo], name: &str) -> &'a graft_abi::LayerInfo {
+    layers.iter().find(|l| l.name() == name).unwrap_or_else(|| panic!("no layer {name}"))
+}
+
+/// A training config on the tiny model with the shapes dataset.
+fn train_config(dir: &std::path::Path, steps: u64, strategy: &str) -> std::path::PathBuf {
+    graft_tests::write_shapes_dataset(&dir.join("data"), 4, 64);
+    let config = format!(
+        "model = {:?}\noutput_dir = \"out\"\noutput_name = \"locon\"\nseed = 3\nsteps = {steps}\n\
+         lr_schedule = \"constant\"\n\n[dataset]\ndir = \"data\"\nresolution = 64\n\n[strategy]\n{strategy}\n",
+        graft_tests::tiny_model().to_str().unwrap()
+    );
+    let path = dir.join("train.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+#[test]
+fn locon_training_zero_init_eject_and_export() {
+    use graft_host::train::config::TrainConfig;
+    use graft_host::train::trainer::Trainer;
+    let m = lora_manager("plugin-lora-locon-train");
+    let dir = graft_tests::scratch("plugin_lora_locon_train");
+    // Conv adapters only: what the loss does is theirs.
+    let config = train_config(&dir, 20, "plugin = \"lora\"\nconfig = { targets = [], conv_rank = 4, conv_alpha = 4, unet_lr = 0.01 }");
+    let mut t = Trainer::new(TrainConfig::from_file(&config).unwrap(), m, &Device::Cpu).unwrap();
+    let s = t.strategy;
+    let attached = t.set.strategies()[s].plan.attachments.len();
+    assert_eq!(attached, convs(t.set.layers()).len());
+
+    // Zero-initialised up: the adapted model is the base model.
+    let with_adapter = t.eval_loss(9).unwrap();
+    let base = {
+        let mut empty = graft_host::adapters::dispatcher::AdapterSet::new(&t.model, 0);
+        std::mem::swap(&mut t.set, &mut empty);
+        let l = t.eval_loss(9).unwrap();
+        std::mem::swap(&mut t.set, &mut empty);
+        l
+    };
+    assert_eq!(with_adapter, base, "a zero-initialised conv adapter changes nothing");
+    let mut losses = Vec::new();
+    for _ in 0..20 {
+        let r = t.train_step().unwrap();
+        assert!(!r.skipped && r.loss.is_finite(), "{r:?}");
+        losses.push(r.loss);
+    }
+    let after = t.eval_loss(9).unwrap();
+    println!("LoCon eval loss: {base:.5} -> {after:.5}; step losses {losses:.4?}");
+    assert!(after < base * 0.97, "eval loss {base} -> {after}");
+
+    // The export: kohya LoCon keys only (no PEFT file), read back to the set's deltas.
+    let files = graft_host::train::command::export_for(&t).unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let raw = graft_formats::read::read_file(&files[0]).unwrap();
+    let conv1 = "lora_unet_input_blocks_1_0_in_layers_2";
+    assert_eq!(raw.tensors[&format!("{conv1}.lora_down.weight")].dims(), [4, 32, 3, 3]);
+    assert_eq!(raw.tensors[&format!("{conv1}.lora_up.weight")].dims(), [32, 4, 1, 1]);
+    assert_eq!(raw.tensors[&format!("{conv1}.alpha")].dims(), [0usize; 0]);
+    assert_eq!(raw.tensors["lora_unet_input_blocks_4_0_skip_connection.lora_down.weight"].dims(), [4, 32, 1, 1]);
+    assert_eq!(raw.tensors["lora_unet_input_blocks_3_0_op.lora_down.weight"].dims(), [4, 32, 3, 3]);
+    assert_eq!(raw.tensors.len(), attached * 3);
+    let args: serde_json::Value = serde_json::from_str(&raw.metadata["ss_network_args"]).unwrap();
+    assert_eq!((args["conv_dim"].as_str(), args["conv_alpha"].as_str()), (Some("4"), Some("4.0")));
+    let layout = graft_sdxl::sgm::SgmLayout::from_configs(&t.model.config.unet, &t.model.config.vae, &t.model.config.text_encoder_2).unwrap();
+    let host_layers: Vec<graft_sdxl::LayerInfo> = t.model.layers().into_iter().cloned().collect();
+    let keys = graft_formats::KeyMap::from_layers(&host_layers, &layout);
+    let (file, report) = graft_formats::read_adapter(&files[0], &keys).unwrap();
+    assert_eq!(file.format, graft_formats::AdapterFormat::Kohya);
+    assert!(report.unmatched_keys.is_empty() && report.warnings.is_empty(), "{}", report.summary());
+    assert_eq!(file.modules.len(), attached);
+    record_for_check("graft_locon", &files[0], &file, &t.set, s, &layout);
+
+    // Eject: the base model again, exactly.
+    t.set.eject(s).unwrap();
+    assert_eq!(t.eval_loss(9).unwrap(), base, "eject restores the base model");
+}
+
+/// Checks that every module of `file` gives the set's delta at its layer, and puts the file and
+/// those deltas into target/locon-export-check/ for tools/reference/check_lora_files.py
+/// --check-locon (diffusers and the LyCORIS library load it there): `<stem>.safetensors`,
+/// `<stem>.expected.safetensors` (graft layer -> delta) and `<stem>.names.json` (kohya module
+/// name -> graft layer).
+fn record_for_check(
+    stem: &str,
+    path: &std::path::Path,
+    file: &graft_formats::AdapterFile,
+    set: &graft_host::adapters::dispatcher::AdapterSet,
+    s: usize,
+    layout: &graft_sdxl::sgm::SgmLayout,
+) {
+    let check = common::workspace().join("target/locon-export-check");
+    std::fs::create_dir_all(&check).unwrap();
+    let mut expected = std::collections::HashMap::new();
+    let mut names = serde_json::Map::new();
+    for module in &file.modules {
+        let g = set.layers().iter().position(|l| l.name() == module.layer).unwrap();
+        let want = set.delta(s, g).unwrap().unwrap();
+        let got = module.delta_weight(1.0).unwrap().reshape(want.shape()).unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d <= 1e-5 * (1.0 + want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()), "{}: {d}", module.layer);
+        expected.insert(module.layer.clone(), want);
+        names.insert(graft_formats::to_kohya(&module.layer, layout).unwrap(), module.layer.clone().into());
+    }
+    std::fs::copy(path, check.join(format!("{stem}.safetensors"))).unwrap();
+    candle_core::safetensors::save(&expected, check.join(format!("{stem}.expected.safetensors"))).unwrap();
+    std::fs::write(check.join(format!("{stem}.names.json")), serde_json::Value::Object(names).to_string()).unwrap();
+}
+
+#[test]
+fn tucker_export_is_a_lycoris_file_with_the_same_deltas() {
+    use graft_host::adapters::dispatcher::AdapterSet;
+    let m = lora_manager("plugin-lora-tucker-export");
+    let model = graft_sdxl::SdxlModel::load(&graft_tests::tiny_model(), None, &Device::Cpu).unwrap();
+    let mut set = AdapterSet::new(&model, 0);
+    let instance = strategy(&m, r#"{"rank": 2, "alpha": 1, "conv_rank": 3, "conv_alpha": 1.5, "use_tucker": true}"#);
+    let (s, _) = set.add(instance, 1.0, 1.0).unwrap();
+    // As if trained.
+    let mut rng = GraftRng::new(6);
+    for (key, p) in set.store().params(Some("lora")) {
+        set.store().set(&key, &(rng.randn(p.dims(), &Device::Cpu).unwrap() * 0.3).unwrap()).unwrap();
+    }
+    let layout = graft_sdxl::sgm::SgmLayout::from_configs(&model.config.unet, &model.config.vae, &model.config.text_encoder_2).unwrap();
+    let meta = graft_host::train::export::ExportMeta { steps: 1, unet_lr: Some(1e-4), text_encoder_lr: None, base_model: "tiny".into(), sgm_layout: layout.clone() };
+    let out = graft_tests::scratch("plugin_lora_tucker_export");
+    let files = graft_host::train::export::export_strategy(&set, s, &out, "tucker", &meta).unwrap();
+    assert_eq!(files, vec![out.join("tucker.safetensors")], "a LyCORIS file, no PEFT file");
+    let raw = graft_formats::read::read_file(&files[0]).unwrap();
+    let mid = "lora_unet_middle_block_0_in_layers_2";
+    assert_eq!(raw.tensors[&format!("{mid}.lora_mid.weight")].dims(), [3, 3, 3, 3]);
+    assert_eq!(raw.tensors[&format!("{mid}.lora_down.weight")].dims(), [3, 56, 1, 1]);
+    assert_eq!(raw.tensors[&format!("{mid}.lora_up.weight")].dims(), [56, 3, 1, 1]);
+    let args: serde_json::Value = serde_json::from_str(&raw.metadata["ss_network_args"]).unwrap();
+    assert_eq!((args["algo"].as_str(), args["use_tucker"].as_str(), args["conv_dim"].as_str()), (Some("locon"), Some("True"), Some("3")));
+    assert_eq!(raw.metadata["ss_network_dim"], "2", "ss_network_dim is the linear rank");
+    let host_layers: Vec<graft_sdxl::LayerInfo> = model.layers().into_iter().cloned().collect();
+    let keys = graft_formats::KeyMap::from_layers(&host_layers, &layout);
+    let (file, report) = graft_formats::read_adapter(&files[0], &keys).unwrap();
+    assert_eq!(file.format, graft_formats::AdapterFormat::Lycoris);
+    assert!(report.unmatched_keys.is_empty(), "{}", report.summary());
+    assert_eq!(file.modules.len(), set.strategies()[s].plan.attachments.len());
+    record_for_check("graft_tucker", &files[0], &file, &set, s, &layout);
+}

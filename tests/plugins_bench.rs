@@ -37,6 +37,7 @@ fn sdxl_like_layers() -> Vec<graft_abi::LayerInfo> {
         out_features: o,
         block: b,
         attention: a,
+        conv: None,
     };
     let unet_block = |prefix: String, dim: usize, depth: usize, block: BlockPosition, out: &mut Vec<LayerInfo>| {
         out.push(lin(format!("{prefix}.proj_in"), dim, dim, Component::Unet, block, None));

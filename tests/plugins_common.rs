@@ -117,6 +117,7 @@ fn linear(name: &str, inf: usize, outf: usize, attention: Option<AttentionKind>)
         out_features: outf,
         block: if name.starts_with("unet") { BlockPosition::Down(0) } else { BlockPosition::TextLayer(0) },
         attention,
+        conv: None,
     }
 }
 
@@ -141,6 +142,7 @@ pub fn layers() -> Vec<graft_abi::LayerInfo> {
             out_features: 8,
             block: BlockPosition::Down(0),
             attention: cross,
+            conv: None,
         },
         linear(TE_Q, 5, 5, Some(AttentionKind::SelfAttention)),
     ];

@@ -243,6 +243,7 @@ impl Block {
             out_features: 0,
             block: BlockPosition::Down(2),
             attention: a,
+            conv: None,
         };
         let lin = |vb: candle_nn::VarBuilder, i: usize, o: usize, bias: bool, reg: &mut HookRegistry, a: Option<AttentionKind>| {
             HookedLinear::new(vb, i, o, bias, reg, info(a)).unwrap()

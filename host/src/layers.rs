@@ -47,9 +47,11 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
         if args.json {
             println!("{}", serde_json::to_string(l)?);
         } else {
-            let kind = match l.kind {
-                LayerKind::Linear => "linear",
-                LayerKind::Attention => "attention",
+            let kind = match (l.kind, l.conv) {
+                (LayerKind::Linear, _) => "linear".to_string(),
+                (LayerKind::Attention, _) => "attention".to_string(),
+                (LayerKind::Conv, Some(c)) => format!("conv{}x{}", c.kernel.0, c.kernel.1),
+                (LayerKind::Conv, None) => "conv".to_string(),
             };
             println!("{:<9} {:>5} -> {:<5} {}", kind, l.in_features, l.out_features, l.name);
         }
@@ -59,9 +61,10 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
     };
     use graft_sdxl::Component::*;
     eprintln!(
-        "{} hook points: UNet {} linears + {} attention modules; text encoders {} + {} linears, {} + {} attention modules",
+        "{} hook points: UNet {} linears + {} convs + {} attention modules; text encoders {} + {} linears, {} + {} attention modules",
         layers.len(),
         count(Unet, LayerKind::Linear),
+        count(Unet, LayerKind::Conv),
         count(Unet, LayerKind::Attention),
         count(TextEncoder, LayerKind::Linear),
         count(TextEncoder2, LayerKind::Linear),

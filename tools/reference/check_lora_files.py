@@ -12,6 +12,13 @@ Run from the repository root with the reference environment (tools/reference/set
         delta graft says the file holds (`expected.safetensors` in the same folder); checks the
         LyCORIS `diff` files' key names with diffusers' own kohya key conversion.
 
+    /work/refvenv/bin/python tools/reference/check_lora_files.py --check-locon target/locon-export-check
+        loads the LoCon / Tucker files graft TRAINED and exported (the Rust tests
+        `graft-tests --test plugin_lora locon` write them there with graft's deltas) with the LyCORIS
+        library (`LoConModule.make_module_from_state_dict`, every key used, `get_diff_weight`) and,
+        for files without a Tucker core, with diffusers' `pipe.load_lora_weights` (every module
+        attached, fused weights); both are compared with graft's deltas.
+
 Fixtures (see tests/fixtures/lora/README.md, written by this script):
     peft_diffusers.safetensors    PEFT adapters (r=4, alpha=8, one rank_pattern and one alpha_pattern
                                   entry) on the tiny UNet and both text encoders, saved by
@@ -538,11 +545,102 @@ def check_diff_file(path, want):
     return fails
 
 
+# ---------------------------------------------------------------- checking graft's LoCon exports
+
+
+def all_weights(pipe):
+    """Every nn.Linear and nn.Conv2d weight of the three models, by graft name (base weights under PEFT)."""
+    out = {}
+    for comp in COMPONENTS:
+        for name, m in getattr(pipe, comp).named_modules():
+            if isinstance(m, BaseTunerLayer):
+                continue
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                name = name.replace(".base_layer", "")
+                out[layer_name(comp, name)] = m.weight.detach().clone()
+    return out
+
+
+def check_locon(folder):
+    """graft's LoCon / Tucker exports against the LyCORIS library and diffusers."""
+    from lycoris.modules.locon import LoConModule
+
+    setup_torch()
+    folder = Path(folder)
+    failures = []
+    stems = sorted(p.name[: -len(".expected.safetensors")] for p in folder.glob("*.expected.safetensors"))
+    if not stems:
+        sys.exit(f"{folder}: nothing to check: run `cargo test -p graft-tests --test plugin_lora locon tucker` first")
+    for stem in stems:
+        path = folder / f"{stem}.safetensors"
+        want = load_file(folder / f"{stem}.expected.safetensors")
+        names = json.loads((folder / f"{stem}.names.json").read_text())
+        tensors = load_file(path)
+        groups = {}
+        for k, v in tensors.items():
+            module, suffix = k.split(".", 1)
+            groups.setdefault(module, {})[suffix] = v
+        # The LyCORIS library: build each module from its tensors, every key used.
+        pipe = load_pipeline()
+        worst, convs, tucker = 0.0, 0, 0
+        for module, t in sorted(groups.items()):
+            layer = names.get(module)
+            if layer is None:
+                failures.append(f"{path.name}: {module} names no layer graft exported")
+                continue
+            left = set(t) - {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"}
+            if left:
+                failures.append(f"{path.name}: {module}: keys LyCORIS does not use: {sorted(left)}")
+            org = module_of(pipe, layer)
+            m = LoConModule.make_module_from_state_dict(
+                module, org, t["lora_up.weight"], t["lora_down.weight"], t.get("lora_mid.weight"), t["alpha"], None)
+            d = m.get_diff_weight(multiplier=1.0)[0].float().reshape(org.weight.shape)
+            err = (d - want[layer].reshape(d.shape)).abs().max().item() / max(1.0, d.abs().max().item())
+            worst = max(worst, err)
+            convs += isinstance(org, torch.nn.Conv2d)
+            tucker += "lora_mid.weight" in t
+        if worst > 1e-5:
+            failures.append(f"{path.name}: LyCORIS' weight differences differ from graft's by up to {worst:.2e}")
+        print(f"{path.name}: LyCORIS built {len(groups)} modules ({convs} conv, {tucker} Tucker) from every key; "
+              f"max |LyCORIS dW - graft dW| {worst:.2e} (relative)")
+        if tucker:
+            print(f"{path.name}: has Tucker cores (lora_mid): diffusers does not load those; LyCORIS only")
+            continue
+        # diffusers: load, every module attached, fused weights = base + graft's delta.
+        pipe = load_pipeline()
+        before = all_weights(pipe)
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
+        loaded = adapted_layers(pipe)
+        if loaded != sorted(want):
+            failures.append(f"{path.name}: diffusers attached {len(loaded)} layers, graft wrote {len(want)}: "
+                            f"{sorted(set(loaded) ^ set(want))[:5]}")
+        pipe.fuse_lora(components=list(COMPONENTS), lora_scale=1.0, adapter_names=["x"])
+        after = all_weights(pipe)
+        changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+        if changed != sorted(want):
+            failures.append(f"{path.name}: fusing changed {len(changed)} weights, graft wrote {len(want)}")
+        worst = 0.0
+        for layer, d in want.items():
+            got = after[layer] - before[layer]
+            worst = max(worst, (got - d.reshape(got.shape)).abs().max().item() / max(1.0, d.abs().max().item()))
+        if worst > 1e-5:
+            failures.append(f"{path.name}: diffusers' fused weights differ from graft's deltas by up to {worst:.2e}")
+        print(f"{path.name}: diffusers attached {len(loaded)} layers ({convs} conv); "
+              f"max |fused - (W + graft dW)| {worst:.2e} (relative)")
+    if failures:
+        print("\n".join("FAIL " + f for f in failures))
+        sys.exit(1)
+    print(f"{len(stems)} LoCon exports passed, 0 failed")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-exports", metavar="DIR", help="check graft's exported files in DIR instead")
+    ap.add_argument("--check-locon", metavar="DIR", help="check graft's LoCon / Tucker exports in DIR instead")
     args = ap.parse_args()
-    if args.check_exports:
+    if args.check_locon:
+        check_locon(args.check_locon)
+    elif args.check_exports:
         check_exports(args.check_exports)
     else:
         make_fixtures()

@@ -94,6 +94,12 @@ open_enum! {
         LINEAR = 0 => "linear",
         /// An attention module: the plugin sees its hidden states, context and output.
         ATTENTION = 1 => "attention",
+        /// A 2-d convolution (added within ABI version 1: older plugins see `unknown(2)`). Its
+        /// base weight is [out, in, kh, kw]; `in_features` / `out_features` are the channels and
+        /// [`LayerInfo::extra`] holds the geometry as JSON (see [`ConvGeometry`]). The host never
+        /// calls `forward` here: it asks `delta_weight` for a kernel difference of the base
+        /// weight's shape and computes `conv(x, W + Σ m·ΔW)`.
+        CONV = 2 => "conv",
     }
 }
 
@@ -251,9 +257,48 @@ pub struct LayerInfo {
     pub out_features: u64,
     pub block: BlockPosition,
     pub attention: AttentionKind,
-    /// Kind-specific details as JSON (for future kinds such as conv); empty for linear and
-    /// attention.
+    /// Kind-specific details as JSON; empty for linear and attention. A conv layer has
+    /// `{"kernel": [kh, kw], "stride": s, "padding": p}` ([`ConvGeometry`]).
     pub extra: RString,
+}
+
+/// The geometry of a conv hook point, as [`LayerInfo::extra`] spells it (groups 1, dilation 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub kernel: [u64; 2],
+    pub stride: u64,
+    pub padding: u64,
+}
+
+impl ConvGeometry {
+    /// The JSON the host puts in `extra`.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"kernel\": [{}, {}], \"stride\": {}, \"padding\": {}}}",
+            self.kernel[0], self.kernel[1], self.stride, self.padding
+        )
+    }
+
+    /// Reads `extra` (whitespace-tolerant, keys in any order); none when a key is missing.
+    pub fn from_json(extra: &str) -> Option<Self> {
+        let number_after = |key: &str| -> Option<Vec<u64>> {
+            let at = extra.find(&format!("\"{key}\""))? + key.len() + 2;
+            let rest = extra[at..].trim_start().strip_prefix(':')?.trim_start();
+            if let Some(list) = rest.strip_prefix('[') {
+                let end = list.find(']')?;
+                list[..end].split(',').map(|v| v.trim().parse().ok()).collect()
+            } else {
+                let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+                Some(vec![rest[..end].parse().ok()?])
+            }
+        };
+        let kernel = number_after("kernel")?;
+        let (stride, padding) = (number_after("stride")?, number_after("padding")?);
+        match (kernel.as_slice(), stride.as_slice(), padding.as_slice()) {
+            ([kh, kw], [s], [p]) => Some(Self { kernel: [*kh, *kw], stride: *s, padding: *p }),
+            _ => None,
+        }
+    }
 }
 
 impl LayerInfo {
@@ -265,6 +310,25 @@ impl LayerInfo {
     }
     pub fn is_attention(&self) -> bool {
         self.kind == LayerKind::ATTENTION
+    }
+    pub fn is_conv(&self) -> bool {
+        self.kind == LayerKind::CONV
+    }
+    /// A conv layer's kernel, stride and padding (from `extra`).
+    pub fn conv(&self) -> Option<ConvGeometry> {
+        if self.is_conv() {
+            ConvGeometry::from_json(self.extra.as_str())
+        } else {
+            None
+        }
+    }
+    /// The base weight's shape: [out, in] for a linear, [out, in, kh, kw] for a conv.
+    pub fn weight_shape(&self) -> Option<Vec<u64>> {
+        if self.is_linear() {
+            return Some(vec![self.out_features, self.in_features]);
+        }
+        let g = self.conv()?;
+        Some(vec![self.out_features, self.in_features, g.kernel[0], g.kernel[1]])
     }
 }
 
@@ -709,6 +773,11 @@ mod tests {
     #[test]
     fn open_enums_name_and_parse() {
         assert_eq!(LayerKind::LINEAR.name(), "linear");
+        assert_eq!(LayerKind::CONV.name(), "conv");
+        let g = ConvGeometry { kernel: [3, 3], stride: 2, padding: 1 };
+        assert_eq!(ConvGeometry::from_json(&g.to_json()), Some(g));
+        assert_eq!(ConvGeometry::from_json("{ \"padding\":0,\"stride\" : 1, \"kernel\":[1,1] }"), Some(ConvGeometry { kernel: [1, 1], stride: 1, padding: 0 }));
+        assert_eq!(ConvGeometry::from_json("{}"), None);
         assert_eq!(Component::from_name("text_encoder_2"), Some(Component::TEXT_ENCODER_2));
         assert_eq!(format!("{:?}", InitKind(42)), "unknown(42)");
         assert_eq!(Init::kaiming_uniform(5f64.sqrt()).to_string(), format!("kaiming_uniform(a={})", 5f64.sqrt()));

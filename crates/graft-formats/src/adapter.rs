@@ -3,6 +3,11 @@
 //!
 //! Math (kohya, PEFT, LyCORIS, A1111 and ComfyUI agree; `m` is the user's multiplier):
 //! - LoRA: `dW = m * alpha / r * up @ down`, down [r, in], up [out, r]; alpha missing or 0 means r.
+//! - LoCon (LoRA on a conv [out, in, kh, kw]): down [r, in, kh, kw], up [out, r] (stored
+//!   [out, r, 1, 1]): `dW = m * alpha / r * reshape(up @ reshape(down, [r, in*kh*kw]))`.
+//!   With LyCORIS' Tucker decomposition: down [r, in] (stored [r, in, 1, 1]), mid [r, r, kh, kw],
+//!   up [out, r]: `dW[o, i] = m * alpha / r * Σ_ab up[o, a] * mid[a, b] * down[b, i]` (the
+//!   composition up ∘ mid ∘ down of the three convolutions).
 //! - LoHa: `dW = m * alpha / r * (w1a @ w1b) * (w2a @ w2b)` (element-wise product), r = rows of w1b.
 //! - LoKr: `dW = m * scale * kron(w1, w2)`, each factor full or `a @ b`; scale = alpha / r when a
 //!   factor is split (r = columns of its `a`), and 1 when both are full (LyCORIS stores a dummy
@@ -86,10 +91,13 @@ impl LokrFactor {
 /// The tensors of one adapted layer.
 #[derive(Debug, Clone)]
 pub enum AdapterWeights {
-    /// down [r, in], up [out, r].
+    /// down [r, in], up [out, r]; on a conv layer (LoCon) down [r, in, kh, kw], or with a
+    /// Tucker `mid` [r, r, kh, kw] down [r, in].
     Lora {
         down: Tensor,
         up: Tensor,
+        /// LyCORIS Tucker core of a conv LoCon (`lora_mid.weight`).
+        mid: Option<Tensor>,
         alpha: Option<f32>,
     },
     /// w1_a, w2_a [out, r]; w1_b, w2_b [r, in].
@@ -119,6 +127,10 @@ pub enum AdapterWeights {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ModuleKind {
     Lora,
+    /// LoRA factors of a k x k convolution (kohya's LoCon).
+    LoCon,
+    /// LyCORIS' Tucker LoCon (`lora_mid`).
+    LoConTucker,
     LoHa,
     LoKr,
     Full,
@@ -129,6 +141,8 @@ impl ModuleKind {
     pub fn name(self) -> &'static str {
         match self {
             ModuleKind::Lora => "lora",
+            ModuleKind::LoCon => "locon",
+            ModuleKind::LoConTucker => "locon-tucker",
             ModuleKind::LoHa => "loha",
             ModuleKind::LoKr => "lokr",
             ModuleKind::Full => "full",
@@ -180,7 +194,7 @@ impl ModuleWeights {
     pub fn lora(layer: impl Into<String>, down: Tensor, up: Tensor, alpha: Option<f32>) -> Self {
         Self {
             layer: layer.into(),
-            weights: AdapterWeights::Lora { down, up, alpha },
+            weights: AdapterWeights::Lora { down, up, mid: None, alpha },
             dora_scale: None,
         }
     }
@@ -195,6 +209,8 @@ impl ModuleWeights {
 
     pub fn kind(&self) -> ModuleKind {
         match &self.weights {
+            AdapterWeights::Lora { mid: Some(_), .. } => ModuleKind::LoConTucker,
+            AdapterWeights::Lora { down, .. } if down.rank() == 4 => ModuleKind::LoCon,
             AdapterWeights::Lora { .. } => ModuleKind::Lora,
             AdapterWeights::LoHa { .. } => ModuleKind::LoHa,
             AdapterWeights::LoKr { .. } => ModuleKind::LoKr,
@@ -237,10 +253,31 @@ impl ModuleWeights {
         }
     }
 
-    /// (out, in) of the layer's weight, from the tensors.
+    /// The kernel size (kh, kw) of a conv entry (LoCon: a 4-d `down` or a Tucker `mid`); none
+    /// for an entry of a linear layer (or of a 1x1 conv stored as matrices).
+    pub fn kernel(&self) -> Option<(usize, usize)> {
+        match &self.weights {
+            AdapterWeights::Lora { mid: Some(m), .. } => m.dims4().ok().map(|(_, _, h, w)| (h, w)),
+            AdapterWeights::Lora { down, .. } => down.dims4().ok().map(|(_, _, h, w)| (h, w)),
+            _ => None,
+        }
+    }
+
+    /// True for a conv entry with a kernel larger than 1x1 or a Tucker core (LoCon).
+    pub fn is_conv(&self) -> bool {
+        self.kernel().is_some_and(|k| k != (1, 1)) || matches!(self.weights, AdapterWeights::Lora { mid: Some(_), .. })
+    }
+
+    /// (out, in) of the layer's weight, from the tensors (in / out channels for a conv entry).
     pub fn weight_shape(&self) -> Result<(usize, usize)> {
         match &self.weights {
-            AdapterWeights::Lora { down, up, .. } => Ok((up.dims2()?.0, down.dims2()?.1)),
+            AdapterWeights::Lora { down, up, .. } => {
+                let (out, inp) = (up.dims().first(), down.dims().get(1));
+                match (out, inp) {
+                    (Some(o), Some(i)) => Ok((*o, *i)),
+                    _ => bail!("{}: LoRA tensors up {:?} / down {:?} have too few dimensions", self.layer, up.dims(), down.dims()),
+                }
+            }
             AdapterWeights::LoHa { w1_a, w1_b, .. } => Ok((w1_a.dims2()?.0, w1_b.dims2()?.1)),
             AdapterWeights::LoKr { w1, w2, .. } => {
                 let (a, b) = w1.shape()?;
@@ -257,6 +294,27 @@ impl ModuleWeights {
         }
     }
 
+    /// Checks that a conv entry's kernel fits the layer's (`None`: the layer is linear).
+    pub fn validate_kernel(&self, layer_kernel: Option<(usize, usize)>) -> Result<()> {
+        let mine = self.kernel();
+        match (mine, layer_kernel) {
+            (None, None) | (None, Some((1, 1))) => Ok(()),
+            (Some(k), Some(l)) if k == l => Ok(()),
+            (Some(k), None) => bail!(
+                "{}: the adapter is a {}x{} conv (LoCon) entry but the layer is a linear",
+                self.layer, k.0, k.1
+            ),
+            (None, Some(l)) => bail!(
+                "{}: the adapter is for a linear (or 1x1) weight but the layer is a {}x{} conv",
+                self.layer, l.0, l.1
+            ),
+            (Some(k), Some(l)) => bail!(
+                "{}: the adapter's kernel is {}x{} but the layer's is {}x{}",
+                self.layer, k.0, k.1, l.0, l.1
+            ),
+        }
+    }
+
     /// Checks that the tensors fit together (and the layer, when its (in, out) is known).
     pub fn validate(&self, layer_in_out: Option<(usize, usize)>) -> Result<()> {
         let name = &self.layer;
@@ -269,15 +327,36 @@ impl ModuleWeights {
             })
         };
         match &self.weights {
-            AdapterWeights::Lora { down, up, .. } => {
-                let (r, _) = two("down", down)?;
-                let (_, r2) = two("up", up)?;
+            AdapterWeights::Lora { down, up, mid, .. } => {
+                // down [r, in] or [r, in, kh, kw] (LoCon); with a Tucker mid, down is [r, in].
+                let r = match (down.dims(), mid) {
+                    ([r, _], _) => *r,
+                    ([r, _, _, _], None) => *r,
+                    (d, Some(_)) => bail!(
+                        "{name}: a Tucker LoCon's lora_down must be [r, in] or [r, in, 1, 1], got shape {d:?}"
+                    ),
+                    (d, None) => bail!(
+                        "{name}: lora_down must be [r, in] (linear) or [r, in, kh, kw] (conv), got shape {d:?}"
+                    ),
+                };
+                let (_, r2) = two("up", up).map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "{name}: lora_up must be [out, r] or [out, r, 1, 1], got shape {:?}",
+                        up.dims()
+                    ))
+                })?;
                 if r != r2 {
                     bail!(
                         "{name}: LoRA down has rank {r} but up has rank {r2} (down {:?}, up {:?})",
                         down.dims(),
                         up.dims()
                     );
+                }
+                if let Some(m) = mid {
+                    match m.dims() {
+                        [a, b, _, _] if *a == r && *b == r => {}
+                        d => bail!("{name}: lora_mid must be [r, r, kh, kw] with r = {r} (the rank of down and up), got shape {d:?}"),
+                    }
                 }
             }
             AdapterWeights::LoHa {
@@ -349,7 +428,8 @@ impl ModuleWeights {
         Ok(())
     }
 
-    /// The weight difference `dW` [out, in] at `multiplier`, in f32. Not for DoRA entries (their
+    /// The weight difference `dW` [out, in] at `multiplier`, in f32 ([out, in, kh, kw] for a
+    /// LoCon entry; reshape to the layer's weight for a 1x1 conv). Not for DoRA entries (their
     /// difference depends on the base weight: use [`ModuleWeights::delta_for_base`]) nor native ones.
     pub fn delta_weight(&self, multiplier: f64) -> Result<Tensor> {
         if self.dora_scale.is_some() {
@@ -375,7 +455,12 @@ impl ModuleWeights {
     /// [`ModuleWeights::delta_weight`] without DoRA, and `W' - W` with it.
     pub fn delta_for_base(&self, base: &Tensor, multiplier: f64) -> Result<Tensor> {
         let Some(scale) = &self.dora_scale else {
-            return self.raw_delta(multiplier);
+            // A 1x1 conv entry stored as matrices: shaped like its base kernel.
+            let d = self.raw_delta(multiplier)?;
+            if d.dims() != base.dims() && d.elem_count() == base.elem_count() {
+                return d.reshape(base.shape());
+            }
+            return Ok(d);
         };
         let base = f32(base)?;
         let merged = (&base + self.raw_delta(1.0)?)?;
@@ -401,6 +486,12 @@ impl ModuleWeights {
     fn raw_delta(&self, multiplier: f64) -> Result<Tensor> {
         let scale = self.scale() * multiplier;
         let product = match &self.weights {
+            AdapterWeights::Lora { down, up, mid: None, .. } if down.rank() == 4 => {
+                let (r, inp, kh, kw) = down.dims4()?;
+                let out = up.dims2()?.0;
+                f32(up)?.matmul(&f32(down)?.reshape((r, inp * kh * kw))?)?.reshape((out, inp, kh, kw))?
+            }
+            AdapterWeights::Lora { down, up, mid: Some(mid), .. } => tucker(&f32(up)?, &f32(mid)?, &f32(down)?)?,
             AdapterWeights::Lora { down, up, .. } => f32(up)?.matmul(&f32(down)?)?,
             AdapterWeights::LoHa { w1_a, w1_b, w2_a, w2_b, .. } => {
                 let p1 = f32(w1_a)?.matmul(&f32(w1_b)?)?;
@@ -416,6 +507,18 @@ impl ModuleWeights {
         };
         product * scale
     }
+}
+
+/// `dW[o, i, h, w] = Σ_ab up[o, a] * mid[a, b, h, w] * down[b, i]`: up [out, r], mid
+/// [r, r, kh, kw], down [r, in] -> [out, in, kh, kw] (LyCORIS' `rebuild_tucker`).
+pub fn tucker(up: &Tensor, mid: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let (out, r) = up.dims2()?;
+    let (_, _, kh, kw) = mid.dims4()?;
+    let inp = down.dims2()?.1;
+    // [out, r*kh*kw] = up @ mid(a; b, h, w) -> [out, kh*kw, r] @ down -> [out, kh*kw, in].
+    let t = up.matmul(&mid.reshape((r, r * kh * kw))?)?.reshape((out, r, kh * kw))?.transpose(1, 2)?.contiguous()?;
+    let t = t.broadcast_matmul(down)?;
+    t.transpose(1, 2)?.contiguous()?.reshape((out, inp, kh, kw))
 }
 
 /// Kronecker product of two matrices: [a, b] x [c, d] -> [a*c, b*d].

@@ -34,6 +34,19 @@ pub fn split_layer(name: &str) -> Option<(Component, &str)> {
     })
 }
 
+/// True for a UNet layer that is a convolution in every SDXL-family config: resnet `conv1`,
+/// `conv2`, `conv_shortcut` and resampler `conv` (kohya's LoCon targets). Writers use it to store
+/// a 1x1 conv's factors as kernels ([r, in, 1, 1]) as kohya and LyCORIS do.
+pub fn is_unet_conv_name(layer: &str) -> bool {
+    let Some(path) = layer.strip_prefix("unet.") else { return false };
+    let parts: Vec<&str> = path.split('.').collect();
+    match parts.as_slice() {
+        [.., "resnets", _, last] => matches!(*last, "conv1" | "conv2" | "conv_shortcut"),
+        [.., "downsamplers" | "upsamplers", _, "conv"] => true,
+        _ => false,
+    }
+}
+
 /// The kohya prefix of a component (`lora_unet_`, `lora_te1_`, `lora_te2_`).
 pub fn kohya_prefix(component: Component) -> &'static str {
     match component {
@@ -50,12 +63,14 @@ pub struct LayerEntry {
     pub component: Component,
     /// (in, out) features when known.
     pub in_out: Option<(usize, usize)>,
-    /// Linear or attention hook point, when known (names alone: assumed linear).
+    /// Linear, conv or attention hook point, when known (names alone: assumed linear).
     pub kind: Option<LayerKind>,
+    /// A conv hook point's kernel (kh, kw).
+    pub kernel: Option<(usize, usize)>,
 }
 
 impl LayerEntry {
-    /// LoRA-family tensors (kohya, PEFT, LyCORIS) only go on linear layers.
+    /// LoRA-family tensors (kohya, PEFT, LyCORIS) go on linear and conv layers.
     pub fn is_linear(&self) -> bool {
         self.kind != Some(LayerKind::Attention)
     }
@@ -79,6 +94,7 @@ impl KeyMap {
                     l.name.clone(),
                     Some((l.in_features, l.out_features)),
                     Some(l.kind),
+                    l.conv.map(|c| c.kernel),
                 )
             }),
             layout,
@@ -88,18 +104,18 @@ impl KeyMap {
     /// From layer names alone (no shape checks).
     pub fn from_names<S: AsRef<str>>(names: &[S], layout: &SgmLayout) -> Self {
         Self::build(
-            names.iter().map(|n| (n.as_ref().to_string(), None, None)),
+            names.iter().map(|n| (n.as_ref().to_string(), None, None, None)),
             layout,
         )
     }
 
     fn build(
-        items: impl Iterator<Item = (String, Option<(usize, usize)>, Option<LayerKind>)>,
+        items: impl Iterator<Item = (String, Option<(usize, usize)>, Option<LayerKind>, Option<(usize, usize)>)>,
         layout: &SgmLayout,
     ) -> Self {
         let mut layers = BTreeMap::new();
         let mut kohya = HashMap::new();
-        for (name, in_out, kind) in items {
+        for (name, in_out, kind, kernel) in items {
             let Some((component, path)) = split_layer(&name) else {
                 continue;
             };
@@ -115,6 +131,7 @@ impl KeyMap {
                     component,
                     in_out,
                     kind,
+                    kernel,
                 },
             );
         }

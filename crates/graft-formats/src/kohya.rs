@@ -94,7 +94,16 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             path: &raw.path,
             tensors,
         };
-        let weights = if group.has("lora_down.weight") || group.has("lora_up.weight") {
+        // Conv layers take LoCon (LoRA factors, Tucker) only: LoHa / LoKr / full entries of a
+        // convolution are skipped as before conv hook points existed.
+        let is_lora = group.has("lora_down.weight") || group.has("lora_up.weight");
+        let is_conv_layer = keys.layer(layer).is_some_and(|l| l.kind == Some(graft_sdxl::LayerKind::Conv));
+        if is_conv_layer && !is_lora {
+            parsed.warnings.push(format!("{name}: LyCORIS LoHa / LoKr / full entries of a convolution are not supported; skipped"));
+            parsed.unmatched.extend(group.leftover());
+            continue;
+        }
+        let weights = if is_lora {
             lora(&mut group)?
         } else {
             crate::lycoris::parse_group(&mut group, layer)?
@@ -108,29 +117,37 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             continue;
         };
         let dora_scale = group.take("dora_scale");
+        if is_conv_layer && dora_scale.is_some() {
+            parsed.warnings.push(format!("{name}: DoRA on a convolution is not supported; skipped"));
+            parsed.unmatched.push(group.key("dora_scale"));
+            parsed.unmatched.extend(group.leftover());
+            continue;
+        }
         let module = ModuleWeights {
             layer: layer.to_string(),
             weights,
             dora_scale,
         };
-        let in_out = keys.layer(layer).and_then(|l| l.in_out);
+        let entry = keys.layer(layer);
+        let in_out = entry.and_then(|l| l.in_out);
         module.validate(in_out).map_err(|e| {
             candle_core::Error::Msg(format!("{}: module `{name}`: {e}", raw.path.display()))
         })?;
+        // Layers known only by name (no kind) take any kernel.
+        if let Some(l) = entry.filter(|l| l.kind.is_some()) {
+            module.validate_kernel(l.kernel).map_err(|e| {
+                candle_core::Error::Msg(format!("{}: module `{name}`: {e}", raw.path.display()))
+            })?;
+        }
         parsed.unmatched.extend(group.leftover());
         parsed.modules.push(module);
     }
     Ok(parsed)
 }
 
+/// LoRA, LoCon ([r, in, kh, kw] down) and LyCORIS Tucker LoCon (`lora_mid.weight`) tensors;
+/// 1x1 kernels are read as matrices.
 fn lora(group: &mut Group) -> Result<Option<AdapterWeights>> {
-    if group.has("lora_mid.weight") {
-        bail!(
-            "{}: `{}` is a Tucker-decomposed LoCon (for convolutions); graft's layers are linear",
-            group.path.display(),
-            group.key("lora_mid.weight")
-        );
-    }
     if !(group.has("lora_down.weight") && group.has("lora_up.weight")) {
         return Ok(None);
     }
@@ -139,8 +156,19 @@ fn lora(group: &mut Group) -> Result<Option<AdapterWeights>> {
     let (Some(down), Some(up)) = (down, up) else {
         return Ok(None);
     };
+    let mid = group.take("lora_mid.weight");
+    if let Some(m) = &mid {
+        if m.rank() != 4 {
+            bail!(
+                "{}: `{}` must be a [r, r, kh, kw] kernel, got shape {:?}",
+                group.path.display(),
+                group.key("lora_mid.weight"),
+                m.dims()
+            );
+        }
+    }
     let alpha = group.take_alpha()?;
-    Ok(Some(AdapterWeights::Lora { down, up, alpha }))
+    Ok(Some(AdapterWeights::Lora { down, up, mid, alpha }))
 }
 
 /// The tensors of one module under kohya / LyCORIS suffixes (`<name>.lora_down.weight`, ...).
@@ -155,10 +183,22 @@ pub(crate) fn module_tensors(
     };
     let alpha_tensor = |a: f32| Tensor::new(a, &candle_core::Device::Cpu);
     match &m.weights {
-        AdapterWeights::Lora { down, up, alpha } => {
+        AdapterWeights::Lora { down, up, mid, alpha } => {
             let r = down.dims().first().copied().unwrap_or(0);
-            put("lora_down.weight", down.clone());
-            put("lora_up.weight", up.clone());
+            // A conv entry (LoCon) stores its factors as kernels, as kohya and LyCORIS do:
+            // up [out, r, 1, 1], a Tucker down [r, in, 1, 1].
+            let conv = m.is_conv() || crate::keys::is_unet_conv_name(&m.layer);
+            let kernel = |t: &Tensor| -> Result<Tensor> {
+                match t.dims() {
+                    [a, b] if conv => t.reshape((*a, *b, 1, 1)),
+                    _ => Ok(t.clone()),
+                }
+            };
+            put("lora_down.weight", kernel(down)?);
+            put("lora_up.weight", kernel(up)?);
+            if let Some(mid) = mid {
+                put("lora_mid.weight", mid.clone());
+            }
             // kohya always writes alpha; a missing alpha means alpha = rank.
             put("alpha", alpha_tensor(effective_alpha(*alpha, r))?);
         }
@@ -236,7 +276,7 @@ pub fn write_kohya(
     dtype: StoreDtype,
 ) -> Result<Written> {
     for m in modules {
-        if !matches!(m.weights, AdapterWeights::Lora { .. }) || m.dora_scale.is_some() {
+        if !matches!(m.weights, AdapterWeights::Lora { mid: None, .. }) || m.dora_scale.is_some() {
             bail!(
                 "{}: cannot write `{}` to a kohya LoRA file: it is a {}{} entry (write a LyCORIS file instead)",
                 path.display(),
@@ -268,6 +308,12 @@ pub(crate) fn write_family(
             bail!("{}: layer `{}` appears twice", path.display(), m.layer);
         }
         module_tensors(m, layout, &mut tensors)?;
+    }
+    // ss_network_dim / alpha describe the linear modules (kohya puts conv_dim / conv_alpha in
+    // ss_network_args); a conv-only file describes its conv modules.
+    let is_conv = |m: &ModuleWeights| m.is_conv() || crate::keys::is_unet_conv_name(&m.layer);
+    let any_linear = modules.iter().any(|m| !is_conv(m));
+    for m in modules.iter().filter(|m| !any_linear || !is_conv(m)) {
         if let Some(r) = m.rank() {
             dims.push((r, effective_alpha(m.alpha(), r)));
         }

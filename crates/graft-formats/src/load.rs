@@ -100,7 +100,7 @@ pub fn detect(raw: &RawFile) -> Option<AdapterFormat> {
     if kohya >= peft {
         let lycoris = raw.keys().any(|k| {
             k.split_once('.').is_some_and(|(_, s)| {
-                s.starts_with("hada_") || s.starts_with("lokr_") || s == "diff" || s == "dora_scale"
+                s.starts_with("hada_") || s.starts_with("lokr_") || s == "diff" || s == "dora_scale" || s == "lora_mid.weight"
             })
         });
         Some(if lycoris {
@@ -177,7 +177,7 @@ pub fn read_raw(raw: &RawFile, keys: &KeyMap) -> Result<(AdapterFile, LoadReport
         // A kohya-family file with anything but plain LoRA is a LyCORIS file.
         AdapterFormat::Kohya | AdapterFormat::Lycoris => {
             let plain = parsed.modules.iter().all(|m| {
-                matches!(m.weights, AdapterWeights::Lora { .. }) && m.dora_scale.is_none()
+                matches!(m.weights, AdapterWeights::Lora { mid: None, .. }) && m.dora_scale.is_none()
             });
             if plain {
                 AdapterFormat::Kohya

@@ -276,14 +276,21 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             weights: AdapterWeights::Lora {
                 down,
                 up,
+                mid: None,
                 alpha: alpha.map(|a| a as f32),
             },
             dora_scale,
         };
-        let in_out = keys.layer(&layer).and_then(|l| l.in_out);
+        let entry = keys.layer(&layer);
+        let in_out = entry.and_then(|l| l.in_out);
         module
             .validate(in_out)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", raw.path.display())))?;
+        if let Some(l) = entry.filter(|l| l.kind.is_some()) {
+            module
+                .validate_kernel(l.kernel)
+                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", raw.path.display())))?;
+        }
         parsed.modules.push(module);
     }
     if configs.is_none() && !alpha_tensors && !parsed.modules.is_empty() {
@@ -306,7 +313,7 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
     // component prefix -> module path -> (rank, alpha)
     let mut per_component: BTreeMap<&str, BTreeMap<String, (usize, f64)>> = BTreeMap::new();
     for m in modules {
-        let AdapterWeights::Lora { down, up, alpha } = &m.weights else {
+        let AdapterWeights::Lora { down, up, alpha, .. } = &m.weights else {
             bail!(
                 "{}: cannot write `{}` to a PEFT file: it is a {} entry, PEFT files hold plain LoRA",
                 path.display(),
@@ -314,6 +321,13 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
                 m.kind()
             );
         };
+        if m.is_conv() || crate::keys::is_unet_conv_name(&m.layer) {
+            bail!(
+                "{}: `{}` is a conv (LoCon) entry; graft writes those to kohya / LyCORIS files only",
+                path.display(),
+                m.layer
+            );
+        }
         if m.dora_scale.is_some() {
             bail!(
                 "{}: `{}` has a DoRA magnitude; graft writes DoRA to LyCORIS files only",

@@ -41,8 +41,8 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub use graft_abi::{
-    AttentionKind, BlockKind, BlockPosition, Component, ErrorKind, Init, InitKind, LayerInfo,
-    LayerKind, LogLevel, TensorId, ABI_VERSION,
+    AttentionKind, BlockKind, BlockPosition, Component, ConvGeometry, ErrorKind, Init, InitKind,
+    LayerInfo, LayerKind, LogLevel, TensorId, ABI_VERSION,
 };
 pub use layers::LayerMatcher;
 pub use ops::{Inputs, Ops, Tensor};

@@ -284,8 +284,12 @@ impl Directive {
 /// What one layer exports (see `graft_abi::ExportForm` for the key families).
 #[derive(Debug, Clone)]
 pub enum Export<'o> {
-    /// Standard LoRA: the host writes kohya or PEFT keys. `down` [r, in], `up` [out, r].
+    /// Standard LoRA: the host writes kohya or PEFT keys. `down` [r, in], `up` [out, r]. On a
+    /// conv layer (LoCon, kohya keys only): `down` [r, in, kh, kw], `up` [out, r, 1, 1].
     Lora { down: Tensor<'o>, up: Tensor<'o>, alpha: f64 },
+    /// LoCon with LyCORIS' Tucker decomposition on a conv layer: `down` [r, in, 1, 1], `mid`
+    /// [r, r, kh, kw], `up` [out, r, 1, 1]; `dW[o, i] = alpha / r * Σ up[o, a] mid[a, b] down[b, i]`.
+    Tucker { down: Tensor<'o>, mid: Tensor<'o>, up: Tensor<'o>, alpha: f64 },
     /// DoRA: a LoRA with a magnitude [out, 1] (or [out]), `W' = magnitude * (W + dW) /
     /// ||W + dW||` per output row. The host writes a LyCORIS file (kohya keys plus
     /// `dora_scale`) that A1111, ComfyUI and `graft generate` apply.
@@ -306,6 +310,9 @@ impl Export<'_> {
         let (family, tensors, alpha): (&str, RVec<abi::NamedTensor>, ROption<f64>) = match self {
             Export::Lora { down, up, alpha } => {
                 ("lora", named(vec![("down".into(), down), ("up".into(), up)]), RSome(alpha))
+            }
+            Export::Tucker { down, mid, up, alpha } => {
+                ("lora", named(vec![("down".into(), down), ("mid".into(), mid), ("up".into(), up)]), RSome(alpha))
             }
             Export::Dora { down, up, alpha, magnitude } => (
                 "lora",

@@ -184,6 +184,7 @@ fn info(component: Component, kind: LayerKind, layer: usize, attention: Option<A
         out_features: 0,
         block: BlockPosition::TextLayer(layer),
         attention,
+        conv: None,
     }
 }
 

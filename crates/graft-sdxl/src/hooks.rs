@@ -1,7 +1,8 @@
 //! Named hook points.
 //!
-//! Every `Linear` inside the UNet's transformer blocks and inside both text encoders, and every
-//! attention module, is a hook point. A model registers its hook points in a [`HookRegistry`] while
+//! Every `Linear` inside the UNet's transformer blocks and inside both text encoders, every
+//! attention module, and the UNet's convolutions (resnet `conv1` / `conv2` / `conv_shortcut`,
+//! down- and upsampler `conv`, and `proj_in` / `proj_out` where they are 1x1 convs) is a hook point. A model registers its hook points in a [`HookRegistry`] while
 //! it is built (so the list comes from the same code path as the forward, and a model built with
 //! [`crate::varbuilder::shape_only`] lists them without loading any weight). Forward passes take a
 //! `&dyn Hooks`; a layer with nothing attached runs exactly the base computation.
@@ -32,6 +33,17 @@ impl Component {
 pub enum LayerKind {
     Linear,
     Attention,
+    /// A 2-d convolution: its weight is [out, in, kh, kw], its geometry in [`LayerInfo::conv`].
+    Conv,
+}
+
+/// The geometry of a convolution hook point (groups 1, dilation 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConvInfo {
+    /// (kh, kw)
+    pub kernel: (usize, usize),
+    pub stride: usize,
+    pub padding: usize,
 }
 
 /// Where a hook point sits: UNet down/mid/up block with its index, or a text-encoder layer.
@@ -57,15 +69,30 @@ pub struct LayerInfo {
     pub name: String,
     pub kind: LayerKind,
     pub component: Component,
-    /// Linear: in / out features. Attention: the query dimension for both.
+    /// Linear: in / out features. Attention: the query dimension for both. Conv: in / out
+    /// channels.
     pub in_features: usize,
     pub out_features: usize,
     pub block: BlockPosition,
     /// For attention modules and the linears inside them.
     pub attention: Option<AttentionKind>,
+    /// For convolutions: kernel, stride, padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv: Option<ConvInfo>,
 }
 
-/// The base weight of a linear hook point, shared between the module and the registry so the host
+impl LayerInfo {
+    /// The shape of the base weight: [out, in] or [out, in, kh, kw]; none for attention modules.
+    pub fn weight_shape(&self) -> Option<Vec<usize>> {
+        match (self.kind, self.conv) {
+            (LayerKind::Linear, _) => Some(vec![self.out_features, self.in_features]),
+            (LayerKind::Conv, Some(c)) => Some(vec![self.out_features, self.in_features, c.kernel.0, c.kernel.1]),
+            _ => None,
+        }
+    }
+}
+
+/// The base weight of a linear (or conv: [out, in, kh, kw]) hook point, shared between the module and the registry so the host
 /// can swap it (fuse / unfuse, unfreeze as a `Var`) without walking the model.
 #[derive(Debug, Clone)]
 pub struct LinearWeights {
@@ -120,6 +147,14 @@ impl HookRegistry {
         self.layers.len() - 1
     }
 
+    /// A convolution hook point; its weights are [out, in, kh, kw] and the bias [out].
+    pub fn register_conv(&mut self, info: LayerInfo, weights: SharedLinear) -> LayerIndex {
+        debug_assert_eq!(info.kind, LayerKind::Conv);
+        self.layers.push(info);
+        self.weights.push(Some(weights));
+        self.layers.len() - 1
+    }
+
     pub fn register_attention(&mut self, info: LayerInfo) -> LayerIndex {
         debug_assert_eq!(info.kind, LayerKind::Attention);
         self.layers.push(info);
@@ -143,7 +178,7 @@ impl HookRegistry {
         self.layers.iter().position(|l| l.name == name)
     }
 
-    /// The shared base weights of a linear hook point (`None` for attention modules).
+    /// The shared base weights of a linear or conv hook point (`None` for attention modules).
     pub fn linear_weights(&self, index: LayerIndex) -> Option<&SharedLinear> {
         self.weights.get(index).and_then(|w| w.as_ref())
     }
@@ -188,6 +223,13 @@ pub trait Hooks {
     /// A linear hook point: `input` [.., in], `base_out` = input @ W^T + b. Returns the output to
     /// use instead of `base_out`.
     fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> Result<Tensor>;
+
+    /// A convolution hook point: `input` [b, in, h, w] exactly as the base convolution read it,
+    /// with `padding` (the layer's, or 0 when the model padded `input` itself) and the layer's
+    /// stride; `base_out` = conv(input, W) + b. Returns the output to use instead of `base_out`.
+    fn conv(&self, _layer: LayerIndex, _input: &Tensor, _padding: usize, base_out: Tensor) -> Result<Tensor> {
+        Ok(base_out)
+    }
 
     /// An attention hook point: its input hidden states, its context (`None` for self-attention)
     /// and its output (after `to_out`). Returns the output to use instead.

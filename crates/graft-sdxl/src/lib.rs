@@ -23,7 +23,7 @@ pub mod unet;
 pub mod vae;
 pub mod varbuilder;
 
-pub use hooks::{Component, HookRegistry, Hooks, LayerInfo, LayerKind, NoHooks};
+pub use hooks::{Component, ConvInfo, HookRegistry, Hooks, LayerInfo, LayerKind, NoHooks};
 pub use model::{SdxlConfig, SdxlModel};
 pub use pipeline::{GenerateParams, PipelineHooks};
 pub use precision::WeightDtype;

@@ -307,21 +307,92 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.0.config();
-        if c.groups == 1 && c.dilation == 1 && crate::fused::supports_conv2d(x, self.weight(), self.bias()) {
-            return crate::fused::conv2d(x, self.weight(), self.bias(), c.padding, c.stride);
+        if c.groups != 1 || c.dilation != 1 {
+            return self.0.forward(x);
         }
-        let frozen = !self.weight().track_op() && !self.bias().is_some_and(|b| b.track_op());
-        if c.groups == 1 && c.dilation == 1 && frozen {
-            return frozen_conv2d(x, self.weight(), self.bias(), c.padding, c.stride);
+        conv2d_forward(x, self.weight(), self.bias(), c.padding, c.stride)
+    }
+}
+
+/// `conv2d(x, w) + b` (groups 1, dilation 1) on the fastest path the tensors allow: the fused CPU
+/// kernel, a frozen-kernel op, or candle's differentiable conv (a trained kernel).
+pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    if crate::fused::supports_conv2d(x, w, b) {
+        return crate::fused::conv2d(x, w, b, padding, stride);
+    }
+    let frozen = !w.track_op() && !b.is_some_and(|b| b.track_op());
+    if frozen {
+        return frozen_conv2d(x, w, b, padding, stride);
+    }
+    // A trained kernel (unfrozen base weight): candle's conv, in the activations' dtype.
+    let y = x.conv2d(&w.to_dtype(x.dtype())?, padding, stride, 1, 1)?;
+    match b {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// A convolution that is a hook point (UNet resnets, resamplers, conv projections). Its kernel
+/// [out, in, kh, kw] and bias are shared with the registry like a [`HookedLinear`]'s, so the host
+/// can fuse or unfreeze them. With nothing attached it runs exactly [`Conv2d`]'s computation.
+#[derive(Debug, Clone)]
+pub struct HookedConv2d {
+    index: LayerIndex,
+    weights: Arc<RwLock<LinearWeights>>,
+    geometry: crate::hooks::ConvInfo,
+}
+
+impl HookedConv2d {
+    /// Loads `weight` and `bias` under `vb` and registers the hook point, named by
+    /// `info.component`'s prefix and `vb`'s path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        registry: &mut HookRegistry,
+        mut info: LayerInfo,
+    ) -> Result<Self> {
+        // Same loading (and shape-only init) as candle-nn's conv2d.
+        let plain = conv2d(vb.clone(), in_channels, out_channels, kernel, stride, padding)?;
+        let geometry = crate::hooks::ConvInfo { kernel: (kernel, kernel), stride, padding };
+        info.name = format!("{}.{}", info.component.prefix(), vb.prefix());
+        info.kind = LayerKind::Conv;
+        info.in_features = in_channels;
+        info.out_features = out_channels;
+        info.conv = Some(geometry);
+        let weights = Arc::new(RwLock::new(LinearWeights { weight: plain.weight().clone(), bias: plain.bias().cloned() }));
+        let index = registry.register_conv(info, weights.clone());
+        Ok(Self { index, weights, geometry })
+    }
+
+    pub fn index(&self) -> LayerIndex {
+        self.index
+    }
+
+    /// The kernel and bias now (a fused or unfrozen kernel included).
+    pub fn weights(&self) -> LinearWeights {
+        self.weights.read().expect("conv weights lock poisoned").clone()
+    }
+
+    pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        self.forward_padded(x, self.geometry.padding, hooks)
+    }
+
+    /// The convolution of `x` with `padding` instead of the layer's (an input the caller padded).
+    pub fn forward_padded(&self, x: &Tensor, padding: usize, hooks: &dyn Hooks) -> Result<Tensor> {
+        let base = {
+            let w = self.weights.read().expect("conv weights lock poisoned");
+            conv2d_forward(x, &w.weight, w.bias.as_ref(), padding, self.geometry.stride)?
+        };
+        if hooks.attached(self.index) {
+            hooks.conv(self.index, x, padding, base)
+        } else {
+            Ok(base)
         }
-        if self.weight().dtype() != x.dtype() || self.bias().is_some_and(|b| b.dtype() != x.dtype()) {
-            // Off the fused path, the kernel (half precision) or the bias (f32) in the
-            // activations' dtype for this call.
-            let bias = self.bias().map(|b| b.to_dtype(x.dtype())).transpose()?;
-            let conv = candle_nn::Conv2d::new(self.weight().to_dtype(x.dtype())?, bias, *c);
-            return conv.forward(x);
-        }
-        self.0.forward(x)
     }
 }
 

@@ -47,6 +47,7 @@ impl Adapters {
                 LayerKind::Attention => {
                     gates.insert(i, Var::from_tensor(&Tensor::new(&[0.3f32], dev).unwrap()).unwrap());
                 }
+                LayerKind::Conv => panic!("the text encoders have no conv hook points"),
             }
         }
         Self { lora, gates }

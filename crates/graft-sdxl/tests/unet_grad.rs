@@ -1,5 +1,6 @@
-//! Gradients reach every hook point of the tiny UNet: a LoRA on every linear hook point and a gated
-//! additive term on every attention hook point must all receive a non-zero gradient. This catches
+//! Gradients reach every hook point of the tiny UNet: a LoRA on every linear hook point, a kernel
+//! difference on every conv hook point and a gated additive term on every attention hook point
+//! must all receive a non-zero gradient. This catches
 //! a non-differentiable op (softmax, layer norm, resampling) anywhere downstream of a hook. A
 //! finite-difference check then verifies the size of a gradient that flows back through the
 //! odd-size resamplers.
@@ -22,6 +23,8 @@ enum Adapter {
     Lora { down: Var, up: Var },
     /// out = out + gate * hidden
     Gate { gate: Var },
+    /// out = conv(x, W + delta): base + conv(x, delta) with the layer's stride
+    Conv { delta: Var, stride: usize },
 }
 
 impl Adapter {
@@ -29,6 +32,7 @@ impl Adapter {
         match self {
             Adapter::Lora { down, up } => vec![("lora_down", down), ("lora_up", up)],
             Adapter::Gate { gate } => vec![("gate", gate)],
+            Adapter::Conv { delta, .. } => vec![("delta", delta)],
         }
     }
 }
@@ -56,6 +60,13 @@ impl TestHooks {
                 LayerKind::Attention => Adapter::Gate {
                     gate: Var::from_tensor(&Tensor::new(0.1f32, dev)?.to_dtype(dtype)?)?,
                 },
+                LayerKind::Conv => {
+                    let g = layer.conv.expect("conv geometry");
+                    let shape = (layer.out_features, layer.in_features, g.kernel.0, g.kernel.1);
+                    let flat = randn(shape.0, shape.1 * shape.2 * shape.3)?;
+                    let delta = Var::from_tensor(&(flat.as_tensor().reshape(shape)? * 0.1)?)?;
+                    Adapter::Conv { delta, stride: g.stride }
+                }
             });
         }
         Ok(Self { adapters })
@@ -77,6 +88,13 @@ impl Hooks for TestHooks {
                 up.as_tensor(),
                 None,
             )?
+    }
+
+    fn conv(&self, layer: LayerIndex, input: &Tensor, padding: usize, base_out: Tensor) -> Result<Tensor> {
+        let Adapter::Conv { delta, stride } = &self.adapters[layer] else {
+            candle_core::bail!("layer {layer} is not a conv")
+        };
+        base_out + input.conv2d(delta.as_tensor(), padding, *stride, 1, 1)?
     }
 
     fn attention(

@@ -561,6 +561,39 @@ impl Hooks for ComponentHooks<'_> {
         self.set.dispatch(g, base_out.clone(), |inst, cx| inst.forward_linear(cx, info, w.as_ref(), &input, &base_out))?.to_dtype(dtype)
     }
 
+    /// `base_out + conv(x, Σ m·ΔW)`: each attached strategy's kernel difference (its
+    /// `delta_weight`) at its weight, in one extra convolution with the layer's stride, the same
+    /// math as convolving with `W + Σ m·ΔW`. Gradients reach the adapters through the kernel.
+    fn conv(&self, layer: LayerIndex, input: &Tensor, padding: usize, base_out: Tensor) -> Result<Tensor> {
+        let g = self.offset + layer;
+        let set = self.set;
+        let info = &set.layers[g];
+        let stride = info.conv().map_or(1, |c| c.stride as usize);
+        let w = set.base(g);
+        let mut total: Option<Tensor> = None;
+        for s in set.table[g].iter().copied().filter(|&s| !set.failed(s)) {
+            let delta = {
+                let mut rng = set.rng.lock().expect("rng lock");
+                let mut cx = set.cx(&mut rng);
+                set.strategies[s].instance.conv_delta(&mut cx, info, w.as_ref())
+            };
+            match delta {
+                Ok(d) => {
+                    let d = (d * set.weight_of(s, g))?;
+                    total = Some(match total {
+                        Some(t) => (t + d)?,
+                        None => d,
+                    });
+                }
+                Err(e) => set.fail(s, e),
+            }
+        }
+        let Some(delta) = total else { return Ok(base_out) };
+        let dtype = base_out.dtype();
+        let extra = f32(input)?.conv2d(&delta, padding, stride, 1, 1)?;
+        (f32(&base_out)? + extra)?.to_dtype(dtype)
+    }
+
     fn attention(&self, layer: LayerIndex, hidden: &Tensor, context: Option<&Tensor>, out: Tensor) -> Result<Tensor> {
         let g = self.offset + layer;
         let info = &self.set.layers[g];

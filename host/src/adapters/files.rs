@@ -13,6 +13,10 @@
 //!   the user's weight, summed into one `ΔW` [out, in] (DoRA's depends on the base weight: it is
 //!   computed against the weight at attach time), and `diff_b` into `Δb`.
 //!
+//! At a conv hook point (LoCon, LyCORIS Tucker) every entry is its kernel difference, summed into
+//! one `ΔW` [out, in, kh, kw], and the output becomes `out + conv(x, ΔW)` with the layer's stride
+//! and padding: the same as convolving with `W + ΔW`.
+//!
 //! This is the A1111 / ComfyUI rule: the base weight plus the sum of every adapter's weighted
 //! difference; kohya and PEFT compute a LoRA the same way (`W x + m·(alpha/r)·up(down(x))`).
 //!
@@ -234,10 +238,14 @@ impl FileAdapters {
                 bail!("{}: layer `{}` is not a linear hook point of this model", path.display(), module.layer);
             };
             let Some(slot) = self.slots[c][i].as_ref() else {
-                bail!("{}: layer `{}` is an attention module, not a linear layer", path.display(), module.layer);
+                bail!("{}: layer `{}` is an attention module, not a linear or conv layer", path.display(), module.layer);
             };
             let (inp, out) = (slot.info.in_features, slot.info.out_features);
             module.validate(Some((inp, out))).with_context(|| path.display().to_string())?;
+            module.validate_kernel(slot.info.conv.map(|k| k.kernel)).with_context(|| path.display().to_string())?;
+            if slot.info.conv.is_some() && module.dora_scale.is_some() {
+                bail!("{}: `{}`: DoRA on a convolution is not supported", path.display(), module.layer);
+            }
             touched.push((c, i, m));
         }
         let was_fused = self.is_fused();
@@ -336,8 +344,17 @@ impl FileAdapters {
                 continue;
             }
             let module = &ad.file.modules[m];
+            if slot.info.conv.is_some() {
+                // A conv: every entry as its kernel difference, shaped like the base kernel.
+                let d = module.delta_weight(weight)?.reshape(base.shape())?;
+                delta = Some(match delta {
+                    Some(t) => (t + d)?,
+                    None => d,
+                });
+                continue;
+            }
             match (&module.weights, &module.dora_scale) {
-                (AdapterWeights::Lora { down, up, .. }, None) => {
+                (AdapterWeights::Lora { down, up, mid: None, .. }, None) if down.rank() == 2 => {
                     let scale = module.scale() * weight;
                     downs.push(down.to_dtype(DType::F32)?);
                     ups.push((up.to_dtype(DType::F32)? * scale)?);
@@ -411,6 +428,22 @@ impl FileAdapters {
         };
         if let Some(b) = &k.bias {
             out = out.broadcast_add(&b.to_dtype(out.dtype())?)?;
+        }
+        Ok(out)
+    }
+
+    /// Adds the file adapters' contribution at conv hook point `layer`: `out + conv(x, ΔW)`.
+    fn apply_conv(&self, c: usize, layer: LayerIndex, input: &Tensor, padding: usize, out: Tensor) -> Result<Tensor> {
+        let Some(Some(slot)) = self.slots[c].get(layer) else { return Ok(out) };
+        let (Some(k), None) = (&slot.compiled, &slot.fused) else { return Ok(out) };
+        let stride = slot.info.conv.map_or(1, |g| g.stride);
+        let mut out = out;
+        if let Some(d) = &k.delta {
+            let y = input.to_dtype(DType::F32)?.conv2d(d, padding, stride, 1, 1)?.to_dtype(out.dtype())?;
+            out = (out + y)?;
+        }
+        if let Some(b) = &k.bias {
+            out = out.broadcast_add(&b.to_dtype(out.dtype())?.reshape((1, (), 1, 1))?)?;
         }
         Ok(out)
     }
@@ -497,6 +530,11 @@ impl Hooks for ComponentFileHooks<'_> {
     fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> Result<Tensor> {
         let out = if self.inner.attached(layer) { self.inner.linear(layer, input, base_out)? } else { base_out };
         self.files.apply(self.c, layer, input, out)
+    }
+
+    fn conv(&self, layer: LayerIndex, input: &Tensor, padding: usize, base_out: Tensor) -> Result<Tensor> {
+        let out = if self.inner.attached(layer) { self.inner.conv(layer, input, padding, base_out)? } else { base_out };
+        self.files.apply_conv(self.c, layer, input, padding, out)
     }
 
     fn attention(&self, layer: LayerIndex, hidden: &Tensor, context: Option<&Tensor>, out: Tensor) -> Result<Tensor> {

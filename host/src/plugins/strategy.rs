@@ -26,6 +26,11 @@ pub fn layer_to_abi(l: &hooks::LayerInfo) -> abi::LayerInfo {
     let kind = match l.kind {
         hooks::LayerKind::Linear => abi::LayerKind::LINEAR,
         hooks::LayerKind::Attention => abi::LayerKind::ATTENTION,
+        hooks::LayerKind::Conv => abi::LayerKind::CONV,
+    };
+    let extra = match l.conv {
+        Some(c) => abi::ConvGeometry { kernel: [c.kernel.0 as u64, c.kernel.1 as u64], stride: c.stride as u64, padding: c.padding as u64 }.to_json(),
+        None => String::new(),
     };
     let block = match l.block {
         hooks::BlockPosition::Down(i) => abi::BlockPosition { kind: abi::BlockKind::DOWN, index: i as u32 },
@@ -46,7 +51,7 @@ pub fn layer_to_abi(l: &hooks::LayerInfo) -> abi::LayerInfo {
         out_features: l.out_features as u64,
         block,
         attention,
-        extra: "".into(),
+        extra: extra.into(),
     }
 }
 
@@ -278,7 +283,8 @@ impl StrategyInstance {
         Ok(t)
     }
 
-    /// The layer's adapter as a weight difference [out, in], when the strategy has one.
+    /// The layer's adapter as a weight difference of the base weight's shape ([out, in], or
+    /// [out, in, kh, kw] at a conv hook point), when the strategy has one.
     pub fn delta_weight(
         &self,
         cx: &mut CallContext<'_>,
@@ -292,16 +298,38 @@ impl StrategyInstance {
             return Ok(None);
         };
         let t = ops.tensor(id).map_err(|e| self.fail("delta_weight", name, ErrorKind::OP, format!("returned {}", e.message)))?;
-        let want = [layer.out_features as usize, layer.in_features as usize];
-        if t.dims() != want {
+        let want: Vec<usize> = match layer.weight_shape() {
+            Some(s) => s.iter().map(|&d| d as usize).collect(),
+            None => vec![layer.out_features as usize, layer.in_features as usize],
+        };
+        if t.dims() != want.as_slice() {
+            let what = if layer.is_conv() { "[out, in, kh, kw]" } else { "[out, in]" };
             return Err(self.fail(
                 "delta_weight",
                 name,
                 ErrorKind::OP,
-                format!("returned a tensor of shape {:?}, expected [out, in] = {want:?}", t.dims()),
+                format!("returned a tensor of shape {:?}, expected {what} = {want:?}", t.dims()),
             ));
         }
         Ok(Some(t))
+    }
+
+    /// The kernel difference [out, in, kh, kw] at a conv hook point: conv hook points run
+    /// through `delta_weight` (the host convolves), so a strategy without one there fails.
+    pub fn conv_delta(
+        &self,
+        cx: &mut CallContext<'_>,
+        layer: &abi::LayerInfo,
+        base: Option<&LinearWeights>,
+    ) -> Result<Tensor, PluginError> {
+        self.delta_weight(cx, layer, base)?.ok_or_else(|| {
+            self.fail(
+                "delta_weight",
+                Some(layer.name()),
+                ErrorKind::UNSUPPORTED,
+                "returned none at a conv hook point (the host applies conv adapters as kernel differences: delta_weight must give one)",
+            )
+        })
     }
 
     /// What the strategy saves for one layer.

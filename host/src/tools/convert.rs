@@ -131,6 +131,18 @@ pub fn to_lora(modules: Vec<ModuleWeights>, rank: Option<usize>, path: &Path) ->
                 m.layer
             );
         }
+        if super::is_conv_entry(&m) {
+            if rank.is_none() && matches!(m.weights, AdapterWeights::Lora { mid: None, .. }) {
+                out.push(m);
+                continue;
+            }
+            bail!(
+                "{}: `{}` is a conv (LoCon{}) entry: it has no PEFT / native form here and is not resized by SVD                  (convert --to kohya or --to lycoris without --rank)",
+                path.display(),
+                m.layer,
+                if matches!(m.weights, AdapterWeights::Lora { mid: Some(_), .. }) { ", Tucker" } else { "" }
+            );
+        }
         if let AdapterWeights::Full { diff_b: Some(_), .. } = &m.weights {
             bail!("{}: `{}` has a bias difference (`diff_b`), which a LoRA cannot hold (convert --to lycoris)", path.display(), m.layer);
         }
@@ -188,9 +200,16 @@ pub fn write_kohya_diffusers(path: &Path, modules: &[ModuleWeights], meta: &Kohy
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut dims = Vec::new();
     for m in modules {
-        let AdapterWeights::Lora { down, up, alpha } = &m.weights else {
+        let AdapterWeights::Lora { down, up, alpha, mid: None } = &m.weights else {
             bail!("{}: `{}` is a {} entry, not a LoRA", path.display(), m.layer, m.kind());
         };
+        // Conv factors are kernels ([r, in, kh, kw] down, [out, r, 1, 1] up).
+        let conv = super::is_conv_entry(m);
+        let four = |t: &Tensor| match t.dims() {
+            [a, b] if conv => t.reshape((*a, *b, 1, 1)),
+            _ => Ok(t.clone()),
+        };
+        let (down, up) = (&four(down)?, &four(up)?);
         let (component, module) = split_layer(&m.layer).with_context(|| format!("`{}` is not a graft layer name", m.layer))?;
         let name = format!("{}{}", kohya_prefix(component), module.replace('.', "_"));
         let r = down.dims()[0];
@@ -224,6 +243,9 @@ pub fn write_lora_native(path: &Path, modules: &[ModuleWeights], plugins: &Plugi
         let AdapterWeights::Lora { down, up, .. } = &m.weights else {
             bail!("{}: `{}` is not a LoRA entry", path.display(), m.layer);
         };
+        if super::is_conv_entry(m) {
+            bail!("{}: `{}` is a conv (LoCon) entry, which the native writer does not take", path.display(), m.layer);
+        }
         let (r, inp) = down.dims2()?;
         let out_f = up.dims2()?.0;
         let up = (up.to_dtype(candle_core::DType::F32)? * m.scale())?;

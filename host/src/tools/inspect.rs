@@ -118,7 +118,10 @@ pub fn inspect(args: &InspectArgs) -> anyhow::Result<Value> {
 }
 
 fn layer_json(a: &Attached, m: &graft_formats::ModuleWeights) -> Value {
-    let shape = m.weight_shape().ok().map(|(o, i)| vec![o, i]);
+    let shape = m.weight_shape().ok().map(|(o, i)| match m.kernel() {
+        Some((kh, kw)) => vec![o, i, kh, kw],
+        None => vec![o, i],
+    });
     json!({
         "layer": a.layer,
         "kind": a.kind.name(),

@@ -213,6 +213,9 @@ fn into_adapter(args: &MergeArgs, layout: &graft_sdxl::sgm::SgmLayout, by_layer:
         if entries.is_empty() {
             continue;
         }
+        if entries.iter().any(|(m, _)| super::is_conv_entry(m)) {
+            bail!("`{layer}`: conv (LoCon) entries cannot be merged into an adapter; merge into a checkpoint with --model");
+        }
         if let Some((m, _)) = entries.iter().find(|(m, _)| m.dora_scale.is_some()) {
             bail!(
                 "`{layer}`: a DoRA entry ({}) depends on the base weights, so it cannot be merged into an adapter; \

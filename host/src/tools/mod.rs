@@ -188,9 +188,14 @@ pub fn stored_dtype(path: &Path) -> StoreDtype {
     }
 }
 
-/// True for a plain LoRA entry (no DoRA).
+/// True for a plain LoRA entry of a linear layer (no DoRA, not a conv LoCon).
 pub fn is_plain_lora(m: &ModuleWeights) -> bool {
-    matches!(m.weights, AdapterWeights::Lora { .. }) && m.dora_scale.is_none()
+    matches!(m.weights, AdapterWeights::Lora { .. }) && m.dora_scale.is_none() && !is_conv_entry(m)
+}
+
+/// True for a conv entry (LoCon, Tucker, or LoRA factors of a UNet convolution).
+pub fn is_conv_entry(m: &ModuleWeights) -> bool {
+    m.is_conv() || graft_formats::keys::is_unet_conv_name(&m.layer)
 }
 
 /// The name of a file without folder and extension (`.safetensors`, `.graft.safetensors`, `.peft.safetensors`).

@@ -5,6 +5,7 @@
 //! | family | tensors | file(s) |
 //! |---|---|---|
 //! | `lora` | `down` [r, in], `up` [out, r] (+ alpha) | `{name}.safetensors` (kohya: SGM names, `.alpha`, `ss_*` / `modelspec.*` metadata, `sshs_*` hashes) and `{name}.peft.safetensors` (PEFT / diffusers, alpha in `lora_adapter_metadata`) |
+//! | `lora` on a conv | `down` [r, in, kh, kw], `up` [out, r, 1, 1] (+ alpha); Tucker: `down` [r, in, 1, 1], `mid` [r, r, kh, kw] | LoCon keys in `{name}.safetensors` (kohya, `conv_dim` / `conv_alpha` in `ss_network_args`; with `mid` a LyCORIS file, `use_tucker`); no PEFT file |
 //! | `diff` | `diff` [out, in] (+ `diff_b` [out]) | `{name}.safetensors`, a LyCORIS file (full `diff` entries, beside any `lora` ones) |
 //! | `native` | any | `{name}.graft.safetensors`, metadata `graft.strategy` / `graft.version` / `graft.config` |
 //!
@@ -86,22 +87,32 @@ pub fn write_exports(
     if exported.is_empty() && base_diffs.is_empty() {
         bail!("strategy `{}` exported nothing: no layer gave an export and no base weight was unfrozen", source.id);
     }
+    let info = |layer: &str| -> anyhow::Result<&abi::LayerInfo> {
+        layers.iter().find(|l| l.name() == layer).with_context(|| format!("layer `{layer}` is not a hook point of this model"))
+    };
     let in_out = |layer: &str| -> anyhow::Result<(usize, usize)> {
-        let l = layers
-            .iter()
-            .find(|l| l.name() == layer)
-            .with_context(|| format!("layer `{layer}` is not a hook point of this model"))?;
+        let l = info(layer)?;
         Ok((l.in_features as usize, l.out_features as usize))
     };
 
     let mut linear = Vec::new();
     let mut native = Vec::new();
+    // (rank, alpha) of the conv (LoCon) entries, and whether one is Tucker.
+    let mut conv_dims: Option<(usize, f32)> = None;
+    let mut tucker = false;
     for (layer, e) in exported {
         let module = module_of(layer, e).with_context(|| format!("layer `{layer}`"))?;
         if matches!(module.weights, AdapterWeights::Native { .. }) {
             native.push(module);
         } else {
             module.validate(Some(in_out(layer)?))?;
+            let kernel = info(layer)?.conv().map(|g| (g.kernel[0] as usize, g.kernel[1] as usize));
+            module.validate_kernel(kernel).with_context(|| format!("layer `{layer}`"))?;
+            if kernel.is_some() {
+                let r = module.rank().unwrap_or(0);
+                conv_dims.get_or_insert((r, module.alpha().unwrap_or(r as f32)));
+                tucker |= matches!(module.weights, AdapterWeights::Lora { mid: Some(_), .. });
+            }
             linear.push(module);
         }
     }
@@ -112,17 +123,29 @@ pub fn write_exports(
         base.push(m);
     }
 
-    let kohya = kohya_metadata(source, name, meta);
+    let mut kohya = kohya_metadata(source, name, meta);
+    if let Some((r, a)) = conv_dims {
+        // kohya's LoCon arguments (strings, as kohya writes them).
+        kohya.network_args.insert("conv_dim".into(), r.to_string().into());
+        kohya.network_args.insert("conv_alpha".into(), graft_formats::metadata::py_float(a as f64).into());
+        if tucker {
+            kohya.network_args.insert("use_tucker".into(), "True".into());
+        }
+    }
     let mut written = Vec::new();
     if !linear.is_empty() {
         let path = out_dir.join(format!("{name}.safetensors"));
-        let plain = linear.iter().all(|m| matches!(m.weights, AdapterWeights::Lora { .. }) && m.dora_scale.is_none());
+        let plain = linear.iter().all(|m| matches!(m.weights, AdapterWeights::Lora { mid: None, .. }) && m.dora_scale.is_none());
         if plain {
             graft_formats::write_kohya(&path, &linear, &meta.sgm_layout, &kohya, StoreDtype::F32)?;
             written.push(path);
-            let peft = out_dir.join(format!("{name}.peft.safetensors"));
-            graft_formats::write_peft(&peft, &linear, StoreDtype::F32)?;
-            written.push(peft);
+            if conv_dims.is_none() {
+                let peft = out_dir.join(format!("{name}.peft.safetensors"));
+                graft_formats::write_peft(&peft, &linear, StoreDtype::F32)?;
+                written.push(peft);
+            } else {
+                tracing::info!("{}: LoCon (conv) layers: a kohya file only, no PEFT file", out_dir.join(format!("{name}.safetensors")).display());
+            }
         } else {
             tracing::info!(
                 "{}: {}: a LyCORIS file (kohya key names; A1111, ComfyUI and graft read it), no PEFT file",
@@ -197,7 +220,19 @@ fn module_of(layer: &str, e: &ExportedLayer) -> anyhow::Result<ModuleWeights> {
                     bail!("alpha {a} must be finite and >= 0");
                 }
             }
+            let mid = take("mid");
+            // Kernels as the readers hold them: 1x1 factors as matrices ([out, r, 1, 1] up,
+            // a Tucker [r, in, 1, 1] down); a k x k LoCon down stays [r, in, kh, kw].
+            let (down, up) = (graft_formats::read::as_matrix(&down)?, graft_formats::read::as_matrix(&up)?);
+            if let Some(m) = &mid {
+                if m.rank() != 4 {
+                    bail!("`mid` must be a [r, r, kh, kw] kernel, got shape {:?}", m.dims());
+                }
+            }
             let mut m = ModuleWeights::lora(layer, down, up, e.alpha.map(|a| a as f32));
+            if let AdapterWeights::Lora { mid: slot, .. } = &mut m.weights {
+                *slot = mid;
+            }
             m.dora_scale = take("dora_scale");
             m
         }

@@ -18,6 +18,14 @@
 //!   `export` gives `down`, `up` and an alpha in the `lora` key family (kohya / PEFT files): the
 //!   multiplier is folded into `up`, and rsLoRA's scale into alpha (alpha' = scale * r), so a
 //!   reader that applies alpha' / r gets the same weights.
+//! - Conv adapters (LoCon, kohya's `conv_dim`): with `conv_rank` > 0 every conv hook point that
+//!   `conv_targets` selects (the UNet's resnet, resampler and conv projection convolutions) gets
+//!   `dW = m * conv_alpha / conv_rank * reshape(up @ down)`, down [r, in*kh*kw] (the k x k
+//!   kernel, kaiming-uniform), up [out, r] (zeros). With `use_tucker` (LyCORIS) a k x k conv has
+//!   down [r, in], mid [r, r*kh*kw] (both kaiming-uniform) and up [out, r]:
+//!   `dW[o, i] = scale * Σ up[o, a] mid[a, b] down[b, i]`. The host convolves with the kernel
+//!   difference (`delta_weight`); the export is kohya's LoCon shapes (down [r, in, kh, kw],
+//!   up [out, r, 1, 1], Tucker down [r, in, 1, 1] and mid [r, r, kh, kw]).
 
 use graft_sdk::prelude::*;
 use serde::Deserialize;
@@ -26,6 +34,9 @@ mod schema;
 
 /// Default UNet targets: the four projections of every attention module (attn1 and attn2).
 const UNET_TARGETS: [&str; 4] = ["unet.*.to_q", "unet.*.to_k", "unet.*.to_v", "unet.*.to_out.0"];
+
+/// Conv layers adapted when `conv_rank` > 0: every conv hook point of the UNet.
+const CONV_TARGETS: [&str; 1] = ["unet.*"];
 
 /// Added by `train_text_encoder`: the self-attention projections of both text encoders.
 const TEXT_ENCODER_TARGETS: [&str; 2] = ["text_encoder*.self_attn.[qkv]_proj", "text_encoder*.self_attn.out_proj"];
@@ -69,6 +80,14 @@ struct Config {
     weight_decay: f64,
     /// Per-parameter gradient clip (L2 norm); none: no per-parameter clipping.
     clip_norm: Option<f64>,
+    /// Rank of the conv adapters (LoCon, kohya's `conv_dim`); 0: none.
+    conv_rank: usize,
+    /// alpha of the conv adapters (0 means alpha = conv_rank).
+    conv_alpha: f64,
+    /// LyCORIS' Tucker decomposition for k x k conv adapters (a [r, r, kh, kw] core).
+    use_tucker: bool,
+    /// Conv hook points adapted when `conv_rank` > 0 (patterns as `targets`).
+    conv_targets: Vec<String>,
 }
 
 impl Default for Config {
@@ -88,6 +107,10 @@ impl Default for Config {
             text_encoder_lr: 5e-5,
             weight_decay: 0.01,
             clip_norm: None,
+            conv_rank: 0,
+            conv_alpha: 1.0,
+            use_tucker: false,
+            conv_targets: CONV_TARGETS.iter().map(|s| s.to_string()).collect(),
         }
     }
 }
@@ -119,8 +142,14 @@ impl Config {
                 return bad(format!("`clip_norm` must be > 0 (leave it out for no clipping), got {c}"));
             }
         }
-        if self.targets.is_empty() && !self.train_text_encoder {
-            return bad("`targets` is empty and `train_text_encoder` is false: nothing to train".into());
+        if !(self.conv_alpha.is_finite() && self.conv_alpha >= 0.0) {
+            return bad(format!("`conv_alpha` must be finite and >= 0 (0 means alpha = conv_rank), got {}", self.conv_alpha));
+        }
+        if self.use_tucker && self.conv_rank == 0 {
+            return bad("`use_tucker` applies to conv adapters: set `conv_rank` > 0".into());
+        }
+        if self.targets.is_empty() && !self.train_text_encoder && self.conv_rank == 0 {
+            return bad("`targets` is empty, `train_text_encoder` is false and `conv_rank` is 0: nothing to train".into());
         }
         Ok(())
     }
@@ -140,6 +169,25 @@ impl Config {
             self.rank as f64
         } else {
             self.alpha
+        }
+    }
+
+    /// conv_alpha / conv_rank (conv_alpha 0 means conv_rank).
+    fn conv_scale(&self) -> f64 {
+        let r = self.conv_rank as f64;
+        if self.conv_alpha == 0.0 {
+            1.0
+        } else {
+            self.conv_alpha / r
+        }
+    }
+
+    /// The conv alpha as written to files.
+    fn conv_alpha(&self) -> f64 {
+        if self.conv_alpha == 0.0 {
+            self.conv_rank as f64
+        } else {
+            self.conv_alpha
         }
     }
 
@@ -178,6 +226,33 @@ fn select<'l>(patterns: &[String], layers: &'l [LayerInfo]) -> Result<Vec<&'l La
     Ok(chosen)
 }
 
+/// The conv hook points `patterns` select, with an error for an include pattern that selects
+/// none of them.
+fn select_convs<'l>(patterns: &[String], layers: &'l [LayerInfo]) -> Result<Vec<&'l LayerInfo>> {
+    let convs: Vec<LayerInfo> = layers.iter().filter(|l| l.is_conv()).cloned().collect();
+    for p in patterns.iter().filter(|p| !p.starts_with('!')) {
+        if LayerMatcher::new(&[p.as_str()])?.filter(&convs).is_empty() {
+            let example = convs.first().map(|l| l.name()).unwrap_or("(none: this host or model has no conv hook points)");
+            return Err(Error::config(format!(
+                "lora: conv target pattern `{p}` matches no conv hook point of this model (names look like `{example}`; `graft layers` lists them)"
+            )));
+        }
+    }
+    let matcher = LayerMatcher::new(patterns)?;
+    Ok(layers.iter().filter(|l| l.is_conv() && matcher.matches(l.name())).collect())
+}
+
+/// (kh, kw) of a conv hook point.
+fn kernel_of(layer: &LayerInfo) -> Result<(usize, usize)> {
+    let g = layer.conv().ok_or_else(|| Error::msg(format!("lora: conv layer `{}` has no geometry in its info ({:?})", layer.name(), layer.extra.as_str())))?;
+    Ok((g.kernel[0] as usize, g.kernel[1] as usize))
+}
+
+/// Tucker only where the kernel is larger than 1x1 (LyCORIS does the same).
+fn is_tucker(c: &Config, kernel: (usize, usize)) -> bool {
+    c.use_tucker && kernel != (1, 1)
+}
+
 struct Lora {
     config: Config,
 }
@@ -194,6 +269,24 @@ impl Lora {
             mask_shape[n - 1] = *last;
         }
         ops.constant(&mask_shape, 1.0).dropout(self.config.rank_dropout)
+    }
+}
+
+impl Lora {
+    /// The unscaled kernel difference [out, in, kh, kw] of a conv layer.
+    fn conv_delta<'o>(&self, ops: Ops<'o>, layer: &LayerInfo) -> Result<Tensor<'o>> {
+        let c = &self.config;
+        let (r, inf, outf) = (c.conv_rank, layer.in_features as usize, layer.out_features as usize);
+        let (kh, kw) = kernel_of(layer)?;
+        let (up, down) = (ops.get_param("up"), ops.get_param("down"));
+        if !is_tucker(c, (kh, kw)) {
+            // [out, r] @ [r, in*kh*kw]
+            return Ok(up.matmul(down).reshape(&[outf, inf, kh, kw]));
+        }
+        // Σ_ab up[o, a] mid[a, (b, h, w)] down[b, i]: [out, r*kh*kw] -> [out, kh*kw, r] @ [r, in]
+        // -> [out, kh*kw, in] -> [out, in, kh*kw].
+        let t = up.matmul(ops.get_param("mid")).reshape(&[outf, r, kh * kw]).transpose(1, 2);
+        Ok(t.matmul(down).transpose(1, 2).reshape(&[outf, inf, kh, kw]))
     }
 }
 
@@ -225,9 +318,28 @@ impl Strategy for Lora {
             DownInit::KaimingUniform => Init::kaiming_uniform(5f64.sqrt()),
             DownInit::Gaussian => Init::normal(0.0, 1.0 / r as f64),
         };
-        let chosen = select(&c.patterns(), layers)?;
+        let patterns = c.patterns();
+        let chosen = if patterns.is_empty() { Vec::new() } else { select(&patterns, layers)? };
         let mut plan = Plan::new();
         let mut used = [false, false]; // unet, text_encoder
+        if c.conv_rank > 0 {
+            let r = c.conv_rank;
+            let kaiming = Init::kaiming_uniform(5f64.sqrt());
+            for layer in select_convs(&c.conv_targets, layers)? {
+                used[0] = true;
+                let (inf, outf) = (layer.in_features as usize, layer.out_features as usize);
+                let (kh, kw) = kernel_of(layer)?;
+                let mut a = Attachment::new(layer.name());
+                if is_tucker(c, (kh, kw)) {
+                    a = a
+                        .param(ParamSpec::new("down", &[r, inf], kaiming).group("unet"))
+                        .param(ParamSpec::new("mid", &[r, r * kh * kw], kaiming).group("unet"));
+                } else {
+                    a = a.param(ParamSpec::new("down", &[r, inf * kh * kw], kaiming).group("unet"));
+                }
+                plan = plan.attach(a.param(ParamSpec::new("up", &[outf, r], Init::zeros()).group("unet")));
+            }
+        }
         for layer in chosen {
             let te = is_text_encoder(layer);
             used[te as usize] = true;
@@ -267,16 +379,33 @@ impl Strategy for Lora {
         Ok(base_out + ly * (c.multiplier * c.scale()))
     }
 
-    fn delta_weight<'o>(&self, ops: Ops<'o>, _layer: &LayerInfo) -> Result<Option<Tensor<'o>>> {
+    fn delta_weight<'o>(&self, ops: Ops<'o>, layer: &LayerInfo) -> Result<Option<Tensor<'o>>> {
         let c = &self.config;
+        if layer.is_conv() {
+            return Ok(Some(self.conv_delta(ops, layer)? * (c.multiplier * c.conv_scale())));
+        }
         let dw = ops.get_param("up").matmul(ops.get_param("down")); // [out, in]
         Ok(Some(dw * (c.multiplier * c.scale())))
     }
 
-    fn export<'o>(&self, ops: Ops<'o>, _layer: &LayerInfo) -> Result<Option<Export<'o>>> {
+    fn export<'o>(&self, ops: Ops<'o>, layer: &LayerInfo) -> Result<Option<Export<'o>>> {
         let c = &self.config;
         let up = ops.get_param("up");
         let up = if c.multiplier == 1.0 { up } else { up * c.multiplier };
+        if layer.is_conv() {
+            // kohya / LyCORIS LoCon shapes: the factors as convolution kernels.
+            let (r, inf, outf) = (c.conv_rank, layer.in_features as usize, layer.out_features as usize);
+            let (kh, kw) = kernel_of(layer)?;
+            let up = up.reshape(&[outf, r, 1, 1]);
+            let alpha = c.conv_alpha();
+            if is_tucker(c, (kh, kw)) {
+                let down = ops.get_param("down").reshape(&[r, inf, 1, 1]);
+                let mid = ops.get_param("mid").reshape(&[r, r, kh, kw]);
+                return Ok(Some(Export::Tucker { down, mid, up, alpha }));
+            }
+            let down = ops.get_param("down").reshape(&[r, inf, kh, kw]);
+            return Ok(Some(Export::Lora { down, up, alpha }));
+        }
         // Readers apply alpha / r: write the alpha that gives this run's scale.
         let alpha = if c.use_rslora { c.scale() * c.rank as f64 } else { c.alpha() };
         Ok(Some(Export::Lora { down: ops.get_param("down"), up, alpha }))

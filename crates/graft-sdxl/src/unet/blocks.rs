@@ -1,13 +1,13 @@
 //! The UNet's down, mid and up blocks (diffusers' `DownBlock2D` / `CrossAttnDownBlock2D`,
 //! `UNetMidBlock2DCrossAttn`, `UpBlock2D` / `CrossAttnUpBlock2D`) and their resamplers.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::{run1, Runner};
 use crate::hooks::{BlockPosition, HookRegistry, Hooks};
-use crate::nn::conv2d;
-use crate::resnet::{ResnetBlock2D, ResnetConfig};
+use crate::nn::HookedConv2d;
+use crate::resnet::{conv_info, ResnetBlock2D, ResnetConfig, ResnetHooks};
 
 use super::transformer::{Transformer2DModel, TransformerConfig};
 
@@ -26,6 +26,8 @@ impl Common {
         vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
+        registry: &mut HookRegistry,
+        block: BlockPosition,
     ) -> Result<ResnetBlock2D> {
         let cfg = ResnetConfig {
             in_channels,
@@ -34,7 +36,7 @@ impl Common {
             groups: self.groups,
             eps: self.eps,
         };
-        ResnetBlock2D::new(vb, cfg)
+        ResnetBlock2D::new_hooked(vb, cfg, ResnetHooks { registry, block })
     }
 
     fn transformer(
@@ -65,58 +67,52 @@ pub struct AttentionSettings {
     pub context_dim: usize,
 }
 
-/// `downsamplers.0.conv`: conv 3x3, stride 2, padding 1.
+/// `downsamplers.0.conv`: conv 3x3, stride 2, padding 1 (a hook point).
 #[derive(Debug, Clone)]
 struct Downsample2D {
-    conv: crate::nn::Conv2d,
+    conv: HookedConv2d,
 }
 
 impl Downsample2D {
-    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
         Ok(Self {
-            conv: conv2d(vb.pp("conv"), channels, channels, 3, 2, 1)?,
+            conv: HookedConv2d::new(vb.pp("conv"), channels, channels, 3, 2, 1, registry, conv_info(block))?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         if h % 2 == w % 2 {
-            return self.conv.forward(x);
+            return self.conv.forward(x, hooks);
         }
         // candle 0.11's conv2d backward derives one output padding from the height and uses it for
         // the width: with one even and one odd side it fails. Pad explicitly instead, leaving out
         // the bottom / right padding row that a stride-2 conv over an even side never reads, so
         // that no output padding is needed. Same result as padding 1.
+        // The hooks see this padded input with padding 0, for the same reason.
         let x = x.pad_with_zeros(2, 1, h % 2)?.pad_with_zeros(3, 1, w % 2)?;
-        let (w, b) = (self.conv.weight(), self.conv.bias());
-        if !w.track_op() && !b.is_some_and(|b| b.track_op()) {
-            return crate::nn::frozen_conv2d(&x, w, b, 0, 2);
-        }
-        let y = x.conv2d(&w.to_dtype(x.dtype())?, 0, 2, 1, 1)?;
-        match b {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
-            None => Ok(y),
-        }
+        self.conv.forward_padded(&x, 0, hooks)
     }
 }
 
-/// `upsamplers.0.conv`: nearest-neighbour upsampling (x2, or to a given size) then conv 3x3.
+/// `upsamplers.0.conv`: nearest-neighbour upsampling (x2, or to a given size) then conv 3x3
+/// (a hook point).
 #[derive(Debug, Clone)]
 struct Upsample2D {
-    conv: crate::nn::Conv2d,
+    conv: HookedConv2d,
 }
 
 impl Upsample2D {
-    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
         Ok(Self {
-            conv: conv2d(vb.pp("conv"), channels, channels, 3, 1, 1)?,
+            conv: HookedConv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1, registry, conv_info(block))?,
         })
     }
 
-    fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, size: Option<(usize, usize)>, hooks: &dyn Hooks) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&upsample_nearest(x, th, tw)?)
+        self.conv.forward(&upsample_nearest(x, th, tw)?, hooks)
     }
 }
 
@@ -167,7 +163,7 @@ impl DownBlock {
         let mut attentions = Vec::new();
         for i in 0..layers {
             let cin = if i == 0 { in_channels } else { out_channels };
-            resnets.push(common.resnet(vb.pp("resnets").pp(i.to_string()), cin, out_channels)?);
+            resnets.push(common.resnet(vb.pp("resnets").pp(i.to_string()), cin, out_channels, registry, position)?);
             if let Some(attn) = attention {
                 let vb = vb.pp("attentions").pp(i.to_string());
                 attentions.push(common.transformer(vb, out_channels, attn, registry, position)?);
@@ -177,6 +173,8 @@ impl DownBlock {
             Some(Downsample2D::new(
                 vb.pp("downsamplers").pp("0"),
                 out_channels,
+                registry,
+                position,
             )?)
         } else {
             None
@@ -201,14 +199,14 @@ impl DownBlock {
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = run1(runner, &[&h, temb], move |xs| resnet.forward(&xs[0], Some(&xs[1])))?;
+            h = run1(runner, &[&h, temb], move |xs| resnet.forward_hooked(&xs[0], Some(&xs[1]), hooks))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward_with(&h, context, hooks, runner)?;
             }
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsampler {
-            h = run1(runner, &[&h], move |xs| down.forward(&xs[0]))?;
+            h = run1(runner, &[&h], move |xs| down.forward(&xs[0], hooks))?;
             skips.push(h.clone());
         }
         Ok((h, skips))
@@ -231,11 +229,11 @@ impl MidBlock {
         common: &Common,
         registry: &mut HookRegistry,
     ) -> Result<Self> {
-        let resnet_0 = common.resnet(vb.pp("resnets").pp("0"), channels, channels)?;
+        let resnet_0 = common.resnet(vb.pp("resnets").pp("0"), channels, channels, registry, BlockPosition::Mid)?;
         let attn_vb = vb.pp("attentions").pp("0");
         let attention =
             common.transformer(attn_vb, channels, attention, registry, BlockPosition::Mid)?;
-        let resnet_1 = common.resnet(vb.pp("resnets").pp("1"), channels, channels)?;
+        let resnet_1 = common.resnet(vb.pp("resnets").pp("1"), channels, channels, registry, BlockPosition::Mid)?;
         Ok(Self {
             resnet_0,
             attention,
@@ -251,9 +249,9 @@ impl MidBlock {
         hooks: &'a dyn Hooks,
         runner: &mut dyn Runner<'a>,
     ) -> Result<Tensor> {
-        let h = run1(runner, &[x, temb], move |xs| self.resnet_0.forward(&xs[0], Some(&xs[1])))?;
+        let h = run1(runner, &[x, temb], move |xs| self.resnet_0.forward_hooked(&xs[0], Some(&xs[1]), hooks))?;
         let h = self.attention.forward_with(&h, context, hooks, runner)?;
-        run1(runner, &[&h, temb], move |xs| self.resnet_1.forward(&xs[0], Some(&xs[1])))
+        run1(runner, &[&h, temb], move |xs| self.resnet_1.forward_hooked(&xs[0], Some(&xs[1]), hooks))
     }
 }
 
@@ -300,14 +298,14 @@ impl UpBlock {
                 out
             };
             let cin = if i == 0 { channels.prev_output } else { out };
-            resnets.push(common.resnet(vb.pp("resnets").pp(i.to_string()), cin + skip, out)?);
+            resnets.push(common.resnet(vb.pp("resnets").pp(i.to_string()), cin + skip, out, registry, position)?);
             if let Some(attn) = attention {
                 let vb = vb.pp("attentions").pp(i.to_string());
                 attentions.push(common.transformer(vb, out, attn, registry, position)?);
             }
         }
         let upsampler = if add_upsample {
-            Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out)?)
+            Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out, registry, position)?)
         } else {
             None
         };
@@ -339,13 +337,13 @@ impl UpBlock {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = &skips[skips.len() - 1 - i];
-            h = run1(runner, &[&h, skip, temb], move |xs| resnet.forward(&Tensor::cat(&[&xs[0], &xs[1]], 1)?, Some(&xs[2])))?;
+            h = run1(runner, &[&h, skip, temb], move |xs| resnet.forward_hooked(&Tensor::cat(&[&xs[0], &xs[1]], 1)?, Some(&xs[2]), hooks))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward_with(&h, context, hooks, runner)?;
             }
         }
         match &self.upsampler {
-            Some(up) => run1(runner, &[&h], move |xs| up.forward(&xs[0], upsample_size)),
+            Some(up) => run1(runner, &[&h], move |xs| up.forward(&xs[0], upsample_size, hooks)),
             None => Ok(h),
         }
     }

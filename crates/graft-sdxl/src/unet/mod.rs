@@ -403,6 +403,23 @@ mod tests {
             .registry()
             .index_of("unet.down_blocks.0.attentions.0.proj_in")
             .is_none());
+        // Conv hook points: resnet conv1 / conv2 (3x3), conv_shortcut (1x1) where the widths
+        // differ, downsamplers (3x3, stride 2) and upsamplers; proj_in / proj_out are linear.
+        let convs: Vec<_> = layers.iter().filter(|l| l.kind == LayerKind::Conv).collect();
+        assert_eq!(convs.len(), 49);
+        assert_eq!(convs.iter().filter(|l| l.name.ends_with(".conv_shortcut")).count(), 11);
+        assert!(convs.iter().all(|l| l.component == crate::hooks::Component::Unet));
+        let c1 = get("unet.down_blocks.1.resnets.0.conv1");
+        assert_eq!((c1.kind, c1.in_features, c1.out_features, c1.block), (LayerKind::Conv, 320, 640, BlockPosition::Down(1)));
+        assert_eq!(c1.conv, Some(crate::hooks::ConvInfo { kernel: (3, 3), stride: 1, padding: 1 }));
+        let sc = get("unet.up_blocks.2.resnets.0.conv_shortcut");
+        assert_eq!((sc.in_features, sc.out_features), (960, 320));
+        assert_eq!(sc.conv, Some(crate::hooks::ConvInfo { kernel: (1, 1), stride: 1, padding: 0 }));
+        let ds = get("unet.down_blocks.0.downsamplers.0.conv");
+        assert_eq!(ds.conv, Some(crate::hooks::ConvInfo { kernel: (3, 3), stride: 2, padding: 1 }));
+        let us = get("unet.up_blocks.1.upsamplers.0.conv");
+        assert_eq!((us.block, us.conv.map(|c| c.stride)), (BlockPosition::Up(1), Some(1)));
+        assert!(unet.registry().linear_weights(unet.registry().index_of("unet.mid_block.resnets.1.conv2").unwrap()).is_some());
     }
 
     /// A small config built from the SDXL one: two blocks, odd widths.
@@ -440,6 +457,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("add-embedding"), "{e}");
+    }
+
+    #[test]
+    fn conv_projections_are_conv_hook_points_only_without_linear_projection() {
+        let mut c = small_config();
+        c.use_linear_projection = false;
+        let unet = UNet::new(zeros_vb(), &c).unwrap();
+        let reg = unet.registry();
+        let p = &reg.layers()[reg.index_of("unet.down_blocks.1.attentions.0.proj_in").unwrap()];
+        assert_eq!((p.kind, p.in_features, p.out_features), (LayerKind::Conv, 16, 16));
+        assert_eq!(p.conv, Some(crate::hooks::ConvInfo { kernel: (1, 1), stride: 1, padding: 0 }));
+        let linear = UNet::new(zeros_vb(), &small_config()).unwrap();
+        let l = &linear.registry().layers()[linear.registry().index_of("unet.down_blocks.1.attentions.0.proj_in").unwrap()];
+        assert_eq!(l.kind, LayerKind::Linear);
     }
 
     #[test]

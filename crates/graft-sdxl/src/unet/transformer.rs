@@ -20,6 +20,7 @@ fn info(kind: LayerKind, block: BlockPosition, attention: Option<AttentionKind>)
         out_features: 0,
         block,
         attention,
+        conv: None,
     }
 }
 
@@ -202,12 +203,12 @@ impl BasicTransformerBlock {
     }
 }
 
-/// `proj_in` / `proj_out`: a hooked linear over tokens (SDXL), or a 1x1 conv over the feature map
-/// (`use_linear_projection` false; not a hook point).
+/// `proj_in` / `proj_out`: a hooked linear over tokens (SDXL), or a hooked 1x1 conv over the
+/// feature map (`use_linear_projection` false, as in SD 1.x).
 #[derive(Debug, Clone)]
 enum Projection {
     Linear(HookedLinear),
-    Conv(crate::nn::Conv2d),
+    Conv(nn::HookedConv2d),
 }
 
 impl Projection {
@@ -223,7 +224,7 @@ impl Projection {
                 vb, channels, channels, true, registry, block, None,
             )?))
         } else {
-            Ok(Self::Conv(nn::conv2d(vb, channels, channels, 1, 1, 0)?))
+            Ok(Self::Conv(nn::HookedConv2d::new(vb, channels, channels, 1, 1, 0, registry, crate::resnet::conv_info(block))?))
         }
     }
 }
@@ -301,7 +302,7 @@ impl Transformer2DModel {
             let normed = self.norm.forward(&xs[0])?;
             match &self.proj_in {
                 Projection::Linear(l) => l.forward(&to_tokens(&normed)?, hooks),
-                Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?),
+                Projection::Conv(conv) => to_tokens(&conv.forward(&normed, hooks)?),
             }
         })?;
         for block in &self.blocks {
@@ -310,7 +311,7 @@ impl Transformer2DModel {
         run1(runner, &[&tokens, x], move |xs| {
             let out = match &self.proj_out {
                 Projection::Linear(l) => to_map(&l.forward(&xs[0], hooks)?)?,
-                Projection::Conv(conv) => conv.forward(&to_map(&xs[0])?.contiguous()?)?,
+                Projection::Conv(conv) => conv.forward(&to_map(&xs[0])?.contiguous()?, hooks)?,
             };
             out + &xs[1]
         })
