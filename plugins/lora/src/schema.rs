@@ -3,7 +3,7 @@
 
 use graft_sdk::{ConfigKey, ConfigSchema};
 
-use crate::UNET_TARGETS;
+use crate::{CONV_TARGETS, UNET_TARGETS};
 
 pub fn schema() -> ConfigSchema {
     ConfigSchema::new()
@@ -24,4 +24,8 @@ pub fn schema() -> ConfigSchema {
         .key(ConfigKey::float("text_encoder_lr", 5e-5).min(0.0).help("learning rate of optimizer group `text_encoder`"))
         .key(ConfigKey::float("weight_decay", 0.01).min(0.0).help("AdamW weight decay of both groups"))
         .key(ConfigKey::float_or_null("clip_norm", None).above(0.0).help("per-parameter gradient clip (L2 norm); null: none"))
+        .key(ConfigKey::int("conv_rank", 0).range(0.0, 4096.0).help("rank of the conv adapters (LoCon, kohya's conv_dim); 0: none"))
+        .key(ConfigKey::float("conv_alpha", 1.0).min(0.0).help("conv scale = conv_alpha / conv_rank; 0 means alpha = rank"))
+        .key(ConfigKey::bool("use_tucker", false).help("LyCORIS Tucker: a k x k core between 1 x 1 down and up convs"))
+        .key(ConfigKey::strings("conv_targets", &CONV_TARGETS).help("conv hook points adapted when conv_rank > 0 (patterns as targets)"))
 }
