@@ -1,7 +1,7 @@
 //! Checkpoints: everything a run needs to continue bit-exactly.
 //!
 //! `output_dir/checkpoints/step-NNNNNN/` holds `params.safetensors` (every adapter parameter and
-//! unfrozen base weight), `optimizer.safetensors` (AdamW moments and step counts) and
+//! unfrozen base weight), `optimizer.safetensors` (the optimizer's moments, step counts and, for Prodigy, its `d`) and
 //! `state.json` (step, data position, RNG states, learning-rate scales, the plugin's private
 //! state). A checkpoint is written into a temporary folder and renamed into place, then
 //! `checkpoints/latest` is replaced atomically: a crash never leaves a half-written checkpoint
