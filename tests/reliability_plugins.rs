@@ -27,7 +27,7 @@ const ID: &str = "reliability-probe";
 /// The LoRA plugin's source with the probe's id, a version and a gain (an expression) on its
 /// output.
 fn probe_source(version: &str, gain: &str) -> String {
-    let src = std::fs::read_to_string(workspace().join("plugins/lora/src/lib.rs")).unwrap();
+    let src = graft_tests::lora_plugin_source();
     let replace = |text: String, from: &str, to: &str| {
         assert!(text.contains(from), "the lora plugin no longer contains {from:?}; update this test");
         text.replace(from, to)

@@ -58,6 +58,15 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
+/// The lora plugin's source as one file (its `schema` module inline), for tests that build
+/// variants of it as crates of their own.
+pub fn lora_plugin_source() -> String {
+    let src = std::fs::read_to_string(workspace().join("plugins/lora/src/lib.rs")).expect("read the lora plugin");
+    let schema = std::fs::read_to_string(workspace().join("plugins/lora/src/schema.rs")).expect("read its schema");
+    assert!(src.contains("\nmod schema;\n"), "the lora plugin's modules changed; update lora_plugin_source");
+    src.replace("\nmod schema;\n", &format!("\nmod schema {{\n{schema}}}\n"))
+}
+
 /// Builds the named workspace plugin crates into `target/plugin-tests` (not `target/`, whose
 /// lock the running cargo holds) and returns the folder of the libraries.
 pub fn build_plugins(crates: &[&str]) -> PathBuf {

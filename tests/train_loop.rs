@@ -386,6 +386,20 @@ fn kohya_config_unsupported_keys_and_epochs() {
     std::fs::write(&path, text).unwrap();
     let c = graft_host::train::kohya::import(&path, &cwd, true).unwrap().config;
     assert_eq!((c.steps, c.save_every, c.warmup_steps), (60, 20, 6));
+
+    // LoCon and an optimizer with arguments, as kohya_ss writes them.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text
+        .replace("network_args = []", "network_args = [ \"conv_dim=8\", \"conv_alpha=4\",]")
+        .replace("optimizer_type = \"AdamW\"", "optimizer_type = \"prodigy\"\noptimizer_args = [ \"decouple=True\", \"d_coef=2\", \"betas=0.9,0.99\",]");
+    std::fs::write(&path, text).unwrap();
+    let c = graft_host::train::kohya::import(&path, &cwd, true).unwrap().config;
+    assert_eq!((c.strategy.config["conv_rank"].as_integer(), c.strategy.config["conv_alpha"].as_float()), (Some(8), Some(4.0)));
+    assert_eq!(c.optimizer, "Prodigy");
+    assert_eq!(c.optimizer_args["betas"], toml::Value::Array(vec![0.9.into(), 0.99.into()]));
+    assert_eq!((c.optimizer_args["decouple"].as_bool(), c.optimizer_args["d_coef"].as_integer()), (Some(true), Some(2)));
+}
+
 /// Each optimizer (`optimizer` + `[optimizer_args]`) trains the tiny LoRA: finite losses, a lower
 /// eval loss after 10 steps, and a checkpoint at step 5 resumed by a new trainer ends where the
 /// straight run ends, bit for bit. Prints the optimizer state size per trained weight.

@@ -34,7 +34,7 @@ fn write_probe(dir: &Path, version: &str, gain: &str) {
 /// As [`write_probe`] with crate name and plugin id `id` (each test its own, so that tests
 /// running at once do not rebuild each other's library).
 fn write_probe_as(dir: &Path, id: &str, version: &str, gain: &str) {
-    let src = std::fs::read_to_string(workspace().join("plugins/lora/src/lib.rs")).unwrap();
+    let src = graft_tests::lora_plugin_source();
     let replace = |text: String, from: &str, to: &str| {
         assert!(text.contains(from), "the lora plugin no longer contains {from:?}; update this test");
         text.replace(from, to)

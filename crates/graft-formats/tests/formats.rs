@@ -744,9 +744,9 @@ fn every_unmatched_key_is_reported() {
     let dir = tmp();
     let mut raw = read_file(&lora_fixture("kohya_sgm.safetensors")).unwrap();
     let extra = [
-        // A resnet conv LoRA (LoCon): no such hook point.
-        "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight",
-        "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight",
+        // A module of an input block SDXL does not have.
+        "lora_unet_input_blocks_9_0_in_layers_2.lora_down.weight",
+        "lora_unet_input_blocks_9_0_in_layers_2.lora_up.weight",
         // A suffix graft does not know on a known module.
         "lora_unet_input_blocks_4_1_proj_in.bias_indices",
         // Not in the family at all.
