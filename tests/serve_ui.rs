@@ -216,6 +216,7 @@ fn train_and_generate_in_the_browser() {
     d.fill("#train-resolution", "64");
     d.fill("#train-steps", "8");
     d.fill("#train-sample-every", "4");
+    d.js("document.getElementById('train-optimizer').value = 'AdamW8bit'");
     d.fill("#train-prompts", "a pink circle, line art --w 64 --h 64 --s 2 --d 3");
     d.click("#train-start");
     d.wait_for(

@@ -203,7 +203,8 @@ $("train-start").addEventListener("click", async () => {
   const req = {
     name: $("train-name").value.trim(), plugin: $("train-plugin").value, strategy_config: config,
     dataset_dir: $("train-dataset").value.trim(), resolution: num("train-resolution"), steps: num("train-steps"),
-    seed: num("train-seed"), lr_schedule: $("train-schedule").value, warmup_steps: num("train-warmup"),
+    seed: num("train-seed"), lr_schedule: $("train-schedule").value, optimizer: $("train-optimizer").value,
+    warmup_steps: num("train-warmup"),
     sample_every: num("train-sample-every"), sample_prompts: lines("train-prompts"),
     gradient_checkpointing: $("train-checkpointing").checked,
   };
