@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use graft_formats::{read_adapter, AdapterFile, AdapterFormat, KeyMap, ModuleKind, StoreDtype};
-use graft_host::adapters::dispatcher::AdapterSet;
-use graft_host::adapters::files::{add_native, FileAdapters};
-use graft_host::plugins::{DirOrigin, PluginManager, SearchDir};
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::files::{add_native, FileAdapters};
+use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
 use graft_host::tools::inspect::{inspect, InspectArgs};
 use graft_host::tools::ArchArgs;
 use graft_sdxl::{PipelineHooks, SdxlModel};

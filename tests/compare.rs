@@ -10,8 +10,9 @@ use candle_core::Device;
 use graft_host::compare::config::CompareConfig;
 use graft_host::compare::report::{self, MISSING_CELL};
 use graft_host::compare::run::BaseSnapshot;
-use graft_host::plugins::{DirOrigin, PluginDirArgs, PluginManager, SearchDir};
-use graft_host::train::trainer::Trainer;
+use graft_host::plugins::PluginDirArgs;
+use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
+use graft_trainer::trainer::Trainer;
 use graft_tests::{base64_decode, build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
 
 fn plugins() -> PathBuf {
@@ -217,8 +218,8 @@ fn compare_reports_every_strategy_side_by_side() {
         assert!(out.join(f).is_file(), "{}", f.display());
     }
     // Loss logs per strategy.
-    assert_eq!(graft_host::train::losslog::read(&out.join("strategies/gate/loss.jsonl")).unwrap().len(), 4);
-    assert_eq!(graft_host::train::losslog::read(&out.join("strategies/diverges/loss.jsonl")).unwrap().len(), 3);
+    assert_eq!(graft_trainer::losslog::read(&out.join("strategies/gate/loss.jsonl")).unwrap().len(), 4);
+    assert_eq!(graft_trainer::losslog::read(&out.join("strategies/diverges/loss.jsonl")).unwrap().len(), 3);
     assert_eq!(report::REPORT_HTML, "report.html");
 }
 

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use graft_formats::{write_native, ModuleWeights, NativeInfo, StoreDtype};
-use graft_host::adapters::dispatcher::AdapterSet;
-use graft_host::adapters::files::{add_native, fuse_all, unfuse_all, FileAdapters};
-use graft_host::adapters::store::ParamKey;
-use graft_host::generate::png_out::read_parameters;
-use graft_host::plugins::{DirOrigin, PluginManager, SearchDir};
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::files::{add_native, fuse_all, unfuse_all, FileAdapters};
+use graft_runtime::adapters::store::ParamKey;
+use graft_trainer::png_out::read_parameters;
+use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
 use graft_sdxl::{PipelineHooks, SdxlModel};
 use graft_tests::{fixtures, graft, graft_err, scratch, tiny_model};
 

@@ -1,6 +1,6 @@
 //! `graft generate` and `graft layers` end to end on the tiny fixture model.
 
-use graft_host::generate::png_out::read_parameters;
+use graft_trainer::png_out::read_parameters;
 use graft_tests::{graft, scratch, tiny_model, tiny_single_file};
 
 fn png_pixels(path: &std::path::Path) -> (u32, u32, Vec<u8>) {

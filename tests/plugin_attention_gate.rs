@@ -10,9 +10,9 @@ use std::collections::BTreeSet;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_diff, sdxl_layers, single_plugin_manager, tiny_layers};
-use graft_host::adapters::store::{ParamKey, ParamStore};
-use graft_host::plugins::{CallContext, PluginManager, StrategyInstance};
-use graft_host::train::optim::{AdamW, Gradients, GroupConfig};
+use graft_runtime::adapters::store::{ParamKey, ParamStore};
+use graft_runtime::plugins::{CallContext, PluginManager, StrategyInstance};
+use graft_trainer::optim::{AdamW, Gradients, GroupConfig};
 use graft_sdxl::rng::GraftRng;
 
 const ID: &str = "attention-gate";

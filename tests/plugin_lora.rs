@@ -8,8 +8,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{max_diff, sdxl_layers, single_plugin_manager, tiny_layers};
-use graft_host::adapters::store::{ParamKey, ParamStore};
-use graft_host::plugins::{CallContext, PluginManager, StrategyInstance};
+use graft_runtime::adapters::store::{ParamKey, ParamStore};
+use graft_runtime::plugins::{CallContext, PluginManager, StrategyInstance};
 use graft_sdxl::rng::GraftRng;
 
 fn lora_manager(test: &str) -> PluginManager {
@@ -469,8 +469,8 @@ fn train_config(dir: &std::path::Path, steps: u64, strategy: &str) -> std::path:
 
 #[test]
 fn locon_training_zero_init_eject_and_export() {
-    use graft_host::train::config::TrainConfig;
-    use graft_host::train::trainer::Trainer;
+    use graft_trainer::config::TrainConfig;
+    use graft_trainer::trainer::Trainer;
     let m = lora_manager("plugin-lora-locon-train");
     let dir = graft_tests::scratch("plugin_lora_locon_train");
     // Conv adapters only: what the loss does is theirs.
@@ -483,7 +483,7 @@ fn locon_training_zero_init_eject_and_export() {
     // Zero-initialised up: the adapted model is the base model.
     let with_adapter = t.eval_loss(9).unwrap();
     let base = {
-        let mut empty = graft_host::adapters::dispatcher::AdapterSet::new(&t.model, 0);
+        let mut empty = graft_runtime::adapters::dispatcher::AdapterSet::new(&t.model, 0);
         std::mem::swap(&mut t.set, &mut empty);
         let l = t.eval_loss(9).unwrap();
         std::mem::swap(&mut t.set, &mut empty);
@@ -501,7 +501,7 @@ fn locon_training_zero_init_eject_and_export() {
     assert!(after < base * 0.97, "eval loss {base} -> {after}");
 
     // The export: kohya LoCon keys only (no PEFT file), read back to the set's deltas.
-    let files = graft_host::train::command::export_for(&t).unwrap();
+    let files = graft_host::train::export_for(&t).unwrap();
     assert_eq!(files.len(), 1, "{files:?}");
     let raw = graft_formats::read::read_file(&files[0]).unwrap();
     let conv1 = "lora_unet_input_blocks_1_0_in_layers_2";
@@ -536,7 +536,7 @@ fn record_for_check(
     stem: &str,
     path: &std::path::Path,
     file: &graft_formats::AdapterFile,
-    set: &graft_host::adapters::dispatcher::AdapterSet,
+    set: &graft_runtime::adapters::dispatcher::AdapterSet,
     s: usize,
     layout: &graft_sdxl::sgm::SgmLayout,
 ) {
@@ -560,7 +560,7 @@ fn record_for_check(
 
 #[test]
 fn tucker_export_is_a_lycoris_file_with_the_same_deltas() {
-    use graft_host::adapters::dispatcher::AdapterSet;
+    use graft_runtime::adapters::dispatcher::AdapterSet;
     let m = lora_manager("plugin-lora-tucker-export");
     let model = graft_sdxl::SdxlModel::load(&graft_tests::tiny_model(), None, &Device::Cpu).unwrap();
     let mut set = AdapterSet::new(&model, 0);
@@ -572,9 +572,9 @@ fn tucker_export_is_a_lycoris_file_with_the_same_deltas() {
         set.store().set(&key, &(rng.randn(p.dims(), &Device::Cpu).unwrap() * 0.3).unwrap()).unwrap();
     }
     let layout = graft_sdxl::sgm::SgmLayout::from_configs(&model.config.unet, &model.config.vae, &model.config.text_encoder_2).unwrap();
-    let meta = graft_host::train::export::ExportMeta { steps: 1, unet_lr: Some(1e-4), text_encoder_lr: None, base_model: "tiny".into(), sgm_layout: layout.clone() };
+    let meta = graft_trainer::export::ExportMeta { steps: 1, unet_lr: Some(1e-4), text_encoder_lr: None, base_model: "tiny".into(), sgm_layout: layout.clone() };
     let out = graft_tests::scratch("plugin_lora_tucker_export");
-    let files = graft_host::train::export::export_strategy(&set, s, &out, "tucker", &meta).unwrap();
+    let files = graft_trainer::export::export_strategy(&set, s, &out, "tucker", &meta).unwrap();
     assert_eq!(files, vec![out.join("tucker.safetensors")], "a LyCORIS file, no PEFT file");
     let raw = graft_formats::read::read_file(&files[0]).unwrap();
     let mid = "lora_unet_middle_block_0_in_layers_2";

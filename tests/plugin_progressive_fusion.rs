@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, Device};
 use common::{max_diff, sdxl_layers, single_plugin_manager, tiny_layers};
 use graft_abi::{BlockKind, DirectiveKind, StageDirective};
-use graft_host::adapters::store::{ParamKey, ParamStore};
-use graft_host::plugins::{CallContext, PluginManager, StrategyInstance};
+use graft_runtime::adapters::store::{ParamKey, ParamStore};
+use graft_runtime::plugins::{CallContext, PluginManager, StrategyInstance};
 use graft_sdxl::rng::GraftRng;
 
 const ID: &str = "progressive-fusion";

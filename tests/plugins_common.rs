@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use graft_host::plugins::{layers_to_abi, DirOrigin, PluginManager, SearchDir};
+use graft_runtime::plugins::{layers_to_abi, DirOrigin, PluginManager, SearchDir};
 use graft_sdxl::hooks::{AttentionKind, BlockPosition, Component, LayerInfo, LayerKind};
 
 /// The workspace's plugin crates the tests load.
@@ -177,11 +177,11 @@ pub fn single_plugin_manager(crate_name: &str, test: &str) -> PluginManager {
 /// The hook points of the tiny fixture model and of the real SDXL base 1.0, as plugins see them.
 pub fn tiny_layers() -> Vec<graft_abi::LayerInfo> {
     let cfg = graft_sdxl::SdxlConfig::from_diffusers_folder(&workspace().join("tests/fixtures/tiny-sdxl")).expect("tiny config");
-    graft_host::plugins::layers_to_abi(&graft_sdxl::model::layers_of(&cfg).expect("tiny layers"))
+    graft_runtime::plugins::layers_to_abi(&graft_sdxl::model::layers_of(&cfg).expect("tiny layers"))
 }
 
 pub fn sdxl_layers() -> Vec<graft_abi::LayerInfo> {
-    graft_host::plugins::layers_to_abi(&graft_sdxl::model::layers_of(&graft_sdxl::SdxlConfig::sdxl_base()).expect("SDXL layers"))
+    graft_runtime::plugins::layers_to_abi(&graft_sdxl::model::layers_of(&graft_sdxl::SdxlConfig::sdxl_base()).expect("SDXL layers"))
 }
 
 pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {

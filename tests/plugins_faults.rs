@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use graft_abi::ErrorKind;
-use graft_host::adapters::store::{ParamKey, ParamStore};
-use graft_host::plugins::{CallContext, FileStatus, LoadError, PluginError, PluginManager, StrategyInstance};
+use graft_runtime::adapters::store::{ParamKey, ParamStore};
+use graft_runtime::plugins::{CallContext, FileStatus, LoadError, PluginError, PluginManager, StrategyInstance};
 use graft_sdxl::rng::GraftRng;
 
 const ENTRIES: [&str; 8] = ["new", "plan", "forward", "delta_weight", "on_step", "export", "save_state", "load_state"];

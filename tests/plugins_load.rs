@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use graft_host::adapters::store::{ParamKey, ParamStore};
-use graft_host::plugins::{
+use graft_runtime::adapters::store::{ParamKey, ParamStore};
+use graft_runtime::plugins::{
     check_plan, load_plugin, CallContext, FileStatus, StrategyInstance,
 };
 use graft_sdxl::rng::GraftRng;
@@ -186,7 +186,7 @@ fn conformance_checks_on_the_dora_plugin() {
 
     // The magnitude starts as the row norms of the base weight (init_param through the host).
     let sdxl = graft_sdxl::SdxlModel::load(&model, None, &Device::Cpu).unwrap();
-    let mut set = graft_host::adapters::dispatcher::AdapterSet::new(&sdxl, 1);
+    let mut set = graft_runtime::adapters::dispatcher::AdapterSet::new(&sdxl, 1);
     set.add(StrategyInstance::new(dora, None, "{}").unwrap(), 1.0, 1.0).unwrap();
     let layer = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k";
     let magnitude = set.store().get(&ParamKey::new("dora", layer, "magnitude")).expect("magnitude").var.as_tensor().clone();

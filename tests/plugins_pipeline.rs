@@ -8,9 +8,9 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use graft_host::adapters::dispatcher::AdapterSet;
-use graft_host::adapters::store::ParamKey;
-use graft_host::plugins::StrategyInstance;
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::store::ParamKey;
+use graft_runtime::plugins::StrategyInstance;
 use graft_sdxl::{GenerateParams, SdxlModel};
 
 fn model() -> SdxlModel {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use graft_host::adapters::store::{ParamKey, ParamStore};
-use graft_host::plugins::{CallContext, PluginManager, ReloadEvent, StrategyInstance};
+use graft_runtime::adapters::store::{ParamKey, ParamStore};
+use graft_runtime::plugins::{CallContext, PluginManager, ReloadEvent, StrategyInstance};
 use graft_sdxl::rng::GraftRng;
 
 const ID: &str = "reload-probe";

@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use graft_host::adapters::store::ParamStore;
-use graft_host::plugins::{load_plugin, CallContext, StrategyInstance};
+use graft_runtime::adapters::store::ParamStore;
+use graft_runtime::plugins::{load_plugin, CallContext, StrategyInstance};
 use graft_sdxl::rng::GraftRng;
 use graft_tests::{graft, graft_err};
 

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::Device;
-use graft_host::plugins::{DirOrigin, FileStatus, LoadError, PluginManager, SearchDir};
-use graft_host::train::checkpoint;
-use graft_host::train::config::TrainConfig;
-use graft_host::train::trainer::Trainer;
+use graft_runtime::plugins::{DirOrigin, FileStatus, LoadError, PluginManager, SearchDir};
+use graft_trainer::checkpoint;
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
 use graft_tests::{build_plugins, graft, graft_err, scratch, tiny_model, write_shapes_dataset};
 
 fn plugins() -> PathBuf {
@@ -156,11 +156,11 @@ fn an_inf_adapter_output_is_skipped_in_a_command_run_that_completes() {
     let dir = scratch("rel_inf_cli");
     let config = setup(&dir, 6, "save_every = 2", "plugin = \"fault-plugin\"\nconfig = { fault = \"inf\", after = 2, until = 4, lr = 0.01 }");
     let plugins = plugins();
-    let outcome = graft_host::train::command::train(train_args(&run_args(&config, &plugins))).unwrap();
+    let outcome = graft_host::train::train(train_args(&run_args(&config, &plugins))).unwrap();
     assert_eq!((outcome.steps, outcome.skipped), (6, 2));
     let out = dir.join("out");
     // Reported: the loss log marks the two steps skipped, with no loss.
-    let log = graft_host::train::losslog::read(&out.join("loss.jsonl")).unwrap();
+    let log = graft_trainer::losslog::read(&out.join("loss.jsonl")).unwrap();
     let marks: Vec<(u64, bool)> = log.iter().map(|e| (e.step, e.skipped)).collect();
     assert_eq!(marks, [(0, false), (1, false), (2, true), (3, true), (4, false), (5, false)]);
     assert!(log[2].loss.is_nan() && log[4].loss.is_finite());
@@ -176,11 +176,11 @@ fn an_inf_adapter_output_is_skipped_in_a_command_run_that_completes() {
 }
 
 /// `graft train ARGS` parsed, to call the library entry point and see its outcome.
-fn train_args(args: &[&str]) -> graft_host::train::command::TrainArgs {
+fn train_args(args: &[&str]) -> graft_host::train::TrainArgs {
     #[derive(clap::Parser)]
     struct Wrap {
         #[command(flatten)]
-        args: graft_host::train::command::TrainArgs,
+        args: graft_host::train::TrainArgs,
     }
     <Wrap as clap::Parser>::try_parse_from(std::iter::once("graft").chain(args[1..].iter().copied())).unwrap().args
 }
@@ -211,7 +211,7 @@ fn persistent_nan_stops_the_run_with_its_last_good_checkpoint() {
     for s in 4..=6 {
         assert!(!out.join(format!("checkpoints/step-{s:06}")).exists(), "a checkpoint after a skipped step");
     }
-    let log = graft_host::train::losslog::read(&out.join("loss.jsonl")).unwrap();
+    let log = graft_trainer::losslog::read(&out.join("loss.jsonl")).unwrap();
     assert_eq!(log.iter().map(|e| e.skipped).collect::<Vec<_>>(), [false, false, false, true, true, true]);
     // The last good parameters were exported: finite.
     for (k, v) in candle_core::safetensors::load(out.join("faults.graft.safetensors"), &Device::Cpu).unwrap() {
@@ -349,6 +349,6 @@ fn the_command_path_reports_each_skipped_step_and_completes() {
     let mut args = run_args(&config, &plugins);
     args.push("--resume");
     graft(&args).unwrap();
-    let log = graft_host::train::losslog::read(&dir.join("out/loss.jsonl")).unwrap();
+    let log = graft_trainer::losslog::read(&dir.join("out/loss.jsonl")).unwrap();
     assert_eq!(log.iter().map(|e| (e.step, e.skipped)).collect::<Vec<_>>(), [(0, false), (1, true), (2, false), (3, false), (4, false), (5, false)]);
 }

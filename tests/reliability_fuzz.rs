@@ -18,8 +18,8 @@ use std::sync::OnceLock;
 use graft_formats::read::read_bytes;
 use graft_formats::KeyMap;
 use graft_host::generate::prompt_syntax::{extract_adapter_tags, parse_adapter_spec};
-use graft_host::train::dataset::{DatasetConfig, OpenOptions};
-use graft_host::train::samples::{parse_prompts, SampleDefaults};
+use graft_trainer::dataset::{DatasetConfig, OpenOptions};
+use graft_trainer::samples::{parse_prompts, SampleDefaults};
 use proptest::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -600,7 +600,7 @@ proptest! {
             Err(e) => prop_assert!(e.to_string().contains("fuzz-dataset.toml"), "{}", e),
             Ok(cfg) => {
                 let (r, peak) = largest_allocation(|| {
-                    graft_host::train::dataset::Dataset::open(&cfg, &OpenOptions { skip_bad, verify_images: false })
+                    graft_trainer::dataset::Dataset::open(&cfg, &OpenOptions { skip_bad, verify_images: false })
                         .map(|ds| {
                             let epoch = ds.epoch(seed, 0).without_images();
                             let n = epoch.len();
@@ -698,7 +698,7 @@ proptest! {
         let text = if use_junk { junk } else { text };
         let path = dir.join("train.toml");
         std::fs::write(&path, &text).unwrap();
-        if let Err(e) = graft_host::train::config::TrainConfig::from_file(&path) {
+        if let Err(e) = graft_trainer::config::TrainConfig::from_file(&path) {
             prop_assert!(format!("{e:#}").contains("train.toml"), "{:#}", e);
         }
         if let Err(e) = graft_host::compare::config::CompareConfig::parse_str(&text, "fuzz-compare.toml", &dir) {
@@ -706,7 +706,7 @@ proptest! {
         }
         let plugins = format!("[plugins]\n{text}");
         std::fs::write(&path, &plugins).unwrap();
-        if let Err(e) = graft_host::plugins::config_dirs(&path) {
+        if let Err(e) = graft_runtime::plugins::config_dirs(&path) {
             prop_assert!(format!("{e:#}").contains("train.toml"), "{:#}", e);
         }
     }
@@ -884,7 +884,7 @@ proptest! {
         let cfg = DatasetConfig::from_toml_str(&toml, "images.toml", &dir);
         let (r, peak) = largest_allocation(|| -> anyhow::Result<()> {
             let cfg = cfg?;
-            let ds = graft_host::train::dataset::Dataset::open(&cfg, &OpenOptions { skip_bad: false, verify_images: true })?;
+            let ds = graft_trainer::dataset::Dataset::open(&cfg, &OpenOptions { skip_bad: false, verify_images: true })?;
             let t = ds.load_image(0, true)?;
             anyhow::ensure!(t.dims().len() == 3 && t.dims()[0] == 3, "image tensor {:?}", t.dims());
             Ok(())
@@ -895,7 +895,7 @@ proptest! {
             prop_assert!(e.contains("a.") || e.contains("images.toml") || e.contains("resolution") || e.contains("bucket"), "{}", e);
         }
         if ext == "png" {
-            let (r, peak) = largest_allocation(|| graft_host::generate::png_out::read_parameters(&path));
+            let (r, peak) = largest_allocation(|| graft_trainer::png_out::read_parameters(&path));
             prop_assert!(peak < 64 << 20, "reading PNG parameters allocated {} bytes", peak);
             if let Err(e) = r {
                 prop_assert!(format!("{e:#}").contains("a.png"), "{:#}", e);
@@ -920,7 +920,7 @@ fn a_giant_image_header_is_refused_before_allocating() {
         let cfg = DatasetConfig::from_toml_str(toml, "big.toml", &dir).unwrap();
         for verify_images in [false, true] {
             let (r, peak) = largest_allocation(|| {
-                graft_host::train::dataset::Dataset::open(&cfg, &OpenOptions { skip_bad: false, verify_images })
+                graft_trainer::dataset::Dataset::open(&cfg, &OpenOptions { skip_bad: false, verify_images })
                     .and_then(|ds| ds.load_image(0, false))
                     .map(|_| ())
             });

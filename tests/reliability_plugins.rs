@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use common::*;
-use graft_host::plugins::{FileStatus, LoadError};
-use graft_host::train::config::TrainConfig;
-use graft_host::train::trainer::Trainer;
+use graft_runtime::plugins::{FileStatus, LoadError};
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
 
 const ID: &str = "reliability-probe";
 

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
-use graft_host::train::buckets::Reso;
-use graft_host::train::cache::LatentCache;
-use graft_host::train::dataset::{Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
-use graft_host::train::optim::{AdamW, Gradients, GroupConfig};
-use graft_host::train::schedule::{LrSchedule, ScheduleKind};
+use graft_trainer::buckets::Reso;
+use graft_trainer::cache::LatentCache;
+use graft_trainer::dataset::{Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
+use graft_trainer::optim::{AdamW, Gradients, GroupConfig};
+use graft_trainer::schedule::{LrSchedule, ScheduleKind};
 
 fn reference() -> HashMap<String, Tensor> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/reference/optim.safetensors");

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use graft_host::plugins::{DirOrigin, PluginManager, SearchDir};
-use graft_host::train::config::TrainConfig;
-use graft_host::train::trainer::Trainer;
+use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
 use graft_tests::{build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
 
 fn plugins() -> PathBuf {
@@ -61,7 +61,7 @@ fn lora_zero_init_then_loss_goes_down() {
     // Zero-initialised `up`: the adapted model is the base model at step 0.
     let with_adapter = t.eval_loss(9).unwrap();
     let base = {
-        let mut set = graft_host::adapters::dispatcher::AdapterSet::new(&t.model, 0);
+        let mut set = graft_runtime::adapters::dispatcher::AdapterSet::new(&t.model, 0);
         std::mem::swap(&mut t.set, &mut set);
         let l = t.eval_loss(9).unwrap();
         std::mem::swap(&mut t.set, &mut set);
@@ -154,7 +154,7 @@ fn progressive_fusion_switches_stages() {
     let stage3 = t.optimizer.groups().iter().find(|g| g.config.name.ends_with("/stage3")).unwrap();
     assert!((stage3.config.lr_scale - 0.3).abs() < 1e-12);
     // The composite adapter exports as one kohya file with per-module ranks.
-    let files = graft_host::train::command::export_for(&t).unwrap();
+    let files = graft_host::train::export_for(&t).unwrap();
     let kohya = files.iter().find(|p| p.file_name().unwrap() == "test-adapter.safetensors").unwrap();
     let tensors = candle_core::safetensors::load(kohya, &Device::Cpu).unwrap();
     let ranks: std::collections::BTreeSet<usize> =
@@ -183,9 +183,9 @@ fn interrupted_and_resumed_run_ends_with_the_same_parameters() {
     run("3", false);
     run("6", true);
     let mut b = trainer(&config_b);
-    let ckpt = graft_host::train::checkpoint::latest(&b.config.output_dir).unwrap().unwrap();
+    let ckpt = graft_trainer::checkpoint::latest(&b.config.output_dir).unwrap().unwrap();
     assert!(ckpt.ends_with("step-000006"), "{}", ckpt.display());
-    graft_host::train::checkpoint::load(&mut b, &ckpt).unwrap();
+    graft_trainer::checkpoint::load(&mut b, &ckpt).unwrap();
     assert_eq!(b.step, 6);
     let (pa, pb) = (param_values(&a), param_values(&b));
     assert_eq!(pa.len(), pb.len());
@@ -205,7 +205,7 @@ fn train_command_writes_checkpoints_samples_log_plot_and_adapters() {
     for f in ["loss.jsonl", "loss.png", "test-adapter.safetensors", "test-adapter.peft.safetensors", "checkpoints/latest", "checkpoints/step-000002/params.safetensors", "checkpoints/step-000004/optimizer.safetensors", "samples/step000002_00_5.png", "samples/step000004_00_5.png"] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
-    let log = graft_host::train::losslog::read(&out.join("loss.jsonl")).unwrap();
+    let log = graft_trainer::losslog::read(&out.join("loss.jsonl")).unwrap();
     assert_eq!(log.iter().map(|e| e.step).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
     // The kohya file carries the metadata A1111 needs.
     let bytes = std::fs::read(out.join("test-adapter.safetensors")).unwrap();
@@ -256,8 +256,8 @@ fn non_finite_steps_are_skipped_and_counted() {
 /// strategy with text-encoder adapters keeps them.
 #[test]
 fn text_encoders_leave_memory_during_the_steps() {
-    use graft_host::train::samples::render_samples;
-    let prompts = vec![graft_host::train::samples::SamplePrompt {
+    use graft_trainer::samples::render_samples;
+    let prompts = vec![graft_trainer::samples::SamplePrompt {
         prompt: "a pink circle".into(),
         negative: None,
         width: 64,
@@ -328,7 +328,7 @@ fn kohya_ss_config_trains_unchanged() {
     let dir = scratch("train_kohya");
     let path = kohya_setup(&dir, "");
     let cwd = std::env::current_dir().unwrap();
-    let import = graft_host::train::kohya::import(&path, &cwd, false).unwrap();
+    let import = graft_trainer::kohya::import(&path, &cwd, false).unwrap();
     let c = &import.config;
     let lora = &c.strategy.config;
     assert_eq!((lora["rank"].as_integer(), lora["alpha"].as_float()), (Some(16), Some(32.0)));
@@ -349,7 +349,7 @@ fn kohya_ss_config_trains_unchanged() {
     let args = ["train", "--kohya-config", path.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"];
     graft(&args).unwrap();
     let out = dir.join("model");
-    let log = graft_host::train::losslog::read(&out.join("loss.jsonl")).unwrap();
+    let log = graft_trainer::losslog::read(&out.join("loss.jsonl")).unwrap();
     assert_eq!(log.len(), 50);
     assert!(log.iter().all(|e| e.loss.is_finite()));
     for f in ["pastel-style.safetensors", "checkpoints/step-000025/params.safetensors", "checkpoints/step-000050/params.safetensors"] {
@@ -373,18 +373,18 @@ fn kohya_config_unsupported_keys_and_epochs() {
     let text = std::fs::read_to_string(&path).unwrap().replace("loss_type = \"l2\"\n", "");
     std::fs::write(&path, text).unwrap();
     let cwd = std::env::current_dir().unwrap();
-    let e = format!("{:#}", graft_host::train::kohya::import(&path, &cwd, false).unwrap_err());
+    let e = format!("{:#}", graft_trainer::kohya::import(&path, &cwd, false).unwrap_err());
     for k in ["`reg_data_dir = ", "`loss_type = \"huber\"` (losses other than l2)", "`my_own_key = 3` (not a setting graft knows)", "--ignore-unsupported"] {
         assert!(e.contains(k), "{k} not in: {e}");
     }
-    let import = graft_host::train::kohya::import(&path, &cwd, true).unwrap();
+    let import = graft_trainer::kohya::import(&path, &cwd, true).unwrap();
     assert!(import.notes.iter().any(|n| n.contains("reg_data_dir") && n.contains("left out")), "{:#?}", import.notes);
 
     // 4 images x 10 repeats in batches of 2: 20 steps an epoch.
     let text = std::fs::read_to_string(&path).unwrap();
     let text = text.replace("max_train_steps = 50\n", "max_train_epochs = 3\nsave_every_n_epochs = 1\n").replace("lr_warmup_steps = 5", "lr_warmup_steps = 0.1");
     std::fs::write(&path, text).unwrap();
-    let c = graft_host::train::kohya::import(&path, &cwd, true).unwrap().config;
+    let c = graft_trainer::kohya::import(&path, &cwd, true).unwrap().config;
     assert_eq!((c.steps, c.save_every, c.warmup_steps), (60, 20, 6));
 
     // LoCon and an optimizer with arguments, as kohya_ss writes them.
@@ -393,7 +393,7 @@ fn kohya_config_unsupported_keys_and_epochs() {
         .replace("network_args = []", "network_args = [ \"conv_dim=8\", \"conv_alpha=4\",]")
         .replace("optimizer_type = \"AdamW\"", "optimizer_type = \"prodigy\"\noptimizer_args = [ \"decouple=True\", \"d_coef=2\", \"betas=0.9,0.99\",]");
     std::fs::write(&path, text).unwrap();
-    let c = graft_host::train::kohya::import(&path, &cwd, true).unwrap().config;
+    let c = graft_trainer::kohya::import(&path, &cwd, true).unwrap().config;
     assert_eq!((c.strategy.config["conv_rank"].as_integer(), c.strategy.config["conv_alpha"].as_float()), (Some(8), Some(4.0)));
     assert_eq!(c.optimizer, "Prodigy");
     assert_eq!(c.optimizer_args["betas"], toml::Value::Array(vec![0.9.into(), 0.99.into()]));
@@ -427,7 +427,7 @@ fn every_optimizer_trains_and_resumes() {
             assert!(!r.skipped && r.loss.is_finite() && r.lr > 0.0, "{name}: {r:?}");
             losses.push(r.loss);
             if step == 4 {
-                graft_host::train::checkpoint::save(&t).unwrap();
+                graft_trainer::checkpoint::save(&t).unwrap();
             }
         }
         let after = t.eval_loss(9).unwrap();
@@ -441,7 +441,7 @@ fn every_optimizer_trains_and_resumes() {
 
         let mut resumed = trainer(&config);
         let ckpt = dir.join("out/checkpoints/step-000005");
-        graft_host::train::checkpoint::load(&mut resumed, &ckpt).unwrap();
+        graft_trainer::checkpoint::load(&mut resumed, &ckpt).unwrap();
         for _ in 5..10 {
             resumed.train_step().unwrap();
         }

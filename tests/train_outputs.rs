@@ -14,12 +14,12 @@ use candle_core::{Device, Tensor};
 use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
 use graft_formats::adapter::AdapterWeights;
 use graft_formats::{read_adapter, AdapterFormat, KeyMap};
-use graft_host::adapters::dispatcher::AdapterSet;
-use graft_host::adapters::store::ParamKey;
-use graft_host::plugins::{PluginManager, StrategyInstance};
-use graft_host::train::export::{export_strategy, ExportMeta};
-use graft_host::train::losslog::{self, LossEntry, LossLog};
-use graft_host::train::samples::{self, SampleDefaults};
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::store::ParamKey;
+use graft_runtime::plugins::{PluginManager, StrategyInstance};
+use graft_trainer::export::{export_strategy, ExportMeta};
+use graft_trainer::losslog::{self, LossEntry, LossLog};
+use graft_trainer::samples::{self, SampleDefaults};
 use graft_sdxl::rng::GraftRng;
 use graft_sdxl::sgm::SgmLayout;
 use graft_sdxl::SdxlModel;
@@ -239,9 +239,9 @@ fn samples_from_a_prompt_file_with_the_adapters_and_a_grid() {
         assert_eq!((png.width() as usize, png.height() as usize), (w, h));
         assert_eq!(png.as_raw(), &rgb);
     }
-    let text = graft_host::generate::png_out::read_parameters(&files[0]).unwrap().unwrap();
+    let text = graft_trainer::png_out::read_parameters(&files[0]).unwrap().unwrap();
     assert!(text.starts_with("a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 5, Seed: 7, Size: 64x48"), "{text}");
-    let text = graft_host::generate::png_out::read_parameters(&files[1]).unwrap().unwrap();
+    let text = graft_trainer::png_out::read_parameters(&files[1]).unwrap().unwrap();
     assert!(text.contains("Sampler: Euler, CFG scale: 1, Seed: 101, Size: 48x64"), "{text}");
     // The adapter is in the images: without it the first one differs.
     let base = AdapterSet::new(&model, 0);
@@ -252,7 +252,7 @@ fn samples_from_a_prompt_file_with_the_adapters_and_a_grid() {
     samples::grid_files(&files, 2, &grid).unwrap();
     let g = image::open(&grid).unwrap().to_rgb8();
     assert_eq!((g.width(), g.height()), (2 * (64 + 4) + 4, 64 + 8));
-    assert!(graft_host::generate::png_out::read_parameters(&grid).unwrap().unwrap().starts_with("a red fox"));
+    assert!(graft_trainer::png_out::read_parameters(&grid).unwrap().unwrap().starts_with("a red fox"));
 }
 
 #[test]

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
-use graft_host::adapters::store::ParamKey;
-use graft_host::train::config::TrainConfig;
-use graft_host::train::trainer::Trainer;
+use graft_runtime::adapters::store::ParamKey;
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
 
 /// Builds `plugins/lora` into the tests' plugin target and copies it into the scratch folder
 /// `name` (one per test: the tests run in parallel).
@@ -230,7 +230,7 @@ config = {strategy}
 
 /// The gradients of one batch, with or without gradient checkpointing, from the same random
 /// state (noise, timesteps and the adapters' dropout draws).
-fn gradients_of(trainer: &mut Trainer, checkpointing: bool) -> (f32, graft_host::train::optim::Gradients) {
+fn gradients_of(trainer: &mut Trainer, checkpointing: bool) -> (f32, graft_trainer::optim::Gradients) {
     let (rng, set_rng) = (trainer.rng.clone(), trainer.set.rng_state());
     let batch = trainer.dataset.epoch(3, 0).on(&Device::Cpu).batch(0).expect("batch");
     trainer.config.gradient_checkpointing = checkpointing;
@@ -271,7 +271,7 @@ fn checkpointing_gives_the_same_gradients() {
 }
 
 /// One case of [`checkpointing_gives_the_same_gradients`]; returns the plain gradients.
-fn checkpointing_case(plugins: &Path, plugin: &str, strategy: &str, half: bool) -> graft_host::train::optim::Gradients {
+fn checkpointing_case(plugins: &Path, plugin: &str, strategy: &str, half: bool) -> graft_trainer::optim::Gradients {
     let root = graft_tests::scratch(&format!("train-checkpointing/{plugin}-{half}"));
     let extra = if half { r#"dtype = "fp16""# } else { "" };
     let mut trainer = Trainer::new(strategy_config(&root, plugin, strategy, extra), manager(plugins), &Device::Cpu).expect("trainer");

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use common::*;
 use graft_host::plugins::PluginDirArgs;
-use graft_host::train::command::{train, TrainArgs};
-use graft_host::train::config::TrainConfig;
-use graft_host::train::trainer::Trainer;
-use graft_host::train::{checkpoint, losslog};
+use graft_host::train::{train, TrainArgs};
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
+use graft_trainer::{checkpoint, losslog};
 
 const ID: &str = "lora-probe";
 
@@ -200,7 +200,7 @@ fn a_failing_strategy_pauses_a_watch_run_until_it_is_rebuilt() {
     let ref_dir = tempfile::tempdir().unwrap();
     std::fs::copy(lib_dir.join(lib_file(PAUSE_ID)), ref_dir.path().join(lib_file(PAUSE_ID))).unwrap();
     let reference = train(train_args(&config, ref_dir.path(), Some(data.path().join("out-ref")), false)).unwrap();
-    let losses = |o: &graft_host::train::command::TrainOutcome| o.records.iter().map(|r| r.loss).collect::<Vec<f64>>();
+    let losses = |o: &graft_host::train::TrainOutcome| o.records.iter().map(|r| r.loss).collect::<Vec<f64>>();
     assert_eq!(losses(&outcome), losses(&reference));
 }
 

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-use graft_host::train::dataset::{Dataset, DatasetConfig, OpenOptions};
+use graft_trainer::dataset::{Dataset, DatasetConfig, OpenOptions};
 
 fuzz_target!(|data: &[u8]| {
     let dir = graft_fuzz::scratch().join("images");
@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    if let Err(e) = graft_host::generate::png_out::read_parameters(&image) {
+    if let Err(e) = graft_trainer::png_out::read_parameters(&image) {
         graft_fuzz::names(&format!("{e:#}"), "a.png");
     }
 });

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-use graft_host::train::dataset::{Dataset, DatasetConfig, OpenOptions};
+use graft_trainer::dataset::{Dataset, DatasetConfig, OpenOptions};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

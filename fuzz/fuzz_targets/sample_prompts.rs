@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-use graft_host::train::samples::{parse_prompts, SampleDefaults};
+use graft_trainer::samples::{parse_prompts, SampleDefaults};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let dir = graft_fuzz::scratch();
     let path = dir.join("train.toml");
     std::fs::write(&path, text).expect("write scratch file");
-    if let Err(e) = graft_host::train::config::TrainConfig::from_file(&path) {
+    if let Err(e) = graft_trainer::config::TrainConfig::from_file(&path) {
         graft_fuzz::names(&format!("{e:#}"), "train.toml");
     }
     if let Err(e) = graft_host::compare::config::CompareConfig::parse_str(text, "fuzz-compare.toml", &dir) {

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use graft_formats::{AdapterFile, AdapterFormat, KohyaMetadata, LoadReport, ModuleWeights, StoreDtype};
-use graft_host::adapters::files::FileAdapters;
+use graft_runtime::adapters::files::FileAdapters;
 use candle_core::Module;
 use graft_sdxl::hooks::{AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerInfo, NoHooks};
 use graft_sdxl::nn::{HookedLinear, LayerNorm};

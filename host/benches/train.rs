@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use graft_host::plugins::{DirOrigin, PluginManager, SearchDir};
-use graft_host::train::config::TrainConfig;
-use graft_host::train::trainer::Trainer;
+use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()

@@ -26,7 +26,7 @@ pub enum Command {
     /// Text to image with an SDXL model.
     Generate(generate::GenerateArgs),
     /// Train an adapter with a strategy plugin on an image + caption dataset.
-    Train(train::command::TrainArgs),
+    Train(train::TrainArgs),
     /// List the hook points (named layers adapters attach to) of a model, without loading weights.
     Layers(layers::LayersArgs),
     /// Inspect strategy plugins: list the libraries found, check one, watch for rebuilds.
@@ -57,7 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Layers(args) => layers::run(args),
-        Command::Train(args) => train::command::run(args),
+        Command::Train(args) => train::run(args),
         Command::Plugins(args) => plugins::cli::run_plugins(args),
         Command::Plugin(args) => plugins::cli::run_plugin(args),
         Command::Compare(args) => compare::run(args),

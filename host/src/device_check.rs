@@ -12,10 +12,10 @@ use candle_core::{DType, Device, Tensor};
 use graft_sdxl::schedulers::SchedulerConfig;
 use graft_sdxl::{GenerateParams, PipelineHooks, SdxlModel, WeightDtype};
 
-use crate::adapters::store::ParamKey;
+use graft_runtime::adapters::store::ParamKey;
 use crate::plugins::PluginDirArgs;
-use crate::train::config::TrainConfig;
-use crate::train::trainer::Trainer;
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DeviceCheckArgs {
@@ -48,7 +48,7 @@ impl Check {
 }
 
 pub fn run(args: DeviceCheckArgs) -> anyhow::Result<()> {
-    let gpu = crate::device::pick(args.cpu)?;
+    let gpu = graft_runtime::device::pick(args.cpu)?;
     let mut devices = vec![Device::Cpu];
     if !gpu.is_cpu() {
         devices.push(gpu);

@@ -18,10 +18,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use graft_host::plugins::{DirOrigin, PluginManager, SearchDir};
-use graft_host::train::config::TrainConfig;
-use graft_host::train::trainer::Trainer;
-use graft_host::train::{checkpoint, losslog};
+use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
+use graft_trainer::{checkpoint, losslog};
 
 const GRAFT: &str = env!("CARGO_BIN_EXE_graft");
 const STEPS: u64 = 10;

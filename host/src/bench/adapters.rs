@@ -12,9 +12,9 @@ use graft_sdxl::vae::Vae;
 use graft_sdxl::varbuilder::shape_only;
 use graft_sdxl::{Component, PipelineHooks, SdxlConfig, SdxlModel};
 
-use crate::adapters::dispatcher::AdapterSet;
-use crate::adapters::files::FileAdapters;
-use crate::plugins::{load_plugin, StrategyInstance};
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::files::FileAdapters;
+use graft_runtime::plugins::{load_plugin, StrategyInstance};
 
 use super::measure::{measure, measure_against, Measured, Timing};
 use super::real::{empty_report, lora_file};

@@ -202,7 +202,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn run_here(w: &Workload, args: &BenchArgs, fixture: &Path) -> anyhow::Result<Record> {
     let scratch = std::env::temp_dir().join(format!("graft-bench-{}-{}", std::process::id(), w.name));
     std::fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
-    let device = if args.gpu && w.heavy { crate::device::pick(false)? } else { candle_core::Device::Cpu };
+    let device = if args.gpu && w.heavy { graft_runtime::device::pick(false)? } else { candle_core::Device::Cpu };
     if args.gpu && w.heavy && device.is_cpu() {
         bail!("--gpu: no CUDA GPU is available to this build (see the log above)");
     }

@@ -18,10 +18,10 @@ use graft_sdxl::rng::GraftRng;
 use graft_sdxl::sgm::SgmLayout;
 use graft_sdxl::unet::transformer::BasicTransformerBlock;
 
-use crate::adapters::files::FileAdapters;
-use crate::adapters::store::ParamStore;
-use crate::plugins::{layers_to_abi, CallContext, StrategyInstance};
-use crate::train::optim::{AdamW, GroupConfig};
+use graft_runtime::adapters::files::FileAdapters;
+use graft_runtime::adapters::store::ParamStore;
+use graft_runtime::plugins::{layers_to_abi, CallContext, StrategyInstance};
+use graft_trainer::optim::{AdamW, GroupConfig};
 
 use super::measure::{measure, measure_against, Measured};
 use super::Ctx;

@@ -31,8 +31,8 @@ use graft_sdxl::varbuilder::shape_only;
 use graft_sdxl::{Component, GenerateParams, PipelineHooks, SdxlConfig, SdxlModel, WeightDtype};
 use serde_json::{json, Map, Value};
 
-use crate::train::config::TrainConfig;
-use crate::train::trainer::Trainer;
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
 
 use super::measure::{measure_on, peak_mb, reset_peak, rss_mb, Measured, Timing};
 use super::tiny::PROMPT;

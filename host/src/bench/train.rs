@@ -4,8 +4,8 @@
 
 use candle_core::Device;
 
-use crate::train::config::TrainConfig;
-use crate::train::trainer::Trainer;
+use graft_trainer::config::TrainConfig;
+use graft_trainer::trainer::Trainer;
 
 use super::measure::{measure, Measured};
 use super::Ctx;

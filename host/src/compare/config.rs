@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::train::config::{DatasetSection, StrategySection, TrainConfig};
-use crate::train::samples::{parse_prompt_file, parse_prompts, SampleDefaults, SamplePrompt};
+use graft_trainer::config::{DatasetSection, StrategySection, TrainConfig};
+use graft_trainer::samples::{parse_prompt_file, parse_prompts, SampleDefaults, SamplePrompt};
 
 /// An example config, shown by `graft compare --help`.
 pub const EXAMPLE: &str = r#"model = "models/sd_xl_base_1.0.safetensors"       # diffusers folder or single file

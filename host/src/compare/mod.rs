@@ -44,7 +44,7 @@ pub struct CompareArgs {
 /// Runs a comparison from its config and writes the report; the library entry point of
 /// `graft compare`.
 pub fn compare(config: &CompareConfig, plugins: PluginDirArgs, cpu: bool) -> anyhow::Result<CompareOutcome> {
-    let device = crate::device::pick(cpu)?;
+    let device = graft_runtime::device::pick(cpu)?;
     let mut outcome = run::run(config, &run::RunOptions { plugins, device })?;
     report::write(&mut outcome)?;
     Ok(outcome)

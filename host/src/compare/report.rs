@@ -12,8 +12,8 @@ use image::RgbImage;
 
 use crate::compare::memory::human_bytes;
 use crate::compare::run::{CompareOutcome, StrategyResult};
-use crate::train::losslog::{plot_many, PALETTE};
-use crate::train::samples::{grid_image, write_rgb_png};
+use graft_trainer::losslog::{plot_many, PALETTE};
+use graft_trainer::samples::{grid_image, write_rgb_png};
 
 /// The colour of a failed strategy's grid cells.
 pub const MISSING_CELL: [u8; 3] = [214, 214, 214];
@@ -136,7 +136,7 @@ fn data_uri(path: &Path) -> anyhow::Result<String> {
 /// The loss curves of every strategy with a finite loss, one colour each; `false` when there
 /// is none to draw.
 fn write_plot(outcome: &CompareOutcome, path: &Path) -> anyhow::Result<bool> {
-    let curves: Vec<(&str, [u8; 3], &[crate::train::losslog::LossEntry])> = outcome
+    let curves: Vec<(&str, [u8; 3], &[graft_trainer::losslog::LossEntry])> = outcome
         .strategies
         .iter()
         .enumerate()

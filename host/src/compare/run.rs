@@ -18,14 +18,15 @@ use graft_sdxl::hooks::{LinearWeights, SharedLinear};
 use graft_sdxl::SdxlModel;
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::dispatcher::AdapterSet;
 use crate::compare::config::{CompareConfig, StrategyEntry};
 use crate::compare::memory::{Peak, PeakMeter};
-use crate::plugins::{PluginDirArgs, PluginManager};
-use crate::train::command::export_for;
-use crate::train::losslog::{LossEntry, LossLog};
-use crate::train::samples::{render_samples, SamplePrompt};
-use crate::train::trainer::Trainer;
+use crate::plugins::PluginDirArgs;
+use graft_runtime::plugins::PluginManager;
+use crate::train::export_for;
+use graft_trainer::losslog::{LossEntry, LossLog};
+use graft_trainer::samples::{render_samples, SamplePrompt};
+use graft_trainer::trainer::Trainer;
 
 /// The seed of the fixed evaluation loss ([`Trainer::eval_loss`]) reported for every strategy.
 pub const EVAL_SEED: u64 = 0xe7a1;
@@ -335,7 +336,7 @@ fn train_one(
     result.eval_loss_start = Some(trainer.eval_loss(EVAL_SEED)?);
 
     let mut log = LossLog::create(&dir.join("loss.jsonl"))?;
-    let bar = crate::progress::bar(config.steps, &format!("{} training", entry.name()));
+    let bar = graft_runtime::progress::bar(config.steps, &format!("{} training", entry.name()));
     let mut step_seconds = 0.0;
     while trainer.step < config.steps {
         let record = match trainer.train_step() {

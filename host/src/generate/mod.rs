@@ -3,7 +3,7 @@
 //! - Adapters come from `--adapter FILE[:w[:unet_w]]` (for every image) and from A1111 tags in
 //!   the prompt, `<lora:name:w>` / `<lora:name:te_w:unet_w>`, found by name in the `--lora-dir`
 //!   folders ([`lora_dir`], [`prompt_syntax`]). kohya, PEFT / diffusers and LyCORIS files attach
-//!   at the hook points ([`crate::adapters::files`]); graft-native files go through the strategy
+//!   at the hook points ([`graft_runtime::adapters::files`]); graft-native files go through the strategy
 //!   plugin their metadata names. Each file is read once; prompts that use other adapters or
 //!   weights switch them between batches.
 //! - `--prompts FILE` renders a kohya sample-prompt file (one image per line, `--n --w --h --d
@@ -14,7 +14,6 @@
 
 pub mod batch;
 pub mod lora_dir;
-pub mod png_out;
 pub mod prompt_syntax;
 
 use std::collections::BTreeMap;
@@ -26,10 +25,12 @@ use graft_sdxl::pipeline::to_rgb8;
 use graft_sdxl::{GenerateParams, SdxlModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::adapters::dispatcher::AdapterSet;
-use crate::adapters::files::{add_native, fuse_all, unfuse_all, FileAdapters};
-use crate::plugins::{PluginDirArgs, PluginManager};
-use crate::train::samples::{self, SampleDefaults, SamplePrompt};
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::files::{add_native, fuse_all, unfuse_all, FileAdapters};
+use crate::plugins::PluginDirArgs;
+use graft_runtime::plugins::PluginManager;
+use graft_trainer::png_out;
+use graft_trainer::samples::{self, SampleDefaults, SamplePrompt};
 use lora_dir::LoraDirs;
 use prompt_syntax::{extract_adapter_tags, parse_adapter_spec};
 
@@ -198,7 +199,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
         })
         .collect();
 
-    let device = crate::device::pick(args.cpu)?;
+    let device = graft_runtime::device::pick(args.cpu)?;
     let started = std::time::Instant::now();
     let model = SdxlModel::load_as(&args.model, args.model_config.as_deref(), &device, args.dtype)?;
     tracing::info!("{}", graft_sdxl::precision::describe(model.weight_dtype(), &model.device));

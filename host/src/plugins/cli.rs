@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::loader::{load_plugin, LoadedPlugin};
-use super::manager::{FileStatus, PluginManager, SearchDir};
-use super::{scaffold, PluginDirArgs, StrategyInstance};
+use graft_runtime::plugins::loader::{load_plugin, LoadedPlugin};
+use graft_runtime::plugins::manager::{FileStatus, PluginManager, SearchDir};
+use super::{scaffold, PluginDirArgs};
+use graft_runtime::plugins::StrategyInstance;
 
 #[derive(Debug, Args)]
 #[command(
@@ -132,9 +133,9 @@ pub fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
 
 fn origin_word(d: &SearchDir) -> &'static str {
     match d.origin {
-        super::DirOrigin::Flag => "--plugins",
-        super::DirOrigin::Config => "config",
-        super::DirOrigin::Default => "default",
+        graft_runtime::plugins::DirOrigin::Flag => "--plugins",
+        graft_runtime::plugins::DirOrigin::Config => "config",
+        graft_runtime::plugins::DirOrigin::Default => "default",
     }
 }
 

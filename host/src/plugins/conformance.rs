@@ -24,11 +24,11 @@ use candle_core::{Device, Tensor};
 use graft_abi as abi;
 use graft_sdxl::{GenerateParams, SdxlConfig, SdxlModel};
 
-use super::loader::LoadedPlugin;
-use super::strategy::{layers_to_abi, StrategyInstance};
-use crate::adapters::dispatcher::AdapterSet;
-use crate::adapters::files::{add_native, FileAdapters};
-use crate::train::export::{export_strategy, ExportMeta};
+use graft_runtime::plugins::loader::LoadedPlugin;
+use graft_runtime::plugins::strategy::{layers_to_abi, StrategyInstance};
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::files::{add_native, FileAdapters};
+use graft_trainer::export::{export_strategy, ExportMeta};
 
 /// One check's outcome.
 #[derive(Debug, Clone, serde::Serialize)]

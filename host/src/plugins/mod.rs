@@ -1,30 +1,15 @@
-//! Strategy plugins: finding and loading them (with the ABI checks), hot reload, calling them.
+//! The `graft plugins` and `graft plugin` commands, and the plugin-folder flags of every command.
 //!
-//! - [`loader`]: one library: private copy, abi_stable layout check, ABI version, manifest.
-//! - [`manager`]: the search directories, one active build per plugin id, the directory
-//!   watcher and the reload queue ([`PluginManager::poll_reloads`]).
-//! - [`strategy`]: [`StrategyInstance`], a configured strategy object with checked calls
-//!   (`plan`, `forward_linear`, `forward_attention`, `delta_weight`, `export`, `on_step`,
-//!   state, and `reload` onto a new build).
 //! - [`cli`]: `graft plugins list|check|watch` and `graft plugin new`.
+//! - [`conformance`]: the checks `graft plugins check` runs.
 
 pub mod cli;
 pub mod conformance;
-pub mod loader;
-pub mod manager;
 mod scaffold;
-pub mod strategy;
-pub mod trust;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
-
-pub use loader::{load_plugin, LoadError, LoadedPlugin, PluginManifest};
-pub use manager::{default_target_dirs, DirOrigin, FileEntry, FileStatus, PluginManager, ReloadEvent, SearchDir};
-pub use strategy::{
-    check_plan, layer_to_abi, layers_to_abi, CallContext, ExportedLayer, PluginError, StrategyInstance,
-};
+use graft_runtime::plugins::{PluginDirs, PluginManager};
 
 /// Where to look for plugins; flatten into every command that uses plugins.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -44,93 +29,18 @@ pub struct PluginDirArgs {
     pub no_default_plugins: bool,
 }
 
-#[derive(serde::Deserialize)]
-struct ConfigFile {
-    plugins: Option<PluginsSection>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PluginsSection {
-    #[serde(default)]
-    dirs: Vec<PathBuf>,
-}
-
-/// The plugin folders listed in a config file, resolved against the file's folder.
-pub fn config_dirs(file: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read config file {}", file.display()))?;
-    let config: ConfigFile = toml::from_str(&text).with_context(|| {
-        format!("config file {}: invalid [plugins] section (expected `dirs = [\"folder\", ...]`)", file.display())
-    })?;
-    let base = file.parent().unwrap_or(Path::new("."));
-    Ok(config.plugins.map(|p| p.dirs).unwrap_or_default().into_iter().map(|d| base.join(d)).collect())
-}
-
 impl PluginDirArgs {
-    /// The config file in effect, if any.
-    pub fn config_file(&self) -> Option<PathBuf> {
-        if let Some(f) = &self.plugin_config {
-            return Some(f.clone());
+    /// The folders these flags name, for the libraries.
+    pub fn dirs(&self) -> PluginDirs {
+        PluginDirs {
+            plugins: self.plugins.clone(),
+            plugin_config: self.plugin_config.clone(),
+            no_default_plugins: self.no_default_plugins,
         }
-        if let Some(f) = std::env::var_os("GRAFT_CONFIG") {
-            return Some(PathBuf::from(f));
-        }
-        let local = PathBuf::from("graft.toml");
-        local.is_file().then_some(local)
     }
 
-    /// The search directories, in priority order. A `--plugins` folder that does not exist is
-    /// an error; so is a config file that cannot be read.
-    pub fn search_dirs(&self) -> anyhow::Result<Vec<SearchDir>> {
-        let mut dirs = Vec::new();
-        for d in &self.plugins {
-            if !d.is_dir() {
-                anyhow::bail!("--plugins {}: not a folder", d.display());
-            }
-            dirs.push(SearchDir { path: d.clone(), origin: DirOrigin::Flag });
-        }
-        if let Some(file) = self.config_file() {
-            for d in config_dirs(&file)? {
-                dirs.push(SearchDir { path: d, origin: DirOrigin::Config });
-            }
-        }
-        if !self.no_default_plugins {
-            dirs.extend(default_target_dirs().into_iter().map(|path| SearchDir { path, origin: DirOrigin::Default }));
-        }
-        Ok(dirs)
-    }
-
-    /// A manager over these directories, with every library loaded. Failures are logged as
-    /// warnings (and kept in the manager's file list); they are not errors here.
+    /// A manager over these folders, with every library loaded ([`PluginDirs::manager`]).
     pub fn manager(&self) -> anyhow::Result<PluginManager> {
-        let mut manager = PluginManager::new(self.search_dirs()?);
-        for event in manager.scan() {
-            // A broken library in a folder the user named is worth a warning; the default
-            // target folders hold every cdylib of the workspace (test fixtures too), so their
-            // failures only show in `graft plugins list` and in the error for a missing id.
-            let named = |path: &Path| manager.files().get(path).is_some_and(|e| e.origin != DirOrigin::Default);
-            match &event {
-                ReloadEvent::Failed { error: LoadError::Untrusted(_), .. } => tracing::warn!("{event}"),
-                ReloadEvent::Failed { path, error, .. } if named(path) && !matches!(error, LoadError::NotAPlugin(_)) => {
-                    tracing::warn!("{event}")
-                }
-                _ => tracing::debug!("{event}"),
-            }
-        }
-        Ok(manager)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// The loop that owns them may live on another thread than the one that made them.
-    #[test]
-    fn handles_are_send_and_sync() {
-        fn send_sync<T: Send + Sync>() {}
-        fn send<T: Send>() {}
-        send_sync::<super::LoadedPlugin>();
-        send_sync::<super::StrategyInstance>();
-        send::<super::PluginManager>();
-        send_sync::<crate::adapters::store::ParamStore>();
+        self.dirs().manager()
     }
 }

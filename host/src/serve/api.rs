@@ -23,8 +23,8 @@ use tokio_stream::{Stream, StreamExt};
 use crate::serve::jobs::{self, safe_name, JobSpec};
 use crate::serve::state::{lock, App};
 use crate::serve::{dataset, gen};
-use crate::train::config::{DatasetSection, StrategySection, TrainConfig};
-use crate::train::samples::{parse_prompts, SampleDefaults};
+use graft_trainer::config::{DatasetSection, StrategySection, TrainConfig};
+use graft_trainer::samples::{parse_prompts, SampleDefaults};
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
@@ -364,7 +364,7 @@ fn check_strategy(app: &App, plugin: &str, config: &toml::Table, what: &str) -> 
     let manager = lock(&app.plugins);
     let p = manager.require(plugin).map_err(|e| ApiError::bad(format!("{what}: {e:#}")))?;
     let json = serde_json::to_string(config).unwrap_or_default();
-    crate::plugins::StrategyInstance::new(p, None, &json).map_err(|e| ApiError::bad(format!("{what}: plugin `{plugin}` refuses this config: {e}")))?;
+    graft_runtime::plugins::StrategyInstance::new(p, None, &json).map_err(|e| ApiError::bad(format!("{what}: plugin `{plugin}` refuses this config: {e}")))?;
     Ok(())
 }
 
@@ -391,7 +391,7 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let table = to_table(req.strategy_config.clone(), "strategy_config")?;
     check_strategy(&app, &req.plugin, &table, "plugin")?;
     let optimizer_args = to_table(req.optimizer_args.clone(), "optimizer_args")?;
-    crate::train::optim::OptimizerSpec::parse(&req.optimizer, &optimizer_args).map_err(|e| ApiError::bad(e.to_string()))?;
+    graft_trainer::optim::OptimizerSpec::parse(&req.optimizer, &optimizer_args).map_err(|e| ApiError::bad(e.to_string()))?;
     let defaults = SampleDefaults { width: req.resolution, height: req.resolution, seed: req.seed, ..Default::default() };
     let prompt_text = req.sample_prompts.join("\n");
     parse_prompts(&prompt_text, "sample_prompts", &defaults).map_err(|e| ApiError::bad(format!("{e:#}")))?;
@@ -452,7 +452,7 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         strategy: StrategySection { plugin: req.plugin.clone(), name: None, config: table },
     };
     config.validate().map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    req.lr_schedule.parse::<crate::train::schedule::ScheduleKind>().map_err(ApiError::bad)?;
+    req.lr_schedule.parse::<graft_trainer::schedule::ScheduleKind>().map_err(ApiError::bad)?;
     std::fs::create_dir_all(&out).map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
     std::fs::write(&prompts_file, format!("{prompt_text}\n"))
         .map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;

@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use crate::train::buckets::{BucketSettings, Bucketer, Reso};
+use graft_trainer::buckets::{BucketSettings, Bucketer, Reso};
 
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 

@@ -11,10 +11,11 @@ use graft_sdxl::GenerateParams;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::adapters::dispatcher::AdapterSet;
-use crate::adapters::files::{add_native, FileAdapters};
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::files::{add_native, FileAdapters};
 use crate::generate::prompt_syntax::extract_adapter_tags;
-use crate::generate::{batch, png_out};
+use crate::generate::batch;
+use graft_trainer::png_out;
 use crate::serve::state::{lock, App};
 
 fn default_size() -> usize {

@@ -13,10 +13,10 @@ use serde_json::json;
 
 use crate::compare::config::CompareConfig;
 use crate::serve::state::{lock, App};
-use crate::train::config::TrainConfig;
-use crate::train::samples::render_samples;
-use crate::train::trainer::{StepOutcome, Trainer};
-use crate::train::losslog;
+use graft_trainer::config::TrainConfig;
+use graft_trainer::samples::render_samples;
+use graft_trainer::trainer::{StepOutcome, Trainer};
+use graft_trainer::losslog;
 
 /// Pause and stop requests from the API to a running job.
 #[derive(Debug, Default)]
@@ -228,7 +228,7 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
     if trainer.step > 0 {
         let saved = {
             let _g = lock(&app.compute);
-            crate::train::command::save_on_stop(&trainer)
+            crate::train::save_on_stop(&trainer)
         };
         if let Ok(entries) = losslog::read(&log_path) {
             if let Err(e) = losslog::plot_loss_png(&entries, &out.join("loss.png")) {
@@ -266,7 +266,7 @@ fn train_steps(
     control: &Control,
     trainer: &mut Trainer,
     watching: bool,
-    prompts: &[crate::train::samples::SamplePrompt],
+    prompts: &[graft_trainer::samples::SamplePrompt],
     log_path: &Path,
 ) -> anyhow::Result<()> {
     let out = trainer.config.output_dir.clone();
@@ -359,7 +359,7 @@ fn finite(v: f64) -> Option<f64> {
 fn run_compare(app: &App, id: u64, config: &CompareConfig) -> anyhow::Result<()> {
     let mut outcome = crate::compare::run::run(
         config,
-        &crate::compare::run::RunOptions { plugins: app.plugin_args.clone(), device: crate::device::pick(app.cpu)? },
+        &crate::compare::run::RunOptions { plugins: app.plugin_args.clone(), device: graft_runtime::device::pick(app.cpu)? },
     )?;
     crate::compare::report::write(&mut outcome)?;
     let url = format!("/api/jobs/{id}/files/{}", crate::compare::report::REPORT_HTML);

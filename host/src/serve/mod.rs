@@ -105,11 +105,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("listening on {:?}: the API has no authentication", args.listen);
     }
     // Ctrl-C / SIGTERM: the running job stops after its step and saves, then the server exits.
-    crate::stop::install();
+    graft_runtime::stop::install();
     let handle = start(&args)?;
     println!("graft serve: open {}", handle.url());
     while !handle._runtime.is_finished() {
-        if crate::stop::requested() {
+        if graft_runtime::stop::requested() {
             return stop_jobs(&handle.app);
         }
         std::thread::sleep(std::time::Duration::from_millis(200));

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::compare::run::BaseSnapshot;
-use crate::plugins::{FileStatus, PluginDirArgs, PluginManager, ReloadEvent};
+use crate::plugins::PluginDirArgs;
+use graft_runtime::plugins::{FileStatus, PluginManager, ReloadEvent};
 use crate::serve::gen::GenRecord;
 use crate::serve::jobs::JobBook;
 use crate::serve::ServeArgs;
@@ -63,7 +64,7 @@ impl App {
         std::fs::create_dir_all(&args.work_dir)
             .with_context(|| format!("cannot create the work folder {}", args.work_dir.display()))?;
         let work_dir = args.work_dir.canonicalize()?;
-        let device = crate::device::pick(args.cpu)?;
+        let device = graft_runtime::device::pick(args.cpu)?;
         let model = match &args.model {
             Some(path) => {
                 let started = std::time::Instant::now();

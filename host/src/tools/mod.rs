@@ -33,8 +33,8 @@ use graft_sdxl::vae::Vae;
 use graft_sdxl::varbuilder::shape_only;
 use graft_sdxl::{Component, SdxlConfig, SdxlModel};
 
-use crate::adapters::dispatcher::AdapterSet;
-use crate::adapters::files::add_native;
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::files::add_native;
 use crate::plugins::PluginDirArgs;
 
 /// Which architecture adapter files are read against.

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use toml::Value;
 
-use crate::train::config::TrainConfig;
+use crate::config::TrainConfig;
 
 /// kohya's UNet LoRA targets: every linear of every `Transformer2DModel`.
 const UNET_TARGETS: [&str; 8] = [
@@ -611,7 +611,7 @@ fn epochs_to_steps(config: &mut TrainConfig, graft: &mut toml::Table, e: &Epochs
         graft.insert(key.into(), Value::Integer(n as i64));
     };
     if e.max_train_epochs.is_some() || e.save_every_n_epochs.is_some() || e.sample_every_n_epochs.is_some() {
-        let dataset = crate::train::trainer::open_dataset(config).context("counting the batches of one epoch")?;
+        let dataset = crate::trainer::open_dataset(config).context("counting the batches of one epoch")?;
         let batches = dataset.epoch(config.seed, 0).len() as u64;
         let per_epoch = batches.div_ceil(config.gradient_accumulation as u64).max(1);
         tracing::info!("kohya epochs: {per_epoch} steps per epoch ({batches} batches)");

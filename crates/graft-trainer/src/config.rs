@@ -226,17 +226,17 @@ fn empty_table() -> toml::Table {
 impl TrainConfig {
     /// The prompts to render every `sample_every` steps (none when sampling is off), sized and
     /// seeded like the training images unless a prompt line says otherwise.
-    pub fn sample_prompts_to_render(&self) -> anyhow::Result<Vec<crate::train::samples::SamplePrompt>> {
+    pub fn sample_prompts_to_render(&self) -> anyhow::Result<Vec<crate::samples::SamplePrompt>> {
         match &self.sample_prompts {
             Some(p) if self.sample_every > 0 => {
-                let defaults = crate::train::samples::SampleDefaults {
+                let defaults = crate::samples::SampleDefaults {
                     width: self.dataset.resolution,
                     height: self.dataset.resolution,
                     seed: self.seed,
                     scheduler: self.sample_scheduler()?,
                     ..Default::default()
                 };
-                crate::train::samples::parse_prompt_file(p, &defaults)
+                crate::samples::parse_prompt_file(p, &defaults)
             }
             _ => Ok(Vec::new()),
         }
@@ -245,8 +245,8 @@ impl TrainConfig {
     /// The graft scheduler of `sample_sampler`.
     fn sample_scheduler(&self) -> anyhow::Result<Option<String>> {
         let Some(name) = &self.sample_sampler else { return Ok(None) };
-        let s = crate::train::samples::sampler_to_scheduler(name).with_context(|| {
-            format!("`sample_sampler = \"{name}\"` is not a sampler graft has; use one of {}", crate::train::samples::SAMPLERS.join(", "))
+        let s = crate::samples::sampler_to_scheduler(name).with_context(|| {
+            format!("`sample_sampler = \"{name}\"` is not a sampler graft has; use one of {}", crate::samples::SAMPLERS.join(", "))
         })?;
         Ok(Some(s.to_string()))
     }
@@ -313,8 +313,8 @@ impl TrainConfig {
     }
 
     /// `optimizer` and `[optimizer_args]`, checked.
-    pub fn optimizer_spec(&self) -> anyhow::Result<crate::train::optim::OptimizerSpec> {
-        Ok(crate::train::optim::OptimizerSpec::parse(&self.optimizer, &self.optimizer_args)?)
+    pub fn optimizer_spec(&self) -> anyhow::Result<crate::optim::OptimizerSpec> {
+        Ok(crate::optim::OptimizerSpec::parse(&self.optimizer, &self.optimizer_args)?)
     }
 
     /// The plugin's config as JSON.

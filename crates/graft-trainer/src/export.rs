@@ -27,8 +27,8 @@ use graft_formats::adapter::AdapterWeights;
 use graft_formats::{KohyaMetadata, ModuleWeights, NativeInfo, StoreDtype};
 use graft_sdxl::sgm::SgmLayout;
 
-use crate::adapters::dispatcher::AdapterSet;
-use crate::plugins::strategy::ExportedLayer;
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::plugins::strategy::ExportedLayer;
 
 /// What the files say about the training.
 #[derive(Debug, Clone)]
@@ -290,10 +290,10 @@ mod tests {
     }
 
     fn tiny() -> Tiny {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sdxl");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sdxl");
         let cfg = SdxlConfig::from_diffusers_folder(&dir).unwrap();
         let layers = graft_sdxl::model::layers_of(&cfg).unwrap();
-        let abi = crate::plugins::strategy::layers_to_abi(&layers);
+        let abi = graft_runtime::plugins::strategy::layers_to_abi(&layers);
         let sgm_layout = SgmLayout::from_configs(&cfg.unet, &cfg.vae, &cfg.text_encoder_2).unwrap();
         let meta = ExportMeta { steps: 120, unet_lr: Some(1e-4), text_encoder_lr: Some(5e-5), base_model: dir.display().to_string(), sgm_layout };
         Tiny { layers, abi, meta }

@@ -40,8 +40,8 @@ pub struct LossEntry {
     pub time: f64,
 }
 
-impl From<crate::train::trainer::StepRecord> for LossEntry {
-    fn from(r: crate::train::trainer::StepRecord) -> Self {
+impl From<crate::trainer::StepRecord> for LossEntry {
+    fn from(r: crate::trainer::StepRecord) -> Self {
         Self { step: r.step, loss: r.loss, lr: r.lr, grad_norm: r.grad_norm, skipped: r.skipped, time: r.seconds }
     }
 }
@@ -202,7 +202,7 @@ pub fn plot_loss_png(entries: &[LossEntry], path: &Path) -> anyhow::Result<()> {
 /// Draws several runs in one plot, each in its colour, with a legend of swatches and names.
 pub fn plot_many(curves: &[(&str, [u8; 3], &[LossEntry])], path: &Path) -> anyhow::Result<()> {
     let img = render(curves)?;
-    crate::train::samples::write_rgb_png(path, &img, None)
+    crate::samples::write_rgb_png(path, &img, None)
 }
 
 /// The points (step, loss) a plot uses.

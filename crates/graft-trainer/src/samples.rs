@@ -24,8 +24,8 @@ use graft_sdxl::pipeline::to_rgb8;
 use graft_sdxl::{GenerateParams, SdxlModel};
 use image::RgbImage;
 
-use crate::adapters::dispatcher::AdapterSet;
-use crate::generate::png_out;
+use graft_runtime::adapters::dispatcher::AdapterSet;
+use crate::png_out;
 
 /// What a prompt line leaves unsaid.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use graft_sdxl::rng::RngState;
 use serde::{Deserialize, Serialize};
 
-use crate::train::trainer::{DataPosition, StepStart, Trainer};
+use crate::trainer::{DataPosition, StepStart, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointState {

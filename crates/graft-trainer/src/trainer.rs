@@ -27,13 +27,13 @@ use graft_sdxl::schedulers::training::NoiseSchedule;
 use graft_sdxl::schedulers::PredictionType;
 use graft_sdxl::SdxlModel;
 
-use crate::adapters::dispatcher::{AdapterSet, LrScale};
-use crate::plugins::{PluginManager, ReloadEvent, StrategyInstance};
-use crate::train::cache::{EmbeddingCache, LatentCache};
-use crate::train::config::TrainConfig;
-use crate::train::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
-use crate::train::optim::{GradAccumulator, GroupConfig, Optimizer};
-use crate::train::schedule::{LrSchedule, ScheduleKind};
+use graft_runtime::adapters::dispatcher::{AdapterSet, LrScale};
+use graft_runtime::plugins::{PluginManager, ReloadEvent, StrategyInstance};
+use crate::cache::{EmbeddingCache, LatentCache};
+use crate::config::TrainConfig;
+use crate::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
+use crate::optim::{GradAccumulator, GroupConfig, Optimizer};
+use crate::schedule::{LrSchedule, ScheduleKind};
 
 /// What the loss of one batch is computed from.
 struct LossInputs<'a> {
@@ -236,7 +236,7 @@ impl Trainer {
                 work.push((i, true));
             }
         }
-        let bar = crate::progress::bar(work.len() as u64, "caching latents");
+        let bar = graft_runtime::progress::bar(work.len() as u64, "caching latents");
         for (done, &(i, flip)) in work.iter().enumerate() {
             let mut rng = vae_rng.derive(1 + 2 * i as u64 + flip as u64);
             let mut encode = |img: &Tensor| -> candle_core::Result<Tensor> { vae.encode(img)?.sample(&mut rng)? * scale };
@@ -794,7 +794,7 @@ pub(crate) fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
     let ds_config = match (&d.dir, &d.config) {
         (_, Some(file)) => DatasetConfig::from_toml_file(file)?,
         (Some(dir), None) => {
-            let mut spec = DatasetSpec::new(crate::train::buckets::Reso { width: d.resolution, height: d.resolution });
+            let mut spec = DatasetSpec::new(crate::buckets::Reso { width: d.resolution, height: d.resolution });
             spec.buckets.enable_bucket = d.enable_bucket;
             spec.buckets.min_bucket_reso = d.min_bucket_reso;
             spec.buckets.max_bucket_reso = d.max_bucket_reso;
@@ -835,7 +835,11 @@ mod tests {
     #[test]
     fn dataset_bucket_keys_reach_the_buckets() {
         let dir = tempfile::tempdir().unwrap();
-        crate::demo::dataset::write_dataset(dir.path(), 3, 96).unwrap();
+        for i in 0..3u8 {
+            let img = image::RgbImage::from_pixel(96, 96, image::Rgb([40 * i, 90, 200]));
+            img.save(dir.path().join(format!("{i}.png"))).unwrap();
+            std::fs::write(dir.path().join(format!("{i}.txt")), "a square").unwrap();
+        }
         let keys = "min_bucket_reso = 64\nmax_bucket_reso = 256\nbucket_reso_steps = 32\nbucket_no_upscale = false";
         let ds = open_dataset(&config(dir.path(), keys)).unwrap();
         let b = &ds.specs()[0].buckets;

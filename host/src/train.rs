@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::plugins::PluginDirArgs;
-use crate::train::config::{TrainConfig, EXAMPLE};
-use crate::train::samples::{render_samples, SamplePrompt};
-use crate::train::trainer::{StepOutcome, StepRecord, Trainer};
-use crate::train::{checkpoint, export, losslog};
+use graft_trainer::config::{TrainConfig, EXAMPLE};
+use graft_trainer::samples::{render_samples, SamplePrompt};
+use graft_trainer::trainer::{StepOutcome, StepRecord, Trainer};
+use graft_trainer::{checkpoint, export, losslog};
 
 #[derive(clap::Args, Debug)]
 #[command(after_long_help = format!("Example config (FILE.toml):\n\n{EXAMPLE}"))]
@@ -66,7 +66,7 @@ pub struct TrainOutcome {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if args.print {
         let path = args.kohya_config.as_deref().expect("clap: --print requires --kohya-config");
-        let import = crate::train::kohya::import(path, &std::env::current_dir()?, args.ignore_unsupported)?;
+        let import = graft_trainer::kohya::import(path, &std::env::current_dir()?, args.ignore_unsupported)?;
         println!("# graft config made from {}\n{}", path.display(), import.toml);
         for note in &import.notes {
             println!("# {note}");
@@ -74,7 +74,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     // Ctrl-C / SIGTERM: stop after the step in progress and save.
-    crate::stop::install();
+    graft_runtime::stop::install();
     let outcome = train(args)?;
     for p in &outcome.exports {
         println!("{}", p.display());
@@ -110,7 +110,7 @@ fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
 /// A kohya config as a graft config; logs the notes. Returns the graft config's text too.
 fn from_kohya(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<(TrainConfig, String)> {
     let cwd = std::env::current_dir().context("the current folder")?;
-    let import = crate::train::kohya::import(path, &cwd, args.ignore_unsupported)?;
+    let import = graft_trainer::kohya::import(path, &cwd, args.ignore_unsupported)?;
     for note in &import.notes {
         tracing::info!("{}: {note}", path.display());
     }
@@ -133,7 +133,7 @@ fn keep_imported_config(config: &TrainConfig, kohya: &std::path::Path, text: &st
 pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
     let config = config_from_args(&args)?;
     let prompts = config.sample_prompts_to_render()?;
-    let device = crate::device::pick(args.cpu)?;
+    let device = graft_runtime::device::pick(args.cpu)?;
     let mut plugins = args.plugins.manager()?;
     if args.watch {
         plugins.watch()?;
@@ -156,7 +156,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
     }
     let mut log = losslog::LossLog::open(&log_path, trainer.step)?;
     let total = trainer.config.steps;
-    let bar = crate::progress::bar(total, "training");
+    let bar = graft_runtime::progress::bar(total, "training");
     bar.set_position(trainer.step);
     let mut done = Produced { records: Vec::new(), samples: Vec::new(), last_checkpoint };
     let ended = run_steps(&mut trainer, args.watch, &prompts, &mut log, &bar, &mut done);
@@ -225,7 +225,7 @@ fn run_steps(
 ) -> anyhow::Result<Ended> {
     let total = trainer.config.steps;
     while trainer.step < total {
-        if crate::stop::requested() {
+        if graft_runtime::stop::requested() {
             return Ok(Ended::Interrupted);
         }
         let record = if watch {
@@ -234,7 +234,7 @@ fn run_steps(
                 StepOutcome::Trained(r) => r,
                 StepOutcome::Paused(p) => {
                     bar.set_message(format!("paused: waiting for a rebuild of {}", p.plugin_file.display()));
-                    if !trainer.wait_for_rebuild(&crate::stop::requested)? {
+                    if !trainer.wait_for_rebuild(&graft_runtime::stop::requested)? {
                         return Ok(Ended::Interrupted);
                     }
                     continue;

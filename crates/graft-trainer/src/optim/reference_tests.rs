@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::*;
 
 fn reference() -> HashMap<String, Tensor> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/optim_kinds.safetensors");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/optim_kinds.safetensors");
     candle_core::safetensors::load(&path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("{}: {e} (run tools/reference/make_optim_kinds_fixtures.py)", path.display()))
 }

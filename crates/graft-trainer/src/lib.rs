@@ -1,0 +1,16 @@
+//! Training: datasets and buckets, latent and text-embedding caches, the optimizer,
+//! learning-rate schedules, the training step, checkpoints, samples and exports.
+
+pub mod buckets;
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod dataset;
+pub mod export;
+pub mod kohya;
+pub mod losslog;
+pub mod optim;
+pub mod png_out;
+pub mod samples;
+pub mod schedule;
+pub mod trainer;
