@@ -290,5 +290,5 @@ fn demo_runs_and_writes_the_report() {
     assert!(rows.iter().all(|r| r[3] == "ok"), "{rows:?}");
     // The config it wrote is a valid compare config (what a user edits for a real model).
     let config = CompareConfig::from_file(&out.join("compare.toml")).unwrap();
-    assert_eq!((config.steps, config.strategies.len(), config.prompts().unwrap().len()), (3, 3, 3));
+    assert_eq!((config.options.steps, config.strategies.len(), config.prompts().unwrap().len()), (3, 3, 3));
 }

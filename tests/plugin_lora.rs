@@ -501,7 +501,7 @@ fn locon_training_zero_init_eject_and_export() {
     assert!(after < base * 0.97, "eval loss {base} -> {after}");
 
     // The export: kohya LoCon keys only (no PEFT file), read back to the set's deltas.
-    let files = graft_host::train::export_for(&t).unwrap();
+    let files = graft_trainer::session::export_for(&t).unwrap();
     assert_eq!(files.len(), 1, "{files:?}");
     let raw = graft_formats::read::read_file(&files[0]).unwrap();
     let conv1 = "lora_unet_input_blocks_1_0_in_layers_2";

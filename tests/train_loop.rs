@@ -154,7 +154,7 @@ fn progressive_fusion_switches_stages() {
     let stage3 = t.optimizer.groups().iter().find(|g| g.config.name.ends_with("/stage3")).unwrap();
     assert!((stage3.config.lr_scale - 0.3).abs() < 1e-12);
     // The composite adapter exports as one kohya file with per-module ranks.
-    let files = graft_host::train::export_for(&t).unwrap();
+    let files = graft_trainer::session::export_for(&t).unwrap();
     let kohya = files.iter().find(|p| p.file_name().unwrap() == "test-adapter.safetensors").unwrap();
     let tensors = candle_core::safetensors::load(kohya, &Device::Cpu).unwrap();
     let ranks: std::collections::BTreeSet<usize> =
@@ -334,10 +334,10 @@ fn kohya_ss_config_trains_unchanged() {
     assert_eq!((lora["rank"].as_integer(), lora["alpha"].as_float()), (Some(16), Some(32.0)));
     let targets: Vec<&str> = lora["targets"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert!(targets.contains(&"unet.*.ff.net.2") && targets.iter().all(|t| t.starts_with("unet.")), "{targets:?}");
-    assert_eq!((c.steps, c.save_every, c.sample_every, c.batch_size, c.warmup_steps), (50, 25, 50, Some(2), 5));
-    assert_eq!((c.lr_schedule.as_str(), c.cache_latents.as_str(), c.dtype.to_string().as_str()), ("cosine", "disk", "bf16"));
-    assert_eq!((c.sample_sampler.as_deref(), c.prediction_type.as_deref(), c.seed), (Some("euler_a"), Some("epsilon"), 1234));
-    assert_eq!((c.noise_offset, c.min_snr_gamma, c.max_grad_norm, c.gradient_checkpointing), (0.0357, 5.0, 1.0, true));
+    assert_eq!((c.options.steps, c.options.save_every, c.options.sample_every, c.options.batch_size, c.options.warmup_steps), (50, 25, 50, Some(2), 5));
+    assert_eq!((c.options.lr_schedule.name(), c.options.cache_latents, c.options.dtype.to_string().as_str()), ("cosine", graft_trainer::options::CacheLatents::Disk, "bf16"));
+    assert_eq!((c.options.sample_sampler.as_deref(), c.options.prediction_type, c.options.seed), (Some("euler_a"), Some(graft_sdxl::schedulers::PredictionType::Epsilon), 1234));
+    assert_eq!((c.options.noise_offset, c.options.min_snr_gamma, c.options.max_grad_norm, c.options.gradient_checkpointing), (0.0357, 5.0, 1.0, true));
     let d = &c.dataset;
     assert_eq!((d.resolution, d.enable_bucket, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps), (64, true, 32, 128, 32));
     assert_eq!((d.caption_extension.as_deref(), d.shuffle_caption, d.keep_tokens, d.bucket_no_upscale), (Some(".txt"), true, 1, true));
@@ -361,7 +361,7 @@ fn kohya_ss_config_trains_unchanged() {
     assert_eq!(file.metadata.get("ss_network_dim").map(String::as_str), Some("16"), "{:?}", file.metadata);
     // The kept graft config repeats the run.
     let kept = TrainConfig::from_file(&out.join("graft-config.toml")).unwrap();
-    assert_eq!((kept.steps, kept.strategy.config["rank"].as_integer()), (50, Some(16)));
+    assert_eq!((kept.options.steps, kept.strategy.config["rank"].as_integer()), (50, Some(16)));
 }
 
 /// Settings graft cannot do are refused together, each named; `--ignore-unsupported` trains
@@ -385,7 +385,7 @@ fn kohya_config_unsupported_keys_and_epochs() {
     let text = text.replace("max_train_steps = 50\n", "max_train_epochs = 3\nsave_every_n_epochs = 1\n").replace("lr_warmup_steps = 5", "lr_warmup_steps = 0.1");
     std::fs::write(&path, text).unwrap();
     let c = graft_trainer::kohya::import(&path, &cwd, true).unwrap().config;
-    assert_eq!((c.steps, c.save_every, c.warmup_steps), (60, 20, 6));
+    assert_eq!((c.options.steps, c.options.save_every, c.options.warmup_steps), (60, 20, 6));
 
     // LoCon and an optimizer with arguments, as kohya_ss writes them.
     let text = std::fs::read_to_string(&path).unwrap();
@@ -395,9 +395,9 @@ fn kohya_config_unsupported_keys_and_epochs() {
     std::fs::write(&path, text).unwrap();
     let c = graft_trainer::kohya::import(&path, &cwd, true).unwrap().config;
     assert_eq!((c.strategy.config["conv_rank"].as_integer(), c.strategy.config["conv_alpha"].as_float()), (Some(8), Some(4.0)));
-    assert_eq!(c.optimizer, "Prodigy");
-    assert_eq!(c.optimizer_args["betas"], toml::Value::Array(vec![0.9.into(), 0.99.into()]));
-    assert_eq!((c.optimizer_args["decouple"].as_bool(), c.optimizer_args["d_coef"].as_integer()), (Some(true), Some(2)));
+    assert_eq!(c.options.optimizer, "Prodigy");
+    assert_eq!(c.options.optimizer_args["betas"], toml::Value::Array(vec![0.9.into(), 0.99.into()]));
+    assert_eq!((c.options.optimizer_args["decouple"].as_bool(), c.options.optimizer_args["d_coef"].as_integer()), (Some(true), Some(2)));
 }
 
 /// Each optimizer (`optimizer` + `[optimizer_args]`) trains the tiny LoRA: finite losses, a lower

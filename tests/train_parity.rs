@@ -233,7 +233,7 @@ config = {strategy}
 fn gradients_of(trainer: &mut Trainer, checkpointing: bool) -> (f32, graft_trainer::optim::Gradients) {
     let (rng, set_rng) = (trainer.rng.clone(), trainer.set.rng_state());
     let batch = trainer.dataset.epoch(3, 0).on(&Device::Cpu).batch(0).expect("batch");
-    trainer.config.gradient_checkpointing = checkpointing;
+    trainer.config.options.gradient_checkpointing = checkpointing;
     let (loss, grads) = trainer.loss_and_grads(&batch).expect("loss and gradients");
     trainer.rng = rng;
     trainer.set.set_rng_state(set_rng);
@@ -324,7 +324,7 @@ fn half_precision_step_deviation() {
         let mut config = train_config(&root);
         // "fp16+act": fp16 weights and activations, the GPU's code path (see precision.rs; a GPU
         // runs it in bf16, candle's CPU matmul has no bf16).
-        config.dtype = dtype.trim_end_matches("+act").parse().unwrap();
+        config.options.dtype = dtype.trim_end_matches("+act").parse().unwrap();
         let mut trainer = Trainer::new(config, manager(&plugins), &dev).expect("trainer");
         if dtype.ends_with("+act") {
             Arc::get_mut(&mut trainer.model).expect("the trainer's model is not shared").set_activations(DType::F16);

@@ -245,3 +245,127 @@ fn too_many_bad_steps_stop_with_the_last_good_checkpoint_and_adapter() {
         .expect("a LoRA up parameter in the checkpoint");
     assert!(up.iter().all(|x| x.is_finite()) && up.iter().any(|x| *x != 0.0), "the checkpoint holds no trained parameters");
 }
+
+/// The probe `id` built twice: version 1 (gain 1) and version 2 (a NaN gain from the first step,
+/// so every step of it is a bad step). Returns the two libraries, kept apart from any watched
+/// folder, so that a test can swap version 2 in at once.
+fn probe_v1_v2(id: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let src = tempfile::tempdir().unwrap();
+    let keep = tempfile::tempdir().unwrap();
+    let mut libs = Vec::new();
+    for (version, gain) in [("2.0.0", "(0.0 / 0.0)"), ("1.0.0", "1.0")] {
+        write_probe_as(src.path(), id, version, gain);
+        build_standalone(src.path(), &format!("the probe {version}"));
+        let lib = keep.path().join(format!("{version}-{}", lib_file(id)));
+        std::fs::copy(plugin_out().join(lib_file(id)), &lib).unwrap();
+        libs.push(lib);
+    }
+    let v1 = libs.pop().unwrap();
+    let v2 = libs.pop().unwrap();
+    (keep, v1, v2)
+}
+
+/// Puts `lib` in place as `lib_dir`'s library of `id`, the way cargo does (a renamed new file).
+fn swap_in(lib: &Path, lib_dir: &Path, id: &str) {
+    let tmp = lib_dir.join(".incoming.tmp");
+    std::fs::copy(lib, &tmp).unwrap();
+    std::fs::rename(&tmp, lib_dir.join(lib_file(id))).unwrap();
+}
+
+/// `graft serve` runs training through the same session as `graft train`: `save_every` writes
+/// checkpoints on the way, a rebuilt strategy plugin is taken up by the running job, and
+/// `max_bad_steps` from the request stops it (version 2's every step is bad).
+#[test]
+fn serve_honours_save_every_max_bad_steps_and_hot_reload() {
+    const SERVE_ID: &str = "lora-probe-serve";
+    let (_keep, v1, v2) = probe_v1_v2(SERVE_ID);
+    let lib_dir = tempfile::tempdir().unwrap();
+    let lib_dir = lib_dir.path().canonicalize().unwrap();
+    swap_in(&v1, &lib_dir, SERVE_ID);
+    let dir = graft_tests::scratch("serve_session");
+    let server = graft_host::serve::start(&graft_tests::serve_args(&dir, lib_dir.clone())).expect("server starts");
+    let data = dir.join("data");
+    graft_tests::write_shapes_dataset(&data, 2, 64);
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let body = serde_json::json!({
+        "name": "probe", "plugin": SERVE_ID, "strategy_config": {"rank": 4, "alpha": 4, "unet_lr": 0.01},
+        "dataset_dir": data, "resolution": 64, "steps": 3000, "seed": 1, "save_every": 1, "max_bad_steps": 2,
+    });
+    let mut resp = agent.post(format!("{}/api/train", server.url())).header("Content-Type", "application/json").send(body.to_string()).unwrap();
+    let job: serde_json::Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "{job}");
+    let id = job["id"].as_u64().unwrap();
+    let get = |agent: &ureq::Agent| -> serde_json::Value {
+        let text = agent.get(format!("{}/api/jobs/{id}", server.url())).call().unwrap().body_mut().read_to_string().unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while get(&agent)["step"].as_u64().unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "the job did not train: {}", get(&agent));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = PathBuf::from(get(&agent)["output_dir"].as_str().unwrap());
+    for step in 1..=3 {
+        assert!(out.join(format!("checkpoints/step-{step:06}")).is_dir(), "save_every = 1: no checkpoint of step {step}");
+    }
+
+    swap_in(&v2, &lib_dir, SERVE_ID);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let job = loop {
+        let job = get(&agent);
+        if job["status"] == "failed" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the rebuilt plugin was not taken up (or max_bad_steps not honoured): {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("2 steps in a row were skipped"), "{error}");
+    // The last good step's checkpoint is kept, and the adapter of it.
+    let step = job["step"].as_u64().unwrap();
+    assert!(out.join(format!("checkpoints/step-{:06}", step - 2)).is_dir(), "{job}");
+    assert!(out.join("probe.safetensors").is_file());
+}
+
+/// `graft compare` takes up a rebuilt strategy plugin while a strategy trains (version 2's NaN
+/// gain makes its steps bad, and `max_bad_steps` then stops that strategy).
+#[test]
+fn compare_takes_up_a_rebuilt_strategy() {
+    const COMPARE_ID: &str = "lora-probe-compare";
+    let (_keep, v1, v2) = probe_v1_v2(COMPARE_ID);
+    let lib_dir = tempfile::tempdir().unwrap();
+    let lib_dir = lib_dir.path().canonicalize().unwrap();
+    swap_in(&v1, &lib_dir, COMPARE_ID);
+    let dir = tempfile::tempdir().unwrap();
+    graft_tests::write_shapes_dataset(&dir.path().join("data"), 2, 64);
+    let text = format!(
+        "model = {:?}\noutput_dir = \"report\"\nseed = 7\nsteps = 3000\nmax_bad_steps = 2\n\
+         [dataset]\ndir = \"data\"\nresolution = 64\n\n\
+         [[strategies]]\nname = \"probe\"\nplugin = \"{COMPARE_ID}\"\nconfig = {{ rank = 2, alpha = 2, unet_lr = 0.01 }}\n",
+        workspace().join("tests/fixtures/tiny-sdxl").to_str().unwrap()
+    );
+    let config = graft_host::compare::config::CompareConfig::parse_str(&text, "compare.toml", dir.path()).unwrap();
+    let log = dir.path().join("report/strategies/probe/loss.jsonl");
+    let swapper = std::thread::spawn({
+        let (log, lib_dir) = (log.clone(), lib_dir.clone());
+        move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while losslog::read(&log).map(|l| l.len()).unwrap_or(0) < 3 {
+                assert!(Instant::now() < deadline, "the strategy did not train");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            swap_in(&v2, &lib_dir, COMPARE_ID);
+        }
+    });
+    let options = graft_host::compare::run::RunOptions {
+        plugins: PluginDirArgs { plugins: vec![lib_dir.clone()], plugin_config: None, no_default_plugins: true },
+        device: Device::Cpu,
+    };
+    let outcome = graft_host::compare::run::run(&config, &options).unwrap();
+    swapper.join().unwrap();
+    let probe = &outcome.strategies[0];
+    let error = probe.error.as_deref().expect("the strategy stops on version 2's bad steps");
+    assert!(error.contains("2 steps in a row were skipped"), "{error}");
+    assert!(probe.steps_done >= 5, "{probe:?}");
+    assert!(probe.losses[..3].iter().all(|l| !l.skipped), "version 1 trained");
+}

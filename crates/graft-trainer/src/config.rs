@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use graft_sdxl::WeightDtype;
 use serde::{Deserialize, Serialize};
+
+use crate::options::{refuse_unknown_keys, TrainOptions};
 
 /// An example config, shown by `graft train --help`.
 pub const EXAMPLE: &str = r#"model = "models/sd_xl_base_1.0.safetensors"   # diffusers folder or single file
@@ -62,8 +63,9 @@ plugin = "lora"                                   # a plugin id (see `graft plug
 config = { rank = 8, alpha = 32 }                 # the plugin's own config (see its manifest)
 "#;
 
+/// A `graft train` config: what to train on and where to write, the [`TrainOptions`] (at the
+/// top level of the file), the dataset and the strategy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: PathBuf,
     #[serde(default)]
@@ -71,64 +73,20 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     #[serde(default = "default_name")]
     pub output_name: String,
-    #[serde(default)]
-    pub seed: u64,
-    pub steps: u64,
-    #[serde(default)]
-    pub batch_size: Option<usize>,
-    #[serde(default = "one")]
-    pub gradient_accumulation: usize,
-    #[serde(default)]
-    pub prediction_type: Option<String>,
-    #[serde(default)]
-    pub noise_offset: f64,
-    #[serde(default)]
-    pub min_snr_gamma: f64,
-    #[serde(default)]
-    pub max_grad_norm: f64,
-    /// AdamW (default), AdamW8bit, Lion, Prodigy or Adafactor, any case (kohya's names).
-    #[serde(default = "adamw", skip_serializing_if = "is_adamw")]
-    pub optimizer: String,
-    /// The optimizer's arguments, by the reference libraries' names.
-    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
-    pub optimizer_args: toml::Table,
-    #[serde(default = "constant")]
-    pub lr_schedule: String,
-    #[serde(default)]
-    pub warmup_steps: u64,
-    /// The restarts of `cosine_with_restarts` (kohya's name; default 1); other schedules ignore it,
-    /// as in kohya.
-    #[serde(default)]
-    pub lr_scheduler_num_cycles: Option<f64>,
-    #[serde(default)]
-    pub save_every: u64,
-    #[serde(default)]
-    pub sample_every: u64,
+    #[serde(flatten)]
+    pub options: TrainOptions,
     #[serde(default)]
     pub sample_prompts: Option<PathBuf>,
-    /// The sampler of prompts that name none (`--ss`): a graft, kohya or A1111 name; default euler.
-    #[serde(default)]
-    pub sample_sampler: Option<String>,
-    #[serde(default = "memory")]
-    pub cache_latents: String,
-    #[serde(default = "ten")]
-    pub max_bad_steps: u64,
-    /// The precision frozen base weights are kept in (adapters and optimizer state stay f32).
-    #[serde(default)]
-    pub dtype: WeightDtype,
-    /// Keep only segment inputs in the forward and recompute each segment in the backward.
-    #[serde(default)]
-    pub gradient_checkpointing: bool,
-    /// With every caption's embeddings cached and no adapter in a text encoder, free the text
-    /// encoders' weights during the steps; they are read back for sample images (kohya's name).
-    #[serde(default = "yes")]
-    pub cache_text_encoder_outputs: bool,
-    /// The model is shared with other work (`graft serve`): nothing of it is released.
+    /// The model is shared with other work (`graft serve`, `graft compare`): nothing of it is
+    /// released.
     #[serde(skip)]
     pub shared_model: bool,
     pub dataset: DatasetSection,
     pub strategy: StrategySection,
 }
+
+/// The top-level keys of a training config besides the options.
+const OWN_KEYS: [&str; 7] = ["model", "model_config", "output_dir", "output_name", "sample_prompts", "dataset", "strategy"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,29 +138,6 @@ pub struct StrategySection {
 fn default_name() -> String {
     "graft".into()
 }
-fn one() -> usize {
-    1
-}
-fn adamw() -> String {
-    "AdamW".into()
-}
-/// The default optimizer is left out of what a checkpoint records, so checkpoints made before
-/// the key existed still resume.
-fn is_adamw(name: &String) -> bool {
-    name.eq_ignore_ascii_case("adamw")
-}
-fn constant() -> String {
-    "constant".into()
-}
-fn memory() -> String {
-    "memory".into()
-}
-fn ten() -> u64 {
-    10
-}
-fn yes() -> bool {
-    true
-}
 
 fn min_bucket_reso() -> usize {
     256
@@ -228,11 +163,11 @@ impl TrainConfig {
     /// seeded like the training images unless a prompt line says otherwise.
     pub fn sample_prompts_to_render(&self) -> anyhow::Result<Vec<crate::samples::SamplePrompt>> {
         match &self.sample_prompts {
-            Some(p) if self.sample_every > 0 => {
+            Some(p) if self.options.sample_every > 0 => {
                 let defaults = crate::samples::SampleDefaults {
                     width: self.dataset.resolution,
                     height: self.dataset.resolution,
-                    seed: self.seed,
+                    seed: self.options.seed,
                     scheduler: self.sample_scheduler()?,
                     ..Default::default()
                 };
@@ -244,7 +179,7 @@ impl TrainConfig {
 
     /// The graft scheduler of `sample_sampler`.
     fn sample_scheduler(&self) -> anyhow::Result<Option<String>> {
-        let Some(name) = &self.sample_sampler else { return Ok(None) };
+        let Some(name) = &self.options.sample_sampler else { return Ok(None) };
         let s = crate::samples::sampler_to_scheduler(name).with_context(|| {
             format!("`sample_sampler = \"{name}\"` is not a sampler graft has; use one of {}", crate::samples::SAMPLERS.join(", "))
         })?;
@@ -260,8 +195,10 @@ impl TrainConfig {
     /// Parses a config's text; `path` names it in messages, and relative paths are taken from its
     /// folder.
     pub fn from_toml(text: &str, path: &Path) -> anyhow::Result<Self> {
-        let mut config: TrainConfig = toml::from_str(text)
-            .with_context(|| format!("{}: invalid training config (`graft train --help` shows an example)", path.display()))?;
+        let what = || format!("{}: invalid training config (`graft train --help` shows an example)", path.display());
+        let table: toml::Table = toml::from_str(text).with_context(what)?;
+        refuse_unknown_keys(table.keys(), &OWN_KEYS).map_err(anyhow::Error::msg).with_context(what)?;
+        let mut config: TrainConfig = table.try_into().with_context(what)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().with_context(|| format!("{}", path.display()))?;
@@ -283,30 +220,24 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.steps == 0 {
+        if self.options.steps == 0 {
             anyhow::bail!("`steps` must be at least 1");
         }
-        if self.gradient_accumulation == 0 {
+        if self.options.gradient_accumulation == 0 {
             anyhow::bail!("`gradient_accumulation` must be at least 1");
-        }
-        if !["memory", "disk", "none"].contains(&self.cache_latents.as_str()) {
-            anyhow::bail!("`cache_latents` is `{}`: use memory, disk or none", self.cache_latents);
         }
         match (&self.dataset.dir, &self.dataset.config) {
             (None, None) => anyhow::bail!("[dataset] needs `dir` (a folder of images and captions) or `config` (a kohya dataset TOML)"),
             (Some(_), Some(_)) => anyhow::bail!("[dataset] has both `dir` and `config`: keep one"),
             _ => {}
         }
-        if let Some(n) = self.lr_scheduler_num_cycles {
+        if let Some(n) = self.options.lr_scheduler_num_cycles {
             if !(n.is_finite() && n > 0.0) {
                 anyhow::bail!("`lr_scheduler_num_cycles` is {n}: use a number above 0 (1: one restart)");
             }
         }
         self.sample_scheduler()?;
         self.optimizer_spec()?;
-        if let Some(p) = &self.prediction_type {
-            p.parse::<graft_sdxl::schedulers::PredictionType>()?;
-        }
         graft_sdxl::pipeline::check_size(self.dataset.resolution, self.dataset.resolution)
             .context("[dataset] resolution")?;
         Ok(())
@@ -314,7 +245,7 @@ impl TrainConfig {
 
     /// `optimizer` and `[optimizer_args]`, checked.
     pub fn optimizer_spec(&self) -> anyhow::Result<crate::optim::OptimizerSpec> {
-        Ok(crate::optim::OptimizerSpec::parse(&self.optimizer, &self.optimizer_args)?)
+        Ok(crate::optim::OptimizerSpec::parse(&self.options.optimizer, &self.options.optimizer_args)?)
     }
 
     /// The plugin's config as JSON.

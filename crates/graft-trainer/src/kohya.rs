@@ -612,25 +612,25 @@ fn epochs_to_steps(config: &mut TrainConfig, graft: &mut toml::Table, e: &Epochs
     };
     if e.max_train_epochs.is_some() || e.save_every_n_epochs.is_some() || e.sample_every_n_epochs.is_some() {
         let dataset = crate::trainer::open_dataset(config).context("counting the batches of one epoch")?;
-        let batches = dataset.epoch(config.seed, 0).len() as u64;
-        let per_epoch = batches.div_ceil(config.gradient_accumulation as u64).max(1);
+        let batches = dataset.epoch(config.options.seed, 0).len() as u64;
+        let per_epoch = batches.div_ceil(config.options.gradient_accumulation as u64).max(1);
         tracing::info!("kohya epochs: {per_epoch} steps per epoch ({batches} batches)");
         if let Some(n) = e.max_train_epochs {
-            config.steps = n * per_epoch;
-            set("steps", config.steps);
+            config.options.steps = n * per_epoch;
+            set("steps", config.options.steps);
         }
         if let Some(n) = e.save_every_n_epochs {
-            config.save_every = n * per_epoch;
-            set("save_every", config.save_every);
+            config.options.save_every = n * per_epoch;
+            set("save_every", config.options.save_every);
         }
         if let Some(n) = e.sample_every_n_epochs {
-            config.sample_every = n * per_epoch;
-            set("sample_every", config.sample_every);
+            config.options.sample_every = n * per_epoch;
+            set("sample_every", config.options.sample_every);
         }
     }
     if let Some(r) = e.warmup_ratio {
-        config.warmup_steps = (r * config.steps as f64).floor() as u64;
-        set("warmup_steps", config.warmup_steps);
+        config.options.warmup_steps = (r * config.options.steps as f64).floor() as u64;
+        set("warmup_steps", config.options.warmup_steps);
     }
     Ok(Some(toml::to_string(graft)?))
 }

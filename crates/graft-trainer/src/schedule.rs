@@ -9,9 +9,10 @@ use std::f64::consts::PI;
 use std::fmt;
 use std::str::FromStr;
 
-/// Which curve. The names are diffusers' (`--lr_scheduler`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which curve. The names are diffusers' (`--lr_scheduler`); any case, `-` for `_`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScheduleKind {
+    #[default]
     Constant,
     ConstantWithWarmup,
     Linear,
@@ -54,6 +55,18 @@ impl FromStr for ScheduleKind {
                 Self::NAMES.join(", ")
             )),
         }
+    }
+}
+
+impl serde::Serialize for ScheduleKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ScheduleKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

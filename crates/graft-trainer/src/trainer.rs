@@ -31,6 +31,7 @@ use graft_runtime::adapters::dispatcher::{AdapterSet, LrScale};
 use graft_runtime::plugins::{PluginManager, ReloadEvent, StrategyInstance};
 use crate::cache::{EmbeddingCache, LatentCache};
 use crate::config::TrainConfig;
+use crate::options::CacheLatents;
 use crate::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
 use crate::optim::{GradAccumulator, GroupConfig, Optimizer};
 use crate::schedule::{LrSchedule, ScheduleKind};
@@ -145,7 +146,7 @@ fn group_name(strategy: &str, group: &str) -> String {
 impl Trainer {
     /// Loads the model and dataset, creates the strategy from its plugin and plans it.
     pub fn new(config: TrainConfig, plugins: PluginManager, device: &Device) -> anyhow::Result<Self> {
-        let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), device, config.dtype)
+        let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), device, config.options.dtype)
             .with_context(|| format!("loading model {}", config.model.display()))?;
         tracing::info!("{}", graft_sdxl::precision::describe(model.weight_dtype(), &model.device));
         Self::with_model(config, Arc::new(model), plugins)
@@ -161,7 +162,7 @@ impl Trainer {
         }
         let plugin = plugins.require(&config.strategy.plugin)?;
         let instance = StrategyInstance::new(plugin, config.strategy.name.as_deref(), &config.strategy_json()?)?;
-        let mut set = AdapterSet::new(&model, config.seed);
+        let mut set = AdapterSet::new(&model, config.options.seed);
         let (strategy, diff) = set.add(instance, 1.0, 1.0)?;
         tracing::info!(
             "strategy `{}` ({} {} from {}, sha256 {}): {} hook points, {} parameters created",
@@ -173,23 +174,20 @@ impl Trainer {
             set.strategies()[strategy].plan.attachments.len(),
             diff.created.len()
         );
-        let prediction = match &config.prediction_type {
-            Some(p) => p.parse()?,
-            None => model.config.scheduler.prediction_type,
-        };
+        let prediction = config.options.prediction_type.unwrap_or(model.config.scheduler.prediction_type);
         let noise = NoiseSchedule::new(&model.config.scheduler)?;
-        let kind = config.lr_schedule.parse::<ScheduleKind>().map_err(anyhow::Error::msg)?;
-        let mut schedule = LrSchedule::new(kind, config.warmup_steps as usize, config.steps as usize);
-        if let (ScheduleKind::CosineWithRestarts, Some(n)) = (kind, config.lr_scheduler_num_cycles) {
+        let kind = config.options.lr_schedule;
+        let mut schedule = LrSchedule::new(kind, config.options.warmup_steps as usize, config.options.steps as usize);
+        if let (ScheduleKind::CosineWithRestarts, Some(n)) = (kind, config.options.lr_scheduler_num_cycles) {
             schedule.num_cycles = n;
         }
-        let latents = match config.cache_latents.as_str() {
-            "memory" => Some(LatentCache::in_memory()),
-            "disk" => Some(LatentCache::on_disk(&config.output_dir.join("cache"), "vae")?),
-            _ => None,
+        let latents = match config.options.cache_latents {
+            CacheLatents::Memory => Some(LatentCache::in_memory()),
+            CacheLatents::Disk => Some(LatentCache::on_disk(&config.output_dir.join("cache"), "vae")?),
+            CacheLatents::None => None,
         };
         let optimizer = build_optimizer(&set, strategy, &config)?;
-        let rng = GraftRng::new(config.seed);
+        let rng = GraftRng::new(config.options.seed);
         let mut trainer = Self {
             config,
             model,
@@ -261,7 +259,7 @@ impl Trainer {
             tracing::info!("VAE released for the steps (every latent is cached); it comes back for sample images");
         }
         let te_unfrozen = self.set.unfrozen().iter().any(|b| !b.layer.starts_with("unet."));
-        let possible = self.config.cache_text_encoder_outputs
+        let possible = self.config.options.cache_text_encoder_outputs
             && self.dataset.captions_are_static()
             && !self.text_encoders_hooked()
             && !te_unfrozen;
@@ -301,7 +299,7 @@ impl Trainer {
 
     fn next_batch(&mut self) -> anyhow::Result<Batch> {
         loop {
-            let mut epoch = self.dataset.epoch(self.config.seed, self.position.epoch).on(&self.model.device);
+            let mut epoch = self.dataset.epoch(self.config.options.seed, self.position.epoch).on(&self.model.device);
             if self.latents.is_some() {
                 epoch = epoch.without_images();
             }
@@ -355,13 +353,13 @@ impl Trainer {
         let (hidden, pooled) = self.text_embeddings(&batch.captions)?;
         let (b, c, _, _) = latents.dims4()?;
         let mut noise = self.rng.randn(latents.shape(), &dev)?;
-        if self.config.noise_offset > 0.0 {
-            noise = noise.broadcast_add(&(self.rng.randn((b, c, 1, 1), &dev)? * self.config.noise_offset)?)?;
+        if self.config.options.noise_offset > 0.0 {
+            noise = noise.broadcast_add(&(self.rng.randn((b, c, 1, 1), &dev)? * self.config.options.noise_offset)?)?;
         }
         let timesteps = self.noise.sample_timesteps(b, &mut self.rng);
         let time_ids = batch.time_ids(&dev)?;
         let inputs = LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids: &time_ids };
-        if !self.config.gradient_checkpointing {
+        if !self.config.options.gradient_checkpointing {
             let loss = self.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &time_ids)?;
             let grads = loss.backward()?;
             return Ok((loss.detach(), grads));
@@ -416,8 +414,8 @@ impl Trainer {
             _ => x.noise.clone(),
         };
         let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
-        let per_sample = if self.config.min_snr_gamma > 0.0 {
-            let gamma = self.config.min_snr_gamma;
+        let per_sample = if self.config.options.min_snr_gamma > 0.0 {
+            let gamma = self.config.options.min_snr_gamma;
             let weights: Vec<f32> = self
                 .noise
                 .snr(timesteps)?
@@ -454,7 +452,7 @@ impl Trainer {
         let training = self.set_training_flag(false);
         let time_ids = batch.time_ids(&dev)?;
         let inputs = LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids: &time_ids };
-        let loss = if self.config.gradient_checkpointing {
+        let loss = if self.config.options.gradient_checkpointing {
             // Without the graph: segment by segment, as in training.
             let hooks = self.set.hooks();
             let mut tape = Tape::new(&hooks.unet);
@@ -475,9 +473,9 @@ impl Trainer {
     /// One optimizer step (with gradient accumulation). Returns its record. A strategy that
     /// fails during it is detached and the step is skipped (and counted as a bad step).
     pub fn train_step(&mut self) -> anyhow::Result<StepRecord> {
-        match self.run_step(false)? {
+        match self.advance(false)? {
             StepOutcome::Trained(r) => Ok(r),
-            // Not reached: run_step(false) skips instead of pausing.
+            // Not reached: advance(false) skips instead of pausing.
             StepOutcome::Paused(p) => anyhow::bail!("{}", p.message()),
         }
     }
@@ -486,7 +484,7 @@ impl Trainer {
     /// step is undone as if it had not been tried and the run pauses; call
     /// [`Trainer::wait_for_rebuild`], then this again to try the same step.
     pub fn step_or_pause(&mut self) -> anyhow::Result<StepOutcome> {
-        self.run_step(true)
+        self.advance(true)
     }
 
     fn step_start(&self) -> StepStart {
@@ -529,7 +527,7 @@ impl Trainer {
 
     /// One step, undone on error (so a checkpoint saved after the error resumes exactly), or,
     /// with `pause`, undone and reported when the strategy fails.
-    fn run_step(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
+    pub fn advance(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
         self.release_unused_components()?;
         let start = self.step_start();
         if self.last_good.is_none() {
@@ -585,7 +583,7 @@ impl Trainer {
         let mut acc = GradAccumulator::new();
         let mut loss_sum = 0.0;
         let mut finite = true;
-        for _ in 0..self.config.gradient_accumulation {
+        for _ in 0..self.config.options.gradient_accumulation {
             let batch = self.next_batch()?;
             let (loss, grads) = self.loss_and_grads(&batch)?;
             if self.strategy_failed() {
@@ -642,7 +640,7 @@ impl Trainer {
         }
         let record = StepRecord {
             step: self.step,
-            loss: loss_sum / self.config.gradient_accumulation as f64,
+            loss: loss_sum / self.config.options.gradient_accumulation as f64,
             lr,
             grad_norm,
             skipped,
@@ -785,7 +783,7 @@ pub fn build_optimizer(set: &AdapterSet, s: usize, config: &TrainConfig) -> anyh
         groups.push((cfg, params));
     }
     let mut optimizer = Optimizer::with_spec(&config.optimizer_spec()?, groups)?;
-    optimizer.max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm);
+    optimizer.max_grad_norm = (config.options.max_grad_norm > 0.0).then_some(config.options.max_grad_norm);
     Ok(optimizer)
 }
 
@@ -800,7 +798,7 @@ pub(crate) fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
             spec.buckets.max_bucket_reso = d.max_bucket_reso;
             spec.buckets.bucket_reso_steps = d.bucket_reso_steps;
             spec.buckets.bucket_no_upscale = d.bucket_no_upscale;
-            if let Some(b) = config.batch_size {
+            if let Some(b) = config.options.batch_size {
                 spec.batch_size = b;
             }
             let mut subset = SubsetSpec::new(dir.clone());

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use graft_trainer::config::{DatasetSection, StrategySection, TrainConfig};
+use graft_trainer::options::{refuse_unknown_keys, TrainOptions};
 use graft_trainer::samples::{parse_prompt_file, parse_prompts, SampleDefaults, SamplePrompt};
 
 /// An example config, shown by `graft compare --help`.
@@ -15,9 +16,8 @@ seed = 42                                         # data order, noise, timesteps
 steps = 500                                       # the same budget for every strategy
 loss_window = 50                                  # the table's mean loss is over the last N steps
 lr_schedule = "constant"
-# batch_size, gradient_accumulation, prediction_type, noise_offset, min_snr_gamma, max_grad_norm,
-# warmup_steps, cache_latents, max_bad_steps, model_config, optimizer and [optimizer_args]: as in
-# `graft train --help` (one optimizer for every strategy)
+# every other option of `graft train --help` (batch_size, optimizer and [optimizer_args],
+# save_every, sample_every, gradient_checkpointing, ...) means the same here, for every strategy
 sample_prompts = "prompts.txt"                    # kohya prompt file (`a cat --w 1024 --h 1024 --s 30`)
 # prompts = ["a pink star, line art --s 20"]      # or the lines inline
 
@@ -66,70 +66,32 @@ impl StrategyEntry {
     }
 }
 
+/// A `graft compare` config: the model, the report folder, the [`TrainOptions`] every
+/// strategy trains with (at the top level of the file), the prompts, the dataset and the rows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CompareConfig {
     pub model: PathBuf,
     #[serde(default)]
     pub model_config: Option<PathBuf>,
     pub output_dir: PathBuf,
-    #[serde(default)]
-    pub seed: u64,
-    pub steps: u64,
     #[serde(default = "ten")]
     pub loss_window: u64,
-    #[serde(default)]
-    pub batch_size: Option<usize>,
-    #[serde(default = "one")]
-    pub gradient_accumulation: usize,
-    #[serde(default)]
-    pub prediction_type: Option<String>,
-    #[serde(default)]
-    pub noise_offset: f64,
-    #[serde(default)]
-    pub min_snr_gamma: f64,
-    #[serde(default)]
-    pub max_grad_norm: f64,
-    /// The optimizer of every strategy's run and its arguments (as in a training config).
-    #[serde(default = "adamw")]
-    pub optimizer: String,
-    #[serde(default)]
-    pub optimizer_args: toml::Table,
-    #[serde(default = "constant")]
-    pub lr_schedule: String,
-    #[serde(default)]
-    pub warmup_steps: u64,
-    #[serde(default = "memory")]
-    pub cache_latents: String,
-    #[serde(default = "ten")]
-    pub max_bad_steps: u64,
+    #[serde(flatten)]
+    pub options: TrainOptions,
     #[serde(default)]
     pub sample_prompts: Option<PathBuf>,
     #[serde(default)]
     pub prompts: Vec<String>,
-    #[serde(default)]
-    pub dtype: graft_sdxl::WeightDtype,
-    #[serde(default)]
-    pub gradient_checkpointing: bool,
     pub dataset: DatasetSection,
     #[serde(default)]
     pub strategies: Vec<StrategyEntry>,
 }
 
-fn one() -> usize {
-    1
-}
+/// The top-level keys of a compare config besides the options.
+const OWN_KEYS: [&str; 8] = ["model", "model_config", "output_dir", "loss_window", "sample_prompts", "prompts", "dataset", "strategies"];
+
 fn ten() -> u64 {
     10
-}
-fn adamw() -> String {
-    "AdamW".into()
-}
-fn constant() -> String {
-    "constant".into()
-}
-fn memory() -> String {
-    "memory".into()
 }
 
 /// A name safe as a folder and file stem: letters, digits, `.`, `_`, `-`.
@@ -149,8 +111,10 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 impl CompareConfig {
     /// Parses a config; relative paths in it are relative to `base`. `source` names it in errors.
     pub fn parse_str(text: &str, source: &str, base: &Path) -> anyhow::Result<Self> {
-        let mut config: CompareConfig =
-            toml::from_str(text).with_context(|| format!("{source}: invalid compare config (`graft compare --help` shows an example)"))?;
+        let what = || format!("{source}: invalid compare config (`graft compare --help` shows an example)");
+        let table: toml::Table = toml::from_str(text).with_context(what)?;
+        refuse_unknown_keys(table.keys(), &OWN_KEYS).map_err(anyhow::Error::msg).with_context(what)?;
+        let mut config: CompareConfig = table.try_into().with_context(what)?;
         config.resolve_paths(base);
         config.validate().with_context(|| source.to_string())?;
         Ok(config)
@@ -202,37 +166,17 @@ impl CompareConfig {
     }
 
     /// The training run of one strategy, writing into `out_dir` with files named after the
-    /// row. Checkpoints and in-run samples are off: compare samples once, at the end.
+    /// row. Every option means what it means in `graft train`; the prompts are also rendered
+    /// once for every row at the end, for the report.
     pub fn train_config(&self, s: &StrategyEntry, out_dir: &Path) -> anyhow::Result<TrainConfig> {
         Ok(TrainConfig {
             model: self.model.clone(),
             model_config: self.model_config.clone(),
             output_dir: out_dir.to_path_buf(),
             output_name: s.name().to_string(),
-            seed: self.seed,
-            steps: self.steps,
-            batch_size: self.batch_size,
-            gradient_accumulation: self.gradient_accumulation,
-            prediction_type: self.prediction_type.clone(),
-            noise_offset: self.noise_offset,
-            min_snr_gamma: self.min_snr_gamma,
-            max_grad_norm: self.max_grad_norm,
-            optimizer: self.optimizer.clone(),
-            optimizer_args: self.optimizer_args.clone(),
-            lr_schedule: self.lr_schedule.clone(),
-            warmup_steps: self.warmup_steps,
-            lr_scheduler_num_cycles: None,
-            save_every: 0,
-            sample_every: 0,
-            sample_prompts: None,
-            sample_sampler: None,
-            cache_latents: self.cache_latents.clone(),
-            max_bad_steps: self.max_bad_steps,
-            dtype: self.dtype,
-            gradient_checkpointing: self.gradient_checkpointing,
-            cache_text_encoder_outputs: false,
-            // The run keeps a snapshot of every base weight to put back between strategies, so
-            // releasing the text encoders or the VAE would free nothing.
+            options: self.options.clone(),
+            sample_prompts: self.sample_prompts.clone(),
+            // One model is loaded for every strategy, and put back between them.
             shared_model: true,
             dataset: self.dataset.clone(),
             // Parameters are keyed by the plugin id, not the row name: parameter inits derive from
@@ -247,7 +191,7 @@ impl CompareConfig {
         let defaults = SampleDefaults {
             width: self.dataset.resolution,
             height: self.dataset.resolution,
-            seed: self.seed,
+            seed: self.options.seed,
             ..Default::default()
         };
         match &self.sample_prompts {
@@ -277,7 +221,7 @@ mod tests {
         let dot = parse(&format!("{}[[strategies]]\nplugin = \"lora\"\n", MIN.replace("\"out\"", "\".\""))).unwrap();
         assert_eq!(dot.output_dir, Path::new("/base"));
         let t = c.train_config(&c.strategies[1], Path::new("/r/lora-r32")).unwrap();
-        assert_eq!((t.output_name.as_str(), t.strategy.plugin.as_str(), t.steps), ("lora-r32", "lora", 500));
+        assert_eq!((t.output_name.as_str(), t.strategy.plugin.as_str(), t.options.steps), ("lora-r32", "lora", 500));
         assert_eq!(t.strategy_json().unwrap(), r#"{"alpha":16,"rank":32}"#);
     }
 

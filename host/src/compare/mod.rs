@@ -54,7 +54,7 @@ pub fn compare(config: &CompareConfig, plugins: PluginDirArgs, cpu: bool) -> any
 pub fn config_from_args(args: &CompareArgs) -> anyhow::Result<CompareConfig> {
     let mut config = CompareConfig::from_file(&args.config)?;
     if let Some(s) = args.steps {
-        config.steps = s;
+        config.options.steps = s;
     }
     if let Some(d) = &args.output_dir {
         config.output_dir = d.clone();

@@ -23,10 +23,10 @@ use crate::compare::config::{CompareConfig, StrategyEntry};
 use crate::compare::memory::{Peak, PeakMeter};
 use crate::plugins::PluginDirArgs;
 use graft_runtime::plugins::PluginManager;
-use crate::train::export_for;
-use graft_trainer::losslog::{LossEntry, LossLog};
+use graft_trainer::losslog::LossEntry;
 use graft_trainer::samples::{render_samples, SamplePrompt};
-use graft_trainer::trainer::Trainer;
+use graft_trainer::session::{export_for, Ended, Observer, Session, SessionOptions};
+use graft_trainer::trainer::{StepRecord, Trainer};
 
 /// The seed of the fixed evaluation loss ([`Trainer::eval_loss`]) reported for every strategy.
 pub const EVAL_SEED: u64 = 0xe7a1;
@@ -179,11 +179,11 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
     let out = &config.output_dir;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create the report folder {}", out.display()))?;
     let prompts = config.prompts()?;
-    let mut plugins = Some(options.plugins.manager()?);
+    let mut plugins = Some(watched(&options.plugins)?);
 
     let started = Instant::now();
     tracing::info!("loading {}", config.model.display());
-    let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), &options.device, config.dtype)
+    let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), &options.device, config.options.dtype)
         .with_context(|| format!("loading model {}", config.model.display()))?;
     let model = Arc::new(model);
     let load_seconds = started.elapsed().as_secs_f64();
@@ -193,7 +193,7 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
         Vec::new()
     } else {
         tracing::info!("sampling the base model");
-        let set = AdapterSet::new(&model, config.seed);
+        let set = AdapterSet::new(&model, config.options.seed);
         let paths = render_samples(&model, &set, &prompts, &out.join("samples"), "base").context("sampling the base model")?;
         relative(out, &paths)
     };
@@ -213,8 +213,8 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
     Ok(CompareOutcome {
         output_dir: out.clone(),
         model: config.model.display().to_string(),
-        seed: config.seed,
-        steps: config.steps,
+        seed: config.options.seed,
+        steps: config.options.steps,
         loss_window: config.loss_window,
         device: describe_device(&options.device),
         load_seconds,
@@ -227,6 +227,16 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
         peak_per_strategy,
         report_files: Vec::new(),
     })
+}
+
+/// The plugin manager of a comparison, watching its folders: a rebuilt strategy plugin is taken
+/// up at the next step of a strategy that uses it.
+fn watched(args: &PluginDirArgs) -> anyhow::Result<PluginManager> {
+    let mut manager = args.manager()?;
+    if let Err(e) = manager.watch() {
+        tracing::warn!("plugin folders are not watched (rebuilt plugins are not taken up): {e:#}");
+    }
+    Ok(manager)
 }
 
 fn describe_device(device: &candle_core::Device) -> String {
@@ -263,8 +273,8 @@ fn run_strategy(
     };
     let meter = PeakMeter::start();
     let started = Instant::now();
-    // The trainer lives out here so that after a panic its plugin manager can be taken back.
-    let mut slot: Option<Trainer> = None;
+    // The session lives out here so that after a panic its plugin manager can be taken back.
+    let mut slot: Option<Session> = None;
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         train_one(config, entry, model, plugins, prompts, &mut slot, &mut result)
     }));
@@ -273,7 +283,7 @@ fn run_strategy(
         Ok(Err(e)) => Some(format!("{e:#}")),
         Err(panic) => Some(format!("panicked: {}", panic_message(&panic))),
     };
-    if let Some(mut trainer) = slot.take() {
+    if let Some(Session { mut trainer, .. }) = slot.take() {
         trainer.set.restore_base_weights();
         *plugins = Some(std::mem::replace(&mut trainer.plugins, PluginManager::new(Vec::new())));
     }
@@ -281,7 +291,7 @@ fn run_strategy(
     tracing::debug!("strategy `{}`: {replaced} base weights put back", entry.name());
     if plugins.is_none() {
         // The manager went down with a trainer that failed to start: find the plugins again.
-        match plugin_args.manager() {
+        match watched(plugin_args) {
             Ok(m) => *plugins = Some(m),
             Err(e) => tracing::error!("cannot reload the plugins: {e:#}"),
         }
@@ -308,7 +318,7 @@ fn train_one(
     model: &Arc<SdxlModel>,
     plugins: &mut Option<PluginManager>,
     prompts: &[SamplePrompt],
-    slot: &mut Option<Trainer>,
+    slot: &mut Option<Session>,
     result: &mut StrategyResult,
 ) -> anyhow::Result<()> {
     let report_dir = &config.output_dir;
@@ -325,7 +335,12 @@ fn train_one(
 
     let train_config = config.train_config(entry, &dir)?;
     let manager = plugins.take().expect("checked above");
-    let trainer = slot.insert(Trainer::with_model(train_config, model.clone(), manager)?);
+    let trainer = Trainer::with_model(train_config, model.clone(), manager)?;
+    let progress = Some(format!("{} training", entry.name()));
+    let in_run = if config.options.sample_every > 0 { prompts.to_vec() } else { Vec::new() };
+    let options = SessionOptions { prompts: in_run, progress, ..Default::default() };
+    let session = slot.insert(Session::start(trainer, options)?);
+    let trainer = &mut session.trainer;
 
     let active = &trainer.set.strategies()[trainer.strategy];
     result.layers = Some(active.plan.attachments.len());
@@ -335,46 +350,24 @@ fn train_one(
         Some(params.iter().filter(|(k, _)| k.starts_with("base:")).map(|(_, v)| v.elem_count() as u64).sum());
     result.eval_loss_start = Some(trainer.eval_loss(EVAL_SEED)?);
 
-    let mut log = LossLog::create(&dir.join("loss.jsonl"))?;
-    let bar = graft_runtime::progress::bar(config.steps, &format!("{} training", entry.name()));
-    let mut step_seconds = 0.0;
-    while trainer.step < config.steps {
-        let record = match trainer.train_step() {
-            Ok(r) => r,
-            Err(e) => {
-                bar.abandon();
-                return Err(e.context(format!("at step {}", trainer.step)));
-            }
-        };
-        let entry_log: LossEntry = record.clone().into();
-        log.append(&entry_log)?;
-        result.losses.push(entry_log);
-        result.steps_done = trainer.step;
-        step_seconds += record.seconds;
-        result.seconds_per_step = Some(step_seconds / trainer.step as f64);
-        result.final_loss = Some(record.loss);
-        result.mean_loss = mean_last(&result.losses, config.loss_window);
-        bar.set_position(trainer.step);
-        bar.set_message(format!("{} loss {:.4}", entry.name(), record.loss));
-        if trainer.bad_in_row >= trainer.config.max_bad_steps {
-            bar.abandon();
-            anyhow::bail!("stopped at step {}: {} steps in a row were skipped ({})", trainer.step, trainer.bad_in_row, trainer.skip_reason());
-        }
+    let mut observer = Losses { result, window: config.loss_window, seconds: 0.0 };
+    match session.run(&mut observer)? {
+        Ended::Finished => {}
+        Ended::Stopped => anyhow::bail!("stopped by Ctrl-C or SIGTERM at step {}", session.trainer.step),
+        Ended::TooManyBad(why) => anyhow::bail!("{why}"),
     }
-    bar.finish_and_clear();
-    result.eval_loss_end = Some(trainer.eval_loss(EVAL_SEED)?);
+    let result = observer.result;
+    result.eval_loss_end = Some(session.trainer.eval_loss(EVAL_SEED)?);
 
     if !prompts.is_empty() {
-        trainer.set.set_training(false);
-        let paths = render_samples(&trainer.model, &trainer.set, prompts, &report_dir.join("samples"), entry.name())
-            .context("sampling")?;
-        if let Some(e) = trainer.set.take_failures().into_iter().next() {
+        let paths = session.render(prompts, &report_dir.join("samples"), entry.name()).context("sampling")?;
+        if let Some(e) = session.trainer.set.take_failures().into_iter().next() {
             anyhow::bail!("the strategy failed while sampling: {e}");
         }
         result.samples = relative(report_dir, &paths);
     }
 
-    let exports = export_for(trainer)?;
+    let exports = export_for(&session.trainer)?;
     let mut bytes = 0;
     for p in &exports {
         bytes += std::fs::metadata(p).with_context(|| format!("{}: cannot read the adapter file", p.display()))?.len();
@@ -382,6 +375,25 @@ fn train_one(
     result.adapter_bytes = Some(bytes);
     result.exports = relative(report_dir, &exports);
     Ok(())
+}
+
+/// Keeps a strategy's losses and timings in its result as the steps come.
+struct Losses<'a> {
+    result: &'a mut StrategyResult,
+    window: u64,
+    seconds: f64,
+}
+
+impl Observer for Losses<'_> {
+    fn on_step(&mut self, trainer: &Trainer, record: &StepRecord) {
+        let r = &mut *self.result;
+        r.losses.push(record.clone().into());
+        r.steps_done = trainer.step;
+        self.seconds += record.seconds;
+        r.seconds_per_step = Some(self.seconds / trainer.step as f64);
+        r.final_loss = Some(record.loss);
+        r.mean_loss = mean_last(&r.losses, self.window);
+    }
 }
 
 /// The mean of the finite losses of the last `window` steps.

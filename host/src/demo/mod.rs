@@ -189,7 +189,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "graft demo: {} strategies x {} steps on a randomly initialised tiny SDXL ({}), dataset of {DATASET_IMAGES} generated \
          line-art images in {}",
         config.strategies.len(),
-        config.steps,
+        config.options.steps,
         model.display(),
         args.out.join("data").display()
     );

@@ -24,6 +24,7 @@ use crate::serve::jobs::{self, safe_name, JobSpec};
 use crate::serve::state::{lock, App};
 use crate::serve::{dataset, gen};
 use graft_trainer::config::{DatasetSection, StrategySection, TrainConfig};
+use graft_trainer::options::{refuse_unknown_keys, TrainOptions};
 use graft_trainer::samples::{parse_prompts, SampleDefaults};
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
@@ -280,27 +281,13 @@ async fn job_file(State(app): State<Arc<App>>, UrlPath((id, path)): UrlPath<(Str
     send_file(dir.join(rel)).await
 }
 
-fn zero() -> f64 {
-    0.0
-}
-fn adamw() -> String {
-    "AdamW".into()
-}
-fn constant() -> String {
-    "constant".into()
-}
-fn memory() -> String {
-    "memory".into()
-}
 fn res() -> usize {
     1024
 }
-fn one() -> usize {
-    1
-}
 
+/// A training run from the UI: the dataset and the strategy, and the [`TrainOptions`] at the
+/// top level, with the names and defaults of a training config.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct TrainRequest {
     #[serde(default)]
     name: Option<String>,
@@ -310,30 +297,8 @@ struct TrainRequest {
     dataset_dir: PathBuf,
     #[serde(default = "res")]
     resolution: usize,
-    steps: u64,
-    #[serde(default)]
-    seed: u64,
-    #[serde(default)]
-    batch_size: Option<usize>,
-    #[serde(default = "one")]
-    gradient_accumulation: usize,
-    #[serde(default = "constant")]
-    lr_schedule: String,
-    #[serde(default)]
-    warmup_steps: u64,
-    #[serde(default = "zero")]
-    noise_offset: f64,
-    #[serde(default = "zero")]
-    min_snr_gamma: f64,
-    #[serde(default = "zero")]
-    max_grad_norm: f64,
-    /// AdamW, AdamW8bit, Lion, Prodigy or Adafactor, and its arguments (as in a training config).
-    #[serde(default = "adamw")]
-    optimizer: String,
-    #[serde(default)]
-    optimizer_args: Option<Value>,
-    #[serde(default)]
-    sample_every: u64,
+    #[serde(flatten)]
+    options: TrainOptions,
     #[serde(default)]
     sample_prompts: Vec<String>,
     #[serde(default)]
@@ -342,10 +307,19 @@ struct TrainRequest {
     flip_aug: bool,
     #[serde(default)]
     shuffle_caption: bool,
-    #[serde(default = "memory")]
-    cache_latents: String,
-    #[serde(default)]
-    gradient_checkpointing: bool,
+}
+
+/// The keys of a [`TrainRequest`] besides the options.
+const TRAIN_REQUEST_KEYS: [&str; 9] =
+    ["name", "plugin", "strategy_config", "dataset_dir", "resolution", "sample_prompts", "enable_bucket", "flip_aug", "shuffle_caption"];
+
+/// A train request's body: a JSON object whose keys are all known; `null` is the default.
+fn parse_train_request(body: &Bytes) -> Result<TrainRequest, ApiError> {
+    let mut v: Value = parse_body(body)?;
+    let object = v.as_object_mut().ok_or_else(|| ApiError::bad("invalid JSON body: expected an object"))?;
+    object.retain(|_, value| !value.is_null());
+    refuse_unknown_keys(object.keys(), &TRAIN_REQUEST_KEYS).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))?;
+    serde_json::from_value(v).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
 
 /// A JSON object as a TOML table (the plugin config of a strategy).
@@ -376,9 +350,9 @@ fn need_model(app: &App) -> Result<PathBuf, ApiError> {
 }
 
 async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
-    let req: TrainRequest = parse_body(&body)?;
+    let req = parse_train_request(&body)?;
     let model = need_model(&app)?;
-    if req.steps == 0 {
+    if req.options.steps == 0 {
         return Err(ApiError::bad("`steps` must be at least 1"));
     }
     if !req.dataset_dir.is_dir() {
@@ -390,12 +364,15 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     }
     let table = to_table(req.strategy_config.clone(), "strategy_config")?;
     check_strategy(&app, &req.plugin, &table, "plugin")?;
-    let optimizer_args = to_table(req.optimizer_args.clone(), "optimizer_args")?;
-    graft_trainer::optim::OptimizerSpec::parse(&req.optimizer, &optimizer_args).map_err(|e| ApiError::bad(e.to_string()))?;
-    let defaults = SampleDefaults { width: req.resolution, height: req.resolution, seed: req.seed, ..Default::default() };
+    graft_trainer::optim::OptimizerSpec::parse(&req.options.optimizer, &req.options.optimizer_args)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    if req.options.dtype != graft_sdxl::WeightDtype::File {
+        return Err(ApiError::bad("dtype: the server's model is shared by every job; start the server with --dtype instead"));
+    }
+    let defaults = SampleDefaults { width: req.resolution, height: req.resolution, seed: req.options.seed, ..Default::default() };
     let prompt_text = req.sample_prompts.join("\n");
     parse_prompts(&prompt_text, "sample_prompts", &defaults).map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    if req.sample_every > 0 && req.sample_prompts.iter().all(|p| p.trim().is_empty()) {
+    if req.options.sample_every > 0 && req.sample_prompts.iter().all(|p| p.trim().is_empty()) {
         return Err(ApiError::bad("sample_every is set but sample_prompts is empty"));
     }
 
@@ -407,30 +384,9 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         model_config: app.model_config.clone(),
         output_dir: out.clone(),
         output_name: name.clone(),
-        seed: req.seed,
-        steps: req.steps,
-        batch_size: req.batch_size,
-        gradient_accumulation: req.gradient_accumulation,
-        prediction_type: None,
-        noise_offset: req.noise_offset,
-        min_snr_gamma: req.min_snr_gamma,
-        max_grad_norm: req.max_grad_norm,
-        optimizer: req.optimizer.clone(),
-        optimizer_args,
-        lr_schedule: req.lr_schedule.clone(),
-        warmup_steps: req.warmup_steps,
-        lr_scheduler_num_cycles: None,
-        save_every: 0,
-        sample_every: req.sample_every,
-        sample_prompts: (req.sample_every > 0).then(|| prompts_file.clone()),
-        sample_sampler: None,
-        cache_latents: req.cache_latents.clone(),
-        max_bad_steps: 10,
-        // The model is loaded once for the server (`graft serve --dtype`).
-        dtype: graft_sdxl::WeightDtype::File,
-        gradient_checkpointing: req.gradient_checkpointing,
+        options: req.options.clone(),
+        sample_prompts: (req.options.sample_every > 0).then(|| prompts_file.clone()),
         // The server's model is shared with generate requests: nothing of it is released.
-        cache_text_encoder_outputs: false,
         shared_model: true,
         dataset: DatasetSection {
             dir: Some(req.dataset_dir.clone()),
@@ -452,11 +408,10 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         strategy: StrategySection { plugin: req.plugin.clone(), name: None, config: table },
     };
     config.validate().map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    req.lr_schedule.parse::<graft_trainer::schedule::ScheduleKind>().map_err(ApiError::bad)?;
     std::fs::create_dir_all(&out).map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
     std::fs::write(&prompts_file, format!("{prompt_text}\n"))
         .map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
-    let info = jobs::enqueue(&app, id, "train", &name, out, req.steps, Some(req.plugin.clone()), JobSpec::Train { config });
+    let info = jobs::enqueue(&app, id, "train", &name, out, req.options.steps, Some(req.plugin.clone()), JobSpec::Train { config });
     Ok((StatusCode::ACCEPTED, Json(serde_json::to_value(info).unwrap_or_default())).into_response())
 }
 

@@ -5,7 +5,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -14,9 +14,8 @@ use serde_json::json;
 use crate::compare::config::CompareConfig;
 use crate::serve::state::{lock, App};
 use graft_trainer::config::TrainConfig;
-use graft_trainer::samples::render_samples;
-use graft_trainer::trainer::{StepOutcome, Trainer};
-use graft_trainer::losslog;
+use graft_trainer::session::{Ended, Observer, Session, SessionOptions};
+use graft_trainer::trainer::{Pause, StepRecord, Trainer};
 
 /// Pause and stop requests from the API to a running job.
 #[derive(Debug, Default)]
@@ -210,146 +209,112 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
             false
         }
     };
-    let out = config.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create output folder {}", out.display()))?;
-    let mut trainer = {
+    let trainer = {
         let _g = lock(&app.compute);
         Trainer::with_model(config, model, plugins)?
     };
-    let log_path = out.join("loss.jsonl");
-    let result = train_steps(app, id, control, &mut trainer, watching, &prompts, &log_path);
-    if let Err(e) = &result {
-        if e.downcast_ref::<TooManyBad>().is_some() {
-            // The skipped steps changed no parameter: save the state right after the last good step.
-            trainer.rewind_to_last_good();
-        }
-    }
+    let options = SessionOptions { prompts, pause_on_failure: watching, ..Default::default() };
+    let mut session = Session::start(trainer, options)?;
+    let out = session.trainer.config.output_dir.clone();
+    let mut observer = JobObserver { app, id, control, out, recent: Vec::new() };
+    let ended = session.run(&mut observer);
     // What was trained is kept, also when stopped part way or failed.
-    if trainer.step > 0 {
-        let saved = {
-            let _g = lock(&app.compute);
-            crate::train::save_on_stop(&trainer)
-        };
-        if let Ok(entries) = losslog::read(&log_path) {
-            if let Err(e) = losslog::plot_loss_png(&entries, &out.join("loss.png")) {
-                tracing::warn!("job {id}: no loss plot: {e:#}");
+    let (exports, result) = match ended {
+        Ok(Ended::Finished) => (session.finish(&observer)?, Ok(())),
+        Ok(Ended::Stopped) => {
+            let saved = session.save_stopped(None, &observer);
+            if !saved.problems.is_empty() && session.trainer.step > 0 {
+                let problems = saved.problems.join("; ");
+                anyhow::bail!("the run was stopped at step {}, but not everything was saved: {problems}", session.trainer.step);
             }
+            (saved.exports, Ok(()))
         }
-        let names: Vec<String> = saved.exports.iter().map(|p| p.display().to_string()).collect();
-        update(app, id, |i| i.exports = names);
-        if result.is_err() {
-            return result.context(format!("saved {}", saved.describe()));
+        Ok(ref bad @ Ended::TooManyBad(ref why)) => {
+            let saved = session.save_stopped(Some(bad), &observer);
+            (saved.exports.clone(), Err(anyhow::anyhow!("{why}; saved {}", saved.describe())))
         }
-        if !saved.problems.is_empty() {
-            anyhow::bail!("the run ended at step {}, but not everything was saved: {}", trainer.step, saved.problems.join("; "));
+        Err(e) => {
+            let saved = session.save_stopped(None, &observer);
+            (saved.exports.clone(), Err(e.context(format!("saved {}", saved.describe()))))
         }
-    }
+    };
+    let names: Vec<String> = exports.iter().map(|p| p.display().to_string()).collect();
+    update(app, id, |i| i.exports = names);
     result
 }
 
-/// The error of a run stopped by too many bad steps in a row.
-#[derive(Debug)]
-struct TooManyBad(String);
-
-impl std::fmt::Display for TooManyBad {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A serve training job as the session sees it: stop and pause come from the API, the model is
+/// shared with generate requests (the compute lock), and every step and sample is sent to the
+/// browser.
+struct JobObserver<'a> {
+    app: &'a App,
+    id: u64,
+    control: &'a Control,
+    /// The run's output folder (file URLs are relative to it).
+    out: PathBuf,
+    /// The last steps' durations, for the speed shown.
+    recent: Vec<f64>,
 }
 
-impl std::error::Error for TooManyBad {}
+impl Observer for JobObserver<'_> {
+    fn stop_requested(&self) -> bool {
+        self.control.stop.load(Ordering::SeqCst)
+    }
 
-/// The steps of a serve training run, until its end, a stop request or an error.
-fn train_steps(
-    app: &App,
-    id: u64,
-    control: &Control,
-    trainer: &mut Trainer,
-    watching: bool,
-    prompts: &[graft_trainer::samples::SamplePrompt],
-    log_path: &Path,
-) -> anyhow::Result<()> {
-    let out = trainer.config.output_dir.clone();
-    let mut log = losslog::LossLog::create(log_path)?;
-    let total = trainer.config.steps;
-    let mut recent: Vec<f64> = Vec::new();
-    while trainer.step < total {
-        if control.stop.load(Ordering::SeqCst) {
-            break;
+    fn paused(&self) -> bool {
+        self.control.paused.load(Ordering::SeqCst)
+    }
+
+    fn exclusive<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _g = lock(&self.app.compute);
+        f()
+    }
+
+    fn on_step(&mut self, trainer: &Trainer, record: &StepRecord) {
+        let (app, id) = (self.app, self.id);
+        self.recent.push(record.seconds);
+        if self.recent.len() > 10 {
+            self.recent.remove(0);
         }
-        if control.paused.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        trainer.poll_reloads()?;
-        let outcome = {
-            let _g = lock(&app.compute);
-            if watching { trainer.step_or_pause()? } else { StepOutcome::Trained(trainer.train_step()?) }
-        };
-        let record = match outcome {
-            StepOutcome::Trained(r) => r,
-            StepOutcome::Paused(p) => {
-                let message = p.message();
-                update(app, id, |i| i.waiting = Some(message.clone()));
-                app.emit("train.waiting", json!({ "id": id, "step": p.step, "message": message }));
-                let resumed = trainer.wait_for_rebuild(&|| control.stop.load(Ordering::SeqCst))?;
-                update(app, id, |i| i.waiting = None);
-                if !resumed {
-                    break;
-                }
-                continue;
-            }
-        };
-        log.append(&record.clone().into())?;
-        recent.push(record.seconds);
-        if recent.len() > 10 {
-            recent.remove(0);
-        }
-        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+        let mean = self.recent.iter().sum::<f64>() / self.recent.len() as f64;
         let it_per_s = if mean > 0.0 { Some(1.0 / mean) } else { None };
-        let step = trainer.step;
+        let (step, total) = (trainer.step, trainer.config.options.steps);
         app.emit(
             "train.step",
             json!({ "id": id, "step": step, "total": total, "loss": finite(record.loss), "lr": record.lr,
                     "grad_norm": finite(record.grad_norm), "skipped": record.skipped, "it_per_s": it_per_s }),
         );
-        {
-            let mut book = lock(&app.jobs);
-            if let Some(job) = book.get_mut(id) {
-                let i = &mut job.info;
-                i.step = step;
-                i.lr = Some(record.lr);
-                i.it_per_s = it_per_s;
-                if record.loss.is_finite() {
-                    i.loss = Some(record.loss);
-                    i.losses.push(LossPoint { step, loss: record.loss, lr: record.lr });
-                }
+        let mut book = lock(&app.jobs);
+        if let Some(job) = book.get_mut(id) {
+            let i = &mut job.info;
+            i.step = step;
+            i.lr = Some(record.lr);
+            i.it_per_s = it_per_s;
+            if record.loss.is_finite() {
+                i.loss = Some(record.loss);
+                i.losses.push(LossPoint { step, loss: record.loss, lr: record.lr });
             }
         }
-        if trainer.bad_in_row >= trainer.config.max_bad_steps {
-            return Err(TooManyBad(format!(
-                "stopped at step {step}: {} steps in a row were skipped ({})",
-                trainer.bad_in_row,
-                trainer.skip_reason()
-            ))
-            .into());
-        }
-        if !prompts.is_empty() && step % trainer.config.sample_every == 0 {
-            let paths = {
-                let _g = lock(&app.compute);
-                trainer.set.set_training(false);
-                let dir = out.join("samples");
-                let r = render_samples(&trainer.model, &trainer.set, prompts, &dir, &format!("step{step:06}"));
-                trainer.set.set_training(true);
-                r?
-            };
-            let urls: Vec<String> = paths.iter().map(|p| file_url(id, &out, p)).collect();
-            update(app, id, |i| i.samples.extend(urls.iter().map(|u| SampleImage { step, url: u.clone() })));
-            app.emit("train.sample", json!({ "id": id, "step": step, "urls": urls }));
+    }
+
+    fn on_samples(&mut self, step: u64, paths: &[PathBuf]) {
+        let (app, id) = (self.app, self.id);
+        let urls: Vec<String> = paths.iter().map(|p| file_url(id, &self.out, p)).collect();
+        update(app, id, |i| i.samples.extend(urls.iter().map(|u| SampleImage { step, url: u.clone() })));
+        app.emit("train.sample", json!({ "id": id, "step": step, "urls": urls }));
+    }
+
+    fn on_wait(&mut self, pause: Option<&Pause>) {
+        let (app, id) = (self.app, self.id);
+        match pause {
+            Some(p) => {
+                let message = p.message();
+                update(app, id, |i| i.waiting = Some(message.clone()));
+                app.emit("train.waiting", json!({ "id": id, "step": p.step, "message": message }));
+            }
+            None => update(app, id, |i| i.waiting = None),
         }
     }
-    log.sync()?;
-    Ok(())
 }
 
 fn finite(v: f64) -> Option<f64> {
