@@ -72,6 +72,11 @@ pub struct Generated {
     pub latents: Tensor,
 }
 
+/// True when two parameter sets can share a batch ([`SdxlModel::generate_batch`]).
+pub fn batchable(a: &GenerateParams, b: &GenerateParams) -> bool {
+    a.width == b.width && a.height == b.height && a.steps == b.steps && a.guidance == b.guidance && a.scheduler == b.scheduler
+}
+
 /// The largest image side (pixels) graft accepts.
 pub const MAX_SIDE: usize = 16384;
 
@@ -127,61 +132,108 @@ impl SdxlModel {
         Tensor::new(&[h, w, 0.0, 0.0, h, w], &self.device)?.unsqueeze(0)?.repeat((batch, 1))
     }
 
-    /// Text to image.
+    /// Text to image: a batch of one ([`SdxlModel::generate_batch`]).
     pub fn generate(
         &self,
         params: &GenerateParams,
         hooks: PipelineHooks,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
-        check_size(params.width, params.height)?;
-        let latent_shape = (1, self.config.unet.in_channels, params.height / 8, params.width / 8);
-        let mut scheduler = build_scheduler(&params.scheduler, &self.config.scheduler, params.steps)?;
-        let mut rng = GraftRng::new(params.seed);
-        let noise = match &params.init_latents {
-            Some(t) => {
-                if t.dims() != [latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3] {
-                    candle_core::bail!(
-                        "init latents have shape {:?}, expected {:?} for a {}x{} image",
-                        t.dims(),
-                        latent_shape,
-                        params.width,
-                        params.height
-                    )
+        let mut out = self.generate_batch(std::slice::from_ref(params), hooks, on_step)?;
+        Ok(out.remove(0))
+    }
+
+    /// Several images denoised together: one UNet call per step for the whole batch (the one
+    /// denoising loop of graft). Each image keeps what makes it reproducible on its own: its
+    /// noise comes from its own seed, and it has its own scheduler and RNG stream (ancestral
+    /// samplers draw per image), so an image is the one a batch of one makes, up to the rounding
+    /// of a batched matmul. The images must share size, steps, guidance and scheduler
+    /// ([`batchable`]).
+    pub fn generate_batch(
+        &self,
+        items: &[GenerateParams],
+        hooks: PipelineHooks,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Generated>> {
+        let Some(first) = items.first() else { return Ok(Vec::new()) };
+        if let Some(other) = items.iter().find(|p| !batchable(first, p)) {
+            candle_core::bail!(
+                "a batch needs one size, step count, guidance and scheduler: `{}` and `{}` differ",
+                first.prompt,
+                other.prompt
+            );
+        }
+        check_size(first.width, first.height)?;
+        let n = items.len();
+        let shape = (1, self.config.unet.in_channels, first.height / 8, first.width / 8);
+        let mut schedulers = Vec::with_capacity(n);
+        let mut rngs = Vec::with_capacity(n);
+        let mut latents = Vec::with_capacity(n);
+        for p in items {
+            let scheduler = build_scheduler(&p.scheduler, &self.config.scheduler, p.steps)?;
+            let mut rng = GraftRng::new(p.seed);
+            let noise = match &p.init_latents {
+                Some(t) => {
+                    if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
+                        candle_core::bail!(
+                            "init latents have shape {:?}, expected {:?} for a {}x{} image",
+                            t.dims(),
+                            shape,
+                            p.width,
+                            p.height
+                        );
+                    }
+                    t.to_dtype(DType::F32)?.to_device(&self.device)?
                 }
-                t.to_dtype(DType::F32)?.to_device(&self.device)?
+                None => rng.randn(shape, &self.device)?,
+            };
+            latents.push((noise * scheduler.init_noise_sigma())?);
+            schedulers.push(scheduler);
+            rngs.push(rng);
+        }
+
+        let prompts: Vec<&str> = items.iter().map(|p| p.prompt.as_str()).collect();
+        let cond = self.encode_prompts(&prompts, hooks)?;
+        let guided = first.guidance > 1.0;
+        // Unconditional rows first, then the conditional ones (diffusers' order).
+        let (context, pooled) = if guided {
+            let mut hidden = Vec::with_capacity(2 * n);
+            let mut pooled = Vec::with_capacity(2 * n);
+            for (i, p) in items.iter().enumerate() {
+                let like = PromptEmbeds { hidden: cond.hidden.narrow(0, i, 1)?, pooled: cond.pooled.narrow(0, i, 1)? };
+                let u = self.encode_negative(p.negative_prompt.as_deref(), &like, hooks)?;
+                hidden.push(u.hidden);
+                pooled.push(u.pooled);
             }
-            None => rng.randn(latent_shape, &self.device)?,
-        };
-        let mut latents = (noise * scheduler.init_noise_sigma())?;
-
-        let cond = self.encode_prompts(&[&params.prompt], hooks)?;
-        let uncond = self.encode_negative(params.negative_prompt.as_deref(), &cond, hooks)?;
-        let guided = params.guidance > 1.0;
-        let (context, pooled, batch) = if guided {
-            (Tensor::cat(&[&uncond.hidden, &cond.hidden], 0)?, Tensor::cat(&[&uncond.pooled, &cond.pooled], 0)?, 2)
+            hidden.push(cond.hidden.clone());
+            pooled.push(cond.pooled.clone());
+            (Tensor::cat(&hidden, 0)?, Tensor::cat(&pooled, 0)?)
         } else {
-            (cond.hidden.clone(), cond.pooled.clone(), 1)
+            (cond.hidden.clone(), cond.pooled.clone())
         };
-        let time_ids = self.time_ids(params.width, params.height, batch)?;
+        let batch = if guided { 2 * n } else { n };
+        let time_ids = self.time_ids(first.width, first.height, batch)?;
 
-        let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let input = scheduler.scale_model_input(&input, i)?;
+        let timesteps = schedulers[0].timesteps().to_vec();
+        for (step, &t) in timesteps.iter().enumerate() {
+            let scaled: Vec<Tensor> = schedulers.iter().zip(&latents).map(|(s, l)| s.scale_model_input(l, step)).collect::<Result<_>>()?;
+            let input = Tensor::cat(&scaled, 0)?;
+            let input = if guided { Tensor::cat(&[&input, &input], 0)? } else { input };
             let ts = Tensor::full(t as f32, batch, &self.device)?;
             let pred = self.unet.forward(&input, &ts, &context, &pooled, &time_ids, hooks.unet)?;
-            let pred = if guided {
-                let (u, c) = (pred.get(0)?.unsqueeze(0)?, pred.get(1)?.unsqueeze(0)?);
-                (&u + ((c - &u)? * params.guidance)?)?
-            } else {
-                pred
-            };
-            latents = scheduler.step(&pred, i, &latents, &mut rng)?;
-            on_step(i + 1, timesteps.len());
+            for i in 0..n {
+                let p = if guided {
+                    let (u, c) = (pred.narrow(0, i, 1)?, pred.narrow(0, n + i, 1)?);
+                    (&u + ((c - &u)? * first.guidance)?)?
+                } else {
+                    pred.narrow(0, i, 1)?
+                };
+                latents[i] = schedulers[i].step(&p, step, &latents[i], &mut rngs[i])?;
+            }
+            on_step(step + 1, timesteps.len());
         }
-        let image = self.decode_latents(&latents)?;
-        Ok(Generated { image, latents })
+        let decoded = self.decode_latents(&Tensor::cat(&latents, 0)?)?;
+        latents.into_iter().enumerate().map(|(i, latents)| Ok(Generated { image: decoded.narrow(0, i, 1)?, latents })).collect()
     }
 
     /// Latents (unscaled) -> image [b, 3, h, w] in [0, 1].

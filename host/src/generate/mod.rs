@@ -12,7 +12,6 @@
 //! - `--fuse` folds every adapter with a weight difference into the base weights while sampling
 //!   (the base model's speed) and restores the loaded weights exactly afterwards.
 
-pub mod batch;
 pub mod lora_dir;
 pub mod prompt_syntax;
 
@@ -238,7 +237,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
         while end < jobs.len()
             && end - i < args.batch_size
             && jobs[end].uses == jobs[i].uses
-            && batch::batchable(&jobs[i].params, &jobs[end].params)
+            && graft_sdxl::pipeline::batchable(&jobs[i].params, &jobs[end].params)
         {
             end += 1;
         }
@@ -254,14 +253,14 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
         let out = {
             let set_hooks = set.hooks();
             let hooks = files.hooks(set_hooks.pipeline());
-            batch::generate_batch(&model, &items, hooks.pipeline(), &mut |step, _| bar.set_position((base + step * items.len()) as u64))
+            model.generate_batch(&items, hooks.pipeline(), &mut |step, _| bar.set_position((base + step * items.len()) as u64))
                 .with_context(|| format!("generating `{}`", jobs[i].written))?
         };
         for failure in set.take_failures() {
             tracing::error!("{failure}");
         }
-        for (job, image) in jobs[i..end].iter().zip(out) {
-            let (w, h, rgb) = to_rgb8(&image)?;
+        for (job, generated) in jobs[i..end].iter().zip(out) {
+            let (w, h, rgb) = to_rgb8(&generated.image.get(0)?)?;
             let text = parameters_text(job, &model_name, &wanted, &hashes);
             let path = if single {
                 args.out.clone()

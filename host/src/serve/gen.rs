@@ -14,7 +14,6 @@ use serde_json::json;
 use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::adapters::files::{add_native, FileAdapters};
 use crate::generate::prompt_syntax::extract_adapter_tags;
-use crate::generate::batch;
 use graft_trainer::png_out;
 use crate::serve::state::{lock, App};
 
@@ -193,10 +192,7 @@ pub fn generate(app: &App, id: u64, req: GenRequest, text: String, uses: Vec<(Ad
         let set_hooks = set.hooks();
         let hooks = files.hooks(set_hooks.pipeline());
         let mut on_step = |step: usize, _: usize| app.emit("generate.progress", json!({ "id": id, "step": step, "total": total }));
-        batch::generate_batch(&model, std::slice::from_ref(&params), hooks.pipeline(), &mut on_step)?
-            .into_iter()
-            .next()
-            .context("no image came back")?
+        model.generate(&params, hooks.pipeline(), &mut on_step)?.image.get(0)?
     };
     let (w, h, rgb) = to_rgb8(&image)?;
     let model_name = model.source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
