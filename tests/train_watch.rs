@@ -300,7 +300,8 @@ fn serve_honours_save_every_max_bad_steps_and_hot_reload() {
         serde_json::from_str(&text).unwrap()
     };
     let deadline = Instant::now() + Duration::from_secs(120);
-    while get(&agent)["step"].as_u64().unwrap_or(0) < 3 {
+    // Step 4 is reported once the checkpoint of step 3 is written.
+    while get(&agent)["step"].as_u64().unwrap_or(0) < 4 {
         assert!(Instant::now() < deadline, "the job did not train: {}", get(&agent));
         std::thread::sleep(Duration::from_millis(100));
     }

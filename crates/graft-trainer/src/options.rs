@@ -156,7 +156,7 @@ mod tests {
     fn option_keys_are_read_from_the_struct() {
         let keys = TrainOptions::keys();
         assert!(keys.contains(&"steps") && keys.contains(&"cache_text_encoder_outputs") && keys.contains(&"lr_schedule"));
-        assert_eq!(keys.len(), 22);
+        assert_eq!(keys.len(), 21);
         let e = refuse_unknown_keys(&["steps".to_string(), "stesp".to_string()], &["model"]).unwrap_err();
         assert!(e.starts_with("unknown field `stesp`, expected one of `model`, `seed`"), "{e}");
     }
