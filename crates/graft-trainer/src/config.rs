@@ -220,6 +220,7 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        crate::names::check_name("output_name", &self.output_name)?;
         if self.options.steps == 0 {
             anyhow::bail!("`steps` must be at least 1");
         }

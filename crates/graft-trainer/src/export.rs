@@ -83,7 +83,7 @@ pub fn write_exports(
     name: &str,
     meta: &ExportMeta,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    check_name(name)?;
+    crate::names::check_name("output name", name)?;
     if exported.is_empty() && base_diffs.is_empty() {
         bail!("strategy `{}` exported nothing: no layer gave an export and no base weight was unfrozen", source.id);
     }
@@ -189,15 +189,6 @@ fn describe_modules(modules: &[ModuleWeights]) -> String {
         *counts.entry(kind).or_default() += 1;
     }
     counts.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
-}
-
-/// A file stem: not empty, no folder part.
-fn check_name(name: &str) -> anyhow::Result<()> {
-    let bad = name.trim().is_empty() || name.contains(['/', '\\']) || name == "." || name == "..";
-    if bad {
-        bail!("`{name}` cannot be an output name: give a file name without a folder (e.g. `my_style`)");
-    }
-    Ok(())
 }
 
 /// One exported layer as an adapter-file entry. Every tensor must be used: an unknown one is an

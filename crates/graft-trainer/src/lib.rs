@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod export;
 pub mod kohya;
 pub mod losslog;
+pub mod names;
 pub mod optim;
 pub mod options;
 pub mod png_out;

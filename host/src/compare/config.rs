@@ -94,14 +94,9 @@ fn ten() -> u64 {
     10
 }
 
-/// A name safe as a folder and file stem: letters, digits, `.`, `_`, `-`.
+/// A row name: a file and folder name, and not `base`.
 fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !ok {
-        bail!("strategy name `{name}`: use letters, digits, `.`, `_` and `-` only (it names a folder and the adapter files)");
-    }
+    graft_trainer::names::check_name("strategy name", name)?;
     if name == "base" {
         bail!("strategy name `base` is taken by the base model's row: choose another");
     }

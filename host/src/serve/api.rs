@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 
-use crate::serve::jobs::{self, safe_name, JobSpec};
+use crate::serve::jobs::{self, JobKind, JobSpec, JobStatus};
 use crate::serve::state::{lock, App};
 use crate::serve::{dataset, gen};
 use graft_trainer::config::{DatasetSection, StrategySection, TrainConfig};
@@ -101,8 +101,8 @@ pub fn router(app: Arc<App>) -> Router {
 async fn status(State(app): State<Arc<App>>) -> ApiResult {
     let (running, queued) = {
         let book = lock(&app.jobs);
-        let running = book.jobs.iter().find(|j| matches!(j.info.status.as_str(), "running" | "paused" | "stopping")).map(|j| j.info.id);
-        (running, book.jobs.iter().filter(|j| j.info.status == "queued").count())
+        let running = book.jobs.iter().find(|j| j.info.status.is_running()).map(|j| j.info.id);
+        (running, book.jobs.iter().filter(|j| j.info.status == JobStatus::Queued).count())
     };
     ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -232,33 +232,32 @@ async fn job_action(State(app): State<Arc<App>>, UrlPath((id, action)): UrlPath<
     let (status, kind, control) = {
         let book = lock(&app.jobs);
         let job = book.get(id).ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
-        (job.info.status.clone(), job.info.kind.clone(), job.control.clone())
+        (job.info.status, job.info.kind, job.control.clone())
     };
-    let finished = matches!(status.as_str(), "done" | "stopped" | "failed");
     let new_status = match action.as_str() {
-        "pause" | "resume" if kind != "train" => return Err(ApiError::conflict("only training runs can be paused")),
-        _ if finished => return Err(ApiError::conflict(format!("job {id} is already {status}"))),
-        "pause" if status == "running" => {
+        "pause" | "resume" if kind != JobKind::Train => return Err(ApiError::conflict("only training runs can be paused")),
+        _ if !status.is_live() => return Err(ApiError::conflict(format!("job {id} is already {status}"))),
+        "pause" if status == JobStatus::Running => {
             control.paused.store(true, Ordering::SeqCst);
-            "paused"
+            JobStatus::Paused
         }
-        "resume" if status == "paused" => {
+        "resume" if status == JobStatus::Paused => {
             control.paused.store(false, Ordering::SeqCst);
-            "running"
+            JobStatus::Running
         }
         "pause" | "resume" => return Err(ApiError::conflict(format!("job {id} is {status}: cannot {action} it"))),
-        "stop" if status == "queued" => {
+        "stop" if status == JobStatus::Queued => {
             control.stop.store(true, Ordering::SeqCst);
-            "stopped"
+            JobStatus::Stopped
         }
         "stop" => {
             control.stop.store(true, Ordering::SeqCst);
             control.paused.store(false, Ordering::SeqCst);
-            "stopping"
+            JobStatus::Stopping
         }
         other => return Err(ApiError::not_found(format!("unknown job action `{other}`: use pause, resume or stop"))),
     };
-    jobs::update(&app, id, |i| i.status = new_status.into());
+    jobs::update(&app, id, |i| i.status = new_status);
     ok(json!({ "id": id, "status": new_status }))
 }
 
@@ -359,9 +358,7 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         return Err(ApiError::bad(format!("dataset_dir {} is not a folder", req.dataset_dir.display())));
     }
     let name = req.name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(|| req.plugin.clone());
-    if safe_name(&name) != name {
-        return Err(ApiError::bad(format!("name `{name}`: use letters, digits, `-` and `_` only (it names the files)")));
-    }
+    graft_trainer::names::check_name("name", &name).map_err(|e| ApiError::bad(e.to_string()))?;
     let table = to_table(req.strategy_config.clone(), "strategy_config")?;
     check_strategy(&app, &req.plugin, &table, "plugin")?;
     graft_trainer::optim::OptimizerSpec::parse(&req.options.optimizer, &req.options.optimizer_args)
@@ -411,7 +408,7 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     std::fs::create_dir_all(&out).map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
     std::fs::write(&prompts_file, format!("{prompt_text}\n"))
         .map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
-    let info = jobs::enqueue(&app, id, "train", &name, out, req.options.steps, Some(req.plugin.clone()), JobSpec::Train { config });
+    let info = jobs::enqueue(&app, id, JobKind::Train, &name, out, req.options.steps, Some(req.plugin.clone()), JobSpec::Train { config });
     Ok((StatusCode::ACCEPTED, Json(serde_json::to_value(info).unwrap_or_default())).into_response())
 }
 
@@ -448,9 +445,7 @@ async fn compare(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         return Err(ApiError::bad("`strategies` is empty: give at least one {\"plugin\": ...}"));
     }
     let name = req.name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(|| "compare".into());
-    if safe_name(&name) != name {
-        return Err(ApiError::bad(format!("name `{name}`: use letters, digits, `-` and `_` only")));
-    }
+    graft_trainer::names::check_name("name", &name).map_err(|e| ApiError::bad(e.to_string()))?;
     let mut strategies = Vec::new();
     for (i, s) in req.strategies.into_iter().enumerate() {
         let config = to_table(s.config, &format!("strategies[{i}].config"))?;
@@ -482,7 +477,7 @@ async fn compare(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let text = toml::to_string(&t).map_err(|e| ApiError::bad(e.to_string()))?;
     let config = crate::compare::config::CompareConfig::parse_str(&text, "compare request", &app.work_dir)
         .map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    let info = jobs::enqueue(&app, id, "compare", &name, out, req.steps, None, JobSpec::Compare { config });
+    let info = jobs::enqueue(&app, id, JobKind::Compare, &name, out, req.steps, None, JobSpec::Compare { config });
     Ok((StatusCode::ACCEPTED, Json(serde_json::to_value(info).unwrap_or_default())).into_response())
 }
 

@@ -24,6 +24,57 @@ pub struct Control {
     pub stop: AtomicBool,
 }
 
+/// What a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Train,
+    Compare,
+}
+
+/// Where a job is. `stopping`: asked to stop, saving what it trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Paused,
+    Stopping,
+    Done,
+    Stopped,
+    Failed,
+}
+
+impl JobStatus {
+    /// Queued or not finished yet.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Queued | Self::Running | Self::Paused | Self::Stopping)
+    }
+
+    /// Taken by the worker and not finished yet.
+    pub fn is_running(self) -> bool {
+        matches!(self, Self::Running | Self::Paused | Self::Stopping)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Done => "done",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LossPoint {
     pub step: u64,
@@ -41,11 +92,9 @@ pub struct SampleImage {
 #[derive(Debug, Clone, Serialize)]
 pub struct JobInfo {
     pub id: u64,
-    /// `train` or `compare`.
-    pub kind: String,
+    pub kind: JobKind,
     pub name: String,
-    /// queued, running, paused, stopping, done, stopped, failed.
-    pub status: String,
+    pub status: JobStatus,
     pub step: u64,
     pub total: u64,
     pub lr: Option<f64>,
@@ -103,20 +152,14 @@ fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// Folder-safe version of a run name.
-pub fn safe_name(name: &str) -> String {
-    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
-    if s.is_empty() { "run".into() } else { s }
-}
-
 /// Queues a job under an id from [`JobBook::next_id`]; returns its info.
-pub fn enqueue(app: &App, id: u64, kind: &str, name: &str, output_dir: PathBuf, total: u64, plugin: Option<String>, spec: JobSpec) -> JobInfo {
+pub fn enqueue(app: &App, id: u64, kind: JobKind, name: &str, output_dir: PathBuf, total: u64, plugin: Option<String>, spec: JobSpec) -> JobInfo {
     let mut book = lock(&app.jobs);
     let info = JobInfo {
         id,
-        kind: kind.into(),
+        kind,
         name: name.into(),
-        status: "queued".into(),
+        status: JobStatus::Queued,
         step: 0,
         total,
         lr: None,
@@ -156,8 +199,8 @@ pub fn start_worker(app: Arc<App>) {
         let (id, spec, control) = {
             let mut book = lock(&app.jobs);
             loop {
-                if let Some(j) = book.jobs.iter_mut().find(|j| j.info.status == "queued") {
-                    j.info.status = "running".into();
+                if let Some(j) = book.jobs.iter_mut().find(|j| j.info.status == JobStatus::Queued) {
+                    j.info.status = JobStatus::Running;
                     break (j.info.id, j.spec.clone(), j.control.clone());
                 }
                 book = app.wake.wait(book).unwrap_or_else(|e| e.into_inner());
@@ -174,16 +217,16 @@ pub fn start_worker(app: Arc<App>) {
             s.restore();
         }
         let (status, error) = match result {
-            Ok(Ok(())) if control.stop.load(Ordering::SeqCst) => ("stopped", None),
-            Ok(Ok(())) => ("done", None),
-            Ok(Err(e)) => ("failed", Some(format!("{e:#}"))),
-            Err(_) => ("failed", Some("the run panicked (see the server log)".to_string())),
+            Ok(Ok(())) if control.stop.load(Ordering::SeqCst) => (JobStatus::Stopped, None),
+            Ok(Ok(())) => (JobStatus::Done, None),
+            Ok(Err(e)) => (JobStatus::Failed, Some(format!("{e:#}"))),
+            Err(_) => (JobStatus::Failed, Some("the run panicked (see the server log)".to_string())),
         };
         if let Some(e) = &error {
             tracing::error!("job {id} failed: {e}");
         }
         update(&app, id, |info| {
-            info.status = status.into();
+            info.status = status;
             info.error = error;
             info.waiting = None;
         });

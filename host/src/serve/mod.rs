@@ -121,17 +121,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// Asks every live job to stop (a training run saves a checkpoint and its adapter), waits for
 /// the one running, and ends with an error that says so.
 fn stop_jobs(app: &App) -> anyhow::Result<()> {
-    let live = |status: &str| matches!(status, "queued" | "running" | "paused" | "stopping");
     {
         let book = state::lock(&app.jobs);
-        for j in book.jobs.iter().filter(|j| live(&j.info.status)) {
+        for j in book.jobs.iter().filter(|j| j.info.status.is_live()) {
             j.control.paused.store(false, std::sync::atomic::Ordering::SeqCst);
             j.control.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
     tracing::info!("stopping: the running job saves its checkpoint and adapter first (Ctrl-C again to quit at once)");
     loop {
-        let running = state::lock(&app.jobs).jobs.iter().any(|j| matches!(j.info.status.as_str(), "running" | "paused" | "stopping"));
+        let running = state::lock(&app.jobs).jobs.iter().any(|j| j.info.status.is_running());
         if !running {
             anyhow::bail!("stopped by Ctrl-C or SIGTERM");
         }
