@@ -31,6 +31,7 @@ use graft_runtime::adapters::dispatcher::{AdapterSet, LrScale};
 use graft_runtime::plugins::{PluginManager, ReloadEvent, StrategyInstance};
 use crate::cache::{EmbeddingCache, LatentCache};
 use crate::config::TrainConfig;
+use graft_runtime::adapters::dispatcher::UnfrozenBase;
 use crate::options::CacheLatents;
 use crate::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
 use crate::optim::{GradAccumulator, GroupConfig, Optimizer};
@@ -742,13 +743,25 @@ impl Trainer {
         let mut out: Vec<(String, Var)> =
             self.set.store().params(None).into_iter().map(|(k, p)| (k.to_string(), p.var)).collect();
         for b in self.set.unfrozen() {
-            out.push((format!("base:{}.weight", b.layer), b.weight.clone()));
-            if let Some(bias) = &b.bias {
-                out.push((format!("base:{}.bias", b.layer), bias.clone()));
-            }
+            out.extend(base_params(b));
         }
         out
     }
+
+    /// How many base-model weights the run trains (unfrozen by its strategy).
+    pub fn base_parameter_count(&self) -> u64 {
+        self.set.unfrozen().iter().flat_map(base_params).map(|(_, v)| v.elem_count() as u64).sum()
+    }
+}
+
+/// An unfrozen base weight's parameters under their checkpoint keys (`base:LAYER.weight`,
+/// `base:LAYER.bias`: apart from every adapter key, which starts with a strategy name).
+fn base_params(b: &UnfrozenBase) -> Vec<(String, Var)> {
+    let mut params = vec![(format!("base:{}.weight", b.layer), b.weight.clone())];
+    if let Some(bias) = &b.bias {
+        params.push((format!("base:{}.bias", b.layer), bias.clone()));
+    }
+    params
 }
 
 /// The optimizer over the strategy's plan groups and its unfrozen base weights.
@@ -775,12 +788,8 @@ pub fn build_optimizer(set: &AdapterSet, s: usize, config: &TrainConfig) -> anyh
         );
     }
     for b in set.unfrozen().iter().filter(|b| b.strategy == name) {
-        let mut params = vec![(format!("base:{}.weight", b.layer), b.weight.clone())];
-        if let Some(bias) = &b.bias {
-            params.push((format!("base:{}.bias", b.layer), bias.clone()));
-        }
         let cfg = GroupConfig::new(group_name(name, &format!("base:{}", b.layer)), b.lr).weight_decay(b.weight_decay);
-        groups.push((cfg, params));
+        groups.push((cfg, base_params(b)));
     }
     let mut optimizer = Optimizer::with_spec(&config.optimizer_spec()?, groups)?;
     optimizer.max_grad_norm = (config.options.max_grad_norm > 0.0).then_some(config.options.max_grad_norm);

@@ -346,8 +346,7 @@ fn train_one(
     result.layers = Some(active.plan.attachments.len());
     let params = trainer.parameters();
     result.trainable_params = Some(params.iter().map(|(_, v)| v.elem_count() as u64).sum());
-    result.base_params =
-        Some(params.iter().filter(|(k, _)| k.starts_with("base:")).map(|(_, v)| v.elem_count() as u64).sum());
+    result.base_params = Some(trainer.base_parameter_count());
     result.eval_loss_start = Some(trainer.eval_loss(EVAL_SEED)?);
 
     let mut observer = Losses { result, window: config.loss_window, seconds: 0.0 };
