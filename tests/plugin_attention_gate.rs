@@ -212,7 +212,7 @@ fn softmax(x: &Tensor) -> Tensor {
 }
 
 #[test]
-fn learning_rates_and_per_parameter_clipping_through_adamw() -> candle_core::Result<()> {
+fn learning_rates_and_per_parameter_clipping_through_adamw() -> anyhow::Result<()> {
     let m = gate_manager("plugin-gate-adamw");
     let mut s = strategy(&m, "{}");
     let plan = s.plan(&tiny_layers()).expect("plan");

@@ -18,7 +18,9 @@
 //!
 //! With buckets disabled every image goes to the `resolution` bucket (resized to cover, center crop).
 
-use candle_core::{Error, Result};
+
+
+use crate::error::{Error, Result};
 
 /// A size in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,7 +110,7 @@ pub struct Bucketer {
 impl Bucketer {
     pub fn new(settings: BucketSettings) -> Result<Self> {
         let s = &settings;
-        let bad = |msg: String| Err(Error::Msg(format!("dataset bucket settings: {msg}")));
+        let bad = |msg: String| Err(Error::Config(format!("dataset bucket settings: {msg}")));
         if s.resolution.width == 0 || s.resolution.height == 0 {
             return bad(format!("resolution {} must be positive", s.resolution));
         }
@@ -184,7 +186,7 @@ impl Bucketer {
     /// with `bucket_no_upscale`.
     pub fn place(&self, image: Reso) -> Result<Placement> {
         if image.width == 0 || image.height == 0 {
-            return Err(Error::Msg(format!("image size {image} is empty")));
+            return Err(Error::Dataset(format!("image size {image} is empty")));
         }
         let s = &self.settings;
         let (bucket, resized) = if s.enable_bucket && s.bucket_no_upscale {
@@ -240,7 +242,7 @@ impl Bucketer {
         };
         let bucket = Reso::new(resized.width - resized.width % step, resized.height - resized.height % step);
         if bucket.width == 0 || bucket.height == 0 {
-            return Err(Error::Msg(format!(
+            return Err(Error::Dataset(format!(
                 "image is {image}, smaller than one bucket step ({step} px) on a side, and bucket_no_upscale is on"
             )));
         }

@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Error, Result, Tensor};
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
 
 use super::dataset::{Batch, Dataset};
 use super::optim::write_safetensors_atomic;
@@ -37,7 +39,7 @@ impl TensorStore {
 
     fn disk(dir: &Path, namespace: &str) -> Result<Self> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Msg(format!("cannot create cache folder {}: {e}", dir.display())))?;
+            .map_err(|e| Error::State(format!("cannot create cache folder {}: {e}", dir.display())))?;
         Ok(Self { dir: Some(dir.to_path_buf()), namespace: namespace.to_string(), ..Self::memory() })
     }
 
@@ -142,7 +144,7 @@ impl LatentCache {
     /// (or `[C, h, w]`), already scaled as the training step wants it.
     pub fn latent<F>(&mut self, dataset: &Dataset, index: usize, flip: bool, device: &Device, encode: &mut F) -> Result<Tensor>
     where
-        F: FnMut(&Tensor) -> Result<Tensor>,
+        F: FnMut(&Tensor) -> candle_core::Result<Tensor>,
     {
         let key = dataset.latent_key(index, flip);
         let label = &dataset.items()[index].key;
@@ -153,12 +155,12 @@ impl LatentCache {
         let mut latent = encode(&image)?;
         if latent.rank() == 4 {
             if latent.dim(0)? != 1 {
-                return Err(Error::Msg(format!("the latent encoder returned {:?} for one image: expected [1, C, h, w]", latent.dims())));
+                return Err(Error::Internal(format!("the latent encoder returned {:?} for one image: expected [1, C, h, w]", latent.dims())));
             }
             latent = latent.squeeze(0)?;
         }
         if latent.rank() != 3 {
-            return Err(Error::Msg(format!("the latent encoder returned {:?}: expected [1, C, h, w]", latent.dims())));
+            return Err(Error::Internal(format!("the latent encoder returned {:?}: expected [1, C, h, w]", latent.dims())));
         }
         let latent = latent.detach();
         self.store.put(label, &key, vec![latent.clone()])?;
@@ -168,7 +170,7 @@ impl LatentCache {
     /// The latents of a batch, `[b, C, h, w]`.
     pub fn batch_latents<F>(&mut self, dataset: &Dataset, batch: &Batch, device: &Device, encode: &mut F) -> Result<Tensor>
     where
-        F: FnMut(&Tensor) -> Result<Tensor>,
+        F: FnMut(&Tensor) -> candle_core::Result<Tensor>,
     {
         let latents = batch
             .indices
@@ -176,14 +178,14 @@ impl LatentCache {
             .zip(&batch.flipped)
             .map(|(&i, &flip)| self.latent(dataset, i, flip, device, encode))
             .collect::<Result<Vec<_>>>()?;
-        Tensor::stack(&latents, 0)
+        Ok(Tensor::stack(&latents, 0)?)
     }
 
     /// Encodes every image of the dataset ahead of training (both flips where `flip_aug` is on).
     /// `progress(done, total)` is called after each one. Returns how many were encoded (misses).
     pub fn prefill<F, P>(&mut self, dataset: &Dataset, device: &Device, encode: &mut F, mut progress: P) -> Result<usize>
     where
-        F: FnMut(&Tensor) -> Result<Tensor>,
+        F: FnMut(&Tensor) -> candle_core::Result<Tensor>,
         P: FnMut(usize, usize),
     {
         let mut work = Vec::new();
@@ -252,12 +254,12 @@ impl EmbeddingCache {
             .collect::<Result<Vec<_>>>()?;
         let n = per_caption.first().map_or(0, Vec::len);
         if per_caption.iter().any(|o| o.len() != n) {
-            return Err(Error::Msg("the text encoder returned a different number of outputs for different captions".into()));
+            return Err(Error::Internal("the text encoder returned a different number of outputs for different captions".into()));
         }
         (0..n)
             .map(|k| {
                 let parts: Vec<&Tensor> = per_caption.iter().map(|o| &o[k]).collect();
-                Tensor::cat(&parts, 0)
+                Ok(Tensor::cat(&parts, 0)?)
             })
             .collect()
     }

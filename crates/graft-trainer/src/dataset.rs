@@ -39,7 +39,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Error, Result, Tensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
 use graft_sdxl::rng::GraftRng;
 
 use super::buckets::{BucketSettings, Bucketer, Placement, Reso};
@@ -151,7 +153,7 @@ impl DatasetConfig {
     /// Reads a kohya dataset TOML file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Msg(format!("cannot read dataset config {}: {e}", path.display())))?;
+            .map_err(|e| Error::Dataset(format!("cannot read dataset config {}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_toml_str(&text, &path.display().to_string(), base)
     }
@@ -160,14 +162,14 @@ impl DatasetConfig {
     /// from `base_dir`.
     pub fn from_toml_str(text: &str, source: &str, base_dir: &Path) -> Result<Self> {
         let root: toml::Table =
-            text.parse().map_err(|e| Error::Msg(format!("dataset config {source} is not valid TOML: {e}")))?;
+            text.parse().map_err(|e| Error::Dataset(format!("dataset config {source} is not valid TOML: {e}")))?;
         let mut warnings = Vec::new();
         let empty = toml::Table::new();
 
         let general = match root.get("general") {
             None => &empty,
             Some(toml::Value::Table(t)) => t,
-            Some(_) => return Err(Error::Msg(format!("{source}: `general` must be a table ([general])"))),
+            Some(_) => return Err(Error::Dataset(format!("{source}: `general` must be a table ([general])"))),
         };
         for key in root.keys().filter(|k| *k != "general" && *k != "datasets") {
             warnings.push(format!("{source}: unknown top-level key '{key}' ignored (expected [general] and [[datasets]])"));
@@ -176,9 +178,9 @@ impl DatasetConfig {
 
         let datasets = match root.get("datasets") {
             Some(toml::Value::Array(a)) => a.as_slice(),
-            Some(_) => return Err(Error::Msg(format!("{source}: `datasets` must be an array of tables ([[datasets]])"))),
+            Some(_) => return Err(Error::Dataset(format!("{source}: `datasets` must be an array of tables ([[datasets]])"))),
             None => {
-                return Err(Error::Msg(format!(
+                return Err(Error::Dataset(format!(
                     "{source} has no [[datasets]]: add one with a [[datasets.subsets]] whose image_dir is your image folder"
                 )))
             }
@@ -186,7 +188,7 @@ impl DatasetConfig {
         let mut out = Vec::new();
         for (di, ds) in datasets.iter().enumerate() {
             let where_d = format!("[[datasets]] #{}", di + 1);
-            let ds = ds.as_table().ok_or_else(|| Error::Msg(format!("{source}: {where_d} must be a table")))?;
+            let ds = ds.as_table().ok_or_else(|| Error::Dataset(format!("{source}: {where_d} must be a table")))?;
             check_keys(ds, &where_d, &[&DATASET_KEYS, &SUBSET_KEYS, &["subsets"]], source, &mut warnings);
             let layers = Layers { tables: vec![(ds, where_d.clone()), (general, "[general]".to_string())], source };
             let spec = layers.dataset_spec()?;
@@ -194,16 +196,16 @@ impl DatasetConfig {
             let subsets = match ds.get("subsets") {
                 Some(toml::Value::Array(a)) if !a.is_empty() => a.as_slice(),
                 Some(toml::Value::Array(_)) | None => {
-                    return Err(Error::Msg(format!(
+                    return Err(Error::Dataset(format!(
                         "{source}: {where_d} has no [[datasets.subsets]]: add one with image_dir = \"your/image/folder\""
                     )))
                 }
-                Some(_) => return Err(Error::Msg(format!("{source}: {where_d}.subsets must be an array of tables"))),
+                Some(_) => return Err(Error::Dataset(format!("{source}: {where_d}.subsets must be an array of tables"))),
             };
             let mut spec = spec;
             for (si, ss) in subsets.iter().enumerate() {
                 let where_s = format!("[[datasets.subsets]] #{} of {where_d}", si + 1);
-                let ss = ss.as_table().ok_or_else(|| Error::Msg(format!("{source}: {where_s} must be a table")))?;
+                let ss = ss.as_table().ok_or_else(|| Error::Dataset(format!("{source}: {where_s} must be a table")))?;
                 check_keys(ss, &where_s, &[&SUBSET_KEYS, &["image_dir"]], source, &mut warnings);
                 let layers = Layers {
                     tables: vec![(ss, where_s.clone()), (ds, where_d.clone()), (general, "[general]".to_string())],
@@ -211,15 +213,15 @@ impl DatasetConfig {
                 };
                 let dir = match ss.get("image_dir") {
                     Some(toml::Value::String(s)) => resolve_dir(base_dir, s),
-                    Some(_) => return Err(Error::Msg(format!("{source}: image_dir in {where_s} must be a string"))),
-                    None => return Err(Error::Msg(format!("{source}: {where_s} has no image_dir: set it to your image folder"))),
+                    Some(_) => return Err(Error::Dataset(format!("{source}: image_dir in {where_s} must be a string"))),
+                    None => return Err(Error::Dataset(format!("{source}: {where_s} has no image_dir: set it to your image folder"))),
                 };
                 spec.subsets.push(layers.subset_spec(dir)?);
             }
             out.push(spec);
         }
         if out.is_empty() {
-            return Err(Error::Msg(format!("{source} has an empty [[datasets]] list: add a dataset with a subset")));
+            return Err(Error::Dataset(format!("{source} has an empty [[datasets]] list: add a dataset with a subset")));
         }
         Ok(Self { datasets: out, warnings })
     }
@@ -252,7 +254,7 @@ impl DatasetConfig {
             }
         }
         if spec.subsets.is_empty() {
-            return Err(Error::Msg(format!(
+            return Err(Error::Dataset(format!(
                 "no training images in {}: put .png/.jpg/.jpeg/.webp images there with caption files of the same name \
                  (NAME.txt), or N_name subfolders of them",
                 dir.display()
@@ -312,7 +314,7 @@ impl Layers<'_> {
     }
 
     fn bad(&self, key: &str, place: &str, want: &str, v: &toml::Value) -> Error {
-        Error::Msg(format!("{}: '{key}' in {place} must be {want}, got {v}", self.source))
+        Error::Dataset(format!("{}: '{key}' in {place} must be {want}, got {v}", self.source))
     }
 
     fn usize(&self, key: &str, default: usize, min: usize) -> Result<usize> {
@@ -356,7 +358,7 @@ impl Layers<'_> {
     fn dataset_spec(&self) -> Result<DatasetSpec> {
         let resolution = match self.get("resolution") {
             None => {
-                return Err(Error::Msg(format!(
+                return Err(Error::Dataset(format!(
                     "{}: no resolution: set resolution = 1024 (or [width, height]) in [general] or [[datasets]]",
                     self.source
                 )))
@@ -381,7 +383,7 @@ impl Layers<'_> {
         b.bucket_reso_steps = self.usize("bucket_reso_steps", b.bucket_reso_steps, 1)?;
         b.bucket_no_upscale = self.bool("bucket_no_upscale", b.bucket_no_upscale)?;
         spec.batch_size = self.usize("batch_size", 1, 1)?;
-        Bucketer::new(spec.buckets).map_err(|e| Error::Msg(format!("{}: {e}", self.source)))?;
+        Bucketer::new(spec.buckets).map_err(|e| Error::Dataset(format!("{}: {e}", self.source)))?;
         Ok(spec)
     }
 
@@ -466,7 +468,7 @@ impl Dataset {
                     msg.push_str(&format!("\n  ... and {} more", n - MAX_LISTED_PROBLEMS));
                 }
                 msg.push_str("\nFix these files, or pass --skip-bad to train without them.");
-                return Err(Error::Msg(msg));
+                return Err(Error::Dataset(msg));
             }
         }
         if items.is_empty() {
@@ -475,7 +477,7 @@ impl Dataset {
                 .iter()
                 .flat_map(|d| d.subsets.iter().map(|s| s.image_dir.display().to_string()))
                 .collect();
-            return Err(Error::Msg(format!(
+            return Err(Error::Dataset(format!(
                 "no training images in {}: put .png/.jpg/.jpeg/.webp images there with caption files of the same name (NAME.txt)",
                 if dirs.is_empty() { "the dataset (it lists no folder)".to_string() } else { dirs.join(", ") }
             )));
@@ -571,7 +573,7 @@ impl Dataset {
         let img = decode_image(&it.path)?;
         let size = Reso::new(img.width() as usize, img.height() as usize);
         if size != it.original {
-            return Err(Error::Msg(format!(
+            return Err(Error::Dataset(format!(
                 "image {} is now {size} but was {} when the dataset was opened: restart the run",
                 it.path.display(),
                 it.original
@@ -593,10 +595,10 @@ impl Dataset {
         if flip {
             image::imageops::flip_horizontal_in_place(&mut crop);
         }
-        Tensor::from_vec(crop.into_raw(), (bh, bw, 3), &Device::Cpu)?
+        Ok(Tensor::from_vec(crop.into_raw(), (bh, bw, 3), &Device::Cpu)?
             .permute((2, 0, 1))?
             .to_dtype(DType::F32)?
-            .affine(2.0 / 255.0, -1.0)
+            .affine(2.0 / 255.0, -1.0)?)
     }
 
     /// The caption of one sample after dropout and tag shuffling.
@@ -650,7 +652,7 @@ impl Batch {
     pub fn images(&self) -> Result<&Tensor> {
         self.images
             .as_ref()
-            .ok_or_else(|| Error::Msg("this batch was made without images (the epoch was opened for cached latents)".into()))
+            .ok_or_else(|| Error::Dataset("this batch was made without images (the epoch was opened for cached latents)".into()))
     }
 
     /// SDXL's six time ids per sample, `[b, 6]` f32: original (h, w), crop (top, left), target (h, w).
@@ -660,7 +662,7 @@ impl Batch {
         for ((oh, ow), (ct, cl)) in self.original_sizes.iter().zip(&self.crop_coords) {
             data.extend([*oh, *ow, *ct, *cl, th, tw].map(|x| x as f32));
         }
-        Tensor::from_vec(data, (self.len(), 6), device)
+        Ok(Tensor::from_vec(data, (self.len(), 6), device)?)
     }
 }
 
@@ -713,7 +715,7 @@ impl Epoch<'_> {
         let members = self
             .batches
             .get(index)
-            .ok_or_else(|| Error::Msg(format!("batch {index} is past the end of the epoch ({} batches)", self.len())))?;
+            .ok_or_else(|| Error::Dataset(format!("batch {index} is past the end of the epoch ({} batches)", self.len())))?;
         let mut rng = GraftRng::new(mix(self.seed, self.epoch, index as u64));
         let first = &ds.items[members[0]];
         let bucket = first.placement.bucket;
@@ -785,7 +787,7 @@ fn mix(seed: u64, epoch: u64, index: u64) -> u64 {
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| {
-        Error::Msg(format!("cannot read image folder {}: {e} (check the path in the dataset settings)", dir.display()))
+        Error::Dataset(format!("cannot read image folder {}: {e} (check the path in the dataset settings)", dir.display()))
     })?;
     let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
@@ -806,7 +808,7 @@ pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
 fn decode_image(path: &Path) -> Result<image::DynamicImage> {
     let mut reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::Msg(format!("image {} cannot be opened: {e}", path.display())))?;
+        .map_err(|e| Error::Dataset(format!("image {} cannot be opened: {e}", path.display())))?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
@@ -815,7 +817,7 @@ fn decode_image(path: &Path) -> Result<image::DynamicImage> {
     reader
         .decode()
         .map_err(|e| {
-            Error::Msg(format!(
+            Error::Dataset(format!(
                 "image {} cannot be decoded ({e}): re-save it as PNG, JPEG or WebP, or remove it",
                 path.display()
             ))
@@ -916,7 +918,7 @@ fn scan_subset(
                 continue;
             }
         };
-        let meta = std::fs::metadata(&path).map_err(|e| Error::Msg(format!("cannot stat {}: {e}", path.display())))?;
+        let meta = std::fs::metadata(&path).map_err(|e| Error::Dataset(format!("cannot stat {}: {e}", path.display())))?;
         let modified_ns = meta
             .modified()
             .ok()

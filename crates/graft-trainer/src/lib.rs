@@ -6,6 +6,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
+pub mod error;
 pub mod export;
 pub mod kohya;
 pub mod losslog;

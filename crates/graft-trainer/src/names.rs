@@ -9,7 +9,7 @@ pub fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
         && !name.starts_with('.')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if !ok {
-        anyhow::bail!("{what} `{name}`: use letters, digits, `.`, `_` and `-` only, not starting with `.` (it names files and folders; e.g. `my_style`)");
+        anyhow::bail!("{what} `{name}`: use letters, digits, `.`, `_` and `-` only, not starting with `.`: a file name without a folder (e.g. `my_style`)");
     }
     Ok(())
 }

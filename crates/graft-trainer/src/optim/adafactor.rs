@@ -19,7 +19,9 @@
 //! State: `exp_avg_sq_row` + `exp_avg_sq_col` (rows + columns numbers) or `exp_avg_sq`, and
 //! `exp_avg` with beta1; computed in f32.
 
-use candle_core::{DType, Result, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
+
+use crate::error::Result;
 
 use super::spec::{Args, GroupOverrides};
 use super::{Item, ParamState, SlotSpec};
@@ -100,7 +102,7 @@ fn f32_slot(name: &'static str, shape: Vec<usize>) -> SlotSpec {
 
 /// rms(t) = ||t|| / sqrt(numel), as a 0-d tensor (no device round trip).
 fn rms(t: &Tensor) -> Result<Tensor> {
-    t.sqr()?.sum_all()?.affine(1.0 / t.elem_count() as f64, 0.0)?.sqrt()
+    Ok(t.sqr()?.sum_all()?.affine(1.0 / t.elem_count() as f64, 0.0)?.sqrt()?)
 }
 
 impl Adafactor {

@@ -8,7 +8,9 @@
 //! ```
 //! State: `exp_avg` (m) and `exp_avg_sq` (v), each the parameter's size: 8 bytes per f32 weight.
 
-use candle_core::{Result, Var};
+use candle_core::Var;
+
+use crate::error::Result;
 
 use super::spec::{Args, GroupOverrides};
 use super::{Item, ParamState, SlotSpec};

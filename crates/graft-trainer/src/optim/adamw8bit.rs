@@ -13,7 +13,9 @@
 //! The 8-bit state lives in host memory and the update of such a parameter runs on the CPU (the
 //! parameter and its gradient make a round trip): 2 bytes + 8 bytes per 256 weights of state.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::Result;
 
 use super::spec::{Args, GroupOverrides};
 use super::{Item, ParamState, SlotSpec};
@@ -113,7 +115,7 @@ pub(super) struct AdamW8bit {
 }
 
 fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
 }
 
 impl AdamW8bit {
@@ -161,8 +163,8 @@ impl AdamW8bit {
         let step = it.state.step + 1;
         let g = host_f32(&it.grad)?;
         let mut p = host_f32(it.var.as_tensor())?;
-        let codes = |slot: &str| it.state.get(slot)?.flatten_all()?.to_vec1::<u8>();
-        let scales = |slot: &str| it.state.get(slot)?.to_vec1::<f32>();
+        let codes = |slot: &str| -> Result<Vec<u8>> { Ok(it.state.get(slot)?.flatten_all()?.to_vec1::<u8>()?) };
+        let scales = |slot: &str| -> Result<Vec<f32>> { Ok(it.state.get(slot)?.to_vec1::<f32>()?) };
         let mut m = dequantize(&codes("state1")?, &scales("absmax1")?, &self.signed);
         let mut v = dequantize(&codes("state2")?, &scales("absmax2")?, &self.unsigned);
 

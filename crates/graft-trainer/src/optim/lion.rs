@@ -7,7 +7,9 @@
 //! State: `exp_avg` (m) only: 4 bytes per f32 weight. Lion's steps are all of size lr per
 //! weight, so it wants a learning rate 3-10x smaller than AdamW's and a larger weight decay.
 
-use candle_core::{Result, Var};
+use candle_core::Var;
+
+use crate::error::Result;
 
 use super::spec::{Args, GroupOverrides};
 use super::{Item, ParamState, SlotSpec};

@@ -31,7 +31,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Error, Result, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Error, Result};
 
 pub use adafactor::AdafactorArgs;
 pub use adamw8bit::{dequantize, dynamic_map, quantize, AdamW8bitArgs};
@@ -86,7 +88,7 @@ impl GroupConfig {
     }
 
     fn check(&self) -> Result<()> {
-        let bad = |what: &str| Error::Msg(format!("optimizer group '{}': {what}", self.name));
+        let bad = |what: &str| Error::Config(format!("optimizer group '{}': {what}", self.name));
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(bad(&format!("learning rate {} must be a finite number >= 0", self.lr)));
         }
@@ -259,7 +261,7 @@ impl ParamState {
     }
 
     pub(crate) fn get(&self, slot: &str) -> Result<&Tensor> {
-        self.slots.get(slot).ok_or_else(|| Error::Msg(format!("optimizer state has no `{slot}` (internal error)")))
+        self.slots.get(slot).ok_or_else(|| Error::Internal(format!("optimizer state has no `{slot}` (internal error)")))
     }
 
     pub(crate) fn set(&mut self, slot: &'static str, t: Tensor) {
@@ -419,12 +421,12 @@ impl Optimizer {
     pub fn add_group(&mut self, config: GroupConfig, params: Vec<(String, Var)>) -> Result<()> {
         config.check()?;
         if self.groups.iter().any(|g| g.config.name == config.name) {
-            return Err(Error::Msg(format!("optimizer group '{}' is defined twice", config.name)));
+            return Err(Error::Config(format!("optimizer group '{}' is defined twice", config.name)));
         }
         let mut seen: HashSet<&str> = self.param_names().collect();
         for (name, _) in &params {
             if !seen.insert(name) {
-                return Err(Error::Msg(format!(
+                return Err(Error::Config(format!(
                     "parameter '{name}' is in more than one optimizer group (group '{}'): give each parameter one group",
                     config.name
                 )));
@@ -444,13 +446,13 @@ impl Optimizer {
             .iter_mut()
             .find(|g| g.config.name == name)
             .map(|g| &mut g.config)
-            .ok_or_else(|| Error::Msg(format!("no optimizer group '{name}' (groups: {})", known.join(", "))))
+            .ok_or_else(|| Error::Config(format!("no optimizer group '{name}' (groups: {})", known.join(", "))))
     }
 
     /// Sets a group's learning-rate scale (for staged strategies).
     pub fn set_lr_scale(&mut self, group: &str, scale: f64) -> Result<()> {
         if !(scale.is_finite() && scale >= 0.0) {
-            return Err(Error::Msg(format!("learning-rate scale {scale} for group '{group}' must be >= 0")));
+            return Err(Error::Config(format!("learning-rate scale {scale} for group '{group}' must be >= 0")));
         }
         self.group_mut(group)?.lr_scale = scale;
         Ok(())
@@ -534,7 +536,7 @@ impl Optimizer {
         let known: HashSet<&str> = self.param_names().collect();
         for name in grads.map.keys() {
             if !known.contains(name.as_str()) {
-                return Err(Error::Msg(format!("gradient for '{name}', which is not a parameter of this optimizer")));
+                return Err(Error::Internal(format!("gradient for '{name}', which is not a parameter of this optimizer")));
             }
         }
         let check = self.check(grads)?;
@@ -637,7 +639,7 @@ impl Optimizer {
                     continue;
                 }
                 if found.iter().any(|t| t.is_none()) {
-                    return Err(Error::Msg(format!(
+                    return Err(Error::State(format!(
                         "{} state of '{name}' is incomplete (needs {}): the file is damaged or written by another optimizer, resume from another checkpoint",
                         self.kind().name(),
                         keys.join(", ")
@@ -647,7 +649,7 @@ impl Optimizer {
                 for ((spec, key), t) in specs.iter().zip(&keys).zip(&found) {
                     let t = t.expect("checked above");
                     if !spec.shapes.iter().any(|s| s.as_slice() == t.dims()) {
-                        return Err(Error::Msg(format!(
+                        return Err(Error::State(format!(
                             "optimizer state '{key}' has shape {:?} but the parameter needs {:?}: the checkpoint belongs to another configuration",
                             t.dims(),
                             spec.shapes[0]
@@ -661,7 +663,7 @@ impl Optimizer {
                 let step = step.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
                 let step = match step.as_slice() {
                     [s] if *s >= 0 => *s as u64,
-                    _ => return Err(Error::Msg(format!("optimizer state '{step_key}' is not one step count >= 0"))),
+                    _ => return Err(Error::State(format!("optimizer state '{step_key}' is not one step count >= 0"))),
                 };
                 new_state.insert(name.clone(), ParamState { step, slots });
                 used.extend(keys);
@@ -675,7 +677,7 @@ impl Optimizer {
             if let Some(t) = tensors.get(&key) {
                 let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
                 let [v] = v.as_slice() else {
-                    return Err(Error::Msg(format!("optimizer state '{key}' is not one number")));
+                    return Err(Error::State(format!("optimizer state '{key}' is not one number")));
                 };
                 values.insert(*k, *v);
                 used.insert(key);
@@ -686,7 +688,7 @@ impl Optimizer {
         } else if values.len() != wanted.len() {
             let missing: Vec<String> =
                 wanted.iter().filter(|k| !values.contains_key(*k)).map(|k| format!("{GLOBAL_PREFIX}{k}")).collect();
-            return Err(Error::Msg(format!(
+            return Err(Error::State(format!(
                 "{} state lacks {}: the file was written by another optimizer or is damaged",
                 self.kind().name(),
                 missing.join(", ")
@@ -714,23 +716,23 @@ impl Optimizer {
     /// Reads a state file written by `save` with the same optimizer.
     pub fn load(&mut self, path: &Path) -> Result<LoadReport> {
         let bytes = std::fs::read(path)
-            .map_err(|e| Error::Msg(format!("cannot read optimizer state {}: {e}", path.display())))?;
+            .map_err(|e| Error::State(format!("cannot read optimizer state {}: {e}", path.display())))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-            Error::Msg(format!("optimizer state {} is not a safetensors file ({e}): use the checkpoint's optimizer.safetensors", path.display()))
+            Error::State(format!("optimizer state {} is not a safetensors file ({e}): use the checkpoint's optimizer.safetensors", path.display()))
         })?;
         let format = meta.metadata().as_ref().and_then(|m| m.get("format")).cloned();
         let expected = self.kind().state_format();
         if format.as_deref() != Some(expected) {
             let writer = OptimizerKind::ALL.iter().find(|k| Some(k.state_format()) == format.as_deref());
             return Err(match writer {
-                Some(k) => Error::Msg(format!(
+                Some(k) => Error::State(format!(
                     "{} holds {} state but the run uses {}: resume with `optimizer = \"{}\"` or start a new output_dir",
                     path.display(),
                     k.name(),
                     self.kind().name(),
                     k.name()
                 )),
-                None => Error::Msg(format!(
+                None => Error::State(format!(
                     "{} is not a graft optimizer state (format {:?}, expected '{expected}')",
                     path.display(),
                     format
@@ -759,10 +761,10 @@ pub(crate) fn write_safetensors_atomic(
     let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
     let data: Vec<(&String, &Tensor)> = tensors.iter().collect();
     safetensors::serialize_to_file(data, Some(metadata), &tmp)
-        .map_err(|e| Error::Msg(format!("cannot write {}: {e}", tmp.display())))?;
+        .map_err(|e| Error::State(format!("cannot write {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        Error::Msg(format!("cannot move {} to {}: {e}", tmp.display(), path.display()))
+        Error::State(format!("cannot move {} to {}: {e}", tmp.display(), path.display()))
     })
 }
 

@@ -24,7 +24,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Error, Result, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{Error, Result};
 
 use super::spec::{Args, GroupOverrides};
 use super::{Item, ParamState, SlotSpec};
@@ -215,10 +217,10 @@ impl Prodigy {
     }
 
     pub fn set_globals(&mut self, v: &HashMap<&str, f64>) -> Result<()> {
-        let get = |k: &str| v.get(k).copied().ok_or_else(|| Error::Msg(format!("Prodigy state lacks `{k}`")));
+        let get = |k: &str| v.get(k).copied().ok_or_else(|| Error::State(format!("Prodigy state lacks `{k}`")));
         let (d, d_max, num, k) = (get("d")?, get("d_max")?, get("d_numerator")?, get("k")?);
         if !(d > 0.0 && d_max > 0.0 && num.is_finite() && k >= 0.0 && k.fract() == 0.0) {
-            return Err(Error::Msg(format!("Prodigy state is damaged (d {d}, d_max {d_max}, numerator {num}, k {k})")));
+            return Err(Error::State(format!("Prodigy state is damaged (d {d}, d_max {d_max}, numerator {num}, k {k})")));
         }
         (self.d, self.d_max, self.d_numerator, self.k) = (d, d_max, num, k as u64);
         Ok(())

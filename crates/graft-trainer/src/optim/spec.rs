@@ -6,7 +6,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{Error, Result};
+
+
+use crate::error::{Error, Result};
 
 use super::{adafactor, adamw, adamw8bit, lion, prodigy, GroupConfig};
 
@@ -58,7 +60,7 @@ impl FromStr for OptimizerKind {
     fn from_str(s: &str) -> Result<Self> {
         OptimizerKind::ALL.into_iter().find(|k| k.name().eq_ignore_ascii_case(s.trim())).ok_or_else(|| {
             let names: Vec<&str> = OptimizerKind::ALL.iter().map(|k| k.name()).collect();
-            Error::Msg(format!("`optimizer = \"{s}\"` is not known: use one of {}", names.join(", ")))
+            Error::Config(format!("`optimizer = \"{s}\"` is not known: use one of {}", names.join(", ")))
         })
     }
 }
@@ -144,7 +146,7 @@ pub(crate) struct Args<'a> {
 
 impl Args<'_> {
     pub(crate) fn err(&self, key: &str, what: impl fmt::Display) -> Error {
-        Error::Msg(format!("[optimizer_args] `{key}` of {}: {what}", self.optimizer))
+        Error::Config(format!("[optimizer_args] `{key}` of {}: {what}", self.optimizer))
     }
 
     fn number(&self, key: &str, v: &toml::Value) -> Result<f64> {
@@ -218,7 +220,7 @@ impl Args<'_> {
             let mut known = self.read.clone();
             known.sort();
             known.dedup();
-            return Err(Error::Msg(format!(
+            return Err(Error::Config(format!(
                 "[optimizer_args] `{k}` is not an argument of {} (its arguments: {})",
                 self.optimizer,
                 known.join(", ")
