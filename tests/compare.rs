@@ -9,7 +9,6 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use graft_host::compare::config::CompareConfig;
 use graft_host::compare::report::{self, MISSING_CELL};
-use graft_host::compare::run::BaseSnapshot;
 use graft_host::plugins::{DirOrigin, PluginDirArgs, PluginManager, SearchDir};
 use graft_host::train::trainer::Trainer;
 use graft_tests::{base64_decode, build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
@@ -222,7 +221,21 @@ fn compare_reports_every_strategy_side_by_side() {
     assert_eq!(report::REPORT_HTML, "report.html");
 }
 
-/// A strategy that trains base weights changes the shared model; the snapshot puts them back.
+/// Every linear base weight the model computes with now, by name (f32 values).
+fn current_weights(model: &graft_sdxl::SdxlModel) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for reg in model.registries() {
+        for (i, info) in reg.layers().iter().enumerate() {
+            if let Some(w) = reg.linear_weights(i) {
+                out.push((info.name.clone(), w.current().weight_f32().unwrap().flatten_all().unwrap().to_vec1().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// A strategy that trains base weights changes the shared model through overrides its trainer
+/// owns; dropping the trainer takes them out: the model is as loaded, bit for bit.
 #[test]
 fn base_weights_are_put_back_after_a_strategy() {
     let dir = scratch("compare_restore");
@@ -230,8 +243,8 @@ fn base_weights_are_put_back_after_a_strategy() {
     std::fs::write(dir.join("compare.toml"), config_text()).unwrap();
     let config = CompareConfig::from_file(&dir.join("compare.toml")).unwrap();
     let model = Arc::new(graft_sdxl::SdxlModel::load(&tiny_model(), None, &Device::Cpu).unwrap());
-    let snapshot = BaseSnapshot::take(&model);
-    assert!(!snapshot.is_empty());
+    let loaded = current_weights(&model);
+    assert!(model.overridden().is_empty());
     let mut manager = PluginManager::new(vec![SearchDir { path: plugins(), origin: DirOrigin::Flag }]);
     manager.scan();
     let gate = config.strategies.iter().find(|s| s.name() == "gate").unwrap();
@@ -239,12 +252,15 @@ fn base_weights_are_put_back_after_a_strategy() {
     for _ in 0..2 {
         t.train_step().unwrap();
     }
-    let changed = snapshot.differing().unwrap();
+    let changed: Vec<String> =
+        current_weights(&model).into_iter().zip(&loaded).filter(|((_, now), (_, was))| now != was).map(|((n, _), _)| n).collect();
     assert!(!changed.is_empty() && changed.iter().all(|l| l.contains("attn")), "{changed:?}");
-    // The trainer's own restore puts back what it unfroze; the snapshot covers the rest.
-    assert!(t.set.restore_base_weights() >= changed.len());
-    assert!(snapshot.differing().unwrap().is_empty());
-    assert_eq!(snapshot.restore(), 0, "nothing left to put back");
+    let overridden = model.overridden();
+    assert!(changed.iter().all(|l| overridden.contains(l)), "every changed weight is an override: {overridden:?}");
+    // Dropping the trainer takes its overrides out.
+    drop(t);
+    assert!(model.overridden().is_empty(), "{:?}", model.overridden());
+    assert!(current_weights(&model) == loaded, "the base weights are as loaded again");
 }
 
 #[test]

@@ -10,7 +10,6 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::compare::run::BaseSnapshot;
 use crate::plugins::{FileStatus, PluginDirArgs, PluginManager, ReloadEvent};
 use crate::serve::gen::GenRecord;
 use crate::serve::jobs::JobBook;
@@ -30,9 +29,9 @@ pub struct App {
     pub model: Option<Arc<SdxlModel>>,
     pub model_path: Option<PathBuf>,
     pub model_config: Option<PathBuf>,
-    /// The loaded base weights, put back after every run (a strategy may unfreeze them).
-    pub snapshot: Option<BaseSnapshot>,
-    /// Held for each training step, sample and image: one piece of model work at a time.
+    /// Held for each training step, sample and image: one piece of model work at a time. A
+    /// generate request sets a run's base weight overrides aside while it holds it
+    /// ([`SdxlModel::as_loaded`]).
     pub compute: Mutex<()>,
     pub plugin_args: PluginDirArgs,
     pub plugins: Mutex<PluginManager>,
@@ -74,7 +73,6 @@ impl App {
             }
             None => None,
         };
-        let snapshot = model.as_ref().map(|m| BaseSnapshot::take(m));
         let mut plugins = args.plugins.manager()?;
         if let Err(e) = plugins.watch() {
             tracing::warn!("plugin folders are not watched: {e:#}");
@@ -85,7 +83,6 @@ impl App {
             model,
             model_path: args.model.clone(),
             model_config: args.model_config.clone(),
-            snapshot,
             compute: Mutex::new(()),
             plugin_args: args.plugins.clone(),
             plugins: Mutex::new(plugins),
