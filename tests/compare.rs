@@ -1,6 +1,7 @@
 //! `graft compare` and `graft demo` end to end on the tiny model: the report has every table
 //! row, the loss plot and the sample grid (parsed and checked), failing strategies are reported
-//! while the others run, the base weights are put back between strategies, and the demo's
+//! while the others run, the base weights are put back between strategies (an eject under a fuse
+//! is refused, dropping a trainer takes its overrides out), and the demo's
 //! dataset generator is deterministic.
 
 use std::path::{Path, PathBuf};
@@ -257,7 +258,26 @@ fn base_weights_are_put_back_after_a_strategy() {
     assert!(!changed.is_empty() && changed.iter().all(|l| l.contains("attn")), "{changed:?}");
     let overridden = model.overridden();
     assert!(changed.iter().all(|l| overridden.contains(l)), "every changed weight is an override: {overridden:?}");
-    // Dropping the trainer takes its overrides out.
+    // A LoRA file fused on top of the trained projections: the strategy's overrides are under
+    // the fuse, so ejecting it is refused (naming the layer and the owner above) and changes
+    // nothing; once the file is unfused the eject goes through.
+    let mut files = graft_host::adapters::files::FileAdapters::new(&model).unwrap();
+    files.load(&graft_tests::fixtures().join("lora/kohya_sgm.safetensors"), "kohya", 1.0, 1.0).unwrap();
+    assert!(files.fuse().unwrap() > 0);
+    let fused = current_weights(&model);
+    let e = format!("{:#}", t.set.eject(t.strategy).unwrap_err());
+    assert!(e.contains("attn") && e.contains("adapter files") && e.contains("unfreeze by strategy"), "{e}");
+    assert!(current_weights(&model) == fused, "a refused eject changes nothing");
+    files.unfuse();
+    assert!(model.overridden().iter().all(|l| overridden.contains(l)));
+    t.set.eject(t.strategy).unwrap();
+    assert!(model.overridden().is_empty(), "{:?}", model.overridden());
+    assert!(current_weights(&model) == loaded, "eject puts the loaded weights back");
+    // Dropping the trainer takes whatever it still has out (nothing here); fuse and drop a
+    // second trainer's worth: dropping the file adapters unfuses them.
+    files.fuse().unwrap();
+    assert!(!model.overridden().is_empty());
+    drop(files);
     drop(t);
     assert!(model.overridden().is_empty(), "{:?}", model.overridden());
     assert!(current_weights(&model) == loaded, "the base weights are as loaded again");
