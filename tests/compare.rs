@@ -1,6 +1,7 @@
 //! `graft compare` and `graft demo` end to end on the tiny model: the report has every table
 //! row, the loss plot and the sample grid (parsed and checked), failing strategies are reported
-//! while the others run, the base weights are put back between strategies, and the demo's
+//! while the others run, the base weights are put back between strategies (an eject under a fuse
+//! is refused, dropping a trainer takes its overrides out), and the demo's
 //! dataset generator is deterministic.
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,6 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use graft_host::compare::config::CompareConfig;
 use graft_host::compare::report::{self, MISSING_CELL};
-use graft_host::compare::run::BaseSnapshot;
 use graft_host::plugins::PluginDirArgs;
 use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
 use graft_trainer::trainer::Trainer;
@@ -223,7 +223,21 @@ fn compare_reports_every_strategy_side_by_side() {
     assert_eq!(report::REPORT_HTML, "report.html");
 }
 
-/// A strategy that trains base weights changes the shared model; the snapshot puts them back.
+/// Every linear base weight the model computes with now, by name (f32 values).
+fn current_weights(model: &graft_sdxl::SdxlModel) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for reg in model.registries() {
+        for (i, info) in reg.layers().iter().enumerate() {
+            if let Some(w) = reg.linear_weights(i) {
+                out.push((info.name.clone(), w.current().weight_f32().unwrap().flatten_all().unwrap().to_vec1().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// A strategy that trains base weights changes the shared model through overrides its trainer
+/// owns; dropping the trainer takes them out: the model is as loaded, bit for bit.
 #[test]
 fn base_weights_are_put_back_after_a_strategy() {
     let dir = scratch("compare_restore");
@@ -231,8 +245,8 @@ fn base_weights_are_put_back_after_a_strategy() {
     std::fs::write(dir.join("compare.toml"), config_text()).unwrap();
     let config = CompareConfig::from_file(&dir.join("compare.toml")).unwrap();
     let model = Arc::new(graft_sdxl::SdxlModel::load(&tiny_model(), None, &Device::Cpu).unwrap());
-    let snapshot = BaseSnapshot::take(&model);
-    assert!(!snapshot.is_empty());
+    let loaded = current_weights(&model);
+    assert!(model.overridden().is_empty());
     let mut manager = PluginManager::new(vec![SearchDir { path: plugins(), origin: DirOrigin::Flag }]);
     manager.scan();
     let gate = config.strategies.iter().find(|s| s.name() == "gate").unwrap();
@@ -240,12 +254,34 @@ fn base_weights_are_put_back_after_a_strategy() {
     for _ in 0..2 {
         t.train_step().unwrap();
     }
-    let changed = snapshot.differing().unwrap();
+    let changed: Vec<String> =
+        current_weights(&model).into_iter().zip(&loaded).filter(|((_, now), (_, was))| now != was).map(|((n, _), _)| n).collect();
     assert!(!changed.is_empty() && changed.iter().all(|l| l.contains("attn")), "{changed:?}");
-    // The trainer's own restore puts back what it unfroze; the snapshot covers the rest.
-    assert!(t.set.restore_base_weights() >= changed.len());
-    assert!(snapshot.differing().unwrap().is_empty());
-    assert_eq!(snapshot.restore(), 0, "nothing left to put back");
+    let overridden = model.overridden();
+    assert!(changed.iter().all(|l| overridden.contains(l)), "every changed weight is an override: {overridden:?}");
+    // A LoRA file fused on top of the trained projections: the strategy's overrides are under
+    // the fuse, so ejecting it is refused (naming the layer and the owner above) and changes
+    // nothing; once the file is unfused the eject goes through.
+    let mut files = graft_runtime::adapters::files::FileAdapters::new(&model).unwrap();
+    files.load(&graft_tests::fixtures().join("lora/kohya_sgm.safetensors"), "kohya", 1.0, 1.0).unwrap();
+    assert!(files.fuse().unwrap() > 0);
+    let fused = current_weights(&model);
+    let e = format!("{:#}", t.set.eject(t.strategy).unwrap_err());
+    assert!(e.contains("attn") && e.contains("adapter files") && e.contains("unfreeze by strategy"), "{e}");
+    assert!(current_weights(&model) == fused, "a refused eject changes nothing");
+    files.unfuse();
+    assert!(model.overridden().iter().all(|l| overridden.contains(l)));
+    t.set.eject(t.strategy).unwrap();
+    assert!(model.overridden().is_empty(), "{:?}", model.overridden());
+    assert!(current_weights(&model) == loaded, "eject puts the loaded weights back");
+    // Dropping the trainer takes whatever it still has out (nothing here); fuse and drop a
+    // second trainer's worth: dropping the file adapters unfuses them.
+    files.fuse().unwrap();
+    assert!(!model.overridden().is_empty());
+    drop(files);
+    drop(t);
+    assert!(model.overridden().is_empty(), "{:?}", model.overridden());
+    assert!(current_weights(&model) == loaded, "the base weights are as loaded again");
 }
 
 #[test]

@@ -7,15 +7,21 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use graft_host::serve::{start, ServerHandle};
-use graft_tests::{build_plugins, scratch, serve_args, write_shapes_dataset};
+use graft_tests::{build_plugins, fixtures, scratch, serve_args, write_shapes_dataset};
 use serde_json::{json, Value};
 
 fn server() -> &'static (ServerHandle, PathBuf) {
     static S: OnceLock<(ServerHandle, PathBuf)> = OnceLock::new();
     S.get_or_init(|| {
-        let plugins = build_plugins(&["lora"]);
+        let plugins = build_plugins(&["lora", "attention-gate"]);
         let dir = scratch("serve_api");
-        (start(&serve_args(&dir, plugins)).expect("server starts"), dir)
+        // A kohya LoRA file for the tiny model, for generate to name.
+        let loras = dir.join("loras");
+        std::fs::create_dir_all(&loras).unwrap();
+        std::fs::copy(fixtures().join("lora/kohya_sgm.safetensors"), loras.join("kohya_sgm.safetensors")).unwrap();
+        let mut args = serve_args(&dir, plugins);
+        args.lora_dirs = vec![loras];
+        (start(&args).expect("server starts"), dir)
     })
 }
 
@@ -365,4 +371,77 @@ fn compare_run_writes_a_report() {
     assert!(String::from_utf8_lossy(&html).contains("r4"));
     let (s, b) = call("POST", &format!("/api/jobs/{id}/pause"), None);
     assert_error(s, &b, 409, "only training runs");
+}
+
+/// A generate request while an attention-gate run trains the base projections of the shared
+/// model (paused part way, so the test is deterministic) makes the same pixels as before the run:
+/// the base model as loaded plus the adapters it names (none, or a LoRA file), never the run's
+/// training weights.
+#[test]
+fn generate_during_a_base_training_run_sees_the_model_as_loaded() {
+    let _turn = training_lock();
+    let data = dataset("gate-data");
+    let model = server().0.app.model.clone().expect("a model is loaded");
+    let plain = json!({"prompt": "a pink circle", "width": 64, "height": 64, "steps": 2, "seed": 5});
+    let mut with_lora = plain.clone();
+    with_lora["adapters"] = json!([{"name": "kohya_sgm", "weight": 1.0}]);
+    let pixels = |req: &Value| -> Vec<u8> {
+        let (s, r) = call("POST", "/api/generate", Some(&req.to_string()));
+        assert_eq!(s, 200, "{r}");
+        let (s, bytes) = get_bytes(r["url"].as_str().unwrap());
+        assert_eq!(s, 200);
+        image::load_from_memory(&bytes).unwrap().to_rgb8().into_raw()
+    };
+    assert!(model.overridden().is_empty(), "no run holds the model: {:?}", model.overridden());
+    let before = (pixels(&plain), pixels(&with_lora));
+    assert_ne!(before.0, before.1, "the LoRA file changes the image");
+
+    // Base projections trained at a high learning rate: a few steps move them visibly.
+    let body = json!({
+        "name": "gate-run", "plugin": "attention-gate",
+        "strategy_config": {"rank": 2, "adapter_lr": 0.01, "base_lr": 0.05},
+        "dataset_dir": data, "resolution": 64, "steps": 100000, "seed": 1,
+    });
+    let (s, job) = call("POST", "/api/train", Some(&body.to_string()));
+    assert_eq!(s, 202, "{job}");
+    let id = job["id"].as_u64().unwrap();
+    let step_of = || call("GET", &format!("/api/jobs/{id}"), None).1["step"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while step_of() < 3 {
+        assert!(Instant::now() < deadline, "the run does not get to step 3: {}", call("GET", &format!("/api/jobs/{id}"), None).1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (s, b) = call("POST", &format!("/api/jobs/{id}/pause"), None);
+    assert_eq!((s, b["status"].as_str()), (200, Some("paused")), "{b}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let a = step_of();
+        std::thread::sleep(Duration::from_millis(700));
+        if step_of() == a {
+            break;
+        }
+        assert!(Instant::now() < deadline, "paused run keeps moving");
+    }
+    // The run has changed the model's base projections (as overrides its trainer owns).
+    let overridden = model.overridden();
+    assert!(!overridden.is_empty() && overridden.iter().all(|l| l.contains("attn2")), "{overridden:?}");
+    let reg = model.registries()[0];
+    let moved = overridden.iter().any(|name| {
+        let w = reg.linear_weights(reg.index_of(name).unwrap()).unwrap();
+        let diff = (w.current().weight_f32().unwrap() - w.loaded().weight_f32().unwrap()).unwrap();
+        diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-3
+    });
+    assert!(moved, "the run trains the base projections");
+
+    let during = (pixels(&plain), pixels(&with_lora));
+    // The run's weights are back for its next step.
+    assert_eq!(model.overridden(), overridden);
+    let (s, b) = call("POST", &format!("/api/jobs/{id}/stop"), None);
+    assert_eq!(s, 200, "{b}");
+    let job = wait_status(id, &["stopped", "failed"], Duration::from_secs(120));
+    assert_eq!(job["status"], "stopped", "{job}");
+    assert!(model.overridden().is_empty(), "the finished run leaves the model as loaded: {:?}", model.overridden());
+    assert!(during.0 == before.0, "a generate during the run used the run's training weights");
+    assert!(during.1 == before.1, "a generate with a LoRA file during the run used the run's training weights");
+    assert!(pixels(&plain) == before.0, "after the run: the model as loaded");
 }

@@ -7,9 +7,11 @@
 //! [`crate::varbuilder::shape_only`] lists them without loading any weight). Forward passes take a
 //! `&dyn Hooks`; a layer with nothing attached runs exactly the base computation.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
+
+use crate::overrides::{AsLoaded, BaseWeight};
 
 /// Which model a hook point lives in. The name prefix is the diffusers component folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -92,8 +94,8 @@ impl LayerInfo {
     }
 }
 
-/// The base weight of a linear (or conv: [out, in, kh, kw]) hook point, shared between the module and the registry so the host
-/// can swap it (fuse / unfuse, unfreeze as a `Var`) without walking the model.
+/// The weight and bias of a linear (or conv: [out, in, kh, kw]) hook point: as loaded, or an
+/// override of them ([`crate::overrides`]).
 #[derive(Debug, Clone)]
 pub struct LinearWeights {
     /// [out, in]
@@ -122,7 +124,10 @@ impl LinearWeights {
     }
 }
 
-pub type SharedLinear = Arc<RwLock<LinearWeights>>;
+/// The base weights of a hook point, shared between the module and the registry so the host can
+/// override them (fuse, fold, unfreeze as a `Var`) without walking the model; only push and pop
+/// change them ([`crate::overrides`]).
+pub type SharedLinear = Arc<BaseWeight>;
 
 /// Index of a hook point inside its component's registry.
 pub type LayerIndex = usize;
@@ -183,33 +188,46 @@ impl HookRegistry {
         self.weights.get(index).and_then(|w| w.as_ref())
     }
 
-    /// Replaces every linear's weights with an empty tensor, freeing their memory wherever they
-    /// are shared (the model and the adapters see the same slots). Returns the bytes freed.
+    /// Replaces every linear's loaded weights with an empty tensor, freeing their memory wherever
+    /// they are shared (the model and the adapters see the same slots). Returns the bytes freed.
     pub fn release_linears(&self) -> usize {
         let mut freed = 0;
         for shared in self.weights.iter().flatten() {
-            let mut w = shared.write().unwrap_or_else(|e| e.into_inner());
-            let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-            freed += bytes(&w.weight) + w.bias.as_ref().map_or(0, bytes);
+            let w = shared.loaded();
             let empty = Tensor::zeros(0, w.weight.dtype(), w.weight.device()).unwrap_or_else(|_| w.weight.clone());
-            *w = LinearWeights { weight: empty, bias: None };
+            drop(w);
+            freed += shared.replace_loaded(LinearWeights { weight: empty, bias: None });
         }
         freed
     }
 
-    /// Puts `other`'s linear weights (a fresh build of the same component) into this registry's
-    /// shared slots, layer by layer.
+    /// Puts `other`'s loaded linear weights (a fresh build of the same component) into this
+    /// registry's shared slots, layer by layer.
     pub fn take_linears(&self, other: &HookRegistry) -> Result<()> {
         if self.layers != other.layers {
             candle_core::bail!("take_linears: the registries list different hook points");
         }
         for (mine, theirs) in self.weights.iter().zip(&other.weights) {
             if let (Some(mine), Some(theirs)) = (mine, theirs) {
-                let fresh = theirs.read().unwrap_or_else(|e| e.into_inner()).clone();
-                *mine.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                mine.replace_loaded(theirs.loaded());
             }
         }
         Ok(())
+    }
+
+    /// Every linear and conv hook point's shared weights, in registration order.
+    pub fn shared_weights(&self) -> impl Iterator<Item = &SharedLinear> {
+        self.weights.iter().flatten()
+    }
+
+    /// Sets every override of this component aside while the guard lives ([`AsLoaded`]).
+    pub fn as_loaded(&self) -> AsLoaded {
+        AsLoaded::new(self.shared_weights().cloned())
+    }
+
+    /// The hook points with an override on their stack.
+    pub fn overridden(&self) -> Vec<&str> {
+        self.shared_weights().filter(|w| w.depth() > 0).map(|w| w.layer()).collect()
     }
 }
 

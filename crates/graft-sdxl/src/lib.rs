@@ -10,6 +10,7 @@ pub mod hooks;
 pub mod matmul;
 pub mod model;
 pub mod nn;
+pub mod overrides;
 pub mod pipeline;
 pub mod precomputed;
 pub mod precision;

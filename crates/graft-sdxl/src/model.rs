@@ -338,6 +338,19 @@ impl SdxlModel {
         [self.unet.registry(), self.text_encoder.registry(), self.text_encoder_2.registry()]
     }
 
+    /// The whole model computes with its loaded base weights while the guard lives: every
+    /// override present now (a training run's unfrozen or folded weights) is set aside, and put
+    /// back when the guard is dropped ([`crate::overrides::AsLoaded`]). For a generate request that
+    /// shares the model with a run; take it while no step runs.
+    pub fn as_loaded(&self) -> crate::overrides::AsLoaded {
+        crate::overrides::AsLoaded::new(self.registries().into_iter().flat_map(|r| r.shared_weights().cloned()))
+    }
+
+    /// The hook points whose base weights are overridden now (empty: the model is as loaded).
+    pub fn overridden(&self) -> Vec<String> {
+        self.registries().into_iter().flat_map(|r| r.overridden()).map(str::to_string).collect()
+    }
+
     /// The VAE, read back from its files first when [`SdxlModel::release_vae`] released it.
     pub fn vae(&self) -> Result<Arc<Vae>> {
         if let Some(v) = self.vae.loaded.read().unwrap_or_else(|e| e.into_inner()).as_ref() {

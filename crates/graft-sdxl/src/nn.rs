@@ -4,19 +4,20 @@
 //! upstream of them vanish silently. The forms here are written with plain tensor ops, or are ops
 //! with their own backward, so that anything attached at a hook point receives its gradient.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::hooks::{HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind, LinearWeights};
+use crate::hooks::{HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind, LinearWeights, SharedLinear};
+use crate::overrides::BaseWeight;
 
 /// A `Linear` that is a hook point. Its weights are shared with the registry so the host can swap
 /// them (fuse, unfreeze) between forwards.
 #[derive(Debug, Clone)]
 pub struct HookedLinear {
     index: LayerIndex,
-    weights: Arc<RwLock<LinearWeights>>,
+    weights: SharedLinear,
 }
 
 impl HookedLinear {
@@ -36,7 +37,7 @@ impl HookedLinear {
         info.kind = LayerKind::Linear;
         info.in_features = in_features;
         info.out_features = out_features;
-        let weights = Arc::new(RwLock::new(LinearWeights { weight, bias }));
+        let weights = Arc::new(BaseWeight::new(info.name.clone(), LinearWeights { weight, bias }));
         let index = registry.register_linear(info, weights.clone());
         Ok(Self { index, weights })
     }
@@ -338,7 +339,7 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize
 #[derive(Debug, Clone)]
 pub struct HookedConv2d {
     index: LayerIndex,
-    weights: Arc<RwLock<LinearWeights>>,
+    weights: SharedLinear,
     geometry: crate::hooks::ConvInfo,
 }
 
@@ -364,7 +365,7 @@ impl HookedConv2d {
         info.in_features = in_channels;
         info.out_features = out_channels;
         info.conv = Some(geometry);
-        let weights = Arc::new(RwLock::new(LinearWeights { weight: plain.weight().clone(), bias: plain.bias().cloned() }));
+        let weights = Arc::new(BaseWeight::new(info.name.clone(), LinearWeights { weight: plain.weight().clone(), bias: plain.bias().cloned() }));
         let index = registry.register_conv(info, weights.clone());
         Ok(Self { index, weights, geometry })
     }
@@ -375,7 +376,7 @@ impl HookedConv2d {
 
     /// The kernel and bias now (a fused or unfrozen kernel included).
     pub fn weights(&self) -> LinearWeights {
-        self.weights.read().expect("conv weights lock poisoned").clone()
+        self.weights.current()
     }
 
     pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {

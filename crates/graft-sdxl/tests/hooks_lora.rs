@@ -98,20 +98,21 @@ fn lora_at_hook_points_zero_init_fuse_and_restore() {
     let with_lora = run(&lora);
     assert!(max_diff(&with_lora, &base) > 1e-3, "an attached LoRA must change the output");
 
-    // Fuse: W += scale * up @ down through the registry's shared weights, then run unhooked.
-    let mut kept = Vec::new();
+    // Fuse: W + scale * up @ down pushed onto the registry's shared weights, then run unhooked.
+    let holder = graft_sdxl::overrides::Holder::new("test fuse");
+    let owner = holder.owner(None, graft_sdxl::overrides::OverrideKind::Fuse);
     for (&i, (down, up, scale)) in &lora.layers {
         let shared = unet.registry().linear_weights(i).unwrap();
-        let mut w = shared.write().unwrap();
-        kept.push((i, w.weight.clone()));
+        let mut w = shared.current();
         w.weight = w.plus(&(up.matmul(down).unwrap() * *scale).unwrap()).unwrap();
+        shared.push(owner.clone(), w).unwrap();
     }
     let fused = run(&NoHooks);
     assert!(max_diff(&fused, &with_lora) < 1e-4, "fused {}", max_diff(&fused, &with_lora));
 
-    // Unfuse by restoring the kept base weights: exactly the base model again.
-    for (i, w) in kept {
-        unet.registry().linear_weights(i).unwrap().write().unwrap().weight = w;
+    // Unfuse by popping: exactly the base model again.
+    for &i in lora.layers.keys() {
+        unet.registry().linear_weights(i).unwrap().pop(&owner).unwrap();
     }
     assert_eq!(max_diff(&run(&NoHooks), &base), 0.0);
 }

@@ -155,7 +155,8 @@ impl Trainer {
 
     /// As [`Trainer::new`] on a model already loaded (`config.model` is then only a name for the
     /// files). The model's base weights are shared: a strategy that unfreezes or folds into them
-    /// changes them for every holder until `set.restore_base_weights()`.
+    /// overrides them for every holder until the trainer (its adapter set) is dropped; a user of
+    /// the model who must not see that takes [`SdxlModel::as_loaded`].
     pub fn with_model(config: TrainConfig, model: Arc<SdxlModel>, plugins: PluginManager) -> anyhow::Result<Self> {
         let dataset = open_dataset(&config)?;
         for w in dataset.warnings() {

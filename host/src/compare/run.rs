@@ -2,9 +2,11 @@
 //!
 //! Every strategy gets the same training config apart from its `[strategy]` table, so the same
 //! seed gives each the same data order, noise and timesteps at every step; its samples use the
-//! same prompts and seeds. Between strategies the model's base weights are put back exactly as
-//! loaded ([`BaseSnapshot`]): a strategy may unfreeze them (attention-gate trains the base
-//! projections) or fold into them, and the next one must start from the same model. A strategy
+//! same prompts and seeds. A strategy may unfreeze the model's base weights (attention-gate
+//! trains the base projections) or fold into them, and the next one must start from the same
+//! model: those are overrides its trainer's adapter set owns, taken out when the trainer is
+//! dropped ([`graft_sdxl::overrides`]); between strategies the model is checked to be as loaded
+//! (every stack of overrides empty). A strategy
 //! that fails (unknown plugin, bad config, an error or a panic mid-run) is recorded with what it
 //! had done, and the others still run.
 
@@ -14,7 +16,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use graft_sdxl::hooks::{LinearWeights, SharedLinear};
 use graft_sdxl::SdxlModel;
 use serde::{Deserialize, Serialize};
 
@@ -105,67 +106,6 @@ pub struct PromptInfo {
     pub steps: usize,
 }
 
-/// The loaded base weights of every linear hook point, to put back between strategies.
-pub struct BaseSnapshot {
-    entries: Vec<(String, SharedLinear, LinearWeights)>,
-}
-
-impl BaseSnapshot {
-    /// Holds the current weights of every linear hook point (tensor handles, no copy: a strategy
-    /// never writes into a loaded tensor, it replaces it).
-    pub fn take(model: &SdxlModel) -> Self {
-        let mut entries = Vec::new();
-        for reg in model.registries() {
-            for (i, info) in reg.layers().iter().enumerate() {
-                if let Some(shared) = reg.linear_weights(i) {
-                    let w = shared.read().unwrap_or_else(|e| e.into_inner()).clone();
-                    entries.push((info.name.clone(), shared.clone(), w));
-                }
-            }
-        }
-        Self { entries }
-    }
-
-    /// Puts every held weight back; returns how many had been replaced.
-    pub fn restore(&self) -> usize {
-        let mut replaced = 0;
-        for (_, shared, original) in &self.entries {
-            let mut w = shared.write().unwrap_or_else(|e| e.into_inner());
-            if !same_tensor(&w.weight, &original.weight) || w.bias.as_ref().map(|b| b.id()) != original.bias.as_ref().map(|b| b.id()) {
-                replaced += 1;
-            }
-            *w = original.clone();
-        }
-        replaced
-    }
-
-    /// Hook points whose current weight differs in value from the held one (a check for tests:
-    /// empty after [`BaseSnapshot::restore`]).
-    pub fn differing(&self) -> anyhow::Result<Vec<String>> {
-        let mut out = Vec::new();
-        for (name, shared, original) in &self.entries {
-            let w = shared.read().unwrap_or_else(|e| e.into_inner()).clone();
-            let diff = (w.weight_f32()? - original.weight_f32()?)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            if diff != 0.0 {
-                out.push(name.clone());
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
-
-fn same_tensor(a: &candle_core::Tensor, b: &candle_core::Tensor) -> bool {
-    a.id() == b.id()
-}
-
 /// Where a comparison finds its plugins and runs.
 pub struct RunOptions {
     pub plugins: PluginDirArgs,
@@ -187,7 +127,6 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
         .with_context(|| format!("loading model {}", config.model.display()))?;
     let model = Arc::new(model);
     let load_seconds = started.elapsed().as_secs_f64();
-    let snapshot = BaseSnapshot::take(&model);
 
     let base_samples = if prompts.is_empty() {
         Vec::new()
@@ -202,7 +141,7 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
     let mut peak_per_strategy = true;
     for (i, entry) in config.strategies.iter().enumerate() {
         tracing::info!("strategy {}/{}: `{}` (plugin {})", i + 1, config.strategies.len(), entry.name(), entry.plugin);
-        let result = run_strategy(config, entry, &model, &mut plugins, &options.plugins, &prompts, &snapshot);
+        let result = run_strategy(config, entry, &model, &mut plugins, &options.plugins, &prompts);
         if let Some(e) = &result.error {
             tracing::error!("strategy `{}` failed: {e}", entry.name());
         }
@@ -255,7 +194,8 @@ fn relative(base: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
     paths.iter().map(|p| p.strip_prefix(base).map(Path::to_path_buf).unwrap_or_else(|_| p.clone())).collect()
 }
 
-/// Runs one strategy, catching its errors and panics, and puts the base weights back.
+/// Runs one strategy, catching its errors and panics; dropping its trainer takes its base weight
+/// overrides out.
 fn run_strategy(
     config: &CompareConfig,
     entry: &StrategyEntry,
@@ -263,7 +203,6 @@ fn run_strategy(
     plugins: &mut Option<PluginManager>,
     plugin_args: &PluginDirArgs,
     prompts: &[SamplePrompt],
-    snapshot: &BaseSnapshot,
 ) -> StrategyResult {
     let mut result = StrategyResult {
         name: entry.name().to_string(),
@@ -284,11 +223,16 @@ fn run_strategy(
         Err(panic) => Some(format!("panicked: {}", panic_message(&panic))),
     };
     if let Some(Session { mut trainer, .. }) = slot.take() {
-        trainer.set.restore_base_weights();
         *plugins = Some(std::mem::replace(&mut trainer.plugins, PluginManager::new(Vec::new())));
     }
-    let replaced = snapshot.restore();
-    tracing::debug!("strategy `{}`: {replaced} base weights put back", entry.name());
+    let mut error = error;
+    // Nothing else holds an override: the next strategy starts from the model as loaded.
+    let left = model.overridden();
+    if !left.is_empty() {
+        let e = format!("{} base weights were still overridden after the strategy (e.g. `{}`)", left.len(), left[0]);
+        tracing::error!("strategy `{}`: {e}", entry.name());
+        error.get_or_insert(e);
+    }
     if plugins.is_none() {
         // The manager went down with a trainer that failed to start: find the plugins again.
         match watched(plugin_args) {

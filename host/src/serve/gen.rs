@@ -158,6 +158,10 @@ pub fn generate(app: &App, id: u64, req: GenRequest, text: String, uses: Vec<(Ad
     let model = app.model.clone().context("no model is loaded (start the server with --model)")?;
     let started = Instant::now();
     let _g = lock(&app.compute);
+    // The base model as loaded plus the adapters named here: a training run's unfrozen or
+    // folded base weights are set aside until this image is done (declared first, so the
+    // adapters below, whose fuses would sit on top of it, are dropped before it).
+    let _as_loaded = model.as_loaded();
     let mut files = FileAdapters::new(&model)?;
     let mut set = AdapterSet::new(&model, req.seed);
     for (a, te, unet) in &uses {

@@ -211,10 +211,12 @@ pub fn start_worker(app: Arc<App>) {
             JobSpec::Train { config } => run_train(&app, id, &control, config.clone()),
             JobSpec::Compare { config } => run_compare(&app, id, config),
         }));
-        // A strategy may have unfrozen or folded into the shared base weights.
-        if let Some(s) = &app.snapshot {
-            let _g = lock(&app.compute);
-            s.restore();
+        // The run's trainer is gone, and its base weight overrides with it.
+        if let Some(model) = &app.model {
+            let left = model.overridden();
+            if !left.is_empty() {
+                tracing::error!("job {id}: {} base weights are still overridden after the run (e.g. `{}`)", left.len(), left[0]);
+            }
         }
         let (status, error) = match result {
             Ok(Ok(())) if control.stop.load(Ordering::SeqCst) => (JobStatus::Stopped, None),

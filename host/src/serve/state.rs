@@ -10,7 +10,6 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::compare::run::BaseSnapshot;
 use crate::plugins::PluginDirArgs;
 use graft_runtime::plugins::{FileStatus, PluginManager, ReloadEvent};
 use crate::serve::gen::GenRecord;
@@ -31,9 +30,9 @@ pub struct App {
     pub model: Option<Arc<SdxlModel>>,
     pub model_path: Option<PathBuf>,
     pub model_config: Option<PathBuf>,
-    /// The loaded base weights, put back after every run (a strategy may unfreeze them).
-    pub snapshot: Option<BaseSnapshot>,
-    /// Held for each training step, sample and image: one piece of model work at a time.
+    /// Held for each training step, sample and image: one piece of model work at a time. A
+    /// generate request sets a run's base weight overrides aside while it holds it
+    /// ([`SdxlModel::as_loaded`]).
     pub compute: Mutex<()>,
     pub plugin_args: PluginDirArgs,
     pub plugins: Mutex<PluginManager>,
@@ -75,7 +74,6 @@ impl App {
             }
             None => None,
         };
-        let snapshot = model.as_ref().map(|m| BaseSnapshot::take(m));
         let mut plugins = args.plugins.manager()?;
         if let Err(e) = plugins.watch() {
             tracing::warn!("plugin folders are not watched: {e:#}");
@@ -86,7 +84,6 @@ impl App {
             model,
             model_path: args.model.clone(),
             model_config: args.model_config.clone(),
-            snapshot,
             compute: Mutex::new(()),
             plugin_args: args.plugins.clone(),
             plugins: Mutex::new(plugins),

@@ -7,8 +7,10 @@
 //! fails (panic, error, wrong shape) is reported, detached everywhere, and the base output is
 //! used: its parameters stay in the store.
 //!
-//! Fuse / unfuse and unfrozen base weights go through the registries' shared weights; the
-//! original base tensors are kept and put back, never recomputed by subtraction.
+//! Unfrozen, folded and fused base weights are overrides pushed onto the registries' shared
+//! weights ([`graft_sdxl::overrides`]), owned by this set (a strategy, or the set for a fuse):
+//! `eject` and `unfuse` pop them, and dropping the set takes out whatever it still has there, so
+//! a dropped set leaves the model's base weights exactly as it found them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -17,6 +19,7 @@ use anyhow::Context;
 use candle_core::{Result, Tensor, Var};
 use graft_abi as abi;
 use graft_sdxl::hooks::{HookRegistry, Hooks, LayerIndex, LinearWeights, SharedLinear};
+use graft_sdxl::overrides::{Holder, Owner, OverrideKind};
 use graft_sdxl::rng::GraftRng;
 use graft_sdxl::{PipelineHooks, SdxlModel};
 
@@ -41,7 +44,7 @@ impl ActiveStrategy {
     }
 }
 
-/// A base weight a plan made trainable, and the tensors it replaced.
+/// A base weight a plan made trainable (pushed onto the layer's stack), and the tensors below it.
 pub struct UnfrozenBase {
     pub strategy: String,
     pub layer: String,
@@ -49,8 +52,8 @@ pub struct UnfrozenBase {
     pub bias: Option<Var>,
     pub lr: f64,
     pub weight_decay: f64,
+    /// The weights it was made from (for the trained difference).
     original: LinearWeights,
-    global: usize,
 }
 
 /// What a directive asks of the optimizer (the rest the set applies itself).
@@ -62,6 +65,8 @@ pub struct LrScale {
 }
 
 pub struct AdapterSet {
+    /// The owner of every base weight override this set pushes.
+    holder: Holder,
     store: ParamStore,
     rng: Mutex<GraftRng>,
     /// Every hook point of the model: UNet, text_encoder, text_encoder_2, in registry order.
@@ -77,11 +82,8 @@ pub struct AdapterSet {
     detached: Mutex<BTreeSet<usize>>,
     failures: Mutex<Vec<PluginError>>,
     unfrozen: Vec<UnfrozenBase>,
-    /// Fused hook points and the base weights they replaced.
-    fused: Vec<(usize, LinearWeights, Vec<usize>)>,
-    /// Base weights a strategy folded its delta into (`fold_into_base`): the strategy, the hook
-    /// point and the weights before its first fold there, for [`AdapterSet::eject`].
-    folded: Vec<(usize, usize, LinearWeights)>,
+    /// Fused hook points and the strategies fused there.
+    fused: Vec<(usize, Vec<usize>)>,
     training: bool,
     step: u64,
 }
@@ -103,6 +105,7 @@ impl AdapterSet {
         let by_name = layers.iter().enumerate().map(|(i, l)| (l.name().to_string(), i)).collect();
         let n = layers.len();
         Self {
+            holder: Holder::new("adapter set"),
             store: ParamStore::new(&model.device, candle_core::DType::F32, seed),
             rng: Mutex::new(GraftRng::new(seed ^ 0x5eed_d15b_a7c4_0000)),
             layers,
@@ -115,7 +118,6 @@ impl AdapterSet {
             failures: Mutex::default(),
             unfrozen: Vec::new(),
             fused: Vec::new(),
-            folded: Vec::new(),
             training: false,
             step: 0,
         }
@@ -185,43 +187,48 @@ impl AdapterSet {
         for &g in &attached {
             self.table[g].push(s);
         }
-        let name = instance.name().to_string();
         let unfreeze: Vec<abi::BaseUnfreeze> = plan.unfreeze.iter().cloned().collect();
         self.strategies.push(ActiveStrategy { instance, plan, attached, te_weight, unet_weight });
         for u in unfreeze {
-            self.unfreeze_base(&name, &u)?;
+            self.unfreeze_base(s, &u)?;
         }
         Ok((s, diff))
     }
 
-    fn unfreeze_base(&mut self, strategy: &str, u: &abi::BaseUnfreeze) -> anyhow::Result<()> {
+    /// The owner of strategy `s`'s overrides of `kind`.
+    fn owner(&self, s: usize, kind: OverrideKind) -> Owner {
+        self.holder.owner(Some((s, self.strategies[s].name())), kind)
+    }
+
+    /// Pushes a trainable f32 copy of `u.layer`'s weights (and bias) for strategy `s`.
+    fn unfreeze_base(&mut self, s: usize, u: &abi::BaseUnfreeze) -> anyhow::Result<()> {
         let g = self.index(&u.layer)?;
-        if self.unfrozen.iter().any(|b| b.global == g) {
+        if self.unfrozen.iter().any(|b| b.layer == u.layer.to_string()) {
             anyhow::bail!("base weight of `{}` is unfrozen twice", u.layer);
         }
         let shared = self.weights[g].as_ref().with_context(|| format!("`{}` is not a linear layer", u.layer))?;
-        let mut w = shared.write().expect("weights lock");
-        let original = w.clone();
-        // f32 master weight, whatever precision the base is kept in.
-        let weight = Var::from_tensor(&w.weight_f32()?)?;
-        let bias = match (&w.bias, u.bias) {
+        let original = shared.current();
+        // f32 master weight, whatever precision the base is kept in (a copy: the optimizer
+        // updates it in place, the tensor below stays as it is).
+        let weight = Var::from_tensor(&original.weight_f32()?)?;
+        let bias = match (&original.bias, u.bias) {
             (Some(b), true) => Some(Var::from_tensor(b)?),
             _ => None,
         };
+        let mut w = original.clone();
         w.weight = weight.as_tensor().clone();
         if let Some(b) = &bias {
             w.bias = Some(b.as_tensor().clone());
         }
-        drop(w);
+        shared.push(self.owner(s, OverrideKind::Unfreeze), w)?;
         self.unfrozen.push(UnfrozenBase {
-            strategy: strategy.to_string(),
+            strategy: self.strategies[s].name().to_string(),
             layer: u.layer.to_string(),
             weight,
             bias,
             lr: u.lr,
             weight_decay: u.weight_decay,
             original,
-            global: g,
         });
         Ok(())
     }
@@ -240,17 +247,6 @@ impl AdapterSet {
             out.push((b.layer.clone(), diff, diff_b));
         }
         Ok(out)
-    }
-
-    /// Puts back every unfrozen base weight exactly as it was loaded; returns how many.
-    pub fn restore_base_weights(&mut self) -> usize {
-        let n = self.unfrozen.len();
-        for b in self.unfrozen.drain(..) {
-            if let Some(shared) = &self.weights[b.global] {
-                *shared.write().expect("weights lock") = b.original;
-            }
-        }
-        n
     }
 
     /// Applies `on_step` directives of strategy `s`; returns the learning-rate scales for the
@@ -286,12 +282,14 @@ impl AdapterSet {
                         format!("strategy `{name}` asked to fold `{}` into the base weight, but it has no delta weight there", d.layer)
                     })?;
                     let shared = self.weights[g].as_ref().context("fold into a non-linear layer")?;
-                    let mut w = shared.write().expect("weights lock");
-                    if !self.folded.iter().any(|(fs, fg, _)| (*fs, *fg) == (s, g)) {
-                        self.folded.push((s, g, w.clone()));
-                    }
+                    // One fold entry per strategy and hook point: a second fold replaces it.
+                    let owner = self.owner(s, OverrideKind::Fold);
+                    let mut w = shared.current();
                     w.weight = w.plus(&delta.detach())?;
-                    drop(w);
+                    if shared.top_owner().as_ref() == Some(&owner) {
+                        shared.pop(&owner)?;
+                    }
+                    shared.push(owner, w)?;
                     self.strategies[s].attached.remove(&g);
                     self.table[g].retain(|&x| x != s);
                 }
@@ -320,29 +318,27 @@ impl AdapterSet {
     }
 
     /// Takes strategy `s` out of the model (refiners' eject): detached from every hook point,
-    /// the base weights it unfroze or folded into put back as they were, so the model computes
+    /// the base weights it unfroze or folded into popped off their stacks, so the model computes
     /// exactly what it did before [`AdapterSet::add`]. Its parameters stay in the store. Unfuse
-    /// first.
+    /// first; refused (changing nothing) when another owner's override is on top of one of its.
     pub fn eject(&mut self, s: usize) -> anyhow::Result<()> {
+        let name = self.strategies[s].name().to_string();
         if !self.fused.is_empty() {
-            anyhow::bail!("eject of strategy `{}` while adapters are fused: unfuse first", self.strategies[s].name());
+            anyhow::bail!("eject of strategy `{name}` while adapters are fused: unfuse first");
+        }
+        let id = self.holder.id();
+        let mine = |o: &Owner| o.holder() == id && o.part() == Some(s);
+        for shared in self.weights.iter().flatten() {
+            shared.check_pop_all(mine).with_context(|| format!("eject of strategy `{name}`"))?;
+        }
+        for shared in self.weights.iter().flatten() {
+            shared.pop_all(mine).with_context(|| format!("eject of strategy `{name}`"))?;
         }
         for row in &mut self.table {
             row.retain(|&x| x != s);
         }
         self.strategies[s].attached.clear();
-        // Put back the earliest weights first recorded: unfrozen, then folded, newest last.
-        let name = self.strategies[s].name().to_string();
-        let (mine, rest): (Vec<_>, Vec<_>) = self.unfrozen.drain(..).partition(|b| b.strategy == name);
-        self.unfrozen = rest;
-        let (folds, rest): (Vec<_>, Vec<_>) = self.folded.drain(..).partition(|(fs, _, _)| *fs == s);
-        self.folded = rest;
-        for (_, g, original) in folds.into_iter().rev() {
-            *self.weights[g].as_ref().expect("linear").write().expect("weights lock") = original;
-        }
-        for b in mine.into_iter().rev() {
-            *self.weights[b.global].as_ref().expect("linear").write().expect("weights lock") = b.original;
-        }
+        self.unfrozen.retain(|b| b.strategy != name);
         Ok(())
     }
 
@@ -395,7 +391,7 @@ impl AdapterSet {
 
     /// The base weight and bias of hook point `g` now (none for an attention module).
     fn base(&self, g: usize) -> Option<LinearWeights> {
-        self.weights[g].as_ref().map(|w| w.read().expect("weights lock").clone())
+        self.weights[g].as_ref().map(|w| w.current())
     }
 
     fn cx<'a>(&'a self, rng: &'a mut GraftRng) -> CallContext<'a> {
@@ -421,7 +417,8 @@ impl AdapterSet {
 
     /// Folds every attached adapter that has a delta weight into the base weights (for sampling
     /// at the base model's speed). Returns how many hook points were fused; adapters without a
-    /// delta weight stay unfused. [`AdapterSet::unfuse`] restores the base weights exactly.
+    /// delta weight stay unfused. [`AdapterSet::unfuse`] pops them: the base weights are exactly
+    /// what they were.
     pub fn fuse(&mut self) -> anyhow::Result<usize> {
         for g in 0..self.layers.len() {
             if self.table[g].is_empty() || self.weights[g].is_none() {
@@ -441,22 +438,32 @@ impl AdapterSet {
             }
             let Some(total) = total else { continue };
             let shared = self.weights[g].as_ref().expect("linear");
-            let mut w = shared.write().expect("weights lock");
-            let original = w.clone();
+            let mut w = shared.current();
             w.weight = w.plus(&total)?;
-            drop(w);
+            shared.push(self.holder.owner(None, OverrideKind::Fuse), w)?;
             self.table[g].retain(|s| !fused_here.contains(s));
-            self.fused.push((g, original, fused_here));
+            self.fused.push((g, fused_here));
         }
         Ok(self.fused.len())
     }
 
-    /// Restores the base weights replaced by [`AdapterSet::fuse`] and re-attaches the adapters.
+    /// Pops what [`AdapterSet::fuse`] pushed and re-attaches the adapters. A hook point where
+    /// another owner's override is on top of the fuse stays fused (an error is logged, naming
+    /// both); dropping the set takes it out.
     pub fn unfuse(&mut self) {
-        for (g, original, strategies) in self.fused.drain(..).rev() {
-            *self.weights[g].as_ref().expect("linear").write().expect("weights lock") = original;
-            self.table[g].extend(strategies);
+        let owner = self.holder.owner(None, OverrideKind::Fuse);
+        let mut kept = Vec::new();
+        for (g, strategies) in self.fused.drain(..).rev() {
+            match self.weights[g].as_ref().expect("linear").pop(&owner) {
+                Ok(_) => self.table[g].extend(strategies),
+                Err(e) => {
+                    tracing::error!("unfuse: {e}");
+                    kept.push((g, strategies));
+                }
+            }
         }
+        kept.reverse();
+        self.fused = kept;
     }
 
     /// What strategy `s` exports, layer by layer.
@@ -537,6 +544,17 @@ impl AdapterSet {
             (Some(out), _) => Ok(out),
             (None, Some(d)) => base + d,
             (None, None) => Ok(base),
+        }
+    }
+}
+
+/// A set that goes away takes its overrides with it: the base weights are what they were
+/// before it pushed anything (a trainer dropped mid-run included).
+impl Drop for AdapterSet {
+    fn drop(&mut self) {
+        let n: usize = self.weights.iter().flatten().map(|w| w.drop_holder(self.holder.id())).sum();
+        if n > 0 {
+            tracing::debug!("{}: {n} base weight overrides taken out", self.holder.name());
         }
     }
 }

@@ -20,10 +20,10 @@
 //! This is the A1111 / ComfyUI rule: the base weight plus the sum of every adapter's weighted
 //! difference; kohya and PEFT compute a LoRA the same way (`W x + m·(alpha/r)·up(down(x))`).
 //!
-//! **Fused.** [`FileAdapters::fuse`] adds `U @ D + ΔW` (and `Δb`) into the base weights and
-//! keeps the original tensors; [`FileAdapters::unfuse`] puts those same tensors back, so the base
-//! weights are bit-identical afterwards. Every file adapter has a weight difference, so all of
-//! them fuse.
+//! **Fused.** [`FileAdapters::fuse`] pushes the base weights plus `U @ D + ΔW` (and `Δb`) onto
+//! the layer's stack of overrides ([`graft_sdxl::overrides`]); [`FileAdapters::unfuse`] pops
+//! them, so the base weights are bit-identical afterwards, and so does dropping the
+//! `FileAdapters`. Every file adapter has a weight difference, so all of them fuse.
 //!
 //! **Together with strategies.** [`FileAdapters::hooks`] wraps any [`PipelineHooks`] (usually an
 //! [`AdapterSet`]'s): a hook point runs the inner hooks first, then adds the file adapters.
@@ -40,7 +40,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use graft_formats::adapter::AdapterWeights;
 use graft_formats::{read_adapter, AdapterFile, AdapterFormat, KeyMap, LoadReport};
-use graft_sdxl::hooks::{HookRegistry, Hooks, LayerIndex, LayerInfo, LinearWeights, SharedLinear};
+use graft_sdxl::hooks::{HookRegistry, Hooks, LayerIndex, LayerInfo, SharedLinear};
+use graft_sdxl::overrides::{Holder, OverrideKind};
 use graft_sdxl::sgm::SgmLayout;
 use graft_sdxl::{Component, PipelineHooks, SdxlModel};
 
@@ -147,12 +148,14 @@ struct Slot {
     /// (adapter, module index in its file).
     entries: Vec<(usize, usize)>,
     compiled: Option<Compiled>,
-    /// The base weights replaced by a fuse.
-    fused: Option<LinearWeights>,
+    /// Whether a fuse of ours is on the layer's stack.
+    fused: bool,
 }
 
 /// The adapter files attached to one model.
 pub struct FileAdapters {
+    /// The owner of the fuses this pushes.
+    holder: Holder,
     device: Device,
     keys: KeyMap,
     /// Per component, per hook point index: `None` for attention hook points.
@@ -185,11 +188,11 @@ impl FileAdapters {
                     all.push(info.clone());
                     let w = reg.linear_weights(i)?;
                     by_name.insert(info.name.clone(), (c, i));
-                    Some(Slot { info: info.clone(), weights: w.clone(), entries: Vec::new(), compiled: None, fused: None })
+                    Some(Slot { info: info.clone(), weights: w.clone(), entries: Vec::new(), compiled: None, fused: false })
                 })
                 .collect()
         });
-        Self { device: device.clone(), keys: KeyMap::from_layers(&all, layout), slots, by_name, adapters: Vec::new() }
+        Self { holder: Holder::new("adapter files"), device: device.clone(), keys: KeyMap::from_layers(&all, layout), slots, by_name, adapters: Vec::new() }
     }
 
     /// The layer names of this model in every file format.
@@ -329,7 +332,7 @@ impl FileAdapters {
     fn compile(&self, c: usize, i: usize) -> Result<Option<Compiled>> {
         let Some(slot) = &self.slots[c][i] else { return Ok(None) };
         let component = COMPONENTS[c];
-        let base = slot.weights.read().expect("weights lock").weight.clone();
+        let base = slot.weights.current().weight;
         // Activations are f32 whatever precision the base weight is kept in.
         let dtype = DType::F32;
         let mut downs = Vec::new();
@@ -397,13 +400,13 @@ impl FileAdapters {
 
     /// True when something is attached (and not fused) at hook point `layer` of component `c`.
     fn active(&self, c: usize, layer: LayerIndex) -> bool {
-        matches!(self.slots[c].get(layer), Some(Some(s)) if s.compiled.is_some() && s.fused.is_none())
+        matches!(self.slots[c].get(layer), Some(Some(s)) if s.compiled.is_some() && !s.fused)
     }
 
     /// Adds the file adapters' contribution to `out`, the output of hook point `layer`.
     fn apply(&self, c: usize, layer: LayerIndex, input: &Tensor, out: Tensor) -> Result<Tensor> {
         let Some(Some(slot)) = self.slots[c].get(layer) else { return Ok(out) };
-        let (Some(k), None) = (&slot.compiled, &slot.fused) else { return Ok(out) };
+        let (Some(k), false) = (&slot.compiled, slot.fused) else { return Ok(out) };
         // Tokens flattened: [.., in] -> [n, in].
         let in_f = input.dim(candle_core::D::Minus1)?;
         // The adapters are f32; bf16 activations (on a GPU) are widened for them.
@@ -435,7 +438,7 @@ impl FileAdapters {
     /// Adds the file adapters' contribution at conv hook point `layer`: `out + conv(x, ΔW)`.
     fn apply_conv(&self, c: usize, layer: LayerIndex, input: &Tensor, padding: usize, out: Tensor) -> Result<Tensor> {
         let Some(Some(slot)) = self.slots[c].get(layer) else { return Ok(out) };
-        let (Some(k), None) = (&slot.compiled, &slot.fused) else { return Ok(out) };
+        let (Some(k), false) = (&slot.compiled, slot.fused) else { return Ok(out) };
         let stride = slot.info.conv.map_or(1, |g| g.stride);
         let mut out = out;
         if let Some(d) = &k.delta {
@@ -450,7 +453,7 @@ impl FileAdapters {
 
     /// True when some hook point is fused.
     pub fn is_fused(&self) -> bool {
-        self.slots.iter().flatten().flatten().any(|s| s.fused.is_some())
+        self.slots.iter().flatten().flatten().any(|s| s.fused)
     }
 
     /// Folds every attached adapter into the base weights; returns how many hook points changed.
@@ -462,14 +465,14 @@ impl FileAdapters {
     /// unfused); fusing a hook point twice is a no-op.
     pub fn fuse_where(&mut self, pred: impl Fn(&LayerInfo) -> bool) -> Result<usize> {
         let mut n = 0;
+        let owner = self.holder.owner(None, OverrideKind::Fuse);
         for slot in self.slots.iter_mut().flatten().flatten() {
-            if slot.fused.is_some() || !pred(&slot.info) {
+            if slot.fused || !pred(&slot.info) {
                 continue;
             }
             let Some(k) = &slot.compiled else { continue };
             let (delta, bias) = k.weight_delta()?;
-            let mut w = slot.weights.write().expect("weights lock");
-            let original = w.clone();
+            let mut w = slot.weights.current();
             if let Some(d) = delta {
                 w.weight = w.plus(&d)?;
             }
@@ -479,20 +482,26 @@ impl FileAdapters {
                     None => db,
                 });
             }
-            drop(w);
-            slot.fused = Some(original);
+            slot.weights.push(owner.clone(), w).map_err(candle_core::Error::wrap)?;
+            slot.fused = true;
             n += 1;
         }
         Ok(n)
     }
 
-    /// Puts back the base weights [`FileAdapters::fuse`] replaced (the same tensors: bit-identical).
+    /// Pops what [`FileAdapters::fuse`] pushed (the tensors below come back: bit-identical);
+    /// returns how many hook points. A hook point where another owner's override is on top of
+    /// the fuse stays fused (an error is logged, naming both); dropping `self` takes it out.
     pub fn unfuse(&mut self) -> usize {
         let mut n = 0;
-        for slot in self.slots.iter_mut().flatten().flatten() {
-            if let Some(original) = slot.fused.take() {
-                *slot.weights.write().expect("weights lock") = original;
-                n += 1;
+        let owner = self.holder.owner(None, OverrideKind::Fuse);
+        for slot in self.slots.iter_mut().flatten().flatten().filter(|s| s.fused) {
+            match slot.weights.pop(&owner) {
+                Ok(_) => {
+                    slot.fused = false;
+                    n += 1;
+                }
+                Err(e) => tracing::error!("unfuse: {e}"),
             }
         }
         n
@@ -504,6 +513,15 @@ impl FileAdapters {
             unet: ComponentFileHooks { files: self, c: 0, inner: inner.unet },
             te1: ComponentFileHooks { files: self, c: 1, inner: inner.text_encoder },
             te2: ComponentFileHooks { files: self, c: 2, inner: inner.text_encoder_2 },
+        }
+    }
+}
+
+/// Dropped adapters take their fuses with them.
+impl Drop for FileAdapters {
+    fn drop(&mut self) {
+        for slot in self.slots.iter().flatten().flatten().filter(|s| s.fused) {
+            slot.weights.drop_holder(self.holder.id());
         }
     }
 }
