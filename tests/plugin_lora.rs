@@ -537,7 +537,7 @@ fn record_for_check(
     path: &std::path::Path,
     file: &graft_formats::AdapterFile,
     set: &graft_runtime::adapters::dispatcher::AdapterSet,
-    s: usize,
+    s: graft_runtime::adapters::dispatcher::StrategyId,
     layout: &graft_sdxl::sgm::SgmLayout,
 ) {
     let check = common::workspace().join("target/locon-export-check");

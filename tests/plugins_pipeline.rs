@@ -40,7 +40,7 @@ fn example_plugin_through_the_pipeline_zero_init_fuse_unfuse() {
     let mut set = AdapterSet::new(&model, 0);
     let config = r#"{"targets": ["unet.*.attn2.to_k", "text_encoder*.self_attn.v_proj"]}"#;
     let instance = StrategyInstance::new(m.require("example-scale").unwrap(), None, config).unwrap();
-    let (_, diff) = set.add(instance, 1.0, 1.0).unwrap();
+    let (s, diff) = set.add(instance, 1.0, 1.0).unwrap();
     assert!(!diff.created.is_empty());
     assert_eq!(max_diff(&latents(&model, &set), &base), 0.0, "scale 0 must be the identity");
 
@@ -67,7 +67,7 @@ fn example_plugin_through_the_pipeline_zero_init_fuse_unfuse() {
         .into_iter()
         .map(|(k, p)| (k, p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
         .collect();
-    let diff = set.reload(0, m.require("example-scale").unwrap()).unwrap();
+    let diff = set.reload(s, m.require("example-scale").unwrap()).unwrap();
     assert!(diff.is_same(), "{diff}");
     for (k, v) in before {
         assert_eq!(set.store().get(&k).unwrap().var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);

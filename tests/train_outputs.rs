@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
 use graft_formats::adapter::AdapterWeights;
 use graft_formats::{read_adapter, AdapterFormat, KeyMap};
-use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::dispatcher::{AdapterSet, StrategyId};
 use graft_runtime::adapters::store::ParamKey;
 use graft_runtime::plugins::{PluginManager, StrategyInstance};
 use graft_trainer::export::{export_strategy, ExportMeta};
@@ -74,7 +74,7 @@ fn randomize(set: &AdapterSet, strategy: &str, scale: f64, seed: u64) {
     }
 }
 
-fn add(set: &mut AdapterSet, m: &PluginManager, id: &str, config: &str) -> usize {
+fn add(set: &mut AdapterSet, m: &PluginManager, id: &str, config: &str) -> StrategyId {
     let instance = StrategyInstance::new(m.require(id).unwrap(), None, config).unwrap();
     set.add(instance, 1.0, 1.0).unwrap().0
 }
@@ -92,7 +92,7 @@ fn max_abs(a: &Tensor) -> f32 {
 }
 
 /// Every module of the file gives the set's delta weight at its layer.
-fn check_deltas(set: &AdapterSet, s: usize, file: &graft_formats::AdapterFile, what: &str) {
+fn check_deltas(set: &AdapterSet, s: StrategyId, file: &graft_formats::AdapterFile, what: &str) {
     for m in &file.modules {
         let want = set.delta(s, global(set, &m.layer)).unwrap().unwrap();
         let got = m.delta_weight(1.0).unwrap();

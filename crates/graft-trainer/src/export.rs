@@ -27,7 +27,7 @@ use graft_formats::adapter::AdapterWeights;
 use graft_formats::{KohyaMetadata, ModuleWeights, NativeInfo, StoreDtype};
 use graft_sdxl::sgm::SgmLayout;
 
-use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::dispatcher::{AdapterSet, StrategyId};
 use graft_runtime::plugins::strategy::ExportedLayer;
 
 /// What the files say about the training.
@@ -58,11 +58,11 @@ pub struct StrategySource {
 
 /// Writes the adapter files of strategy `s` of `set` into `out_dir` (see the module docs) and
 /// returns their paths. `name` is the file stem and the kohya `ss_output_name`.
-pub fn export_strategy(set: &AdapterSet, s: usize, out_dir: &Path, name: &str, meta: &ExportMeta) -> anyhow::Result<Vec<PathBuf>> {
+pub fn export_strategy(set: &AdapterSet, s: StrategyId, out_dir: &Path, name: &str, meta: &ExportMeta) -> anyhow::Result<Vec<PathBuf>> {
     let st = set
         .strategies()
-        .get(s)
-        .with_context(|| format!("export: there is no strategy number {s} ({} in use)", set.strategies().len()))?;
+        .get(s.index())
+        .with_context(|| format!("export: there is no strategy number {} ({} in use)", s.index(), set.strategies().len()))?;
     let manifest = st.instance.manifest();
     let source = StrategySource { id: manifest.id.clone(), version: manifest.version.clone(), config: st.instance.config().to_string() };
     let exported = set.export(s).with_context(|| format!("export of strategy `{}`", st.name()))?;

@@ -27,7 +27,7 @@ use graft_sdxl::schedulers::training::NoiseSchedule;
 use graft_sdxl::schedulers::PredictionType;
 use graft_sdxl::SdxlModel;
 
-use graft_runtime::adapters::dispatcher::{AdapterSet, LrScale};
+use graft_runtime::adapters::dispatcher::{AdapterSet, LrScale, StrategyId};
 use graft_runtime::plugins::{PluginManager, ReloadEvent, StrategyInstance};
 use crate::cache::{EmbeddingCache, LatentCache};
 use crate::config::TrainConfig;
@@ -112,7 +112,7 @@ pub struct Trainer {
     /// Shared so that `graft compare` can run several strategies on one loaded model.
     pub model: Arc<SdxlModel>,
     pub set: AdapterSet,
-    pub strategy: usize,
+    pub strategy: StrategyId,
     pub optimizer: Optimizer,
     pub schedule: LrSchedule,
     pub dataset: Dataset,
@@ -766,7 +766,7 @@ fn base_params(b: &UnfrozenBase) -> Vec<(String, Var)> {
 }
 
 /// The optimizer over the strategy's plan groups and its unfrozen base weights.
-pub fn build_optimizer(set: &AdapterSet, s: usize, config: &TrainConfig) -> anyhow::Result<Optimizer> {
+pub fn build_optimizer(set: &AdapterSet, s: StrategyId, config: &TrainConfig) -> anyhow::Result<Optimizer> {
     let active = &set.strategies()[s];
     let name = active.name();
     let mut by_group: HashMap<String, Vec<(String, Var)>> = HashMap::new();

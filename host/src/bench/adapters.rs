@@ -117,7 +117,7 @@ pub fn hot_swap(ctx: &Ctx) -> anyhow::Result<Measured> {
     let plugin = manager.require("lora")?;
     let source = plugin.source.clone();
     let mut set = AdapterSet::new(&model, 1);
-    set.add(StrategyInstance::new(plugin, None, "{}")?, 1.0, 1.0)?;
+    let (s, _) = set.add(StrategyInstance::new(plugin, None, "{}")?, 1.0, 1.0)?;
     let private = ctx.scratch.join("private");
     // Loaded libraries are never unloaded (abi_stable keeps pointers into them): keep them.
     let mut kept = Vec::new();
@@ -127,7 +127,7 @@ pub fn hot_swap(ctx: &Ctx) -> anyhow::Result<Measured> {
         generation += 1;
         let p = load_plugin(&source, &private, generation).map_err(|e| anyhow::anyhow!("{}: {e:?}", source.display()))?;
         let t = std::time::Instant::now();
-        let diff = set.reload(0, &p)?;
+        let diff = set.reload(s, &p)?;
         replan.push(t.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(diff.created.is_empty(), "a swap to the same build created parameters");
         kept.push(p);

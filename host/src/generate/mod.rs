@@ -157,7 +157,7 @@ struct Job {
 #[derive(Debug, Clone, Copy)]
 enum Attached {
     File(usize),
-    Strategy(usize),
+    Strategy(graft_runtime::adapters::dispatcher::StrategyId),
 }
 
 /// What `graft generate` wrote.

@@ -26,7 +26,7 @@ use graft_sdxl::{GenerateParams, SdxlConfig, SdxlModel};
 
 use graft_runtime::plugins::loader::LoadedPlugin;
 use graft_runtime::plugins::strategy::{layers_to_abi, StrategyInstance};
-use graft_runtime::adapters::dispatcher::AdapterSet;
+use graft_runtime::adapters::dispatcher::{AdapterSet, StrategyId};
 use graft_runtime::adapters::files::{add_native, FileAdapters};
 use graft_trainer::export::{export_strategy, ExportMeta};
 
@@ -203,7 +203,7 @@ fn rel(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
 
 /// Moves every trainable parameter of strategy `s` and its unfrozen base weights by seeded
 /// N(0, 0.05) noise, as training would.
-fn perturb(set: &AdapterSet, s: usize) -> anyhow::Result<()> {
+fn perturb(set: &AdapterSet, s: StrategyId) -> anyhow::Result<()> {
     let name = set.strategies()[s].name().to_string();
     let mut rng = graft_sdxl::rng::GraftRng::new(11);
     for (key, p) in set.store().trainable(Some(&name)) {

@@ -27,6 +27,42 @@ use crate::adapters::store::{InitKind, ParamKey, ParamStore, PlanDiff};
 use crate::plugins::loader::LoadedPlugin;
 use crate::plugins::strategy::{layer_to_abi, CallContext, ExportedLayer, PluginError, StrategyInstance};
 
+/// A strategy's place in its [`AdapterSet`] (the order of [`AdapterSet::add`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StrategyId(usize);
+
+impl StrategyId {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl std::ops::Index<StrategyId> for [ActiveStrategy] {
+    type Output = ActiveStrategy;
+    fn index(&self, s: StrategyId) -> &ActiveStrategy {
+        &self[s.0]
+    }
+}
+
+impl std::ops::IndexMut<StrategyId> for [ActiveStrategy] {
+    fn index_mut(&mut self, s: StrategyId) -> &mut ActiveStrategy {
+        &mut self[s.0]
+    }
+}
+
+impl std::ops::Index<StrategyId> for Vec<ActiveStrategy> {
+    type Output = ActiveStrategy;
+    fn index(&self, s: StrategyId) -> &ActiveStrategy {
+        &self[s.0]
+    }
+}
+
+impl std::ops::IndexMut<StrategyId> for Vec<ActiveStrategy> {
+    fn index_mut(&mut self, s: StrategyId) -> &mut ActiveStrategy {
+        &mut self[s.0]
+    }
+}
+
 /// A strategy in use, with its plan and where it is attached.
 pub struct ActiveStrategy {
     pub instance: StrategyInstance,
@@ -77,13 +113,13 @@ pub struct AdapterSet {
     weights: Vec<Option<SharedLinear>>,
     strategies: Vec<ActiveStrategy>,
     /// For each hook point, the strategies attached there.
-    table: Vec<Vec<usize>>,
+    table: Vec<Vec<StrategyId>>,
     /// Strategies detached because they failed, and the failures not yet taken by the caller.
-    detached: Mutex<BTreeSet<usize>>,
+    detached: Mutex<BTreeSet<StrategyId>>,
     failures: Mutex<Vec<PluginError>>,
     unfrozen: Vec<UnfrozenBase>,
     /// Fused hook points and the strategies fused there.
-    fused: Vec<(usize, Vec<usize>)>,
+    fused: Vec<(usize, Vec<StrategyId>)>,
     training: bool,
     step: u64,
 }
@@ -171,7 +207,7 @@ impl AdapterSet {
     /// Plans `instance` over the model's hook points, creates or reuses its parameters, unfreezes
     /// the base weights it asks for, and attaches it where the plan says. Returns the index of the
     /// strategy and what the store did.
-    pub fn add(&mut self, mut instance: StrategyInstance, te_weight: f64, unet_weight: f64) -> anyhow::Result<(usize, PlanDiff)> {
+    pub fn add(&mut self, mut instance: StrategyInstance, te_weight: f64, unet_weight: f64) -> anyhow::Result<(StrategyId, PlanDiff)> {
         if self.strategies.iter().any(|s| s.name() == instance.name()) {
             anyhow::bail!("a strategy named `{}` is already in use: give the second one another name", instance.name());
         }
@@ -179,7 +215,7 @@ impl AdapterSet {
         let diff = self.store.apply_plan(instance.name(), &plan)?;
         let fresh: Vec<ParamKey> = diff.created.iter().chain(diff.reshaped.iter().map(|(k, _, _)| k)).cloned().collect();
         self.init_from_layer(&instance, &fresh)?;
-        let s = self.strategies.len();
+        let s = StrategyId(self.strategies.len());
         let mut attached = BTreeSet::new();
         for att in plan.attachments.iter().filter(|a| a.attached) {
             attached.insert(self.index(&att.layer)?);
@@ -196,12 +232,12 @@ impl AdapterSet {
     }
 
     /// The owner of strategy `s`'s overrides of `kind`.
-    fn owner(&self, s: usize, kind: OverrideKind) -> Owner {
-        self.holder.owner(Some((s, self.strategies[s].name())), kind)
+    fn owner(&self, s: StrategyId, kind: OverrideKind) -> Owner {
+        self.holder.owner(Some((s.0, self.strategies[s].name())), kind)
     }
 
     /// Pushes a trainable f32 copy of `u.layer`'s weights (and bias) for strategy `s`.
-    fn unfreeze_base(&mut self, s: usize, u: &abi::BaseUnfreeze) -> anyhow::Result<()> {
+    fn unfreeze_base(&mut self, s: StrategyId, u: &abi::BaseUnfreeze) -> anyhow::Result<()> {
         let g = self.index(&u.layer)?;
         if self.unfrozen.iter().any(|b| b.layer == u.layer.to_string()) {
             anyhow::bail!("base weight of `{}` is unfrozen twice", u.layer);
@@ -235,7 +271,7 @@ impl AdapterSet {
 
     /// The trained difference (weight - loaded weight, bias difference) of each base weight
     /// strategy `s` unfroze: what a LyCORIS `diff` file holds.
-    pub fn base_diffs(&self, s: usize) -> Result<Vec<(String, Tensor, Option<Tensor>)>> {
+    pub fn base_diffs(&self, s: StrategyId) -> Result<Vec<(String, Tensor, Option<Tensor>)>> {
         let name = self.strategies[s].name();
         let mut out = Vec::new();
         for b in self.unfrozen.iter().filter(|b| b.strategy == name) {
@@ -251,7 +287,7 @@ impl AdapterSet {
 
     /// Applies `on_step` directives of strategy `s`; returns the learning-rate scales for the
     /// optimizer.
-    pub fn apply_directives(&mut self, s: usize, directives: &[abi::StageDirective]) -> anyhow::Result<Vec<LrScale>> {
+    pub fn apply_directives(&mut self, s: StrategyId, directives: &[abi::StageDirective]) -> anyhow::Result<Vec<LrScale>> {
         use abi::DirectiveKind as K;
         let name = self.strategies[s].name().to_string();
         let mut scales = Vec::new();
@@ -321,13 +357,13 @@ impl AdapterSet {
     /// the base weights it unfroze or folded into popped off their stacks, so the model computes
     /// exactly what it did before [`AdapterSet::add`]. Its parameters stay in the store. Unfuse
     /// first; refused (changing nothing) when another owner's override is on top of one of its.
-    pub fn eject(&mut self, s: usize) -> anyhow::Result<()> {
+    pub fn eject(&mut self, s: StrategyId) -> anyhow::Result<()> {
         let name = self.strategies[s].name().to_string();
         if !self.fused.is_empty() {
             anyhow::bail!("eject of strategy `{name}` while adapters are fused: unfuse first");
         }
         let id = self.holder.id();
-        let mine = |o: &Owner| o.holder() == id && o.part() == Some(s);
+        let mine = |o: &Owner| o.holder() == id && o.part() == Some(s.0);
         for shared in self.weights.iter().flatten() {
             shared.check_pop_all(mine).with_context(|| format!("eject of strategy `{name}`"))?;
         }
@@ -347,7 +383,7 @@ impl AdapterSet {
     pub fn on_step(&mut self, step: u64) -> anyhow::Result<Vec<LrScale>> {
         self.step = step;
         let mut scales = Vec::new();
-        for s in 0..self.strategies.len() {
+        for s in (0..self.strategies.len()).map(StrategyId) {
             if self.failed(s) {
                 continue;
             }
@@ -363,7 +399,7 @@ impl AdapterSet {
         Ok(scales)
     }
 
-    fn failed(&self, s: usize) -> bool {
+    fn failed(&self, s: StrategyId) -> bool {
         self.detached.lock().expect("detached lock").contains(&s)
     }
 
@@ -382,7 +418,7 @@ impl AdapterSet {
         self.detached.lock().expect("detached lock").iter().map(|&s| self.strategies[s].name().to_string()).collect()
     }
 
-    fn fail(&self, s: usize, e: PluginError) {
+    fn fail(&self, s: StrategyId, e: PluginError) {
         if self.detached.lock().expect("detached lock").insert(s) {
             tracing::error!("{e}; strategy `{}` is detached, its parameters are kept", self.strategies[s].name());
             self.failures.lock().expect("failures lock").push(e);
@@ -399,14 +435,14 @@ impl AdapterSet {
     }
 
     /// The delta weight of strategy `s` at hook point `g`, if it has one.
-    pub fn delta(&self, s: usize, g: usize) -> anyhow::Result<Option<Tensor>> {
+    pub fn delta(&self, s: StrategyId, g: usize) -> anyhow::Result<Option<Tensor>> {
         let w = self.base(g);
         let mut rng = self.rng.lock().expect("rng lock");
         let mut cx = self.cx(&mut rng);
         Ok(self.strategies[s].instance.delta_weight(&mut cx, &self.layers[g], w.as_ref())?)
     }
 
-    fn weight_of(&self, s: usize, g: usize) -> f64 {
+    fn weight_of(&self, s: StrategyId, g: usize) -> f64 {
         let st = &self.strategies[s];
         if g < self.offsets[1] {
             st.unet_weight
@@ -467,7 +503,7 @@ impl AdapterSet {
     }
 
     /// What strategy `s` exports, layer by layer.
-    pub fn export(&self, s: usize) -> anyhow::Result<Vec<(String, ExportedLayer)>> {
+    pub fn export(&self, s: StrategyId) -> anyhow::Result<Vec<(String, ExportedLayer)>> {
         let st = &self.strategies[s];
         let mut out = Vec::new();
         for att in st.plan.attachments.iter() {
@@ -485,7 +521,7 @@ impl AdapterSet {
     /// Switches strategy `s` to a new build of its plugin (between steps or requests): keeps the
     /// parameters whose names and shapes still match, re-attaches from the new plan, and clears
     /// a failure. On error the old build keeps running.
-    pub fn reload(&mut self, s: usize, plugin: &LoadedPlugin) -> anyhow::Result<PlanDiff> {
+    pub fn reload(&mut self, s: StrategyId, plugin: &LoadedPlugin) -> anyhow::Result<PlanDiff> {
         let (plan, diff) = self.strategies[s].instance.reload(plugin, &self.layers, &self.store)?;
         let fresh: Vec<ParamKey> = diff.created.iter().chain(diff.reshaped.iter().map(|(k, _, _)| k)).cloned().collect();
         self.init_from_layer(&self.strategies[s].instance, &fresh)?;
@@ -517,7 +553,7 @@ impl AdapterSet {
     fn dispatch(&self, g: usize, base: Tensor, run: impl Fn(&StrategyInstance, &mut CallContext<'_>) -> std::result::Result<Tensor, PluginError>) -> Result<Tensor> {
         let mut acc: Option<Tensor> = None;
         let mut single: Option<Tensor> = None;
-        let active: Vec<usize> = self.table[g].iter().copied().filter(|&s| !self.failed(s)).collect();
+        let active: Vec<StrategyId> = self.table[g].iter().copied().filter(|&s| !self.failed(s)).collect();
         for &s in &active {
             let result = {
                 let mut rng = self.rng.lock().expect("rng lock");

@@ -45,7 +45,7 @@ use graft_sdxl::overrides::{Holder, OverrideKind};
 use graft_sdxl::sgm::SgmLayout;
 use graft_sdxl::{Component, PipelineHooks, SdxlModel};
 
-use crate::adapters::dispatcher::AdapterSet;
+use crate::adapters::dispatcher::{AdapterSet, StrategyId};
 use crate::adapters::store::ParamKey;
 use crate::plugins::{LoadedPlugin, StrategyInstance};
 
@@ -603,7 +603,7 @@ pub fn unfuse_all(files: &mut FileAdapters, set: &mut AdapterSet) {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NativeReport {
     /// The strategy's index in the set.
-    pub strategy: usize,
+    pub strategy: StrategyId,
     /// Parameters set from the file.
     pub set: usize,
     /// Parameters of the strategy's plan the file has no tensor for (left at their init).
