@@ -141,13 +141,6 @@ impl Driver {
 }
 
 #[test]
-fn base64_decodes() {
-    assert_eq!(base64_decode("Zm9vYmFy"), b"foobar");
-    assert_eq!(base64_decode("Zm9vYg=="), b"foob");
-    assert_eq!(base64_decode("Zm9vYmE="), b"fooba");
-}
-
-#[test]
 fn train_and_generate_in_the_browser() {
     if !Path::new(CHROMIUM).exists() {
         println!("NOTICE: {CHROMIUM} is absent; the browser test is skipped (apt-get install chromium chromium-driver)");

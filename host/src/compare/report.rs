@@ -8,7 +8,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use image::RgbImage;
+use minijinja::{context, Environment, Value};
 
 use crate::compare::memory::human_bytes;
 use crate::compare::run::{CompareOutcome, StrategyResult};
@@ -106,31 +109,9 @@ fn md_cell(s: &str) -> String {
     s.replace('\\', "\\\\").replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-/// Standard base64 with padding (RFC 4648), for data URIs.
-pub fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for k in 0..4 {
-            if k <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * k) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn data_uri(path: &Path) -> anyhow::Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(format!("data:image/png;base64,{}", base64(&bytes)))
+    Ok(format!("data:image/png;base64,{}", STANDARD.encode(&bytes)))
 }
 
 /// The loss curves of every strategy with a finite loss, one colour each; `false` when there
@@ -258,77 +239,40 @@ fn markdown(outcome: &CompareOutcome, has_plot: bool, has_grid: bool) -> String 
     md
 }
 
-fn html(outcome: &CompareOutcome, plot: Option<String>, grid: Option<String>) -> String {
-    let mut h = String::new();
-    h.push_str(
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>graft compare</title>\n<style>\n\
-         body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }\n\
-         table { border-collapse: collapse; font-size: 14px; }\n\
-         th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }\n\
-         th { background: #f4f4f4; }\n td.failed { color: #a00; }\n code { font-size: 12px; }\n\
-         img { max-width: 100%; image-rendering: pixelated; }\n\
-         </style>\n</head>\n<body>\n<h1>graft compare</h1>\n",
-    );
-    let _ = writeln!(h, "<p>{}</p>", html_escape(&summary_line(outcome)));
-    h.push_str("<table>\n<tr>");
-    for c in table_header(outcome.loss_window) {
-        let _ = write!(h, "<th>{}</th>", html_escape(&c));
-    }
-    h.push_str("</tr>\n");
-    for r in &outcome.strategies {
-        h.push_str("<tr>");
-        for (i, c) in table_row(r).iter().enumerate() {
-            let class = if i == 3 && !r.ok() { " class=\"failed\"" } else { "" };
-            if i == 2 {
-                let _ = write!(h, "<td><code>{}</code></td>", html_escape(c));
-            } else {
-                let _ = write!(h, "<td{class}>{}</td>", html_escape(c));
-            }
-        }
-        h.push_str("</tr>\n");
-    }
-    h.push_str("</table>\n");
-    let _ = writeln!(h, "<p>{}</p>", html_escape(memory_note(outcome)));
-
-    h.push_str("<h2>Loss</h2>\n");
-    match plot {
-        Some(uri) => {
-            let _ = writeln!(h, "<img alt=\"loss curves\" src=\"{uri}\">");
-            h.push_str("<p>Thin light lines: the loss of each step; thick lines: its moving average.</p>\n");
-        }
-        None => h.push_str("<p>No strategy completed a step: nothing to plot.</p>\n"),
-    }
-
-    h.push_str("<h2>Samples</h2>\n");
-    match grid {
-        Some(uri) => {
-            let _ = writeln!(h, "<img alt=\"samples\" src=\"{uri}\">");
-            let _ = writeln!(h, "<p>Rows, top to bottom: {}.</p>", html_escape(&row_names(outcome).join(", ")));
-            h.push_str("<p>Columns, left to right:</p>\n<ol>\n");
-            for p in &outcome.prompts {
-                let _ = writeln!(h, "<li>{}</li>", html_escape(&prompt_line(p)));
-            }
-            h.push_str("</ol>\n");
-        }
-        None => h.push_str("<p>No sample prompts.</p>\n"),
-    }
-
-    let failed: Vec<&StrategyResult> = outcome.strategies.iter().filter(|r| !r.ok()).collect();
-    if !failed.is_empty() {
-        h.push_str("<h2>Failures</h2>\n<ul>\n");
-        for r in failed {
-            let _ = writeln!(h, "<li><code>{}</code>: {}</li>", html_escape(&r.name), html_escape(r.error.as_deref().unwrap_or_default()));
-        }
-        h.push_str("</ul>\n");
-    }
-    h.push_str("<h2>Files</h2>\n<ul>\n");
-    for r in &outcome.strategies {
-        let files: Vec<String> = r.exports.iter().map(|p| format!("<code>{}</code>", html_escape(&p.display().to_string()))).collect();
-        let files = if files.is_empty() { "no adapter".to_string() } else { files.join(", ") };
-        let _ = writeln!(h, "<li><code>{}</code>: {files}</li>", html_escape(&r.name));
-    }
-    h.push_str("</ul>\n</body>\n</html>\n");
-    h
+/// report.html from its template (report.html.jinja), which escapes every value it prints.
+fn html(outcome: &CompareOutcome, plot: Option<String>, grid: Option<String>) -> anyhow::Result<String> {
+    let rows: Vec<Value> = outcome.strategies.iter().map(|r| context! { cells => table_row(r), ok => r.ok() }).collect();
+    let failures: Vec<Value> = outcome
+        .strategies
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| context! { name => r.name, error => r.error.as_deref().unwrap_or_default() })
+        .collect();
+    let files: Vec<Value> = outcome
+        .strategies
+        .iter()
+        .map(|r| context! { name => r.name, exports => r.exports.iter().map(|p| p.display().to_string()).collect::<Vec<_>>() })
+        .collect();
+    // The data URIs are ours (base64 of our PNGs): not escaped, so they stay byte for byte.
+    let uri = |u: Option<String>| u.map(Value::from_safe_string).unwrap_or_default();
+    let ctx = context! {
+        summary => summary_line(outcome),
+        header => table_header(outcome.loss_window),
+        rows,
+        memory_note => memory_note(outcome),
+        plot => uri(plot),
+        grid => uri(grid),
+        row_names => row_names(outcome),
+        prompts => outcome.prompts.iter().map(prompt_line).collect::<Vec<_>>(),
+        failures,
+        files,
+    };
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_keep_trailing_newline(true);
+    env.add_template(REPORT_HTML, include_str!("report.html.jinja")).context("the report.html template")?;
+    env.get_template(REPORT_HTML)?.render(ctx).context("cannot render report.html")
 }
 
 /// Writes the report files into the outcome's folder and records them in
@@ -356,7 +300,7 @@ pub fn write(outcome: &mut CompareOutcome) -> anyhow::Result<PathBuf> {
     write_file(REPORT_MD, &markdown(outcome, has_plot, has_grid))?;
     let plot = if has_plot { Some(data_uri(&plot_path)?) } else { None };
     let grid = if has_grid { Some(data_uri(&grid_path)?) } else { None };
-    write_file(REPORT_HTML, &html(outcome, plot, grid))?;
+    write_file(REPORT_HTML, &html(outcome, plot, grid)?)?;
     write_file(SUMMARY_JSON, &serde_json::to_string_pretty(outcome)?)?;
     Ok(dir.join(REPORT_HTML))
 }
@@ -366,17 +310,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648() {
-        for (input, want) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
-            assert_eq!(base64(input.as_bytes()), want, "{input}");
-        }
-        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
-    }
-
-    #[test]
     fn cells_are_escaped() {
         assert_eq!(md_cell("a|b\nc"), "a\\|b c");
-        assert_eq!(html_escape("<a href=\"x\">&</a>"), "&lt;a href=&quot;x&quot;&gt;&amp;&lt;/a&gt;");
         assert_eq!(thousands(1234567), "1,234,567");
         assert_eq!(thousands(12), "12");
     }
@@ -394,5 +329,51 @@ mod tests {
         assert_eq!(row.len(), table_header(10).len());
         assert_eq!(row[3], "failed after 0 steps: no plugin with id `nope`");
         assert_eq!(row[6], "–");
+    }
+
+    fn outcome() -> CompareOutcome {
+        CompareOutcome {
+            output_dir: "out".into(),
+            model: "m<1>".into(),
+            seed: 1,
+            steps: 2,
+            loss_window: 2,
+            device: "cpu".into(),
+            load_seconds: 0.5,
+            base_samples: vec![],
+            prompts: vec![crate::compare::run::PromptInfo { prompt: "a <b>cat</b> & \"dog\"".into(), seed: 3, width: 64, height: 64, steps: 2 }],
+            strategies: vec![
+                StrategyResult {
+                    name: "ok".into(),
+                    plugin: "lora".into(),
+                    config: "{\"rank\":2}".into(),
+                    exports: vec!["strategies/ok/ok.safetensors".into(), "strategies/ok/ok.peft.safetensors".into()],
+                    ..Default::default()
+                },
+                StrategyResult { name: "bad".into(), plugin: "nope".into(), config: "{}".into(), error: Some("<script>x</script>".into()), ..Default::default() },
+            ],
+            peak_per_strategy: false,
+            report_files: vec![],
+        }
+    }
+
+    /// Every value is escaped, the data URIs are not; failed cells get their class.
+    #[test]
+    fn html_escapes_every_value_but_the_data_uris() {
+        let h = html(&outcome(), Some("data:image/png;base64,iVBO+/=".into()), None).unwrap();
+        assert!(h.starts_with("<!DOCTYPE html>\n<html lang=\"en\">\n"), "{h}");
+        assert!(h.contains("<img alt=\"loss curves\" src=\"data:image/png;base64,iVBO+/=\">\n"), "{h}");
+        assert!(h.contains("<p>No sample prompts.</p>"), "{h}");
+        assert!(h.contains("<tr><td>ok</td><td>lora</td><td><code>{&quot;rank&quot;:2}</code></td><td>ok</td>"), "{h}");
+        assert!(h.contains("<td class=\"failed\">failed after 0 steps: &lt;script&gt;x&lt;&#x2f;script&gt;</td>"), "{h}");
+        assert!(h.contains("<li><code>bad</code>: &lt;script&gt;"), "{h}");
+        assert!(h.contains("<li><code>bad</code>: no adapter</li>"), "{h}");
+        assert!(h.contains("<li><code>ok</code>: <code>strategies&#x2f;ok&#x2f;ok.safetensors</code>, <code>strategies&#x2f;ok&#x2f;ok.peft.safetensors</code></li>"), "{h}");
+        assert!(!h.contains("<script>") && !h.contains("<1>"), "{h}");
+        assert_eq!(h.matches("<tr>").count(), 3);
+        assert!(h.ends_with("</ul>\n</body>\n</html>\n"), "{h}");
+        let h = html(&outcome(), None, Some("data:image/png;base64,AAAA".into())).unwrap();
+        assert!(h.contains("<li>a &lt;b&gt;cat&lt;&#x2f;b&gt; &amp; &quot;dog&quot; (seed 3, 64x64, 2 steps)</li>"), "{h}");
+        assert!(h.contains("<p>No strategy completed a step: nothing to plot.</p>"), "{h}");
     }
 }
