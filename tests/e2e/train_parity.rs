@@ -7,32 +7,26 @@
 //! of both A and B are informative; the inputs (latents, noise, timesteps, text embeddings, time
 //! ids) are the reference's, fed to `Trainer::loss_from`.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
+use common::{lib_file, manager};
 use graft_host::adapters::store::ParamKey;
 use graft_host::train::config::TrainConfig;
 use graft_host::train::trainer::Trainer;
 
-/// Builds `plugins/lora` into the tests' plugin target and copies it into the scratch folder
-/// `name` (one per test: the tests run in parallel).
+/// Builds `plugins/lora` into the tests' plugin target (once per test process:
+/// `graft_tests::build_plugins`) and copies it into the scratch folder `name` (one per test: the
+/// tests run in parallel).
 fn lora_plugin_dir(name: &str) -> std::path::PathBuf {
-    let out = cargo()
-        .current_dir(workspace())
-        .args(["build", "-p", "lora", "--target-dir"])
-        .arg(plugin_target())
-        .output()
-        .expect("run cargo");
-    assert!(out.status.success(), "cargo build -p lora failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let built = graft_tests::build_plugins(&["lora"]);
     let dir = graft_tests::scratch(&format!("train-parity-plugins/{name}"));
     let f = lib_file("lora");
-    std::fs::copy(plugin_out().join(&f), dir.join(&f)).expect("copy the lora plugin");
+    std::fs::copy(built.join(&f), dir.join(&f)).expect("copy the lora plugin");
     dir
 }
 

@@ -81,7 +81,7 @@ fn config(cases: u32) -> ProptestConfig {
     }
 }
 
-/// A scratch folder of this test binary (one per thread, so properties may run in parallel).
+/// A scratch folder of this module (one per thread, so properties may run in parallel).
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = graft_tests::workspace().join("target/test-scratch/reliability_fuzz").join(name);
     std::fs::create_dir_all(&dir).unwrap();
