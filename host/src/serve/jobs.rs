@@ -111,6 +111,8 @@ pub fn safe_name(name: &str) -> String {
 }
 
 /// Queues a job under an id from [`JobBook::next_id`]; returns its info.
+// The job record's fields, one argument each: a struct for them would only repeat `JobInfo`.
+#[allow(clippy::too_many_arguments)]
 pub fn enqueue(app: &App, id: u64, kind: &str, name: &str, output_dir: PathBuf, total: u64, plugin: Option<String>, spec: JobSpec) -> JobInfo {
     let mut book = lock(&app.jobs);
     let info = JobInfo {
@@ -334,7 +336,7 @@ fn train_steps(
             ))
             .into());
         }
-        if !prompts.is_empty() && step % trainer.config.sample_every == 0 {
+        if !prompts.is_empty() && step.is_multiple_of(trainer.config.sample_every) {
             let paths = {
                 let _g = lock(&app.compute);
                 trainer.set.set_training(false);

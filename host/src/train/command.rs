@@ -258,10 +258,10 @@ fn run_steps(
         let step = trainer.step;
         // Checkpoints are taken after good steps only: the last one is always a good one.
         let good = trainer.bad_in_row == 0;
-        if good && trainer.config.save_every > 0 && step % trainer.config.save_every == 0 && step < total {
+        if good && trainer.config.save_every > 0 && step.is_multiple_of(trainer.config.save_every) && step < total {
             done.last_checkpoint = Some(checkpoint::save(trainer)?);
         }
-        if !prompts.is_empty() && step % trainer.config.sample_every == 0 {
+        if !prompts.is_empty() && step.is_multiple_of(trainer.config.sample_every) {
             done.samples.extend(sample(trainer, prompts)?);
         }
     }
