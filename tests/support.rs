@@ -1,6 +1,7 @@
 //! Shared helpers of the end-to-end tests: fixture paths, scratch folders, running the CLI.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use clap::Parser;
 
@@ -67,18 +68,41 @@ pub fn lora_plugin_source() -> String {
     src.replace("\nmod schema;\n", &format!("\nmod schema {{\n{schema}}}\n"))
 }
 
+/// The workspace's plugin crates that the tests load.
+pub const TEST_PLUGINS: [&str; 8] =
+    ["lora", "attention-gate", "progressive-fusion", "dora", "example-scale", "fault-plugin", "fault-abi-version", "fault-layout"];
+
 /// Builds the named workspace plugin crates into `target/plugin-tests` (not `target/`, whose
-/// lock the running cargo holds) and returns the folder of the libraries.
+/// lock the running cargo holds) and returns the folder of the libraries. All of
+/// [`TEST_PLUGINS`] are built together, once per test process: the tests share one process and
+/// that folder, and a second cargo run would replace a library while another test copies or
+/// loads it.
 pub fn build_plugins(crates: &[&str]) -> PathBuf {
-    let target = workspace().join("target/plugin-tests");
-    let mut cmd = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace()).arg("build").arg("--target-dir").arg(&target);
-    for c in crates {
-        cmd.args(["-p", c]);
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(c) = crates.iter().find(|c| !TEST_PLUGINS.contains(c)) {
+        panic!("{c} is not in graft_tests::TEST_PLUGINS: add it there");
     }
-    let out = cmd.output().expect("run cargo");
-    assert!(out.status.success(), "building {crates:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    target.join("debug")
+    BUILT
+        .get_or_init(|| {
+            let target = workspace().join("target/plugin-tests");
+            let mut cmd = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            cmd.current_dir(workspace()).arg("build").arg("--target-dir").arg(&target);
+            for c in TEST_PLUGINS {
+                cmd.args(["-p", c]);
+            }
+            let out = cmd.output().expect("run cargo");
+            assert!(out.status.success(), "building {TEST_PLUGINS:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            target.join("debug")
+        })
+        .clone()
+}
+
+/// Held by a test while it sets an environment variable, and by a test that needs that variable
+/// unset: all the end-to-end tests share one process and its environment.
+pub fn env_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    // It guards no data of its own: a test that failed while holding it does not poison it.
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A small image + caption dataset: `n` PNGs of line-art shapes in a pastel palette, with

@@ -16,7 +16,7 @@
 #
 # Needs a nightly toolchain (cargo-fuzz builds with -Zsanitizer). Without one, and when none can
 # be installed, the script says so and exits 2: the property tests cover the same readers on
-# stable (cargo test -p graft-tests --test reliability_fuzz; PROPTEST_CASES=10000 for more).
+# stable (cargo test -p graft-tests --test e2e reliability_fuzz::; PROPTEST_CASES=10000 for more).
 #
 # FUZZ_SANITIZER=none skips AddressSanitizer (faster; -malloc_limit_mb then does not apply).
 set -euo pipefail
@@ -30,7 +30,7 @@ if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     echo "fuzz.sh: no nightly toolchain; trying: rustup toolchain install nightly --profile minimal" >&2
     if ! rustup toolchain install nightly --profile minimal; then
         echo "fuzz.sh: nightly is not available here. cargo-fuzz needs it; run the property tests instead:" >&2
-        echo "  cargo test -p graft-tests --test reliability_fuzz" >&2
+        echo "  cargo test -p graft-tests --test e2e reliability_fuzz::" >&2
         exit 2
     fi
 fi

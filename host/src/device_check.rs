@@ -111,7 +111,7 @@ pub fn check_device(fixtures: &Path, plugins: &PluginDirArgs, dev: &Device, chec
         }
     }
     let mut f32_step = None;
-    // bf16: the limits of tests/train_parity.rs (half_precision_step_deviation).
+    // bf16: the limits of tests/e2e/train_parity.rs (half_precision_step_deviation).
     for (dtype, loss_limit, limit) in [(WeightDtype::Fp32, f32_limit, f32_limit), (WeightDtype::Bf16, 1e-2, 0.1)] {
         let (loss, grads) = train_step(fixtures, plugins, dev, dtype, &train)?;
         let want = scalar(&train["losses"].narrow(0, 0, 1)?)?;

@@ -14,7 +14,7 @@ Run from the repository root with the reference environment (tools/reference/set
 
     /work/refvenv/bin/python tools/reference/check_lora_files.py --check-locon target/locon-export-check
         loads the LoCon / Tucker files graft TRAINED and exported (the Rust tests
-        `graft-tests --test plugin_lora locon` write them there with graft's deltas) with the LyCORIS
+        `graft-tests --test e2e plugin_lora::locon` write them there with graft's deltas) with the LyCORIS
         library (`LoConModule.make_module_from_state_dict`, every key used, `get_diff_weight`) and,
         for files without a Tucker core, with diffusers' `pipe.load_lora_weights` (every module
         attached, fused weights); both are compared with graft's deltas.
@@ -570,7 +570,7 @@ def check_locon(folder):
     failures = []
     stems = sorted(p.name[: -len(".expected.safetensors")] for p in folder.glob("*.expected.safetensors"))
     if not stems:
-        sys.exit(f"{folder}: nothing to check: run `cargo test -p graft-tests --test plugin_lora locon tucker` first")
+        sys.exit(f"{folder}: nothing to check: run `cargo test -p graft-tests --test e2e plugin_lora::locon plugin_lora::tucker` first")
     for stem in stems:
         path = folder / f"{stem}.safetensors"
         want = load_file(folder / f"{stem}.expected.safetensors")

@@ -1,4 +1,4 @@
-"""Reference for the training-step parity test (tests/train_parity.rs): diffusers + PEFT LoRA on the
+"""Reference for the training-step parity test (tests/e2e/train_parity.rs): diffusers + PEFT LoRA on the
 tiny UNet, v-prediction loss, torch AdamW over the LoRA parameters only.
 
 Run from the repository root with the reference environment (tools/reference/setup.sh):

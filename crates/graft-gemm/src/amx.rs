@@ -42,7 +42,8 @@ pub(crate) fn detect_and_request() -> bool {
 
 #[target_feature(enable = "xsave")]
 unsafe fn xgetbv0() -> u64 {
-    _xgetbv(0)
+    // SAFETY: the caller checked OSXSAVE, so the instruction exists and XCR0 is readable.
+    unsafe { _xgetbv(0) }
 }
 
 #[cfg(target_os = "linux")]
@@ -85,106 +86,114 @@ impl TileCfg {
 /// `round_up(n1,32)` columns of `16 * kcp`-element panels; `m0`, `n0` multiples of 32; `c` valid
 /// for writes of `C[m0..m1, n0..n1]` with row stride `ldc`, and not written by anyone else meanwhile.
 pub(crate) unsafe fn block(ap: &[u16], bp: &[u16], c: *mut f32, blk: &Block) {
-    let panel = 16 * blk.kcp;
-    debug_assert!(ap.len() >= blk.m1.div_ceil(32) * 2 * panel);
-    debug_assert!(bp.len() >= blk.n1.div_ceil(32) * 2 * panel);
-    let cfg = TileCfg::new();
-    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
-    let mut n = blk.n0;
-    while n < blk.n1 {
-        let bptr = bp.as_ptr().add((n / 16) * panel);
-        let cols = (blk.n1 - n).min(32);
-        let mut m = blk.m0;
-        while m < blk.m1 {
-            let aptr = ap.as_ptr().add((m / 16) * panel);
-            let rows = (blk.m1 - m).min(32);
-            micro(aptr, bptr, blk.kcp, c.add(m * blk.ldc + n), blk.ldc, rows, cols, blk.load_c);
-            m += 32;
+    // SAFETY: the caller keeps this function's contract (its doc comment above), which
+    // covers every unsafe operation of the body.
+    unsafe {
+        let panel = 16 * blk.kcp;
+        debug_assert!(ap.len() >= blk.m1.div_ceil(32) * 2 * panel);
+        debug_assert!(bp.len() >= blk.n1.div_ceil(32) * 2 * panel);
+        let cfg = TileCfg::new();
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
+        let mut n = blk.n0;
+        while n < blk.n1 {
+            let bptr = bp.as_ptr().add((n / 16) * panel);
+            let cols = (blk.n1 - n).min(32);
+            let mut m = blk.m0;
+            while m < blk.m1 {
+                let aptr = ap.as_ptr().add((m / 16) * panel);
+                let rows = (blk.m1 - m).min(32);
+                micro(aptr, bptr, blk.kcp, c.add(m * blk.ldc + n), blk.ldc, rows, cols, blk.load_c);
+                m += 32;
+            }
+            n += 32;
         }
-        n += 32;
+        asm!("tilerelease", options(nostack, nomem, preserves_flags));
     }
-    asm!("tilerelease", options(nostack, nomem, preserves_flags));
 }
 
 /// 32x32 micro-kernel: C[0..rows, 0..cols] (+)= A(32 x kcp) · B(kcp x 32).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro(a: *const u16, b: *const u16, kcp: usize, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool) {
-    // Edge blocks go through a zero-filled 32x32 scratch so tiles never touch memory outside C.
-    #[repr(C, align(64))]
-    struct Scratch([f32; 1024]);
-    // Only edge blocks pay for zeroing it.
-    let mut scratch = std::mem::MaybeUninit::<Scratch>::uninit();
-    let full = rows == 32 && cols == 32;
-    let (cp, cstride) = if full {
-        (c, ldc * 4)
-    } else {
-        let scratch = scratch.write(Scratch([0.0; 1024]));
-        if load_c {
-            for i in 0..rows {
-                std::ptr::copy_nonoverlapping(c.add(i * ldc), scratch.0.as_mut_ptr().add(i * 32), cols);
+    // SAFETY: called only by `block`, with pointers into the panels and C that its contract
+    // (the doc comment of `block`) makes valid for every access below.
+    unsafe {
+        // Edge blocks go through a zero-filled 32x32 scratch so tiles never touch memory outside C.
+        #[repr(C, align(64))]
+        struct Scratch([f32; 1024]);
+        // Only edge blocks pay for zeroing it.
+        let mut scratch = std::mem::MaybeUninit::<Scratch>::uninit();
+        let full = rows == 32 && cols == 32;
+        let (cp, cstride) = if full {
+            (c, ldc * 4)
+        } else {
+            let scratch = scratch.write(Scratch([0.0; 1024]));
+            if load_c {
+                for i in 0..rows {
+                    std::ptr::copy_nonoverlapping(c.add(i * ldc), scratch.0.as_mut_ptr().add(i * 32), cols);
+                }
             }
+            (scratch.0.as_mut_ptr(), 128)
+        };
+        let row16 = 16 * cstride; // bytes to C row 16
+        if load_c {
+            asm!(
+                "tileloadd tmm0, [{c} + {s}*1]",
+                "tileloadd tmm1, [{c} + {s}*1 + 64]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c2} + {s}*1 + 64]",
+                c = in(reg) cp,
+                c2 = in(reg) (cp as *mut u8).add(row16),
+                s = in(reg) cstride,
+                options(nostack, readonly, preserves_flags)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem, preserves_flags)
+            );
         }
-        (scratch.0.as_mut_ptr(), 128)
-    };
-    let row16 = 16 * cstride; // bytes to C row 16
-    if load_c {
+        let pstride = 16 * kcp; // elements between the two 16-wide panels
+        let mut ks = 0;
+        while ks < kcp {
+            let a0 = a.add(ks * 16);
+            let b0 = b.add(ks * 16);
+            asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a0.add(pstride),
+                b0 = in(reg) b0,
+                b1 = in(reg) b0.add(pstride),
+                s = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags)
+            );
+            ks += 32;
+        }
         asm!(
-            "tileloadd tmm0, [{c} + {s}*1]",
-            "tileloadd tmm1, [{c} + {s}*1 + 64]",
-            "tileloadd tmm2, [{c2} + {s}*1]",
-            "tileloadd tmm3, [{c2} + {s}*1 + 64]",
+            "tilestored [{c} + {s}*1], tmm0",
+            "tilestored [{c} + {s}*1 + 64], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c2} + {s}*1 + 64], tmm3",
             c = in(reg) cp,
             c2 = in(reg) (cp as *mut u8).add(row16),
             s = in(reg) cstride,
-            options(nostack, readonly, preserves_flags)
+            options(nostack, preserves_flags)
         );
-    } else {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem, preserves_flags)
-        );
-    }
-    let pstride = 16 * kcp; // elements between the two 16-wide panels
-    let mut ks = 0;
-    while ks < kcp {
-        let a0 = a.add(ks * 16);
-        let b0 = b.add(ks * 16);
-        asm!(
-            "tileloadd tmm4, [{a0} + {s}*1]",
-            "tileloadd tmm6, [{b0} + {s}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {s}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {s}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a0,
-            a1 = in(reg) a0.add(pstride),
-            b0 = in(reg) b0,
-            b1 = in(reg) b0.add(pstride),
-            s = in(reg) 64usize,
-            options(nostack, readonly, preserves_flags)
-        );
-        ks += 32;
-    }
-    asm!(
-        "tilestored [{c} + {s}*1], tmm0",
-        "tilestored [{c} + {s}*1 + 64], tmm1",
-        "tilestored [{c2} + {s}*1], tmm2",
-        "tilestored [{c2} + {s}*1 + 64], tmm3",
-        c = in(reg) cp,
-        c2 = in(reg) (cp as *mut u8).add(row16),
-        s = in(reg) cstride,
-        options(nostack, preserves_flags)
-    );
-    if !full {
-        let scratch = scratch.assume_init_ref();
-        for i in 0..rows {
-            std::ptr::copy_nonoverlapping(scratch.0.as_ptr().add(i * 32), c.add(i * ldc), cols);
+        if !full {
+            let scratch = scratch.assume_init_ref();
+            for i in 0..rows {
+                std::ptr::copy_nonoverlapping(scratch.0.as_ptr().add(i * 32), c.add(i * ldc), cols);
+            }
         }
     }
 }

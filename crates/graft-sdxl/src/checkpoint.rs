@@ -111,7 +111,7 @@ impl<'a> Tape<'a> {
                 continue;
             }
             if let Some(state) = &rec.random {
-                self.hooks.set_random_state(state.clone());
+                self.hooks.set_random_state(*state);
             }
             let vars: Vec<Option<Var>> =
                 rec.inputs.iter().map(|i| i.needs_grad.then(|| Var::from_tensor(&i.value)).transpose()).collect::<Result<_>>()?;

@@ -101,6 +101,9 @@ pub struct Needs {
     pub v: bool,
 }
 
+/// dQ, dK, dV: those that [`Needs`] asked for.
+pub type InputGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// The gradients of q, k, v given the output `out` and its gradient `grad`. With p the
 /// probabilities and D = rowsum(grad * out): dV = pᵀ dO, dS = p * (dO Vᵀ - D), dQ = scale dS K,
 /// dK = scale dSᵀ Q.
@@ -115,7 +118,7 @@ pub fn backward(
     scale: f32,
     causal: bool,
     needs: Needs,
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> InputGrads {
     let (rows, par, d, m) = (dims.rows(), dims.parallelism(), dims.d, dims.m);
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
     let blocks: Vec<Grads> = (0..dims.b * dims.heads)

@@ -171,7 +171,7 @@ pub fn frozen_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
 /// keeps its f32 temporaries for the backward).
 pub fn frozen_group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group norm: input {dims:?} does not split into {groups} groups")
     }
     // Per-channel vectors shaped to broadcast over [b, c, ...].

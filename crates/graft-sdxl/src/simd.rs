@@ -30,7 +30,7 @@ macro_rules! multiversion {
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    let c = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
+    let c = x.clamp(-87.0, 88.0);
     // Round to nearest with the 1.5 * 2^23 trick: t's low mantissa bits then hold n as an integer
     // (no float -> int conversion, which does not vectorize).
     let t = c * LOG2E + 12_582_912.0;
@@ -39,7 +39,7 @@ pub fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 5e-1;
     let y = p * r * r + r + 1.0;
     let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
     if x < -87.3 {
@@ -52,12 +52,12 @@ pub fn exp(x: f32) -> f32 {
 /// erf(x) within 4e-7: an odd rational function on [-4, 4] (Eigen's float erf), ±1 outside.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    let c = if x < -4.0 { -4.0 } else if x > 4.0 { 4.0 } else { x };
+    let c = x.clamp(-4.0, 4.0);
     let x2 = c * c;
     let p = (((((-2.726_142_3e-10 * x2 + 2.770_681_4e-8) * x2 - 2.101_024e-6) * x2 - 5.692_506_4e-5) * x2
         - 7.349_906_3e-4)
         * x2
-        - 2.954_600_0e-3)
+        - 2.954_6e-3)
         * x2
         - 1.609_603_3e-2;
     let q = (((-1.456_607_2e-5 * x2 - 2.133_740_6e-4) * x2 - 1.682_827e-3) * x2 - 7.373_329_3e-3) * x2 - 1.426_474e-2;

@@ -41,7 +41,7 @@ fn run_case(model: &mut SdxlModel, reference: &HashMap<String, Tensor>, case: &s
     };
     model.config.scheduler = SchedulerConfig {
         prediction_type: prediction.parse().unwrap(),
-        ..SchedulerConfig::from_file(&fixtures().join("tiny-sdxl/scheduler/scheduler_config.json")).unwrap()
+        ..SchedulerConfig::from_file(fixtures().join("tiny-sdxl/scheduler/scheduler_config.json")).unwrap()
     };
     let params = GenerateParams {
         prompt: "a red fox, watercolor painting".into(),
@@ -119,7 +119,7 @@ fn generate_in_bf16_and_fp16_against_diffusers_f32() {
 fn deviations(model: &mut SdxlModel, reference: &HashMap<String, Tensor>, case: &str) -> [(&'static str, f32); 2] {
     model.config.scheduler = SchedulerConfig {
         prediction_type: if case == "euler" { "epsilon" } else { "v_prediction" }.parse().unwrap(),
-        ..SchedulerConfig::from_file(&fixtures().join("tiny-sdxl/scheduler/scheduler_config.json")).unwrap()
+        ..SchedulerConfig::from_file(fixtures().join("tiny-sdxl/scheduler/scheduler_config.json")).unwrap()
     };
     let params = GenerateParams {
         prompt: "a red fox, watercolor painting".into(),

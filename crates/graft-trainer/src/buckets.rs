@@ -114,7 +114,7 @@ impl Bucketer {
         if s.resolution.width == 0 || s.resolution.height == 0 {
             return bad(format!("resolution {} must be positive", s.resolution));
         }
-        if s.bucket_reso_steps == 0 || s.bucket_reso_steps % 8 != 0 {
+        if s.bucket_reso_steps == 0 || !s.bucket_reso_steps.is_multiple_of(8) {
             return bad(format!(
                 "bucket_reso_steps = {} must be a positive multiple of 8 (64 is usual for SDXL)",
                 s.bucket_reso_steps

@@ -483,7 +483,7 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
         Some(w) if w >= 1.0 && w.fract() == 0.0 => {
             graft.insert("warmup_steps".into(), Value::Integer(w as i64));
         }
-        Some(w) if w == 0.0 => {}
+        Some(0.0) => {}
         Some(w) => bail!("`lr_warmup_steps = {w}`: use a step count, or a fraction of the run below 1"),
         None => {}
     }

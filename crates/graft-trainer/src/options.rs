@@ -97,7 +97,7 @@ fn adamw() -> String {
 }
 /// The default optimizer is left out of what a checkpoint records, so checkpoints made before
 /// the key existed still resume.
-fn is_adamw(name: &String) -> bool {
+fn is_adamw(name: &str) -> bool {
     name.eq_ignore_ascii_case("adamw")
 }
 fn ten() -> u64 {

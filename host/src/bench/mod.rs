@@ -241,5 +241,5 @@ fn run_child(w: &Workload, args: &BenchArgs, fixture: &Path) -> anyhow::Result<R
     }
     let text = String::from_utf8_lossy(&output.stdout);
     let line = text.lines().rev().find(|l| l.starts_with('{')).with_context(|| format!("workload {}: no JSON output", w.name))?;
-    Ok(serde_json::from_str(line).with_context(|| format!("workload {}: bad JSON output", w.name))?)
+    serde_json::from_str(line).with_context(|| format!("workload {}: bad JSON output", w.name))
 }

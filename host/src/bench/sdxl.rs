@@ -157,7 +157,8 @@ pub fn ensure_model() -> anyhow::Result<PathBuf> {
     let cfg = SdxlConfig::sdxl_base();
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/graft-sdxl/configs/sdxl-base-1.0");
     let pool = random_pool()?;
-    let components: [(&str, &str, BTreeMap<String, Vec<usize>>); 4] = [
+    type Shapes = BTreeMap<String, Vec<usize>>;
+    let components: [(&str, &str, Shapes); 4] = [
         ("unet", "diffusion_pytorch_model", requests(|vb| UNet::new(vb, &cfg.unet).map(|_| ()))?),
         (
             "text_encoder",

@@ -73,7 +73,7 @@ pub fn caption_path(image: &Path) -> PathBuf {
 fn bucketer(resolution: usize) -> anyhow::Result<Bucketer> {
     let mut s = BucketSettings::new(Reso::new(resolution, resolution));
     s.enable_bucket = true;
-    s.bucket_reso_steps = if resolution % 64 == 0 { 64 } else { 8 };
+    s.bucket_reso_steps = if resolution.is_multiple_of(64) { 64 } else { 8 };
     s.min_bucket_reso = resolution.min(256);
     s.max_bucket_reso = resolution.max(1024);
     Ok(Bucketer::new(s)?)

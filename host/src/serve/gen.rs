@@ -121,9 +121,12 @@ pub fn adapter_files(app: &App) -> Vec<AdapterFileInfo> {
     out
 }
 
+/// An adapter file to attach, with its text-encoder and UNet weights.
+pub type Attachment = (AdapterFileInfo, f64, f64);
+
 /// Checks what can be checked without the model; returns the prompt without tags and the
 /// adapters to attach (file, weight).
-pub fn check(app: &App, req: &GenRequest) -> anyhow::Result<(String, Vec<(AdapterFileInfo, f64, f64)>)> {
+pub fn check(app: &App, req: &GenRequest) -> anyhow::Result<(String, Vec<Attachment>)> {
     graft_sdxl::pipeline::check_size(req.width, req.height)?;
     graft_sdxl::schedulers::build_scheduler(&req.scheduler, &graft_sdxl::schedulers::SchedulerConfig::sdxl_base(), 1)?;
     if req.steps == 0 || req.steps > 500 {
@@ -154,7 +157,7 @@ pub fn check(app: &App, req: &GenRequest) -> anyhow::Result<(String, Vec<(Adapte
 }
 
 /// Makes one image; called on a blocking thread.
-pub fn generate(app: &App, id: u64, req: GenRequest, text: String, uses: Vec<(AdapterFileInfo, f64, f64)>) -> anyhow::Result<GenRecord> {
+pub fn generate(app: &App, id: u64, req: GenRequest, text: String, uses: Vec<Attachment>) -> anyhow::Result<GenRecord> {
     let model = app.model.clone().context("no model is loaded (start the server with --model)")?;
     let started = Instant::now();
     let _g = lock(&app.compute);

@@ -1,6 +1,6 @@
 //! The pure logic: layer selection, stage states and directives, state round trips, over a
 //! hand-made list of hook points. The host-side tests (loading the built library, forward
-//! through the host's ops) are in tests/plugin_progressive_fusion.rs.
+//! through the host's ops) are in tests/e2e/plugin_progressive_fusion.rs.
 
 use graft_sdk::{AttentionKind, BlockKind, BlockPosition, Component, LayerKind};
 

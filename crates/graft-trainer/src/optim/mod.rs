@@ -297,6 +297,8 @@ pub(crate) struct Item<'a> {
 }
 
 /// The update rule and whatever it keeps besides per-parameter state.
+// One per optimizer, made once and never moved in a loop: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Engine {
     AdamW,

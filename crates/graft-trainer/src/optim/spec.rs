@@ -214,7 +214,7 @@ impl Args<'_> {
 
     /// A key this optimizer does not read is an error.
     fn finish(self) -> Result<()> {
-        let mut unknown: Vec<&String> = self.table.keys().filter(|k| !self.read.iter().any(|r| *r == k.as_str())).collect();
+        let mut unknown: Vec<&String> = self.table.keys().filter(|k| !self.read.contains(&k.as_str())).collect();
         unknown.sort();
         if let Some(k) = unknown.first() {
             let mut known = self.read.clone();

@@ -4,14 +4,12 @@
 //! compared with the set's own delta weights; sample images from a kohya prompt file; a grid; the
 //! loss log and its plots.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
+use common::{lib_file, manager};
 use graft_formats::adapter::AdapterWeights;
 use graft_formats::{read_adapter, AdapterFormat, KeyMap};
 use graft_runtime::adapters::dispatcher::{AdapterSet, StrategyId};
@@ -26,23 +24,14 @@ use graft_sdxl::SdxlModel;
 
 const PLUGINS: [&str; 3] = ["lora", "example-scale", "attention-gate"];
 
-/// Builds the three plugins (once per test binary) and returns a manager over a scratch folder
-/// holding copies of them.
+/// Builds the three plugins (once per test process: `graft_tests::build_plugins`) and returns a
+/// manager over a scratch folder holding copies of them.
 fn plugins(test: &str) -> PluginManager {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let mut cmd = cargo();
-        cmd.current_dir(workspace()).arg("build").arg("--target-dir").arg(plugin_target());
-        for p in PLUGINS {
-            cmd.args(["-p", p]);
-        }
-        let out = cmd.output().expect("run cargo");
-        assert!(out.status.success(), "cargo build of the plugins failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    });
+    let built = graft_tests::build_plugins(&PLUGINS);
     let dir: PathBuf = graft_tests::scratch(&format!("{test}-plugins"));
     for p in PLUGINS {
         let f = lib_file(p);
-        std::fs::copy(plugin_out().join(&f), dir.join(&f)).unwrap();
+        std::fs::copy(built.join(&f), dir.join(&f)).unwrap();
     }
     manager(&dir)
 }

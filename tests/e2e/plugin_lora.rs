@@ -2,8 +2,7 @@
 //! on the tiny fixture model and on the full SDXL layer list, and its forward, delta weight,
 //! export and dropouts through the host ops, checked against the same math written in candle.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 
 use candle_core::{DType, Device, Tensor};

@@ -436,7 +436,7 @@ fn locon_and_tucker_files_inspect_convert_and_fail_clearly_on_bad_shapes() {
         }
         let path = dir.join(name);
         candle_core::safetensors::save(&tensors, &path).unwrap();
-        let e = read_adapter(&path, &keys()).err().expect("an error").to_string();
+        let e = read_adapter(&path, &keys()).expect_err("an error").to_string();
         assert!(e.contains(name), "{e}");
         e
     };

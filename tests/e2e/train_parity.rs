@@ -7,32 +7,26 @@
 //! of both A and B are informative; the inputs (latents, noise, timesteps, text embeddings, time
 //! ids) are the reference's, fed to `Trainer::loss_from`.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::{cargo, lib_file, manager, plugin_out, plugin_target, workspace};
+use common::{lib_file, manager};
 use graft_runtime::adapters::store::ParamKey;
 use graft_trainer::config::TrainConfig;
 use graft_trainer::trainer::Trainer;
 
-/// Builds `plugins/lora` into the tests' plugin target and copies it into the scratch folder
-/// `name` (one per test: the tests run in parallel).
+/// Builds `plugins/lora` into the tests' plugin target (once per test process:
+/// `graft_tests::build_plugins`) and copies it into the scratch folder `name` (one per test: the
+/// tests run in parallel).
 fn lora_plugin_dir(name: &str) -> std::path::PathBuf {
-    let out = cargo()
-        .current_dir(workspace())
-        .args(["build", "-p", "lora", "--target-dir"])
-        .arg(plugin_target())
-        .output()
-        .expect("run cargo");
-    assert!(out.status.success(), "cargo build -p lora failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let built = graft_tests::build_plugins(&["lora"]);
     let dir = graft_tests::scratch(&format!("train-parity-plugins/{name}"));
     let f = lib_file("lora");
-    std::fs::copy(plugin_out().join(&f), dir.join(&f)).expect("copy the lora plugin");
+    std::fs::copy(built.join(&f), dir.join(&f)).expect("copy the lora plugin");
     dir
 }
 
@@ -138,12 +132,12 @@ fn lora_step_matches_diffusers_peft() {
     assert_eq!(losses_ref.len(), 3);
 
     let mut report = Vec::new();
-    for step in 0..3 {
+    for (step, &reference) in losses_ref.iter().enumerate() {
         let loss = trainer.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &time_ids).expect("loss");
         let value = scalar(&loss);
-        let rel = ((value - losses_ref[step]) / losses_ref[step]).abs();
-        report.push(format!("step {step}: loss {value} reference {} rel {rel:.2e}", losses_ref[step]));
-        assert!(rel <= 1e-5, "step {step}: loss {value}, diffusers {} (rel {rel:.2e})", losses_ref[step]);
+        let rel = ((value - reference) / reference).abs();
+        report.push(format!("step {step}: loss {value} reference {reference} rel {rel:.2e}"));
+        assert!(rel <= 1e-5, "step {step}: loss {value}, diffusers {reference} (rel {rel:.2e})");
 
         let grads = trainer.optimizer.gradients(&loss.backward().unwrap());
         if step == 0 {

@@ -5,8 +5,7 @@
 //! scales of each stage), and its forward, delta weight and export through the host ops,
 //! checked against LoRA math written in candle.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,7 +1,6 @@
 //! `graft plugin new NAME` makes a crate that builds and loads as it is.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use candle_core::{DType, Device};
 use common::*;

@@ -1,8 +1,7 @@
 //! Builds real plugin libraries with cargo, loads them from disk, and calls them through the
 //! ops table with candle tensors on a small list of hook points.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;

@@ -1,8 +1,7 @@
 //! Plugins that fail on purpose: each fault is reported clearly (strategy, entry point, layer,
 //! reason), parameters are kept, and the host goes on running.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;

@@ -6,8 +6,7 @@
 //! a rebuild is taken up, and the run then goes on as if the failure had not happened. Outside
 //! watch mode, a run stopped by too many bad steps keeps its last good checkpoint and adapter.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,5 +1,5 @@
 //! Figures for the plugin machinery (a benchmark, not a test: run with
-//! `cargo test -p graft-tests --test plugins_bench -- --ignored --nocapture`).
+//! `cargo test -p graft-tests --test e2e plugins_bench:: -- --ignored --nocapture`).
 //!
 //! - load + check of a plugin library (private copy, layout check, manifest);
 //! - resident memory kept per reload (libraries are never unloaded);
@@ -7,8 +7,7 @@
 //! - the cost of an adapter computed through the ops table against the same math in candle,
 //!   on one real-size SDXL attention linear.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::time::Instant;
 

@@ -3,8 +3,7 @@
 //! unfusing restores the base weights exactly, and a faulting plugin is detached while the
 //! generation goes on with every parameter kept.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use candle_core::{Device, Tensor};
 use common::*;

@@ -3,8 +3,7 @@
 //! through the host ops against the same math in candle, and its learning rates and
 //! per-parameter clipping as the host's AdamW applies them.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::collections::BTreeSet;
 

@@ -10,8 +10,7 @@
 //!
 //! After every reload the parameters and optimizer moments are exactly those before it.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -251,8 +250,10 @@ fn many_hot_reloads_and_broken_builds_during_training_lose_nothing() {
                 refused += 1;
             }
             10 => {
-                // A good build in a folder anyone can write to: refused until the folder is fixed.
+                // A good build in a folder anyone can write to: refused until the folder is fixed
+                // (and while no other test sets GRAFT_ALLOW_WRITABLE_PLUGIN_DIRS).
                 use std::os::unix::fs::PermissionsExt;
+                let _env = graft_tests::env_lock();
                 let next = (current + 1) % bytes.len();
                 std::fs::set_permissions(lib_dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
                 swap_in(&lib, &bytes[next]);

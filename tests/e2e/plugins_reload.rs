@@ -4,8 +4,7 @@
 //! library in its place is reported while the last good build keeps running; unchanged bytes
 //! are skipped.
 
-#[path = "plugins_common.rs"]
-mod common;
+use crate::plugins_common as common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -320,9 +320,12 @@ fn a_plugin_folder_writable_by_everyone_is_refused() {
     // The explicit override loads it (with a warning).
     mode(&dir, 0o777);
     mode(&lib, 0o755);
+    // The environment is the whole test process's: reliability_plugins checks a refusal meanwhile.
+    let env = graft_tests::env_lock();
     std::env::set_var("GRAFT_ALLOW_WRITABLE_PLUGIN_DIRS", "1");
     let m = scan();
     std::env::remove_var("GRAFT_ALLOW_WRITABLE_PLUGIN_DIRS");
+    drop(env);
     mode(&dir, 0o755);
     let p = m.get("fault-plugin").expect("loaded with the override");
     // The hash graft shows is the library's SHA-256 (as sha256sum computes it).

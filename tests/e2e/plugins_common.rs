@@ -1,4 +1,4 @@
-//! Shared by the plugins_* tests (included with `#[path]`): building real plugin crates with
+//! Shared by the plugin tests (the `plugins_common` module of the e2e binary): building real plugin crates with
 //! cargo, scratch plugin folders, a small list of hook points.
 //!
 //! Plugins are built into `target/plugin-tests` (not `target/`), so the cargo running the tests
@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use graft_runtime::plugins::{layers_to_abi, DirOrigin, PluginManager, SearchDir};
 use graft_sdxl::hooks::{AttentionKind, BlockPosition, Component, LayerInfo, LayerKind};
@@ -47,18 +46,10 @@ fn run_cargo(mut cmd: Command, what: &str) {
     );
 }
 
-/// Builds the workspace plugin crates (once per test binary) and returns their folder.
+/// Builds the workspace plugin crates (once per test process: `graft_tests::build_plugins`) and
+/// returns their folder.
 pub fn built_plugins() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let mut cmd = cargo();
-        cmd.current_dir(workspace()).arg("build").arg("--target-dir").arg(plugin_target());
-        for p in WORKSPACE_PLUGINS {
-            cmd.args(["-p", p]);
-        }
-        run_cargo(cmd, "the test plugins");
-    });
-    plugin_out()
+    graft_tests::build_plugins(&WORKSPACE_PLUGINS)
 }
 
 /// A fresh folder holding copies of the given built workspace plugins.
@@ -153,24 +144,16 @@ pub fn layer<'a>(layers: &'a [graft_abi::LayerInfo], name: &str) -> &'a graft_ab
     layers.iter().find(|l| l.name() == name).expect("layer")
 }
 
-/// Builds one workspace plugin crate into the tests' target folder (once per crate and test
-/// binary) and returns a manager over a scratch folder `test` holding a copy of it.
+/// Builds the workspace plugin crates into the tests' target folder (once per test process:
+/// `graft_tests::build_plugins`) and returns a manager over a scratch folder `test` holding a
+/// copy of `crate_name`.
 pub fn single_plugin_manager(crate_name: &str, test: &str) -> PluginManager {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    {
-        let mut built = BUILT.lock().unwrap();
-        if !built.iter().any(|c| c == crate_name) {
-            let mut cmd = cargo();
-            cmd.current_dir(workspace()).args(["build", "-p", crate_name, "--target-dir"]).arg(plugin_target());
-            run_cargo(cmd, crate_name);
-            built.push(crate_name.to_string());
-        }
-    }
+    let built = graft_tests::build_plugins(&[crate_name]);
     let dir = workspace().join("target/test-scratch").join(test);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch folder");
     let f = lib_file(crate_name);
-    std::fs::copy(plugin_out().join(&f), dir.join(&f)).unwrap_or_else(|e| panic!("copy {f}: {e}"));
+    std::fs::copy(built.join(&f), dir.join(&f)).unwrap_or_else(|e| panic!("copy {f}: {e}"));
     manager(&dir)
 }
 

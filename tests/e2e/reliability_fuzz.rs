@@ -81,7 +81,7 @@ fn config(cases: u32) -> ProptestConfig {
     }
 }
 
-/// A scratch folder of this test binary (one per thread, so properties may run in parallel).
+/// A scratch folder of this module (one per thread, so properties may run in parallel).
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = graft_tests::workspace().join("target/test-scratch/reliability_fuzz").join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -230,7 +230,7 @@ fn a_giant_header_length_is_refused_before_allocating() {
         let (r, peak) = largest_alloc_of(|| graft_host::generate::lora_dir::read_header(&path).map(|_| ()).map_err(|e| format!("{e:#}")));
         assert!(r.unwrap_err().contains("giant.safetensors"));
         assert!(peak < 64 << 10, "{claimed}: read_header allocated {peak} bytes");
-        let (r, peak) = largest_alloc_of(|| graft_sdxl::varbuilder::open_safetensors(&[path.clone()]).map(|_| ()).map_err(|e| e.to_string()));
+        let (r, peak) = largest_alloc_of(|| graft_sdxl::varbuilder::open_safetensors(std::slice::from_ref(&path)).map(|_| ()).map_err(|e| e.to_string()));
         let e = r.unwrap_err();
         assert!(e.contains("giant.safetensors") && e.contains("corrupt or truncated"), "{e}");
         assert!(peak < 64 << 10, "{claimed}: open_safetensors allocated {peak} bytes");
@@ -946,7 +946,7 @@ fn pickle_files_are_never_read() {
         std::fs::write(&path, bytes).unwrap();
         let e = graft_formats::read::read_file(&path).unwrap_err().to_string();
         assert!(e.contains(name) && e.contains("pickle"), "{name}: {e}");
-        let e = graft_sdxl::varbuilder::open_safetensors(&[path.clone()]).map(|_| ()).unwrap_err().to_string();
+        let e = graft_sdxl::varbuilder::open_safetensors(std::slice::from_ref(&path)).map(|_| ()).unwrap_err().to_string();
         assert!(e.contains(name) && e.contains("pickle"), "{name}: {e}");
         let e = format!("{:#}", graft_host::generate::lora_dir::read_header(&path).unwrap_err());
         assert!(e.contains(name), "{name}: {e}");
