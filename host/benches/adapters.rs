@@ -16,10 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
 use graft_formats::{AdapterFile, AdapterFormat, KohyaMetadata, LoadReport, ModuleWeights, StoreDtype};
 use graft_runtime::adapters::files::FileAdapters;
-use candle_core::Module;
 use graft_sdxl::hooks::{AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerInfo, NoHooks};
 use graft_sdxl::nn::{HookedLinear, LayerNorm};
 use graft_sdxl::rng::GraftRng;
@@ -206,11 +206,9 @@ fn tiny_unet_overhead() {
     two.load(&fixtures().join("lora/peft_diffusers.safetensors"), "b", 0.5, 0.5).unwrap();
     let t = race(
         reps,
-        &mut [
-            &mut || run(PipelineHooks::none()),
-            &mut || run(files.hooks(PipelineHooks::none()).pipeline()),
-            &mut || run(two.hooks(PipelineHooks::none()).pipeline()),
-        ],
+        &mut [&mut || run(PipelineHooks::none()), &mut || run(files.hooks(PipelineHooks::none()).pipeline()), &mut || {
+            run(two.hooks(PipelineHooks::none()).pipeline())
+        }],
     );
     let (base, unfused, unfused_two) = (t[0], t[1], t[2]);
     drop(two);
@@ -318,7 +316,14 @@ fn real_block_overhead() {
         modules.push(ModuleWeights::lora(l.name.clone(), down, up, None));
     }
     let n = modules.len();
-    let report = LoadReport { file: PathBuf::from("random"), format: AdapterFormat::Kohya, attached: Vec::new(), unmatched_keys: Vec::new(), warnings: Vec::new(), native: None };
+    let report = LoadReport {
+        file: PathBuf::from("random"),
+        format: AdapterFormat::Kohya,
+        attached: Vec::new(),
+        unmatched_keys: Vec::new(),
+        warnings: Vec::new(),
+        native: None,
+    };
     let file = AdapterFile { format: AdapterFormat::Kohya, metadata: BTreeMap::new(), modules };
     files.add("random", Path::new("random"), file, report, 1.0, 1.0).unwrap();
 
@@ -339,10 +344,13 @@ fn real_block_overhead() {
     let t = Instant::now();
     files.fuse().unwrap();
     let fuse_s = secs(t);
-    let fused = race(reps, &mut [&mut || {
-        let h = files.hooks(PipelineHooks::none());
-        block.forward(&x, &c, &h.unet);
-    }])[0];
+    let fused = race(
+        reps,
+        &mut [&mut || {
+            let h = files.hooks(PipelineHooks::none());
+            block.forward(&x, &c, &h.unet);
+        }],
+    )[0];
     files.unfuse();
     println!("one SDXL transformer block (dim {dim}, {heads} heads, 2 x {tokens} tokens, context 2 x 77 x {ctx}), LoRA rank {rank} on its {n} linears:");
     println!("  base:    {}", fig(base, None));

@@ -52,11 +52,8 @@ fn main() {
         img.save(data.join(format!("{i}.png"))).unwrap();
         std::fs::write(data.join(format!("{i}.txt")), format!("image {i}, pastel line art")).unwrap();
     }
-    let strategies = [
-        ("lora", "{ rank = 8, alpha = 32 }"),
-        ("attention-gate", "{}"),
-        ("progressive-fusion", "{ stage1_steps = 2, stage2_steps = 2 }"),
-    ];
+    let strategies =
+        [("lora", "{ rank = 8, alpha = 32 }"), ("attention-gate", "{}"), ("progressive-fusion", "{ stage1_steps = 2, stage2_steps = 2 }")];
     println!("graft training step, tiny SDXL, 64x64, CPU {} threads (median of 6 steps after 2 warm-up)", candle_core::utils::get_num_threads());
     println!("{:<20} {:>5} {:>14} {:>14}", "strategy", "batch", "ms / step", "peak RSS MB");
     for (plugin, config) in strategies {

@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor};
 use graft_sdxl::schedulers::SchedulerConfig;
 use graft_sdxl::{GenerateParams, PipelineHooks, SdxlModel, WeightDtype};
 
-use graft_runtime::adapters::store::ParamKey;
 use crate::plugins::PluginDirArgs;
+use graft_runtime::adapters::store::ParamKey;
 use graft_trainer::config::TrainConfig;
 use graft_trainer::trainer::Trainer;
 
@@ -74,7 +74,12 @@ pub fn run(args: DeviceCheckArgs) -> anyhow::Result<()> {
     }
     let failed: Vec<&Check> = checks.iter().filter(|c| !c.passed()).collect();
     if !failed.is_empty() {
-        bail!("{} of {} checks failed: {}", failed.len(), checks.len(), failed.iter().map(|c| format!("{} {}", c.device, c.what)).collect::<Vec<_>>().join(", "));
+        bail!(
+            "{} of {} checks failed: {}",
+            failed.len(),
+            checks.len(),
+            failed.iter().map(|c| format!("{} {}", c.device, c.what)).collect::<Vec<_>>().join(", ")
+        );
     }
     Ok(())
 }
@@ -116,7 +121,12 @@ pub fn check_device(fixtures: &Path, plugins: &PluginDirArgs, dev: &Device, chec
         let (loss, grads) = train_step(fixtures, plugins, dev, dtype, &train)?;
         let want = scalar(&train["losses"].narrow(0, 0, 1)?)?;
         let deviation = ((loss - want) / want).abs();
-        checks.push(Check { device: on.clone(), what: format!("train step {dtype} weights: loss vs diffusers + PEFT"), deviation, limit: loss_limit });
+        checks.push(Check {
+            device: on.clone(),
+            what: format!("train step {dtype} weights: loss vs diffusers + PEFT"),
+            deviation,
+            limit: loss_limit,
+        });
         let mut devs = grads.iter().map(|(peft, g)| relative(g, &train[&format!("grad.{peft}")])).collect::<anyhow::Result<Vec<f32>>>()?;
         devs.sort_by(f32::total_cmp);
         // f32: every gradient; bf16: the median (single small gradients take bf16's rounding whole).
@@ -132,8 +142,18 @@ pub fn check_device(fixtures: &Path, plugins: &PluginDirArgs, dev: &Device, chec
 
 /// The GPU's f32 results against the CPU's.
 fn compare_results(cpu: &Results, gpu: &Results, on: &str, checks: &mut Vec<Check>) -> anyhow::Result<()> {
-    checks.push(Check { device: on.into(), what: "generate f32: latents vs the CPU's".into(), deviation: relative(&gpu.latents, &cpu.latents)?, limit: 1e-3 });
-    checks.push(Check { device: on.into(), what: "train step f32: loss vs the CPU's".into(), deviation: ((gpu.loss - cpu.loss) / cpu.loss).abs(), limit: 1e-3 });
+    checks.push(Check {
+        device: on.into(),
+        what: "generate f32: latents vs the CPU's".into(),
+        deviation: relative(&gpu.latents, &cpu.latents)?,
+        limit: 1e-3,
+    });
+    checks.push(Check {
+        device: on.into(),
+        what: "train step f32: loss vs the CPU's".into(),
+        deviation: ((gpu.loss - cpu.loss) / cpu.loss).abs(),
+        limit: 1e-3,
+    });
     let mut worst = 0f32;
     for (peft, g) in &gpu.grads {
         worst = worst.max(relative(g, &cpu.grads[peft])?);
@@ -205,7 +225,8 @@ fn train_step(
         Ok(reference.get(k).with_context(|| format!("the train reference has no `{k}`"))?.to_device(dev)?)
     };
     let timesteps: Vec<usize> = reference["timesteps"].to_dtype(DType::I64)?.to_vec1::<i64>()?.into_iter().map(|t| t as usize).collect();
-    let loss = trainer.loss_from(&get("latents")?, &get("noise")?, &timesteps, &get("prompt_embeds")?, &get("text_embeds")?, &get("time_ids")?)?;
+    let loss =
+        trainer.loss_from(&get("latents")?, &get("noise")?, &timesteps, &get("prompt_embeds")?, &get("text_embeds")?, &get("time_ids")?)?;
     let grads = trainer.optimizer.gradients(&loss.backward()?);
     let _ = std::fs::remove_dir_all(&root);
     if grads.len() != names.len() {
@@ -213,7 +234,9 @@ fn train_step(
     }
     let by_peft = grads
         .iter()
-        .map(|(n, g)| Ok((names.get(n).with_context(|| format!("unexpected parameter {n}"))?.clone(), g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+        .map(|(n, g)| {
+            Ok((names.get(n).with_context(|| format!("unexpected parameter {n}"))?.clone(), g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?))
+        })
         .collect::<anyhow::Result<_>>()?;
     Ok((scalar(&loss)?, by_peft))
 }

@@ -39,10 +39,7 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
         Some(f) => Some(Glob::new(f).with_context(|| format!("invalid --filter glob `{f}`"))?.compile_matcher()),
         None => None,
     };
-    let layers: Vec<_> = layers_of(&config)?
-        .into_iter()
-        .filter(|l| matcher.as_ref().is_none_or(|m| m.is_match(&l.name)))
-        .collect();
+    let layers: Vec<_> = layers_of(&config)?.into_iter().filter(|l| matcher.as_ref().is_none_or(|m| m.is_match(&l.name))).collect();
     for l in &layers {
         if args.json {
             println!("{}", serde_json::to_string(l)?);
@@ -56,9 +53,7 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
             println!("{:<9} {:>5} -> {:<5} {}", kind, l.in_features, l.out_features, l.name);
         }
     }
-    let count = |c: graft_sdxl::Component, k: LayerKind| {
-        layers.iter().filter(|l| l.component == c && l.kind == k).count()
-    };
+    let count = |c: graft_sdxl::Component, k: LayerKind| layers.iter().filter(|l| l.component == c && l.kind == k).count();
     use graft_sdxl::Component::*;
     eprintln!(
         "{} hook points: UNet {} linears + {} convs + {} attention modules; text encoders {} + {} linears, {} + {} attention modules",

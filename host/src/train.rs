@@ -137,11 +137,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
     if args.watch {
         plugins.watch()?;
     }
-    std::fs::create_dir_all(&config.output_dir)
-        .with_context(|| format!("cannot create output folder {}", config.output_dir.display()))?;
+    std::fs::create_dir_all(&config.output_dir).with_context(|| format!("cannot create output folder {}", config.output_dir.display()))?;
     let trainer = Trainer::new(config, plugins, &device)?;
-    let options =
-        SessionOptions { prompts, pause_on_failure: args.watch, resume: args.resume, progress: Some("training".into()) };
+    let options = SessionOptions { prompts, pause_on_failure: args.watch, resume: args.resume, progress: Some("training".into()) };
     let mut session = Session::start(trainer, options)?;
     let ended = session.run(&mut Quiet);
     let exports = match &ended {

@@ -290,7 +290,8 @@ fn killed_training_resumes_to_the_same_parameters() {
     for f in ["killed.safetensors", "killed.peft.safetensors"] {
         assert!(tensors(&out.join(f)) == tensors(&ref_out.join(f)), "{f} differs after {kills} kills");
     }
-    let losses = |o: &Path| losslog::read(&o.join("loss.jsonl")).unwrap().iter().map(|e| (e.step, e.loss.to_bits(), e.skipped)).collect::<Vec<_>>();
+    let losses =
+        |o: &Path| losslog::read(&o.join("loss.jsonl")).unwrap().iter().map(|e| (e.step, e.loss.to_bits(), e.skipped)).collect::<Vec<_>>();
     assert_eq!(losses(&out), losses(&ref_out), "the loss log differs");
     assert_eq!(losses(&out).len(), STEPS as usize);
     assert!(assert_no_partial_files(&out) >= 3 * STEPS as usize);

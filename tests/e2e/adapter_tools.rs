@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use graft_formats::{read_adapter, AdapterFile, AdapterFormat, KeyMap, ModuleKind, StoreDtype};
+use graft_host::tools::inspect::{inspect, InspectArgs};
+use graft_host::tools::ArchArgs;
 use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::adapters::files::{add_native, FileAdapters};
 use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
-use graft_host::tools::inspect::{inspect, InspectArgs};
-use graft_host::tools::ArchArgs;
 use graft_sdxl::{PipelineHooks, SdxlModel};
 use graft_tests::{fixtures, graft, graft_err, scratch, tiny_model};
 
@@ -85,13 +85,22 @@ fn inspect_reports_format_layers_ranks_alphas_metadata_and_base_model() {
     assert_eq!(l["kinds"], serde_json::json!({"full": 1, "loha": 1, "loha+dora": 1, "lokr": 3, "lora+dora": 2}));
 
     let text = graft_host::tools::inspect::text(&k, true, false);
-    for want in ["format:      kohya", "base model:  SDXL (ss_base_model_version = sdxl_base_v1-0", "layers:      228", "ranks:       2 (1), 4 (227)", "unmatched:   none", "ss_output_name: tiny_kohya_sgm", "unet.mid_block.attentions.0.transformer_blocks.1.attn2.to_k lora rank 2 alpha 8 scale 4"] {
+    for want in [
+        "format:      kohya",
+        "base model:  SDXL (ss_base_model_version = sdxl_base_v1-0",
+        "layers:      228",
+        "ranks:       2 (1), 4 (227)",
+        "unmatched:   none",
+        "ss_output_name: tiny_kohya_sgm",
+        "unet.mid_block.attentions.0.transformer_blocks.1.attn2.to_k lora rank 2 alpha 8 scale 4",
+    ] {
         assert!(text.contains(want), "missing `{want}` in\n{text}");
     }
     // Through the command line, and on the built-in SDXL base architecture nothing of the tiny
     // model matches: said, not an error.
     graft(&["inspect", s(&lora("kohya_sgm.safetensors")), CFG, s(&tiny)]).unwrap();
-    let sdxl = inspect(&InspectArgs { file: lora("kohya_sgm.safetensors"), layers: false, json: true, full: false, arch: ArchArgs::default() }).unwrap();
+    let sdxl = inspect(&InspectArgs { file: lora("kohya_sgm.safetensors"), layers: false, json: true, full: false, arch: ArchArgs::default() })
+        .unwrap();
     assert_eq!(sdxl["matches_model"], false);
     assert!(sdxl["error"].as_str().unwrap().contains("another"), "{}", sdxl["error"]);
     let e = graft_err(&["inspect", s(&fixtures().join("nope.safetensors"))]);
@@ -140,7 +149,8 @@ fn convert_between_kohya_peft_lycoris_keeps_every_delta() {
     assert!(h.tensors.values().all(|t| t.dtype == "F16"));
 
     // LyCORIS entries that are not LoRAs: a clear error, or LyCORIS to LyCORIS exactly.
-    let e = graft_err(&["convert", s(&lora("lycoris_mixed.safetensors")), "--to", "kohya", "--out", s(&dir.join("x.safetensors")), CFG, s(&tiny)]);
+    let e =
+        graft_err(&["convert", s(&lora("lycoris_mixed.safetensors")), "--to", "kohya", "--out", s(&dir.join("x.safetensors")), CFG, s(&tiny)]);
     assert!(e.contains("LoRA form") && e.contains("lycoris_mixed"), "{e}");
     let mixed = read(&lora("lycoris_mixed.safetensors"));
     let again = read(&conv(&lora("lycoris_mixed.safetensors"), "lycoris", "mixed.safetensors", &[]));
@@ -158,10 +168,12 @@ fn convert_with_rank_resizes_and_approximates() {
     let want = deltas(&read(&lora("kohya_sgm.safetensors")), 1.0);
     // Rank 4 holds every layer exactly; rank 2 does not.
     let r4 = dir.join("r4.safetensors");
-    graft(&["convert", s(&lora("kohya_sgm.safetensors")), "--to", "kohya", "--rank", "4", "--out", s(&r4), CFG, s(&tiny), "--dtype", "f32"]).unwrap();
+    graft(&["convert", s(&lora("kohya_sgm.safetensors")), "--to", "kohya", "--rank", "4", "--out", s(&r4), CFG, s(&tiny), "--dtype", "f32"])
+        .unwrap();
     assert_same_deltas(&want, &deltas(&read(&r4), 1.0), 1e-5, "rank 4");
     let r2 = dir.join("r2.safetensors");
-    graft(&["convert", s(&lora("kohya_sgm.safetensors")), "--to", "peft", "--rank", "2", "--out", s(&r2), CFG, s(&tiny), "--dtype", "f32"]).unwrap();
+    graft(&["convert", s(&lora("kohya_sgm.safetensors")), "--to", "peft", "--rank", "2", "--out", s(&r2), CFG, s(&tiny), "--dtype", "f32"])
+        .unwrap();
     let f = read(&r2);
     assert!(f.modules.iter().all(|m| m.rank() == Some(2)));
     let got = deltas(&f, 1.0);
@@ -177,7 +189,12 @@ fn convert_with_rank_resizes_and_approximates() {
 
     // LoHa / LoKr / full entries (no DoRA) become LoRAs by SVD; at full rank exactly.
     let mixed = read(&lora("lycoris_mixed.safetensors"));
-    let plain: Vec<_> = mixed.modules.iter().filter(|m| m.dora_scale.is_none() && !matches!(m.weights, graft_formats::AdapterWeights::Full { .. })).cloned().collect();
+    let plain: Vec<_> = mixed
+        .modules
+        .iter()
+        .filter(|m| m.dora_scale.is_none() && !matches!(m.weights, graft_formats::AdapterWeights::Full { .. }))
+        .cloned()
+        .collect();
     assert_eq!(plain.iter().map(|m| m.kind()).collect::<Vec<_>>(), [ModuleKind::LoKr, ModuleKind::LoHa, ModuleKind::LoKr, ModuleKind::LoKr]);
     let src = dir.join("lohakr.safetensors");
     let layout = graft_sdxl::sgm::SgmLayout::from_configs(
@@ -197,12 +214,14 @@ fn convert_with_rank_resizes_and_approximates() {
 
 /// UNet output of the tiny model for reference/unet.safetensors' inputs.
 fn unet_out(model: &SdxlModel, hooks: PipelineHooks) -> Tensor {
-    let r: BTreeMap<String, Tensor> = candle_core::safetensors::load(fixtures().join("reference/unet.safetensors"), &Device::Cpu).unwrap().into_iter().collect();
+    let r: BTreeMap<String, Tensor> =
+        candle_core::safetensors::load(fixtures().join("reference/unet.safetensors"), &Device::Cpu).unwrap().into_iter().collect();
     model.unet.forward(&r["sample"], &r["timesteps"], &r["encoder_hidden_states"], &r["text_embeds"], &r["time_ids"], hooks.unet).unwrap()
 }
 
 fn te_out(model: &SdxlModel, hooks: PipelineHooks) -> (Tensor, Tensor) {
-    let r: BTreeMap<String, Tensor> = candle_core::safetensors::load(fixtures().join("reference/te.safetensors"), &Device::Cpu).unwrap().into_iter().collect();
+    let r: BTreeMap<String, Tensor> =
+        candle_core::safetensors::load(fixtures().join("reference/te.safetensors"), &Device::Cpu).unwrap().into_iter().collect();
     let ids = |k: &str| r[k].to_dtype(DType::U32).unwrap();
     let a = model.text_encoder.forward(&ids("te1.input_ids"), hooks.text_encoder).unwrap();
     let b = model.text_encoder_2.forward(&ids("te2.input_ids"), hooks.text_encoder_2).unwrap();
@@ -244,7 +263,8 @@ fn merge_adapters_exactly_and_by_svd() {
 
     // By SVD to rank 4: the two halves are one rank-4 adapter, so nothing is lost.
     let svd = dir.join("svd.safetensors");
-    graft(&["merge", "--adapter", &k, "--adapter", &p, "--rank", "4", "--to", "peft", "--out", s(&svd), CFG, s(&tiny), "--dtype", "f32"]).unwrap();
+    graft(&["merge", "--adapter", &k, "--adapter", &p, "--rank", "4", "--to", "peft", "--out", s(&svd), CFG, s(&tiny), "--dtype", "f32"])
+        .unwrap();
     let f = read(&svd);
     assert!(f.modules.iter().all(|m| m.rank().unwrap() <= 4));
     assert_same_deltas(&want, &deltas(&f, 1.0), 1e-4, "svd to rank 4");
@@ -276,7 +296,22 @@ fn merge_full_and_lora_into_lycoris_sums_the_differences() {
     let k = lora("kohya_sgm.safetensors");
     let e = graft_err(&["merge", "--adapter", s(&src), "--adapter", s(&k), "--out", s(&out), CFG, s(&tiny)]);
     assert!(e.contains("concatenate") && e.contains("--to lycoris"), "{e}");
-    graft(&["merge", "--adapter", s(&src), "--adapter", &format!("{}:0.5", k.display()), "--to", "lycoris", "--out", s(&out), CFG, s(&tiny), "--dtype", "f32"]).unwrap();
+    graft(&[
+        "merge",
+        "--adapter",
+        s(&src),
+        "--adapter",
+        &format!("{}:0.5", k.display()),
+        "--to",
+        "lycoris",
+        "--out",
+        s(&out),
+        CFG,
+        s(&tiny),
+        "--dtype",
+        "f32",
+    ])
+    .unwrap();
     let got = read(&out);
     let lora_d = deltas(&read(&k), 0.5);
     for m in &got.modules {
@@ -423,14 +458,17 @@ fn locon_and_tucker_files_inspect_convert_and_fail_clearly_on_bad_shapes() {
     assert_eq!(raw.tensors[&key("unet.mid_block.resnets.0.conv2", "lora_mid.weight")].dims(), [3, 3, 3, 3]);
     assert_eq!(raw.tensors[&key("unet.mid_block.resnets.0.conv2", "lora_up.weight")].dims(), [56, 3, 1, 1]);
     assert_eq!(raw.tensors[&key("unet.down_blocks.1.resnets.0.conv1", "lora_down.weight")].dims(), [4, 32, 3, 3]);
-    let e = graft_err(&["convert", s(&lora("lycoris_locon.safetensors")), "--to", "kohya", "--out", s(&dir.join("k.safetensors")), CFG, s(&tiny)]);
+    let e =
+        graft_err(&["convert", s(&lora("lycoris_locon.safetensors")), "--to", "kohya", "--out", s(&dir.join("k.safetensors")), CFG, s(&tiny)]);
     assert!(e.contains("mid_block.resnets.0.conv2") && e.contains("Tucker"), "{e}");
-    let e = graft_err(&["convert", s(&lora("lycoris_locon.safetensors")), "--to", "peft", "--out", s(&dir.join("p.safetensors")), CFG, s(&tiny)]);
+    let e =
+        graft_err(&["convert", s(&lora("lycoris_locon.safetensors")), "--to", "peft", "--out", s(&dir.join("p.safetensors")), CFG, s(&tiny)]);
     assert!(e.contains("conv"), "{e}");
 
     // Malformed: a mid of the wrong rank, a 3x3 kernel on a 1x1 conv, a kernel on a linear.
     let bad = |name: &str, put: Vec<(&str, Tensor)>| -> String {
-        let mut tensors: std::collections::HashMap<String, Tensor> = candle_core::safetensors::load(lora("lycoris_locon.safetensors"), &Device::Cpu).unwrap();
+        let mut tensors: std::collections::HashMap<String, Tensor> =
+            candle_core::safetensors::load(lora("lycoris_locon.safetensors"), &Device::Cpu).unwrap();
         for (key, t) in put {
             tensors.insert(key.to_string(), t);
         }
@@ -447,7 +485,10 @@ fn locon_and_tucker_files_inspect_convert_and_fail_clearly_on_bad_shapes() {
     assert!(e.contains("conv_shortcut") && e.contains("kernel is 3x3") && e.contains("1x1"), "{e}");
     let e = bad(
         "linear.safetensors",
-        vec![("lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight", z(&[4, 48, 3, 3])), ("lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight", z(&[48, 4, 1, 1]))],
+        vec![
+            ("lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight", z(&[4, 48, 3, 3])),
+            ("lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight", z(&[48, 4, 1, 1])),
+        ],
     );
     assert!(e.contains("proj_in") && e.contains("linear"), "{e}");
 }

@@ -93,7 +93,7 @@ fn missing_component_folder_and_pickle_weights() {
     copy_dir(&tiny_model(), &model);
     std::fs::remove_dir_all(model.join("vae")).unwrap();
     let e = generate_err(&model, &SMALL);
-    assert!(e.contains("vae") , "{e}");
+    assert!(e.contains("vae"), "{e}");
     copy_dir(&tiny_model().join("vae"), &model.join("vae"));
     for entry in std::fs::read_dir(model.join("vae")).unwrap() {
         let p = entry.unwrap().path();

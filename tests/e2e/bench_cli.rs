@@ -10,12 +10,24 @@ fn every_tiny_workload_runs_and_writes_a_record() {
     let json = dir.join("graft.jsonl");
     let (fixture, plugins, json_arg) = (tiny_model(), plugins.display().to_string(), json.display().to_string());
     graft(&[
-        "bench", "--workload", "tiny.", "--workload", "hot_swap", "--runs", "1", "--in-process", "--json", &json_arg,
-        "--fixture", &fixture.display().to_string(), "--plugins", &plugins, "--no-default-plugins",
+        "bench",
+        "--workload",
+        "tiny.",
+        "--workload",
+        "hot_swap",
+        "--runs",
+        "1",
+        "--in-process",
+        "--json",
+        &json_arg,
+        "--fixture",
+        &fixture.display().to_string(),
+        "--plugins",
+        &plugins,
+        "--no-default-plugins",
     ])
     .unwrap();
-    let records: Vec<serde_json::Value> =
-        std::fs::read_to_string(&json).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&json).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let expected: Vec<&str> =
         graft_host::bench::workloads().iter().map(|w| w.name).filter(|n| n.starts_with("tiny.") || *n == "hot_swap").collect();
     let got: Vec<&str> = records.iter().map(|r| r["workload"].as_str().unwrap()).collect();

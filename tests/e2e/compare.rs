@@ -12,8 +12,8 @@ use graft_host::compare::config::CompareConfig;
 use graft_host::compare::report::{self, MISSING_CELL};
 use graft_host::plugins::PluginDirArgs;
 use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
-use graft_trainer::trainer::Trainer;
 use graft_tests::{base64_decode, build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
+use graft_trainer::trainer::Trainer;
 
 fn plugins() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -314,8 +314,7 @@ fn demo_runs_and_writes_the_report() {
     let dir = scratch("compare_demo");
     let out = dir.join("demo");
     let plugins = plugins();
-    graft(&["demo", "--out", out.to_str().unwrap(), "--steps", "3", "--cpu", "--no-build", "--plugins", plugins.to_str().unwrap()])
-        .unwrap();
+    graft(&["demo", "--out", out.to_str().unwrap(), "--steps", "3", "--cpu", "--no-build", "--plugins", plugins.to_str().unwrap()]).unwrap();
     for f in ["report.html", "report.md", "loss.png", "grid.png", "summary.json", "compare.toml", "prompts.txt", "data/011.png"] {
         assert!(out.join(f).is_file(), "{f}");
     }

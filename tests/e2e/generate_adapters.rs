@@ -13,10 +13,10 @@ use graft_formats::{write_native, ModuleWeights, NativeInfo, StoreDtype};
 use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::adapters::files::{add_native, fuse_all, unfuse_all, FileAdapters};
 use graft_runtime::adapters::store::ParamKey;
-use graft_trainer::png_out::read_parameters;
 use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
 use graft_sdxl::{PipelineHooks, SdxlModel};
 use graft_tests::{fixtures, graft, graft_err, scratch, tiny_model};
+use graft_trainer::png_out::read_parameters;
 
 fn lora(name: &str) -> PathBuf {
     fixtures().join("lora").join(name)
@@ -46,10 +46,7 @@ fn max_abs(a: &Tensor) -> f32 {
 /// The UNet output for the inputs of reference/unet.safetensors (main case).
 fn unet_out(model: &SdxlModel, hooks: PipelineHooks) -> Tensor {
     let r = load(&fixtures().join("reference/unet.safetensors"));
-    model
-        .unet
-        .forward(&r["sample"], &r["timesteps"], &r["encoder_hidden_states"], &r["text_embeds"], &r["time_ids"], hooks.unet)
-        .unwrap()
+    model.unet.forward(&r["sample"], &r["timesteps"], &r["encoder_hidden_states"], &r["text_embeds"], &r["time_ids"], hooks.unet).unwrap()
 }
 
 /// The penultimate hidden states of both text encoders for the prompts of reference/te.safetensors.
@@ -193,10 +190,8 @@ fn lycoris_entries_fuse_to_lycoris_weights() {
 fn bf16_kohya_file_with_diffusers_names_fuses_to_the_diffusers_deltas() {
     let model = model();
     let exp = expected();
-    let selected: Vec<String> = serde_json::from_str(
-        &graft_formats::read::read_file(&lora("expected.safetensors")).unwrap().metadata["selected"],
-    )
-    .unwrap();
+    let selected: Vec<String> =
+        serde_json::from_str(&graft_formats::read::read_file(&lora("expected.safetensors")).unwrap().metadata["selected"]).unwrap();
     let weight = |name: &str| -> Tensor {
         for reg in model.registries() {
             if let Some(i) = reg.index_of(name) {
@@ -253,8 +248,21 @@ fn keys_that_match_nothing_are_listed_and_a_file_that_matches_nothing_fails() {
     let e = format!("{:#}", files.load(&bad, "sd15", 1.0, 1.0).unwrap_err());
     assert!(e.contains("sd15.safetensors") && e.contains("no key"), "{e}");
     let e = graft_err(&[
-        "generate", "--model", tiny_model().to_str().unwrap(), "--prompt", "x", "--width", "64", "--height", "64",
-        "--steps", "1", "--adapter", bad.to_str().unwrap(), "--out", dir.join("x.png").to_str().unwrap(),
+        "generate",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--adapter",
+        bad.to_str().unwrap(),
+        "--out",
+        dir.join("x.png").to_str().unwrap(),
     ]);
     assert!(e.contains("sd15.safetensors") && e.contains("no key"), "{e}");
 }
@@ -325,9 +333,26 @@ fn prompt_file_batches_and_grid() {
     let run = |sub: &str, batch: &str| -> Vec<PathBuf> {
         let out = dir.join(sub).join("img.png");
         graft(&[
-            "generate", "--model", m.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--width", "64",
-            "--height", "48", "--steps", "2", "--lora-dir", lora_dir.to_str().unwrap(), "--batch-size", batch,
-            "--images-per-prompt", "2", "--grid", "--out", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "2",
+            "--lora-dir",
+            lora_dir.to_str().unwrap(),
+            "--batch-size",
+            batch,
+            "--images-per-prompt",
+            "2",
+            "--grid",
+            "--out",
+            out.to_str().unwrap(),
         ])
         .unwrap();
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(sub)).unwrap().map(|e| e.unwrap().path()).collect();
@@ -339,7 +364,17 @@ fn prompt_file_batches_and_grid() {
     let names: Vec<String> = one.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(
         names,
-        ["img.png", "img_00_3.png", "img_01_4.png", "img_02_3.png", "img_03_4.png", "img_04_9.png", "img_05_10.png", "img_06_3.png", "img_07_4.png"]
+        [
+            "img.png",
+            "img_00_3.png",
+            "img_01_4.png",
+            "img_02_3.png",
+            "img_03_4.png",
+            "img_04_9.png",
+            "img_05_10.png",
+            "img_06_3.png",
+            "img_07_4.png"
+        ]
     );
     for (a, b) in one.iter().zip(&four).skip(1) {
         let d = max_pixel_diff(&png(a), &png(b));
@@ -422,7 +457,27 @@ fn graft_native_file_goes_through_its_strategy() {
     // Through the command line, beside a kohya file.
     let out = dir.join("native.png");
     let args = |out: &Path, adapters: &[String]| {
-        let mut a: Vec<String> = ["generate", "--model", tiny_model().to_str().unwrap(), "--prompt", "a red fox", "--width", "64", "--height", "48", "--steps", "2", "--plugins", plugins.to_str().unwrap(), "--no-default-plugins", "--out", out.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> = [
+            "generate",
+            "--model",
+            tiny_model().to_str().unwrap(),
+            "--prompt",
+            "a red fox",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "2",
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--no-default-plugins",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         for x in adapters {
             a.push("--adapter".into());
             a.push(x.clone());
@@ -437,7 +492,13 @@ fn graft_native_file_goes_through_its_strategy() {
     let only = dir.join("only_kohya.png");
     run(&only, &[lora("kohya_sgm.safetensors").display().to_string()]);
     assert_ne!(png(&out), png(&only));
-    let e = graft_err(&args(&dir.join("x.png"), &[path.display().to_string()]).iter().map(|s| s.as_str()).filter(|s| *s != "--plugins" && *s != plugins.to_str().unwrap()).collect::<Vec<_>>());
+    let e = graft_err(
+        &args(&dir.join("x.png"), &[path.display().to_string()])
+            .iter()
+            .map(|s| s.as_str())
+            .filter(|s| *s != "--plugins" && *s != plugins.to_str().unwrap())
+            .collect::<Vec<_>>(),
+    );
     assert!(e.contains("attention-gate"), "{e}");
 }
 

@@ -1,7 +1,7 @@
 //! `graft generate` and `graft layers` end to end on the tiny fixture model.
 
-use graft_trainer::png_out::read_parameters;
 use graft_tests::{graft, scratch, tiny_model, tiny_single_file};
+use graft_trainer::png_out::read_parameters;
 
 fn png_pixels(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
@@ -19,9 +19,23 @@ fn generate_writes_png_with_a1111_parameters_and_is_reproducible() {
     let run = |out: &str, seed: &str| {
         let out = dir.join(out);
         graft(&[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "a red fox, watercolor painting",
-            "--negative-prompt", "blurry", "--width", "128", "--height", "96", "--steps", "3",
-            "--seed", seed, "--out", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red fox, watercolor painting",
+            "--negative-prompt",
+            "blurry",
+            "--width",
+            "128",
+            "--height",
+            "96",
+            "--steps",
+            "3",
+            "--seed",
+            seed,
+            "--out",
+            out.to_str().unwrap(),
         ])
         .unwrap();
         out
@@ -51,10 +65,8 @@ fn single_file_checkpoint_gives_the_same_image_as_the_diffusers_folder() {
     args.extend(common);
     graft(&args).unwrap();
     let single_png = dir.join("single.png");
-    let mut args = vec![
-        "generate", "--model", single.to_str().unwrap(), "--model-config", model.to_str().unwrap(),
-        "--out", single_png.to_str().unwrap(),
-    ];
+    let mut args =
+        vec!["generate", "--model", single.to_str().unwrap(), "--model-config", model.to_str().unwrap(), "--out", single_png.to_str().unwrap()];
     args.extend(common);
     graft(&args).unwrap();
     assert_eq!(png_pixels(&folder_png).2, png_pixels(&single_png).2);

@@ -11,8 +11,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{max_diff, sdxl_layers, single_plugin_manager, tiny_layers};
 use graft_runtime::adapters::store::{ParamKey, ParamStore};
 use graft_runtime::plugins::{CallContext, PluginManager, StrategyInstance};
-use graft_trainer::optim::{AdamW, Gradients, GroupConfig};
 use graft_sdxl::rng::GraftRng;
+use graft_trainer::optim::{AdamW, Gradients, GroupConfig};
 
 const ID: &str = "attention-gate";
 

@@ -4,7 +4,6 @@
 
 use crate::plugins_common as common;
 
-
 use candle_core::{DType, Device, Tensor};
 use common::{max_diff, sdxl_layers, single_plugin_manager, tiny_layers};
 use graft_runtime::adapters::store::{ParamKey, ParamStore};
@@ -27,10 +26,7 @@ const PROJECTIONS: [&str; 4] = [".to_q", ".to_k", ".to_v", ".to_out.0"];
 
 /// The UNet attention projections of a layer list, counted independently of the plugin.
 fn unet_projections(layers: &[graft_abi::LayerInfo]) -> Vec<&graft_abi::LayerInfo> {
-    layers
-        .iter()
-        .filter(|l| l.is_linear() && l.name().starts_with("unet.") && PROJECTIONS.iter().any(|p| l.name().ends_with(p)))
-        .collect()
+    layers.iter().filter(|l| l.is_linear() && l.name().starts_with("unet.") && PROJECTIONS.iter().any(|p| l.name().ends_with(p))).collect()
 }
 
 /// Checks every attachment: down [r, in] kaiming-uniform(sqrt 5), up [out, r] zeros, in `group`.
@@ -394,7 +390,10 @@ fn conv_adapters_plan_delta_and_export() -> candle_core::Result<()> {
     let tplan = t.plan(&tiny).expect("plan");
     assert_eq!(tplan.attachments.len(), 17 * 2 * 4 + conv_layers.len());
     let conv1 = tplan.attachments.iter().find(|a| a.layer.as_str() == "unet.down_blocks.1.resnets.0.conv1").unwrap();
-    assert_eq!(conv1.params.iter().map(|p| (p.name.as_str(), p.shape.to_vec())).collect::<Vec<_>>(), [("down", vec![2, 32]), ("mid", vec![2, 18]), ("up", vec![48, 2])]);
+    assert_eq!(
+        conv1.params.iter().map(|p| (p.name.as_str(), p.shape.to_vec())).collect::<Vec<_>>(),
+        [("down", vec![2, 32]), ("mid", vec![2, 18]), ("up", vec![48, 2])]
+    );
     let sc = tplan.attachments.iter().find(|a| a.layer.as_str() == "unet.down_blocks.1.resnets.0.conv_shortcut").unwrap();
     assert_eq!(sc.params.len(), 2, "1x1: no Tucker core");
 
@@ -407,7 +406,9 @@ fn conv_adapters_plan_delta_and_export() -> candle_core::Result<()> {
         for (key, p) in store.params(Some(s.name())) {
             store.set(&key, &rng.randn(p.dims(), &dev)?)?;
         }
-        for name in ["unet.down_blocks.1.resnets.0.conv1", "unet.down_blocks.1.resnets.0.conv_shortcut", "unet.down_blocks.0.downsamplers.0.conv"] {
+        for name in
+            ["unet.down_blocks.1.resnets.0.conv1", "unet.down_blocks.1.resnets.0.conv_shortcut", "unet.down_blocks.0.downsamplers.0.conv"]
+        {
             let l = layers_find(&tiny, name);
             let (kh, kw) = kernel(l);
             let (inf, outf) = (l.in_features as usize, l.out_features as usize);
@@ -571,7 +572,13 @@ fn tucker_export_is_a_lycoris_file_with_the_same_deltas() {
         set.store().set(&key, &(rng.randn(p.dims(), &Device::Cpu).unwrap() * 0.3).unwrap()).unwrap();
     }
     let layout = graft_sdxl::sgm::SgmLayout::from_configs(&model.config.unet, &model.config.vae, &model.config.text_encoder_2).unwrap();
-    let meta = graft_trainer::export::ExportMeta { steps: 1, unet_lr: Some(1e-4), text_encoder_lr: None, base_model: "tiny".into(), sgm_layout: layout.clone() };
+    let meta = graft_trainer::export::ExportMeta {
+        steps: 1,
+        unet_lr: Some(1e-4),
+        text_encoder_lr: None,
+        base_model: "tiny".into(),
+        sgm_layout: layout.clone(),
+    };
     let out = graft_tests::scratch("plugin_lora_tucker_export");
     let files = graft_trainer::export::export_strategy(&set, s, &out, "tucker", &meta).unwrap();
     assert_eq!(files, vec![out.join("tucker.safetensors")], "a LyCORIS file, no PEFT file");

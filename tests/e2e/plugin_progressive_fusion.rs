@@ -54,7 +54,10 @@ fn expected_stages(layers: &[graft_abi::LayerInfo], te1_last: u32, te2_last: u32
     let s3 = layers
         .iter()
         .filter(lin)
-        .filter(|l| l.name().starts_with("unet.") && [".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0"].iter().any(|p| l.name().ends_with(p)))
+        .filter(|l| {
+            l.name().starts_with("unet.")
+                && [".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0"].iter().any(|p| l.name().ends_with(p))
+        })
         .map(|l| l.name().to_string())
         .collect();
     [s1, s2, s3]
@@ -148,11 +151,7 @@ fn plan_on_the_tiny_model_and_on_sdxl() -> candle_core::Result<()> {
     assert_eq!(mid.params[0].shape.as_slice(), &[4, 1280]);
     let te2 = plan.attachments.iter().find(|a| a.layer.as_str() == "text_encoder_2.text_model.encoder.layers.30.self_attn.k_proj").unwrap();
     assert_eq!(te2.params[1].shape.as_slice(), &[1280, 12]);
-    let k = plan
-        .attachments
-        .iter()
-        .find(|a| a.layer.as_str() == "unet.down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k")
-        .unwrap();
+    let k = plan.attachments.iter().find(|a| a.layer.as_str() == "unet.down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k").unwrap();
     assert_eq!(k.params[0].shape.as_slice(), &[8, 2048]);
     Ok(())
 }
@@ -265,8 +264,7 @@ fn stage_directives_at_each_boundary_after_a_jump_and_a_resume() {
     assert_eq!(kinds_layers(&d, DirectiveKind::FREEZE), composite);
     assert_eq!(kinds_layers(&d, DirectiveKind::ATTACH), stages[2]);
     assert_eq!(kinds_layers(&d, DirectiveKind::UNFREEZE), stages[2]);
-    let lr: Vec<(String, f64)> =
-        d.iter().filter(|d| d.kind == DirectiveKind::LR_SCALE).map(|d| (d.group.to_string(), d.value)).collect();
+    let lr: Vec<(String, f64)> = d.iter().filter(|d| d.kind == DirectiveKind::LR_SCALE).map(|d| (d.group.to_string(), d.value)).collect();
     assert_eq!(lr, vec![("stage3".to_string(), 0.3)]);
     assert_eq!(d.len(), composite.len() + 2 * stages[2].len() + 1);
     assert!(!d.iter().any(|d| d.kind == DirectiveKind::FOLD_INTO_BASE || d.kind == DirectiveKind::DETACH));

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use common::*;
-use graft_runtime::plugins::{layers_to_abi, load_plugin, CallContext, StrategyInstance};
 use graft_runtime::adapters::store::{ParamKey, ParamStore};
+use graft_runtime::plugins::{layers_to_abi, load_plugin, CallContext, StrategyInstance};
 use graft_sdxl::hooks::{AttentionKind, BlockPosition, Component, LayerInfo, LayerKind};
 use graft_sdxl::rng::GraftRng;
 

@@ -39,11 +39,7 @@ pub fn lib_file(crate_name: &str) -> String {
 
 fn run_cargo(mut cmd: Command, what: &str) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run cargo for {what}: {e}"));
-    assert!(
-        out.status.success(),
-        "cargo failed for {what}:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "cargo failed for {what}:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Builds the workspace plugin crates (once per test process: `graft_tests::build_plugins`) and
@@ -91,11 +87,7 @@ pub fn build_standalone(dir: &Path, what: &str) {
         std::fs::copy(workspace().join("Cargo.lock"), dir.join("Cargo.lock")).expect("copy Cargo.lock");
     }
     let mut cmd = cargo();
-    cmd.arg("build")
-        .arg("--manifest-path")
-        .arg(dir.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(plugin_target());
+    cmd.arg("build").arg("--manifest-path").arg(dir.join("Cargo.toml")).arg("--target-dir").arg(plugin_target());
     run_cargo(cmd, what);
 }
 

@@ -6,9 +6,7 @@ use crate::plugins_common as common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use graft_runtime::adapters::store::{ParamKey, ParamStore};
-use graft_runtime::plugins::{
-    check_plan, load_plugin, CallContext, FileStatus, StrategyInstance,
-};
+use graft_runtime::plugins::{check_plan, load_plugin, CallContext, FileStatus, StrategyInstance};
 use graft_sdxl::rng::GraftRng;
 use graft_tests::{graft, graft_err};
 

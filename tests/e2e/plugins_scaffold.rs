@@ -14,8 +14,7 @@ fn a_new_plugin_builds_loads_and_runs() -> candle_core::Result<()> {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("scaffold-probe");
     let sdk = workspace().join("crates/graft-sdk");
-    graft(&["plugin", "new", "scaffold-probe", "--dir", dir.to_str().unwrap(), "--sdk", sdk.to_str().unwrap()])
-        .expect("plugin new");
+    graft(&["plugin", "new", "scaffold-probe", "--dir", dir.to_str().unwrap(), "--sdk", sdk.to_str().unwrap()]).expect("plugin new");
     let cargo_toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
     assert!(cargo_toml.contains("crate-type = [\"cdylib\"]") && cargo_toml.contains("[workspace]"), "{cargo_toml}");
     assert!(!cargo_toml.contains("candle"), "plugins never depend on candle");

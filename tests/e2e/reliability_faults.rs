@@ -14,10 +14,10 @@ use std::sync::OnceLock;
 
 use candle_core::Device;
 use graft_runtime::plugins::{DirOrigin, FileStatus, LoadError, PluginManager, SearchDir};
+use graft_tests::{build_plugins, graft, graft_err, scratch, tiny_model, write_shapes_dataset};
 use graft_trainer::checkpoint;
 use graft_trainer::config::TrainConfig;
 use graft_trainer::trainer::Trainer;
-use graft_tests::{build_plugins, graft, graft_err, scratch, tiny_model, write_shapes_dataset};
 
 fn plugins() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -87,10 +87,8 @@ fn poison_cache(cache: &Path, value: f32) -> Vec<(PathBuf, Vec<u8>)> {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let shapes: Vec<(String, Vec<usize>)> = st.tensors().into_iter().map(|(k, v)| (k, v.shape().to_vec())).collect();
-        let data: Vec<Vec<u8>> = shapes
-            .iter()
-            .map(|(_, s)| std::iter::repeat_n(value.to_le_bytes(), s.iter().product()).flatten().collect())
-            .collect();
+        let data: Vec<Vec<u8>> =
+            shapes.iter().map(|(_, s)| std::iter::repeat_n(value.to_le_bytes(), s.iter().product()).flatten().collect()).collect();
         let views: Vec<(String, safetensors::tensor::TensorView)> = shapes
             .iter()
             .zip(&data)
@@ -203,7 +201,8 @@ fn check_last_good(dir: &Path, config: &Path, error: &str, step: u64) {
 #[test]
 fn persistent_nan_stops_the_run_with_its_last_good_checkpoint() {
     let dir = scratch("rel_nan_stop");
-    let config = setup(&dir, 20, "save_every = 1\nmax_bad_steps = 3", "plugin = \"fault-plugin\"\nconfig = { fault = \"nan\", after = 3, lr = 0.01 }");
+    let config =
+        setup(&dir, 20, "save_every = 1\nmax_bad_steps = 3", "plugin = \"fault-plugin\"\nconfig = { fault = \"nan\", after = 3, lr = 0.01 }");
     let e = graft_err(&run_args(&config, &plugins()));
     assert!(e.contains("stopped at step 6: 3 steps in a row were skipped (non-finite loss or gradient)"), "{e}");
     check_last_good(&dir, &config, &e, 3);
@@ -226,10 +225,7 @@ fn a_strategy_that_starts_panicking_stops_the_run_with_its_last_good_checkpoint(
     let strategy = "plugin = \"fault-plugin\"\nconfig = { fault = \"panic\", entry = \"forward\", after = 2, lr = 0.01 }";
     let config = setup(&dir, 20, "save_every = 1\nmax_bad_steps = 2", strategy);
     let e = graft_err(&run_args(&config, &plugins()));
-    assert!(
-        e.contains("stopped at step 4: 2 steps in a row were skipped (the strategy `fault-plugin` failed and is detached)"),
-        "{e}"
-    );
+    assert!(e.contains("stopped at step 4: 2 steps in a row were skipped (the strategy `fault-plugin` failed and is detached)"), "{e}");
     check_last_good(&dir, &config, &e, 2);
     // In-process: the failure is reported (detached, recorded skipped) and the parameters kept.
     let mut t = trainer(&config);
@@ -303,16 +299,19 @@ fn a_plugin_folder_writable_by_everyone_is_refused() {
         m
     };
     let lib_c = dir.canonicalize().unwrap().join(lib.file_name().unwrap());
-    for (dir_mode, lib_mode, loads) in [(0o755, 0o755, true), (0o777, 0o755, false), (0o1777, 0o755, false), (0o755, 0o666, false), (0o775, 0o775, true)] {
+    for (dir_mode, lib_mode, loads) in
+        [(0o755, 0o755, true), (0o777, 0o755, false), (0o1777, 0o755, false), (0o755, 0o666, false), (0o775, 0o775, true)]
+    {
         mode(&dir, dir_mode);
         mode(&lib, lib_mode);
         let m = scan();
         assert_eq!(m.get("fault-plugin").is_some(), loads, "folder {dir_mode:o}, library {lib_mode:o}");
         if !loads {
-            let FileStatus::Failed(LoadError::Untrusted(why)) = &m.files()[&lib_c].status else {
-                panic!("{:?}", m.files()[&lib_c].status)
-            };
-            assert!(why.contains("writable by everyone") && why.contains("chmod o-w") && why.contains("GRAFT_ALLOW_WRITABLE_PLUGIN_DIRS"), "{why}");
+            let FileStatus::Failed(LoadError::Untrusted(why)) = &m.files()[&lib_c].status else { panic!("{:?}", m.files()[&lib_c].status) };
+            assert!(
+                why.contains("writable by everyone") && why.contains("chmod o-w") && why.contains("GRAFT_ALLOW_WRITABLE_PLUGIN_DIRS"),
+                "{why}"
+            );
             let e = m.require("fault-plugin").unwrap_err().to_string();
             assert!(e.contains("refused"), "{e}");
         }
@@ -353,5 +352,8 @@ fn the_command_path_reports_each_skipped_step_and_completes() {
     args.push("--resume");
     graft(&args).unwrap();
     let log = graft_trainer::losslog::read(&dir.join("out/loss.jsonl")).unwrap();
-    assert_eq!(log.iter().map(|e| (e.step, e.skipped)).collect::<Vec<_>>(), [(0, false), (1, true), (2, false), (3, false), (4, false), (5, false)]);
+    assert_eq!(
+        log.iter().map(|e| (e.step, e.skipped)).collect::<Vec<_>>(),
+        [(0, false), (1, true), (2, false), (3, false), (4, false), (5, false)]
+    );
 }

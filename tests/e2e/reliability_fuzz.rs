@@ -130,11 +130,8 @@ fn safetensors_file(tensors: &[(String, Dtype, Vec<usize>)], metadata: &[(String
             (0..n).map(|i| fill.wrapping_add((i * 37 % 251) as u8) & 0x3f).collect()
         })
         .collect();
-    let views: Vec<(String, TensorView)> = unique
-        .iter()
-        .zip(&data)
-        .map(|((name, d, s), bytes)| (name.clone(), TensorView::new(*d, s.clone(), bytes).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        unique.iter().zip(&data).map(|((name, d, s), bytes)| (name.clone(), TensorView::new(*d, s.clone(), bytes).unwrap())).collect();
     let meta: HashMap<String, String> = metadata.iter().cloned().collect();
     safetensors::serialize(views, if meta.is_empty() { None } else { Some(meta) }).unwrap()
 }
@@ -230,7 +227,8 @@ fn a_giant_header_length_is_refused_before_allocating() {
         let (r, peak) = largest_alloc_of(|| graft_host::generate::lora_dir::read_header(&path).map(|_| ()).map_err(|e| format!("{e:#}")));
         assert!(r.unwrap_err().contains("giant.safetensors"));
         assert!(peak < 64 << 10, "{claimed}: read_header allocated {peak} bytes");
-        let (r, peak) = largest_alloc_of(|| graft_sdxl::varbuilder::open_safetensors(std::slice::from_ref(&path)).map(|_| ()).map_err(|e| e.to_string()));
+        let (r, peak) =
+            largest_alloc_of(|| graft_sdxl::varbuilder::open_safetensors(std::slice::from_ref(&path)).map(|_| ()).map_err(|e| e.to_string()));
         let e = r.unwrap_err();
         assert!(e.contains("giant.safetensors") && e.contains("corrupt or truncated"), "{e}");
         assert!(peak < 64 << 10, "{claimed}: open_safetensors allocated {peak} bytes");
@@ -352,7 +350,13 @@ struct Module {
 fn module() -> impl Strategy<Value = Module> {
     let alpha = prop_oneof![Just(None), Just(Some(0.0f32)), Just(Some(1.0)), Just(Some(8.0)), Just(Some(f32::NAN)), Just(Some(-3.0))];
     let tweak = prop_oneof![3 => Just(None), 1 => (any::<usize>(), 0u8..3).prop_map(Some)];
-    (any::<usize>(), 0u8..7, 1usize..5, alpha, tweak).prop_map(|(layer, family, rank, alpha, tweak)| Module { layer, family, rank, alpha, tweak })
+    (any::<usize>(), 0u8..7, 1usize..5, alpha, tweak).prop_map(|(layer, family, rank, alpha, tweak)| Module {
+        layer,
+        family,
+        rank,
+        alpha,
+        tweak,
+    })
 }
 
 fn module_tensors(m: &Module) -> Vec<(String, Dtype, Vec<usize>)> {
@@ -716,8 +720,17 @@ proptest! {
 
 fn prompt_line() -> impl Strategy<Value = String> {
     let option = prop_oneof![
-        Just("--w"), Just("--h"), Just("--d"), Just("--s"), Just("--l"), Just("--n"), Just("--ss"), Just("--W"),
-        Just("--x"), Just("--"), Just("---"),
+        Just("--w"),
+        Just("--h"),
+        Just("--d"),
+        Just("--s"),
+        Just("--l"),
+        Just("--n"),
+        Just("--ss"),
+        Just("--W"),
+        Just("--x"),
+        Just("--"),
+        Just("---"),
     ];
     let value = prop_oneof![
         any::<u64>().prop_map(|v| v.to_string()),

@@ -81,7 +81,11 @@ fn build_variants() -> Builds {
     );
     write_crate(&root.join("probe-abi999"), "probe-abi999", &abi_src, &abi_deps, "");
     let mut tail = standalone_tail();
-    tail = tail.replacen("[workspace]", "[workspace]\nresolver = \"2\"\nmembers = [\"probe-v1\", \"probe-v2\", \"probe-v3\", \"probe-panics\", \"probe-abi999\"]", 1);
+    tail = tail.replacen(
+        "[workspace]",
+        "[workspace]\nresolver = \"2\"\nmembers = [\"probe-v1\", \"probe-v2\", \"probe-v3\", \"probe-panics\", \"probe-abi999\"]",
+        1,
+    );
     std::fs::write(root.join("Cargo.toml"), tail).unwrap();
     std::fs::copy(workspace().join("Cargo.lock"), root.join("Cargo.lock")).unwrap();
     let out = cargo()
@@ -244,7 +248,9 @@ fn many_hot_reloads_and_broken_builds_during_training_lose_nothing() {
             8 => {
                 // Not a library at all.
                 swap_in(&lib, b"\x7fELF truncated by a crash");
-                poll_until(&mut t, "the junk file to be refused", |t| matches!(status(t, &lib), Some(FileStatus::Failed(LoadError::NotAPlugin(_)))));
+                poll_until(&mut t, "the junk file to be refused", |t| {
+                    matches!(status(t, &lib), Some(FileStatus::Failed(LoadError::NotAPlugin(_))))
+                });
                 assert_eq!(version(&t), builds.good[current].0);
                 good_step(&mut t);
                 refused += 1;

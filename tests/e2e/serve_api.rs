@@ -144,18 +144,35 @@ fn bad_requests_get_clear_4xx() {
     assert_error(s, &b, 400, "/no/such/folder");
     let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 0}).to_string()));
     assert_error(s, &b, 400, "steps");
-    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"rank": "big"}}).to_string()));
+    let (s, b) = call(
+        "POST",
+        "/api/train",
+        Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"rank": "big"}}).to_string()),
+    );
     assert_error(s, &b, 400, "refuses this config");
     // Checked against the plugin's config schema before the run is queued: the error names the key.
-    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"rank": 0}}).to_string()));
+    let (s, b) =
+        call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"rank": 0}}).to_string()));
     assert_error(s, &b, 400, "key `rank`: 0 is out of range (must be >= 1)");
-    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"dropout": 1.0}}).to_string()));
+    let (s, b) = call(
+        "POST",
+        "/api/train",
+        Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"dropout": 1.0}}).to_string()),
+    );
     assert_error(s, &b, 400, "key `dropout`");
-    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"init": "xavier"}}).to_string()));
+    let (s, b) = call(
+        "POST",
+        "/api/train",
+        Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "strategy_config": {"init": "xavier"}}).to_string()),
+    );
     assert_error(s, &b, 400, "key `init`: expected one of");
     let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "name": "../x"}).to_string()));
     assert_error(s, &b, 400, "name");
-    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "sample_every": 1, "sample_prompts": ["a cat --w 63"]}).to_string()));
+    let (s, b) = call(
+        "POST",
+        "/api/train",
+        Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "sample_every": 1, "sample_prompts": ["a cat --w 63"]}).to_string()),
+    );
     assert_eq!(s, 400, "{b}");
     let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "lr": 1}).to_string()));
     assert_error(s, &b, 400, "unknown field `lr`");

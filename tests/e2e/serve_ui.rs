@@ -119,10 +119,8 @@ impl Driver {
     fn wait_for(&self, what: &str, script: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.js(script) != json!(true) {
-            let err = self.js(
-                "return [document.getElementById('status-line').textContent, document.getElementById('toast').textContent, \
-                 document.getElementById('job-error').textContent, document.getElementById('train-plugin').innerHTML].join(' | ')",
-            );
+            let err = self.js("return [document.getElementById('status-line').textContent, document.getElementById('toast').textContent, \
+                 document.getElementById('job-error').textContent, document.getElementById('train-plugin').innerHTML].join(' | ')");
             assert!(Instant::now() < deadline, "timed out waiting for {what} (page says: {err})");
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -225,9 +223,16 @@ fn train_and_generate_in_the_browser() {
     assert_eq!(d.js("return document.querySelectorAll('#samples img').length"), json!(2));
     d.screenshot("train-done.png");
     // The run used the rank set in the form: the kohya file says so.
-    let jobs: Value = serde_json::from_str(&agent().get(&format!("{}/api/jobs", server.url())).call().unwrap().body_mut().read_to_string().unwrap()).unwrap();
+    let jobs: Value =
+        serde_json::from_str(&agent().get(&format!("{}/api/jobs", server.url())).call().unwrap().body_mut().read_to_string().unwrap()).unwrap();
     let job = jobs.as_array().unwrap().iter().rev().find(|j| j["name"] == "ui-run").expect("the ui-run job");
-    let file = job["exports"].as_array().unwrap().iter().filter_map(|e| e.as_str()).find(|e| e.ends_with("/ui-run.safetensors")).expect("the kohya file");
+    let file = job["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str())
+        .find(|e| e.ends_with("/ui-run.safetensors"))
+        .expect("the kohya file");
     let raw = graft_formats::read::read_bytes(&std::fs::read(file).unwrap(), Path::new(file)).unwrap();
     assert_eq!((raw.metadata["ss_network_dim"].as_str(), raw.metadata["ss_network_alpha"].as_str()), ("4", "4.0"), "{file}");
 

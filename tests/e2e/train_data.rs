@@ -29,11 +29,9 @@ fn fixture_optimizer(r: &HashMap<String, Tensor>) -> (AdamW, Vec<Var>) {
     let vars: Vec<Var> = PARAMS.iter().map(|p| Var::from_tensor(&r[&format!("init.{p}")]).unwrap()).collect();
     let a = GroupConfig::new("a", 1e-2).weight_decay(1e-2).betas(0.9, 0.999).eps(1e-8).clip_norm(Some(0.5));
     let b = GroupConfig::new("b", 5e-3).weight_decay(0.1).betas(0.8, 0.99).eps(1e-6);
-    let mut opt = AdamW::new(vec![
-        (a, vec![("p0".into(), vars[0].clone()), ("p1".into(), vars[1].clone())]),
-        (b, vec![("p2".into(), vars[2].clone())]),
-    ])
-    .unwrap();
+    let mut opt =
+        AdamW::new(vec![(a, vec![("p0".into(), vars[0].clone()), ("p1".into(), vars[1].clone())]), (b, vec![("p2".into(), vars[2].clone())])])
+            .unwrap();
     opt.max_grad_norm = Some(1.0);
     (opt, vars)
 }

@@ -7,9 +7,9 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
+use graft_tests::{build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
 use graft_trainer::config::TrainConfig;
 use graft_trainer::trainer::Trainer;
-use graft_tests::{build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
 
 fn plugins() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -174,7 +174,16 @@ fn interrupted_and_resumed_run_ends_with_the_same_parameters() {
     let config_b = setup(&dir_b, 6, "save_every = 3", strategy);
     let plugins = plugins();
     let run = |steps: &str, resume: bool| {
-        let mut args = vec!["train", "--config", config_b.to_str().unwrap(), "--steps", steps, "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"];
+        let mut args = vec![
+            "train",
+            "--config",
+            config_b.to_str().unwrap(),
+            "--steps",
+            steps,
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--no-default-plugins",
+        ];
         if resume {
             args.push("--resume");
         }
@@ -202,7 +211,17 @@ fn train_command_writes_checkpoints_samples_log_plot_and_adapters() {
     let plugins = plugins();
     graft(&["train", "--config", config.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"]).unwrap();
     let out = dir.join("out");
-    for f in ["loss.jsonl", "loss.png", "test-adapter.safetensors", "test-adapter.peft.safetensors", "checkpoints/latest", "checkpoints/step-000002/params.safetensors", "checkpoints/step-000004/optimizer.safetensors", "samples/step000002_00_5.png", "samples/step000004_00_5.png"] {
+    for f in [
+        "loss.jsonl",
+        "loss.png",
+        "test-adapter.safetensors",
+        "test-adapter.peft.safetensors",
+        "checkpoints/latest",
+        "checkpoints/step-000002/params.safetensors",
+        "checkpoints/step-000004/optimizer.safetensors",
+        "samples/step000002_00_5.png",
+        "samples/step000004_00_5.png",
+    ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
     let log = graft_trainer::losslog::read(&out.join("loss.jsonl")).unwrap();
@@ -217,7 +236,8 @@ fn train_command_writes_checkpoints_samples_log_plot_and_adapters() {
     // A missing config key and a broken image are named.
     std::fs::write(dir.join("data/009.png"), b"not a png").unwrap();
     std::fs::write(dir.join("data/009.txt"), "broken").unwrap();
-    let e = graft_tests::graft_err(&["train", "--config", config.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"]);
+    let e =
+        graft_tests::graft_err(&["train", "--config", config.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--no-default-plugins"]);
     assert!(e.contains("009.png"), "{e}");
 }
 
@@ -269,7 +289,12 @@ fn text_encoders_leave_memory_during_the_steps() {
     }];
     let run = |cache: bool| {
         let dir = scratch(&format!("train_te_release_{cache}"));
-        let config = setup(&dir, 4, &format!("cache_text_encoder_outputs = {cache}"), "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, unet_lr = 0.01 }");
+        let config = setup(
+            &dir,
+            4,
+            &format!("cache_text_encoder_outputs = {cache}"),
+            "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, unet_lr = 0.01 }",
+        );
         let mut t = trainer(&config);
         let te_bytes = |t: &Trainer| -> usize {
             t.model.registries()[1..]
@@ -313,9 +338,8 @@ fn kohya_setup(dir: &Path, extra: &str) -> PathBuf {
     std::fs::write(dir.join("model/sample/prompt.txt"), "a pink circle, line art --w 64 --h 64 --d 5 --s 2\n").unwrap();
     let fixture = graft_tests::fixtures().join("kohya/config_lora-20261206-091512.toml");
     let text = std::fs::read_to_string(fixture).unwrap();
-    let text = text
-        .replace("/home/user/models/sd_xl_base_1.0", tiny_model().to_str().unwrap())
-        .replace("/home/user/kohya", dir.to_str().unwrap());
+    let text =
+        text.replace("/home/user/models/sd_xl_base_1.0", tiny_model().to_str().unwrap()).replace("/home/user/kohya", dir.to_str().unwrap());
     let path = dir.join("config_lora.toml");
     std::fs::write(&path, format!("{extra}{text}")).unwrap();
     path
@@ -334,10 +358,22 @@ fn kohya_ss_config_trains_unchanged() {
     assert_eq!((lora["rank"].as_integer(), lora["alpha"].as_float()), (Some(16), Some(32.0)));
     let targets: Vec<&str> = lora["targets"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert!(targets.contains(&"unet.*.ff.net.2") && targets.iter().all(|t| t.starts_with("unet.")), "{targets:?}");
-    assert_eq!((c.options.steps, c.options.save_every, c.options.sample_every, c.options.batch_size, c.options.warmup_steps), (50, 25, 50, Some(2), 5));
-    assert_eq!((c.options.lr_schedule.name(), c.options.cache_latents, c.options.dtype.to_string().as_str()), ("cosine", graft_trainer::options::CacheLatents::Disk, "bf16"));
-    assert_eq!((c.options.sample_sampler.as_deref(), c.options.prediction_type, c.options.seed), (Some("euler_a"), Some(graft_sdxl::schedulers::PredictionType::Epsilon), 1234));
-    assert_eq!((c.options.noise_offset, c.options.min_snr_gamma, c.options.max_grad_norm, c.options.gradient_checkpointing), (0.0357, 5.0, 1.0, true));
+    assert_eq!(
+        (c.options.steps, c.options.save_every, c.options.sample_every, c.options.batch_size, c.options.warmup_steps),
+        (50, 25, 50, Some(2), 5)
+    );
+    assert_eq!(
+        (c.options.lr_schedule.name(), c.options.cache_latents, c.options.dtype.to_string().as_str()),
+        ("cosine", graft_trainer::options::CacheLatents::Disk, "bf16")
+    );
+    assert_eq!(
+        (c.options.sample_sampler.as_deref(), c.options.prediction_type, c.options.seed),
+        (Some("euler_a"), Some(graft_sdxl::schedulers::PredictionType::Epsilon), 1234)
+    );
+    assert_eq!(
+        (c.options.noise_offset, c.options.min_snr_gamma, c.options.max_grad_norm, c.options.gradient_checkpointing),
+        (0.0357, 5.0, 1.0, true)
+    );
     let d = &c.dataset;
     assert_eq!((d.resolution, d.enable_bucket, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps), (64, true, 32, 128, 32));
     assert_eq!((d.caption_extension.as_deref(), d.shuffle_caption, d.keep_tokens, d.bucket_no_upscale), (Some(".txt"), true, 1, true));
@@ -374,7 +410,12 @@ fn kohya_config_unsupported_keys_and_epochs() {
     std::fs::write(&path, text).unwrap();
     let cwd = std::env::current_dir().unwrap();
     let e = format!("{:#}", graft_trainer::kohya::import(&path, &cwd, false).unwrap_err());
-    for k in ["`reg_data_dir = ", "`loss_type = \"huber\"` (losses other than l2)", "`my_own_key = 3` (not a setting graft knows)", "--ignore-unsupported"] {
+    for k in [
+        "`reg_data_dir = ",
+        "`loss_type = \"huber\"` (losses other than l2)",
+        "`my_own_key = 3` (not a setting graft knows)",
+        "--ignore-unsupported",
+    ] {
         assert!(e.contains(k), "{k} not in: {e}");
     }
     let import = graft_trainer::kohya::import(&path, &cwd, true).unwrap();
@@ -382,16 +423,19 @@ fn kohya_config_unsupported_keys_and_epochs() {
 
     // 4 images x 10 repeats in batches of 2: 20 steps an epoch.
     let text = std::fs::read_to_string(&path).unwrap();
-    let text = text.replace("max_train_steps = 50\n", "max_train_epochs = 3\nsave_every_n_epochs = 1\n").replace("lr_warmup_steps = 5", "lr_warmup_steps = 0.1");
+    let text = text
+        .replace("max_train_steps = 50\n", "max_train_epochs = 3\nsave_every_n_epochs = 1\n")
+        .replace("lr_warmup_steps = 5", "lr_warmup_steps = 0.1");
     std::fs::write(&path, text).unwrap();
     let c = graft_trainer::kohya::import(&path, &cwd, true).unwrap().config;
     assert_eq!((c.options.steps, c.options.save_every, c.options.warmup_steps), (60, 20, 6));
 
     // LoCon and an optimizer with arguments, as kohya_ss writes them.
     let text = std::fs::read_to_string(&path).unwrap();
-    let text = text
-        .replace("network_args = []", "network_args = [ \"conv_dim=8\", \"conv_alpha=4\",]")
-        .replace("optimizer_type = \"AdamW\"", "optimizer_type = \"prodigy\"\noptimizer_args = [ \"decouple=True\", \"d_coef=2\", \"betas=0.9,0.99\",]");
+    let text = text.replace("network_args = []", "network_args = [ \"conv_dim=8\", \"conv_alpha=4\",]").replace(
+        "optimizer_type = \"AdamW\"",
+        "optimizer_type = \"prodigy\"\noptimizer_args = [ \"decouple=True\", \"d_coef=2\", \"betas=0.9,0.99\",]",
+    );
     std::fs::write(&path, text).unwrap();
     let c = graft_trainer::kohya::import(&path, &cwd, true).unwrap().config;
     assert_eq!((c.strategy.config["conv_rank"].as_integer(), c.strategy.config["conv_alpha"].as_float()), (Some(8), Some(4.0)));

@@ -15,12 +15,12 @@ use graft_formats::{read_adapter, AdapterFormat, KeyMap};
 use graft_runtime::adapters::dispatcher::{AdapterSet, StrategyId};
 use graft_runtime::adapters::store::ParamKey;
 use graft_runtime::plugins::{PluginManager, StrategyInstance};
-use graft_trainer::export::{export_strategy, ExportMeta};
-use graft_trainer::losslog::{self, LossEntry, LossLog};
-use graft_trainer::samples::{self, SampleDefaults};
 use graft_sdxl::rng::GraftRng;
 use graft_sdxl::sgm::SgmLayout;
 use graft_sdxl::SdxlModel;
+use graft_trainer::export::{export_strategy, ExportMeta};
+use graft_trainer::losslog::{self, LossEntry, LossLog};
+use graft_trainer::samples::{self, SampleDefaults};
 
 const PLUGINS: [&str; 3] = ["lora", "example-scale", "attention-gate"];
 
@@ -266,7 +266,8 @@ fn loss_log_resume_and_plots() {
     assert!(entries.iter().enumerate().all(|(i, e)| e.step == i as u64));
     losslog::plot_loss_png(&entries, &out.join("loss.png")).unwrap();
     let other: Vec<LossEntry> = entries.iter().map(|e| LossEntry { loss: e.loss * 1.3, ..*e }).collect();
-    losslog::plot_many(&[("lora", losslog::PALETTE[0], &entries), ("attention-gate", losslog::PALETTE[1], &other)], &out.join("compare.png")).unwrap();
+    losslog::plot_many(&[("lora", losslog::PALETTE[0], &entries), ("attention-gate", losslog::PALETTE[1], &other)], &out.join("compare.png"))
+        .unwrap();
     for f in ["loss.png", "compare.png"] {
         let img = image::open(out.join(f)).unwrap().to_rgb8();
         assert_eq!((img.width(), img.height()), (800, 480));

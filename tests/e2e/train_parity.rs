@@ -107,8 +107,7 @@ fn lora_step_matches_diffusers_peft() {
     let mut trainer = Trainer::new(config, plugins, &dev).expect("trainer");
 
     // The same LoRA parameters on both sides, set to the reference's initial values.
-    let peft_names: Vec<String> =
-        reference.keys().filter_map(|k| k.strip_prefix("init.")).map(str::to_string).collect();
+    let peft_names: Vec<String> = reference.keys().filter_map(|k| k.strip_prefix("init.")).map(str::to_string).collect();
     let by_key: BTreeMap<ParamKey, String> = peft_names.iter().map(|n| (store_key(n), n.clone())).collect();
     let store = trainer.set.store();
     let ours: Vec<ParamKey> = store.params(Some("lora")).into_iter().map(|(k, _)| k).collect();
@@ -328,7 +327,8 @@ fn half_precision_step_deviation() {
             let peft = reference.keys().find(|k| k.starts_with("init.") && store_key(&k["init.".len()..]) == key).unwrap();
             store.set(&key, &get(peft)).unwrap();
         }
-        let loss = trainer.loss_from(&get("latents"), &get("noise"), &timesteps, &get("prompt_embeds"), &get("text_embeds"), &get("time_ids")).unwrap();
+        let loss =
+            trainer.loss_from(&get("latents"), &get("noise"), &timesteps, &get("prompt_embeds"), &get("text_embeds"), &get("time_ids")).unwrap();
         (scalar(&loss), trainer.optimizer.gradients(&loss.backward().unwrap()))
     };
     let (loss32, grads32) = step("fp32");
@@ -350,10 +350,15 @@ fn half_precision_step_deviation() {
         let median = devs[devs.len() / 2].0;
         let min_cos = devs.iter().map(|d| d.1).fold(1f32, f32::min);
         println!("{dtype}: loss {loss} (f32 {loss32}, rel {rel:.2e}); gradients: median max|diff|/max|g| {median:.2e}, worst {worst:.2e} ({}), lowest cosine {min_cos:.5}", devs[0].2);
-        for d in devs.iter().take(5) { println!("  {:.2e} cos {:.5} {}", d.0, d.1, d.2); }
+        for d in devs.iter().take(5) {
+            println!("  {:.2e} cos {:.5} {}", d.0, d.1, d.2);
+        }
         assert!(rel <= 1e-2, "{dtype}: loss deviates by {rel:.2e}");
         // bf16 keeps 8 significant bits of the weights and of the activations in each product.
-        assert!(median <= tol && min_cos >= 1.0 - 2.0 * tol - 1e-6, "{dtype}: the gradients deviate (median {median:.2e}, lowest cosine {min_cos})");
+        assert!(
+            median <= tol && min_cos >= 1.0 - 2.0 * tol - 1e-6,
+            "{dtype}: the gradients deviate (median {median:.2e}, lowest cosine {min_cos})"
+        );
         if dtype != "fp16" {
             assert!(worst > 0.0, "bf16: no deviation at all: the weights were not kept in bf16");
         }
@@ -368,8 +373,15 @@ fn device_check_passes_on_the_cpu() {
     let out = graft_tests::scratch("device-check").join("checks.md");
     let fixtures = graft_tests::fixtures();
     graft_tests::graft(&[
-        "device-check", "--cpu", "--no-default-plugins", "--plugins", plugins.to_str().unwrap(),
-        "--fixtures", fixtures.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "device-check",
+        "--cpu",
+        "--no-default-plugins",
+        "--plugins",
+        plugins.to_str().unwrap(),
+        "--fixtures",
+        fixtures.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ])
     .expect("device-check");
     let table = std::fs::read_to_string(&out).unwrap();

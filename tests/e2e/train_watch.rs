@@ -39,7 +39,8 @@ fn write_probe_as(dir: &Path, id: &str, version: &str, gain: &str) {
         text.replace(from, to)
     };
     let src = replace(src, r#"Manifest::new("lora", env!("CARGO_PKG_VERSION"))"#, &format!(r#"Manifest::new("{id}", "{version}")"#));
-    let src = replace(src, "Ok(base_out + ly * (c.multiplier * c.scale()))", &format!("Ok(base_out + ly * ({gain} * c.multiplier * c.scale()))"));
+    let src =
+        replace(src, "Ok(base_out + ly * (c.multiplier * c.scale()))", &format!("Ok(base_out + ly * ({gain} * c.multiplier * c.scale()))"));
     std::fs::create_dir_all(dir.join("src")).unwrap();
     std::fs::write(dir.join("src/lib.rs"), src).unwrap();
     let manifest = format!(

@@ -24,10 +24,9 @@
 use abi_stable::{
     declare_root_module_statics,
     library::RootModule,
-    package_version_strings,
-    sabi_trait,
-    sabi_types::VersionStrings,
+    package_version_strings, sabi_trait,
     sabi_types::RMut,
+    sabi_types::VersionStrings,
     std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec},
     type_layout::TypeLayout,
     StableAbi,
@@ -273,10 +272,7 @@ pub struct ConvGeometry {
 impl ConvGeometry {
     /// The JSON the host puts in `extra`.
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"kernel\": [{}, {}], \"stride\": {}, \"padding\": {}}}",
-            self.kernel[0], self.kernel[1], self.stride, self.padding
-        )
+        format!("{{\"kernel\": [{}, {}], \"stride\": {}, \"padding\": {}}}", self.kernel[0], self.kernel[1], self.stride, self.padding)
     }
 
     /// Reads `extra` (whitespace-tolerant, keys in any order); none when a key is missing.
@@ -611,27 +607,14 @@ pub trait Strategy: Send + Sync {
     /// after a hot reload.
     fn plan(&mut self, layers: RSlice<'_, LayerInfo>, config_json: RStr<'_>) -> GResult<Plan>;
     /// The output that replaces the hook point's output (see [`ForwardInputs`]).
-    fn forward(
-        &self,
-        ops: HostOps_TO<'_, RMut<'_, ()>>,
-        layer: &LayerInfo,
-        inputs: &ForwardInputs,
-    ) -> GResult<TensorId>;
+    fn forward(&self, ops: HostOps_TO<'_, RMut<'_, ()>>, layer: &LayerInfo, inputs: &ForwardInputs) -> GResult<TensorId>;
     /// The adapter as a weight difference [out, in] when it is linear in the input (for fusing
     /// and merging); none otherwise.
-    fn delta_weight(
-        &self,
-        ops: HostOps_TO<'_, RMut<'_, ()>>,
-        layer: &LayerInfo,
-    ) -> GResult<ROption<TensorId>>;
+    fn delta_weight(&self, ops: HostOps_TO<'_, RMut<'_, ()>>, layer: &LayerInfo) -> GResult<ROption<TensorId>>;
     /// Called before each optimizer step; returns what to change at this step.
     fn on_step(&mut self, step: u64) -> GResult<RVec<StageDirective>>;
     /// The tensors to save for one layer and the key family they belong to; none: nothing.
-    fn export(
-        &self,
-        ops: HostOps_TO<'_, RMut<'_, ()>>,
-        layer: &LayerInfo,
-    ) -> GResult<ROption<ExportForm>>;
+    fn export(&self, ops: HostOps_TO<'_, RMut<'_, ()>>, layer: &LayerInfo) -> GResult<ROption<ExportForm>>;
     /// The plugin's private scalars (JSON), kept across a hot reload and in checkpoints.
     fn save_state(&self) -> GResult<RString>;
     #[sabi(last_prefix_field)]
@@ -693,12 +676,8 @@ pub struct OpsExtensionV1 {
     pub connect: extern "C" fn(host: &'static HostOpsV1Ext),
     /// The initial value of parameter `name` of `layer`, declared with [`Init::from_layer`], for a
     /// strategy object this plugin made; computed through `ops` with the declared shape.
-    pub init_param: extern "C" fn(
-        strategy: &StrategyBox,
-        ops: HostOps_TO<'_, RMut<'_, ()>>,
-        layer: &LayerInfo,
-        name: RStr<'_>,
-    ) -> GResult<TensorId>,
+    pub init_param:
+        extern "C" fn(strategy: &StrategyBox, ops: HostOps_TO<'_, RMut<'_, ()>>, layer: &LayerInfo, name: RStr<'_>) -> GResult<TensorId>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -776,7 +755,10 @@ mod tests {
         assert_eq!(LayerKind::CONV.name(), "conv");
         let g = ConvGeometry { kernel: [3, 3], stride: 2, padding: 1 };
         assert_eq!(ConvGeometry::from_json(&g.to_json()), Some(g));
-        assert_eq!(ConvGeometry::from_json("{ \"padding\":0,\"stride\" : 1, \"kernel\":[1,1] }"), Some(ConvGeometry { kernel: [1, 1], stride: 1, padding: 0 }));
+        assert_eq!(
+            ConvGeometry::from_json("{ \"padding\":0,\"stride\" : 1, \"kernel\":[1,1] }"),
+            Some(ConvGeometry { kernel: [1, 1], stride: 1, padding: 0 })
+        );
         assert_eq!(ConvGeometry::from_json("{}"), None);
         assert_eq!(Component::from_name("text_encoder_2"), Some(Component::TEXT_ENCODER_2));
         assert_eq!(format!("{:?}", InitKind(42)), "unknown(42)");

@@ -101,24 +101,11 @@ pub enum AdapterWeights {
         alpha: Option<f32>,
     },
     /// w1_a, w2_a [out, r]; w1_b, w2_b [r, in].
-    LoHa {
-        w1_a: Tensor,
-        w1_b: Tensor,
-        w2_a: Tensor,
-        w2_b: Tensor,
-        alpha: Option<f32>,
-    },
+    LoHa { w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, alpha: Option<f32> },
     /// kron(w1, w2) is [out, in].
-    LoKr {
-        w1: LokrFactor,
-        w2: LokrFactor,
-        alpha: Option<f32>,
-    },
+    LoKr { w1: LokrFactor, w2: LokrFactor, alpha: Option<f32> },
     /// A full weight difference [out, in] and optionally a bias difference [out].
-    Full {
-        diff: Tensor,
-        diff_b: Option<Tensor>,
-    },
+    Full { diff: Tensor, diff_b: Option<Tensor> },
     /// Tensors of a graft-native file, by parameter name; their meaning is the strategy's.
     Native { tensors: BTreeMap<String, Tensor> },
 }
@@ -192,19 +179,11 @@ pub fn lora_scale(alpha: Option<f32>, rank: usize) -> f64 {
 
 impl ModuleWeights {
     pub fn lora(layer: impl Into<String>, down: Tensor, up: Tensor, alpha: Option<f32>) -> Self {
-        Self {
-            layer: layer.into(),
-            weights: AdapterWeights::Lora { down, up, mid: None, alpha },
-            dora_scale: None,
-        }
+        Self { layer: layer.into(), weights: AdapterWeights::Lora { down, up, mid: None, alpha }, dora_scale: None }
     }
 
     pub fn full(layer: impl Into<String>, diff: Tensor, diff_b: Option<Tensor>) -> Self {
-        Self {
-            layer: layer.into(),
-            weights: AdapterWeights::Full { diff, diff_b },
-            dora_scale: None,
-        }
+        Self { layer: layer.into(), weights: AdapterWeights::Full { diff, diff_b }, dora_scale: None }
     }
 
     pub fn kind(&self) -> ModuleKind {
@@ -232,9 +211,7 @@ impl ModuleWeights {
     /// The alpha stored with the entry, if any.
     pub fn alpha(&self) -> Option<f32> {
         match &self.weights {
-            AdapterWeights::Lora { alpha, .. }
-            | AdapterWeights::LoHa { alpha, .. }
-            | AdapterWeights::LoKr { alpha, .. } => *alpha,
+            AdapterWeights::Lora { alpha, .. } | AdapterWeights::LoHa { alpha, .. } | AdapterWeights::LoKr { alpha, .. } => *alpha,
             AdapterWeights::Full { .. } | AdapterWeights::Native { .. } => None,
         }
     }
@@ -242,9 +219,7 @@ impl ModuleWeights {
     /// The factor the product of the entry's matrices is multiplied by (before the multiplier).
     pub fn scale(&self) -> f64 {
         match &self.weights {
-            AdapterWeights::Lora { alpha, .. } | AdapterWeights::LoHa { alpha, .. } => {
-                lora_scale(*alpha, self.rank().unwrap_or(0))
-            }
+            AdapterWeights::Lora { alpha, .. } | AdapterWeights::LoHa { alpha, .. } => lora_scale(*alpha, self.rank().unwrap_or(0)),
             AdapterWeights::LoKr { alpha, .. } => match self.rank() {
                 Some(r) => lora_scale(*alpha, r),
                 None => 1.0,
@@ -286,10 +261,7 @@ impl ModuleWeights {
             }
             AdapterWeights::Full { diff, .. } => diff.dims2(),
             AdapterWeights::Native { .. } => {
-                bail!(
-                    "{}: a graft-native entry has no weight shape of its own",
-                    self.layer
-                )
+                bail!("{}: a graft-native entry has no weight shape of its own", self.layer)
             }
         }
     }
@@ -300,18 +272,9 @@ impl ModuleWeights {
         match (mine, layer_kernel) {
             (None, None) | (None, Some((1, 1))) => Ok(()),
             (Some(k), Some(l)) if k == l => Ok(()),
-            (Some(k), None) => bail!(
-                "{}: the adapter is a {}x{} conv (LoCon) entry but the layer is a linear",
-                self.layer, k.0, k.1
-            ),
-            (None, Some(l)) => bail!(
-                "{}: the adapter is for a linear (or 1x1) weight but the layer is a {}x{} conv",
-                self.layer, l.0, l.1
-            ),
-            (Some(k), Some(l)) => bail!(
-                "{}: the adapter's kernel is {}x{} but the layer's is {}x{}",
-                self.layer, k.0, k.1, l.0, l.1
-            ),
+            (Some(k), None) => bail!("{}: the adapter is a {}x{} conv (LoCon) entry but the layer is a linear", self.layer, k.0, k.1),
+            (None, Some(l)) => bail!("{}: the adapter is for a linear (or 1x1) weight but the layer is a {}x{} conv", self.layer, l.0, l.1),
+            (Some(k), Some(l)) => bail!("{}: the adapter's kernel is {}x{} but the layer's is {}x{}", self.layer, k.0, k.1, l.0, l.1),
         }
     }
 
@@ -319,12 +282,7 @@ impl ModuleWeights {
     pub fn validate(&self, layer_in_out: Option<(usize, usize)>) -> Result<()> {
         let name = &self.layer;
         let two = |what: &str, t: &Tensor| -> Result<(usize, usize)> {
-            t.dims2().map_err(|_| {
-                candle_core::Error::Msg(format!(
-                    "{name}: `{what}` must be a matrix, got shape {:?}",
-                    t.dims()
-                ))
-            })
+            t.dims2().map_err(|_| candle_core::Error::Msg(format!("{name}: `{what}` must be a matrix, got shape {:?}", t.dims())))
         };
         match &self.weights {
             AdapterWeights::Lora { down, up, mid, .. } => {
@@ -332,25 +290,14 @@ impl ModuleWeights {
                 let r = match (down.dims(), mid) {
                     ([r, _], _) => *r,
                     ([r, _, _, _], None) => *r,
-                    (d, Some(_)) => bail!(
-                        "{name}: a Tucker LoCon's lora_down must be [r, in] or [r, in, 1, 1], got shape {d:?}"
-                    ),
-                    (d, None) => bail!(
-                        "{name}: lora_down must be [r, in] (linear) or [r, in, kh, kw] (conv), got shape {d:?}"
-                    ),
+                    (d, Some(_)) => bail!("{name}: a Tucker LoCon's lora_down must be [r, in] or [r, in, 1, 1], got shape {d:?}"),
+                    (d, None) => bail!("{name}: lora_down must be [r, in] (linear) or [r, in, kh, kw] (conv), got shape {d:?}"),
                 };
                 let (_, r2) = two("up", up).map_err(|_| {
-                    candle_core::Error::Msg(format!(
-                        "{name}: lora_up must be [out, r] or [out, r, 1, 1], got shape {:?}",
-                        up.dims()
-                    ))
+                    candle_core::Error::Msg(format!("{name}: lora_up must be [out, r] or [out, r, 1, 1], got shape {:?}", up.dims()))
                 })?;
                 if r != r2 {
-                    bail!(
-                        "{name}: LoRA down has rank {r} but up has rank {r2} (down {:?}, up {:?})",
-                        down.dims(),
-                        up.dims()
-                    );
+                    bail!("{name}: LoRA down has rank {r} but up has rank {r2} (down {:?}, up {:?})", down.dims(), up.dims());
                 }
                 if let Some(m) = mid {
                     match m.dims() {
@@ -359,13 +306,7 @@ impl ModuleWeights {
                     }
                 }
             }
-            AdapterWeights::LoHa {
-                w1_a,
-                w1_b,
-                w2_a,
-                w2_b,
-                ..
-            } => {
+            AdapterWeights::LoHa { w1_a, w1_b, w2_a, w2_b, .. } => {
                 let (o1, r1) = two("hada_w1_a", w1_a)?;
                 let (r1b, i1) = two("hada_w1_b", w1_b)?;
                 let (o2, r2) = two("hada_w2_a", w2_a)?;
@@ -373,7 +314,10 @@ impl ModuleWeights {
                 if r1 != r1b || r2 != r2b || o1 != o2 || i1 != i2 {
                     bail!(
                         "{name}: LoHa shapes do not fit: w1_a {:?}, w1_b {:?}, w2_a {:?}, w2_b {:?}",
-                        w1_a.dims(), w1_b.dims(), w2_a.dims(), w2_b.dims()
+                        w1_a.dims(),
+                        w1_b.dims(),
+                        w2_a.dims(),
+                        w2_b.dims()
                     );
                 }
             }
@@ -387,11 +331,7 @@ impl ModuleWeights {
                             let (_, r) = two(&format!("{what}_a"), a)?;
                             let (rb, _) = two(&format!("{what}_b"), b)?;
                             if r != rb {
-                                bail!(
-                                    "{name}: {what}_a {:?} and {what}_b {:?} do not fit",
-                                    a.dims(),
-                                    b.dims()
-                                );
+                                bail!("{name}: {what}_a {:?} and {what}_b {:?} do not fit", a.dims(), b.dims());
                             }
                         }
                     }
@@ -419,10 +359,7 @@ impl ModuleWeights {
         if let Some(s) = &self.dora_scale {
             let ok = s.dims() == [out] || s.dims() == [out, 1] || s.dims() == [1, inp];
             if !ok {
-                bail!(
-                    "{name}: dora_scale has shape {:?}; expected [{out}, 1] (per output row) or [1, {inp}] (per input column)",
-                    s.dims()
-                );
+                bail!("{name}: dora_scale has shape {:?}; expected [{out}, 1] (per output row) or [1, {inp}] (per input column)", s.dims());
             }
         }
         Ok(())
@@ -433,10 +370,7 @@ impl ModuleWeights {
     /// difference depends on the base weight: use [`ModuleWeights::delta_for_base`]) nor native ones.
     pub fn delta_weight(&self, multiplier: f64) -> Result<Tensor> {
         if self.dora_scale.is_some() {
-            bail!(
-                "{}: a DoRA entry's weight difference depends on the base weight: use delta_for_base",
-                self.layer
-            );
+            bail!("{}: a DoRA entry's weight difference depends on the base weight: use delta_for_base", self.layer);
         }
         self.raw_delta(multiplier)
     }
@@ -444,9 +378,7 @@ impl ModuleWeights {
     /// The bias difference at `multiplier` (full `diff_b` entries only).
     pub fn delta_bias(&self, multiplier: f64) -> Result<Option<Tensor>> {
         match &self.weights {
-            AdapterWeights::Full {
-                diff_b: Some(b), ..
-            } => Ok(Some((f32(b)? * multiplier)?)),
+            AdapterWeights::Full { diff_b: Some(b), .. } => Ok(Some((f32(b)? * multiplier)?)),
             _ => Ok(None),
         }
     }
@@ -500,10 +432,9 @@ impl ModuleWeights {
             }
             AdapterWeights::LoKr { w1, w2, .. } => kron(&f32(&w1.matrix()?)?, &f32(&w2.matrix()?)?)?,
             AdapterWeights::Full { diff, .. } => f32(diff)?,
-            AdapterWeights::Native { .. } => bail!(
-                "{}: a graft-native entry has no weight difference of its own: its strategy plugin computes it",
-                self.layer
-            ),
+            AdapterWeights::Native { .. } => {
+                bail!("{}: a graft-native entry has no weight difference of its own: its strategy plugin computes it", self.layer)
+            }
         };
         product * scale
     }
@@ -525,9 +456,7 @@ pub fn tucker(up: &Tensor, mid: &Tensor, down: &Tensor) -> Result<Tensor> {
 pub fn kron(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let (a, b) = x.dims2()?;
     let (c, d) = y.dims2()?;
-    x.reshape((a, 1, b, 1))?
-        .broadcast_mul(&y.reshape((1, c, 1, d))?)?
-        .reshape((a * c, b * d))
+    x.reshape((a, 1, b, 1))?.broadcast_mul(&y.reshape((1, c, 1, d))?)?.reshape((a * c, b * d))
 }
 
 fn f32(t: &Tensor) -> Result<Tensor> {

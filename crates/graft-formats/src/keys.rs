@@ -19,19 +19,11 @@ use graft_sdxl::sgm::SgmLayout;
 use graft_sdxl::{Component, LayerInfo, LayerKind};
 
 /// Components in the order of the longest prefix first (`text_encoder_2` before `text_encoder`).
-const COMPONENTS: [Component; 3] = [
-    Component::TextEncoder2,
-    Component::TextEncoder,
-    Component::Unet,
-];
+const COMPONENTS: [Component; 3] = [Component::TextEncoder2, Component::TextEncoder, Component::Unet];
 
 /// Splits a graft layer name into its component and module path.
 pub fn split_layer(name: &str) -> Option<(Component, &str)> {
-    COMPONENTS.iter().find_map(|c| {
-        name.strip_prefix(c.prefix())
-            .and_then(|rest| rest.strip_prefix('.'))
-            .map(|rest| (*c, rest))
-    })
+    COMPONENTS.iter().find_map(|c| name.strip_prefix(c.prefix()).and_then(|rest| rest.strip_prefix('.')).map(|rest| (*c, rest)))
 }
 
 /// True for a UNet layer that is a convolution in every SDXL-family config: resnet `conv1`,
@@ -89,24 +81,14 @@ impl KeyMap {
     /// From the hook points of a model (their shapes are checked against adapters).
     pub fn from_layers(layers: &[LayerInfo], layout: &SgmLayout) -> Self {
         Self::build(
-            layers.iter().map(|l| {
-                (
-                    l.name.clone(),
-                    Some((l.in_features, l.out_features)),
-                    Some(l.kind),
-                    l.conv.map(|c| c.kernel),
-                )
-            }),
+            layers.iter().map(|l| (l.name.clone(), Some((l.in_features, l.out_features)), Some(l.kind), l.conv.map(|c| c.kernel))),
             layout,
         )
     }
 
     /// From layer names alone (no shape checks).
     pub fn from_names<S: AsRef<str>>(names: &[S], layout: &SgmLayout) -> Self {
-        Self::build(
-            names.iter().map(|n| (n.as_ref().to_string(), None, None, None)),
-            layout,
-        )
+        Self::build(names.iter().map(|n| (n.as_ref().to_string(), None, None, None)), layout)
     }
 
     fn build(
@@ -124,22 +106,9 @@ impl KeyMap {
                     kohya.entry(spelling).or_insert_with(|| name.clone());
                 }
             }
-            layers.insert(
-                name.clone(),
-                LayerEntry {
-                    name,
-                    component,
-                    in_out,
-                    kind,
-                    kernel,
-                },
-            );
+            layers.insert(name.clone(), LayerEntry { name, component, in_out, kind, kernel });
         }
-        Self {
-            layout: layout.clone(),
-            layers,
-            kohya,
-        }
+        Self { layout: layout.clone(), layers, kohya }
     }
 
     pub fn layout(&self) -> &SgmLayout {
@@ -199,17 +168,11 @@ pub fn to_kohya(layer: &str, layout: &SgmLayout) -> Result<String> {
     let path = match component {
         Component::Unet => match layout.unet_module_to_sgm(path) {
             Some(p) => p,
-            None => bail!(
-                "`{layer}` has no SGM module name in this UNet layout, so it has no kohya name"
-            ),
+            None => bail!("`{layer}` has no SGM module name in this UNet layout, so it has no kohya name"),
         },
         _ => path.to_string(),
     };
-    Ok(format!(
-        "{}{}",
-        kohya_prefix(component),
-        path.replace('.', "_")
-    ))
+    Ok(format!("{}{}", kohya_prefix(component), path.replace('.', "_")))
 }
 
 /// Every kohya spelling of a layer.

@@ -59,10 +59,7 @@ impl<'a> Group<'a> {
     }
 
     fn leftover(self) -> Vec<String> {
-        self.tensors
-            .into_values()
-            .map(|(k, _)| k.to_string())
-            .collect()
+        self.tensors.into_values().map(|(k, _)| k.to_string()).collect()
     }
 }
 
@@ -74,26 +71,17 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
     for (key, t) in &raw.tensors {
         match key.split_once('.') {
             Some((name, suffix)) if is_kohya_key(key) => {
-                groups
-                    .entry(name)
-                    .or_default()
-                    .insert(suffix, (key.as_str(), t));
+                groups.entry(name).or_default().insert(suffix, (key.as_str(), t));
             }
             _ => parsed.unmatched.push(key.clone()),
         }
     }
     for (name, tensors) in groups {
         let Some(layer) = keys.from_kohya(name) else {
-            parsed
-                .unmatched
-                .extend(tensors.values().map(|(k, _)| k.to_string()));
+            parsed.unmatched.extend(tensors.values().map(|(k, _)| k.to_string()));
             continue;
         };
-        let mut group = Group {
-            name,
-            path: &raw.path,
-            tensors,
-        };
+        let mut group = Group { name, path: &raw.path, tensors };
         // Conv layers take LoCon (LoRA factors, Tucker) only: LoHa / LoKr / full entries of a
         // convolution are skipped as before conv hook points existed.
         let is_lora = group.has("lora_down.weight") || group.has("lora_up.weight");
@@ -103,11 +91,7 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             parsed.unmatched.extend(group.leftover());
             continue;
         }
-        let weights = if is_lora {
-            lora(&mut group)?
-        } else {
-            crate::lycoris::parse_group(&mut group, layer)?
-        };
+        let weights = if is_lora { lora(&mut group)? } else { crate::lycoris::parse_group(&mut group, layer)? };
         let Some(weights) = weights else {
             parsed.warnings.push(format!(
                 "{name}: no complete set of adapter tensors (have: {}); skipped",
@@ -123,21 +107,13 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             parsed.unmatched.extend(group.leftover());
             continue;
         }
-        let module = ModuleWeights {
-            layer: layer.to_string(),
-            weights,
-            dora_scale,
-        };
+        let module = ModuleWeights { layer: layer.to_string(), weights, dora_scale };
         let entry = keys.layer(layer);
         let in_out = entry.and_then(|l| l.in_out);
-        module.validate(in_out).map_err(|e| {
-            candle_core::Error::Msg(format!("{}: module `{name}`: {e}", raw.path.display()))
-        })?;
+        module.validate(in_out).map_err(|e| candle_core::Error::Msg(format!("{}: module `{name}`: {e}", raw.path.display())))?;
         // Layers known only by name (no kind) take any kernel.
         if let Some(l) = entry.filter(|l| l.kind.is_some()) {
-            module.validate_kernel(l.kernel).map_err(|e| {
-                candle_core::Error::Msg(format!("{}: module `{name}`: {e}", raw.path.display()))
-            })?;
+            module.validate_kernel(l.kernel).map_err(|e| candle_core::Error::Msg(format!("{}: module `{name}`: {e}", raw.path.display())))?;
         }
         parsed.unmatched.extend(group.leftover());
         parsed.modules.push(module);
@@ -159,12 +135,7 @@ fn lora(group: &mut Group) -> Result<Option<AdapterWeights>> {
     let mid = group.take("lora_mid.weight");
     if let Some(m) = &mid {
         if m.rank() != 4 {
-            bail!(
-                "{}: `{}` must be a [r, r, kh, kw] kernel, got shape {:?}",
-                group.path.display(),
-                group.key("lora_mid.weight"),
-                m.dims()
-            );
+            bail!("{}: `{}` must be a [r, r, kh, kw] kernel, got shape {:?}", group.path.display(), group.key("lora_mid.weight"), m.dims());
         }
     }
     let alpha = group.take_alpha()?;
@@ -172,11 +143,7 @@ fn lora(group: &mut Group) -> Result<Option<AdapterWeights>> {
 }
 
 /// The tensors of one module under kohya / LyCORIS suffixes (`<name>.lora_down.weight`, ...).
-pub(crate) fn module_tensors(
-    m: &ModuleWeights,
-    layout: &graft_sdxl::sgm::SgmLayout,
-    out: &mut BTreeMap<String, Tensor>,
-) -> Result<()> {
+pub(crate) fn module_tensors(m: &ModuleWeights, layout: &graft_sdxl::sgm::SgmLayout, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
     let name = to_kohya(&m.layer, layout)?;
     let mut put = |suffix: &str, t: Tensor| {
         out.insert(format!("{name}.{suffix}"), t);
@@ -202,13 +169,7 @@ pub(crate) fn module_tensors(
             // kohya always writes alpha; a missing alpha means alpha = rank.
             put("alpha", alpha_tensor(effective_alpha(*alpha, r))?);
         }
-        AdapterWeights::LoHa {
-            w1_a,
-            w1_b,
-            w2_a,
-            w2_b,
-            alpha,
-        } => {
+        AdapterWeights::LoHa { w1_a, w1_b, w2_a, w2_b, alpha } => {
             let r = w1_b.dims().first().copied().unwrap_or(0);
             put("hada_w1_a", w1_a.clone());
             put("hada_w1_b", w1_b.clone());
@@ -238,10 +199,7 @@ pub(crate) fn module_tensors(
             }
         }
         AdapterWeights::Native { .. } => {
-            bail!(
-                "{}: a graft-native entry cannot be written under kohya / LyCORIS keys",
-                m.layer
-            )
+            bail!("{}: a graft-native entry cannot be written under kohya / LyCORIS keys", m.layer)
         }
     }
     if let Some(s) = &m.dora_scale {
@@ -318,17 +276,12 @@ pub(crate) fn write_family(
             dims.push((r, effective_alpha(m.alpha(), r)));
         }
     }
-    let body = encode_body(&tensors, dtype)
-        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    let body = encode_body(&tensors, dtype).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
     let mut metadata = meta.to_map(&dims);
     let (model_hash, legacy_hash) = kohya_hashes(&body, &metadata);
     metadata.insert("sshs_model_hash".into(), model_hash);
     metadata.insert("sshs_legacy_hash".into(), legacy_hash);
     let bytes = encode_file(&body, &metadata);
     write_atomic(path, &bytes)?;
-    Ok(Written {
-        bytes: bytes.len(),
-        metadata,
-        tensors: tensors.len(),
-    })
+    Ok(Written { bytes: bytes.len(), metadata, tensors: tensors.len() })
 }

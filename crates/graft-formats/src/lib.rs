@@ -24,10 +24,7 @@ pub mod peft;
 pub mod read;
 pub mod write;
 
-pub use adapter::{
-    kron, lora_scale, AdapterFile, AdapterFormat, AdapterWeights, LokrFactor, ModuleKind,
-    ModuleWeights,
-};
+pub use adapter::{kron, lora_scale, AdapterFile, AdapterFormat, AdapterWeights, LokrFactor, ModuleKind, ModuleWeights};
 pub use keys::{to_kohya, KeyMap};
 pub use kohya::{write_kohya, Written};
 pub use load::{detect, read_adapter, read_raw, Attached, LoadReport};

@@ -57,13 +57,7 @@ impl LoadReport {
             }
         }
         let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
-        let mut s = format!(
-            "{}: {} file, {} layers ({})",
-            self.file.display(),
-            self.format,
-            self.attached.len(),
-            kinds.join(", ")
-        );
+        let mut s = format!("{}: {} file, {} layers ({})", self.file.display(), self.format, self.attached.len(), kinds.join(", "));
         if !ranks.is_empty() {
             let r: Vec<String> = ranks.keys().map(|r| r.to_string()).collect();
             s.push_str(&format!(", rank {}", r.join("/")));
@@ -75,10 +69,7 @@ impl LoadReport {
             s.push_str(&format!("\n  warning: {w}"));
         }
         if !self.unmatched_keys.is_empty() {
-            s.push_str(&format!(
-                "\n  warning: {} keys matched no layer:",
-                self.unmatched_keys.len()
-            ));
+            s.push_str(&format!("\n  warning: {} keys matched no layer:", self.unmatched_keys.len()));
             for k in &self.unmatched_keys {
                 s.push_str(&format!("\n    {k}"));
             }
@@ -103,11 +94,7 @@ pub fn detect(raw: &RawFile) -> Option<AdapterFormat> {
                 s.starts_with("hada_") || s.starts_with("lokr_") || s == "diff" || s == "dora_scale" || s == "lora_mid.weight"
             })
         });
-        Some(if lycoris {
-            AdapterFormat::Lycoris
-        } else {
-            AdapterFormat::Kohya
-        })
+        Some(if lycoris { AdapterFormat::Lycoris } else { AdapterFormat::Kohya })
     } else {
         Some(AdapterFormat::Peft)
     }
@@ -146,12 +133,7 @@ pub fn read_raw(raw: &RawFile, keys: &KeyMap) -> Result<(AdapterFile, LoadReport
         AdapterFormat::Native => native::parse(raw, keys)?,
     };
     if parsed.modules.is_empty() {
-        let sample: Vec<&str> = parsed
-            .unmatched
-            .iter()
-            .take(5)
-            .map(|s| s.as_str())
-            .collect();
+        let sample: Vec<&str> = parsed.unmatched.iter().take(5).map(|s| s.as_str()).collect();
         bail!(
             "{}: no key of this {format} file matched a layer of the model ({} keys, e.g. {}); \
              is it an adapter for another model (SD 1.x, SD 2, Flux)?",
@@ -165,20 +147,12 @@ pub fn read_raw(raw: &RawFile, keys: &KeyMap) -> Result<(AdapterFile, LoadReport
     let attached = parsed
         .modules
         .iter()
-        .map(|m| Attached {
-            layer: m.layer.clone(),
-            kind: m.kind(),
-            rank: m.rank(),
-            alpha: m.alpha(),
-            dora: m.dora_scale.is_some(),
-        })
+        .map(|m| Attached { layer: m.layer.clone(), kind: m.kind(), rank: m.rank(), alpha: m.alpha(), dora: m.dora_scale.is_some() })
         .collect();
     let format = match format {
         // A kohya-family file with anything but plain LoRA is a LyCORIS file.
         AdapterFormat::Kohya | AdapterFormat::Lycoris => {
-            let plain = parsed.modules.iter().all(|m| {
-                matches!(m.weights, AdapterWeights::Lora { mid: None, .. }) && m.dora_scale.is_none()
-            });
+            let plain = parsed.modules.iter().all(|m| matches!(m.weights, AdapterWeights::Lora { mid: None, .. }) && m.dora_scale.is_none());
             if plain {
                 AdapterFormat::Kohya
             } else {
@@ -187,18 +161,7 @@ pub fn read_raw(raw: &RawFile, keys: &KeyMap) -> Result<(AdapterFile, LoadReport
         }
         f => f,
     };
-    let report = LoadReport {
-        file: path.clone(),
-        format,
-        attached,
-        unmatched_keys: parsed.unmatched,
-        warnings: parsed.warnings,
-        native,
-    };
-    let file = AdapterFile {
-        format,
-        metadata: raw.metadata.clone(),
-        modules: parsed.modules,
-    };
+    let report = LoadReport { file: path.clone(), format, attached, unmatched_keys: parsed.unmatched, warnings: parsed.warnings, native };
+    let file = AdapterFile { format, metadata: raw.metadata.clone(), modules: parsed.modules };
     Ok((file, report))
 }

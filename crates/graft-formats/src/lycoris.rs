@@ -27,28 +27,18 @@ pub(crate) fn parse_group(group: &mut Group, layer: &str) -> Result<Option<Adapt
             );
         }
     }
-    if ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
-        .iter()
-        .all(|s| group.has(s))
-    {
+    if ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"].iter().all(|s| group.has(s)) {
         let w1_a = group.take_matrix("hada_w1_a")?;
         let w1_b = group.take_matrix("hada_w1_b")?;
         let w2_a = group.take_matrix("hada_w2_a")?;
         let w2_b = group.take_matrix("hada_w2_b")?;
         let alpha = group.take_alpha()?;
         if let (Some(w1_a), Some(w1_b), Some(w2_a), Some(w2_b)) = (w1_a, w1_b, w2_a, w2_b) {
-            return Ok(Some(AdapterWeights::LoHa {
-                w1_a,
-                w1_b,
-                w2_a,
-                w2_b,
-                alpha,
-            }));
+            return Ok(Some(AdapterWeights::LoHa { w1_a, w1_b, w2_a, w2_b, alpha }));
         }
         return Ok(None);
     }
-    let has_factor =
-        |g: &Group, n: &str| g.has(n) || (g.has(&format!("{n}_a")) && g.has(&format!("{n}_b")));
+    let has_factor = |g: &Group, n: &str| g.has(n) || (g.has(&format!("{n}_a")) && g.has(&format!("{n}_b")));
     if has_factor(group, "lokr_w1") && has_factor(group, "lokr_w2") {
         let w1 = take_factor(group, "lokr_w1")?;
         let w2 = take_factor(group, "lokr_w2")?;
@@ -93,25 +83,13 @@ pub fn write_lycoris(
         meta.network_module = "lycoris.kohya".into();
     }
     if !meta.network_args.contains_key("algo") {
-        let algo = if modules
-            .iter()
-            .all(|m| matches!(m.weights, AdapterWeights::Full { .. }))
-        {
+        let algo = if modules.iter().all(|m| matches!(m.weights, AdapterWeights::Full { .. })) {
             Some("full")
-        } else if modules
-            .iter()
-            .all(|m| matches!(m.weights, AdapterWeights::LoHa { .. }))
-        {
+        } else if modules.iter().all(|m| matches!(m.weights, AdapterWeights::LoHa { .. })) {
             Some("loha")
-        } else if modules
-            .iter()
-            .all(|m| matches!(m.weights, AdapterWeights::LoKr { .. }))
-        {
+        } else if modules.iter().all(|m| matches!(m.weights, AdapterWeights::LoKr { .. })) {
             Some("lokr")
-        } else if modules
-            .iter()
-            .all(|m| matches!(m.weights, AdapterWeights::Lora { .. }))
-        {
+        } else if modules.iter().all(|m| matches!(m.weights, AdapterWeights::Lora { .. })) {
             Some("locon")
         } else {
             None
@@ -120,8 +98,7 @@ pub fn write_lycoris(
             meta.network_args.insert("algo".into(), a.into());
         }
     }
-    if modules.iter().any(|m| m.dora_scale.is_some()) && !meta.network_args.contains_key("dora_wd")
-    {
+    if modules.iter().any(|m| m.dora_scale.is_some()) && !meta.network_args.contains_key("dora_wd") {
         meta.network_args.insert("dora_wd".into(), "True".into());
     }
     write_family(path, modules, layout, &meta, dtype)
@@ -138,12 +115,7 @@ pub fn write_diff(
 ) -> Result<Written> {
     for m in modules {
         if !matches!(m.weights, AdapterWeights::Full { .. }) || m.dora_scale.is_some() {
-            bail!(
-                "{}: `{}` is a {} entry; a diff file holds full weight differences only",
-                path.display(),
-                m.layer,
-                m.kind()
-            );
+            bail!("{}: `{}` is a {} entry; a diff file holds full weight differences only", path.display(), m.layer, m.kind());
         }
     }
     write_lycoris(path, modules, layout, meta, dtype)

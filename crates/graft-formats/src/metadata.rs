@@ -70,23 +70,11 @@ impl KohyaMetadata {
                 None => "0".into(),
             }
         };
-        m.insert(
-            "ss_network_dim".into(),
-            all_same(dims.iter().map(|(r, _)| r.to_string()).collect()),
-        );
-        m.insert(
-            "ss_network_alpha".into(),
-            all_same(dims.iter().map(|(_, a)| py_float(*a as f64)).collect()),
-        );
+        m.insert("ss_network_dim".into(), all_same(dims.iter().map(|(r, _)| r.to_string()).collect()));
+        m.insert("ss_network_alpha".into(), all_same(dims.iter().map(|(_, a)| py_float(*a as f64)).collect()));
         m.insert("ss_network_module".into(), self.network_module.clone());
-        m.insert(
-            "ss_network_args".into(),
-            serde_json::Value::Object(self.network_args.clone()).to_string(),
-        );
-        m.insert(
-            "ss_base_model_version".into(),
-            SDXL_BASE_MODEL_VERSION.into(),
-        );
+        m.insert("ss_network_args".into(), serde_json::Value::Object(self.network_args.clone()).to_string());
+        m.insert("ss_base_model_version".into(), SDXL_BASE_MODEL_VERSION.into());
         m.insert("ss_output_name".into(), self.output_name.clone());
         m.insert("ss_v2".into(), "False".into());
         if let Some(s) = self.steps {
@@ -98,24 +86,10 @@ impl KohyaMetadata {
         if let Some(lr) = self.text_encoder_lr {
             m.insert("ss_text_encoder_lr".into(), py_float(lr));
         }
-        m.insert(
-            "modelspec.sai_model_spec".into(),
-            SAI_MODEL_SPEC_VERSION.into(),
-        );
-        m.insert(
-            "modelspec.architecture".into(),
-            SDXL_LORA_ARCHITECTURE.into(),
-        );
-        m.insert(
-            "modelspec.implementation".into(),
-            self.implementation.clone(),
-        );
-        m.insert(
-            "modelspec.title".into(),
-            self.title
-                .clone()
-                .unwrap_or_else(|| self.output_name.clone()),
-        );
+        m.insert("modelspec.sai_model_spec".into(), SAI_MODEL_SPEC_VERSION.into());
+        m.insert("modelspec.architecture".into(), SDXL_LORA_ARCHITECTURE.into());
+        m.insert("modelspec.implementation".into(), self.implementation.clone());
+        m.insert("modelspec.title".into(), self.title.clone().unwrap_or_else(|| self.output_name.clone()));
         if let Some(r) = &self.resolution {
             m.insert("modelspec.resolution".into(), r.clone());
         }
@@ -129,11 +103,7 @@ impl KohyaMetadata {
 /// (`sshs_model_hash`, `sshs_legacy_hash`) of a body with this metadata, as kohya computes them.
 pub fn kohya_hashes(body: &Body, metadata: &BTreeMap<String, String>) -> (String, String) {
     let model_hash = hex(&Sha256::digest(&body.data));
-    let ss_only: BTreeMap<String, String> = metadata
-        .iter()
-        .filter(|(k, _)| k.starts_with("ss_"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let ss_only: BTreeMap<String, String> = metadata.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let file = encode_file(body, &ss_only);
     let start = 0x100000.min(file.len());
     let end = (0x100000 + 0x10000).min(file.len());
@@ -166,11 +136,7 @@ pub fn py_float(v: f64) -> String {
         };
     }
     if v == 0.0 {
-        return if v.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
+        return if v.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
     // Shortest round-trip digits, then Python's choice of notation (repr: scientific when the
     // exponent is < -4 or >= 16).

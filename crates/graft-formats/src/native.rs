@@ -39,25 +39,14 @@ impl NativeInfo {
             return Ok(None);
         };
         if strategy.trim().is_empty() {
-            bail!(
-                "{}: header metadata `{STRATEGY_KEY}` is empty",
-                path.display()
-            );
+            bail!("{}: header metadata `{STRATEGY_KEY}` is empty", path.display());
         }
         let config = match metadata.get(CONFIG_KEY) {
-            Some(text) => serde_json::from_str(text).map_err(|e| {
-                candle_core::Error::Msg(format!(
-                    "{}: header metadata `{CONFIG_KEY}` is not valid JSON: {e}",
-                    path.display()
-                ))
-            })?,
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| candle_core::Error::Msg(format!("{}: header metadata `{CONFIG_KEY}` is not valid JSON: {e}", path.display())))?,
             None => serde_json::Value::Null,
         };
-        Ok(Some(Self {
-            strategy: strategy.clone(),
-            version: metadata.get(VERSION_KEY).cloned().unwrap_or_default(),
-            config,
-        }))
+        Ok(Some(Self { strategy: strategy.clone(), version: metadata.get(VERSION_KEY).cloned().unwrap_or_default(), config }))
     }
 
     pub fn to_metadata(&self) -> BTreeMap<String, String> {
@@ -78,11 +67,7 @@ pub fn canonical_json(v: &serde_json::Value) -> String {
             Value::Object(m) => {
                 let mut keys: Vec<&String> = m.keys().collect();
                 keys.sort();
-                Value::Object(
-                    keys.into_iter()
-                        .map(|k| (k.clone(), sorted(&m[k])))
-                        .collect(),
-                )
+                Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&m[k]))).collect())
             }
             Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
             other => other.clone(),
@@ -98,37 +83,22 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
     for (key, t) in &raw.tensors {
         match keys.split_native_key(key) {
             Some((layer, name)) if !name.is_empty() => {
-                groups
-                    .entry(layer.to_string())
-                    .or_default()
-                    .insert(name.to_string(), t.clone());
+                groups.entry(layer.to_string()).or_default().insert(name.to_string(), t.clone());
             }
             _ => parsed.unmatched.push(key.clone()),
         }
     }
     parsed.modules = groups
         .into_iter()
-        .map(|(layer, tensors)| ModuleWeights {
-            layer,
-            weights: AdapterWeights::Native { tensors },
-            dora_scale: None,
-        })
+        .map(|(layer, tensors)| ModuleWeights { layer, weights: AdapterWeights::Native { tensors }, dora_scale: None })
         .collect();
     Ok(parsed)
 }
 
 /// Writes a graft-native file. Entries must be [`AdapterWeights::Native`].
-pub fn write_native(
-    path: &Path,
-    info: &NativeInfo,
-    modules: &[ModuleWeights],
-    dtype: StoreDtype,
-) -> Result<Written> {
+pub fn write_native(path: &Path, info: &NativeInfo, modules: &[ModuleWeights], dtype: StoreDtype) -> Result<Written> {
     if info.strategy.trim().is_empty() {
-        bail!(
-            "{}: a graft-native file needs a strategy id",
-            path.display()
-        );
+        bail!("{}: a graft-native file needs a strategy id", path.display());
     }
     let mut tensors = BTreeMap::new();
     for m in modules {
@@ -142,11 +112,7 @@ pub fn write_native(
         };
         for (name, t) in ts {
             if name.is_empty() {
-                bail!(
-                    "{}: `{}` has a tensor with an empty name",
-                    path.display(),
-                    m.layer
-                );
+                bail!("{}: `{}` has a tensor with an empty name", path.display(), m.layer);
             }
             let key = format!("{}.{name}", m.layer);
             if tensors.insert(key.clone(), t.clone()).is_some() {
@@ -159,9 +125,5 @@ pub fn write_native(
     }
     let metadata = info.to_metadata();
     let bytes = write_safetensors(path, &tensors, &metadata, dtype)?;
-    Ok(Written {
-        bytes: bytes.len(),
-        metadata,
-        tensors: tensors.len(),
-    })
+    Ok(Written { bytes: bytes.len(), metadata, tensors: tensors.len() })
 }

@@ -159,28 +159,14 @@ fn configs(raw: &RawFile) -> Result<Option<BTreeMap<&'static str, ComponentConfi
     let Some(text) = raw.metadata.get(ADAPTER_METADATA_KEY) else {
         return Ok(None);
     };
-    let bad = |what: String| {
-        candle_core::Error::Msg(format!(
-            "{}: header metadata `{ADAPTER_METADATA_KEY}` {what}",
-            raw.path.display()
-        ))
-    };
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| bad(format!("is not valid JSON: {e}")))?;
+    let bad = |what: String| candle_core::Error::Msg(format!("{}: header metadata `{ADAPTER_METADATA_KEY}` {what}", raw.path.display()));
+    let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("is not valid JSON: {e}")))?;
     let Value::Object(map) = value else {
         return Err(bad("is not a JSON object".into()));
     };
-    let prefixed = map.keys().any(|k| {
-        ["unet.", "text_encoder.", "text_encoder_2."]
-            .iter()
-            .any(|p| k.starts_with(p))
-    });
+    let prefixed = map.keys().any(|k| ["unet.", "text_encoder.", "text_encoder_2."].iter().any(|p| k.starts_with(p)));
     let mut out = BTreeMap::new();
-    for c in [
-        Component::Unet,
-        Component::TextEncoder,
-        Component::TextEncoder2,
-    ] {
+    for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
         let get = |field: &str| -> Option<&Value> {
             if prefixed {
                 map.get(&format!("{}.{field}", c.prefix()))
@@ -188,31 +174,20 @@ fn configs(raw: &RawFile) -> Result<Option<BTreeMap<&'static str, ComponentConfi
                 map.get(field)
             }
         };
-        let present = map.keys().any(|k| {
-            k.strip_prefix(c.prefix())
-                .is_some_and(|r| r.starts_with('.'))
-        });
+        let present = map.keys().any(|k| k.strip_prefix(c.prefix()).is_some_and(|r| r.starts_with('.')));
         if prefixed && !present {
             continue;
         }
         let number = |field: &str| -> Result<Option<f64>> {
             match get(field) {
                 None | Some(Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| bad(format!("field `{field}` is {v}, not a number"))),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(format!("field `{field}` is {v}, not a number"))),
             }
         };
-        let mut cfg = ComponentConfig {
-            lora_alpha: number("lora_alpha")?,
-            ..Default::default()
-        };
+        let mut cfg = ComponentConfig { lora_alpha: number("lora_alpha")?, ..Default::default() };
         if let Some(Value::Object(p)) = get("alpha_pattern") {
             for (k, v) in p {
-                let a = v
-                    .as_f64()
-                    .ok_or_else(|| bad(format!("alpha_pattern `{k}` is {v}, not a number")))?;
+                let a = v.as_f64().ok_or_else(|| bad(format!("alpha_pattern `{k}` is {v}, not a number")))?;
                 cfg.alpha_pattern.push((k.clone(), a));
             }
         }
@@ -232,10 +207,7 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             Some((layer, role)) => {
                 let slot = groups.entry(layer).or_default();
                 if let Some((other, _)) = slot.insert(role, (key.clone(), t.clone())) {
-                    bail!(
-                        "{}: keys `{other}` and `{key}` are the same tensor of one layer",
-                        raw.path.display()
-                    );
+                    bail!("{}: keys `{other}` and `{key}` are the same tensor of one layer", raw.path.display());
                 }
             }
             None => parsed.unmatched.push(key.clone()),
@@ -244,9 +216,7 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
     let mut alpha_tensors = false;
     for (layer, mut g) in groups {
         let (Some((_, down)), Some((_, up))) = (g.remove(&Role::Down), g.remove(&Role::Up)) else {
-            parsed.warnings.push(format!(
-                "{layer}: needs both lora_A (down) and lora_B (up); skipped"
-            ));
+            parsed.warnings.push(format!("{layer}: needs both lora_A (down) and lora_B (up); skipped"));
             parsed.unmatched.extend(g.into_values().map(|(k, _)| k));
             continue;
         };
@@ -262,41 +232,26 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             (None, Some(cfg)) => {
                 let a = cfg.alpha_for(module, &raw.path)?;
                 // rsLoRA scales by alpha / sqrt(r): the same as alpha * sqrt(r) / r.
-                Some(if cfg.use_rslora {
-                    a * (rank as f64).sqrt()
-                } else {
-                    a
-                })
+                Some(if cfg.use_rslora { a * (rank as f64).sqrt() } else { a })
             }
             (None, None) => None,
         };
         let dora_scale = g.remove(&Role::Magnitude).map(|(_, t)| t);
         let module = ModuleWeights {
             layer: layer.clone(),
-            weights: AdapterWeights::Lora {
-                down,
-                up,
-                mid: None,
-                alpha: alpha.map(|a| a as f32),
-            },
+            weights: AdapterWeights::Lora { down, up, mid: None, alpha: alpha.map(|a| a as f32) },
             dora_scale,
         };
         let entry = keys.layer(&layer);
         let in_out = entry.and_then(|l| l.in_out);
-        module
-            .validate(in_out)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", raw.path.display())))?;
+        module.validate(in_out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", raw.path.display())))?;
         if let Some(l) = entry.filter(|l| l.kind.is_some()) {
-            module
-                .validate_kernel(l.kernel)
-                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", raw.path.display())))?;
+            module.validate_kernel(l.kernel).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", raw.path.display())))?;
         }
         parsed.modules.push(module);
     }
     if configs.is_none() && !alpha_tensors && !parsed.modules.is_empty() {
-        parsed.warnings.push(format!(
-            "no `{ADAPTER_METADATA_KEY}` in the header: alpha = rank (scale 1), as diffusers assumes"
-        ));
+        parsed.warnings.push(format!("no `{ADAPTER_METADATA_KEY}` in the header: alpha = rank (scale 1), as diffusers assumes"));
     }
     Ok(parsed)
 }
@@ -314,33 +269,16 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
     let mut per_component: BTreeMap<&str, BTreeMap<String, (usize, f64)>> = BTreeMap::new();
     for m in modules {
         let AdapterWeights::Lora { down, up, alpha, .. } = &m.weights else {
-            bail!(
-                "{}: cannot write `{}` to a PEFT file: it is a {} entry, PEFT files hold plain LoRA",
-                path.display(),
-                m.layer,
-                m.kind()
-            );
+            bail!("{}: cannot write `{}` to a PEFT file: it is a {} entry, PEFT files hold plain LoRA", path.display(), m.layer, m.kind());
         };
         if m.is_conv() || crate::keys::is_unet_conv_name(&m.layer) {
-            bail!(
-                "{}: `{}` is a conv (LoCon) entry; graft writes those to kohya / LyCORIS files only",
-                path.display(),
-                m.layer
-            );
+            bail!("{}: `{}` is a conv (LoCon) entry; graft writes those to kohya / LyCORIS files only", path.display(), m.layer);
         }
         if m.dora_scale.is_some() {
-            bail!(
-                "{}: `{}` has a DoRA magnitude; graft writes DoRA to LyCORIS files only",
-                path.display(),
-                m.layer
-            );
+            bail!("{}: `{}` has a DoRA magnitude; graft writes DoRA to LyCORIS files only", path.display(), m.layer);
         }
         let Some((component, module)) = split_layer(&m.layer) else {
-            bail!(
-                "{}: `{}` is not a graft layer name",
-                path.display(),
-                m.layer
-            );
+            bail!("{}: `{}` is not a graft layer name", path.display(), m.layer);
         };
         let rank = down.dims().first().copied().unwrap_or(0);
         let alpha = match alpha {
@@ -355,10 +293,7 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
             _ => module.strip_prefix("text_model.").unwrap_or(module),
         };
         let slot = per_component.entry(component.prefix()).or_default();
-        if slot
-            .insert(config_path.to_string(), (rank, alpha))
-            .is_some()
-        {
+        if slot.insert(config_path.to_string(), (rank, alpha)).is_some() {
             bail!("{}: layer `{}` appears twice", path.display(), m.layer);
         }
         tensors.insert(format!("{}.lora_A.weight", m.layer), down.clone());
@@ -382,10 +317,7 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
             ("lora_alpha", number(a)),
             ("r", number(r)),
             ("rank_pattern", pattern(&|v| v.0 as f64, r)),
-            (
-                "target_modules",
-                Value::Array(mods.keys().map(|k| Value::String(k.clone())).collect()),
-            ),
+            ("target_modules", Value::Array(mods.keys().map(|k| Value::String(k.clone())).collect())),
         ];
         for (field, v) in entries {
             config.insert(format!("{prefix}.{field}"), v);
@@ -393,19 +325,11 @@ pub fn write_peft(path: &Path, modules: &[ModuleWeights], dtype: StoreDtype) -> 
     }
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
-    metadata.insert(
-        ADAPTER_METADATA_KEY.to_string(),
-        python_json(&Value::Object(config)),
-    );
-    let body = encode_body(&tensors, dtype)
-        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    metadata.insert(ADAPTER_METADATA_KEY.to_string(), python_json(&Value::Object(config)));
+    let body = encode_body(&tensors, dtype).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
     let bytes = encode_file(&body, &metadata);
     write_atomic(path, &bytes)?;
-    Ok(Written {
-        bytes: bytes.len(),
-        metadata,
-        tensors: tensors.len(),
-    })
+    Ok(Written { bytes: bytes.len(), metadata, tensors: tensors.len() })
 }
 
 /// The most frequent value; ties go to the smallest.

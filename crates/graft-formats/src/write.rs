@@ -46,32 +46,18 @@ pub fn encode_body(tensors: &BTreeMap<String, Tensor>, dtype: StoreDtype) -> Res
     let mut data = Vec::new();
     for (name, t) in tensors {
         let start = data.len();
-        let values = t
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let values = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
             bail!("refusing to write tensor `{name}`: it holds {bad}");
         }
         match dtype {
-            StoreDtype::F32 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            StoreDtype::F16 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-            StoreDtype::BF16 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            StoreDtype::F32 => values.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
+            StoreDtype::F16 => values.iter().for_each(|v| data.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            StoreDtype::BF16 => values.iter().for_each(|v| data.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
         }
         entries.push((name.clone(), t.dims().to_vec(), [start, data.len()]));
     }
-    Ok(Body {
-        entries,
-        dtype,
-        data,
-    })
+    Ok(Body { entries, dtype, data })
 }
 
 /// The JSON header, space-padded to a multiple of 8 bytes.
@@ -90,18 +76,11 @@ pub fn encode_header(body: &Body, metadata: &BTreeMap<String, String>) -> Vec<u8
         text.push_str(&value.to_string());
     };
     if !metadata.is_empty() {
-        let m: Map<String, Value> = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
+        let m: Map<String, Value> = metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         push(&mut text, "__metadata__", Value::Object(m));
     }
     for (name, shape, offsets) in &body.entries {
-        push(
-            &mut text,
-            name,
-            json!({"dtype": body.dtype.tag(), "shape": shape, "data_offsets": offsets}),
-        );
+        push(&mut text, name, json!({"dtype": body.dtype.tag(), "shape": shape, "data_offsets": offsets}));
     }
     text.push('}');
     let mut bytes = text.into_bytes();
@@ -123,9 +102,7 @@ pub fn encode_file(body: &Body, metadata: &BTreeMap<String, String>) -> Vec<u8> 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, flushed and synced,
 /// then renamed over `path`. A crash leaves either the old file or the new one, never half of one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let err = |what: &str, e: std::io::Error| {
-        candle_core::Error::Msg(format!("{}: cannot {what}: {e}", path.display()))
-    };
+    let err = |what: &str, e: std::io::Error| candle_core::Error::Msg(format!("{}: cannot {what}: {e}", path.display()));
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -137,11 +114,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     // Unique per process and call, so concurrent writers never share a temporary file.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{n}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".{}.tmp-{}-{n}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| err("create a temporary file", e))?;
         f.write_all(bytes).map_err(|e| err("write", e))?;

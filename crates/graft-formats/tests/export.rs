@@ -9,10 +9,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use graft_formats::write::write_safetensors;
-use graft_formats::{
-    read_adapter, write_diff, write_kohya, write_peft, AdapterWeights, KohyaMetadata,
-    ModuleWeights, StoreDtype,
-};
+use graft_formats::{read_adapter, write_diff, write_kohya, write_peft, AdapterWeights, KohyaMetadata, ModuleWeights, StoreDtype};
 
 fn set_alpha(m: &mut ModuleWeights, a: Option<f32>) {
     if let AdapterWeights::Lora { alpha, .. } = &mut m.weights {
@@ -54,15 +51,9 @@ fn write_exports_for_the_diffusers_check() {
     let kohya_path = dir.join("graft_kohya.safetensors");
     let written = write_kohya(&kohya_path, &kohya, &layout, &meta, StoreDtype::F16).unwrap();
     assert_eq!(written.metadata["ss_network_dim"], "Dynamic");
-    assert_eq!(
-        written.metadata["modelspec.architecture"],
-        "stable-diffusion-xl-v1-base/lora"
-    );
+    assert_eq!(written.metadata["modelspec.architecture"], "stable-diffusion-xl-v1-base/lora");
     for m in &kohya {
-        expected.insert(
-            format!("graft_kohya/{}", m.layer),
-            m.delta_weight(1.0).unwrap(),
-        );
+        expected.insert(format!("graft_kohya/{}", m.layer), m.delta_weight(1.0).unwrap());
     }
 
     // PEFT: alphas on attention projections too (the adapter metadata carries them), float32.
@@ -78,61 +69,29 @@ fn write_exports_for_the_diffusers_check() {
     }
     write_peft(&dir.join("graft_peft.safetensors"), &peft, StoreDtype::F32).unwrap();
     for m in &peft {
-        expected.insert(
-            format!("graft_peft/{}", m.layer),
-            m.delta_weight(1.0).unwrap(),
-        );
+        expected.insert(format!("graft_peft/{}", m.layer), m.delta_weight(1.0).unwrap());
     }
 
     // LyCORIS full diffs of a few layers, UNet and both text encoders.
     let diffs: Vec<ModuleWeights> = fixture
         .modules
         .iter()
-        .filter(|m| {
-            m.layer.contains("layers.1.")
-                || m.layer.contains("mid_block")
-                || m.layer.contains("up_blocks.0.attentions.2")
-        })
+        .filter(|m| m.layer.contains("layers.1.") || m.layer.contains("mid_block") || m.layer.contains("up_blocks.0.attentions.2"))
         .map(|m| ModuleWeights::full(m.layer.clone(), m.delta_weight(1.0).unwrap(), None))
         .collect();
-    write_diff(
-        &dir.join("graft_diff.safetensors"),
-        &diffs,
-        &layout,
-        &KohyaMetadata::new("graft_diff"),
-        StoreDtype::F32,
-    )
-    .unwrap();
+    write_diff(&dir.join("graft_diff.safetensors"), &diffs, &layout, &KohyaMetadata::new("graft_diff"), StoreDtype::F32).unwrap();
     for m in &diffs {
-        expected.insert(
-            format!("graft_diff/{}", m.layer),
-            m.delta_weight(1.0).unwrap(),
-        );
+        expected.insert(format!("graft_diff/{}", m.layer), m.delta_weight(1.0).unwrap());
     }
-    write_safetensors(
-        &dir.join("expected.safetensors"),
-        &expected,
-        &BTreeMap::new(),
-        StoreDtype::F32,
-    )
-    .unwrap();
+    write_safetensors(&dir.join("expected.safetensors"), &expected, &BTreeMap::new(), StoreDtype::F32).unwrap();
 
     // Each file reads back to the deltas it was written from (f16 rounding for the kohya file).
-    for (file, stem) in [
-        ("graft_kohya.safetensors", "graft_kohya"),
-        ("graft_peft.safetensors", "graft_peft"),
-        ("graft_diff.safetensors", "graft_diff"),
-    ] {
+    for (file, stem) in
+        [("graft_kohya.safetensors", "graft_kohya"), ("graft_peft.safetensors", "graft_peft"), ("graft_diff.safetensors", "graft_diff")]
+    {
         let (back, report) = read_adapter(&dir.join(file), &keys).unwrap();
-        assert!(
-            report.unmatched_keys.is_empty(),
-            "{file}: {:?}",
-            report.unmatched_keys.first()
-        );
-        let want: Vec<_> = expected
-            .iter()
-            .filter(|(k, _)| k.starts_with(&format!("{stem}/")))
-            .collect();
+        assert!(report.unmatched_keys.is_empty(), "{file}: {:?}", report.unmatched_keys.first());
+        let want: Vec<_> = expected.iter().filter(|(k, _)| k.starts_with(&format!("{stem}/"))).collect();
         assert_eq!(back.modules.len(), want.len(), "{file}");
         for (k, d) in want {
             let layer = &k[stem.len() + 1..];

@@ -51,7 +51,11 @@ struct Case {
 fn main() {
     let threads: Vec<usize> = {
         let v: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
-        if v.is_empty() { vec![1, 2] } else { v }
+        if v.is_empty() {
+            vec![1, 2]
+        } else {
+            v
+        }
     };
     println!("graft_gemm::kernel() = {:?}", graft_gemm::kernel());
     // GRAFT_GEMM_KERNEL set: bench only that kernel; otherwise every available one.

@@ -148,13 +148,7 @@ unsafe fn micro(a: *const u16, b: *const u16, kcp: usize, c: *mut f32, ldc: usiz
                 options(nostack, readonly, preserves_flags)
             );
         } else {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem, preserves_flags)
-            );
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem, preserves_flags));
         }
         let pstride = 16 * kcp; // elements between the two 16-wide panels
         let mut ks = 0;

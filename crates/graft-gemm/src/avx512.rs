@@ -59,7 +59,13 @@ unsafe fn micro(a: *const u32, b: *const u32, kcp: usize, c: *mut f32, ldc: usiz
                 accr[1] = _mm512_dpbf16_ps(accr[1], av, bv1);
             }
         }
-        let mask = |w: usize| -> __mmask16 { if w >= 16 { 0xffff } else { ((1u32 << w) - 1) as u16 } };
+        let mask = |w: usize| -> __mmask16 {
+            if w >= 16 {
+                0xffff
+            } else {
+                ((1u32 << w) - 1) as u16
+            }
+        };
         let m0 = mask(cols);
         let m1 = mask(cols.saturating_sub(16));
         for (r, accr) in acc.iter().enumerate().take(rows) {

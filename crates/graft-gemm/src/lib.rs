@@ -63,9 +63,7 @@ pub fn kernel() -> Option<Kernel> {
         let forced = std::env::var("GRAFT_GEMM_KERNEL").ok();
         match forced.as_deref().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
             Some("amx") => Kernel::Amx.is_available().then_some(Kernel::Amx),
-            Some("avx512bf16") | Some("avx512") => {
-                Kernel::Avx512Bf16.is_available().then_some(Kernel::Avx512Bf16)
-            }
+            Some("avx512bf16") | Some("avx512") => Kernel::Avx512Bf16.is_available().then_some(Kernel::Avx512Bf16),
             Some("none") => None,
             _ => {
                 if Kernel::Amx.is_available() {
@@ -182,13 +180,7 @@ impl<'a, T: Copy> MatRef<'a, T> {
 
     /// The transposed view (no copy).
     pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-        }
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride }
     }
 
     /// Element `(i, j)`.
@@ -233,11 +225,7 @@ fn check_shapes<A: Copy, B: Copy>(a: &MatRef<A>, b: &MatRef<B>, c: &[f32], ldc: 
     if m > 0 && n > 0 {
         assert!(ldc >= n, "graft-gemm: c_row_stride {ldc} < n {n}");
         let need = (m - 1).checked_mul(ldc).and_then(|x| x.checked_add(n));
-        assert!(
-            matches!(need, Some(x) if x <= c.len()),
-            "graft-gemm: C slice (len {}) too short for {m}x{n} with row stride {ldc}",
-            c.len()
-        );
+        assert!(matches!(need, Some(x) if x <= c.len()), "graft-gemm: C slice (len {}) too short for {m}x{n} with row stride {ldc}", c.len());
     }
 }
 
@@ -263,14 +251,7 @@ fn scale_c(c: &mut [f32], m: usize, n: usize, ldc: usize, beta: f32) {
 ///
 /// Panics if the shapes disagree, a view or C is too short for its shape, or `kernel` is not
 /// available on this CPU (see [`Kernel::is_available`]); running it anyway would be undefined.
-pub fn gemm<A: Element, B: Element>(
-    kernel: Kernel,
-    a: MatRef<A>,
-    b: MatRef<B>,
-    c: &mut [f32],
-    c_row_stride: usize,
-    beta: f32,
-) {
+pub fn gemm<A: Element, B: Element>(kernel: Kernel, a: MatRef<A>, b: MatRef<B>, c: &mut [f32], c_row_stride: usize, beta: f32) {
     check_shapes(&a, &b, c, c_row_stride);
     assert!(kernel.is_available(), "graft-gemm: kernel {kernel:?} is not available on this CPU");
     let (m, k, n) = (a.rows, a.cols, b.cols);
@@ -336,14 +317,7 @@ impl CPtr {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn gemm_blocked<A: Element, B: Element>(
-    kernel: Kernel,
-    a: &MatRef<A>,
-    b: &MatRef<B>,
-    c: &mut [f32],
-    ldc: usize,
-    overwrite_first: bool,
-) {
+fn gemm_blocked<A: Element, B: Element>(kernel: Kernel, a: &MatRef<A>, b: &MatRef<B>, c: &mut [f32], ldc: usize, overwrite_first: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     // Panels are 16 rows of A / 16 columns of B; micro-kernels span 32, so round to 32.
     let mp = round_up(m, 32);
@@ -361,11 +335,8 @@ fn gemm_blocked<A: Element, B: Element>(
         let kc = (k - k0).min(kc_blk);
         let kcp = round_up(kc, 32);
         let panel = 8 * kcp; // u32s per 16-wide panel
-        // Pack B: 16-column panels, rows k and k+1 interleaved (same layout for both kernels).
-        bpack[..np * kcp / 2]
-            .par_chunks_mut(panel)
-            .enumerate()
-            .for_each(|(p, dst)| pack::pack_pairs(b, k0, kc, p * 16, dst));
+                             // Pack B: 16-column panels, rows k and k+1 interleaved (same layout for both kernels).
+        bpack[..np * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| pack::pack_pairs(b, k0, kc, p * 16, dst));
         // Pack A: 16-row panels, layout depends on the kernel.
         let at = a.t();
         apack[..mp * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| match kernel {
@@ -413,13 +384,7 @@ pub(crate) struct Block {
 /// Plain reference: converts A and B to bf16 exactly as the kernels do, multiplies in f32 (exact
 /// for bf16 inputs) and sums in f64, then `C = beta * C + sum` (beta == 0 overwrites, ignoring NaN
 /// in C). Single-threaded and slow; for tests.
-pub fn gemm_reference<A: Element, B: Element>(
-    a: MatRef<A>,
-    b: MatRef<B>,
-    c: &mut [f32],
-    c_row_stride: usize,
-    beta: f32,
-) {
+pub fn gemm_reference<A: Element, B: Element>(a: MatRef<A>, b: MatRef<B>, c: &mut [f32], c_row_stride: usize, beta: f32) {
     check_shapes(&a, &b, c, c_row_stride);
     let (m, k, n) = (a.rows, a.cols, b.cols);
     for i in 0..m {

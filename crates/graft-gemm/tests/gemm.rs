@@ -179,7 +179,8 @@ fn conversion_matches_half() {
     let mut rng = Lcg(99);
     // 1 + 2^-8 and 1 + 3 * 2^-8: bf16 rounding ties, written out exactly.
     #[allow(clippy::excessive_precision)]
-    let specials = [0.0f32, -0.0, 1.0, f32::MAX, f32::MIN_POSITIVE, 1e-40, f32::INFINITY, f32::NEG_INFINITY, 1.00390625, 1.01171875, 3.3895314e38];
+    let specials =
+        [0.0f32, -0.0, 1.0, f32::MAX, f32::MIN_POSITIVE, 1e-40, f32::INFINITY, f32::NEG_INFINITY, 1.00390625, 1.01171875, 3.3895314e38];
     for x in specials.into_iter().chain((0..100_000).map(|_| rng.next() * 1e3)) {
         assert_eq!(x.to_bf16().to_bits(), bf16::from_f32(x).to_bits(), "{x}");
     }

@@ -40,7 +40,10 @@ fn cuda() -> Result<Device, String> {
         Ok(Err(e)) => Err(format!("GPU 0 could not be opened ({e})")),
         Err(panic) => {
             let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-            Err(format!("a CUDA library is missing ({}); install the CUDA 13 runtime libraries or put them on LD_LIBRARY_PATH", msg.unwrap_or_default()))
+            Err(format!(
+                "a CUDA library is missing ({}); install the CUDA 13 runtime libraries or put them on LD_LIBRARY_PATH",
+                msg.unwrap_or_default()
+            ))
         }
     }
 }

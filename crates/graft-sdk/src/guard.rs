@@ -8,9 +8,9 @@ use std::sync::{Once, OnceLock};
 
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::sabi_trait::TD_CanDowncast;
+use abi_stable::sabi_types::RMut;
 use abi_stable::std_types::{RNone, ROption, RResult, RSlice, RSome, RStr, RString, RVec};
 use graft_abi as abi;
-use abi_stable::sabi_types::RMut;
 use graft_abi::{ErrorKind, GResult, GraftError, HostOps_TO, LayerInfo, PluginMod, PluginModRef, TensorId};
 
 use crate::error::{Error, Result};
@@ -53,10 +53,7 @@ fn guard<T>(entry: &str, f: impl FnOnce() -> Result<T>) -> GResult<T> {
         Err(payload) => {
             let location = PANIC_LOCATION.with(|slot| slot.borrow_mut().take());
             let at = location.map(|l| format!(" at {l}")).unwrap_or_default();
-            RResult::RErr(GraftError::new(
-                ErrorKind::PANIC,
-                format!("{entry} panicked{at}: {}", panic_message(payload.as_ref())),
-            ))
+            RResult::RErr(GraftError::new(ErrorKind::PANIC, format!("{entry} panicked{at}: {}", panic_message(payload.as_ref()))))
         }
     }
 }
@@ -95,9 +92,7 @@ impl<S: Strategy> abi::Strategy for Guarded<S> {
     }
 
     fn delta_weight(&self, ops: HostOps_TO<'_, RMut<'_, ()>>, layer: &LayerInfo) -> GResult<ROption<TensorId>> {
-        guard("delta_weight", || {
-            with_ops(ops, false, 0, |ops| Ok(self.inner.delta_weight(ops, layer)?.map(|t| t.id()).into()))
-        })
+        guard("delta_weight", || with_ops(ops, false, 0, |ops| Ok(self.inner.delta_weight(ops, layer)?.map(|t| t.id()).into())))
     }
 
     fn on_step(&mut self, step: u64) -> GResult<RVec<abi::StageDirective>> {
@@ -115,7 +110,6 @@ impl<S: Strategy> abi::Strategy for Guarded<S> {
     fn load_state(&mut self, state_json: RStr<'_>) -> GResult<()> {
         guard("load_state", || self.inner.load_state(state_json.as_str()))
     }
-
 }
 
 extern "C" fn abi_version() -> u32 {
@@ -145,14 +139,10 @@ extern "C" fn extension<S: Strategy>(name: RStr<'_>, version: u32) -> ROption<ab
     match (name.as_str(), version) {
         (abi::OPS_EXTENSION, abi::OPS_EXTENSION_VERSION) => {
             let module = *OPS.get_or_init(|| {
-                let m: &'static abi::OpsExtensionV1 =
-                    Box::leak(Box::new(abi::OpsExtensionV1 { connect, init_param: init_param::<S> }));
+                let m: &'static abi::OpsExtensionV1 = Box::leak(Box::new(abi::OpsExtensionV1 { connect, init_param: init_param::<S> }));
                 m as *const abi::OpsExtensionV1 as usize
             });
-            RSome(abi::Extension {
-                layout: <abi::OpsExtensionV1 as abi_stable::StableAbi>::LAYOUT,
-                module: module as *const (),
-            })
+            RSome(abi::Extension { layout: <abi::OpsExtensionV1 as abi_stable::StableAbi>::LAYOUT, module: module as *const () })
         }
         (abi::CONFIG_SCHEMA_EXTENSION, abi::CONFIG_SCHEMA_EXTENSION_VERSION) => {
             let module = *SCHEMA.get_or_init(|| {
@@ -160,10 +150,7 @@ extern "C" fn extension<S: Strategy>(name: RStr<'_>, version: u32) -> ROption<ab
                     Box::leak(Box::new(abi::ConfigSchemaExtensionV1 { config_schema: config_schema::<S> }));
                 m as *const abi::ConfigSchemaExtensionV1 as usize
             });
-            RSome(abi::Extension {
-                layout: <abi::ConfigSchemaExtensionV1 as abi_stable::StableAbi>::LAYOUT,
-                module: module as *const (),
-            })
+            RSome(abi::Extension { layout: <abi::ConfigSchemaExtensionV1 as abi_stable::StableAbi>::LAYOUT, module: module as *const () })
         }
         _ => RNone,
     }
@@ -195,12 +182,5 @@ extern "C" fn init_param<S: Strategy>(
 
 /// The root module for strategy `S` (called once, by the library header's constructor).
 pub fn root_module<S: Strategy>() -> PluginModRef {
-    PluginMod {
-        abi_version,
-        manifest: manifest::<S>,
-        new_strategy: new_strategy::<S>,
-        extension: extension::<S>,
-    }
-    .leak_into_prefix()
+    PluginMod { abi_version, manifest: manifest::<S>, new_strategy: new_strategy::<S>, extension: extension::<S> }.leak_into_prefix()
 }
-

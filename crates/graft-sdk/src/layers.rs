@@ -161,9 +161,7 @@ fn glob_match(tokens: &[GlobToken], name: &[char]) -> bool {
             }
             Some(GlobToken::Any) => true,
             Some(GlobToken::Char(c)) => *c == name[n],
-            Some(GlobToken::Set { negated, ranges }) => {
-                ranges.iter().any(|&(lo, hi)| lo <= name[n] && name[n] <= hi) != *negated
-            }
+            Some(GlobToken::Set { negated, ranges }) => ranges.iter().any(|&(lo, hi)| lo <= name[n] && name[n] <= hi) != *negated,
             None => false,
         };
         if step {

@@ -41,22 +41,19 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub use graft_abi::{
-    AttentionKind, BlockKind, BlockPosition, Component, ConvGeometry, ErrorKind, Init, InitKind,
-    LayerInfo, LayerKind, LogLevel, TensorId, ABI_VERSION,
+    AttentionKind, BlockKind, BlockPosition, Component, ConvGeometry, ErrorKind, Init, InitKind, LayerInfo, LayerKind, LogLevel, TensorId,
+    ABI_VERSION,
 };
 pub use layers::LayerMatcher;
 pub use ops::{Inputs, Ops, Tensor};
-pub use plan::{
-    Attachment, BaseUnfreeze, Directive, Export, Manifest, OptimizerGroup, ParamSpec, Plan, Stage,
-};
+pub use plan::{Attachment, BaseUnfreeze, Directive, Export, Manifest, OptimizerGroup, ParamSpec, Plan, Stage};
 pub use schema::{ConfigKey, ConfigSchema};
 
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        bail, config, Attachment, BaseUnfreeze, Component, ConfigKey, ConfigSchema, Directive, Error, Export, Init,
-        Inputs, LayerInfo, LayerKind, LayerMatcher, Manifest, Ops, OptimizerGroup, ParamSpec,
-        Plan, Result, Stage, Strategy, Tensor,
+        bail, config, Attachment, BaseUnfreeze, Component, ConfigKey, ConfigSchema, Directive, Error, Export, Init, Inputs, LayerInfo,
+        LayerKind, LayerMatcher, Manifest, Ops, OptimizerGroup, ParamSpec, Plan, Result, Stage, Strategy, Tensor,
     };
 }
 
@@ -168,9 +165,7 @@ macro_rules! bail {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::guard::root_module;
-    pub use abi_stable::library::{
-        CheckTypeLayout, LibHeader, RootModuleResult, __call_root_module_loader as call_root_module_loader,
-    };
+    pub use abi_stable::library::{__call_root_module_loader as call_root_module_loader, CheckTypeLayout, LibHeader, RootModuleResult};
     pub use graft_abi::PluginModRef;
 }
 
@@ -178,9 +173,6 @@ pub mod __private {
 mod tests {
     #[test]
     fn export_macro_uses_abi_stable_symbol_name() {
-        assert_eq!(
-            "_1as_0lib_1header_0root_bmodule_bloader",
-            abi_stable::library::ROOT_MODULE_LOADER_NAME
-        );
+        assert_eq!("_1as_0lib_1header_0root_bmodule_bloader", abi_stable::library::ROOT_MODULE_LOADER_NAME);
     }
 }

@@ -7,8 +7,8 @@
 use std::cell::RefCell;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use abi_stable::std_types::{RNone, ROption, RResult, RSome};
 use abi_stable::sabi_types::RMut;
+use abi_stable::std_types::{RNone, ROption, RResult, RSome};
 use graft_abi::{ErrorKind, ForwardInputs, GResult, HostOps_TO, Init, LogLevel, TensorId};
 
 /// The raw ops table as the host passes it.
@@ -293,12 +293,7 @@ impl<'o> Tensor<'o> {
         self.ops.run(op, |raw| f(raw, x))
     }
 
-    fn binary(
-        self,
-        rhs: Tensor<'o>,
-        op: &str,
-        f: impl Fn(&mut Raw<'_, '_>, TensorId, TensorId) -> GResult<TensorId>,
-    ) -> Tensor<'o> {
+    fn binary(self, rhs: Tensor<'o>, op: &str, f: impl Fn(&mut Raw<'_, '_>, TensorId, TensorId) -> GResult<TensorId>) -> Tensor<'o> {
         let (a, b) = (self.id, rhs.id);
         if a == POISONED || b == POISONED {
             return Tensor { id: POISONED, ops: self.ops };
@@ -314,12 +309,7 @@ impl<'o> Tensor<'o> {
         self.ops.run_ext(op, |ext| f(ext, x))
     }
 
-    fn binary_ext(
-        self,
-        rhs: Tensor<'o>,
-        op: &str,
-        f: impl Fn(&graft_abi::HostOpsV1Ext, TensorId, TensorId) -> GResult<TensorId>,
-    ) -> Tensor<'o> {
+    fn binary_ext(self, rhs: Tensor<'o>, op: &str, f: impl Fn(&graft_abi::HostOpsV1Ext, TensorId, TensorId) -> GResult<TensorId>) -> Tensor<'o> {
         let (a, b) = (self.id, rhs.id);
         if a == POISONED || b == POISONED {
             return Tensor { id: POISONED, ops: self.ops };
@@ -330,11 +320,7 @@ impl<'o> Tensor<'o> {
     /// The dimensions (empty when the call is poisoned).
     pub fn shape(self) -> Vec<usize> {
         let x = self.id;
-        self.ops
-            .query("shape", abi_stable::std_types::RVec::new(), |raw| raw.shape(x))
-            .iter()
-            .map(|&d| d as usize)
-            .collect()
+        self.ops.query("shape", abi_stable::std_types::RVec::new(), |raw| raw.shape(x)).iter().map(|&d| d as usize).collect()
     }
 
     pub fn rank(self) -> usize {

@@ -23,13 +23,7 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn new(id: impl Into<String>, version: impl Into<String>) -> Self {
-        Self {
-            id: id.into(),
-            version: version.into(),
-            description: String::new(),
-            capabilities: Vec::new(),
-            config_example: "{}".to_string(),
-        }
+        Self { id: id.into(), version: version.into(), description: String::new(), capabilities: Vec::new(), config_example: "{}".to_string() }
     }
 
     pub fn description(mut self, text: impl Into<String>) -> Self {
@@ -221,12 +215,7 @@ impl Plan {
             groups: self
                 .groups
                 .into_iter()
-                .map(|g| abi::OptimizerGroup {
-                    name: g.name.into(),
-                    lr: g.lr,
-                    weight_decay: g.weight_decay,
-                    clip_norm: g.clip_norm.into(),
-                })
+                .map(|g| abi::OptimizerGroup { name: g.name.into(), lr: g.lr, weight_decay: g.weight_decay, clip_norm: g.clip_norm.into() })
                 .collect(),
             unfreeze: self
                 .unfreeze
@@ -246,18 +235,36 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Directive {
     /// Attach a layer declared with `Attachment::detached`.
-    Attach { layer: String },
+    Attach {
+        layer: String,
+    },
     /// Detach a layer (its parameters are kept).
-    Detach { layer: String },
+    Detach {
+        layer: String,
+    },
     /// Stop training `param` of `layer` (all of its parameters when `None`).
-    Freeze { layer: String, param: Option<String> },
-    Unfreeze { layer: String, param: Option<String> },
+    Freeze {
+        layer: String,
+        param: Option<String>,
+    },
+    Unfreeze {
+        layer: String,
+        param: Option<String>,
+    },
     /// Add the layer's `delta_weight` into its base weight, then detach it.
-    FoldIntoBase { layer: String },
+    FoldIntoBase {
+        layer: String,
+    },
     /// Scale the learning rate of an optimizer group (relative to the plan's).
-    LrScale { group: String, scale: f64 },
+    LrScale {
+        group: String,
+        scale: f64,
+    },
     /// Re-initialise `param` of `layer` (all when `None`) with its plan init.
-    Reset { layer: String, param: Option<String> },
+    Reset {
+        layer: String,
+        param: Option<String>,
+    },
 }
 
 impl Directive {
@@ -308,17 +315,13 @@ impl Export<'_> {
             v.into_iter().map(|(name, t)| abi::NamedTensor { name: name.into(), tensor: t.id() }).collect()
         };
         let (family, tensors, alpha): (&str, RVec<abi::NamedTensor>, ROption<f64>) = match self {
-            Export::Lora { down, up, alpha } => {
-                ("lora", named(vec![("down".into(), down), ("up".into(), up)]), RSome(alpha))
-            }
+            Export::Lora { down, up, alpha } => ("lora", named(vec![("down".into(), down), ("up".into(), up)]), RSome(alpha)),
             Export::Tucker { down, mid, up, alpha } => {
                 ("lora", named(vec![("down".into(), down), ("mid".into(), mid), ("up".into(), up)]), RSome(alpha))
             }
-            Export::Dora { down, up, alpha, magnitude } => (
-                "lora",
-                named(vec![("down".into(), down), ("up".into(), up), ("dora_scale".into(), magnitude)]),
-                RSome(alpha),
-            ),
+            Export::Dora { down, up, alpha, magnitude } => {
+                ("lora", named(vec![("down".into(), down), ("up".into(), up), ("dora_scale".into(), magnitude)]), RSome(alpha))
+            }
             Export::Diff(t) => ("diff", named(vec![("diff".into(), t)]), RNone),
             Export::Native(v) => ("native", named(v), RNone),
             Export::Family { family, tensors, alpha } => {

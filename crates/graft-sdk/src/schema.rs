@@ -82,7 +82,18 @@ fn is_false(b: &bool) -> bool {
 
 impl ConfigKey {
     fn new(key: &str, kind: KeyType, default: Value) -> Self {
-        Self { key: key.to_string(), kind, default, min: None, max: None, min_exclusive: false, max_exclusive: false, choices: Vec::new(), nullable: false, help: String::new() }
+        Self {
+            key: key.to_string(),
+            kind,
+            default,
+            min: None,
+            max: None,
+            min_exclusive: false,
+            max_exclusive: false,
+            choices: Vec::new(),
+            nullable: false,
+            help: String::new(),
+        }
     }
     pub fn int(key: &str, default: i64) -> Self {
         Self::new(key, KeyType::Int, Value::from(default))
@@ -150,7 +161,11 @@ impl ConfigKey {
         let key = &self.key;
         let shown = || {
             let s = value.to_string();
-            if s.chars().count() > 60 { format!("{}...", s.chars().take(57).collect::<String>()) } else { s }
+            if s.chars().count() > 60 {
+                format!("{}...", s.chars().take(57).collect::<String>())
+            } else {
+                s
+            }
         };
         if value.is_null() {
             return if self.nullable { Ok(()) } else { Err(format!("key `{key}`: null is not allowed (expected {})", self.expected())) };
@@ -193,7 +208,11 @@ impl ConfigKey {
             KeyType::Enum => format!("one of {}", self.choices.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")),
             KeyType::StringList => "a list of strings".to_string(),
         };
-        if self.nullable { format!("{base} or null") } else { base }
+        if self.nullable {
+            format!("{base} or null")
+        } else {
+            base
+        }
     }
 
     /// The range as text (`[0, 1)`, `> 0`, `>= 1`), empty when unbounded.
@@ -332,11 +351,19 @@ pub fn check_against_parser(schema: &ConfigSchema, parse: impl Fn(&str) -> Resul
     parse(&defaults).map_err(|e| format!("the strategy refuses the schema's defaults {defaults}: {e}"))?;
     let probe = format!("{{\"{PROBE_KEY}\": 0}}");
     let message = match parse(&probe) {
-        Ok(()) => return Ok(format!("{} keys; defaults accepted (the parser ignores unknown keys, so the key set is not compared)", schema.keys.len())),
+        Ok(()) => {
+            return Ok(format!(
+                "{} keys; defaults accepted (the parser ignores unknown keys, so the key set is not compared)",
+                schema.keys.len()
+            ))
+        }
         Err(e) => e,
     };
     let Some(mut accepted) = expected_fields(&message) else {
-        return Ok(format!("{} keys; defaults accepted (the parser's error does not list its keys, so the key set is not compared)", schema.keys.len()));
+        return Ok(format!(
+            "{} keys; defaults accepted (the parser's error does not list its keys, so the key set is not compared)",
+            schema.keys.len()
+        ));
     };
     accepted.sort();
     let mut listed: Vec<String> = schema.keys.iter().map(|k| k.key.clone()).collect();

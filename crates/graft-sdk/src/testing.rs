@@ -48,9 +48,8 @@ pub fn check_crate(manifest_dir: &str, name: &str, config: Option<&str>) {
     }
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", graft.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|_| {
-        panic!("`graft plugins check {}` failed:\n{}{}", lib.display(), stdout, String::from_utf8_lossy(&out.stderr))
-    });
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|_| panic!("`graft plugins check {}` failed:\n{}{}", lib.display(), stdout, String::from_utf8_lossy(&out.stderr)));
     let checks = report["conformance"].as_array().cloned().unwrap_or_default();
     let failed: Vec<String> = checks
         .iter()
@@ -98,9 +97,7 @@ fn graft_binary() -> Option<PathBuf> {
     }
     let name = format!("graft{}", std::env::consts::EXE_SUFFIX);
     let beside = target_dir().map(|t| t.join("debug").join(&name)).filter(|p| p.is_file());
-    beside.or_else(|| {
-        std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(&name)).find(|p| p.is_file())
-    })
+    beside.or_else(|| std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(&name)).find(|p| p.is_file()))
 }
 
 /// Checks the strategy's config schema against its own parser, in a plain unit test (no build,

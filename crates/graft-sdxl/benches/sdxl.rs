@@ -64,15 +64,11 @@ fn main() -> Result<()> {
     let x = rng.randn((2, 4, 12, 16), &dev)?;
     let t = Tensor::new(&[500f32, 500.], &dev)?;
     let ids = model.time_ids(128, 96, 2)?;
-    bench("tiny UNet forward (batch 2, 128x96)", 20, || {
-        model.unet.forward(&x, &t, &emb.hidden, &emb.pooled, &ids, &NoHooks).map(|_| ())
-    })?;
+    bench("tiny UNet forward (batch 2, 128x96)", 20, || model.unet.forward(&x, &t, &emb.hidden, &emb.pooled, &ids, &NoHooks).map(|_| ()))?;
     let z = rng.randn((1, 4, 12, 16), &dev)?;
     bench("tiny VAE decode (128x96)", 20, || model.decode_latents(&z).map(|_| ()))?;
     let params = GenerateParams { prompt: prompt.into(), width: 128, height: 96, steps: 4, ..Default::default() };
-    bench("tiny generate, 4 steps, CFG (128x96)", 10, || {
-        model.generate(&params, PipelineHooks::none(), &mut |_, _| {}).map(|_| ())
-    })?;
+    bench("tiny generate, 4 steps, CFG (128x96)", 10, || model.generate(&params, PipelineHooks::none(), &mut |_, _| {}).map(|_| ()))?;
 
     if std::env::var("GRAFT_BENCH_REAL").as_deref() == Ok("1") {
         let config = UNetConfig::sdxl_base();
@@ -83,9 +79,7 @@ fn main() -> Result<()> {
         let pooled = Tensor::randn(0f32, 1., (1, 1280), &dev)?;
         let t = Tensor::new(&[500f32], &dev)?;
         let ids = Tensor::new(&[[512f32, 512., 0., 0., 512., 512.]], &dev)?;
-        bench("SDXL base UNet forward (batch 1, 512x512)", 3, || {
-            unet.forward(&x, &t, &ctx, &pooled, &ids, &NoHooks).map(|_| ())
-        })?;
+        bench("SDXL base UNet forward (batch 1, 512x512)", 3, || unet.forward(&x, &t, &ctx, &pooled, &ids, &NoHooks).map(|_| ()))?;
     } else {
         println!("(set GRAFT_BENCH_REAL=1 for the real-size SDXL UNet forward at 512x512)");
     }

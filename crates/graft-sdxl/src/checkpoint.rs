@@ -229,4 +229,3 @@ fn merge(store: &mut GradStore, from: GradStore, wanted: &HashSet<TensorId>) -> 
     }
     Ok(())
 }
-

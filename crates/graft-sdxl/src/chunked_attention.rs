@@ -82,8 +82,7 @@ impl ChunkedAttention {
         let scores = (qc * self.scale)?.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
         let scores = if self.causal {
             let (len, m) = (qc.dim(2)?, k.dim(2)?);
-            let mask: Vec<f32> =
-                (0..len).flat_map(|i| (0..m).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+            let mask: Vec<f32> = (0..len).flat_map(|i| (0..m).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
             scores.broadcast_add(&Tensor::from_vec(mask, (len, m), qc.device())?.to_dtype(scores.dtype())?)?
         } else {
             scores
@@ -103,14 +102,26 @@ impl ChunkedAttention {
 
     /// With p = softmax(s), o = p v: dv = p^T g, dp = g v^T, ds = p (dp - rowsum(g o)),
     /// dq = ds k scale, dk = ds^T q scale; p recomputed chunk by chunk.
-    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dt = q.dtype();
         let (qs, ks, vs) = (self.split(q)?, self.split(k)?, self.split(v)?);
         let (g, o) = (self.split(&grad.to_dtype(dt)?)?, self.split(out)?);
         let row_dot = (g.to_dtype(stats(dt))? * o.to_dtype(stats(dt))?)?.sum_keepdim(D::Minus1)?;
         let n = qs.dim(2)?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
-        let add = |acc: Option<Tensor>, t: Tensor| -> Result<Option<Tensor>> { Ok(Some(match acc { Some(a) => (a + t)?, None => t })) };
+        let add = |acc: Option<Tensor>, t: Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                Some(a) => (a + t)?,
+                None => t,
+            }))
+        };
         for (start, len) in self.chunks(n) {
             let (qc, gc) = (qs.narrow(2, start, len)?, g.narrow(2, start, len)?);
             let p = self.probs(&qc, &ks, start)?;

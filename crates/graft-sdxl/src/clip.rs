@@ -103,26 +103,20 @@ fn default_eos_token_id() -> u32 {
 impl ClipConfig {
     /// SDXL base 1.0 `text_encoder`: CLIP ViT-L/14, 768 wide, 12 layers, quick_gelu.
     pub fn sdxl_text_encoder() -> Self {
-        Self::from_json_str(
-            include_str!("../configs/sdxl-base-1.0/text_encoder/config.json"),
-            "built-in sdxl-base-1.0 text_encoder config",
-        )
-        .expect("the built-in SDXL text_encoder config is valid")
+        Self::from_json_str(include_str!("../configs/sdxl-base-1.0/text_encoder/config.json"), "built-in sdxl-base-1.0 text_encoder config")
+            .expect("the built-in SDXL text_encoder config is valid")
     }
 
     /// SDXL base 1.0 `text_encoder_2`: OpenCLIP bigG/14, 1280 wide, 32 layers, gelu.
     pub fn sdxl_text_encoder_2() -> Self {
-        Self::from_json_str(
-            include_str!("../configs/sdxl-base-1.0/text_encoder_2/config.json"),
-            "built-in sdxl-base-1.0 text_encoder_2 config",
-        )
-        .expect("the built-in SDXL text_encoder_2 config is valid")
+        Self::from_json_str(include_str!("../configs/sdxl-base-1.0/text_encoder_2/config.json"), "built-in sdxl-base-1.0 text_encoder_2 config")
+            .expect("the built-in SDXL text_encoder_2 config is valid")
     }
 
     /// Parses and validates a transformers `CLIPTextConfig`; `source` names it in errors.
     pub fn from_json_str(json: &str, source: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json)
-            .map_err(|e| candle_core::Error::Msg(format!("{source}: invalid CLIP text config ({e})")))?;
+        let config: Self =
+            serde_json::from_str(json).map_err(|e| candle_core::Error::Msg(format!("{source}: invalid CLIP text config ({e})")))?;
         config.validate().map_err(|e| candle_core::Error::Msg(format!("{source}: {e}")))?;
         Ok(config)
     }
@@ -201,13 +195,7 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn new(
-        vb: VarBuilder,
-        config: &ClipConfig,
-        component: Component,
-        layer: usize,
-        registry: &mut HookRegistry,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, config: &ClipConfig, component: Component, layer: usize, registry: &mut HookRegistry) -> Result<Self> {
         let dim = config.hidden_size;
         let attention = Some(AttentionKind::SelfAttention);
         let mut module = info(component, LayerKind::Attention, layer, attention);
@@ -253,13 +241,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(
-        vb: VarBuilder,
-        config: &ClipConfig,
-        component: Component,
-        layer: usize,
-        registry: &mut HookRegistry,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, config: &ClipConfig, component: Component, layer: usize, registry: &mut HookRegistry) -> Result<Self> {
         let (dim, inner, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
         let self_attn = SelfAttention::new(vb.pp("self_attn"), config, component, layer, registry)?;
         let template = info(component, LayerKind::Linear, layer, None);
@@ -312,11 +294,8 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(layers_vb.pp(i), config, component, i, &mut registry))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(tm.pp("final_layer_norm"), dim, eps)?;
-        let text_projection = if with_projection {
-            Some(Linear::new(vb.pp("text_projection"), dim, config.projection_dim, false)?)
-        } else {
-            None
-        };
+        let text_projection =
+            if with_projection { Some(Linear::new(vb.pp("text_projection"), dim, config.projection_dim, false)?) } else { None };
         let activations = crate::precision::activation_dtype(token_embedding.dtype(), token_embedding.device());
         Ok(Self {
             activations,
@@ -398,10 +377,7 @@ impl ClipTextModel {
     /// The ids as host rows, checked against the vocabulary and the position table.
     fn read_ids(&self, input_ids: &Tensor) -> Result<Vec<Vec<u32>>> {
         let (b, n) = input_ids.dims2().map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "text encoder: input ids must be [batch, tokens], got shape {:?}",
-                input_ids.dims()
-            ))
+            candle_core::Error::Msg(format!("text encoder: input ids must be [batch, tokens], got shape {:?}", input_ids.dims()))
         })?;
         if b == 0 || n == 0 || n > self.config.max_position_embeddings {
             candle_core::bail!(

@@ -108,17 +108,7 @@ pub type InputGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
 /// probabilities and D = rowsum(grad * out): dV = pᵀ dO, dS = p * (dO Vᵀ - D), dQ = scale dS K,
 /// dK = scale dSᵀ Q.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    grad: &[f32],
-    dims: Dims,
-    scale: f32,
-    causal: bool,
-    needs: Needs,
-) -> InputGrads {
+pub fn backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], grad: &[f32], dims: Dims, scale: f32, causal: bool, needs: Needs) -> InputGrads {
     let (rows, par, d, m) = (dims.rows(), dims.parallelism(), dims.d, dims.m);
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
     let blocks: Vec<Grads> = (0..dims.b * dims.heads)
@@ -165,9 +155,5 @@ pub fn backward(
         parts.1.push(dk);
         parts.2.push(dv);
     }
-    (
-        needs.q.then(|| scatter(parts.0, &dims, dims.n)),
-        needs.k.then(|| scatter(parts.1, &dims, m)),
-        needs.v.then(|| scatter(parts.2, &dims, m)),
-    )
+    (needs.q.then(|| scatter(parts.0, &dims, dims.n)), needs.k.then(|| scatter(parts.1, &dims, m)), needs.v.then(|| scatter(parts.2, &dims, m)))
 }

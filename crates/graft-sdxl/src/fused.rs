@@ -33,9 +33,7 @@ use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
 
 use crate::matmul::{matmul_any, Operand, Parallelism, View};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 /// Elements per tile of conv columns (16 MB of f32).
 const CHUNK_ELEMENTS: usize = 1 << 22;
@@ -65,7 +63,9 @@ struct FusedAttention {
 impl FusedAttention {
     /// The attention's dimensions from q's and k's layouts.
     fn dims(&self, q: &[usize], k: &[usize]) -> Result<crate::cpu_attention::Dims> {
-        let ([b, n, width], [kb, m, kw]) = (q, k) else { candle_core::bail!("attention: expected [b, n, heads * d] inputs, got {q:?} and {k:?}") };
+        let ([b, n, width], [kb, m, kw]) = (q, k) else {
+            candle_core::bail!("attention: expected [b, n, heads * d] inputs, got {q:?} and {k:?}")
+        };
         if b != kb || width != kw || self.heads == 0 || width % self.heads != 0 || *width == 0 || *n == 0 || *m == 0 {
             candle_core::bail!("attention: q {q:?} and k {k:?} do not fit {} heads", self.heads)
         }
@@ -119,15 +119,7 @@ impl CustomOp3 for FusedAttention {
         "graft-fused-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1.dims(), l2.dims())?;
         if l3.dims() != l2.dims() {
             candle_core::bail!("attention: k {:?} and v {:?} differ", l2.dims(), l3.dims())
@@ -137,18 +129,12 @@ impl CustomOp3 for FusedAttention {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let needs = crate::cpu_attention::Needs { q: q.track_op(), k: k.track_op(), v: v.track_op() };
         let dims = self.dims(q.dims(), k.dims())?;
         let (out, grad) = (out.contiguous()?, grad.contiguous()?);
-        let (qs, ks, vs, os, gs) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout(), out.storage_and_layout(), grad.storage_and_layout());
+        let (qs, ks, vs, os, gs) =
+            (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout(), out.storage_and_layout(), grad.storage_and_layout());
         let (dq, dk, dv) = crate::cpu_attention::backward(
             f32_slice(&qs.0, qs.1)?,
             f32_slice(&ks.0, ks.1)?,
@@ -177,13 +163,7 @@ struct FrozenLinear {
 }
 
 /// `x @ w^T (+ b)` on storages: x [m, k] (contiguous at its offset), w [n, k], b [n].
-fn linear_storage<S: BackendStorage>(
-    x: &S,
-    xl: &Layout,
-    w: &S,
-    wl: &Layout,
-    b: Option<(&S, &Layout)>,
-) -> Result<(S, Shape)> {
+fn linear_storage<S: BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout, b: Option<(&S, &Layout)>) -> Result<(S, Shape)> {
     let k = xl.dims().last().copied().unwrap_or(1);
     let m = xl.shape().elem_count() / k.max(1);
     let n = wl.dims()[0];
@@ -324,9 +304,9 @@ impl CustomOp1 for FrozenLayerNorm {
         let ((x_storage, x_layout), (g_storage, g_layout)) = (x.storage_and_layout(), grad.storage_and_layout());
         let (xs, gs) = (f32_slice(&x_storage, x_layout)?, f32_slice(&g_storage, g_layout)?);
         let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(dim).zip(xs.par_chunks(dim).zip(gs.par_chunks(dim))).for_each(|(dx, (row, gr))| {
-            crate::simd::layer_norm_row_grad(row, gr, dx, &self.w, self.eps)
-        });
+        dx.par_chunks_mut(dim)
+            .zip(xs.par_chunks(dim).zip(gs.par_chunks(dim)))
+            .for_each(|(dx, (row, gr))| crate::simd::layer_norm_row_grad(row, gr, dx, &self.w, self.eps));
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -369,9 +349,9 @@ impl CustomOp1 for Geglu {
         let (hs, gs) = (f32_slice(&h_storage, h_layout)?, f32_slice(&g_storage, g_layout)?);
         let mut dh = vec![0f32; hs.len()];
         let rows = 2 * inner * 8;
-        dh.par_chunks_mut(rows).zip(hs.par_chunks(rows).zip(gs.par_chunks(inner * 8))).for_each(|(d, (h, g))| {
-            crate::simd::geglu_grad_rows(h, g, d, inner)
-        });
+        dh.par_chunks_mut(rows)
+            .zip(hs.par_chunks(rows).zip(gs.par_chunks(inner * 8)))
+            .for_each(|(d, (h, g))| crate::simd::geglu_grad_rows(h, g, d, inner));
         Ok(Some(Tensor::from_vec(dh, h.shape(), h.device())?))
     }
 }
@@ -433,10 +413,12 @@ impl CustomOp1 for FrozenGroupNorm {
         let (xs, gs) = (f32_slice(&x_storage, x_layout)?, f32_slice(&g_storage, g_layout)?);
         let (size, _) = self.group(x.dims(), 0);
         let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(size.max(1)).zip(xs.par_chunks(size.max(1)).zip(gs.par_chunks(size.max(1)))).enumerate().for_each(|(i, (d, (xs, gs)))| {
-            let (_, cs) = self.group(x.dims(), i);
-            crate::simd::group_norm_group_grad(xs, gs, d, &self.w[cs.clone()], &self.b[cs], self.eps, self.silu);
-        });
+        dx.par_chunks_mut(size.max(1)).zip(xs.par_chunks(size.max(1)).zip(gs.par_chunks(size.max(1)))).enumerate().for_each(
+            |(i, (d, (xs, gs)))| {
+                let (_, cs) = self.group(x.dims(), i);
+                crate::simd::group_norm_group_grad(xs, gs, d, &self.w[cs.clone()], &self.b[cs], self.eps, self.silu);
+            },
+        );
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -786,7 +768,9 @@ mod tests {
     fn conv2d_matches_candle() {
         let dev = Device::Cpu;
         let mut rng = GraftRng::new(7);
-        for (cin, cout, k, stride, pad, h, w) in [(3, 4, 3, 1, 1, 7, 6), (4, 5, 3, 2, 1, 8, 10), (5, 3, 1, 1, 0, 4, 5), (2, 3, 3, 2, 0, 9, 7), (512, 4, 3, 1, 1, 32, 32)] {
+        for (cin, cout, k, stride, pad, h, w) in
+            [(3, 4, 3, 1, 1, 7, 6), (4, 5, 3, 2, 1, 8, 10), (5, 3, 1, 1, 0, 4, 5), (2, 3, 3, 2, 0, 9, 7), (512, 4, 3, 1, 1, 32, 32)]
+        {
             let x = Var::from_tensor(&rng.randn((2, cin, h, w), &dev).unwrap()).unwrap();
             let kernel = rng.randn((cout, cin, k, k), &dev).unwrap();
             let b = rng.randn(cout, &dev).unwrap();

@@ -251,13 +251,7 @@ pub trait Hooks {
 
     /// An attention hook point: its input hidden states, its context (`None` for self-attention)
     /// and its output (after `to_out`). Returns the output to use instead.
-    fn attention(
-        &self,
-        layer: LayerIndex,
-        hidden: &Tensor,
-        context: Option<&Tensor>,
-        out: Tensor,
-    ) -> Result<Tensor>;
+    fn attention(&self, layer: LayerIndex, hidden: &Tensor, context: Option<&Tensor>, out: Tensor) -> Result<Tensor>;
 
     /// The random state the hooks draw from (adapter dropout), if any: gradient checkpointing
     /// rewinds it so that a segment's replay draws what its forward drew.
@@ -279,13 +273,7 @@ impl Hooks for NoHooks {
     fn linear(&self, _layer: LayerIndex, _input: &Tensor, base_out: Tensor) -> Result<Tensor> {
         Ok(base_out)
     }
-    fn attention(
-        &self,
-        _layer: LayerIndex,
-        _hidden: &Tensor,
-        _context: Option<&Tensor>,
-        out: Tensor,
-    ) -> Result<Tensor> {
+    fn attention(&self, _layer: LayerIndex, _hidden: &Tensor, _context: Option<&Tensor>, out: Tensor) -> Result<Tensor> {
         Ok(out)
     }
 }

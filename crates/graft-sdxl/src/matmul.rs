@@ -109,12 +109,25 @@ pub fn matmul(dst: &mut [f32], dst_rs: usize, lhs: View, rhs: View, scale: f32, 
     // SAFETY: the assert above keeps every element gemm reads or writes inside its slice.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, dst_rs as isize, accumulate,
-            lhs.data.as_ptr(), lhs.cs as isize, lhs.rs as isize,
-            rhs.data.as_ptr(), rhs.cs as isize, rhs.rs as isize,
-            1.0, scale, false, false, false, par,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
         )
     }
 }
-

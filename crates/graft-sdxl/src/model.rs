@@ -16,12 +16,12 @@ use candle_nn::VarBuilder;
 
 use crate::clip::{ClipConfig, ClipTextModel};
 use crate::hooks::{Component, HookRegistry, LayerInfo};
+use crate::precision::WeightDtype;
 use crate::schedulers::SchedulerConfig;
 use crate::sgm::{is_known_extra, SgmComponent, SgmLayout};
 use crate::tokenizer::{ClipTokenizer, PadToken};
 use crate::unet::{UNet, UNetConfig};
 use crate::vae::{Vae, VaeConfig};
-use crate::precision::WeightDtype;
 use crate::varbuilder::{open_safetensors, shape_only, Requests, Stored, TensorSource};
 
 /// The architecture of every component.
@@ -35,9 +35,8 @@ pub struct SdxlConfig {
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| {
-        candle_core::Error::Msg(format!("{}: cannot read ({e}); is this a diffusers SDXL folder?", path.display()))
-    })
+    std::fs::read_to_string(path)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read ({e}); is this a diffusers SDXL folder?", path.display())))
 }
 
 /// Reads a component config with its own validating parser.
@@ -71,11 +70,7 @@ impl SdxlConfig {
             )
         }
         let scheduler_path = dir.join("scheduler/scheduler_config.json");
-        let scheduler = if scheduler_path.is_file() {
-            SchedulerConfig::from_file(&scheduler_path)?
-        } else {
-            SchedulerConfig::sdxl_base()
-        };
+        let scheduler = if scheduler_path.is_file() { SchedulerConfig::from_file(&scheduler_path)? } else { SchedulerConfig::sdxl_base() };
         Ok(Self {
             unet,
             text_encoder: read_config(&dir.join("text_encoder/config.json"), ClipConfig::from_json_str)?,
@@ -119,7 +114,11 @@ pub struct VaeSlot {
 
 impl Clone for VaeSlot {
     fn clone(&self) -> Self {
-        Self { loaded: RwLock::new(self.loaded.read().unwrap_or_else(|e| e.into_inner()).clone()), source: self.source.clone(), activations: self.activations }
+        Self {
+            loaded: RwLock::new(self.loaded.read().unwrap_or_else(|e| e.into_inner()).clone()),
+            source: self.source.clone(),
+            activations: self.activations,
+        }
     }
 }
 
@@ -202,10 +201,8 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         if index.is_file() {
             let json: serde_json::Value = serde_json::from_str(&read_text(&index)?)
                 .map_err(|e| candle_core::Error::Msg(format!("{}: invalid index ({e})", index.display())))?;
-            let mut shards: Vec<String> = json["weight_map"]
-                .as_object()
-                .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
-                .unwrap_or_default();
+            let mut shards: Vec<String> =
+                json["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
             shards.sort();
             shards.dedup();
             return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
@@ -253,13 +250,10 @@ impl SdxlModel {
         let unet_src = src("unet", "diffusion_pytorch_model")?;
         let unet = load_component(&unet_src, device, all, |vb| UNet::new(vb, &config.unet))?;
         let te1 = text_encoder_source(src("text_encoder", "model")?);
-        let text_encoder = load_component(&te1, device, all, |vb| {
-            ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false)
-        })?;
+        let text_encoder = load_component(&te1, device, all, |vb| ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false))?;
         let te2 = text_encoder_source(src("text_encoder_2", "model")?);
-        let text_encoder_2 = load_component(&te2, device, all, |vb| {
-            ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true)
-        })?;
+        let text_encoder_2 =
+            load_component(&te2, device, all, |vb| ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true))?;
         let vae_src = src("vae", "diffusion_pytorch_model")?;
         let vae = VaeSlot::new(load_component(&vae_src, device, all, |vb| Vae::new(vb, &config.vae))?, Some(vae_src));
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
@@ -289,21 +283,32 @@ impl SdxlModel {
             Ok(base.clone().with_renames(renames))
         };
         let unet_src = component(SgmComponent::Unet, &|vb| UNet::new(vb, &config.unet).map(|_| ()))?;
-        let unet = load_component(&unet_src, device, |k| k.starts_with("model.diffusion_model.") && !is_known_extra(k), |vb| UNet::new(vb, &config.unet))?;
-        let te1_src = component(SgmComponent::TextEncoder, &|vb| {
-            ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false).map(|_| ())
-        })?;
-        let text_encoder = load_component(&te1_src, device, |k| k.starts_with("conditioner.embedders.0.") && !is_known_extra(k), |vb| {
-            ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false)
-        })?;
+        let unet = load_component(
+            &unet_src,
+            device,
+            |k| k.starts_with("model.diffusion_model.") && !is_known_extra(k),
+            |vb| UNet::new(vb, &config.unet),
+        )?;
+        let te1_src =
+            component(SgmComponent::TextEncoder, &|vb| ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false).map(|_| ()))?;
+        let text_encoder = load_component(
+            &te1_src,
+            device,
+            |k| k.starts_with("conditioner.embedders.0.") && !is_known_extra(k),
+            |vb| ClipTextModel::new(vb, &config.text_encoder, Component::TextEncoder, false),
+        )?;
         let te2_src = component(SgmComponent::TextEncoder2, &|vb| {
             ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true).map(|_| ())
         })?;
-        let text_encoder_2 = load_component(&te2_src, device, |k| k.starts_with("conditioner.embedders.1.") && !is_known_extra(k), |vb| {
-            ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true)
-        })?;
+        let text_encoder_2 = load_component(
+            &te2_src,
+            device,
+            |k| k.starts_with("conditioner.embedders.1.") && !is_known_extra(k),
+            |vb| ClipTextModel::new(vb, &config.text_encoder_2, Component::TextEncoder2, true),
+        )?;
         let vae_src = component(SgmComponent::Vae, &|vb| Vae::new(vb, &config.vae).map(|_| ()))?;
-        let vae = load_component(&vae_src, device, |k| k.starts_with("first_stage_model.") && !is_known_extra(k), |vb| Vae::new(vb, &config.vae))?;
+        let vae =
+            load_component(&vae_src, device, |k| k.starts_with("first_stage_model.") && !is_known_extra(k), |vb| Vae::new(vb, &config.vae))?;
         let vae = VaeSlot::new(vae, Some(vae_src));
         let (tokenizer, tokenizer_2) = tokenizers(tok_dir)?;
         let text_encoder_files = TextEncoderFiles::new(te1_src, te2_src);
@@ -408,14 +413,20 @@ impl SdxlModel {
             return Ok(());
         }
         let c = &self.config;
-        let te1 = load_component(&files.sources[0], &self.device, |_| false, |vb| {
-            ClipTextModel::new(vb, &c.text_encoder, Component::TextEncoder, false)
-        })?;
+        let te1 = load_component(
+            &files.sources[0],
+            &self.device,
+            |_| false,
+            |vb| ClipTextModel::new(vb, &c.text_encoder, Component::TextEncoder, false),
+        )?;
         self.text_encoder.registry().take_linears(te1.registry())?;
         drop(te1);
-        let te2 = load_component(&files.sources[1], &self.device, |_| false, |vb| {
-            ClipTextModel::new(vb, &c.text_encoder_2, Component::TextEncoder2, true)
-        })?;
+        let te2 = load_component(
+            &files.sources[1],
+            &self.device,
+            |_| false,
+            |vb| ClipTextModel::new(vb, &c.text_encoder_2, Component::TextEncoder2, true),
+        )?;
         self.text_encoder_2.registry().take_linears(te2.registry())?;
         files.released.store(false, Ordering::Release);
         Ok(())

@@ -177,7 +177,10 @@ pub fn frozen_group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usi
     // Per-channel vectors shaped to broadcast over [b, c, ...].
     let mut channel_shape = vec![1; dims.len()];
     channel_shape[1] = dims[1];
-    let (w, b) = (weight.detach().to_dtype(DType::F32)?.reshape(channel_shape.as_slice())?, bias.detach().to_dtype(DType::F32)?.reshape(channel_shape.as_slice())?);
+    let (w, b) = (
+        weight.detach().to_dtype(DType::F32)?.reshape(channel_shape.as_slice())?,
+        bias.detach().to_dtype(DType::F32)?.reshape(channel_shape.as_slice())?,
+    );
     let batch = dims[0];
     let grouped = move |t: &Tensor| t.reshape((batch, groups, ()));
     // (x - mean) / std per sample and group, and 1 / std.
@@ -278,14 +281,7 @@ impl Module for GroupNorm {
 }
 
 /// A 2-d convolution with bias.
-pub fn conv2d(
-    vb: VarBuilder,
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Conv2d> {
+pub fn conv2d(vb: VarBuilder, in_channels: usize, out_channels: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
     Ok(Conv2d(candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?))
 }
@@ -365,7 +361,8 @@ impl HookedConv2d {
         info.in_features = in_channels;
         info.out_features = out_channels;
         info.conv = Some(geometry);
-        let weights = Arc::new(BaseWeight::new(info.name.clone(), LinearWeights { weight: plain.weight().clone(), bias: plain.bias().cloned() }));
+        let weights =
+            Arc::new(BaseWeight::new(info.name.clone(), LinearWeights { weight: plain.weight().clone(), bias: plain.bias().cloned() }));
         let index = registry.register_conv(info, weights.clone());
         Ok(Self { index, weights, geometry })
     }
@@ -499,7 +496,8 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = crate::rng::GraftRng::new(12);
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
-        for (k, padding, stride, h, w) in [(3, 1, 1, 6, 5), (3, 1, 2, 8, 6), (3, 1, 2, 7, 7), (3, 0, 2, 9, 7), (1, 0, 1, 4, 4), (3, 2, 1, 4, 5)] {
+        for (k, padding, stride, h, w) in [(3, 1, 1, 6, 5), (3, 1, 2, 8, 6), (3, 1, 2, 7, 7), (3, 0, 2, 9, 7), (1, 0, 1, 4, 4), (3, 2, 1, 4, 5)]
+        {
             let x = Var::from_tensor(&rng.randn((2, 3, h, w), &dev)?)?;
             let (kernel, bias) = (rng.randn((4, 3, k, k), &dev)?, rng.randn(4, &dev)?);
             let ours = frozen_conv2d(&x, &kernel, Some(&bias), padding, stride)?;

@@ -247,12 +247,7 @@ impl BaseWeight {
         let want = s.top().weight.dims().to_vec();
         // A released text encoder has an empty weight: nothing to compare with.
         if weights.weight.dims() != want.as_slice() && s.top().weight.elem_count() > 0 {
-            return Err(OverrideError::Shape {
-                layer: self.layer.clone(),
-                owner: owner.to_string(),
-                got: weights.weight.dims().to_vec(),
-                want,
-            });
+            return Err(OverrideError::Shape { layer: self.layer.clone(), owner: owner.to_string(), got: weights.weight.dims().to_vec(), want });
         }
         s.entries.push((owner, weights));
         Ok(())
@@ -275,11 +270,7 @@ impl BaseWeight {
         let mut s = self.stack_mut();
         let Some(lowest) = s.entries.iter().position(|(o, _)| mine(o)) else { return Ok(0) };
         if let Some((above, _)) = s.entries[lowest..].iter().find(|(o, _)| !mine(o)) {
-            return Err(OverrideError::NotOnTop {
-                layer: self.layer.clone(),
-                owner: s.entries[lowest].0.to_string(),
-                above: above.to_string(),
-            });
+            return Err(OverrideError::NotOnTop { layer: self.layer.clone(), owner: s.entries[lowest].0.to_string(), above: above.to_string() });
         }
         self.check_not_aside(&s, lowest)?;
         let n = s.entries.len() - lowest;
@@ -296,11 +287,7 @@ impl BaseWeight {
         let s = self.stack();
         let Some(lowest) = s.entries.iter().position(|(o, _)| mine(o)) else { return Ok(()) };
         if let Some((above, _)) = s.entries[lowest..].iter().find(|(o, _)| !mine(o)) {
-            return Err(OverrideError::NotOnTop {
-                layer: self.layer.clone(),
-                owner: s.entries[lowest].0.to_string(),
-                above: above.to_string(),
-            });
+            return Err(OverrideError::NotOnTop { layer: self.layer.clone(), owner: s.entries[lowest].0.to_string(), above: above.to_string() });
         }
         self.check_not_aside(&s, lowest)
     }
@@ -329,7 +316,9 @@ impl BaseWeight {
         let mut n = 0;
         while let Some(i) = s.entries.iter().rposition(|(o, _)| o.holder == holder) {
             let region = s.region(i);
-            if let Some((above, _)) = s.entries.iter().enumerate().skip(i + 1).find(|(j, (o, _))| o.holder != holder && s.region(*j) == region).map(|(_, e)| e) {
+            if let Some((above, _)) =
+                s.entries.iter().enumerate().skip(i + 1).find(|(j, (o, _))| o.holder != holder && s.region(*j) == region).map(|(_, e)| e)
+            {
                 tracing::warn!("`{}`: the {} goes away under the {}, which was computed over it", self.layer, s.entries[i].0, above);
             }
             s.remove(i);
@@ -453,7 +442,10 @@ mod tests {
         assert_eq!((value(&b), b.depth()), (3.0, 2), "a refused pop changes nothing");
         let e = b.pop(&h2.owner(None, OverrideKind::Fold)).unwrap_err();
         assert!(matches!(e, OverrideError::NotFound { .. }), "{e}");
-        assert!(matches!(b.push(a.clone(), LinearWeights::from(Tensor::zeros((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap())), Err(OverrideError::Shape { .. })));
+        assert!(matches!(
+            b.push(a.clone(), LinearWeights::from(Tensor::zeros((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap())),
+            Err(OverrideError::Shape { .. })
+        ));
     }
 
     #[test]

@@ -89,10 +89,7 @@ pub fn check_size(width: usize, height: usize) -> Result<()> {
         }
         if v == 0 || v % 8 != 0 {
             let lo = (v / 8).max(1) * 8;
-            candle_core::bail!(
-                "{what} {v} is not a positive multiple of 8: SDXL works on 8x8-pixel latents; use {lo} or {}",
-                lo + 8
-            )
+            candle_core::bail!("{what} {v} is not a positive multiple of 8: SDXL works on 8x8-pixel latents; use {lo} or {}", lo + 8)
         }
     }
     Ok(())
@@ -133,12 +130,7 @@ impl SdxlModel {
     }
 
     /// Text to image: a batch of one ([`SdxlModel::generate_batch`]).
-    pub fn generate(
-        &self,
-        params: &GenerateParams,
-        hooks: PipelineHooks,
-        on_step: &mut dyn FnMut(usize, usize),
-    ) -> Result<Generated> {
+    pub fn generate(&self, params: &GenerateParams, hooks: PipelineHooks, on_step: &mut dyn FnMut(usize, usize)) -> Result<Generated> {
         let mut out = self.generate_batch(std::slice::from_ref(params), hooks, on_step)?;
         Ok(out.remove(0))
     }
@@ -157,11 +149,7 @@ impl SdxlModel {
     ) -> Result<Vec<Generated>> {
         let Some(first) = items.first() else { return Ok(Vec::new()) };
         if let Some(other) = items.iter().find(|p| !batchable(first, p)) {
-            candle_core::bail!(
-                "a batch needs one size, step count, guidance and scheduler: `{}` and `{}` differ",
-                first.prompt,
-                other.prompt
-            );
+            candle_core::bail!("a batch needs one size, step count, guidance and scheduler: `{}` and `{}` differ", first.prompt, other.prompt);
         }
         check_size(first.width, first.height)?;
         let n = items.len();
@@ -175,13 +163,7 @@ impl SdxlModel {
             let noise = match &p.init_latents {
                 Some(t) => {
                     if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
-                        candle_core::bail!(
-                            "init latents have shape {:?}, expected {:?} for a {}x{} image",
-                            t.dims(),
-                            shape,
-                            p.width,
-                            p.height
-                        );
+                        candle_core::bail!("init latents have shape {:?}, expected {:?} for a {}x{} image", t.dims(), shape, p.width, p.height);
                     }
                     t.to_dtype(DType::F32)?.to_device(&self.device)?
                 }

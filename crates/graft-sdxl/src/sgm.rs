@@ -36,12 +36,7 @@ pub enum SgmComponent {
 }
 
 impl SgmComponent {
-    pub const ALL: [SgmComponent; 4] = [
-        SgmComponent::Unet,
-        SgmComponent::Vae,
-        SgmComponent::TextEncoder,
-        SgmComponent::TextEncoder2,
-    ];
+    pub const ALL: [SgmComponent; 4] = [SgmComponent::Unet, SgmComponent::Vae, SgmComponent::TextEncoder, SgmComponent::TextEncoder2];
 
     /// The key prefix of this component in a single file.
     pub fn prefix(self) -> &'static str {
@@ -90,9 +85,7 @@ impl Transform {
                 [o, i, 1, 1] => sgm.reshape((*o, *i)),
                 // Some converters already wrote the VAE attention as Linear.
                 [_, _] => Ok(sgm.clone()),
-                d => candle_core::bail!(
-                    "sgm: expected a 1x1 conv weight [out, in, 1, 1], got shape {d:?}"
-                ),
+                d => candle_core::bail!("sgm: expected a 1x1 conv weight [out, in, 1, 1], got shape {d:?}"),
             },
         }
     }
@@ -103,9 +96,7 @@ impl Transform {
         match self {
             Transform::None => Ok(diffusers.clone()),
             Transform::Rows { .. } => {
-                candle_core::bail!(
-                    "sgm: a fused in_proj needs q, k and v together: use sgm::fuse_rows"
-                )
+                candle_core::bail!("sgm: a fused in_proj needs q, k and v together: use sgm::fuse_rows")
             }
             Transform::Transpose => diffusers.t()?.contiguous(),
             Transform::Conv1x1ToLinear => match diffusers.dims() {
@@ -145,24 +136,12 @@ impl SgmUnetLayout {
     /// `down_block_types` and `up_block_types` (a block has attentions when its type contains
     /// `CrossAttn`). The mid block is `UNetMidBlock2DCrossAttn` (resnet, attention, resnet), as in
     /// every SGM UNet.
-    pub fn new<S: AsRef<str>>(
-        layers_per_block: usize,
-        down_block_types: &[S],
-        up_block_types: &[S],
-    ) -> Result<Self> {
-        Self::per_block(
-            &vec![layers_per_block; down_block_types.len()],
-            down_block_types,
-            up_block_types,
-        )
+    pub fn new<S: AsRef<str>>(layers_per_block: usize, down_block_types: &[S], up_block_types: &[S]) -> Result<Self> {
+        Self::per_block(&vec![layers_per_block; down_block_types.len()], down_block_types, up_block_types)
     }
 
     /// As [`SgmUnetLayout::new`] with one `layers_per_block` value per down block.
-    pub fn per_block<S: AsRef<str>>(
-        layers: &[usize],
-        down_block_types: &[S],
-        up_block_types: &[S],
-    ) -> Result<Self> {
+    pub fn per_block<S: AsRef<str>>(layers: &[usize], down_block_types: &[S], up_block_types: &[S]) -> Result<Self> {
         let n = down_block_types.len();
         if n == 0 || up_block_types.len() != n || layers.len() != n {
             candle_core::bail!(
@@ -173,16 +152,10 @@ impl SgmUnetLayout {
             );
         }
         if layers.contains(&0) {
-            candle_core::bail!(
-                "sgm: unet config layers_per_block must be at least 1, got {layers:?}"
-            );
+            candle_core::bail!("sgm: unet config layers_per_block must be at least 1, got {layers:?}");
         }
         let attn = |t: &[S]| t.iter().map(|s| s.as_ref().contains("CrossAttn")).collect();
-        Ok(Self {
-            layers: layers.to_vec(),
-            down_attention: attn(down_block_types),
-            up_attention: attn(up_block_types),
-        })
+        Ok(Self { layers: layers.to_vec(), down_attention: attn(down_block_types), up_attention: attn(up_block_types) })
     }
 
     /// From a parsed diffusers UNet config.
@@ -193,11 +166,7 @@ impl SgmUnetLayout {
 
     /// SDXL base / refiner-shaped UNet: 3 blocks, 2 layers, attention in down blocks 1, 2 and up 0, 1.
     pub fn sdxl() -> Self {
-        Self {
-            layers: vec![2; 3],
-            down_attention: vec![false, true, true],
-            up_attention: vec![true, true, false],
-        }
+        Self { layers: vec![2; 3], down_attention: vec![false, true, true], up_attention: vec![true, true, false] }
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -216,17 +185,11 @@ pub struct SgmVaeLayout {
 impl SgmVaeLayout {
     /// From a parsed diffusers VAE config.
     pub fn from_config(config: &crate::vae::VaeConfig) -> Self {
-        Self {
-            num_blocks: config.block_out_channels.len(),
-            layers_per_block: config.layers_per_block,
-        }
+        Self { num_blocks: config.block_out_channels.len(), layers_per_block: config.layers_per_block }
     }
 
     pub fn sdxl() -> Self {
-        Self {
-            num_blocks: 4,
-            layers_per_block: 2,
-        }
+        Self { num_blocks: 4, layers_per_block: 2 }
     }
 }
 
@@ -241,11 +204,7 @@ pub struct SgmLayout {
 
 impl SgmLayout {
     pub fn new(unet: SgmUnetLayout, vae: SgmVaeLayout, te2_hidden_size: usize) -> Self {
-        Self {
-            unet,
-            vae,
-            te2_hidden_size,
-        }
+        Self { unet, vae, te2_hidden_size }
     }
 
     /// SDXL base 1.0.
@@ -254,16 +213,8 @@ impl SgmLayout {
     }
 
     /// From the parsed diffusers configs of the UNet, the VAE and text encoder 2.
-    pub fn from_configs(
-        unet: &crate::unet::UNetConfig,
-        vae: &crate::vae::VaeConfig,
-        text_encoder_2: &crate::clip::ClipConfig,
-    ) -> Result<Self> {
-        Ok(Self::new(
-            SgmUnetLayout::from_config(unet)?,
-            SgmVaeLayout::from_config(vae),
-            text_encoder_2.hidden_size,
-        ))
+    pub fn from_configs(unet: &crate::unet::UNetConfig, vae: &crate::vae::VaeConfig, text_encoder_2: &crate::clip::ClipConfig) -> Result<Self> {
+        Ok(Self::new(SgmUnetLayout::from_config(unet)?, SgmVaeLayout::from_config(vae), text_encoder_2.hidden_size))
     }
 
     /// Diffusers parameter name (relative to the component folder) -> SGM key and transform.
@@ -276,19 +227,14 @@ impl SgmLayout {
             SgmComponent::TextEncoder => (text::te1_to_sgm(diffusers_name)?, Transform::None),
             SgmComponent::TextEncoder2 => text::te2_to_sgm(self.te2_hidden_size, diffusers_name)?,
         };
-        Some(SgmKey {
-            name: format!("{}{name}", component.prefix()),
-            transform,
-        })
+        Some(SgmKey { name: format!("{}{name}", component.prefix()), transform })
     }
 
     /// SGM key (full name) -> component and the diffusers names it holds (three for a fused
     /// `in_proj`: q, k, v in stacking order). `None` for a key outside the map; see
     /// [`is_known_extra`] for keys that are expected and carry no weight.
     pub fn from_sgm(&self, sgm_name: &str) -> Option<(SgmComponent, Vec<String>)> {
-        let component = SgmComponent::ALL
-            .into_iter()
-            .find(|c| sgm_name.starts_with(c.prefix()))?;
+        let component = SgmComponent::ALL.into_iter().find(|c| sgm_name.starts_with(c.prefix()))?;
         let rest = &sgm_name[component.prefix().len()..];
         let names = match component {
             SgmComponent::Unet => vec![unet::from_sgm(&self.unet, rest)?],
@@ -348,12 +294,7 @@ pub fn detect<S: AsRef<str>>(keys: &[S]) -> Option<SgmContents> {
     if !has(UNET_PREFIX) {
         return None;
     }
-    Some(SgmContents {
-        unet: true,
-        vae: has(VAE_PREFIX),
-        text_encoder: has(TEXT_ENCODER_PREFIX),
-        text_encoder_2: has(TEXT_ENCODER_2_PREFIX),
-    })
+    Some(SgmContents { unet: true, vae: has(VAE_PREFIX), text_encoder: has(TEXT_ENCODER_PREFIX), text_encoder_2: has(TEXT_ENCODER_2_PREFIX) })
 }
 
 /// Appends the remaining path segments (if any) to `head`.
@@ -373,8 +314,7 @@ fn is_leaf_rest(rest: &[&str]) -> bool {
 /// A decimal index segment.
 fn index(s: &str) -> Option<usize> {
     // Reject "+1", "01" and the like: only canonical decimal indices are names.
-    if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit())
-    {
+    if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     s.parse().ok()

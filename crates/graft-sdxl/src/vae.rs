@@ -76,17 +76,13 @@ fn default_true() -> bool {
 impl VaeConfig {
     /// The SDXL base 1.0 VAE.
     pub fn sdxl_base() -> Self {
-        Self::from_json_str(
-            include_str!("../configs/sdxl-base-1.0/vae/config.json"),
-            "built-in sdxl-base-1.0 vae config",
-        )
-        .expect("the built-in SDXL VAE config is valid")
+        Self::from_json_str(include_str!("../configs/sdxl-base-1.0/vae/config.json"), "built-in sdxl-base-1.0 vae config")
+            .expect("the built-in SDXL VAE config is valid")
     }
 
     /// Parses and validates a diffusers `vae/config.json`; `source` names it in errors.
     pub fn from_json_str(json: &str, source: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json)
-            .map_err(|e| candle_core::Error::Msg(format!("{source}: invalid VAE config ({e})")))?;
+        let config: Self = serde_json::from_str(json).map_err(|e| candle_core::Error::Msg(format!("{source}: invalid VAE config ({e})")))?;
         config.validate().map_err(|e| candle_core::Error::Msg(format!("{source}: {e}")))?;
         Ok(config)
     }
@@ -100,10 +96,7 @@ impl VaeConfig {
             return Err("`norm_num_groups` must be positive".to_string());
         }
         if let Some(c) = self.block_out_channels.iter().find(|&&c| c == 0 || c % self.norm_num_groups != 0) {
-            return Err(format!(
-                "`block_out_channels` entry {c} is not a positive multiple of `norm_num_groups` ({})",
-                self.norm_num_groups
-            ));
+            return Err(format!("`block_out_channels` entry {c} is not a positive multiple of `norm_num_groups` ({})", self.norm_num_groups));
         }
         if self.in_channels == 0 || self.out_channels == 0 || self.latent_channels == 0 {
             return Err("`in_channels`, `out_channels` and `latent_channels` must be positive".to_string());
@@ -112,11 +105,9 @@ impl VaeConfig {
             return Err(format!("`act_fn` \"{}\" is not supported (only \"silu\")", self.act_fn));
         }
         let check_types = |field: &str, types: &Option<Vec<String>>, expected: &str| match types {
-            Some(t) if t.len() != self.block_out_channels.len() => Err(format!(
-                "`{field}` has {} entries but `block_out_channels` has {}",
-                t.len(),
-                self.block_out_channels.len()
-            )),
+            Some(t) if t.len() != self.block_out_channels.len() => {
+                Err(format!("`{field}` has {} entries but `block_out_channels` has {}", t.len(), self.block_out_channels.len()))
+            }
             Some(t) => match t.iter().find(|b| b.as_str() != expected) {
                 Some(b) => Err(format!("`{field}` entry \"{b}\" is not supported (only \"{expected}\")")),
                 None => Ok(()),
@@ -177,11 +168,8 @@ struct MidBlock {
 
 impl MidBlock {
     fn new(vb: VarBuilder, channels: usize, config: &VaeConfig) -> Result<Self> {
-        let attention = if config.mid_block_add_attention {
-            Some(SpatialAttention::new(vb.pp("attentions").pp("0"), channels, config)?)
-        } else {
-            None
-        };
+        let attention =
+            if config.mid_block_add_attention { Some(SpatialAttention::new(vb.pp("attentions").pp("0"), channels, config)?) } else { None };
         let resnets = vb.pp("resnets");
         Ok(Self {
             resnet0: ResnetBlock2D::new(resnets.pp("0"), config.resnet(channels, channels))?,
@@ -268,11 +256,7 @@ impl Encoder {
                     ResnetBlock2D::new(vb.pp("resnets").pp(j), config.resnet(cin, out))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let downsample = if i < last {
-                Some(conv2d(vb.pp("downsamplers").pp("0").pp("conv"), out, out, 3, 2, 0)?)
-            } else {
-                None
-            };
+            let downsample = if i < last { Some(conv2d(vb.pp("downsamplers").pp("0").pp("conv"), out, out, 3, 2, 0)?) } else { None };
             down_blocks.push(DownBlock { resnets, downsample });
         }
         Ok(Self {
@@ -318,8 +302,7 @@ impl Decoder {
                     ResnetBlock2D::new(vb.pp("resnets").pp(j), config.resnet(cin, out))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let upsample =
-                if i < last { Some(conv2d(vb.pp("upsamplers").pp("0").pp("conv"), out, out, 3, 1, 1)?) } else { None };
+            let upsample = if i < last { Some(conv2d(vb.pp("upsamplers").pp("0").pp("conv"), out, out, 3, 1, 1)?) } else { None };
             up_blocks.push(UpBlock { resnets, upsample });
         }
         Ok(Self {
@@ -381,16 +364,8 @@ impl Vae {
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
         config.validate().map_err(|e| candle_core::Error::Msg(format!("vae config: {e}")))?;
         let latent = config.latent_channels;
-        let quant_conv = if config.use_quant_conv {
-            Some(conv2d(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1, 1, 0)?)
-        } else {
-            None
-        };
-        let post_quant_conv = if config.use_post_quant_conv {
-            Some(conv2d(vb.pp("post_quant_conv"), latent, latent, 1, 1, 0)?)
-        } else {
-            None
-        };
+        let quant_conv = if config.use_quant_conv { Some(conv2d(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1, 1, 0)?) } else { None };
+        let post_quant_conv = if config.use_post_quant_conv { Some(conv2d(vb.pp("post_quant_conv"), latent, latent, 1, 1, 0)?) } else { None };
         let decoder = Decoder::new(vb.pp("decoder"), config)?;
         let w = decoder.conv_in.weight();
         Ok(Self {
@@ -462,9 +437,7 @@ mod tests {
 
     #[test]
     fn bad_config_is_named() {
-        let err = VaeConfig::from_json_str(r#"{"block_out_channels": [30], "norm_num_groups": 4}"#, "v.json")
-            .unwrap_err()
-            .to_string();
+        let err = VaeConfig::from_json_str(r#"{"block_out_channels": [30], "norm_num_groups": 4}"#, "v.json").unwrap_err().to_string();
         assert!(err.contains("v.json") && err.contains("norm_num_groups"), "{err}");
     }
 }

@@ -50,7 +50,10 @@ pub fn shape_only(device: &Device) -> (VarBuilder<'static>, Requests) {
 pub enum Transform {
     None,
     /// A slice of rows `start..start+len` (open_clip's fused `in_proj` holds q, k, v).
-    Rows { start: usize, len: usize },
+    Rows {
+        start: usize,
+        len: usize,
+    },
     /// Stored transposed (open_clip's `text_projection`).
     Transpose,
     /// A 1x1 conv `[o, i, 1, 1]` used as a linear `[o, i]` (the SGM VAE attention).
@@ -154,10 +157,7 @@ impl TensorSource {
     }
 
     fn stored(&self, name: &str) -> Stored {
-        self.renames
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| Stored { key: name.to_string(), transform: Transform::None })
+        self.renames.get(name).cloned().unwrap_or_else(|| Stored { key: name.to_string(), transform: Transform::None })
     }
 
     /// The shape `name` will have once transformed, or `None` if it is not stored.
@@ -180,9 +180,8 @@ impl TensorSource {
     /// Loads `name` on `device`, in the precision [`WeightDtype::for_tensor`] gives it.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let stored = self.stored(name);
-        let read_error = |e: &dyn std::fmt::Display| {
-            candle_core::Error::Msg(format!("{}: cannot read tensor `{}`: {e}", self.description, stored.key))
-        };
+        let read_error =
+            |e: &dyn std::fmt::Display| candle_core::Error::Msg(format!("{}: cannot read tensor `{}`: {e}", self.description, stored.key));
         let view = self.files.get(&stored.key).map_err(|e| read_error(&e))?;
         let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| read_error(&e))?;
         // The copy is made: give the mapped pages back, so the file does not stay resident too.
@@ -205,21 +204,15 @@ impl TensorSource {
         for (name, shape) in requests {
             match self.shape_of(name) {
                 None => missing.push(self.stored(name).key),
-                Some(s) if &s != shape => {
-                    wrong.push(format!("{} is {:?}, expected {:?}", self.stored(name).key, s, shape))
-                }
+                Some(s) if &s != shape => wrong.push(format!("{} is {:?}, expected {:?}", self.stored(name).key, s, shape)),
                 Some(_) => {}
             }
         }
         if missing.is_empty() && wrong.is_empty() {
             return Ok(());
         }
-        let mut msg = format!(
-            "{} does not fit the model architecture ({} missing keys, {} wrong shapes):",
-            self.description,
-            missing.len(),
-            wrong.len()
-        );
+        let mut msg =
+            format!("{} does not fit the model architecture ({} missing keys, {} wrong shapes):", self.description, missing.len(), wrong.len());
         for m in missing.iter().take(20) {
             msg.push_str(&format!("\n  missing: {m}"));
         }
@@ -232,18 +225,14 @@ impl TensorSource {
         if wrong.len() > 20 {
             msg.push_str(&format!("\n  ... and {} more wrong shapes", wrong.len() - 20));
         }
-        msg.push_str(
-            "\nIs this an SDXL model, and does its config match? Pass the matching diffusers config folder with --model-config.",
-        );
+        msg.push_str("\nIs this an SDXL model, and does its config match? Pass the matching diffusers config folder with --model-config.");
         candle_core::bail!("{msg}")
     }
 
     /// Stored keys that no request used (reported, so nothing is silently ignored).
     pub fn unused(&self, requests: &[(String, Vec<usize>)], key_filter: impl Fn(&str) -> bool) -> Vec<String> {
-        let used: std::collections::HashSet<String> =
-            requests.iter().map(|(n, _)| self.stored(n).key).collect();
-        let mut unused: Vec<String> =
-            self.keys().into_iter().filter(|k| key_filter(k) && !used.contains(k)).collect();
+        let used: std::collections::HashSet<String> = requests.iter().map(|(n, _)| self.stored(n).key).collect();
+        let mut unused: Vec<String> = self.keys().into_iter().filter(|k| key_filter(k) && !used.contains(k)).collect();
         unused.sort();
         unused
     }
@@ -259,13 +248,7 @@ impl SimpleBackend for TensorSource {
     fn get(&self, s: Shape, name: &str, _h: Init, _dtype: DType, dev: &Device) -> Result<Tensor> {
         let t = self.load(name, dev)?;
         if t.dims() != s.dims() {
-            candle_core::bail!(
-                "{}: `{}` has shape {:?}, expected {:?}",
-                self.description,
-                self.stored(name).key,
-                t.dims(),
-                s.dims()
-            )
+            candle_core::bail!("{}: `{}` has shape {:?}, expected {:?}", self.description, self.stored(name).key, t.dims(), s.dims())
         }
         Ok(t)
     }

@@ -34,8 +34,7 @@ struct Adapters {
 
 impl Adapters {
     fn everywhere(registry: &HookRegistry, rng: &mut GraftRng, dev: &Device) -> Self {
-        let mut small =
-            |shape: (usize, usize)| Var::from_tensor(&(rng.randn(shape, dev).unwrap() * 0.1).unwrap()).unwrap();
+        let mut small = |shape: (usize, usize)| Var::from_tensor(&(rng.randn(shape, dev).unwrap() * 0.1).unwrap()).unwrap();
         let (mut lora, mut gates) = (HashMap::new(), HashMap::new());
         for (i, layer) in registry.layers().iter().enumerate() {
             match layer.kind {

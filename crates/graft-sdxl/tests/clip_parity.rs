@@ -96,8 +96,7 @@ fn bad_ids_are_refused_with_a_message() {
 #[test]
 fn requests_are_exactly_the_file_keys() {
     let dev = Device::Cpu;
-    for (sub, component, with_projection) in
-        [("text_encoder", Component::TextEncoder, false), ("text_encoder_2", Component::TextEncoder2, true)]
+    for (sub, component, with_projection) in [("text_encoder", Component::TextEncoder, false), ("text_encoder_2", Component::TextEncoder2, true)]
     {
         let dir = fixtures().join("tiny-sdxl").join(sub);
         let json = std::fs::read_to_string(dir.join("config.json")).unwrap();
@@ -107,8 +106,7 @@ fn requests_are_exactly_the_file_keys() {
         let mut asked: Vec<(String, Vec<usize>)> = requests.lock().unwrap().clone();
         asked.sort();
         let stored = safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
-        let mut stored: Vec<(String, Vec<usize>)> =
-            stored.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+        let mut stored: Vec<(String, Vec<usize>)> = stored.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
         stored.sort();
         assert_eq!(asked, stored, "{sub}");
     }

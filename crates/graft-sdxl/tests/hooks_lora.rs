@@ -35,8 +35,7 @@ fn fixture() -> std::path::PathBuf {
 }
 
 fn tiny_unet() -> UNet {
-    let config: UNetConfig =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
+    let config: UNetConfig = serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
     let src = TensorSource::new(vec![fixture().join("diffusion_pytorch_model.safetensors")], "unet").unwrap();
     UNet::new(src.var_builder(&Device::Cpu), &config).unwrap()
 }
@@ -70,10 +69,7 @@ fn lora_at_hook_points_zero_init_fuse_and_restore() {
         .layers()
         .iter()
         .enumerate()
-        .filter(|(_, l)| {
-            l.name.contains(".attn2.")
-                && [".to_q", ".to_k", ".to_v", ".to_out.0"].iter().any(|s| l.name.ends_with(s))
-        })
+        .filter(|(_, l)| l.name.contains(".attn2.") && [".to_q", ".to_k", ".to_v", ".to_out.0"].iter().any(|s| l.name.ends_with(s)))
         .map(|(i, l)| (i, l.in_features, l.out_features))
         .collect();
     let cross_attentions = unet.registry().layers().iter().filter(|l| l.name.ends_with(".attn2")).count();

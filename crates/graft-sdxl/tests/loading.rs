@@ -24,8 +24,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Rewrites `file` in `dtype` under `new_name` (in the same folder).
 fn convert(file: &Path, dtype: DType, new_name: &str) {
     let tensors = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
-    let converted: std::collections::HashMap<String, Tensor> =
-        tensors.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
+    let converted: std::collections::HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
     std::fs::remove_file(file).unwrap();
     candle_core::safetensors::save(&converted, file.with_file_name(new_name)).unwrap();
 }

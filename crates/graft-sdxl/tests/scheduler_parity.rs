@@ -8,9 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use graft_sdxl::rng::GraftRng;
 use graft_sdxl::schedulers::training::NoiseSchedule;
-use graft_sdxl::schedulers::{
-    build_scheduler, Ddim, DpmSolverMultistep, EulerAncestral, EulerDiscrete, SchedulerConfig,
-};
+use graft_sdxl::schedulers::{build_scheduler, Ddim, DpmSolverMultistep, EulerAncestral, EulerDiscrete, SchedulerConfig};
 use serde_json::Value;
 
 /// Relative tolerance: |got - expected| <= TOL * max(1, |expected|).
@@ -32,8 +30,7 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/reference/schedulers.safetensors");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/schedulers.safetensors");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap_or_default();
@@ -43,19 +40,11 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     fn get(&self, key: &str) -> &Tensor {
-        self.tensors
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture has no {key}"))
+        self.tensors.get(key).unwrap_or_else(|| panic!("fixture has no {key}"))
     }
 
     fn values(&self, key: &str) -> Vec<f64> {
-        self.get(key)
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        self.get(key).to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
 
     fn json(&self, key: &str) -> Value {
@@ -66,22 +55,12 @@ impl Fixture {
 /// The largest relative difference.
 fn max_diff(got: &[f64], expected: &[f64]) -> f64 {
     assert_eq!(got.len(), expected.len(), "length");
-    got.iter()
-        .zip(expected)
-        .map(|(g, e)| (g - e).abs() / e.abs().max(1.0))
-        .fold(0.0, f64::max)
+    got.iter().zip(expected).map(|(g, e)| (g - e).abs() / e.abs().max(1.0)).fold(0.0, f64::max)
 }
 
 fn tensor_diff(got: &Tensor, expected: &Tensor) -> f64 {
     assert_eq!(got.dims(), expected.dims());
-    let v = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
+    let v = |t: &Tensor| -> Vec<f64> { t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
     max_diff(&v(got), &v(expected))
 }
 
@@ -95,60 +74,39 @@ fn run_case(fx: &Fixture, case: &Value, steps: usize) -> (f64, f64) {
     let key = format!("{name}.{steps}");
     let config = SchedulerConfig::from_json(case["config"].as_str().unwrap()).unwrap();
     let class = case["class"].as_str().unwrap();
-    let mut scheduler =
-        build_scheduler(case["scheduler"].as_str().unwrap(), &config, steps).unwrap();
+    let mut scheduler = build_scheduler(case["scheduler"].as_str().unwrap(), &config, steps).unwrap();
 
     // Schedule: timesteps, sigmas, init_noise_sigma.
-    let mut schedule_diff = max_diff(
-        scheduler.timesteps(),
-        &fx.values(&format!("{key}.timesteps")),
-    );
+    let mut schedule_diff = max_diff(scheduler.timesteps(), &fx.values(&format!("{key}.timesteps")));
     let sigmas = match class {
-        "EulerDiscreteScheduler" => {
-            Some(f32s(EulerDiscrete::new(&config, steps).unwrap().sigmas()))
-        }
-        "EulerAncestralDiscreteScheduler" => {
-            Some(f32s(EulerAncestral::new(&config, steps).unwrap().sigmas()))
-        }
-        "DPMSolverMultistepScheduler" => Some(f32s(
-            DpmSolverMultistep::new(&config, steps).unwrap().sigmas(),
-        )),
+        "EulerDiscreteScheduler" => Some(f32s(EulerDiscrete::new(&config, steps).unwrap().sigmas())),
+        "EulerAncestralDiscreteScheduler" => Some(f32s(EulerAncestral::new(&config, steps).unwrap().sigmas())),
+        "DPMSolverMultistepScheduler" => Some(f32s(DpmSolverMultistep::new(&config, steps).unwrap().sigmas())),
         _ => None,
     };
     if let Some(sigmas) = sigmas {
         schedule_diff = schedule_diff.max(max_diff(&sigmas, &fx.values(&format!("{key}.sigmas"))));
     }
-    schedule_diff = schedule_diff.max(max_diff(
-        &[scheduler.init_noise_sigma()],
-        &fx.values(&format!("{key}.init_noise_sigma")),
-    ));
+    schedule_diff = schedule_diff.max(max_diff(&[scheduler.init_noise_sigma()], &fx.values(&format!("{key}.init_noise_sigma"))));
 
     // The sampling loop, compared at every step.
-    let ancestral = (class == "EulerAncestralDiscreteScheduler")
-        .then(|| EulerAncestral::new(&config, steps).unwrap());
+    let ancestral = (class == "EulerAncestralDiscreteScheduler").then(|| EulerAncestral::new(&config, steps).unwrap());
     let mut rng = GraftRng::new(0);
     let mut sample = fx.get(&format!("{key}.start")).clone();
     let eps = fx.get(&format!("{key}.eps"));
     let mut loop_diff: f64 = 0.0;
     for i in 0..steps {
         let scaled = scheduler.scale_model_input(&sample, i).unwrap();
-        loop_diff = loop_diff.max(tensor_diff(
-            &scaled,
-            &fx.get(&format!("{key}.scaled")).get(i).unwrap(),
-        ));
+        loop_diff = loop_diff.max(tensor_diff(&scaled, &fx.get(&format!("{key}.scaled")).get(i).unwrap()));
         let model_output = ((&scaled * 0.1).unwrap() + eps.get(i).unwrap()).unwrap();
         sample = match &ancestral {
             Some(a) => {
                 let noise = fx.get(&format!("{key}.noise")).get(i).unwrap();
-                a.step_with_noise(&model_output, i, &sample, &noise)
-                    .unwrap()
+                a.step_with_noise(&model_output, i, &sample, &noise).unwrap()
             }
             None => scheduler.step(&model_output, i, &sample, &mut rng).unwrap(),
         };
-        loop_diff = loop_diff.max(tensor_diff(
-            &sample,
-            &fx.get(&format!("{key}.samples")).get(i).unwrap(),
-        ));
+        loop_diff = loop_diff.max(tensor_diff(&sample, &fx.get(&format!("{key}.samples")).get(i).unwrap()));
     }
     (schedule_diff, loop_diff)
 }
@@ -168,18 +126,12 @@ fn schedulers_match_diffusers() {
             worst = worst.max(schedule).max(sampling);
             let tol = tolerance(case["name"].as_str().unwrap());
             if schedule > TOL || sampling > tol {
-                failures.push(format!(
-                    "{label}: schedule {schedule:.3e}, sampling {sampling:.3e}"
-                ));
+                failures.push(format!("{label}: schedule {schedule:.3e}, sampling {sampling:.3e}"));
             }
         }
     }
     println!("largest relative difference: {worst:.2e}");
-    assert!(
-        failures.is_empty(),
-        "beyond tolerance:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "beyond tolerance:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -189,39 +141,17 @@ fn training_noise_matches_diffusers() {
         let name = case["name"].as_str().unwrap();
         let config = SchedulerConfig::from_json(case["config"].as_str().unwrap()).unwrap();
         let schedule = NoiseSchedule::new(&config).unwrap();
-        let diff = max_diff(
-            &f32s(schedule.alphas_cumprod()),
-            &fx.values(&format!("train.{name}.alphas_cumprod")),
-        );
+        let diff = max_diff(&f32s(schedule.alphas_cumprod()), &fx.values(&format!("train.{name}.alphas_cumprod")));
         println!("alphas_cumprod {name:8} {diff:.2e}");
         assert!(diff <= TOL, "alphas_cumprod {name}: {diff:e}");
     }
     let schedule = NoiseSchedule::new(&SchedulerConfig::sdxl_base()).unwrap();
-    let timesteps: Vec<usize> = fx
-        .values("train.timesteps")
-        .iter()
-        .map(|&t| t as usize)
-        .collect();
+    let timesteps: Vec<usize> = fx.values("train.timesteps").iter().map(|&t| t as usize).collect();
     let (x0, noise) = (fx.get("train.x0"), fx.get("train.noise"));
     let checks = [
-        (
-            "add_noise",
-            tensor_diff(
-                &schedule.add_noise(x0, noise, &timesteps).unwrap(),
-                fx.get("train.noisy"),
-            ),
-        ),
-        (
-            "velocity",
-            tensor_diff(
-                &schedule.velocity(x0, noise, &timesteps).unwrap(),
-                fx.get("train.velocity"),
-            ),
-        ),
-        (
-            "snr",
-            max_diff(&schedule.snr(&timesteps).unwrap(), &fx.values("train.snr")),
-        ),
+        ("add_noise", tensor_diff(&schedule.add_noise(x0, noise, &timesteps).unwrap(), fx.get("train.noisy"))),
+        ("velocity", tensor_diff(&schedule.velocity(x0, noise, &timesteps).unwrap(), fx.get("train.velocity"))),
+        ("snr", max_diff(&schedule.snr(&timesteps).unwrap(), &fx.values("train.snr"))),
     ];
     for (what, diff) in checks {
         println!("{what:10} {diff:.2e}");

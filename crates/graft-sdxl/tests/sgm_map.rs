@@ -22,47 +22,23 @@ fn json(path: &PathBuf) -> serde_json::Value {
 }
 
 fn usize_of(v: &serde_json::Value, key: &str) -> usize {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("config has no integer `{key}`")) as usize
+    v[key].as_u64().unwrap_or_else(|| panic!("config has no integer `{key}`")) as usize
 }
 
 /// The layout of the tiny model, read from its configs.
 fn tiny_layout() -> SgmLayout {
     let dir = fixtures().join("tiny-sdxl");
-    let unet =
-        SgmUnetLayout::from_config(&UNetConfig::from_file(&dir.join("unet/config.json")).unwrap())
-            .unwrap();
+    let unet = SgmUnetLayout::from_config(&UNetConfig::from_file(&dir.join("unet/config.json")).unwrap()).unwrap();
     // The same from the plain JSON values.
     let u = json(&dir.join("unet/config.json"));
-    let types = |k: &str| -> Vec<String> {
-        u[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_str().unwrap().to_string())
-            .collect()
-    };
-    let plain = SgmUnetLayout::new(
-        usize_of(&u, "layers_per_block"),
-        &types("down_block_types"),
-        &types("up_block_types"),
-    );
+    let types = |k: &str| -> Vec<String> { u[k].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect() };
+    let plain = SgmUnetLayout::new(usize_of(&u, "layers_per_block"), &types("down_block_types"), &types("up_block_types"));
     assert_eq!(plain.unwrap(), unet);
-    assert_eq!(
-        unet,
-        SgmUnetLayout::sdxl(),
-        "the tiny UNet has SDXL's block structure"
-    );
+    assert_eq!(unet, SgmUnetLayout::sdxl(), "the tiny UNet has SDXL's block structure");
 
     let v = json(&dir.join("vae/config.json"));
-    let vae = SgmVaeLayout {
-        num_blocks: v["block_out_channels"].as_array().unwrap().len(),
-        layers_per_block: usize_of(&v, "layers_per_block"),
-    };
-    let te2 = usize_of(
-        &json(&dir.join("text_encoder_2/config.json")),
-        "hidden_size",
-    );
+    let vae = SgmVaeLayout { num_blocks: v["block_out_channels"].as_array().unwrap().len(), layers_per_block: usize_of(&v, "layers_per_block") };
+    let te2 = usize_of(&json(&dir.join("text_encoder_2/config.json")), "hidden_size");
     let layout = SgmLayout::new(unet, vae, te2);
 
     // The same from the crate's config types.
@@ -84,14 +60,7 @@ fn load(path: &PathBuf) -> HashMap<String, Tensor> {
 fn assert_same(what: &str, a: &Tensor, b: &Tensor) {
     assert_eq!(a.dims(), b.dims(), "{what}: shape");
     assert_eq!(a.dtype(), b.dtype(), "{what}: dtype");
-    let v = |t: &Tensor| {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
     assert!(v(a) == v(b), "{what}: values differ");
 }
 
@@ -113,12 +82,7 @@ fn tiny_sdxl_single_file_matches_the_diffusers_folder() {
             SgmComponent::Unet | SgmComponent::Vae => "diffusion_pytorch_model.safetensors",
             _ => "model.safetensors",
         };
-        let tensors = load(
-            &fixtures()
-                .join("tiny-sdxl")
-                .join(c.diffusers_folder())
-                .join(file),
-        );
+        let tensors = load(&fixtures().join("tiny-sdxl").join(c.diffusers_folder()).join(file));
         let mut count = 0;
         for (name, tensor) in &tensors {
             let Some(key) = layout.to_sgm(c, name) else {
@@ -126,20 +90,13 @@ fn tiny_sdxl_single_file_matches_the_diffusers_folder() {
                 continue;
             };
             let Some(stored) = single.get(&key.name) else {
-                problems.push(format!(
-                    "{c:?} {name}: SGM key {} not in the file",
-                    key.name
-                ));
+                problems.push(format!("{c:?} {name}: SGM key {} not in the file", key.name));
                 continue;
             };
             let what = format!("{c:?} {name} <- {} ({:?})", key.name, key.transform);
             assert_same(&what, &key.transform.to_diffusers(stored).unwrap(), tensor);
             if !matches!(key.transform, Transform::Rows { .. }) {
-                assert_same(
-                    &format!("{what}, back"),
-                    &key.transform.to_sgm(tensor).unwrap(),
-                    stored,
-                );
+                assert_same(&format!("{what}, back"), &key.transform.to_sgm(tensor).unwrap(), stored);
             }
             used.insert(key.name);
             count += 1;
@@ -147,26 +104,11 @@ fn tiny_sdxl_single_file_matches_the_diffusers_folder() {
         println!("{c:?}: {count} tensors mapped");
         folder.insert(c, tensors);
     }
-    assert!(
-        problems.is_empty(),
-        "unmapped tensors:\n{}",
-        problems.join("\n")
-    );
+    assert!(problems.is_empty(), "unmapped tensors:\n{}", problems.join("\n"));
 
-    let extras: Vec<&str> = keys
-        .iter()
-        .copied()
-        .filter(|k| sgm::is_known_extra(k))
-        .collect();
-    let unused: Vec<&str> = keys
-        .iter()
-        .copied()
-        .filter(|k| !used.contains(*k) && !sgm::is_known_extra(k))
-        .collect();
-    assert!(
-        unused.is_empty(),
-        "SGM keys no diffusers tensor maps to: {unused:?}"
-    );
+    let extras: Vec<&str> = keys.iter().copied().filter(|k| sgm::is_known_extra(k)).collect();
+    let unused: Vec<&str> = keys.iter().copied().filter(|k| !used.contains(*k) && !sgm::is_known_extra(k)).collect();
+    assert!(unused.is_empty(), "SGM keys no diffusers tensor maps to: {unused:?}");
     println!("{} SGM keys used, known extras {extras:?}", used.len());
     assert_eq!(used.len() + extras.len(), single.len());
 
@@ -176,26 +118,12 @@ fn tiny_sdxl_single_file_matches_the_diffusers_folder() {
             assert_eq!(layout.from_sgm(key), None, "{key}");
             continue;
         }
-        let (c, names) = layout
-            .from_sgm(key)
-            .unwrap_or_else(|| panic!("{key}: no diffusers name"));
+        let (c, names) = layout.from_sgm(key).unwrap_or_else(|| panic!("{key}: no diffusers name"));
         let tensors = &folder[&c];
-        let parts: Vec<Tensor> = names
-            .iter()
-            .map(|n| {
-                tensors
-                    .get(n)
-                    .unwrap_or_else(|| panic!("{key} -> {c:?} {n}: not in the folder"))
-                    .clone()
-            })
-            .collect();
+        let parts: Vec<Tensor> =
+            names.iter().map(|n| tensors.get(n).unwrap_or_else(|| panic!("{key} -> {c:?} {n}: not in the folder")).clone()).collect();
         let rebuilt = if parts.len() == 1 {
-            layout
-                .to_sgm(c, &names[0])
-                .unwrap()
-                .transform
-                .to_sgm(&parts[0])
-                .unwrap()
+            layout.to_sgm(c, &names[0]).unwrap().transform.to_sgm(&parts[0]).unwrap()
         } else {
             sgm::fuse_rows(&parts).unwrap()
         };

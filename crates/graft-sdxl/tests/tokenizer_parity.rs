@@ -21,27 +21,12 @@ fn fixture() -> Value {
 
 /// The vocabulary and merges of the embedded BPE file, built as OpenAI's CLIP does.
 fn clip_vocab() -> (Vec<String>, Vec<String>) {
-    let gz = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/bpe_simple_vocab_16e6.txt.gz"),
-    )
-    .unwrap();
+    let gz = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/bpe_simple_vocab_16e6.txt.gz")).unwrap();
     let mut text = String::new();
-    flate2::read::GzDecoder::new(&gz[..])
-        .read_to_string(&mut text)
-        .unwrap();
-    let merges: Vec<String> = text
-        .split('\n')
-        .skip(1)
-        .take(49152 - 256 - 2)
-        .map(str::to_string)
-        .collect();
-    let printable = |b: u32| {
-        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
-    };
-    let mut chars: Vec<char> = (0..256u32)
-        .filter(|&b| printable(b))
-        .map(|b| char::from_u32(b).unwrap())
-        .collect();
+    flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).unwrap();
+    let merges: Vec<String> = text.split('\n').skip(1).take(49152 - 256 - 2).map(str::to_string).collect();
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut chars: Vec<char> = (0..256u32).filter(|&b| printable(b)).map(|b| char::from_u32(b).unwrap()).collect();
     chars.extend((0..(256 - chars.len()) as u32).map(|i| char::from_u32(256 + i).unwrap()));
     let mut tokens: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
     tokens.extend(chars.iter().map(|c| format!("{c}</w>")));
@@ -52,11 +37,7 @@ fn clip_vocab() -> (Vec<String>, Vec<String>) {
 }
 
 fn vocab_json(tokens: &[String]) -> Value {
-    let map: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
+    let map: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     Value::Object(map)
 }
 
@@ -69,17 +50,10 @@ fn write_case_folder(dir: &Path, case: &Value, tokens: &[String], merges: &[Stri
     match case["source"].as_str().unwrap() {
         "vocab.json" => {
             std::fs::write(dir.join("vocab.json"), vocab_json(tokens).to_string()).unwrap();
-            std::fs::write(
-                dir.join("merges.txt"),
-                format!("#version: 0.2\n{}\n", merges.join("\n")),
-            )
-            .unwrap();
+            std::fs::write(dir.join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
         }
         "tokenizer.json" => {
-            let pairs: Vec<Value> = merges
-                .iter()
-                .map(|m| json!(m.split(' ').collect::<Vec<_>>()))
-                .collect();
+            let pairs: Vec<Value> = merges.iter().map(|m| json!(m.split(' ').collect::<Vec<_>>())).collect();
             let file = json!({
                 "version": "1.0",
                 "added_tokens": case["added_tokens"],
@@ -92,36 +66,22 @@ fn write_case_folder(dir: &Path, case: &Value, tokens: &[String], merges: &[Stri
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 /// Compares every prompt; returns the mismatches as readable lines.
-fn compare(
-    tok: &ClipTokenizer,
-    case: &Value,
-    prompts: &[String],
-    max_len: usize,
-    what: &str,
-) -> Vec<String> {
+fn compare(tok: &ClipTokenizer, case: &Value, prompts: &[String], max_len: usize, what: &str) -> Vec<String> {
     let mut failures = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         let plain = tok.encode(prompt);
         let expected_plain = ids(&case["plain"][i]);
         if plain != expected_plain {
-            failures.push(format!(
-                "{what} encode({prompt:?}):\n  got      {plain:?}\n  expected {expected_plain:?}"
-            ));
+            failures.push(format!("{what} encode({prompt:?}):\n  got      {plain:?}\n  expected {expected_plain:?}"));
         }
         let padded = tok.encode_padded(prompt, max_len);
         let expected = ids(&case["padded"][i]);
         if padded != expected {
-            failures.push(format!(
-                "{what} encode_padded({prompt:?}):\n  got      {padded:?}\n  expected {expected:?}"
-            ));
+            failures.push(format!("{what} encode_padded({prompt:?}):\n  got      {padded:?}\n  expected {expected:?}"));
         }
     }
     failures
@@ -130,12 +90,7 @@ fn compare(
 #[test]
 fn matches_transformers_clip_tokenizer() {
     let data = fixture();
-    let prompts: Vec<String> = data["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
+    let prompts: Vec<String> = data["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
     let max_len = data["max_length"].as_u64().unwrap() as usize;
     let (tokens, merges) = clip_vocab();
     let tmp = tempfile::tempdir().unwrap();
@@ -147,58 +102,28 @@ fn matches_transformers_clip_tokenizer() {
         let dir = tmp.path().join(name);
         write_case_folder(&dir, case, &tokens, &merges);
         let tok = ClipTokenizer::from_folder(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(
-            tok.pad_id(),
-            case["pad_id"].as_u64().unwrap() as u32,
-            "{name}: pad id"
-        );
+        assert_eq!(tok.pad_id(), case["pad_id"].as_u64().unwrap() as u32, "{name}: pad id");
         failures.extend(compare(&tok, case, &prompts, max_len, &format!("[{name}]")));
         if let Some(builtin) = case.get("builtin").and_then(Value::as_str) {
-            let pad = if builtin == "Exclamation" {
-                PadToken::Exclamation
-            } else {
-                PadToken::EndOfText
-            };
+            let pad = if builtin == "Exclamation" { PadToken::Exclamation } else { PadToken::EndOfText };
             let tok = ClipTokenizer::builtin(pad);
-            failures.extend(compare(
-                &tok,
-                case,
-                &prompts,
-                max_len,
-                &format!("[builtin {builtin}]"),
-            ));
+            failures.extend(compare(&tok, case, &prompts, max_len, &format!("[builtin {builtin}]")));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
 fn builtin_equals_generated_vocab_files() {
     let (tokens, merges) = clip_vocab();
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(
-        tmp.path().join("vocab.json"),
-        vocab_json(&tokens).to_string(),
-    )
-    .unwrap();
-    std::fs::write(
-        tmp.path().join("merges.txt"),
-        format!("#version: 0.2\n{}\n", merges.join("\n")),
-    )
-    .unwrap();
+    std::fs::write(tmp.path().join("vocab.json"), vocab_json(&tokens).to_string()).unwrap();
+    std::fs::write(tmp.path().join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
     let from_files = ClipTokenizer::from_folder(tmp.path()).unwrap();
     let builtin = ClipTokenizer::builtin(PadToken::EndOfText);
     assert_eq!(from_files.vocab_size(), builtin.vocab_size());
     let text = "The quick brown fox jumps over the lazy dog; 1234 ÅÄÖ 東京 🦊!";
-    assert_eq!(
-        from_files.encode_padded(text, 77),
-        builtin.encode_padded(text, 77)
-    );
+    assert_eq!(from_files.encode_padded(text, 77), builtin.encode_padded(text, 77));
 }
 
 /// The tiny tokenizer folders of tests/fixtures/tiny-sdxl against the ids the reference pipeline used.
@@ -211,29 +136,17 @@ fn tiny_sdxl_tokenizers_match_reference_input_ids() {
     let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
     let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    for (folder, key, default_pad) in [
-        ("tokenizer", "te1.input_ids", PadToken::EndOfText),
-        ("tokenizer_2", "te2.input_ids", PadToken::Exclamation),
-    ] {
-        let tok = ClipTokenizer::from_folder_with_default_pad(
-            &root.join("tests/fixtures/tiny-sdxl").join(folder),
-            default_pad,
-        )
-        .unwrap_or_else(|e| panic!("{folder}: {e}"));
+    for (folder, key, default_pad) in
+        [("tokenizer", "te1.input_ids", PadToken::EndOfText), ("tokenizer_2", "te2.input_ids", PadToken::Exclamation)]
+    {
+        let tok = ClipTokenizer::from_folder_with_default_pad(&root.join("tests/fixtures/tiny-sdxl").join(folder), default_pad)
+            .unwrap_or_else(|e| panic!("{folder}: {e}"));
         let view = st.tensor(key).unwrap();
         assert_eq!(view.dtype(), safetensors::Dtype::I64);
-        let expected: Vec<u32> = view
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect();
+        let expected: Vec<u32> = view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
         let width = view.shape()[1];
         for (i, prompt) in prompts.iter().enumerate() {
-            assert_eq!(
-                tok.encode_padded(prompt, width),
-                expected[i * width..(i + 1) * width],
-                "{folder}: {prompt:?}"
-            );
+            assert_eq!(tok.encode_padded(prompt, width), expected[i * width..(i + 1) * width], "{folder}: {prompt:?}");
         }
     }
 }

@@ -46,9 +46,7 @@ impl TestHooks {
     fn new(unet: &UNet, dtype: DType, dev: &Device) -> Result<Self> {
         let mut rng = GraftRng::new(7);
         let rank = 2;
-        let mut randn = |rows: usize, cols: usize| -> Result<Var> {
-            Var::from_tensor(&(rng.randn((rows, cols), dev)? * 0.1)?.to_dtype(dtype)?)
-        };
+        let mut randn = |rows: usize, cols: usize| -> Result<Var> { Var::from_tensor(&(rng.randn((rows, cols), dev)? * 0.1)?.to_dtype(dtype)?) };
         let mut adapters = Vec::new();
         for layer in unet.registry().layers() {
             adapters.push(match layer.kind {
@@ -57,9 +55,7 @@ impl TestHooks {
                     // Non-zero (unlike a real LoRA's init) so that `down` gets a gradient too.
                     up: randn(layer.out_features, rank)?,
                 },
-                LayerKind::Attention => Adapter::Gate {
-                    gate: Var::from_tensor(&Tensor::new(0.1f32, dev)?.to_dtype(dtype)?)?,
-                },
+                LayerKind::Attention => Adapter::Gate { gate: Var::from_tensor(&Tensor::new(0.1f32, dev)?.to_dtype(dtype)?)? },
                 LayerKind::Conv => {
                     let g = layer.conv.expect("conv geometry");
                     let shape = (layer.out_features, layer.in_features, g.kernel.0, g.kernel.1);
@@ -79,34 +75,17 @@ impl Hooks for TestHooks {
     }
 
     fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> Result<Tensor> {
-        let Adapter::Lora { down, up } = &self.adapters[layer] else {
-            candle_core::bail!("layer {layer} is not a linear")
-        };
-        base_out
-            + linear(
-                &linear(input, down.as_tensor(), None)?,
-                up.as_tensor(),
-                None,
-            )?
+        let Adapter::Lora { down, up } = &self.adapters[layer] else { candle_core::bail!("layer {layer} is not a linear") };
+        base_out + linear(&linear(input, down.as_tensor(), None)?, up.as_tensor(), None)?
     }
 
     fn conv(&self, layer: LayerIndex, input: &Tensor, padding: usize, base_out: Tensor) -> Result<Tensor> {
-        let Adapter::Conv { delta, stride } = &self.adapters[layer] else {
-            candle_core::bail!("layer {layer} is not a conv")
-        };
+        let Adapter::Conv { delta, stride } = &self.adapters[layer] else { candle_core::bail!("layer {layer} is not a conv") };
         base_out + input.conv2d(delta.as_tensor(), padding, *stride, 1, 1)?
     }
 
-    fn attention(
-        &self,
-        layer: LayerIndex,
-        hidden: &Tensor,
-        _context: Option<&Tensor>,
-        out: Tensor,
-    ) -> Result<Tensor> {
-        let Adapter::Gate { gate } = &self.adapters[layer] else {
-            candle_core::bail!("layer {layer} is not an attention")
-        };
+    fn attention(&self, layer: LayerIndex, hidden: &Tensor, _context: Option<&Tensor>, out: Tensor) -> Result<Tensor> {
+        let Adapter::Gate { gate } = &self.adapters[layer] else { candle_core::bail!("layer {layer} is not an attention") };
         out + hidden.broadcast_mul(gate.as_tensor())?
     }
 }
@@ -122,30 +101,13 @@ fn tiny_unet(dtype: DType, dev: &Device) -> Result<UNet> {
 
 /// Mean squared distance to the reference outputs, summed over the fixture cases named by `prefixes`
 /// ("" = [2,4,12,16] with exact x2 resampling, "odd." = [1,4,7,9] with sized upsampling).
-fn loss(
-    unet: &UNet,
-    hooks: &dyn Hooks,
-    prefixes: &[&str],
-    dtype: DType,
-    dev: &Device,
-) -> Result<Tensor> {
+fn loss(unet: &UNet, hooks: &dyn Hooks, prefixes: &[&str], dtype: DType, dev: &Device) -> Result<Tensor> {
     let reference = safetensors::load(fixtures().join("reference/unet.safetensors"), dev)?;
     let mut loss = Tensor::new(0f32, dev)?.to_dtype(dtype)?;
     for prefix in prefixes {
-        let get = |k: &str| {
-            reference
-                .get(&format!("{prefix}{k}"))
-                .unwrap_or_else(|| panic!("fixture has no {prefix}{k}"))
-                .to_dtype(dtype)
-        };
-        let out = unet.forward(
-            &get("sample")?,
-            &get("timesteps")?,
-            &get("encoder_hidden_states")?,
-            &get("text_embeds")?,
-            &get("time_ids")?,
-            hooks,
-        )?;
+        let get = |k: &str| reference.get(&format!("{prefix}{k}")).unwrap_or_else(|| panic!("fixture has no {prefix}{k}")).to_dtype(dtype);
+        let out =
+            unet.forward(&get("sample")?, &get("timesteps")?, &get("encoder_hidden_states")?, &get("text_embeds")?, &get("time_ids")?, hooks)?;
         loss = (loss + (out - get("out")?)?.sqr()?.mean_all()?)?;
     }
     Ok(loss)
@@ -187,19 +149,11 @@ fn gradient_matches_finite_difference() -> Result<()> {
     let dtype = DType::F64;
     let unet = tiny_unet(dtype, &dev)?;
     let hooks = TestHooks::new(&unet, dtype, &dev)?;
-    let index = unet
-        .registry()
-        .index_of("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1")
-        .expect("attention hook point");
-    let Adapter::Gate { gate } = &hooks.adapters[index] else {
-        panic!("not a gate")
-    };
+    let index = unet.registry().index_of("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1").expect("attention hook point");
+    let Adapter::Gate { gate } = &hooks.adapters[index] else { panic!("not a gate") };
 
     let grads = loss(&unet, &hooks, &["odd."], dtype, &dev)?.backward()?;
-    let analytic = grads
-        .get(gate.as_tensor())
-        .expect("gate gradient")
-        .to_scalar::<f64>()?;
+    let analytic = grads.get(gate.as_tensor()).expect("gate gradient").to_scalar::<f64>()?;
 
     let g0 = gate.as_tensor().to_scalar::<f64>()?;
     let eps = 1e-4;
@@ -209,9 +163,6 @@ fn gradient_matches_finite_difference() -> Result<()> {
     };
     let numeric = (at(g0 + eps)? - at(g0 - eps)?) / (2.0 * eps);
     println!("gate gradient: analytic {analytic:e}, finite difference {numeric:e}");
-    assert!(
-        (analytic - numeric).abs() <= 1e-5 * numeric.abs().max(1e-3),
-        "analytic {analytic} vs finite difference {numeric}"
-    );
+    assert!((analytic - numeric).abs() <= 1e-5 * numeric.abs().max(1e-3), "analytic {analytic} vs finite difference {numeric}");
     Ok(())
 }

@@ -24,37 +24,16 @@ fn tiny_unet(dev: &Device) -> UNet {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
 fn check(prefix: &str) {
     let dev = Device::Cpu;
     let reference = safetensors::load(fixtures().join("reference/unet.safetensors"), &dev).unwrap();
-    let get = |k: &str| {
-        reference
-            .get(&format!("{prefix}{k}"))
-            .unwrap_or_else(|| panic!("fixture has no {prefix}{k}"))
-    };
+    let get = |k: &str| reference.get(&format!("{prefix}{k}")).unwrap_or_else(|| panic!("fixture has no {prefix}{k}"));
     let unet = tiny_unet(&dev);
-    let out = unet
-        .forward(
-            get("sample"),
-            get("timesteps"),
-            get("encoder_hidden_states"),
-            get("text_embeds"),
-            get("time_ids"),
-            &NoHooks,
-        )
-        .unwrap();
+    let out =
+        unet.forward(get("sample"), get("timesteps"), get("encoder_hidden_states"), get("text_embeds"), get("time_ids"), &NoHooks).unwrap();
     let diff = max_abs_diff(&out, get("out"));
     println!("unet parity {:?}: max abs diff {diff:e}", out.dims());
     assert!(diff < 1e-4, "max abs diff {diff} against diffusers");

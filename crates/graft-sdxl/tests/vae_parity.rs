@@ -95,9 +95,7 @@ fn sdxl_vae_shapes() {
     let (vb, requests) = graft_sdxl::varbuilder::shape_only(&dev);
     Vae::new(vb, &VaeConfig::sdxl_base()).unwrap();
     let asked = requests.lock().unwrap().clone();
-    let has = |name: &str, shape: &[usize]| {
-        assert!(asked.iter().any(|(n, s)| n == name && s == shape), "no request {name} {shape:?}")
-    };
+    let has = |name: &str, shape: &[usize]| assert!(asked.iter().any(|(n, s)| n == name && s == shape), "no request {name} {shape:?}");
     has("encoder.conv_in.weight", &[128, 3, 3, 3]);
     has("encoder.down_blocks.1.resnets.0.conv_shortcut.weight", &[256, 128, 1, 1]);
     has("encoder.down_blocks.2.downsamplers.0.conv.weight", &[512, 512, 3, 3]);

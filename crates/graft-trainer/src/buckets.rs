@@ -18,8 +18,6 @@
 //!
 //! With buckets disabled every image goes to the `resolution` bucket (resized to cover, center crop).
 
-
-
 use crate::error::{Error, Result};
 
 /// A size in pixels.
@@ -71,14 +69,7 @@ pub struct BucketSettings {
 impl BucketSettings {
     /// kohya's defaults for a square resolution (buckets off, 256..1024 in steps of 64).
     pub fn new(resolution: Reso) -> Self {
-        Self {
-            resolution,
-            enable_bucket: false,
-            min_bucket_reso: 256,
-            max_bucket_reso: 1024,
-            bucket_reso_steps: 64,
-            bucket_no_upscale: false,
-        }
+        Self { resolution, enable_bucket: false, min_bucket_reso: 256, max_bucket_reso: 1024, bucket_reso_steps: 64, bucket_no_upscale: false }
     }
 }
 
@@ -115,10 +106,7 @@ impl Bucketer {
             return bad(format!("resolution {} must be positive", s.resolution));
         }
         if s.bucket_reso_steps == 0 || !s.bucket_reso_steps.is_multiple_of(8) {
-            return bad(format!(
-                "bucket_reso_steps = {} must be a positive multiple of 8 (64 is usual for SDXL)",
-                s.bucket_reso_steps
-            ));
+            return bad(format!("bucket_reso_steps = {} must be a positive multiple of 8 (64 is usual for SDXL)", s.bucket_reso_steps));
         }
         if !s.enable_bucket {
             for (what, v) in [("width", s.resolution.width), ("height", s.resolution.height)] {
@@ -128,10 +116,7 @@ impl Bucketer {
             }
         } else if !s.bucket_no_upscale {
             if s.min_bucket_reso > s.max_bucket_reso {
-                return bad(format!(
-                    "min_bucket_reso = {} is larger than max_bucket_reso = {}",
-                    s.min_bucket_reso, s.max_bucket_reso
-                ));
+                return bad(format!("min_bucket_reso = {} is larger than max_bucket_reso = {}", s.min_bucket_reso, s.max_bucket_reso));
             }
             let (rw, rh) = (s.resolution.width, s.resolution.height);
             // Name the one key to change, with the value that would do.
@@ -206,12 +191,7 @@ impl Bucketer {
             };
             (bucket, cover(image, bucket))
         };
-        Ok(Placement {
-            bucket,
-            resized,
-            crop_left: (resized.width - bucket.width) / 2,
-            crop_top: (resized.height - bucket.height) / 2,
-        })
+        Ok(Placement { bucket, resized, crop_left: (resized.width - bucket.width) / 2, crop_top: (resized.height - bucket.height) / 2 })
     }
 
     fn no_upscale(&self, image: Reso) -> Result<(Reso, Reso)> {

@@ -38,18 +38,13 @@ impl TensorStore {
     }
 
     fn disk(dir: &Path, namespace: &str) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::State(format!("cannot create cache folder {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::State(format!("cannot create cache folder {}: {e}", dir.display())))?;
         Ok(Self { dir: Some(dir.to_path_buf()), namespace: namespace.to_string(), ..Self::memory() })
     }
 
     fn file_for(&self, dir: &Path, label: &str, key: &str) -> (PathBuf, String) {
         let full = format!("{}\n{key}", self.namespace);
-        let label: String = label
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-            .take(40)
-            .collect();
+        let label: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(40).collect();
         (dir.join(format!("{label}-{:016x}.safetensors", fnv1a(full.as_bytes()))), full)
     }
 
@@ -75,11 +70,8 @@ impl TensorStore {
             }
             Some(dir) => {
                 let (path, full) = self.file_for(dir, label, key);
-                let named: BTreeMap<String, Tensor> = tensors
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| Ok((format!("{i:03}"), t.to_device(&Device::Cpu)?)))
-                    .collect::<Result<_>>()?;
+                let named: BTreeMap<String, Tensor> =
+                    tensors.iter().enumerate().map(|(i, t)| Ok((format!("{i:03}"), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
                 let meta = HashMap::from([("format".to_string(), CACHE_FORMAT.to_string()), ("key".to_string(), full)]);
                 write_safetensors_atomic(&path, &named, meta)?;
             }
@@ -248,10 +240,7 @@ impl EmbeddingCache {
     where
         F: FnMut(&str) -> Result<Vec<Tensor>>,
     {
-        let per_caption = captions
-            .iter()
-            .map(|c| self.get_or_compute(c, device, &mut compute))
-            .collect::<Result<Vec<_>>>()?;
+        let per_caption = captions.iter().map(|c| self.get_or_compute(c, device, &mut compute)).collect::<Result<Vec<_>>>()?;
         let n = per_caption.first().map_or(0, Vec::len);
         if per_caption.iter().any(|o| o.len() != n) {
             return Err(Error::Internal("the text encoder returned a different number of outputs for different captions".into()));

@@ -60,8 +60,7 @@ pub fn save(trainer: &Trainer) -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&tmp_dir);
     std::fs::create_dir_all(&tmp_dir)?;
 
-    let params: HashMap<String, Tensor> =
-        trainer.parameters().into_iter().map(|(k, v)| (k, v.as_tensor().detach())).collect();
+    let params: HashMap<String, Tensor> = trainer.parameters().into_iter().map(|(k, v)| (k, v.as_tensor().detach())).collect();
     candle_core::safetensors::save(&params, tmp_dir.join("params.safetensors"))?;
     trainer.optimizer.save(&tmp_dir.join("optimizer.safetensors"))?;
     let active = &trainer.set.strategies()[trainer.strategy];
@@ -119,10 +118,9 @@ pub fn latest(output_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
 /// Restores `trainer` from a checkpoint folder.
 pub fn load(trainer: &mut Trainer, dir: &Path) -> anyhow::Result<()> {
     let state_path = dir.join("state.json");
-    let state: CheckpointState = serde_json::from_str(
-        &std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a graft checkpoint", state_path.display()))?;
+    let state: CheckpointState =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?)
+            .with_context(|| format!("{}: not a graft checkpoint", state_path.display()))?;
     if state.format != FORMAT {
         anyhow::bail!("{}: checkpoint format `{}`, this graft reads `{FORMAT}`", state_path.display(), state.format);
     }
@@ -134,8 +132,7 @@ pub fn load(trainer: &mut Trainer, dir: &Path) -> anyhow::Result<()> {
         );
     }
     let params_path = dir.join("params.safetensors");
-    let params = candle_core::safetensors::load(&params_path, &Device::Cpu)
-        .with_context(|| format!("cannot read {}", params_path.display()))?;
+    let params = candle_core::safetensors::load(&params_path, &Device::Cpu).with_context(|| format!("cannot read {}", params_path.display()))?;
     let mut missing = Vec::new();
     for (key, var) in trainer.parameters() {
         match params.get(&key) {

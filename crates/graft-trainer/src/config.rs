@@ -239,8 +239,7 @@ impl TrainConfig {
         }
         self.sample_scheduler()?;
         self.optimizer_spec()?;
-        graft_sdxl::pipeline::check_size(self.dataset.resolution, self.dataset.resolution)
-            .context("[dataset] resolution")?;
+        graft_sdxl::pipeline::check_size(self.dataset.resolution, self.dataset.resolution).context("[dataset] resolution")?;
         Ok(())
     }
 

@@ -152,8 +152,7 @@ const UNSUPPORTED_KEYS: [&str; 22] = [
 impl DatasetConfig {
     /// Reads a kohya dataset TOML file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Dataset(format!("cannot read dataset config {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Dataset(format!("cannot read dataset config {}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_toml_str(&text, &path.display().to_string(), base)
     }
@@ -161,8 +160,7 @@ impl DatasetConfig {
     /// Parses a kohya dataset TOML. `source` names it in messages; relative `image_dir`s are taken
     /// from `base_dir`.
     pub fn from_toml_str(text: &str, source: &str, base_dir: &Path) -> Result<Self> {
-        let root: toml::Table =
-            text.parse().map_err(|e| Error::Dataset(format!("dataset config {source} is not valid TOML: {e}")))?;
+        let root: toml::Table = text.parse().map_err(|e| Error::Dataset(format!("dataset config {source} is not valid TOML: {e}")))?;
         let mut warnings = Vec::new();
         let empty = toml::Table::new();
 
@@ -207,10 +205,7 @@ impl DatasetConfig {
                 let where_s = format!("[[datasets.subsets]] #{} of {where_d}", si + 1);
                 let ss = ss.as_table().ok_or_else(|| Error::Dataset(format!("{source}: {where_s} must be a table")))?;
                 check_keys(ss, &where_s, &[&SUBSET_KEYS, &["image_dir"]], source, &mut warnings);
-                let layers = Layers {
-                    tables: vec![(ss, where_s.clone()), (ds, where_d.clone()), (general, "[general]".to_string())],
-                    source,
-                };
+                let layers = Layers { tables: vec![(ss, where_s.clone()), (ds, where_d.clone()), (general, "[general]".to_string())], source };
                 let dir = match ss.get("image_dir") {
                     Some(toml::Value::String(s)) => resolve_dir(base_dir, s),
                     Some(_) => return Err(Error::Dataset(format!("{source}: image_dir in {where_s} must be a string"))),
@@ -241,16 +236,11 @@ impl DatasetConfig {
         for path in entries.iter().filter(|p| p.is_dir()) {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             match parse_repeat_folder(&name) {
-                Some((repeats, class)) => spec.subsets.push(SubsetSpec {
-                    image_dir: path.clone(),
-                    num_repeats: repeats,
-                    class_tokens: Some(class),
-                    ..subset.clone()
-                }),
-                None => warnings.push(format!(
-                    "folder {} ignored: subfolders are read only when named N_name (N repeats, e.g. 10_mystyle)",
-                    path.display()
-                )),
+                Some((repeats, class)) => {
+                    spec.subsets.push(SubsetSpec { image_dir: path.clone(), num_repeats: repeats, class_tokens: Some(class), ..subset.clone() })
+                }
+                None => warnings
+                    .push(format!("folder {} ignored: subfolders are read only when named N_name (N repeats, e.g. 10_mystyle)", path.display())),
             }
         }
         if spec.subsets.is_empty() {
@@ -472,11 +462,7 @@ impl Dataset {
             }
         }
         if items.is_empty() {
-            let dirs: Vec<String> = config
-                .datasets
-                .iter()
-                .flat_map(|d| d.subsets.iter().map(|s| s.image_dir.display().to_string()))
-                .collect();
+            let dirs: Vec<String> = config.datasets.iter().flat_map(|d| d.subsets.iter().map(|s| s.image_dir.display().to_string())).collect();
             return Err(Error::Dataset(format!(
                 "no training images in {}: put .png/.jpg/.jpeg/.webp images there with caption files of the same name (NAME.txt)",
                 if dirs.is_empty() { "the dataset (it lists no folder)".to_string() } else { dirs.join(", ") }
@@ -582,23 +568,14 @@ impl Dataset {
         let mut rgb = img.to_rgb8();
         let p = it.placement;
         if p.resized != size {
-            rgb = image::imageops::resize(
-                &rgb,
-                p.resized.width as u32,
-                p.resized.height as u32,
-                image::imageops::FilterType::Lanczos3,
-            );
+            rgb = image::imageops::resize(&rgb, p.resized.width as u32, p.resized.height as u32, image::imageops::FilterType::Lanczos3);
         }
         let (bw, bh) = (p.bucket.width, p.bucket.height);
-        let mut crop =
-            image::imageops::crop_imm(&rgb, p.crop_left as u32, p.crop_top as u32, bw as u32, bh as u32).to_image();
+        let mut crop = image::imageops::crop_imm(&rgb, p.crop_left as u32, p.crop_top as u32, bw as u32, bh as u32).to_image();
         if flip {
             image::imageops::flip_horizontal_in_place(&mut crop);
         }
-        Ok(Tensor::from_vec(crop.into_raw(), (bh, bw, 3), &Device::Cpu)?
-            .permute((2, 0, 1))?
-            .to_dtype(DType::F32)?
-            .affine(2.0 / 255.0, -1.0)?)
+        Ok(Tensor::from_vec(crop.into_raw(), (bh, bw, 3), &Device::Cpu)?.permute((2, 0, 1))?.to_dtype(DType::F32)?.affine(2.0 / 255.0, -1.0)?)
     }
 
     /// The caption of one sample after dropout and tag shuffling.
@@ -650,9 +627,7 @@ impl Batch {
     }
 
     pub fn images(&self) -> Result<&Tensor> {
-        self.images
-            .as_ref()
-            .ok_or_else(|| Error::Dataset("this batch was made without images (the epoch was opened for cached latents)".into()))
+        self.images.as_ref().ok_or_else(|| Error::Dataset("this batch was made without images (the epoch was opened for cached latents)".into()))
     }
 
     /// SDXL's six time ids per sample, `[b, 6]` f32: original (h, w), crop (top, left), target (h, w).
@@ -786,9 +761,8 @@ fn mix(seed: u64, epoch: u64, index: u64) -> u64 {
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| {
-        Error::Dataset(format!("cannot read image folder {}: {e} (check the path in the dataset settings)", dir.display()))
-    })?;
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| Error::Dataset(format!("cannot read image folder {}: {e} (check the path in the dataset settings)", dir.display())))?;
     let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
     Ok(paths)
@@ -816,12 +790,7 @@ fn decode_image(path: &Path) -> Result<image::DynamicImage> {
     reader.limits(limits);
     reader
         .decode()
-        .map_err(|e| {
-            Error::Dataset(format!(
-                "image {} cannot be decoded ({e}): re-save it as PNG, JPEG or WebP, or remove it",
-                path.display()
-            ))
-        })
+        .map_err(|e| Error::Dataset(format!("image {} cannot be decoded ({e}): re-save it as PNG, JPEG or WebP, or remove it", path.display())))
 }
 
 /// Reads the caption of `image`, or its subset's class tokens. `Err` is a problem to list.
@@ -838,8 +807,7 @@ fn read_caption(image: &Path, subset: &SubsetSpec) -> std::result::Result<String
             continue;
         }
         let bytes = std::fs::read(&path).map_err(|e| format!("caption file {} cannot be read: {e}", path.display()))?;
-        let text = String::from_utf8(bytes)
-            .map_err(|_| format!("caption file {} is not UTF-8 text: save it as UTF-8", path.display()))?;
+        let text = String::from_utf8(bytes).map_err(|_| format!("caption file {} is not UTF-8 text: save it as UTF-8", path.display()))?;
         let line = text.trim_start_matches('\u{feff}').lines().next().unwrap_or("").trim().to_string();
         if line.is_empty() {
             return Err(format!("caption file {} is empty: write the caption on its first line", path.display()));
@@ -919,11 +887,7 @@ fn scan_subset(
             }
         };
         let meta = std::fs::metadata(&path).map_err(|e| Error::Dataset(format!("cannot stat {}: {e}", path.display())))?;
-        let modified_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+        let modified_ns = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         items.push(ImageItem {
             key: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
             path,

@@ -144,7 +144,10 @@ pub fn write_exports(
                 graft_formats::write_peft(&peft, &linear, StoreDtype::F32)?;
                 written.push(peft);
             } else {
-                tracing::info!("{}: LoCon (conv) layers: a kohya file only, no PEFT file", out_dir.join(format!("{name}.safetensors")).display());
+                tracing::info!(
+                    "{}: LoCon (conv) layers: a kohya file only, no PEFT file",
+                    out_dir.join(format!("{name}.safetensors")).display()
+                );
             }
         } else {
             tracing::info!(
@@ -158,8 +161,8 @@ pub fn write_exports(
     }
     if !native.is_empty() {
         let path = out_dir.join(format!("{name}.graft.safetensors"));
-        let config = serde_json::from_str(&source.config)
-            .with_context(|| format!("the strategy config is not valid JSON: {}", source.config))?;
+        let config =
+            serde_json::from_str(&source.config).with_context(|| format!("the strategy config is not valid JSON: {}", source.config))?;
         let info = NativeInfo { strategy: source.id.clone(), version: source.version.clone(), config };
         graft_formats::write_native(&path, &info, &native, StoreDtype::F32)?;
         written.push(path);
@@ -286,7 +289,8 @@ mod tests {
         let layers = graft_sdxl::model::layers_of(&cfg).unwrap();
         let abi = graft_runtime::plugins::strategy::layers_to_abi(&layers);
         let sgm_layout = SgmLayout::from_configs(&cfg.unet, &cfg.vae, &cfg.text_encoder_2).unwrap();
-        let meta = ExportMeta { steps: 120, unet_lr: Some(1e-4), text_encoder_lr: Some(5e-5), base_model: dir.display().to_string(), sgm_layout };
+        let meta =
+            ExportMeta { steps: 120, unet_lr: Some(1e-4), text_encoder_lr: Some(5e-5), base_model: dir.display().to_string(), sgm_layout };
         Tiny { layers, abi, meta }
     }
 
@@ -350,7 +354,9 @@ mod tests {
         }
         // kohya: SGM module names and metadata.
         let raw = graft_formats::read::read_file(&files[0]).unwrap();
-        assert!(raw.keys().any(|k| k.starts_with("lora_unet_input_blocks_") || k.starts_with("lora_unet_middle_block_") || k.starts_with("lora_unet_output_blocks_")));
+        assert!(raw.keys().any(|k| k.starts_with("lora_unet_input_blocks_")
+            || k.starts_with("lora_unet_middle_block_")
+            || k.starts_with("lora_unet_output_blocks_")));
         assert!(raw.keys().any(|k| k.starts_with("lora_te1_text_model_encoder_layers_0_self_attn_k_proj")));
         assert!(raw.keys().any(|k| k.starts_with("lora_te2_")));
         let md = &raw.metadata;

@@ -353,7 +353,10 @@ fn resolution(v: &Value) -> anyhow::Result<i64> {
     match nums.as_slice() {
         [s] => Ok(*s),
         [w, h] if w == h => Ok(*w),
-        [w, h] => bail!("`resolution = {v}`: graft trains at a square base resolution; use \"{m},{m}\" (buckets give other shapes of the same area)", m = (w * h).isqrt()),
+        [w, h] => bail!(
+            "`resolution = {v}`: graft trains at a square base resolution; use \"{m},{m}\" (buckets give other shapes of the same area)",
+            m = (w * h).isqrt()
+        ),
         _ => bail!("`resolution = {v}`: expected \"SIZE\" or \"WIDTH,HEIGHT\""),
     }
 }
@@ -384,7 +387,9 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
     let mut lora = toml::Table::new();
 
     // Model and data.
-    let model = keys.string("pretrained_model_name_or_path")?.context("`pretrained_model_name_or_path` is missing: name the SDXL model file or diffusers folder")?;
+    let model = keys
+        .string("pretrained_model_name_or_path")?
+        .context("`pretrained_model_name_or_path` is missing: name the SDXL model file or diffusers folder")?;
     let model_path = PathBuf::from(&model);
     if !cwd.join(&model_path).exists() {
         bail!("`pretrained_model_name_or_path = \"{model}\"`: no such file or folder (graft loads local files; download the model first and name its path)");
@@ -499,9 +504,10 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
     let optimizer = if optimizer.is_empty() {
         "AdamW"
     } else {
-        OPTIMIZERS.iter().find(|o| o.eq_ignore_ascii_case(&optimizer)).with_context(|| {
-            format!("`optimizer_type = \"{optimizer}\"`: graft has {}", OPTIMIZERS.join(", "))
-        })?
+        OPTIMIZERS
+            .iter()
+            .find(|o| o.eq_ignore_ascii_case(&optimizer))
+            .with_context(|| format!("`optimizer_type = \"{optimizer}\"`: graft has {}", OPTIMIZERS.join(", ")))?
     };
     let mut optimizer_args = toml::Table::new();
     for (k, v) in keys.args("optimizer_args")? {

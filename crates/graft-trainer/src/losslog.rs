@@ -94,10 +94,8 @@ impl LossLog {
             text.push_str(&line(e)?);
         }
         graft_formats::write::write_atomic(path, text.as_bytes())?;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .with_context(|| format!("{}: cannot open the loss log", path.display()))?;
+        let file =
+            std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("{}: cannot open the loss log", path.display()))?;
         Ok(Self { path: path.to_path_buf(), file })
     }
 
@@ -171,16 +169,8 @@ pub fn ema(values: &[f64], beta: f64) -> Vec<f64> {
 pub const DEFAULT_COLOR: [u8; 3] = [31, 119, 180];
 
 /// A palette for [`plot_many`] callers (matplotlib's tab10).
-pub const PALETTE: [[u8; 3]; 8] = [
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [127, 127, 127],
-];
+pub const PALETTE: [[u8; 3]; 8] =
+    [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127]];
 
 const WIDTH: u32 = 800;
 const HEIGHT: u32 = 480;

@@ -164,7 +164,8 @@ mod tests {
     #[test]
     fn enums_are_named_as_in_the_configs() {
         let o: TrainOptions =
-            toml::from_str("steps = 1\nlr_schedule = \"cosine_with_restarts\"\ncache_latents = \"disk\"\nprediction_type = \"v_prediction\"").unwrap();
+            toml::from_str("steps = 1\nlr_schedule = \"cosine_with_restarts\"\ncache_latents = \"disk\"\nprediction_type = \"v_prediction\"")
+                .unwrap();
         assert_eq!(o.lr_schedule, ScheduleKind::CosineWithRestarts);
         assert_eq!(o.cache_latents, CacheLatents::Disk);
         assert_eq!(o.prediction_type, Some(PredictionType::VPrediction));

@@ -76,4 +76,3 @@ pub fn read_parameters(path: &Path) -> anyhow::Result<Option<String>> {
     let reader = decoder.read_info().with_context(|| format!("{}: not a readable PNG", path.display()))?;
     Ok(reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone()))
 }
-

@@ -24,8 +24,8 @@ use graft_sdxl::pipeline::to_rgb8;
 use graft_sdxl::{GenerateParams, SdxlModel};
 use image::RgbImage;
 
-use graft_runtime::adapters::dispatcher::AdapterSet;
 use crate::png_out;
+use graft_runtime::adapters::dispatcher::AdapterSet;
 
 /// What a prompt line leaves unsaid.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,8 +114,7 @@ pub fn parse_prompts(text: &str, source: &str, defaults: &SampleDefaults) -> any
 
 /// Reads a kohya prompt file (`.txt`), one prompt a line.
 pub fn parse_prompt_file(path: &Path, defaults: &SampleDefaults) -> anyhow::Result<Vec<SamplePrompt>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the sample prompt file", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the sample prompt file", path.display()))?;
     let prompts = parse_prompts(&text, &path.display().to_string(), defaults)?;
     if prompts.is_empty() {
         bail!("{}: no prompt in the file (blank lines and `#` comments are skipped)", path.display());
@@ -164,9 +163,8 @@ fn parse_line(line: &str, index: u64, d: &SampleDefaults) -> anyhow::Result<Samp
                     .with_context(|| format!("`--l {value}`: the guidance scale must be a number"))?
             }
             "ss" => {
-                let s = sampler_to_scheduler(value).with_context(|| {
-                    format!("sampler `{value}` is not available in graft; use one of {}", SAMPLERS.join(", "))
-                })?;
+                let s = sampler_to_scheduler(value)
+                    .with_context(|| format!("sampler `{value}` is not available in graft; use one of {}", SAMPLERS.join(", ")))?;
                 p.scheduler = Some(s.to_string());
             }
             _ => bail!(
@@ -211,9 +209,7 @@ pub fn render_samples(
     let mut written = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         let params = p.params();
-        let out = model
-            .generate(&params, hooks.pipeline(), &mut |_, _| {})
-            .with_context(|| format!("sample {i} (`{}`)", p.prompt))?;
+        let out = model.generate(&params, hooks.pipeline(), &mut |_, _| {}).with_context(|| format!("sample {i} (`{}`)", p.prompt))?;
         let (w, h, rgb) = to_rgb8(&out.image.get(0)?)?;
         let path = out_dir.join(sample_file_name(stem, i, p.seed));
         png_out::write_png(&path, w, h, &rgb, &png_out::a1111_parameters(&params, &model_name))?;

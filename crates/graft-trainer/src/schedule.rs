@@ -50,10 +50,7 @@ impl FromStr for ScheduleKind {
             "linear" => Ok(Self::Linear),
             "cosine" => Ok(Self::Cosine),
             "cosine_with_restarts" => Ok(Self::CosineWithRestarts),
-            other => Err(format!(
-                "unknown learning-rate schedule '{other}': use one of {}",
-                Self::NAMES.join(", ")
-            )),
+            other => Err(format!("unknown learning-rate schedule '{other}': use one of {}", Self::NAMES.join(", "))),
         }
     }
 }

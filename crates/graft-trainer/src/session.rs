@@ -174,11 +174,14 @@ impl Session {
             let step = t.step;
             // Checkpoints are taken after good steps only: the last one is always a good one.
             let good = t.bad_in_row == 0;
-            if good && t.config.options.save_every > 0 && step % t.config.options.save_every == 0 && step < total {
+            if good && t.config.options.save_every > 0 && step.is_multiple_of(t.config.options.save_every) && step < total {
                 let trainer = &self.trainer;
                 self.last_checkpoint = Some(obs.exclusive(|| checkpoint::save(trainer))?);
             }
-            if !self.options.prompts.is_empty() && self.trainer.config.options.sample_every > 0 && step % self.trainer.config.options.sample_every == 0 {
+            if !self.options.prompts.is_empty()
+                && self.trainer.config.options.sample_every > 0
+                && step.is_multiple_of(self.trainer.config.options.sample_every)
+            {
                 let paths = obs.exclusive(|| self.sample(&format!("step{step:06}")))?;
                 obs.on_samples(step, &paths);
                 self.samples.extend(paths);

@@ -27,15 +27,15 @@ use graft_sdxl::schedulers::training::NoiseSchedule;
 use graft_sdxl::schedulers::PredictionType;
 use graft_sdxl::SdxlModel;
 
-use graft_runtime::adapters::dispatcher::{AdapterSet, LrScale, StrategyId};
-use graft_runtime::plugins::{PluginManager, ReloadEvent, StrategyInstance};
 use crate::cache::{EmbeddingCache, LatentCache};
 use crate::config::TrainConfig;
-use graft_runtime::adapters::dispatcher::UnfrozenBase;
-use crate::options::CacheLatents;
 use crate::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
 use crate::optim::{GradAccumulator, GroupConfig, Optimizer};
+use crate::options::CacheLatents;
 use crate::schedule::{LrSchedule, ScheduleKind};
+use graft_runtime::adapters::dispatcher::UnfrozenBase;
+use graft_runtime::adapters::dispatcher::{AdapterSet, LrScale, StrategyId};
+use graft_runtime::plugins::{PluginManager, ReloadEvent, StrategyInstance};
 
 /// What the loss of one batch is computed from.
 struct LossInputs<'a> {
@@ -261,10 +261,8 @@ impl Trainer {
             tracing::info!("VAE released for the steps (every latent is cached); it comes back for sample images");
         }
         let te_unfrozen = self.set.unfrozen().iter().any(|b| !b.layer.starts_with("unet."));
-        let possible = self.config.options.cache_text_encoder_outputs
-            && self.dataset.captions_are_static()
-            && !self.text_encoders_hooked()
-            && !te_unfrozen;
+        let possible =
+            self.config.options.cache_text_encoder_outputs && self.dataset.captions_are_static() && !self.text_encoders_hooked() && !te_unfrozen;
         if !possible || self.model.text_encoders_released() {
             return Ok(());
         }
@@ -319,9 +317,7 @@ impl Trainer {
         let scale = self.model.config.vae.scaling_factor;
         match self.latents.as_mut() {
             Some(cache) => {
-                let mut fail = |_: &Tensor| -> candle_core::Result<Tensor> {
-                    candle_core::bail!("latent cache miss after prefill")
-                };
+                let mut fail = |_: &Tensor| -> candle_core::Result<Tensor> { candle_core::bail!("latent cache miss after prefill") };
                 Ok(cache.batch_latents(&self.dataset, batch, &dev, &mut fail)?)
             }
             None => {
@@ -360,7 +356,8 @@ impl Trainer {
         }
         let timesteps = self.noise.sample_timesteps(b, &mut self.rng);
         let time_ids = batch.time_ids(&dev)?;
-        let inputs = LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids: &time_ids };
+        let inputs =
+            LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids: &time_ids };
         if !self.config.options.gradient_checkpointing {
             let loss = self.loss_from(&latents, &noise, &timesteps, &hidden, &pooled, &time_ids)?;
             let grads = loss.backward()?;
@@ -453,7 +450,8 @@ impl Trainer {
         let timesteps = self.noise.sample_timesteps(latents.dim(0)?, &mut rng);
         let training = self.set_training_flag(false);
         let time_ids = batch.time_ids(&dev)?;
-        let inputs = LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids: &time_ids };
+        let inputs =
+            LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids: &time_ids };
         let loss = if self.config.options.gradient_checkpointing {
             // Without the graph: segment by segment, as in training.
             let hooks = self.set.hooks();
@@ -741,8 +739,7 @@ impl Trainer {
 
     /// Every parameter the run trains or owns, by checkpoint key.
     pub fn parameters(&self) -> Vec<(String, Var)> {
-        let mut out: Vec<(String, Var)> =
-            self.set.store().params(None).into_iter().map(|(k, p)| (k.to_string(), p.var)).collect();
+        let mut out: Vec<(String, Var)> = self.set.store().params(None).into_iter().map(|(k, p)| (k.to_string(), p.var)).collect();
         for b in self.set.unfrozen() {
             out.extend(base_params(b));
         }
@@ -776,9 +773,7 @@ pub fn build_optimizer(set: &AdapterSet, s: StrategyId, config: &TrainConfig) ->
     let mut groups = Vec::new();
     for g in active.plan.groups.iter() {
         let params = by_group.remove(g.name.as_str()).unwrap_or_default();
-        let cfg = GroupConfig::new(group_name(name, &g.name), g.lr)
-            .weight_decay(g.weight_decay)
-            .clip_norm(g.clip_norm.into_option());
+        let cfg = GroupConfig::new(group_name(name, &g.name), g.lr).weight_decay(g.weight_decay).clip_norm(g.clip_norm.into_option());
         groups.push((cfg, params));
     }
     if let Some((group, params)) = by_group.into_iter().next() {

@@ -115,8 +115,16 @@ pub fn workloads() -> Vec<Workload> {
         w("real.block_lora_fused_32x32", "transformer block 32x32 with LoRA r8 fused (extra: overhead)", real::block_lora_fused),
         w("real.block_train_32x32", "transformer block 32x32, LoRA r8 plugin: forward + backward + AdamW", real::block_train),
         heavy("real.load_fp16", "load the 6.9 GB fp16 SDXL folder (random weights) as stored", sdxl::load_fp16 as RunFn),
-        heavy("real.generate_1024_1step", "full SDXL txt2img 1024x1024, 1 Euler step, CFG 5, VAE decode; bf16 weights", sdxl::generate_1024_1step),
-        heavy("real.generate_1024_30steps", "full SDXL txt2img 1024x1024, 30 Euler steps, CFG 5, VAE decode; bf16 weights", sdxl::generate_1024_30steps),
+        heavy(
+            "real.generate_1024_1step",
+            "full SDXL txt2img 1024x1024, 1 Euler step, CFG 5, VAE decode; bf16 weights",
+            sdxl::generate_1024_1step,
+        ),
+        heavy(
+            "real.generate_1024_30steps",
+            "full SDXL txt2img 1024x1024, 30 Euler steps, CFG 5, VAE decode; bf16 weights",
+            sdxl::generate_1024_30steps,
+        ),
         heavy("real.train_step_512", "full SDXL LoRA r16 a16 q/k/v/out step, 512x512, batch 1, bf16 weights", sdxl::train_512),
         heavy("real.train_step_512_ckpt", "real.train_step_512 with gradient checkpointing", sdxl::train_512_ckpt),
         heavy("real.train_step_1024", "full SDXL LoRA r16 a16 q/k/v/out step, 1024x1024, batch 1, bf16 weights", sdxl::train_1024),
@@ -185,11 +193,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let only_one = selected.len() == 1;
     for w in &selected {
-        let record = if args.in_process || only_one {
-            run_here(w, &args, &fixture)?
-        } else {
-            run_child(w, &args, &fixture)?
-        };
+        let record = if args.in_process || only_one { run_here(w, &args, &fixture)? } else { run_child(w, &args, &fixture)? };
         let line = serde_json::to_string(&record)?;
         println!("{line}");
         if let Some(f) = out.as_mut() {

@@ -118,8 +118,7 @@ pub fn resnet_32(ctx: &Ctx) -> anyhow::Result<Measured> {
 
 /// The attention projections a LoRA targets (PEFT's and kohya's usual set).
 pub fn is_lora_target(name: &str) -> bool {
-    (name.contains(".attn1.") || name.contains(".attn2."))
-        && [".to_q", ".to_k", ".to_v", ".to_out.0"].iter().any(|s| name.ends_with(s))
+    (name.contains(".attn1.") || name.contains(".attn2.")) && [".to_q", ".to_k", ".to_v", ".to_out.0"].iter().any(|s| name.ends_with(s))
 }
 
 /// A LoRA (rank 8, alpha 32, random factors) on every target linear of `registry`, as an
@@ -136,14 +135,7 @@ pub fn lora_file(registry: &HookRegistry, seed: u64) -> anyhow::Result<AdapterFi
 }
 
 pub fn empty_report(format: AdapterFormat) -> LoadReport {
-    LoadReport {
-        file: "bench".into(),
-        format,
-        attached: Vec::new(),
-        unmatched_keys: Vec::new(),
-        warnings: Vec::new(),
-        native: None,
-    }
+    LoadReport { file: "bench".into(), format, attached: Vec::new(), unmatched_keys: Vec::new(), warnings: Vec::new(), native: None }
 }
 
 fn block_files(registry: &HookRegistry) -> anyhow::Result<FileAdapters> {

@@ -160,16 +160,8 @@ pub fn ensure_model() -> anyhow::Result<PathBuf> {
     type Shapes = BTreeMap<String, Vec<usize>>;
     let components: [(&str, &str, Shapes); 4] = [
         ("unet", "diffusion_pytorch_model", requests(|vb| UNet::new(vb, &cfg.unet).map(|_| ()))?),
-        (
-            "text_encoder",
-            "model",
-            requests(|vb| ClipTextModel::new(vb, &cfg.text_encoder, Component::TextEncoder, false).map(|_| ()))?,
-        ),
-        (
-            "text_encoder_2",
-            "model",
-            requests(|vb| ClipTextModel::new(vb, &cfg.text_encoder_2, Component::TextEncoder2, true).map(|_| ()))?,
-        ),
+        ("text_encoder", "model", requests(|vb| ClipTextModel::new(vb, &cfg.text_encoder, Component::TextEncoder, false).map(|_| ()))?),
+        ("text_encoder_2", "model", requests(|vb| ClipTextModel::new(vb, &cfg.text_encoder_2, Component::TextEncoder2, true).map(|_| ()))?),
         ("vae", "diffusion_pytorch_model", requests(|vb| Vae::new(vb, &cfg.vae).map(|_| ()))?),
     ];
     let mut total = 0;
@@ -185,12 +177,7 @@ pub fn ensure_model() -> anyhow::Result<PathBuf> {
     std::fs::write(tmp.join("model_index.json"), MODEL_INDEX)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)?;
-    eprintln!(
-        "wrote a random fp16 SDXL ({:.2} GB) to {} in {:.1}s",
-        total as f64 / 1e9,
-        dir.display(),
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("wrote a random fp16 SDXL ({:.2} GB) to {} in {:.1}s", total as f64 / 1e9, dir.display(), started.elapsed().as_secs_f64());
     Ok(dir)
 }
 

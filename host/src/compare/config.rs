@@ -183,12 +183,8 @@ impl CompareConfig {
     /// The sample prompts (none when neither `sample_prompts` nor `prompts` is set). A line
     /// without `--d` gets `seed + its index`, so every row draws the same noise per column.
     pub fn prompts(&self) -> anyhow::Result<Vec<SamplePrompt>> {
-        let defaults = SampleDefaults {
-            width: self.dataset.resolution,
-            height: self.dataset.resolution,
-            seed: self.options.seed,
-            ..Default::default()
-        };
+        let defaults =
+            SampleDefaults { width: self.dataset.resolution, height: self.dataset.resolution, seed: self.options.seed, ..Default::default() };
         match &self.sample_prompts {
             Some(p) => parse_prompt_file(p, &defaults),
             None => parse_prompts(&self.prompts.join("\n"), "compare config `prompts`", &defaults),
@@ -222,7 +218,10 @@ mod tests {
 
     #[test]
     fn strategies_and_prompts() {
-        let c = parse(&format!("{MIN}[[strategies]]\nplugin = \"lora\"\n[[strategies]]\nname = \"v2\"\nplugin = \"lora\"\nconfig = {{ rank = 2 }}\n")).unwrap();
+        let c = parse(&format!(
+            "{MIN}[[strategies]]\nplugin = \"lora\"\n[[strategies]]\nname = \"v2\"\nplugin = \"lora\"\nconfig = {{ rank = 2 }}\n"
+        ))
+        .unwrap();
         assert_eq!(c.strategies[0].name(), "lora");
         assert_eq!(c.strategies[1].config_json(), r#"{"rank":2}"#);
         assert_eq!(c.loss_window, 10);

@@ -350,7 +350,13 @@ mod tests {
                     exports: vec!["strategies/ok/ok.safetensors".into(), "strategies/ok/ok.peft.safetensors".into()],
                     ..Default::default()
                 },
-                StrategyResult { name: "bad".into(), plugin: "nope".into(), config: "{}".into(), error: Some("<script>x</script>".into()), ..Default::default() },
+                StrategyResult {
+                    name: "bad".into(),
+                    plugin: "nope".into(),
+                    config: "{}".into(),
+                    error: Some("<script>x</script>".into()),
+                    ..Default::default()
+                },
             ],
             peak_per_strategy: false,
             report_files: vec![],

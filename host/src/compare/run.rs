@@ -19,10 +19,10 @@ use anyhow::Context;
 use graft_sdxl::SdxlModel;
 use serde::{Deserialize, Serialize};
 
-use graft_runtime::adapters::dispatcher::AdapterSet;
 use crate::compare::config::{CompareConfig, StrategyEntry};
 use crate::compare::memory::{Peak, PeakMeter};
 use crate::plugins::PluginDirArgs;
+use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::plugins::PluginManager;
 use graft_trainer::losslog::LossEntry;
 use graft_trainer::samples::{render_samples, SamplePrompt};
@@ -204,19 +204,13 @@ fn run_strategy(
     plugin_args: &PluginDirArgs,
     prompts: &[SamplePrompt],
 ) -> StrategyResult {
-    let mut result = StrategyResult {
-        name: entry.name().to_string(),
-        plugin: entry.plugin.clone(),
-        config: entry.config_json(),
-        ..Default::default()
-    };
+    let mut result =
+        StrategyResult { name: entry.name().to_string(), plugin: entry.plugin.clone(), config: entry.config_json(), ..Default::default() };
     let meter = PeakMeter::start();
     let started = Instant::now();
     // The session lives out here so that after a panic its plugin manager can be taken back.
     let mut slot: Option<Session> = None;
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        train_one(config, entry, model, plugins, prompts, &mut slot, &mut result)
-    }));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| train_one(config, entry, model, plugins, prompts, &mut slot, &mut result)));
     let error = match outcome {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(format!("{e:#}")),

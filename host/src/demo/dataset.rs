@@ -61,8 +61,7 @@ const COLORS: [(&str, [u8; 3], [u8; 3]); 6] = [
     ("lavender", [206, 186, 236], [104, 76, 160]),
 ];
 
-const BACKGROUNDS: [(&str, [u8; 3]); 3] =
-    [("cream", [251, 246, 236]), ("pale blue", [236, 244, 251]), ("pale pink", [252, 240, 243])];
+const BACKGROUNDS: [(&str, [u8; 3]); 3] = [("cream", [251, 246, 236]), ("pale blue", [236, 244, 251]), ("pale pink", [252, 240, 243])];
 
 /// The shape names, for prompts and docs.
 pub fn shape_names() -> Vec<&'static str> {
@@ -117,14 +116,7 @@ fn choice(i: usize) -> (usize, usize, usize, bool, bool, i32) {
 /// What image `i` of the dataset shows.
 pub fn describe(i: usize) -> Description {
     let (shape, color, background, large, filled, position) = choice(i);
-    Description {
-        shape: SHAPES[shape].name,
-        color: COLORS[color].0,
-        background: BACKGROUNDS[background].0,
-        large,
-        filled,
-        position,
-    }
+    Description { shape: SHAPES[shape].name, color: COLORS[color].0, background: BACKGROUNDS[background].0, large, filled, position }
 }
 
 /// Signed distance from `p` to a polygon (negative inside), in the polygon's units.

@@ -72,9 +72,8 @@ impl LoraDirs {
         if self.dirs.is_empty() {
             bail!("the prompt names adapter `{name}` (`<lora:{name}:...>`), but no --lora-dir folder was given to find it in");
         }
-        let by_output_name = |e: &Entry| {
-            read_header_metadata(&e.path).ok().and_then(|m| m.get("ss_output_name").cloned()).is_some_and(|n| n == name)
-        };
+        let by_output_name =
+            |e: &Entry| read_header_metadata(&e.path).ok().and_then(|m| m.get("ss_output_name").cloned()).is_some_and(|n| n == name);
         let rules: [Rule; 3] = [
             ("file name", &|e: &Entry| e.stem == name || e.rel == name),
             ("ss_output_name", &by_output_name),

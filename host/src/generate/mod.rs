@@ -24,9 +24,9 @@ use graft_sdxl::pipeline::to_rgb8;
 use graft_sdxl::{GenerateParams, SdxlModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::plugins::PluginDirArgs;
 use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::adapters::files::{add_native, fuse_all, unfuse_all, FileAdapters};
-use crate::plugins::PluginDirArgs;
 use graft_runtime::plugins::PluginManager;
 use graft_trainer::png_out;
 use graft_trainer::samples::{self, SampleDefaults, SamplePrompt};
@@ -220,9 +220,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
 
     let total_steps: usize = jobs.iter().map(|j| j.params.steps).sum();
     let bar = ProgressBar::new(total_steps as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta}").expect("valid template").progress_chars("=> "),
     );
     bar.set_message("denoising");
     let model_name = model_name(&args.model);
@@ -243,8 +241,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
         }
         if current.as_ref() != Some(&jobs[i].uses) {
             activate(&jobs[i].uses, &attached, &mut files, &mut set, args.fuse)?;
-            let list: Vec<String> =
-                jobs[i].uses.iter().map(|u| format!("{} (te {}, unet {})", wanted[u.file].name, u.te, u.unet)).collect();
+            let list: Vec<String> = jobs[i].uses.iter().map(|u| format!("{} (te {}, unet {})", wanted[u.file].name, u.te, u.unet)).collect();
             tracing::info!("adapters in use: {}", if list.is_empty() { "none".to_string() } else { list.join(", ") });
             current = Some(jobs[i].uses.clone());
         }
@@ -253,7 +250,8 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
         let out = {
             let set_hooks = set.hooks();
             let hooks = files.hooks(set_hooks.pipeline());
-            model.generate_batch(&items, hooks.pipeline(), &mut |step, _| bar.set_position((base + step * items.len()) as u64))
+            model
+                .generate_batch(&items, hooks.pipeline(), &mut |step, _| bar.set_position((base + step * items.len()) as u64))
                 .with_context(|| format!("generating `{}`", jobs[i].written))?
         };
         for failure in set.take_failures() {
@@ -403,7 +401,8 @@ fn attach(
             .with_context(|| format!("{}: this graft-native file needs strategy plugin `{}`", w.path.display(), info.strategy))?;
         let name = unique_strategy_name(set, &w.name);
         let r = add_native(set, plugin, &name, &w.path, &file, 0.0, 0.0)?;
-        let line = format!("{} (graft-native, strategy {} {}): {}", w.name, info.strategy, info.version, r.summary(&w.path.display().to_string()));
+        let line =
+            format!("{} (graft-native, strategy {} {}): {}", w.name, info.strategy, info.version, r.summary(&w.path.display().to_string()));
         if !r.missing.is_empty() || !r.unmatched.is_empty() || !r.warnings.is_empty() {
             tracing::warn!("{}", r.summary(&w.name));
         }

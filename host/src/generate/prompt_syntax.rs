@@ -136,10 +136,7 @@ pub fn parse_adapter_spec(spec: &str) -> anyhow::Result<AdapterSpec> {
     };
     let path = PathBuf::from(path);
     if !path.is_file() {
-        bail!(
-            "--adapter {spec}: no such file {} (give FILE, FILE:weight or FILE:te_weight:unet_weight)",
-            path.display()
-        );
+        bail!("--adapter {spec}: no such file {} (give FILE, FILE:weight or FILE:te_weight:unet_weight)", path.display());
     }
     Ok(AdapterSpec { path, te_weight: te, unet_weight: unet })
 }
@@ -154,8 +151,7 @@ mod tests {
 
     #[test]
     fn tags_are_taken_out_of_the_prompt() {
-        let (text, tags) =
-            extract_adapter_tags("a fox <lora:style_a:0.8>, watercolor <lora:Detail Tweaker:0.5:1> <lyco:x>").unwrap();
+        let (text, tags) = extract_adapter_tags("a fox <lora:style_a:0.8>, watercolor <lora:Detail Tweaker:0.5:1> <lyco:x>").unwrap();
         assert_eq!(text, "a fox , watercolor  ");
         assert_eq!(tags, vec![tag("style_a", 0.8, 0.8), tag("Detail Tweaker", 0.5, 1.0), tag("x", 1.0, 1.0)]);
         let (_, tags) = extract_adapter_tags("<lora:a:0.7:unet=0.2><lora:b:te=0>").unwrap();

@@ -6,18 +6,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+use super::{scaffold, PluginDirArgs};
 use graft_runtime::plugins::loader::{load_plugin, LoadedPlugin};
 use graft_runtime::plugins::manager::{FileStatus, PluginManager, SearchDir};
-use super::{scaffold, PluginDirArgs};
 use graft_runtime::plugins::StrategyInstance;
 
 #[derive(Debug, Args)]
-#[command(
-    long_about = "Inspect strategy plugins. Plugins are dynamic libraries (*.so, *.dylib, *.dll) built from \
+#[command(long_about = "Inspect strategy plugins. Plugins are dynamic libraries (*.so, *.dylib, *.dll) built from \
                   crates that depend on graft-sdk. graft searches the folders given with --plugins, those of \
                   the config file ([plugins] dirs = [...] in ./graft.toml or --plugin-config), and the \
-                  workspace's target/release and target/debug."
-)]
+                  workspace's target/release and target/debug.")]
 pub struct PluginsArgs {
     #[command(subcommand)]
     pub command: PluginsCommand,
@@ -275,8 +273,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         anyhow::bail!("{}: no such file", args.file.display());
     }
     let private = std::env::temp_dir().join(format!("graft-plugin-check-{}", std::process::id()));
-    let plugin = load_plugin(&args.file, &private, 0)
-        .map_err(|e| anyhow::anyhow!("{} is not loadable: {e}", args.file.display()))?;
+    let plugin = load_plugin(&args.file, &private, 0).map_err(|e| anyhow::anyhow!("{} is not loadable: {e}", args.file.display()))?;
     let config = match &args.config {
         Some(c) => read_config(c)?,
         None => plugin.manifest.config_example.clone(),

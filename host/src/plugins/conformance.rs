@@ -24,10 +24,10 @@ use candle_core::{Device, Tensor};
 use graft_abi as abi;
 use graft_sdxl::{GenerateParams, SdxlConfig, SdxlModel};
 
-use graft_runtime::plugins::loader::LoadedPlugin;
-use graft_runtime::plugins::strategy::{layers_to_abi, StrategyInstance};
 use graft_runtime::adapters::dispatcher::{AdapterSet, StrategyId};
 use graft_runtime::adapters::files::{add_native, FileAdapters};
+use graft_runtime::plugins::loader::LoadedPlugin;
+use graft_runtime::plugins::strategy::{layers_to_abi, StrategyInstance};
 use graft_trainer::export::{export_strategy, ExportMeta};
 
 /// One check's outcome.
@@ -68,7 +68,11 @@ pub fn run(plugin: &LoadedPlugin, config: &str, model_path: &Path) -> anyhow::Re
 
     let at_init = latents(&model, &set)?;
     let d = rel(&at_init, &clean)?;
-    out.push(outcome("zero-init identity", d <= TOLERANCE, format!("output with the initial parameters differs by {d:.2e} (relative; must be <= {TOLERANCE:.0e})")));
+    out.push(outcome(
+        "zero-init identity",
+        d <= TOLERANCE,
+        format!("output with the initial parameters differs by {d:.2e} (relative; must be <= {TOLERANCE:.0e})"),
+    ));
 
     perturb(&set, s)?;
     let trained = latents(&model, &set)?;
@@ -168,7 +172,11 @@ fn plan_check(check: &'static str, plugin: &LoadedPlugin, config: &str, layers: 
     if plan.attachments.is_empty() && plan.unfreeze.is_empty() {
         return Ok(outcome(check, false, format!("the plan attaches to none of the {} layers and unfreezes nothing", layers.len())));
     }
-    Ok(outcome(check, true, format!("{} attachments, {} unfrozen base weights, {} groups", plan.attachments.len(), plan.unfreeze.len(), plan.groups.len())))
+    Ok(outcome(
+        check,
+        true,
+        format!("{} attachments, {} unfrozen base weights, {} groups", plan.attachments.len(), plan.unfreeze.len(), plan.groups.len()),
+    ))
 }
 
 /// The include patterns of a `targets` key (the shipped plugins' convention) that select no layer.

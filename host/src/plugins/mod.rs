@@ -32,11 +32,7 @@ pub struct PluginDirArgs {
 impl PluginDirArgs {
     /// The folders these flags name, for the libraries.
     pub fn dirs(&self) -> PluginDirs {
-        PluginDirs {
-            plugins: self.plugins.clone(),
-            plugin_config: self.plugin_config.clone(),
-            no_default_plugins: self.no_default_plugins,
-        }
+        PluginDirs { plugins: self.plugins.clone(), plugin_config: self.plugin_config.clone(), no_default_plugins: self.no_default_plugins }
     }
 
     /// A manager over these folders, with every library loaded ([`PluginDirs::manager`]).

@@ -140,17 +140,21 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 /// The graft workspace around `start`: an ancestor with a `Cargo.toml` holding `[workspace]`
 /// and a `crates/graft-sdk` folder.
 pub fn find_graft_workspace(start: &Path) -> Option<PathBuf> {
-    start.ancestors().find(|a| {
-        a.join("crates/graft-sdk/Cargo.toml").is_file()
-            && std::fs::read_to_string(a.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
-    }).map(Path::to_path_buf)
+    start
+        .ancestors()
+        .find(|a| {
+            a.join("crates/graft-sdk/Cargo.toml").is_file()
+                && std::fs::read_to_string(a.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
+        })
+        .map(Path::to_path_buf)
 }
 
 /// The cargo workspace root above `dir` (not `dir` itself), if any.
 fn enclosing_workspace(dir: &Path) -> Option<PathBuf> {
-    dir.ancestors().skip(1).find(|a| {
-        std::fs::read_to_string(a.join("Cargo.toml")).is_ok_and(|t| t.lines().any(|l| l.trim() == "[workspace]"))
-    }).map(Path::to_path_buf)
+    dir.ancestors()
+        .skip(1)
+        .find(|a| std::fs::read_to_string(a.join("Cargo.toml")).is_ok_and(|t| t.lines().any(|l| l.trim() == "[workspace]")))
+        .map(Path::to_path_buf)
 }
 
 /// `to` relative to the folder `from` (both absolute).
@@ -255,11 +259,7 @@ pub fn new_plugin(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> anyhow:
     // Inside a workspace (graft's own) the path moves with the tree; a crate of its own gets the
     // SDK's absolute path, which holds wherever the crate is copied on this machine.
     let sdk_path = if workspace.is_some() { relative(&dir, &sdk) } else { sdk.clone() };
-    let standalone = if workspace.is_some() {
-        ""
-    } else {
-        "\n# Its own workspace, so it builds wherever it lies.\n[workspace]\n"
-    };
+    let standalone = if workspace.is_some() { "" } else { "\n# Its own workspace, so it builds wherever it lies.\n[workspace]\n" };
     let cargo = CARGO_TOML
         .replace("{{name}}", name)
         .replace("{{sdk}}", &sdk_path.to_string_lossy().replace('\\', "/"))

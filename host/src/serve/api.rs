@@ -120,8 +120,7 @@ async fn events(State(app): State<Arc<App>>) -> Sse<impl Stream<Item = Result<Ss
     let rx = app.events.subscribe();
     let hello = tokio_stream::once(Ok(SseEvent::default().event("hello").data("{}")));
     // A listener that falls behind misses events (it can reload the job from the API).
-    let stream = BroadcastStream::new(rx)
-        .filter_map(|r| r.ok().map(|e| Ok(SseEvent::default().event(e.event).data(e.data.to_string()))));
+    let stream = BroadcastStream::new(rx).filter_map(|r| r.ok().map(|e| Ok(SseEvent::default().event(e.event).data(e.data.to_string()))));
     Sse::new(hello.chain(stream)).keep_alive(KeepAlive::default())
 }
 
@@ -337,7 +336,8 @@ fn check_strategy(app: &App, plugin: &str, config: &toml::Table, what: &str) -> 
     let manager = lock(&app.plugins);
     let p = manager.require(plugin).map_err(|e| ApiError::bad(format!("{what}: {e:#}")))?;
     let json = serde_json::to_string(config).unwrap_or_default();
-    graft_runtime::plugins::StrategyInstance::new(p, None, &json).map_err(|e| ApiError::bad(format!("{what}: plugin `{plugin}` refuses this config: {e}")))?;
+    graft_runtime::plugins::StrategyInstance::new(p, None, &json)
+        .map_err(|e| ApiError::bad(format!("{what}: plugin `{plugin}` refuses this config: {e}")))?;
     Ok(())
 }
 
@@ -361,8 +361,7 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     graft_trainer::names::check_name("name", &name).map_err(|e| ApiError::bad(e.to_string()))?;
     let table = to_table(req.strategy_config.clone(), "strategy_config")?;
     check_strategy(&app, &req.plugin, &table, "plugin")?;
-    graft_trainer::optim::OptimizerSpec::parse(&req.options.optimizer, &req.options.optimizer_args)
-        .map_err(|e| ApiError::bad(e.to_string()))?;
+    graft_trainer::optim::OptimizerSpec::parse(&req.options.optimizer, &req.options.optimizer_args).map_err(|e| ApiError::bad(e.to_string()))?;
     if req.options.dtype != graft_sdxl::WeightDtype::File {
         return Err(ApiError::bad("dtype: the server's model is shared by every job; start the server with --dtype instead"));
     }
@@ -406,8 +405,7 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     };
     config.validate().map_err(|e| ApiError::bad(format!("{e:#}")))?;
     std::fs::create_dir_all(&out).map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
-    std::fs::write(&prompts_file, format!("{prompt_text}\n"))
-        .map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
+    std::fs::write(&prompts_file, format!("{prompt_text}\n")).map_err(|e| ApiError::from_anyhow(StatusCode::INTERNAL_SERVER_ERROR, e.into()))?;
     let info = jobs::enqueue(&app, id, JobKind::Train, &name, out, req.options.steps, Some(req.plugin.clone()), JobSpec::Train { config });
     Ok((StatusCode::ACCEPTED, Json(serde_json::to_value(info).unwrap_or_default())).into_response())
 }

@@ -11,11 +11,11 @@ use graft_sdxl::GenerateParams;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::generate::prompt_syntax::extract_adapter_tags;
+use crate::serve::state::{lock, App};
 use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::adapters::files::{add_native, FileAdapters};
-use crate::generate::prompt_syntax::extract_adapter_tags;
 use graft_trainer::png_out;
-use crate::serve::state::{lock, App};
 
 fn default_size() -> usize {
     1024
@@ -175,9 +175,8 @@ pub fn generate(app: &App, id: u64, req: GenRequest, text: String, uses: Vec<Att
         if file.format == AdapterFormat::Native {
             let info = report.native.clone().context("graft-native file without strategy metadata")?;
             let plugins = lock(&app.plugins);
-            let plugin = plugins
-                .require(&info.strategy)
-                .with_context(|| format!("{}: needs strategy plugin `{}`", path.display(), info.strategy))?;
+            let plugin =
+                plugins.require(&info.strategy).with_context(|| format!("{}: needs strategy plugin `{}`", path.display(), info.strategy))?;
             add_native(&mut set, plugin, &a.name, path, &file, *te, *unet)?;
         } else {
             files.add(&a.name, path, file, report, *te, *unet)?;

@@ -155,7 +155,16 @@ fn now() -> f64 {
 /// Queues a job under an id from [`JobBook::next_id`]; returns its info.
 // The job record's fields, one argument each: a struct for them would only repeat `JobInfo`.
 #[allow(clippy::too_many_arguments)]
-pub fn enqueue(app: &App, id: u64, kind: JobKind, name: &str, output_dir: PathBuf, total: u64, plugin: Option<String>, spec: JobSpec) -> JobInfo {
+pub fn enqueue(
+    app: &App,
+    id: u64,
+    kind: JobKind,
+    name: &str,
+    output_dir: PathBuf,
+    total: u64,
+    plugin: Option<String>,
+    spec: JobSpec,
+) -> JobInfo {
     let mut book = lock(&app.jobs);
     let info = JobInfo {
         id,

@@ -11,10 +11,10 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::plugins::PluginDirArgs;
-use graft_runtime::plugins::{FileStatus, PluginManager, ReloadEvent};
 use crate::serve::gen::GenRecord;
 use crate::serve::jobs::JobBook;
 use crate::serve::ServeArgs;
+use graft_runtime::plugins::{FileStatus, PluginManager, ReloadEvent};
 
 /// One server-sent event: its name and JSON data.
 #[derive(Debug, Clone, Serialize)]
@@ -60,8 +60,7 @@ impl App {
                 anyhow::bail!("--lora-dir {}: not a folder", d.display());
             }
         }
-        std::fs::create_dir_all(&args.work_dir)
-            .with_context(|| format!("cannot create the work folder {}", args.work_dir.display()))?;
+        std::fs::create_dir_all(&args.work_dir).with_context(|| format!("cannot create the work folder {}", args.work_dir.display()))?;
         let work_dir = args.work_dir.canonicalize()?;
         let device = graft_runtime::device::pick(args.cpu)?;
         let model = match &args.model {
@@ -79,7 +78,13 @@ impl App {
             tracing::warn!("plugin folders are not watched: {e:#}");
         }
         let (events, _) = broadcast::channel(1024);
-        let device_name = if device.is_cuda() { "CUDA GPU" } else if device.is_metal() { "Metal GPU" } else { "CPU" };
+        let device_name = if device.is_cuda() {
+            "CUDA GPU"
+        } else if device.is_metal() {
+            "Metal GPU"
+        } else {
+            "CPU"
+        };
         Ok(Arc::new(Self {
             model,
             model_path: args.model.clone(),

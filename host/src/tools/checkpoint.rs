@@ -81,12 +81,10 @@ fn component_files(dir: &Path, stem: &str) -> anyhow::Result<Vec<PathBuf>> {
         }
         let index = dir.join(format!("{name}.index.json"));
         if index.is_file() {
-            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
-                .with_context(|| format!("{}: invalid index", index.display()))?;
-            let mut shards: Vec<String> = json["weight_map"]
-                .as_object()
-                .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
-                .unwrap_or_default();
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&index)?).with_context(|| format!("{}: invalid index", index.display()))?;
+            let mut shards: Vec<String> =
+                json["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
             shards.sort();
             shards.dedup();
             return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
@@ -221,7 +219,13 @@ pub trait Change {
 
 /// Writes the source with `change` applied, in the target layout; `dtype` converts every float
 /// tensor (default: each keeps its stored dtype).
-pub fn write(src: &CheckpointSource, target: &Target, change: &dyn Change, dtype: Option<StoreDtype>, metadata: &BTreeMap<String, String>) -> anyhow::Result<Written> {
+pub fn write(
+    src: &CheckpointSource,
+    target: &Target,
+    change: &dyn Change,
+    dtype: Option<StoreDtype>,
+    metadata: &BTreeMap<String, String>,
+) -> anyhow::Result<Written> {
     let mut written = Written::default();
     match target {
         Target::Single(path) => {
@@ -478,7 +482,8 @@ fn write_file(
 
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
+    let tmp =
+        dir.join(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
     let result = (|| -> anyhow::Result<()> {
         let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp)?);
         f.write_all(&(head.len() as u64).to_le_bytes())?;

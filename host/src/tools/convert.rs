@@ -180,8 +180,15 @@ pub fn to_lora(modules: Vec<ModuleWeights>, rank: Option<usize>, path: &Path) ->
 /// The source's training metadata (`ss_*`, `modelspec.*`) carried into a kohya-family file,
 /// without what the writer computes.
 pub fn carried_metadata(source: &BTreeMap<String, String>, name: &str) -> KohyaMetadata {
-    const COMPUTED: [&str; 7] =
-        ["ss_network_dim", "ss_network_alpha", "ss_network_module", "ss_network_args", "ss_output_name", "modelspec.title", "modelspec.architecture"];
+    const COMPUTED: [&str; 7] = [
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_network_module",
+        "ss_network_args",
+        "ss_output_name",
+        "modelspec.title",
+        "modelspec.architecture",
+    ];
     let mut meta = KohyaMetadata::new(name);
     for (k, v) in source {
         if (k.starts_with("ss_") || k.starts_with("modelspec.")) && !COMPUTED.contains(&k.as_str()) {
@@ -265,15 +272,8 @@ pub fn write_lora_native(path: &Path, modules: &[ModuleWeights], plugins: &Plugi
     }
     let targets: Vec<&str> = modules.iter().map(|m| m.layer.as_str()).collect();
     // The plugin's version when it can be found (the file is readable without it).
-    let version = plugins
-        .manager()
-        .ok()
-        .and_then(|m| m.get("lora").map(|p| p.manifest.version.clone()))
-        .unwrap_or_default();
-    let info = NativeInfo {
-        strategy: "lora".into(),
-        version,
-        config: serde_json::json!({"targets": targets, "rank": rank, "alpha": rank as f64}),
-    };
+    let version = plugins.manager().ok().and_then(|m| m.get("lora").map(|p| p.manifest.version.clone())).unwrap_or_default();
+    let info =
+        NativeInfo { strategy: "lora".into(), version, config: serde_json::json!({"targets": targets, "rank": rank, "alpha": rank as f64}) };
     Ok(graft_formats::write_native(path, &info, &out, dtype)?.tensors)
 }

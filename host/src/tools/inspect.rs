@@ -142,9 +142,7 @@ fn format_num(v: f64) -> String {
 }
 
 fn counts(v: &Value) -> String {
-    v.as_object()
-        .map(|m| m.iter().map(|(k, n)| format!("{k} ({n})")).collect::<Vec<_>>().join(", "))
-        .unwrap_or_default()
+    v.as_object().map(|m| m.iter().map(|(k, n)| format!("{k} ({n})")).collect::<Vec<_>>().join(", ")).unwrap_or_default()
 }
 
 /// The human form of [`inspect`]'s JSON.
@@ -223,7 +221,11 @@ pub fn text(r: &Value, layers: bool, full: bool) -> String {
     line(format!("metadata:    {} keys", meta.len()));
     for (k, v) in meta {
         let v = v.as_str().unwrap_or("").to_string();
-        let v = if !full && v.chars().count() > 200 { format!("{}... ({} chars; --full shows all)", v.chars().take(200).collect::<String>(), v.chars().count()) } else { v };
+        let v = if !full && v.chars().count() > 200 {
+            format!("{}... ({} chars; --full shows all)", v.chars().take(200).collect::<String>(), v.chars().count())
+        } else {
+            v
+        };
         line(format!("  {k}: {}", v.replace('\n', "\n    ")));
     }
     out

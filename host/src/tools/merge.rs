@@ -21,7 +21,7 @@ use graft_formats::adapter::AdapterWeights;
 use graft_formats::{ModuleWeights, StoreDtype};
 use graft_sdxl::SdxlConfig;
 
-use super::checkpoint::{self, CheckpointSource, Change};
+use super::checkpoint::{self, Change, CheckpointSource};
 use super::convert::{carried_metadata, write_kohya_diffusers, write_lora_native, Target};
 use super::svd::{truncate_dense, truncate_factored};
 use super::{is_plain_lora, parse_dtype, read_entries, ArchArgs};
@@ -205,7 +205,11 @@ fn into_checkpoint(
     ))
 }
 
-fn into_adapter(args: &MergeArgs, layout: &graft_sdxl::sgm::SgmLayout, by_layer: BTreeMap<String, Vec<(ModuleWeights, f64)>>) -> anyhow::Result<String> {
+fn into_adapter(
+    args: &MergeArgs,
+    layout: &graft_sdxl::sgm::SgmLayout,
+    by_layer: BTreeMap<String, Vec<(ModuleWeights, f64)>>,
+) -> anyhow::Result<String> {
     let mut modules = Vec::with_capacity(by_layer.len());
     let mut errors = Vec::new();
     for (i, (layer, entries)) in by_layer.into_iter().enumerate() {
@@ -315,10 +319,5 @@ fn into_adapter(args: &MergeArgs, layout: &graft_sdxl::sgm::SgmLayout, by_layer:
         }
         _ => "exact (ranks concatenated)".to_string(),
     };
-    Ok(format!(
-        "merged {} adapters into {} ({} layers, {tensors} tensors, {how})",
-        args.adapters.len(),
-        args.out.display(),
-        modules.len()
-    ))
+    Ok(format!("merged {} adapters into {} ({} layers, {tensors} tensors, {how})", args.adapters.len(), args.out.display(), modules.len()))
 }

@@ -33,9 +33,9 @@ use graft_sdxl::vae::Vae;
 use graft_sdxl::varbuilder::shape_only;
 use graft_sdxl::{Component, SdxlConfig, SdxlModel};
 
+use crate::plugins::PluginDirArgs;
 use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::adapters::files::add_native;
-use crate::plugins::PluginDirArgs;
 
 /// Which architecture adapter files are read against.
 #[derive(clap::Args, Debug, Clone, Default)]

@@ -133,10 +133,7 @@ fn jacobi_svd(a: &Cols) -> (Cols, Vec<f64>, Cols) {
     let mut order: Vec<(f64, usize)> = u.cols.iter().enumerate().map(|(j, c)| (dot(c, c).sqrt(), j)).collect();
     order.sort_by(|a, b| b.0.total_cmp(&a.0));
     let sigma: Vec<f64> = order.iter().map(|(s, _)| *s).collect();
-    let ucols = order
-        .iter()
-        .map(|&(s, j)| if s > 0.0 { u.cols[j].iter().map(|x| x / s).collect() } else { vec![0.0; u.rows] })
-        .collect();
+    let ucols = order.iter().map(|&(s, j)| if s > 0.0 { u.cols[j].iter().map(|x| x / s).collect() } else { vec![0.0; u.rows] }).collect();
     let vcols = order.iter().map(|&(_, j)| v[j].clone()).collect();
     (Cols { rows: u.rows, cols: ucols }, sigma, Cols { rows: n, cols: vcols })
 }
@@ -190,10 +187,7 @@ pub fn truncate_factored(up: &Tensor, down: &Tensor, rank: usize) -> Result<LowR
     let (qu, ru) = qr(&Cols::from_tensor(up)?);
     let (qd, rd) = qr(&Cols::from_tensor(&down.t()?)?);
     // Core M = R_u R_dᵀ [K, K], by columns: column j is R_u @ (row j of R_d).
-    let core = Cols {
-        rows: k,
-        cols: (0..k).map(|j| (0..k).map(|i| (0..k).map(|l| ru[i][l] * rd[j][l]).sum()).collect()).collect(),
-    };
+    let core = Cols { rows: k, cols: (0..k).map(|j| (0..k).map(|i| (0..k).map(|l| ru[i][l] * rd[j][l]).sum()).collect()).collect() };
     let (um, sigma, vm) = svd(&core);
     let total_sq: f64 = sigma.iter().map(|s| s * s).sum();
     factors(&mul(&qu, &um), &sigma, &mul(&qd, &vm), rank, total_sq, &Device::Cpu)

@@ -106,7 +106,10 @@ impl Config {
 fn schema() -> ConfigSchema {
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     ConfigSchema::new()
-        .key(ConfigKey::strings("targets", &strings(&["unet.*.attn2"])).help("attention hook point patterns (globs, `re:` regexes, `!` excludes)"))
+        .key(
+            ConfigKey::strings("targets", &strings(&["unet.*.attn2"]))
+                .help("attention hook point patterns (globs, `re:` regexes, `!` excludes)"),
+        )
         .key(ConfigKey::int("rank", 8).range(1.0, 4096.0).help("r: the rank of the patch"))
         .key(ConfigKey::float("init_std", 0.02).min(0.0).help("standard deviation of A's normal init"))
         .key(ConfigKey::float("gate_init", 1.0).help("the gate g's initial value"))
@@ -114,7 +117,10 @@ fn schema() -> ConfigSchema {
         .key(ConfigKey::float("adapter_lr", 5e-4).min(0.0).help("learning rate of group `adapter` (A, B, g)"))
         .key(ConfigKey::float("adapter_weight_decay", 0.0).min(0.0).help("AdamW weight decay of group `adapter`"))
         .key(ConfigKey::float_or_null("clip_norm", Some(0.1)).above(0.0).help("per-parameter gradient clip of A, B and g (L2 norm); null: none"))
-        .key(ConfigKey::strings("unfreeze", &strings(&["to_q", "to_k", "to_v", "to_out.0"])).help("base projections of each patched module to train ([]: none)"))
+        .key(
+            ConfigKey::strings("unfreeze", &strings(&["to_q", "to_k", "to_v", "to_out.0"]))
+                .help("base projections of each patched module to train ([]: none)"),
+        )
         .key(ConfigKey::float("base_lr", 1e-5).min(0.0).help("learning rate of the unfrozen projections (group `base`)"))
         .key(ConfigKey::float("base_weight_decay", 0.0).min(0.0).help("AdamW weight decay of group `base`"))
         .key(ConfigKey::bool("base_bias", true).help("train the unfrozen projections' biases too (where they have one)"))

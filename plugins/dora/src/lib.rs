@@ -49,7 +49,10 @@ impl Config {
 /// Every key of `Config`, for the host (`graft plugins check`, the serve UI's form).
 fn schema() -> ConfigSchema {
     ConfigSchema::new()
-        .key(ConfigKey::strings("targets", &UNET_TARGETS).help("layer name patterns (globs, `re:` regexes, `!` excludes); linear hook points only"))
+        .key(
+            ConfigKey::strings("targets", &UNET_TARGETS)
+                .help("layer name patterns (globs, `re:` regexes, `!` excludes); linear hook points only"),
+        )
         .key(ConfigKey::int("rank", 8).range(1.0, 4096.0).help("r: the rank of up · down"))
         .key(ConfigKey::float("alpha", 8.0).min(0.0).help("s = alpha / r; 0 means alpha = r"))
         .key(ConfigKey::float("lr", 1e-4).min(0.0).help("learning rate of down, up and magnitude"))

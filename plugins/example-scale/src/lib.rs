@@ -49,7 +49,10 @@ impl Strategy for ExampleScale {
     fn config_schema() -> Option<ConfigSchema> {
         Some(
             ConfigSchema::new()
-                .key(ConfigKey::strings("targets", &["unet.*.attn2.to_k", "unet.*.attn2.to_v"]).help("layer name patterns (globs, `re:` regexes, `!` excludes)"))
+                .key(
+                    ConfigKey::strings("targets", &["unet.*.attn2.to_k", "unet.*.attn2.to_v"])
+                        .help("layer name patterns (globs, `re:` regexes, `!` excludes)"),
+                )
                 .key(ConfigKey::float("lr", 1e-3).min(0.0).help("learning rate of the scales"))
                 .key(ConfigKey::float("init", 0.0).help("initial value of every scale (0: the adapter starts as the identity)")),
         )
@@ -67,8 +70,7 @@ impl Strategy for ExampleScale {
         let matcher = LayerMatcher::new(&self.config.targets)?;
         let mut plan = Plan::new().group(OptimizerGroup::new("scale", self.config.lr));
         for layer in matcher.filter(layers).into_iter().filter(|l| l.is_linear()) {
-            let scale = ParamSpec::new("scale", &[layer.in_features as usize], Init::constant(self.config.init))
-                .group("scale");
+            let scale = ParamSpec::new("scale", &[layer.in_features as usize], Init::constant(self.config.init)).group("scale");
             plan = plan.attach(Attachment::new(layer.name()).param(scale));
         }
         if plan.attachments.is_empty() {

@@ -244,7 +244,9 @@ fn select_convs<'l>(patterns: &[String], layers: &'l [LayerInfo]) -> Result<Vec<
 
 /// (kh, kw) of a conv hook point.
 fn kernel_of(layer: &LayerInfo) -> Result<(usize, usize)> {
-    let g = layer.conv().ok_or_else(|| Error::msg(format!("lora: conv layer `{}` has no geometry in its info ({:?})", layer.name(), layer.extra.as_str())))?;
+    let g = layer
+        .conv()
+        .ok_or_else(|| Error::msg(format!("lora: conv layer `{}` has no geometry in its info ({:?})", layer.name(), layer.extra.as_str())))?;
     Ok((g.kernel[0] as usize, g.kernel[1] as usize))
 }
 

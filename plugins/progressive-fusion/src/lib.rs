@@ -86,9 +86,10 @@ struct ProgressiveFusion {
 
 impl ProgressiveFusion {
     fn module(&self, layer: &LayerInfo) -> Result<&Module> {
-        self.by_layer.get(layer.name()).map(|&i| &self.modules[i]).ok_or_else(|| {
-            Error::msg(format!("{ID}: layer `{}` is not one of this strategy's layers (was `plan` called?)", layer.name()))
-        })
+        self.by_layer
+            .get(layer.name())
+            .map(|&i| &self.modules[i])
+            .ok_or_else(|| Error::msg(format!("{ID}: layer `{}` is not one of this strategy's layers (was `plan` called?)", layer.name())))
     }
 }
 
@@ -127,7 +128,11 @@ impl Strategy for ProgressiveFusion {
             let group = stages::group(m.stage);
             let param = |name: &str, shape: &[usize], init: Init| {
                 let p = ParamSpec::new(name, shape, init).group(group.as_str());
-                if state.trainable[i] { p } else { p.frozen() }
+                if state.trainable[i] {
+                    p
+                } else {
+                    p.frozen()
+                }
             };
             let mut a = Attachment::new(m.layer.as_str())
                 .param(param("down", &[m.rank, m.in_features], Init::kaiming_uniform(5f64.sqrt())))

@@ -90,7 +90,11 @@ pub fn schema() -> ConfigSchema {
         .key(rank("stage1_rank", d.stage1_rank))
         .key(alpha("stage1_alpha", d.stage1_alpha))
         .key(lr("stage1_lr", d.stage1_lr))
-        .key(ConfigKey::int("stage2_text_layers", d.stage2_text_layers as i64).min(0.0).help("how many of the last layers of each text encoder get adapters in stage 2"))
+        .key(
+            ConfigKey::int("stage2_text_layers", d.stage2_text_layers as i64)
+                .min(0.0)
+                .help("how many of the last layers of each text encoder get adapters in stage 2"),
+        )
         .key(
             ConfigKey::strings("stage2_skip_final_layer_of", &d.stage2_skip_final_layer_of)
                 .help("text encoders (text_encoder, text_encoder_2) whose final layer is not counted (unused by the pipeline)"),
@@ -104,7 +108,11 @@ pub fn schema() -> ConfigSchema {
         .key(rank("stage3_rank", d.stage3_rank))
         .key(alpha("stage3_alpha", d.stage3_alpha))
         .key(ConfigKey::float("stage3_lr", d.stage3_lr).min(0.0).help("the stage-3 group's planned learning rate, before stage3_lr_scale"))
-        .key(ConfigKey::float("stage3_lr_scale", d.stage3_lr_scale).above(0.0).help("lr_scale sent at the start of stage 3 (effective lr = stage3_lr * scale)"))
+        .key(
+            ConfigKey::float("stage3_lr_scale", d.stage3_lr_scale)
+                .above(0.0)
+                .help("lr_scale sent at the start of stage 3 (effective lr = stage3_lr * scale)"),
+        )
         .key(ConfigKey::float("weight_decay", d.weight_decay).min(0.0).help("AdamW weight decay of the three groups"))
 }
 
@@ -131,7 +139,9 @@ impl Config {
                 bail!("{id}: `{key}` must be a finite number > 0, got {alpha}");
             }
         }
-        for (key, lr) in [("stage1_lr", self.stage1_lr), ("stage2_lr", self.stage2_lr), ("stage3_lr", self.stage3_lr), ("weight_decay", self.weight_decay)] {
+        for (key, lr) in
+            [("stage1_lr", self.stage1_lr), ("stage2_lr", self.stage2_lr), ("stage3_lr", self.stage3_lr), ("weight_decay", self.weight_decay)]
+        {
             if !(lr.is_finite() && lr >= 0.0) {
                 bail!("{id}: `{key}` must be a finite number >= 0, got {lr}");
             }

@@ -73,13 +73,8 @@ pub fn select(config: &Config, layers: &[LayerInfo]) -> Result<Vec<Module>> {
     let mut modules = Vec::new();
 
     let stage1 = LayerMatcher::new(&config.stage1_targets)?;
-    modules.extend(
-        stage1
-            .filter(layers)
-            .into_iter()
-            .filter(|l| l.is_linear())
-            .map(|l| Module::new(l, 1, config.stage1_rank, config.stage1_alpha)),
-    );
+    modules
+        .extend(stage1.filter(layers).into_iter().filter(|l| l.is_linear()).map(|l| Module::new(l, 1, config.stage1_rank, config.stage1_alpha)));
     if modules.is_empty() {
         bail!("{id}: stage 1: no linear layer matches `stage1_targets` {:?}", config.stage1_targets);
     }
@@ -99,13 +94,8 @@ pub fn select(config: &Config, layers: &[LayerInfo]) -> Result<Vec<Module>> {
 
     let stage3 = LayerMatcher::new(&config.stage3_targets)?;
     let before = modules.len();
-    modules.extend(
-        stage3
-            .filter(layers)
-            .into_iter()
-            .filter(|l| l.is_linear())
-            .map(|l| Module::new(l, 3, config.stage3_rank, config.stage3_alpha)),
-    );
+    modules
+        .extend(stage3.filter(layers).into_iter().filter(|l| l.is_linear()).map(|l| Module::new(l, 3, config.stage3_rank, config.stage3_alpha)));
     if modules.len() == before {
         bail!("{id}: stage 3: no linear layer matches `stage3_targets` {:?}", config.stage3_targets);
     }
@@ -147,8 +137,7 @@ fn text_layers<'l>(config: &Config, layers: &'l [LayerInfo]) -> Result<Vec<&'l L
         .collect();
     let wanted = |l: &LayerInfo| {
         let Some(&(lo, hi)) = window.get(l.component.name().as_ref()) else { return false };
-        (lo..=hi).contains(&l.block.index)
-            && config.stage2_modules.iter().any(|m| l.name().ends_with(&format!(".{m}")))
+        (lo..=hi).contains(&l.block.index) && config.stage2_modules.iter().any(|m| l.name().ends_with(&format!(".{m}")))
     };
     Ok(layers.iter().filter(text).filter(|l| wanted(l)).collect())
 }
@@ -169,16 +158,8 @@ pub struct StageState {
 pub fn state_of(config: &Config, stage: StageNo) -> StageState {
     match stage {
         1 => StageState { attached: [true, false, false], trainable: [true, false, false], lr_scale: [1.0; 3] },
-        2 => StageState {
-            attached: [true, true, false],
-            trainable: [config.stage2_train_stage1, true, false],
-            lr_scale: [1.0; 3],
-        },
-        _ => StageState {
-            attached: [true, true, true],
-            trainable: [false, false, true],
-            lr_scale: [1.0, 1.0, config.stage3_lr_scale],
-        },
+        2 => StageState { attached: [true, true, false], trainable: [config.stage2_train_stage1, true, false], lr_scale: [1.0; 3] },
+        _ => StageState { attached: [true, true, true], trainable: [false, false, true], lr_scale: [1.0, 1.0, config.stage3_lr_scale] },
     }
 }
 
@@ -200,11 +181,7 @@ pub fn directives(modules: &[Module], from: Option<StageState>, to: StageState) 
         if from.map(|f| f.trainable[i]) != Some(to.trainable[i]) {
             for m in of_stage() {
                 let layer = m.layer.clone();
-                out.push(if to.trainable[i] {
-                    Directive::Unfreeze { layer, param: None }
-                } else {
-                    Directive::Freeze { layer, param: None }
-                });
+                out.push(if to.trainable[i] { Directive::Unfreeze { layer, param: None } } else { Directive::Freeze { layer, param: None } });
             }
         }
     }

@@ -112,10 +112,7 @@ fn selects_the_three_stages_layers() {
     // The literal last two layers when nothing is skipped.
     let c = Config { stage2_skip_final_layer_of: vec![], stage2_text_layers: 1, ..Config::default() };
     let m = stages::select(&c, &layers()).unwrap();
-    let want: Vec<String> = ["text_encoder", "text_encoder_2"]
-        .iter()
-        .flat_map(|c| qkvo.iter().map(move |p| te(c, 2, p)))
-        .collect();
+    let want: Vec<String> = ["text_encoder", "text_encoder_2"].iter().flat_map(|c| qkvo.iter().map(move |p| te(c, 2, p))).collect();
     assert_eq!(names(&m, 2), want);
 }
 
@@ -164,11 +161,8 @@ fn directives_at_each_boundary_exactly_once() {
     assert!(s.on_step(5).unwrap().is_empty());
     assert!(s.on_step(6).unwrap().is_empty());
     let d = s.on_step(7).unwrap();
-    let mut want: Vec<Directive> = [1, 2]
-        .iter()
-        .flat_map(|&st| stage_layers(st))
-        .map(|layer| Directive::Freeze { layer, param: None })
-        .collect();
+    let mut want: Vec<Directive> =
+        [1, 2].iter().flat_map(|&st| stage_layers(st)).map(|layer| Directive::Freeze { layer, param: None }).collect();
     want.extend(stage_layers(3).into_iter().map(|layer| Directive::Attach { layer }));
     want.extend(stage_layers(3).into_iter().map(|layer| Directive::Unfreeze { layer, param: None }));
     want.push(Directive::LrScale { group: "stage3".into(), scale: 0.3 });

@@ -45,14 +45,9 @@ pub fn tiny_layers() -> Vec<LayerInfo> {
     let te1_cfg = ClipConfig::from_json_str(&read("text_encoder/config.json"), "te1").unwrap();
     let te2_cfg = ClipConfig::from_json_str(&read("text_encoder_2/config.json"), "te2").unwrap();
     let unet = UNet::new(shape_only(&dev).0, &unet_cfg).unwrap();
-    let te1 =
-        ClipTextModel::new(shape_only(&dev).0, &te1_cfg, Component::TextEncoder, false).unwrap();
-    let te2 =
-        ClipTextModel::new(shape_only(&dev).0, &te2_cfg, Component::TextEncoder2, true).unwrap();
-    [unet.registry(), te1.registry(), te2.registry()]
-        .iter()
-        .flat_map(|r| r.layers().to_vec())
-        .collect()
+    let te1 = ClipTextModel::new(shape_only(&dev).0, &te1_cfg, Component::TextEncoder, false).unwrap();
+    let te2 = ClipTextModel::new(shape_only(&dev).0, &te2_cfg, Component::TextEncoder2, true).unwrap();
+    [unet.registry(), te1.registry(), te2.registry()].iter().flat_map(|r| r.layers().to_vec()).collect()
 }
 
 pub fn tiny_keys() -> KeyMap {
@@ -61,9 +56,7 @@ pub fn tiny_keys() -> KeyMap {
 
 /// The expected tensors of tests/fixtures/lora/expected.safetensors.
 pub fn expected() -> BTreeMap<String, Tensor> {
-    graft_formats::read::read_file(&lora_fixture("expected.safetensors"))
-        .unwrap()
-        .tensors
+    graft_formats::read::read_file(&lora_fixture("expected.safetensors")).unwrap().tensors
 }
 
 /// The layers whose deltas the fixtures store.
@@ -74,25 +67,9 @@ pub fn selected() -> Vec<String> {
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }

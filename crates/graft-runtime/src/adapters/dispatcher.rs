@@ -19,7 +19,7 @@ use anyhow::Context;
 use candle_core::{Result, Tensor, Var};
 use graft_abi as abi;
 use graft_sdxl::hooks::{HookRegistry, Hooks, LayerIndex, LinearWeights, SharedLinear};
-use graft_sdxl::overrides::{Holder, Owner, OverrideKind};
+use graft_sdxl::overrides::{Holder, OverrideKind, Owner};
 use graft_sdxl::rng::GraftRng;
 use graft_sdxl::{PipelineHooks, SdxlModel};
 
@@ -550,7 +550,12 @@ impl AdapterSet {
         }
     }
 
-    fn dispatch(&self, g: usize, base: Tensor, run: impl Fn(&StrategyInstance, &mut CallContext<'_>) -> std::result::Result<Tensor, PluginError>) -> Result<Tensor> {
+    fn dispatch(
+        &self,
+        g: usize,
+        base: Tensor,
+        run: impl Fn(&StrategyInstance, &mut CallContext<'_>) -> std::result::Result<Tensor, PluginError>,
+    ) -> Result<Tensor> {
         let mut acc: Option<Tensor> = None;
         let mut single: Option<Tensor> = None;
         let active: Vec<StrategyId> = self.table[g].iter().copied().filter(|&s| !self.failed(s)).collect();

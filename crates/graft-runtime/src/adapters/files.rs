@@ -192,7 +192,14 @@ impl FileAdapters {
                 })
                 .collect()
         });
-        Self { holder: Holder::new("adapter files"), device: device.clone(), keys: KeyMap::from_layers(&all, layout), slots, by_name, adapters: Vec::new() }
+        Self {
+            holder: Holder::new("adapter files"),
+            device: device.clone(),
+            keys: KeyMap::from_layers(&all, layout),
+            slots,
+            by_name,
+            adapters: Vec::new(),
+        }
     }
 
     /// The layer names of this model in every file format.
@@ -653,14 +660,10 @@ pub fn add_native(
         .with_context(|| format!("{}: not a graft-native file (no `graft.strategy` metadata)", path.display()))?;
     let mut warnings = Vec::new();
     if !info.version.is_empty() && info.version != plugin.manifest.version {
-        warnings.push(format!(
-            "written by {} {}, read with {} {}",
-            info.strategy, info.version, plugin.manifest.id, plugin.manifest.version
-        ));
+        warnings.push(format!("written by {} {}, read with {} {}", info.strategy, info.version, plugin.manifest.id, plugin.manifest.version));
     }
     let config = if info.config.is_null() { "{}".to_string() } else { info.config.to_string() };
-    let instance = StrategyInstance::new(plugin, Some(name), &config)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let instance = StrategyInstance::new(plugin, Some(name), &config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let (s, _) = set.add(instance, te_weight, unet_weight).with_context(|| format!("{}: strategy `{}`", path.display(), info.strategy))?;
     let mut planned: BTreeSet<ParamKey> = set.store().params(Some(name)).into_iter().map(|(k, _)| k).collect();
     let mut n = 0;

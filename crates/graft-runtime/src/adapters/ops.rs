@@ -76,15 +76,13 @@ impl<'a> CandleOps<'a> {
             return Err(GraftError::op(if id.0 == u64::MAX || call == 0 || call > self.call {
                 format!("unknown tensor handle {}", id.0)
             } else {
-                format!(
-                    "tensor handle {} comes from an earlier call (handles are valid only during the call that made them)",
-                    id.0
-                )
+                format!("tensor handle {} comes from an earlier call (handles are valid only during the call that made them)", id.0)
             }));
         }
-        self.tensors.get(index).cloned().ok_or_else(|| {
-            GraftError::op(format!("unknown tensor handle {} (this call has {} tensors)", id.0, self.tensors.len()))
-        })
+        self.tensors
+            .get(index)
+            .cloned()
+            .ok_or_else(|| GraftError::op(format!("unknown tensor handle {} (this call has {} tensors)", id.0, self.tensors.len())))
     }
 
     /// Parameters this call created (not declared in the plan).
@@ -286,10 +284,7 @@ impl HostOps for CandleOps<'_> {
                 return Err(err(format!("{key}: a parameter initialised from the layer must be declared in the plan")));
             }
             let init = InitKind::try_from(init).map_err(|e| err(format!("{key}: {e}")))?;
-            let (p, created) = ops
-                .store
-                .get_or_create(&key, &shape_usize(shape), init, "default", true)
-                .map_err(|e| err(e.to_string()))?;
+            let (p, created) = ops.store.get_or_create(&key, &shape_usize(shape), init, "default", true).map_err(|e| err(e.to_string()))?;
             if created {
                 ops.created.push(key);
             }
@@ -312,7 +307,8 @@ impl HostOps for CandleOps<'_> {
 
     fn base_weight(&mut self) -> GResult<TensorId> {
         self.op("base_weight", |ops| {
-            let w = ops.base
+            let w = ops
+                .base
                 .as_ref()
                 .map(|b| b.weight.clone())
                 .ok_or_else(|| err(format!("layer `{}` has no base weight here (an attention hook point?)", ops.layer)))?;
@@ -527,11 +523,7 @@ impl HostOps for CandleOps<'_> {
             if t.elem_count() != 1 {
                 return Err(err(format!("to_scalar needs a one-element tensor, got shape {:?}", t.dims())));
             }
-            let v = t
-                .flatten_all()
-                .and_then(|t| t.to_dtype(DType::F64))
-                .and_then(|t| t.to_vec1::<f64>())
-                .map_err(|e| candle(e, &[&t]))?;
+            let v = t.flatten_all().and_then(|t| t.to_dtype(DType::F64)).and_then(|t| t.to_vec1::<f64>()).map_err(|e| candle(e, &[&t]))?;
             Ok(v[0])
         };
         match run() {
@@ -610,9 +602,7 @@ impl CandleOps<'_> {
         self.op("eye", |ops| {
             let n = n as usize;
             let values: Vec<f32> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
-            Tensor::from_vec(values, (n, n), ops.store.device())
-                .and_then(|t| t.to_dtype(ops.store.dtype()))
-                .map_err(|e| err(e.to_string()))
+            Tensor::from_vec(values, (n, n), ops.store.device()).and_then(|t| t.to_dtype(ops.store.dtype())).map_err(|e| err(e.to_string()))
         })
     }
 
@@ -658,7 +648,6 @@ impl CandleOps<'_> {
                 .map_err(|e| err(format!("shape {shape:?}: {e}")))
         })
     }
-
 }
 
 thread_local! {
@@ -784,9 +773,7 @@ mod tests {
 
         let dv = store.get(&ParamKey::new("lora", "unet.l", "down")).unwrap().var;
         let uv = store.get(&ParamKey::new("lora", "unet.l", "up")).unwrap().var;
-        let want = x
-            .broadcast_matmul(&w.t()?)?
-            .add(&x.broadcast_matmul(&dv.as_tensor().t()?)?.broadcast_matmul(&uv.as_tensor().t()?)?)?;
+        let want = x.broadcast_matmul(&w.t()?)?.add(&x.broadcast_matmul(&dv.as_tensor().t()?)?.broadcast_matmul(&uv.as_tensor().t()?)?)?;
         let diff = (y.clone() - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
 

@@ -40,10 +40,15 @@ impl fmt::Display for ParamKey {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum InitKind {
     Zeros,
-    Normal { mean: f64, std: f64 },
+    Normal {
+        mean: f64,
+        std: f64,
+    },
     /// torch's `kaiming_uniform_(a)`: U(±gain·sqrt(3/fan_in)), gain = sqrt(2/(1+a²)),
     /// fan_in = the product of all dimensions but the first.
-    KaimingUniform { a: f64 },
+    KaimingUniform {
+        a: f64,
+    },
     Constant(f64),
     /// Computed by the strategy from the layer (its `init_param`): the store creates zeros, the
     /// [`AdapterSet`](super::dispatcher::AdapterSet) fills them in.
@@ -215,30 +220,15 @@ impl ParamStore {
 
     /// The parameter `key`: created with `shape` and `init` when missing, an error when it
     /// exists with another shape. Returns it and whether it was created.
-    pub fn get_or_create(
-        &self,
-        key: &ParamKey,
-        shape: &[usize],
-        init: InitKind,
-        group: &str,
-        trainable: bool,
-    ) -> Result<(Param, bool)> {
+    pub fn get_or_create(&self, key: &ParamKey, shape: &[usize], init: InitKind, group: &str, trainable: bool) -> Result<(Param, bool)> {
         let mut params = self.lock();
         if let Some(p) = params.get(key) {
             if p.var.as_tensor().dims() != shape {
-                candle_core::bail!(
-                    "parameter {key} exists with shape {:?}, asked for {shape:?}",
-                    p.var.as_tensor().dims()
-                );
+                candle_core::bail!("parameter {key} exists with shape {:?}, asked for {shape:?}", p.var.as_tensor().dims());
             }
             return Ok((p.clone(), false));
         }
-        let param = Param {
-            var: Var::from_tensor(&self.init_tensor(key, shape, init)?)?,
-            trainable,
-            group: group.to_string(),
-            init,
-        };
+        let param = Param { var: Var::from_tensor(&self.init_tensor(key, shape, init)?)?, trainable, group: group.to_string(), init };
         params.insert(key.clone(), param.clone());
         Ok((param, true))
     }
@@ -295,11 +285,7 @@ impl ParamStore {
 
     /// All parameters (of one strategy when given), sorted by key.
     pub fn params(&self, strategy: Option<&str>) -> Vec<(ParamKey, Param)> {
-        self.lock()
-            .iter()
-            .filter(|(k, _)| strategy.is_none_or(|s| s == k.strategy))
-            .map(|(k, p)| (k.clone(), p.clone()))
-            .collect()
+        self.lock().iter().filter(|(k, _)| strategy.is_none_or(|s| s == k.strategy)).map(|(k, p)| (k.clone(), p.clone())).collect()
     }
 
     /// The trainable parameters (of one strategy when given), sorted by key.

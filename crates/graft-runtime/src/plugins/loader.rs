@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
-use abi_stable::std_types::{RResult, RSome, RStr};
 use abi_stable::std_types::ROption;
+use abi_stable::std_types::{RResult, RSome, RStr};
 use graft_abi::{
     ConfigSchemaExtensionV1, GraftError, OpsExtensionV1, PluginModRef, StrategyBox, ABI_VERSION, CONFIG_SCHEMA_EXTENSION,
     CONFIG_SCHEMA_EXTENSION_VERSION, OPS_EXTENSION, OPS_EXTENSION_VERSION,
@@ -148,9 +148,9 @@ fn read_config_schema(module: PluginModRef) -> Result<Option<ConfigSchema>, Load
     let ext: &'static ConfigSchemaExtensionV1 = unsafe { &*(ext.module as *const ConfigSchemaExtensionV1) };
     match (ext.config_schema)() {
         RResult::ROk(ROption::RNone) => Ok(None),
-        RResult::ROk(ROption::RSome(json)) => ConfigSchema::from_json(json.as_str())
-            .map(Some)
-            .map_err(|e| LoadError::Manifest(format!("its config schema is unusable: {e}"))),
+        RResult::ROk(ROption::RSome(json)) => {
+            ConfigSchema::from_json(json.as_str()).map(Some).map_err(|e| LoadError::Manifest(format!("its config schema is unusable: {e}")))
+        }
         RResult::RErr(e) => Err(LoadError::Manifest(format!("config_schema() failed: {e}"))),
     }
 }
@@ -193,14 +193,12 @@ impl fmt::Display for LoadError {
         match self {
             LoadError::Io(m) => write!(f, "cannot read the library: {m}"),
             LoadError::NotAPlugin(m) => write!(f, "not a graft plugin: {m}"),
-            LoadError::Incompatible(m) => write!(
-                f,
-                "built against an incompatible plugin interface; rebuild it against this graft's graft-sdk: {m}"
-            ),
-            LoadError::AbiVersion { found } => write!(
-                f,
-                "built for graft plugin ABI {found}, this host speaks ABI {ABI_VERSION}; rebuild it against this graft's graft-sdk"
-            ),
+            LoadError::Incompatible(m) => {
+                write!(f, "built against an incompatible plugin interface; rebuild it against this graft's graft-sdk: {m}")
+            }
+            LoadError::AbiVersion { found } => {
+                write!(f, "built for graft plugin ABI {found}, this host speaks ABI {ABI_VERSION}; rebuild it against this graft's graft-sdk")
+            }
             LoadError::Manifest(m) => write!(f, "its manifest is unusable: {m}"),
             LoadError::Untrusted(m) => write!(f, "{m}"),
         }
@@ -229,9 +227,7 @@ fn library_error(e: LibraryError) -> LoadError {
         LibraryError::GetSymbolError { .. } => {
             LoadError::NotAPlugin("it exports no abi_stable root module (build it with graft_sdk::export_strategy!)".to_string())
         }
-        LibraryError::InvalidAbiHeader(_) => {
-            LoadError::Incompatible(format!("its abi_stable version differs from the host's: {e}"))
-        }
+        LibraryError::InvalidAbiHeader(_) => LoadError::Incompatible(format!("its abi_stable version differs from the host's: {e}")),
         LibraryError::IncompatibleVersionNumber { .. } | LibraryError::ParseVersionError(_) => {
             LoadError::Incompatible(format!("its graft-abi version differs from the host's: {e}"))
         }
@@ -292,8 +288,7 @@ pub fn load_plugin_bytes(
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
     let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("so");
     let private_copy = private_dir.join(format!("{stem}.g{generation}.{hash:016x}.{ext}"));
-    std::fs::write(&private_copy, bytes)
-        .map_err(|e| LoadError::Io(format!("cannot write the private copy {}: {e}", private_copy.display())))?;
+    std::fs::write(&private_copy, bytes).map_err(|e| LoadError::Io(format!("cannot write the private copy {}: {e}", private_copy.display())))?;
     // Whoever can write the private folder could swap the copy before it is mapped.
     if let Err(why) = super::trust::private_dir_ok(private_dir, Some(&private_copy)) {
         let _ = std::fs::remove_file(&private_copy);
@@ -322,10 +317,7 @@ pub fn load_plugin_bytes(
         return Err(LoadError::AbiVersion { found: manifest.abi_version });
     }
     if manifest.id.is_empty() || !manifest.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(LoadError::Manifest(format!(
-            "invalid id {:?}: use letters, digits, `-`, `_` and `.`",
-            manifest.id
-        )));
+        return Err(LoadError::Manifest(format!("invalid id {:?}: use letters, digits, `-`, `_` and `.`", manifest.id)));
     }
     let ops_ext = connect_ops_extension(module)?;
     let config_schema = read_config_schema(module)?;

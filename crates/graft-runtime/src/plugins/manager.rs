@@ -237,8 +237,7 @@ impl PluginManager {
                 tracing::debug!("plugin folder {} is not readable; skipped", d.path.display());
                 continue;
             };
-            let mut found: Vec<PathBuf> =
-                rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file() && is_library(p)).collect();
+            let mut found: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file() && is_library(p)).collect();
             found.sort();
             out.extend(found.into_iter().map(|p| (p, d.origin)));
         }
@@ -313,13 +312,7 @@ impl PluginManager {
         };
 
         let id = plugin.manifest.id.clone();
-        let entry = FileEntry {
-            path: path.to_path_buf(),
-            origin,
-            status: FileStatus::Active,
-            hash: Some(hash),
-            plugin: Some(plugin.clone()),
-        };
+        let entry = FileEntry { path: path.to_path_buf(), origin, status: FileStatus::Active, hash: Some(hash), plugin: Some(plugin.clone()) };
         self.files.insert(path.to_path_buf(), entry);
 
         let event = match self.active.get(&id) {
@@ -353,14 +346,7 @@ impl PluginManager {
         Some(event)
     }
 
-    fn failed(
-        &mut self,
-        path: &Path,
-        origin: DirOrigin,
-        hash: Option<u64>,
-        error: LoadError,
-        still_running: Option<String>,
-    ) -> ReloadEvent {
+    fn failed(&mut self, path: &Path, origin: DirOrigin, hash: Option<u64>, error: LoadError, still_running: Option<String>) -> ReloadEvent {
         let entry = self.files.entry(path.to_path_buf()).or_insert_with(|| FileEntry {
             path: path.to_path_buf(),
             origin,
@@ -386,9 +372,7 @@ impl PluginManager {
                 tracing::warn!("plugin folder {} does not exist; not watched", d.path.display());
                 continue;
             }
-            debouncer
-                .watch(&d.path, RecursiveMode::NonRecursive)
-                .with_context(|| format!("cannot watch plugin folder {}", d.path.display()))?;
+            debouncer.watch(&d.path, RecursiveMode::NonRecursive).with_context(|| format!("cannot watch plugin folder {}", d.path.display()))?;
         }
         self.watcher = Some(DirWatcher { _debouncer: debouncer, rx });
         Ok(())

@@ -18,9 +18,7 @@ use anyhow::Context;
 
 pub use loader::{load_plugin, LoadError, LoadedPlugin, PluginManifest};
 pub use manager::{default_target_dirs, DirOrigin, FileEntry, FileStatus, PluginManager, ReloadEvent, SearchDir};
-pub use strategy::{
-    check_plan, layer_to_abi, layers_to_abi, CallContext, ExportedLayer, PluginError, StrategyInstance,
-};
+pub use strategy::{check_plan, layer_to_abi, layers_to_abi, CallContext, ExportedLayer, PluginError, StrategyInstance};
 
 /// Where to look for plugins (the `graft` command fills it from `--plugins`, `--plugin-config`
 /// and `--no-default-plugins`).
@@ -50,9 +48,8 @@ struct PluginsSection {
 /// The plugin folders listed in a config file, resolved against the file's folder.
 pub fn config_dirs(file: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read config file {}", file.display()))?;
-    let config: ConfigFile = toml::from_str(&text).with_context(|| {
-        format!("config file {}: invalid [plugins] section (expected `dirs = [\"folder\", ...]`)", file.display())
-    })?;
+    let config: ConfigFile = toml::from_str(&text)
+        .with_context(|| format!("config file {}: invalid [plugins] section (expected `dirs = [\"folder\", ...]`)", file.display()))?;
     let base = file.parent().unwrap_or(Path::new("."));
     Ok(config.plugins.map(|p| p.dirs).unwrap_or_default().into_iter().map(|d| base.join(d)).collect())
 }

@@ -29,7 +29,9 @@ pub fn layer_to_abi(l: &hooks::LayerInfo) -> abi::LayerInfo {
         hooks::LayerKind::Conv => abi::LayerKind::CONV,
     };
     let extra = match l.conv {
-        Some(c) => abi::ConvGeometry { kernel: [c.kernel.0 as u64, c.kernel.1 as u64], stride: c.stride as u64, padding: c.padding as u64 }.to_json(),
+        Some(c) => {
+            abi::ConvGeometry { kernel: [c.kernel.0 as u64, c.kernel.1 as u64], stride: c.stride as u64, padding: c.padding as u64 }.to_json()
+        }
         None => String::new(),
     };
     let block = match l.block {
@@ -185,14 +187,7 @@ impl StrategyInstance {
     }
 
     fn fail(&self, entry: &'static str, layer: Option<&str>, kind: ErrorKind, message: impl Into<String>) -> PluginError {
-        PluginError {
-            strategy: self.name.clone(),
-            plugin: self.label(),
-            entry,
-            layer: layer.map(str::to_string),
-            kind,
-            message: message.into(),
-        }
+        PluginError { strategy: self.name.clone(), plugin: self.label(), entry, layer: layer.map(str::to_string), kind, message: message.into() }
     }
 
     fn check<T>(&self, entry: &'static str, layer: Option<&str>, r: GResult<T>) -> Result<T, PluginError> {
@@ -316,12 +311,7 @@ impl StrategyInstance {
 
     /// The kernel difference [out, in, kh, kw] at a conv hook point: conv hook points run
     /// through `delta_weight` (the host convolves), so a strategy without one there fails.
-    pub fn conv_delta(
-        &self,
-        cx: &mut CallContext<'_>,
-        layer: &abi::LayerInfo,
-        base: Option<&LinearWeights>,
-    ) -> Result<Tensor, PluginError> {
+    pub fn conv_delta(&self, cx: &mut CallContext<'_>, layer: &abi::LayerInfo, base: Option<&LinearWeights>) -> Result<Tensor, PluginError> {
         self.delta_weight(cx, layer, base)?.ok_or_else(|| {
             self.fail(
                 "delta_weight",
@@ -347,9 +337,8 @@ impl StrategyInstance {
         };
         let mut tensors = Vec::new();
         for nt in form.tensors.iter() {
-            let t = ops
-                .tensor(nt.tensor)
-                .map_err(|e| self.fail("export", name, ErrorKind::OP, format!("tensor `{}`: {}", nt.name, e.message)))?;
+            let t =
+                ops.tensor(nt.tensor).map_err(|e| self.fail("export", name, ErrorKind::OP, format!("tensor `{}`: {}", nt.name, e.message)))?;
             tensors.push((nt.name.to_string(), t.detach()));
         }
         let has = |n: &str| tensors.iter().any(|(k, _)| k == n);
@@ -386,9 +375,7 @@ impl StrategyInstance {
         };
         let r = ops.call(|abi| (ext.init_param)(&self.obj, abi, layer, param.into()));
         let id = self.check("init_param", name, r)?;
-        let t = ops
-            .tensor(id)
-            .map_err(|e| self.fail("init_param", name, ErrorKind::OP, format!("`{param}`: returned {}", e.message)))?;
+        let t = ops.tensor(id).map_err(|e| self.fail("init_param", name, ErrorKind::OP, format!("`{param}`: returned {}", e.message)))?;
         if t.dims() != shape {
             return Err(self.fail(
                 "init_param",
@@ -430,9 +417,7 @@ impl StrategyInstance {
         let state = self.save_state()?;
         next.load_state(&state)?;
         let plan = next.plan(layers)?;
-        let diff = store
-            .apply_plan(&self.name, &plan)
-            .map_err(|e| next.fail("plan", None, ErrorKind::OTHER, e.to_string()))?;
+        let diff = store.apply_plan(&self.name, &plan).map_err(|e| next.fail("plan", None, ErrorKind::OTHER, e.to_string()))?;
         *self = next;
         Ok((plan, diff))
     }

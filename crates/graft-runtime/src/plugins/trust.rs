@@ -97,10 +97,7 @@ pub fn check_library(path: &Path) -> Result<(), String> {
         tracing::warn!("loading plugin {} although {} ({ALLOW_WRITABLE_ENV} is set)", path.display(), w.reason);
         return Ok(());
     }
-    Err(format!(
-        "refused: {}; make it writable only by you (chmod o-w), or set {ALLOW_WRITABLE_ENV}=1 to load it anyway",
-        w.reason
-    ))
+    Err(format!("refused: {}; make it writable only by you (chmod o-w), or set {ALLOW_WRITABLE_ENV}=1 to load it anyway", w.reason))
 }
 
 /// Makes sure `dir` (where private copies of libraries go) is a folder only this user can write:

@@ -27,30 +27,13 @@ impl Ddim {
         let alphas_cumprod = schedule::alphas_cumprod(&schedule::betas(config)?);
         let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
         let timesteps: Vec<f64> =
-            schedule::spaced_timesteps(spacing, train, steps, config.steps_offset)
-                .into_iter()
-                .map(f64::round_ties_even)
-                .collect();
+            schedule::spaced_timesteps(spacing, train, steps, config.steps_offset).into_iter().map(f64::round_ties_even).collect();
         if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= train as f64) {
             candle_core::bail!("DDIM: timestep {t} is outside [0, {train}); check steps_offset")
         }
-        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
-        let clip_range = config
-            .clip_sample
-            .unwrap_or(true)
-            .then_some(config.clip_sample_range);
-        Ok(Self {
-            timesteps,
-            alphas_cumprod,
-            final_alpha_cumprod,
-            step_ratio: train / steps,
-            prediction: config.prediction_type,
-            clip_range,
-        })
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) { 1.0 } else { alphas_cumprod[0] };
+        let clip_range = config.clip_sample.unwrap_or(true).then_some(config.clip_sample_range);
+        Ok(Self { timesteps, alphas_cumprod, final_alpha_cumprod, step_ratio: train / steps, prediction: config.prediction_type, clip_range })
     }
 }
 
@@ -68,13 +51,7 @@ impl Scheduler for Ddim {
         Ok(sample.clone())
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        _rng: &mut GraftRng,
-    ) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _rng: &mut GraftRng) -> Result<Tensor> {
         check_step(step, self.timesteps.len())?;
         let t = self.timesteps[step] as usize;
         let alpha = self.alphas_cumprod[t];

@@ -5,10 +5,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::schedule::{self, div, interp};
-use super::{
-    check_step, BetaSchedule, FinalSigmas, PredictionType, Scheduler, SchedulerConfig,
-    TimestepSpacing,
-};
+use super::{check_step, BetaSchedule, FinalSigmas, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing};
 use crate::rng::GraftRng;
 
 pub struct DpmSolverMultistep {
@@ -28,28 +25,14 @@ pub struct DpmSolverMultistep {
 /// Refuses the DPM-Solver variants not implemented here (diffusers maps DEIS / UniPC names to
 /// dpmsolver++ midpoint, and so does this).
 fn check_dpm_options(config: &SchedulerConfig) -> Result<()> {
-    if let Some(a) = config
-        .algorithm_type
-        .as_deref()
-        .filter(|a| !matches!(*a, "dpmsolver++" | "deis"))
-    {
-        candle_core::bail!(
-            "DPM-Solver: algorithm_type {a:?} is not supported (graft implements dpmsolver++)"
-        )
+    if let Some(a) = config.algorithm_type.as_deref().filter(|a| !matches!(*a, "dpmsolver++" | "deis")) {
+        candle_core::bail!("DPM-Solver: algorithm_type {a:?} is not supported (graft implements dpmsolver++)")
     }
     if let Some(order) = config.solver_order.filter(|&o| o != 2) {
-        candle_core::bail!(
-            "DPM-Solver: solver_order {order} is not supported (graft implements order 2)"
-        )
+        candle_core::bail!("DPM-Solver: solver_order {order} is not supported (graft implements order 2)")
     }
-    if let Some(t) = config
-        .solver_type
-        .as_deref()
-        .filter(|t| !matches!(*t, "midpoint" | "logrho" | "bh1" | "bh2"))
-    {
-        candle_core::bail!(
-            "DPM-Solver: solver_type {t:?} is not supported (graft implements midpoint)"
-        )
+    if let Some(t) = config.solver_type.as_deref().filter(|t| !matches!(*t, "midpoint" | "logrho" | "bh1" | "bh2")) {
+        candle_core::bail!("DPM-Solver: solver_type {t:?} is not supported (graft implements midpoint)")
     }
     if config.use_lu_lambdas || config.use_flow_sigmas {
         candle_core::bail!("DPM-Solver: use_lu_lambdas and use_flow_sigmas are not supported")
@@ -99,10 +82,7 @@ impl DpmSolverMultistep {
                 .collect();
             sigmas
         } else {
-            timesteps
-                .iter()
-                .map(|&t| interp(t, &train_sigmas))
-                .collect()
+            timesteps.iter().map(|&t| interp(t, &train_sigmas)).collect()
         };
         let last = match config.final_sigmas_type {
             FinalSigmas::Zero => 0.0,
@@ -132,9 +112,7 @@ impl DpmSolverMultistep {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
         match self.prediction {
             PredictionType::Epsilon => div(&(sample - (model_output * sigma_t as f64)?)?, alpha_t),
-            PredictionType::VPrediction => {
-                (sample * alpha_t as f64)? - (model_output * sigma_t as f64)?
-            }
+            PredictionType::VPrediction => (sample * alpha_t as f64)? - (model_output * sigma_t as f64)?,
             PredictionType::Sample => Ok(model_output.clone()),
         }
     }
@@ -154,30 +132,19 @@ impl Scheduler for DpmSolverMultistep {
         Ok(sample.clone())
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        _rng: &mut GraftRng,
-    ) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _rng: &mut GraftRng) -> Result<Tensor> {
         let n = self.timesteps.len();
         check_step(step, n)?;
         if step != self.next_step {
-            candle_core::bail!(
-                "DPM-Solver++: step {step} taken out of order (expected step {})",
-                self.next_step
-            )
+            candle_core::bail!("DPM-Solver++: step {step} taken out of order (expected step {})", self.next_step)
         }
         let out = model_output.to_dtype(DType::F32)?;
         let x = sample.to_dtype(DType::F32)?;
         let x0 = self.x0(&out, &x, self.sigmas[step])?;
         let previous = self.previous_x0.replace(x0.clone());
 
-        let lower_order_final = step == n - 1
-            && (self.euler_at_final
-                || (self.lower_order_final && n < 15)
-                || self.final_sigmas_type == FinalSigmas::Zero);
+        let lower_order_final =
+            step == n - 1 && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigmas_type == FinalSigmas::Zero);
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s0, sigma_s0);
@@ -189,8 +156,7 @@ impl Scheduler for DpmSolverMultistep {
                 let h_0 = lambda(alpha_s0, sigma_s0) - lambda(alpha_s1, sigma_s1);
                 let r0 = h_0 / h;
                 let d1 = ((&x0 - m1)? * (1.0 / r0) as f64)?;
-                (((&x * (sigma_t / sigma_s0) as f64)? - (&x0 * decay as f64)?)?
-                    - (d1 * (0.5 * decay) as f64)?)?
+                (((&x * (sigma_t / sigma_s0) as f64)? - (&x0 * decay as f64)?)? - (d1 * (0.5 * decay) as f64)?)?
             }
             _ => ((&x * (sigma_t / sigma_s0) as f64)? - (&x0 * decay as f64)?)?,
         };

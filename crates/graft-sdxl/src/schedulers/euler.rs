@@ -26,28 +26,15 @@ impl SigmaSchedule {
         }
         let train_sigmas = schedule::sigmas(&alphas_cumprod);
         let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
-        let mut timesteps: Vec<f32> = schedule::spaced_timesteps(
-            spacing,
-            config.num_train_timesteps,
-            steps,
-            config.steps_offset,
-        )
-        .into_iter()
-        .map(|t| t as f32)
-        .collect();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| interp(t as f64, &train_sigmas))
-            .collect();
+        let mut timesteps: Vec<f32> =
+            schedule::spaced_timesteps(spacing, config.num_train_timesteps, steps, config.steps_offset).into_iter().map(|t| t as f32).collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t as f64, &train_sigmas)).collect();
         if euler_options && config.use_karras_sigmas {
             let sigma_min = config.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
             sigmas = schedule::karras(sigma_min, sigma_max, steps);
             let log_sigmas = schedule::log_sigmas(&train_sigmas);
-            timesteps = sigmas
-                .iter()
-                .map(|&s| schedule::sigma_to_t(s, &log_sigmas) as f32)
-                .collect();
+            timesteps = sigmas.iter().map(|&s| schedule::sigma_to_t(s, &log_sigmas) as f32).collect();
         }
         let last = match config.final_sigmas_type {
             FinalSigmas::Zero => 0.0,
@@ -60,11 +47,7 @@ impl SigmaSchedule {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
             TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
         };
-        Ok(Self {
-            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
-            sigmas,
-            init_noise_sigma: init_noise_sigma as f64,
-        })
+        Ok(Self { timesteps: timesteps.iter().map(|&t| t as f64).collect(), sigmas, init_noise_sigma: init_noise_sigma as f64 })
     }
 
     /// `sample / sqrt(sigma^2 + 1)`.
@@ -76,12 +59,7 @@ impl SigmaSchedule {
 }
 
 /// The denoised sample x0 predicted at noise level `sigma` (f32 tensors).
-pub(super) fn predict_x0(
-    prediction: PredictionType,
-    sample: &Tensor,
-    model_output: &Tensor,
-    sigma: f32,
-) -> Result<Tensor> {
+pub(super) fn predict_x0(prediction: PredictionType, sample: &Tensor, model_output: &Tensor, sigma: f32) -> Result<Tensor> {
     match prediction {
         PredictionType::Epsilon => sample - (model_output * sigma as f64)?,
         PredictionType::VPrediction => {
@@ -101,10 +79,7 @@ pub struct EulerDiscrete {
 impl EulerDiscrete {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         config.check_supported()?;
-        Ok(Self {
-            schedule: SigmaSchedule::new(config, steps, true)?,
-            prediction: config.prediction_type,
-        })
+        Ok(Self { schedule: SigmaSchedule::new(config, steps, true)?, prediction: config.prediction_type })
     }
 
     /// The sigmas, one per step and the final one.
@@ -126,13 +101,7 @@ impl Scheduler for EulerDiscrete {
         self.schedule.scale_model_input(sample, step)
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        _rng: &mut GraftRng,
-    ) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _rng: &mut GraftRng) -> Result<Tensor> {
         check_step(step, self.schedule.timesteps.len())?;
         let (sigma, next) = (self.schedule.sigmas[step], self.schedule.sigmas[step + 1]);
         let out = model_output.to_dtype(DType::F32)?;

@@ -16,10 +16,7 @@ pub struct EulerAncestral {
 impl EulerAncestral {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         config.check_supported()?;
-        Ok(Self {
-            schedule: SigmaSchedule::new(config, steps, false)?,
-            prediction: config.prediction_type,
-        })
+        Ok(Self { schedule: SigmaSchedule::new(config, steps, false)?, prediction: config.prediction_type })
     }
 
     /// The sigmas, one per step and the final one.
@@ -28,13 +25,7 @@ impl EulerAncestral {
     }
 
     /// One step with the given unit-normal `noise` (shaped as the sample).
-    pub fn step_with_noise(
-        &self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        noise: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn step_with_noise(&self, model_output: &Tensor, step: usize, sample: &Tensor, noise: &Tensor) -> Result<Tensor> {
         check_step(step, self.schedule.timesteps.len())?;
         let (from, to) = (self.schedule.sigmas[step], self.schedule.sigmas[step + 1]);
         let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
@@ -62,13 +53,7 @@ impl Scheduler for EulerAncestral {
         self.schedule.scale_model_input(sample, step)
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        rng: &mut GraftRng,
-    ) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, rng: &mut GraftRng) -> Result<Tensor> {
         check_step(step, self.schedule.timesteps.len())?;
         let noise = rng.randn(model_output.shape(), model_output.device())?;
         self.step_with_noise(model_output, step, sample, &noise)

@@ -59,9 +59,7 @@ impl std::str::FromStr for PredictionType {
             "epsilon" | "eps" => Ok(Self::Epsilon),
             "v_prediction" | "v" => Ok(Self::VPrediction),
             "sample" => Ok(Self::Sample),
-            _ => candle_core::bail!(
-                "unknown prediction type {s:?}: expected epsilon, v_prediction or sample"
-            ),
+            _ => candle_core::bail!("unknown prediction type {s:?}: expected epsilon, v_prediction or sample"),
         }
     }
 }
@@ -84,9 +82,7 @@ impl std::str::FromStr for TimestepSpacing {
             "linspace" => Ok(Self::Linspace),
             "leading" => Ok(Self::Leading),
             "trailing" => Ok(Self::Trailing),
-            _ => candle_core::bail!(
-                "unknown timestep spacing {s:?}: expected linspace, leading or trailing"
-            ),
+            _ => candle_core::bail!("unknown timestep spacing {s:?}: expected linspace, leading or trailing"),
         }
     }
 }
@@ -217,23 +213,16 @@ impl SchedulerConfig {
     /// Parses a diffusers scheduler config from JSON text; unknown keys are ignored, and so are
     /// the non-JSON numbers Python writes (`-Infinity`, as in `lambda_min_clipped`).
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(&python_json(text))
-            .map_err(|e| candle_core::Error::Msg(format!("scheduler config: {e}")))?;
+        let raw: RawConfig = serde_json::from_str(&python_json(text)).map_err(|e| candle_core::Error::Msg(format!("scheduler config: {e}")))?;
         Ok(Self::from_raw(raw))
     }
 
     /// Reads `scheduler_config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            candle_core::Error::Msg(format!("{}: cannot read: {e}", path.display()))
-        })?;
-        let raw: RawConfig = serde_json::from_str(&python_json(&text)).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "{}: not a valid scheduler config: {e}",
-                path.display()
-            ))
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::Msg(format!("{}: cannot read: {e}", path.display())))?;
+        let raw: RawConfig = serde_json::from_str(&python_json(&text))
+            .map_err(|e| candle_core::Error::Msg(format!("{}: not a valid scheduler config: {e}", path.display())))?;
         Ok(Self::from_raw(raw))
     }
 
@@ -268,9 +257,7 @@ impl SchedulerConfig {
             None
         };
         match unsupported {
-            Some(what) => candle_core::bail!(
-                "scheduler config: {what} is not supported; remove it from the config"
-            ),
+            Some(what) => candle_core::bail!("scheduler config: {what} is not supported; remove it from the config"),
             None => Ok(()),
         }
     }
@@ -293,10 +280,7 @@ fn python_json(text: &str) -> String {
             }
         } else if c == '"' {
             in_string = true;
-        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"]
-            .iter()
-            .find(|w| rest.starts_with(**w))
-        {
+        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"].iter().find(|w| rest.starts_with(**w)) {
             out.push_str("null");
             rest = &rest[word.len()..];
             continue;
@@ -316,13 +300,7 @@ pub trait Scheduler: Send {
     /// The model input for step `step` (Euler divides by `sqrt(sigma^2 + 1)`).
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor>;
     /// The sample after step `step`, from the model output at that step.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        rng: &mut GraftRng,
-    ) -> Result<Tensor>;
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, rng: &mut GraftRng) -> Result<Tensor>;
 }
 
 /// The scheduler names [`build_scheduler`] accepts (besides diffusers class names and the
@@ -332,25 +310,14 @@ pub const SCHEDULER_NAMES: &[&str] = &["euler", "euler_a", "ddim", "dpmpp_2m", "
 /// Builds a scheduler by name for `num_inference_steps` steps. `euler`, `euler_a`, `ddim` and the
 /// class names follow `config` (Karras sigmas if it says so); `dpmpp_2m` and `dpmpp_2m_karras`
 /// turn Karras sigmas off / on.
-pub fn build_scheduler(
-    name: &str,
-    config: &SchedulerConfig,
-    num_inference_steps: usize,
-) -> Result<Box<dyn Scheduler>> {
-    let key = name
-        .trim()
-        .to_lowercase()
-        .replace([' ', '-'], "_")
-        .replace("++", "pp");
+pub fn build_scheduler(name: &str, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+    let key = name.trim().to_lowercase().replace([' ', '-'], "_").replace("++", "pp");
     config.check_supported()?;
     if num_inference_steps == 0 {
         candle_core::bail!("scheduler {name}: the number of steps must be at least 1")
     }
     if num_inference_steps > config.num_train_timesteps {
-        candle_core::bail!(
-            "scheduler {name}: {num_inference_steps} steps is more than the {} training timesteps",
-            config.num_train_timesteps
-        )
+        candle_core::bail!("scheduler {name}: {num_inference_steps} steps is more than the {} training timesteps", config.num_train_timesteps)
     }
     // A1111's DPM++ 2M: dpmsolver++, second order, midpoint, whatever the config's class was.
     let dpmpp_2m = |karras: bool| SchedulerConfig {
@@ -362,9 +329,7 @@ pub fn build_scheduler(
     };
     let scheduler: Box<dyn Scheduler> = match key.as_str() {
         "euler" | "euler_discrete" | "eulerdiscretescheduler" => Box::new(EulerDiscrete::new(config, num_inference_steps)?),
-        "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => {
-            Box::new(EulerAncestral::new(config, num_inference_steps)?)
-        }
+        "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => Box::new(EulerAncestral::new(config, num_inference_steps)?),
         "ddim" | "ddimscheduler" => Box::new(Ddim::new(config, num_inference_steps)?),
         "dpmpp_2m" => Box::new(DpmSolverMultistep::new(&dpmpp_2m(false), num_inference_steps)?),
         "dpmpp_2m_karras" => Box::new(DpmSolverMultistep::new(&dpmpp_2m(true), num_inference_steps)?),
@@ -381,9 +346,7 @@ pub fn build_scheduler(
 /// `step` must be below the number of steps.
 fn check_step(step: usize, steps: usize) -> Result<()> {
     if step >= steps {
-        candle_core::bail!(
-            "scheduler step {step} is out of range: this scheduler was built for {steps} steps"
-        )
+        candle_core::bail!("scheduler step {step} is out of range: this scheduler was built for {steps} steps")
     }
     Ok(())
 }
@@ -398,50 +361,27 @@ mod tests {
             "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear", "num_train_timesteps": 1000,
             "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false, "skip_prk_steps": true,
             "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false}"#;
-        assert_eq!(
-            SchedulerConfig::from_json(text).unwrap(),
-            SchedulerConfig::sdxl_base()
-        );
+        assert_eq!(SchedulerConfig::from_json(text).unwrap(), SchedulerConfig::sdxl_base());
     }
 
     #[test]
     fn unknown_name_lists_valid_names() {
-        let err = build_scheduler("heun", &SchedulerConfig::sdxl_base(), 10)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("heun") && err.contains("dpmpp_2m_karras"),
-            "{err}"
-        );
-        for name in [
-            "Euler a",
-            "DPM++ 2M Karras",
-            "DDIM",
-            "euler",
-            "EulerDiscreteScheduler",
-        ] {
-            assert!(
-                build_scheduler(name, &SchedulerConfig::sdxl_base(), 10).is_ok(),
-                "{name}"
-            );
+        let err = build_scheduler("heun", &SchedulerConfig::sdxl_base(), 10).err().unwrap().to_string();
+        assert!(err.contains("heun") && err.contains("dpmpp_2m_karras"), "{err}");
+        for name in ["Euler a", "DPM++ 2M Karras", "DDIM", "euler", "EulerDiscreteScheduler"] {
+            assert!(build_scheduler(name, &SchedulerConfig::sdxl_base(), 10).is_ok(), "{name}");
         }
     }
 
     #[test]
     fn reads_python_infinity() {
-        let config = SchedulerConfig::from_json(
-            r#"{"lambda_min_clipped": -Infinity, "x": "NaN-Infinity", "steps_offset": 1}"#,
-        )
-        .unwrap();
+        let config = SchedulerConfig::from_json(r#"{"lambda_min_clipped": -Infinity, "x": "NaN-Infinity", "steps_offset": 1}"#).unwrap();
         assert_eq!(config.steps_offset, 1);
     }
 
     #[test]
     fn bad_enum_value_is_named() {
-        let err = SchedulerConfig::from_json(r#"{"prediction_type": "flow"}"#)
-            .unwrap_err()
-            .to_string();
+        let err = SchedulerConfig::from_json(r#"{"prediction_type": "flow"}"#).unwrap_err().to_string();
         assert!(err.contains("flow"), "{err}");
     }
 }

@@ -20,29 +20,19 @@ pub(crate) fn betas(config: &SchedulerConfig) -> Result<Vec<f32>> {
     }
     let betas = if let Some(trained) = &config.trained_betas {
         if trained.len() != n {
-            candle_core::bail!(
-                "scheduler config: trained_betas has {} values, num_train_timesteps is {n}",
-                trained.len()
-            )
+            candle_core::bail!("scheduler config: trained_betas has {} values, num_train_timesteps is {n}", trained.len())
         }
         trained.iter().map(|&b| b as f32).collect()
     } else {
         match config.beta_schedule {
             BetaSchedule::Linear => torch_linspace_f32(config.beta_start, config.beta_end, n),
             BetaSchedule::ScaledLinear => {
-                torch_linspace_f32(config.beta_start.sqrt(), config.beta_end.sqrt(), n)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect()
+                torch_linspace_f32(config.beta_start.sqrt(), config.beta_end.sqrt(), n).into_iter().map(|b| b * b).collect()
             }
             BetaSchedule::SquaredCosCapV2 => cosine_betas(n),
         }
     };
-    Ok(if config.rescale_betas_zero_snr {
-        rescale_zero_terminal_snr(&betas)
-    } else {
-        betas
-    })
+    Ok(if config.rescale_betas_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas })
 }
 
 /// Cumulative products of `1 - beta` (f32 values, accumulated in f64 as torch's `cumprod` does).
@@ -63,10 +53,7 @@ fn cumprod(values: &[f32]) -> Vec<f32> {
 
 /// `sqrt((1 - abar) / abar)` for each training timestep, in f32.
 pub(crate) fn sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod
-        .iter()
-        .map(|&a| ((1.0 - a) / a).sqrt())
-        .collect()
+    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
 }
 
 /// `ln` of the sigmas, in f32 (numpy's float32 log).
@@ -81,13 +68,15 @@ fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let step = (end - start) / (n - 1) as f32;
     let halfway = n / 2;
     (0..n)
-        .map(|i| {
-            if i < halfway {
-                (start as f64 + step as f64 * i as f64) as f32
-            } else {
-                (end as f64 - step as f64 * (n - 1 - i) as f64) as f32
-            }
-        })
+        .map(
+            |i| {
+                if i < halfway {
+                    (start as f64 + step as f64 * i as f64) as f32
+                } else {
+                    (end as f64 - step as f64 * (n - 1 - i) as f64) as f32
+                }
+            },
+        )
         .collect()
 }
 
@@ -112,11 +101,7 @@ fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
 
 /// The cosine schedule's betas (improved DDPM), computed in f64 and held in f32.
 fn cosine_betas(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| {
-        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-            .cos()
-            .powi(2)
-    };
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
     (0..n)
         .map(|i| {
             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -158,21 +143,14 @@ pub(crate) fn interp(x: f64, fp: &[f32]) -> f64 {
 pub(crate) fn karras(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    np_linspace(0.0, 1.0, n)
-        .into_iter()
-        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-        .collect()
+    np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
 }
 
 /// The (fractional) training timestep of a sigma, by interpolating log sigmas as diffusers'
 /// `_sigma_to_t` (the bracket's width in f32, the rest in f64).
 pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
-    let low_idx = log_sigmas
-        .iter()
-        .rposition(|&l| log_sigma - l as f64 >= 0.0)
-        .unwrap_or(0)
-        .min(log_sigmas.len() - 2);
+    let low_idx = log_sigmas.iter().rposition(|&l| log_sigma - l as f64 >= 0.0).unwrap_or(0).min(log_sigmas.len() - 2);
     let high_idx = low_idx + 1;
     let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
     let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
@@ -181,62 +159,35 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 
 /// Timesteps for `n` steps by `spacing` over `[0, train)`, as Euler and DDIM pick them (f64 before
 /// any cast; leading and trailing give whole numbers).
-pub(crate) fn spaced_timesteps(
-    spacing: TimestepSpacing,
-    train: usize,
-    n: usize,
-    steps_offset: usize,
-) -> Vec<f64> {
+pub(crate) fn spaced_timesteps(spacing: TimestepSpacing, train: usize, n: usize, steps_offset: usize) -> Vec<f64> {
     match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .collect(),
+        TimestepSpacing::Linspace => np_linspace(0.0, (train - 1) as f64, n).into_iter().rev().collect(),
         TimestepSpacing::Leading => {
             let ratio = train / n;
-            (0..n)
-                .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
+            (0..n).rev().map(|i| (i * ratio + steps_offset) as f64).collect()
         }
         TimestepSpacing::Trailing => {
             let ratio = train as f64 / n as f64;
-            np_arange(train as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| t.round_ties_even() - 1.0)
-                .collect()
+            np_arange(train as f64, 0.0, -ratio).into_iter().map(|t| t.round_ties_even() - 1.0).collect()
         }
     }
 }
 
 /// DPM-Solver's timesteps (whole numbers): `n + 1` points with the last (0) dropped for linspace
 /// and leading.
-pub(crate) fn dpm_timesteps(
-    spacing: TimestepSpacing,
-    train: usize,
-    n: usize,
-    steps_offset: usize,
-) -> Vec<f64> {
+pub(crate) fn dpm_timesteps(spacing: TimestepSpacing, train: usize, n: usize, steps_offset: usize) -> Vec<f64> {
     match spacing {
         TimestepSpacing::Linspace => {
-            let mut t: Vec<f64> = np_linspace(0.0, (train - 1) as f64, n + 1)
-                .into_iter()
-                .map(f64::round_ties_even)
-                .collect();
+            let mut t: Vec<f64> = np_linspace(0.0, (train - 1) as f64, n + 1).into_iter().map(f64::round_ties_even).collect();
             t.reverse();
             t.pop();
             t
         }
         TimestepSpacing::Leading => {
             let ratio = train / (n + 1);
-            (1..=n)
-                .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
+            (1..=n).rev().map(|i| (i * ratio + steps_offset) as f64).collect()
         }
-        TimestepSpacing::Trailing => {
-            spaced_timesteps(TimestepSpacing::Trailing, train, n, steps_offset)
-        }
+        TimestepSpacing::Trailing => spaced_timesteps(TimestepSpacing::Trailing, train, n, steps_offset),
     }
 }
 
@@ -255,21 +206,9 @@ mod tests {
 
     #[test]
     fn spacings() {
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Leading, 1000, 4, 1),
-            vec![751.0, 501.0, 251.0, 1.0]
-        );
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Trailing, 1000, 4, 1),
-            vec![999.0, 749.0, 499.0, 249.0]
-        );
-        assert_eq!(
-            dpm_timesteps(TimestepSpacing::Leading, 1000, 4, 1),
-            vec![801.0, 601.0, 401.0, 201.0]
-        );
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Trailing, 1000, 7, 0).len(),
-            7
-        );
+        assert_eq!(spaced_timesteps(TimestepSpacing::Leading, 1000, 4, 1), vec![751.0, 501.0, 251.0, 1.0]);
+        assert_eq!(spaced_timesteps(TimestepSpacing::Trailing, 1000, 4, 1), vec![999.0, 749.0, 499.0, 249.0]);
+        assert_eq!(dpm_timesteps(TimestepSpacing::Leading, 1000, 4, 1), vec![801.0, 601.0, 401.0, 201.0]);
+        assert_eq!(spaced_timesteps(TimestepSpacing::Trailing, 1000, 7, 0).len(), 7);
     }
 }

@@ -15,9 +15,7 @@ pub struct NoiseSchedule {
 
 impl NoiseSchedule {
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        Ok(Self {
-            alphas_cumprod: schedule::alphas_cumprod(&schedule::betas(config)?),
-        })
+        Ok(Self { alphas_cumprod: schedule::alphas_cumprod(&schedule::betas(config)?) })
     }
 
     pub fn num_train_timesteps(&self) -> usize {
@@ -31,18 +29,11 @@ impl NoiseSchedule {
 
     /// One uniform training timestep per sample, in `[0, num_train_timesteps)`.
     pub fn sample_timesteps(&self, batch: usize, rng: &mut GraftRng) -> Vec<usize> {
-        (0..batch)
-            .map(|_| rng.below(self.alphas_cumprod.len() as u64) as usize)
-            .collect()
+        (0..batch).map(|_| rng.below(self.alphas_cumprod.len() as u64) as usize).collect()
     }
 
     /// Per-sample coefficients `f(abar_t)` shaped `[b, 1, 1, ...]` to broadcast over `like`.
-    fn coefficients(
-        &self,
-        like: &Tensor,
-        timesteps: &[usize],
-        f: impl Fn(f32) -> f32,
-    ) -> Result<Tensor> {
+    fn coefficients(&self, like: &Tensor, timesteps: &[usize], f: impl Fn(f32) -> f32) -> Result<Tensor> {
         let batch = like.dim(0)?;
         if timesteps.len() != batch {
             candle_core::bail!("{} timesteps given for a batch of {batch}", timesteps.len())

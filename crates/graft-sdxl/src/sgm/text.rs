@@ -14,10 +14,7 @@ fn with_text_model(name: &str) -> Option<String> {
         None
     } else if name.starts_with("text_model.") {
         Some(name.to_string())
-    } else if ["embeddings.", "encoder.", "final_layer_norm."]
-        .iter()
-        .any(|p| name.starts_with(p))
-    {
+    } else if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| name.starts_with(p)) {
         Some(format!("text_model.{name}"))
     } else {
         None
@@ -34,14 +31,8 @@ pub(super) fn te1_from_sgm(path: &str) -> Option<String> {
 
 /// Leaf parameters outside the layers: diffusers <-> open_clip.
 const TOP_LEVEL: [(&str, &str); 4] = [
-    (
-        "text_model.embeddings.token_embedding.weight",
-        "token_embedding.weight",
-    ),
-    (
-        "text_model.embeddings.position_embedding.weight",
-        "positional_embedding",
-    ),
+    ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
     ("text_model.final_layer_norm.weight", "ln_final.weight"),
     ("text_model.final_layer_norm.bias", "ln_final.bias"),
 ];
@@ -73,15 +64,8 @@ pub(super) fn te2_to_sgm(hidden: usize, name: &str) -> Option<(String, Transform
     let head = format!("transformer.resblocks.{n}");
     if let ["self_attn", proj, param @ ("weight" | "bias")] = rest {
         if let Some(slot) = QKV.iter().position(|p| p == proj) {
-            let fused = if *param == "weight" {
-                "in_proj_weight"
-            } else {
-                "in_proj_bias"
-            };
-            let rows = Transform::Rows {
-                start: slot * hidden,
-                len: hidden,
-            };
+            let fused = if *param == "weight" { "in_proj_weight" } else { "in_proj_bias" };
+            let rows = Transform::Rows { start: slot * hidden, len: hidden };
             return Some((format!("{head}.attn.{fused}"), rows));
         }
     }
@@ -109,16 +93,8 @@ pub(super) fn te2_from_sgm(path: &str) -> Option<Vec<String>> {
     let n = index(n)?;
     let head = format!("text_model.encoder.layers.{n}");
     if let ["attn", fused @ ("in_proj_weight" | "in_proj_bias")] = rest {
-        let param = if *fused == "in_proj_weight" {
-            "weight"
-        } else {
-            "bias"
-        };
-        return Some(
-            QKV.iter()
-                .map(|p| format!("{head}.self_attn.{p}.{param}"))
-                .collect(),
-        );
+        let param = if *fused == "in_proj_weight" { "weight" } else { "bias" };
+        return Some(QKV.iter().map(|p| format!("{head}.self_attn.{p}.{param}")).collect());
     }
     for (diff, sgm) in LAYER_MEMBERS {
         if let Some(tail) = strip_head(rest, sgm) {

@@ -95,9 +95,7 @@ fn up_position(layout: &SgmUnetLayout, k: usize) -> Option<(usize, usize)> {
 fn sampler(head: String, rest: &[&str], from: &str, to: &str) -> Option<String> {
     match rest {
         [] => Some(head),
-        [first, tail @ ..] if *first == from && is_leaf_rest(tail) => {
-            Some(join(&format!("{head}.{to}"), tail))
-        }
+        [first, tail @ ..] if *first == from && is_leaf_rest(tail) => Some(join(&format!("{head}.{to}"), tail)),
         _ => None,
     }
 }
@@ -124,9 +122,7 @@ pub(super) fn to_sgm(layout: &SgmUnetLayout, path: &str) -> Option<String> {
                     let j = index(j).filter(|&j| j < l)?;
                     Some(join(&format!("input_blocks.{}.1", start + j), rest))
                 }
-                ("downsamplers", ["0", rest @ ..]) if i + 1 < n => {
-                    sampler(format!("input_blocks.{}.0", start + l), rest, "conv", "op")
-                }
+                ("downsamplers", ["0", rest @ ..]) if i + 1 < n => sampler(format!("input_blocks.{}.0", start + l), rest, "conv", "op"),
                 _ => None,
             }
         }
@@ -176,15 +172,8 @@ pub(super) fn from_sgm(layout: &SgmUnetLayout, path: &str) -> Option<String> {
             let in_block = j < layout.layers[i];
             match (in_block, index(m)?) {
                 (true, 0) => resnet_from_sgm(format!("down_blocks.{i}.resnets.{j}"), rest),
-                (true, 1) if has(&layout.down_attention, i) => {
-                    Some(join(&format!("down_blocks.{i}.attentions.{j}"), rest))
-                }
-                (false, 0) if i + 1 < n => sampler(
-                    format!("down_blocks.{i}.downsamplers.0"),
-                    rest,
-                    "op",
-                    "conv",
-                ),
+                (true, 1) if has(&layout.down_attention, i) => Some(join(&format!("down_blocks.{i}.attentions.{j}"), rest)),
+                (false, 0) if i + 1 < n => sampler(format!("down_blocks.{i}.downsamplers.0"), rest, "op", "conv"),
                 _ => None,
             }
         }
@@ -201,9 +190,7 @@ pub(super) fn from_sgm(layout: &SgmUnetLayout, path: &str) -> Option<String> {
             match index(m)? {
                 0 => resnet_from_sgm(format!("up_blocks.{i}.resnets.{j}"), rest),
                 1 if attn => Some(join(&format!("up_blocks.{i}.attentions.{j}"), rest)),
-                m if m == 1 + attn as usize && last && i + 1 < n => {
-                    sampler(format!("up_blocks.{i}.upsamplers.0"), rest, "conv", "conv")
-                }
+                m if m == 1 + attn as usize && last && i + 1 < n => sampler(format!("up_blocks.{i}.upsamplers.0"), rest, "conv", "conv"),
                 _ => None,
             }
         }

@@ -6,30 +6,15 @@
 
 use super::{index, is_leaf_rest, join, strip_head, SgmVaeLayout, Transform};
 
-const RESNET_MEMBERS: [(&str, &str); 5] = [
-    ("norm1", "norm1"),
-    ("conv1", "conv1"),
-    ("norm2", "norm2"),
-    ("conv2", "conv2"),
-    ("conv_shortcut", "nin_shortcut"),
-];
+const RESNET_MEMBERS: [(&str, &str); 5] =
+    [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"), ("conv_shortcut", "nin_shortcut")];
 
 /// Mid-block attention members: diffusers <-> SGM, and whether the weight is a 1x1 conv in SGM.
-const ATTENTION_MEMBERS: [(&str, &str, bool); 5] = [
-    ("group_norm", "norm", false),
-    ("to_q", "q", true),
-    ("to_k", "k", true),
-    ("to_v", "v", true),
-    ("to_out.0", "proj_out", true),
-];
+const ATTENTION_MEMBERS: [(&str, &str, bool); 5] =
+    [("group_norm", "norm", false), ("to_q", "q", true), ("to_k", "k", true), ("to_v", "v", true), ("to_out.0", "proj_out", true)];
 
 /// Names of the attention members in diffusers files written before diffusers 0.15.
-const LEGACY_ATTENTION_MEMBERS: [(&str, &str); 4] = [
-    ("query", "to_q"),
-    ("key", "to_k"),
-    ("value", "to_v"),
-    ("proj_attn", "to_out.0"),
-];
+const LEGACY_ATTENTION_MEMBERS: [(&str, &str); 4] = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
 
 /// Leaf modules outside the blocks: diffusers <-> SGM.
 const TOP_LEVEL: [(&str, &str); 8] = [
@@ -51,8 +36,7 @@ fn resnet(head: String, rest: &[&str], to_sgm: bool) -> Option<(String, Transfor
         let (from, to) = if to_sgm { (diff, sgm) } else { (sgm, diff) };
         if rest[0] == from {
             let tail = &rest[1..];
-            return is_leaf_rest(tail)
-                .then(|| (join(&format!("{head}.{to}"), tail), Transform::None));
+            return is_leaf_rest(tail).then(|| (join(&format!("{head}.{to}"), tail), Transform::None));
         }
     }
     None
@@ -68,19 +52,13 @@ fn attention(head: String, rest: &[&str], to_sgm: bool) -> Option<(String, Trans
             if !is_leaf_rest(tail) {
                 return None;
             }
-            let transform = if conv && tail == ["weight"] {
-                Transform::Conv1x1ToLinear
-            } else {
-                Transform::None
-            };
+            let transform = if conv && tail == ["weight"] { Transform::Conv1x1ToLinear } else { Transform::None };
             return Some((join(&format!("{head}.{to}"), tail), transform));
         }
     }
     if to_sgm {
         // Old diffusers spellings map to the same SGM key.
-        let (_, modern) = LEGACY_ATTENTION_MEMBERS
-            .iter()
-            .find(|(old, _)| *old == rest[0])?;
+        let (_, modern) = LEGACY_ATTENTION_MEMBERS.iter().find(|(old, _)| *old == rest[0])?;
         let mut renamed: Vec<&str> = modern.split('.').collect();
         renamed.extend_from_slice(&rest[1..]);
         return attention(head, &renamed, true);
@@ -103,23 +81,16 @@ pub(super) fn to_sgm(layout: &SgmVaeLayout, path: &str) -> Option<(String, Trans
             j @ (0 | 1) => resnet(format!("{part}.mid.block_{}", j + 1), rest, true),
             _ => None,
         },
-        [part @ ("encoder" | "decoder"), "mid_block", "attentions", "0", rest @ ..] => {
-            attention(format!("{part}.mid.attn_1"), rest, true)
-        }
+        [part @ ("encoder" | "decoder"), "mid_block", "attentions", "0", rest @ ..] => attention(format!("{part}.mid.attn_1"), rest, true),
         ["encoder", "down_blocks", i, kind, rest @ ..] => {
             let i = index(i)?;
             if i >= n {
                 return None;
             }
             match (*kind, rest) {
-                ("resnets", [j, rest @ ..]) if index(j)? < l => {
-                    resnet(format!("encoder.down.{i}.block.{j}"), rest, true)
-                }
+                ("resnets", [j, rest @ ..]) if index(j)? < l => resnet(format!("encoder.down.{i}.block.{j}"), rest, true),
                 ("downsamplers", ["0", "conv", tail @ ..]) if i + 1 < n && is_leaf_rest(tail) => {
-                    Some((
-                        join(&format!("encoder.down.{i}.downsample.conv"), tail),
-                        Transform::None,
-                    ))
+                    Some((join(&format!("encoder.down.{i}.downsample.conv"), tail), Transform::None))
                 }
                 _ => None,
             }
@@ -131,14 +102,9 @@ pub(super) fn to_sgm(layout: &SgmVaeLayout, path: &str) -> Option<(String, Trans
             }
             let i = n - 1 - k;
             match (*kind, rest) {
-                ("resnets", [j, rest @ ..]) if index(j)? <= l => {
-                    resnet(format!("decoder.up.{i}.block.{j}"), rest, true)
-                }
+                ("resnets", [j, rest @ ..]) if index(j)? <= l => resnet(format!("decoder.up.{i}.block.{j}"), rest, true),
                 ("upsamplers", ["0", "conv", tail @ ..]) if k + 1 < n && is_leaf_rest(tail) => {
-                    Some((
-                        join(&format!("decoder.up.{i}.upsample.conv"), tail),
-                        Transform::None,
-                    ))
+                    Some((join(&format!("decoder.up.{i}.upsample.conv"), tail), Transform::None))
                 }
                 _ => None,
             }
@@ -158,31 +124,19 @@ pub(super) fn from_sgm(layout: &SgmVaeLayout, path: &str) -> Option<String> {
     let n = layout.num_blocks;
     let l = layout.layers_per_block;
     let found = match segs.as_slice() {
-        [part @ ("encoder" | "decoder"), "mid", "block_1", rest @ ..] => {
-            resnet(format!("{part}.mid_block.resnets.0"), rest, false)
-        }
-        [part @ ("encoder" | "decoder"), "mid", "block_2", rest @ ..] => {
-            resnet(format!("{part}.mid_block.resnets.1"), rest, false)
-        }
-        [part @ ("encoder" | "decoder"), "mid", "attn_1", rest @ ..] => {
-            attention(format!("{part}.mid_block.attentions.0"), rest, false)
-        }
+        [part @ ("encoder" | "decoder"), "mid", "block_1", rest @ ..] => resnet(format!("{part}.mid_block.resnets.0"), rest, false),
+        [part @ ("encoder" | "decoder"), "mid", "block_2", rest @ ..] => resnet(format!("{part}.mid_block.resnets.1"), rest, false),
+        [part @ ("encoder" | "decoder"), "mid", "attn_1", rest @ ..] => attention(format!("{part}.mid_block.attentions.0"), rest, false),
         ["encoder", "down", i, kind, rest @ ..] => {
             let i = index(i)?;
             if i >= n {
                 return None;
             }
             match (*kind, rest) {
-                ("block", [j, rest @ ..]) if index(j)? < l => {
-                    resnet(format!("encoder.down_blocks.{i}.resnets.{j}"), rest, false)
+                ("block", [j, rest @ ..]) if index(j)? < l => resnet(format!("encoder.down_blocks.{i}.resnets.{j}"), rest, false),
+                ("downsample", ["conv", tail @ ..]) if i + 1 < n && is_leaf_rest(tail) => {
+                    Some((join(&format!("encoder.down_blocks.{i}.downsamplers.0.conv"), tail), Transform::None))
                 }
-                ("downsample", ["conv", tail @ ..]) if i + 1 < n && is_leaf_rest(tail) => Some((
-                    join(
-                        &format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
-                        tail,
-                    ),
-                    Transform::None,
-                )),
                 _ => None,
             }
         }
@@ -193,13 +147,10 @@ pub(super) fn from_sgm(layout: &SgmVaeLayout, path: &str) -> Option<String> {
             }
             let k = n - 1 - i;
             match (*kind, rest) {
-                ("block", [j, rest @ ..]) if index(j)? <= l => {
-                    resnet(format!("decoder.up_blocks.{k}.resnets.{j}"), rest, false)
+                ("block", [j, rest @ ..]) if index(j)? <= l => resnet(format!("decoder.up_blocks.{k}.resnets.{j}"), rest, false),
+                ("upsample", ["conv", tail @ ..]) if k + 1 < n && is_leaf_rest(tail) => {
+                    Some((join(&format!("decoder.up_blocks.{k}.upsamplers.0.conv"), tail), Transform::None))
                 }
-                ("upsample", ["conv", tail @ ..]) if k + 1 < n && is_leaf_rest(tail) => Some((
-                    join(&format!("decoder.up_blocks.{k}.upsamplers.0.conv"), tail),
-                    Transform::None,
-                )),
                 _ => None,
             }
         }

@@ -29,13 +29,7 @@ impl Common {
         registry: &mut HookRegistry,
         block: BlockPosition,
     ) -> Result<ResnetBlock2D> {
-        let cfg = ResnetConfig {
-            in_channels,
-            out_channels,
-            temb_channels: Some(self.temb_channels),
-            groups: self.groups,
-            eps: self.eps,
-        };
+        let cfg = ResnetConfig { in_channels, out_channels, temb_channels: Some(self.temb_channels), groups: self.groups, eps: self.eps };
         ResnetBlock2D::new_hooked(vb, cfg, ResnetHooks { registry, block })
     }
 
@@ -75,9 +69,7 @@ struct Downsample2D {
 
 impl Downsample2D {
     fn new(vb: VarBuilder, channels: usize, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
-        Ok(Self {
-            conv: HookedConv2d::new(vb.pp("conv"), channels, channels, 3, 2, 1, registry, conv_info(block))?,
-        })
+        Ok(Self { conv: HookedConv2d::new(vb.pp("conv"), channels, channels, 3, 2, 1, registry, conv_info(block))? })
     }
 
     fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
@@ -104,9 +96,7 @@ struct Upsample2D {
 
 impl Upsample2D {
     fn new(vb: VarBuilder, channels: usize, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
-        Ok(Self {
-            conv: HookedConv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1, registry, conv_info(block))?,
-        })
+        Ok(Self { conv: HookedConv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1, registry, conv_info(block))? })
     }
 
     fn forward(&self, x: &Tensor, size: Option<(usize, usize)>, hooks: &dyn Hooks) -> Result<Tensor> {
@@ -127,13 +117,10 @@ pub(super) fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tenso
     }
     let indices = |input: usize, output: usize| -> Result<Tensor> {
         let scale = input as f32 / output as f32;
-        let idx: Vec<u32> = (0..output)
-            .map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32)
-            .collect();
+        let idx: Vec<u32> = (0..output).map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32).collect();
         Tensor::from_vec(idx, output, x.device())
     };
-    x.index_select(&indices(h, th)?, 2)?
-        .index_select(&indices(w, tw)?, 3)
+    x.index_select(&indices(h, th)?, 2)?.index_select(&indices(w, tw)?, 3)
 }
 
 /// A down block: `layers` resnets (each followed by a transformer in a cross-attention block),
@@ -169,21 +156,9 @@ impl DownBlock {
                 attentions.push(common.transformer(vb, out_channels, attn, registry, position)?);
             }
         }
-        let downsampler = if add_downsample {
-            Some(Downsample2D::new(
-                vb.pp("downsamplers").pp("0"),
-                out_channels,
-                registry,
-                position,
-            )?)
-        } else {
-            None
-        };
-        Ok(Self {
-            resnets,
-            attentions,
-            downsampler,
-        })
+        let downsampler =
+            if add_downsample { Some(Downsample2D::new(vb.pp("downsamplers").pp("0"), out_channels, registry, position)?) } else { None };
+        Ok(Self { resnets, attentions, downsampler })
     }
 
     /// Returns the output and the skip connections it produced (one per resnet, one after the
@@ -222,23 +197,12 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(
-        vb: VarBuilder,
-        channels: usize,
-        attention: AttentionSettings,
-        common: &Common,
-        registry: &mut HookRegistry,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, channels: usize, attention: AttentionSettings, common: &Common, registry: &mut HookRegistry) -> Result<Self> {
         let resnet_0 = common.resnet(vb.pp("resnets").pp("0"), channels, channels, registry, BlockPosition::Mid)?;
         let attn_vb = vb.pp("attentions").pp("0");
-        let attention =
-            common.transformer(attn_vb, channels, attention, registry, BlockPosition::Mid)?;
+        let attention = common.transformer(attn_vb, channels, attention, registry, BlockPosition::Mid)?;
         let resnet_1 = common.resnet(vb.pp("resnets").pp("1"), channels, channels, registry, BlockPosition::Mid)?;
-        Ok(Self {
-            resnet_0,
-            attention,
-            resnet_1,
-        })
+        Ok(Self { resnet_0, attention, resnet_1 })
     }
 
     pub fn forward<'a>(
@@ -292,11 +256,7 @@ impl UpBlock {
         let mut resnets = Vec::with_capacity(layers);
         let mut attentions = Vec::new();
         for i in 0..layers {
-            let skip = if i == layers - 1 {
-                channels.skip_in
-            } else {
-                out
-            };
+            let skip = if i == layers - 1 { channels.skip_in } else { out };
             let cin = if i == 0 { channels.prev_output } else { out };
             resnets.push(common.resnet(vb.pp("resnets").pp(i.to_string()), cin + skip, out, registry, position)?);
             if let Some(attn) = attention {
@@ -304,16 +264,8 @@ impl UpBlock {
                 attentions.push(common.transformer(vb, out, attn, registry, position)?);
             }
         }
-        let upsampler = if add_upsample {
-            Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out, registry, position)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            resnets,
-            attentions,
-            upsampler,
-        })
+        let upsampler = if add_upsample { Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out, registry, position)?) } else { None };
+        Ok(Self { resnets, attentions, upsampler })
     }
 
     /// How many skip connections this block consumes.

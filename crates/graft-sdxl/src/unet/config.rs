@@ -37,24 +37,10 @@ fn default_true() -> bool {
     true
 }
 fn default_down_blocks() -> Vec<String> {
-    [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
 fn default_up_blocks() -> Vec<String> {
-    [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
 }
 fn default_mid_block() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -211,40 +197,29 @@ pub struct BlockSettings {
 impl UNetConfig {
     /// Stable Diffusion XL base 1.0.
     pub fn sdxl_base() -> Self {
-        Self::from_json_str(
-            include_str!("../../configs/sdxl-base-1.0/unet/config.json"),
-            "built-in sdxl-base-1.0 unet config",
-        )
-        .expect("the built-in SDXL UNet config is valid")
+        Self::from_json_str(include_str!("../../configs/sdxl-base-1.0/unet/config.json"), "built-in sdxl-base-1.0 unet config")
+            .expect("the built-in SDXL UNet config is valid")
     }
 
     /// Parses and validates a diffusers `unet/config.json`; `source` names it in errors.
     pub fn from_json_str(json: &str, source: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json)
-            .map_err(|e| candle_core::Error::Msg(format!("{source}: invalid UNet config ({e})")))?;
-        config
-            .validate()
-            .map_err(|e| candle_core::Error::Msg(format!("{source}: {e}")))?;
+        let config: Self = serde_json::from_str(json).map_err(|e| candle_core::Error::Msg(format!("{source}: invalid UNet config ({e})")))?;
+        config.validate().map_err(|e| candle_core::Error::Msg(format!("{source}: {e}")))?;
         Ok(config)
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            candle_core::Error::Msg(format!("{}: cannot read ({e})", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::Msg(format!("{}: cannot read ({e})", path.display())))?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
     /// The width of the time embedding.
     pub fn time_embed_dim(&self) -> usize {
-        self.time_embedding_dim
-            .unwrap_or(self.block_out_channels.first().copied().unwrap_or(0) * 4)
+        self.time_embedding_dim.unwrap_or(self.block_out_channels.first().copied().unwrap_or(0) * 4)
     }
 
     pub fn groups(&self) -> Result<usize> {
-        self.norm_num_groups.ok_or_else(|| {
-            candle_core::Error::Msg("unet config: `norm_num_groups` null is not supported".into())
-        })
+        self.norm_num_groups.ok_or_else(|| candle_core::Error::Msg("unet config: `norm_num_groups` null is not supported".into()))
     }
 
     /// The `text_time` add-embedding's time-id width, `None` without one.
@@ -259,19 +234,14 @@ impl UNetConfig {
     pub fn blocks(&self) -> Result<Vec<BlockSettings>> {
         let n = self.down_block_types.len();
         let layers = self.layers_per_block.resolve(n, "layers_per_block")?;
-        let depth = self
-            .transformer_layers_per_block
-            .resolve(n, "transformer_layers_per_block")?;
+        let depth = self.transformer_layers_per_block.resolve(n, "transformer_layers_per_block")?;
         let heads = match &self.num_attention_heads {
             Some(h) => h.resolve(n, "num_attention_heads")?,
             None => self.attention_head_dim.resolve(n, "attention_head_dim")?,
         };
         let cross = self.cross_attention_dim.resolve(n, "cross_attention_dim")?;
         if self.block_out_channels.len() != n {
-            candle_core::bail!(
-                "unet config: `block_out_channels` has {} entries but `down_block_types` has {n}",
-                self.block_out_channels.len()
-            )
+            candle_core::bail!("unet config: `block_out_channels` has {} entries but `down_block_types` has {n}", self.block_out_channels.len())
         }
         Ok((0..n)
             .map(|i| BlockSettings {
@@ -287,19 +257,14 @@ impl UNetConfig {
     /// Refuses every setting graft does not implement, naming the key.
     pub fn validate(&self) -> Result<()> {
         fn refuse(field: &str, value: impl std::fmt::Debug, supported: &str) -> Result<()> {
-            candle_core::bail!(
-                "unet config: `{field}` = {value:?} is not supported (supported: {supported})"
-            )
+            candle_core::bail!("unet config: `{field}` = {value:?} is not supported (supported: {supported})")
         }
         let n = self.down_block_types.len();
         if n == 0 {
             candle_core::bail!("unet config: `down_block_types` is empty")
         }
         if self.up_block_types.len() != n {
-            candle_core::bail!(
-                "unet config: `up_block_types` has {} entries but `down_block_types` has {n}",
-                self.up_block_types.len()
-            )
+            candle_core::bail!("unet config: `up_block_types` has {} entries but `down_block_types` has {n}", self.up_block_types.len())
         }
         for t in &self.down_block_types {
             if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
@@ -312,45 +277,25 @@ impl UNetConfig {
             }
         }
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
-            refuse(
-                "mid_block_type",
-                &self.mid_block_type,
-                "UNetMidBlock2DCrossAttn",
-            )?;
+            refuse("mid_block_type", &self.mid_block_type, "UNetMidBlock2DCrossAttn")?;
         }
         let groups = self.groups()?;
         let blocks = self.blocks()?;
         for (i, b) in blocks.iter().enumerate() {
             if groups == 0 || b.out_channels % groups != 0 {
-                candle_core::bail!(
-                    "unet config: block_out_channels[{i}] = {} is not a multiple of norm_num_groups = {groups}",
-                    b.out_channels
-                )
+                candle_core::bail!("unet config: block_out_channels[{i}] = {} is not a multiple of norm_num_groups = {groups}", b.out_channels)
             }
             if b.heads == 0 || b.out_channels % b.heads != 0 {
-                candle_core::bail!(
-                    "unet config: block {i}: {} channels cannot be split into {} attention heads",
-                    b.out_channels,
-                    b.heads
-                )
+                candle_core::bail!("unet config: block {i}: {} channels cannot be split into {} attention heads", b.out_channels, b.heads)
             }
             if b.layers == 0 {
                 candle_core::bail!("unet config: `layers_per_block` must be at least 1 (block {i})")
             }
         }
-        if self
-            .only_cross_attention
-            .resolve(n, "only_cross_attention")?
-            .iter()
-            .any(|&b| b)
-        {
+        if self.only_cross_attention.resolve(n, "only_cross_attention")?.iter().any(|&b| b) {
             refuse("only_cross_attention", true, "false")?;
         }
-        if self
-            .reverse_transformer_layers_per_block
-            .as_ref()
-            .is_some_and(|v| !v.is_null())
-        {
+        if self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()) {
             refuse("reverse_transformer_layers_per_block", "set", "null")?;
         }
         if self.act_fn != "silu" {
@@ -364,10 +309,7 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time")
-                if self.addition_time_embed_dim.is_none()
-                    || self.projection_class_embeddings_input_dim.is_none() =>
-            {
+            Some("text_time") if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() => {
                 candle_core::bail!(
                     "unet config: `addition_embed_type` \"text_time\" needs `addition_time_embed_dim` and `projection_class_embeddings_input_dim`"
                 )
@@ -376,31 +318,19 @@ impl UNetConfig {
             Some(other) => refuse("addition_embed_type", other, "text_time, null")?,
         }
         if self.resnet_time_scale_shift != "default" {
-            refuse(
-                "resnet_time_scale_shift",
-                &self.resnet_time_scale_shift,
-                "default",
-            )?;
+            refuse("resnet_time_scale_shift", &self.resnet_time_scale_shift, "default")?;
         }
         if self.resnet_skip_time_act {
             refuse("resnet_skip_time_act", true, "false")?;
         }
         if self.resnet_out_scale_factor != 1.0 {
-            refuse(
-                "resnet_out_scale_factor",
-                self.resnet_out_scale_factor,
-                "1.0",
-            )?;
+            refuse("resnet_out_scale_factor", self.resnet_out_scale_factor, "1.0")?;
         }
         if self.mid_block_scale_factor != 1.0 {
             refuse("mid_block_scale_factor", self.mid_block_scale_factor, "1")?;
         }
         if self.time_embedding_type != "positional" {
-            refuse(
-                "time_embedding_type",
-                &self.time_embedding_type,
-                "positional",
-            )?;
+            refuse("time_embedding_type", &self.time_embedding_type, "positional")?;
         }
         if self.time_embedding_act_fn.is_some() {
             refuse("time_embedding_act_fn", &self.time_embedding_act_fn, "null")?;
@@ -420,11 +350,7 @@ impl UNetConfig {
         if self.mid_block_only_cross_attention == Some(true) {
             refuse("mid_block_only_cross_attention", true, "null, false")?;
         }
-        if self
-            .attention_type
-            .as_deref()
-            .is_some_and(|t| t != "default")
-        {
+        if self.attention_type.as_deref().is_some_and(|t| t != "default") {
             refuse("attention_type", &self.attention_type, "default")?;
         }
         if self.conv_in_kernel % 2 != 1 || self.conv_out_kernel % 2 != 1 {
@@ -445,14 +371,8 @@ mod tests {
     fn sdxl_base_resolves() {
         let c = UNetConfig::sdxl_base();
         let b = c.blocks().unwrap();
-        assert_eq!(
-            b.iter().map(|b| b.heads).collect::<Vec<_>>(),
-            vec![5, 10, 20]
-        );
-        assert_eq!(
-            b.iter().map(|b| b.transformer_layers).collect::<Vec<_>>(),
-            vec![1, 2, 10]
-        );
+        assert_eq!(b.iter().map(|b| b.heads).collect::<Vec<_>>(), vec![5, 10, 20]);
+        assert_eq!(b.iter().map(|b| b.transformer_layers).collect::<Vec<_>>(), vec![1, 2, 10]);
         assert_eq!(c.time_embed_dim(), 1280);
         assert_eq!(c.text_time(), Some(256));
     }
@@ -461,14 +381,10 @@ mod tests {
     fn refuses_unknown_block_and_bad_lists() {
         let base = include_str!("../../configs/sdxl-base-1.0/unet/config.json");
         let bad = base.replace("\"UpBlock2D\"]", "\"AttnUpBlock2D\"]");
-        let e = UNetConfig::from_json_str(&bad, "test")
-            .unwrap_err()
-            .to_string();
+        let e = UNetConfig::from_json_str(&bad, "test").unwrap_err().to_string();
         assert!(e.contains("up_block_types"), "{e}");
         let bad = base.replace("[1, 2, 10]", "[1, 2]");
-        let e = UNetConfig::from_json_str(&bad, "test")
-            .unwrap_err()
-            .to_string();
+        let e = UNetConfig::from_json_str(&bad, "test").unwrap_err().to_string();
         assert!(e.contains("transformer_layers_per_block"), "{e}");
         let one = base.replace("[1, 2, 10]", "2");
         let c = UNetConfig::from_json_str(&one, "test").unwrap();

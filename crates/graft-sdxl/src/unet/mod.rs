@@ -50,14 +50,8 @@ impl UNet {
         let mut registry = HookRegistry::new();
 
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), c0, temb_dim)?;
-        let add_embedding = match (
-            config.text_time(),
-            config.projection_class_embeddings_input_dim,
-        ) {
-            (Some(id_dim), Some(in_dim)) => Some((
-                TimestepEmbedding::new(vb.pp("add_embedding"), in_dim, temb_dim)?,
-                id_dim,
-            )),
+        let add_embedding = match (config.text_time(), config.projection_class_embeddings_input_dim) {
+            (Some(id_dim), Some(in_dim)) => Some((TimestepEmbedding::new(vb.pp("add_embedding"), in_dim, temb_dim)?, id_dim)),
             _ => None,
         };
         let k_in = config.conv_in_kernel;
@@ -69,19 +63,12 @@ impl UNet {
             eps: config.norm_eps,
             use_linear_projection: config.use_linear_projection,
         };
-        let attention = |b: &BlockSettings| AttentionSettings {
-            heads: b.heads,
-            depth: b.transformer_layers,
-            context_dim: b.cross_attention_dim,
-        };
+        let attention =
+            |b: &BlockSettings| AttentionSettings { heads: b.heads, depth: b.transformer_layers, context_dim: b.cross_attention_dim };
 
         let mut down_blocks = Vec::with_capacity(n);
         for (i, b) in blocks.iter().enumerate() {
-            let in_channels = if i == 0 {
-                c0
-            } else {
-                blocks[i - 1].out_channels
-            };
+            let in_channels = if i == 0 { c0 } else { blocks[i - 1].out_channels };
             let cross = config.down_block_types[i] == "CrossAttnDownBlock2D";
             down_blocks.push(DownBlock::new(
                 vb.pp("down_blocks").pp(i.to_string()),
@@ -97,23 +84,13 @@ impl UNet {
         }
 
         let last = &blocks[n - 1];
-        let mid_block = MidBlock::new(
-            vb.pp("mid_block"),
-            last.out_channels,
-            attention(last),
-            &common,
-            &mut registry,
-        )?;
+        let mid_block = MidBlock::new(vb.pp("mid_block"), last.out_channels, attention(last), &common, &mut registry)?;
 
         let reversed: Vec<BlockSettings> = blocks.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(n);
         for (i, b) in reversed.iter().enumerate() {
             let channels = UpChannels {
-                prev_output: if i == 0 {
-                    last.out_channels
-                } else {
-                    reversed[i - 1].out_channels
-                },
+                prev_output: if i == 0 { last.out_channels } else { reversed[i - 1].out_channels },
                 out: b.out_channels,
                 skip_in: reversed[(i + 1).min(n - 1)].out_channels,
             };
@@ -132,14 +109,7 @@ impl UNet {
 
         let conv_norm_out = group_norm(vb.pp("conv_norm_out"), common.groups, c0, config.norm_eps)?;
         let k_out = config.conv_out_kernel;
-        let conv_out = conv2d(
-            vb.pp("conv_out"),
-            c0,
-            config.out_channels,
-            k_out,
-            1,
-            k_out / 2,
-        )?;
+        let conv_out = conv2d(vb.pp("conv_out"), c0, config.out_channels, k_out, 1, k_out / 2)?;
 
         let activations = crate::precision::activation_dtype(conv_in.weight().dtype(), conv_in.weight().device());
         Ok(Self {
@@ -211,22 +181,19 @@ impl UNet {
         let encoder_hidden_states = &encoder_hidden_states.to_dtype(self.activations)?;
         let (b, c, h, w) = sample.dims4()?;
         if c != self.config.in_channels {
-            candle_core::bail!(
-                "unet: sample has {c} channels, the UNet expects {}",
-                self.config.in_channels
-            )
+            candle_core::bail!("unet: sample has {c} channels, the UNet expects {}", self.config.in_channels)
         }
         if encoder_hidden_states.rank() != 3 || encoder_hidden_states.dim(0)? != b {
-            candle_core::bail!(
-                "unet: encoder_hidden_states must be [batch {b}, tokens, dim], got {:?}",
-                encoder_hidden_states.dims()
-            )
+            candle_core::bail!("unet: encoder_hidden_states must be [batch {b}, tokens, dim], got {:?}", encoder_hidden_states.dims())
         }
-        let head = runner.run(&[sample, timesteps, text_embeds, time_ids], Box::new(move |xs| {
-            let emb = self.embedding(b, xs[0].dtype(), &xs[1], &xs[2], &xs[3])?;
-            let sample = if self.config.center_input_sample { xs[0].affine(2.0, -1.0)? } else { xs[0].clone() };
-            Ok(vec![emb, self.conv_in.forward(&sample)?])
-        }))?;
+        let head = runner.run(
+            &[sample, timesteps, text_embeds, time_ids],
+            Box::new(move |xs| {
+                let emb = self.embedding(b, xs[0].dtype(), &xs[1], &xs[2], &xs[3])?;
+                let sample = if self.config.center_input_sample { xs[0].affine(2.0, -1.0)? } else { xs[0].clone() };
+                Ok(vec![emb, self.conv_in.forward(&sample)?])
+            }),
+        )?;
         let (emb, mut x) = (head[0].clone(), head[1].clone());
         let context = encoder_hidden_states;
 
@@ -263,52 +230,28 @@ impl UNet {
     }
 
     /// Timestep embedding plus, for SDXL, the `text_time` add-embedding: [b, time_embed_dim].
-    fn embedding(
-        &self,
-        b: usize,
-        dtype: candle_core::DType,
-        timesteps: &Tensor,
-        text_embeds: &Tensor,
-        time_ids: &Tensor,
-    ) -> Result<Tensor> {
+    fn embedding(&self, b: usize, dtype: candle_core::DType, timesteps: &Tensor, text_embeds: &Tensor, time_ids: &Tensor) -> Result<Tensor> {
         let cfg = &self.config;
         let t = timesteps.flatten_all()?;
         let t = match t.dim(0)? {
             n if n == b => t,
             1 => t.broadcast_as(b)?,
-            n => candle_core::bail!(
-                "unet: {n} timesteps for a batch of {b}; give one or one per sample"
-            ),
+            n => candle_core::bail!("unet: {n} timesteps for a batch of {b}; give one or one per sample"),
         };
-        let t_emb = timestep_embedding(
-            &t,
-            cfg.block_out_channels[0],
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
-        )?;
+        let t_emb = timestep_embedding(&t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)?;
         let emb = self.time_embedding.forward(&t_emb.to_dtype(dtype)?)?;
         let Some((add_embedding, id_dim)) = &self.add_embedding else {
             return Ok(emb);
         };
         if text_embeds.rank() != 2 || text_embeds.dim(0)? != b {
-            candle_core::bail!(
-                "unet: text_embeds must be [batch {b}, pooled dim], got {:?}",
-                text_embeds.dims()
-            )
+            candle_core::bail!("unet: text_embeds must be [batch {b}, pooled dim], got {:?}", text_embeds.dims())
         }
         if time_ids.rank() != 2 || time_ids.dim(0)? != b {
-            candle_core::bail!(
-                "unet: time_ids must be [batch {b}, 6], got {:?}",
-                time_ids.dims()
-            )
+            candle_core::bail!("unet: time_ids must be [batch {b}, 6], got {:?}", time_ids.dims())
         }
         let ids = time_ids.flatten_all()?;
-        let ids_emb = timestep_embedding(&ids, *id_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?
-            .reshape((b, ()))?;
-        let add_in = Tensor::cat(
-            &[&text_embeds.to_dtype(dtype)?, &ids_emb.to_dtype(dtype)?],
-            1,
-        )?;
+        let ids_emb = timestep_embedding(&ids, *id_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?.reshape((b, ()))?;
+        let add_in = Tensor::cat(&[&text_embeds.to_dtype(dtype)?, &ids_emb.to_dtype(dtype)?], 1)?;
         let expected = cfg.projection_class_embeddings_input_dim.unwrap_or(0);
         if add_in.dim(1)? != expected {
             candle_core::bail!(
@@ -341,10 +284,7 @@ mod tests {
         let requests = requests.lock().unwrap();
         // diffusers' UNet2DConditionModel state_dict for this config: 1680 tensors, 2,567,463,684 values.
         assert_eq!(requests.len(), 1680);
-        let values: usize = requests
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
+        let values: usize = requests.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         assert_eq!(values, 2_567_463_684);
     }
 
@@ -352,27 +292,13 @@ mod tests {
     fn sdxl_hook_points() {
         let unet = UNet::new(zeros_vb(), &UNetConfig::sdxl_base()).unwrap();
         let layers = unet.registry().layers();
-        let linears: Vec<_> = layers
-            .iter()
-            .filter(|l| l.kind == LayerKind::Linear)
-            .collect();
-        let attentions: Vec<_> = layers
-            .iter()
-            .filter(|l| l.kind == LayerKind::Attention)
-            .collect();
+        let linears: Vec<_> = layers.iter().filter(|l| l.kind == LayerKind::Linear).collect();
+        let attentions: Vec<_> = layers.iter().filter(|l| l.kind == LayerKind::Attention).collect();
         assert_eq!(linears.len(), 722);
-        assert_eq!(
-            linears.iter().filter(|l| l.name.ends_with(".to_q")).count(),
-            140
-        );
+        assert_eq!(linears.iter().filter(|l| l.name.ends_with(".to_q")).count(), 140);
         assert_eq!(attentions.len(), 140);
 
-        let get = |name: &str| {
-            &layers[unet
-                .registry()
-                .index_of(name)
-                .unwrap_or_else(|| panic!("{name}"))]
-        };
+        let get = |name: &str| &layers[unet.registry().index_of(name).unwrap_or_else(|| panic!("{name}"))];
         let q = get("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q");
         assert_eq!((q.in_features, q.out_features), (640, 640));
         assert_eq!(q.block, BlockPosition::Down(1));
@@ -384,25 +310,12 @@ mod tests {
         assert_eq!(o.block, BlockPosition::Mid);
         assert_eq!(o.attention, Some(AttentionKind::SelfAttention));
         let ff = get("unet.up_blocks.1.attentions.1.transformer_blocks.1.ff.net.0.proj");
-        assert_eq!(
-            (ff.in_features, ff.out_features, ff.attention),
-            (640, 5120, None)
-        );
+        assert_eq!((ff.in_features, ff.out_features, ff.attention), (640, 5120, None));
         let p = get("unet.mid_block.attentions.0.proj_out");
         assert_eq!((p.in_features, p.attention), (1280, None));
         let a = get("unet.down_blocks.2.attentions.1.transformer_blocks.9.attn1");
-        assert_eq!(
-            (a.kind, a.in_features, a.attention),
-            (
-                LayerKind::Attention,
-                1280,
-                Some(AttentionKind::SelfAttention)
-            )
-        );
-        assert!(unet
-            .registry()
-            .index_of("unet.down_blocks.0.attentions.0.proj_in")
-            .is_none());
+        assert_eq!((a.kind, a.in_features, a.attention), (LayerKind::Attention, 1280, Some(AttentionKind::SelfAttention)));
+        assert!(unet.registry().index_of("unet.down_blocks.0.attentions.0.proj_in").is_none());
         // Conv hook points: resnet conv1 / conv2 (3x3), conv_shortcut (1x1) where the widths
         // differ, downsamplers (3x3, stride 2) and upsamplers; proj_in / proj_out are linear.
         let convs: Vec<_> = layers.iter().filter(|l| l.kind == LayerKind::Conv).collect();
@@ -447,15 +360,10 @@ mod tests {
         let pooled = Tensor::zeros((2, 10), DType::F32, &dev).unwrap();
         let ids = Tensor::zeros((2, 6), DType::F32, &dev).unwrap();
         let t = Tensor::new(&[500f32], &dev).unwrap();
-        let out = unet
-            .forward(&sample, &t, &ctx, &pooled, &ids, &NoHooks)
-            .unwrap();
+        let out = unet.forward(&sample, &t, &ctx, &pooled, &ids, &NoHooks).unwrap();
         assert_eq!(out.dims(), &[2, 4, 7, 9]);
         let bad = Tensor::zeros((2, 9), DType::F32, &dev).unwrap();
-        let e = unet
-            .forward(&sample, &t, &ctx, &bad, &ids, &NoHooks)
-            .unwrap_err()
-            .to_string();
+        let e = unet.forward(&sample, &t, &ctx, &bad, &ids, &NoHooks).unwrap_err().to_string();
         assert!(e.contains("add-embedding"), "{e}");
     }
 
@@ -477,31 +385,10 @@ mod tests {
     fn nearest_indices_match_torch() {
         // torch.nn.functional.interpolate(x, size=..., mode="nearest") on an arange input.
         let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, 12f32, &dev)
-            .unwrap()
-            .reshape((1, 1, 3, 4))
-            .unwrap();
+        let x = Tensor::arange(0f32, 12f32, &dev).unwrap().reshape((1, 1, 3, 4)).unwrap();
         let y = blocks::upsample_nearest(&x, 5, 7).unwrap();
-        let rows: Vec<f32> = y
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(4)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let cols: Vec<f32> = y
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .narrow(1, 3, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let rows: Vec<f32> = y.get(0).unwrap().get(0).unwrap().get(4).unwrap().to_vec1().unwrap();
+        let cols: Vec<f32> = y.get(0).unwrap().get(0).unwrap().narrow(1, 3, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         // rows: floor(i * 3/5) = 0,0,1,1,2; cols: floor(j * 4/7) = 0,0,1,1,2,2,3
         assert_eq!(rows, vec![8., 8., 9., 9., 10., 10., 11.]);
         assert_eq!(cols, vec![1., 1., 5., 5., 9.]);

@@ -1,27 +1,16 @@
 //! diffusers' `Transformer2DModel` (continuous input) with `BasicTransformerBlock`s: the part of the
 //! UNet where every linear and every attention module is a hook point.
 
+use crate::checkpoint::{run1, Direct, Runner};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use crate::checkpoint::{run1, Direct, Runner};
 
-use crate::hooks::{
-    AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind,
-};
+use crate::hooks::{AttentionKind, BlockPosition, Component, HookRegistry, Hooks, LayerIndex, LayerInfo, LayerKind};
 use crate::nn::{self, HookedLinear, LayerNorm};
 
 /// A `LayerInfo` template for a UNet hook point; `HookedLinear::new` fills name and features.
 fn info(kind: LayerKind, block: BlockPosition, attention: Option<AttentionKind>) -> LayerInfo {
-    LayerInfo {
-        name: String::new(),
-        kind,
-        component: Component::Unet,
-        in_features: 0,
-        out_features: 0,
-        block,
-        attention,
-        conv: None,
-    }
+    LayerInfo { name: String::new(), kind, component: Component::Unet, in_features: 0, out_features: 0, block, attention, conv: None }
 }
 
 fn hooked(
@@ -59,11 +48,7 @@ impl Attention {
         registry: &mut HookRegistry,
         block: BlockPosition,
     ) -> Result<Self> {
-        let kind = if context_dim.is_some() {
-            AttentionKind::CrossAttention
-        } else {
-            AttentionKind::SelfAttention
-        };
+        let kind = if context_dim.is_some() { AttentionKind::CrossAttention } else { AttentionKind::SelfAttention };
         let mut module = info(LayerKind::Attention, block, Some(kind));
         module.name = format!("{}.{}", Component::Unet.prefix(), vb.prefix());
         module.in_features = dim;
@@ -82,12 +67,7 @@ impl Attention {
     }
 
     /// `x` [b, n, dim]; `context` [b, m, context_dim] for cross-attention.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        context: Option<&Tensor>,
-        hooks: &dyn Hooks,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, hooks: &dyn Hooks) -> Result<Tensor> {
         let kv_input = context.unwrap_or(x);
         let q = self.to_q.forward(x, hooks)?;
         let k = self.to_k.forward(kv_input, hooks)?;
@@ -111,32 +91,11 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn new(
-        vb: VarBuilder,
-        dim: usize,
-        registry: &mut HookRegistry,
-        block: BlockPosition,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, dim: usize, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj_in: hooked(
-                vb.pp("net").pp("0").pp("proj"),
-                dim,
-                2 * inner,
-                true,
-                registry,
-                block,
-                None,
-            )?,
-            proj_out: hooked(
-                vb.pp("net").pp("2"),
-                inner,
-                dim,
-                true,
-                registry,
-                block,
-                None,
-            )?,
+            proj_in: hooked(vb.pp("net").pp("0").pp("proj"), dim, 2 * inner, true, registry, block, None)?,
+            proj_out: hooked(vb.pp("net").pp("2"), inner, dim, true, registry, block, None)?,
             inner,
         })
     }
@@ -166,28 +125,14 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn new(
-        vb: VarBuilder,
-        dim: usize,
-        context_dim: usize,
-        heads: usize,
-        registry: &mut HookRegistry,
-        block: BlockPosition,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
         // diffusers' default `norm_eps` of the transformer block; the UNet's is not passed down.
         let eps = 1e-5;
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, eps)?,
             attn1: Attention::new(vb.pp("attn1"), dim, None, heads, registry, block)?,
             norm2: LayerNorm::new(vb.pp("norm2"), dim, eps)?,
-            attn2: Attention::new(
-                vb.pp("attn2"),
-                dim,
-                Some(context_dim),
-                heads,
-                registry,
-                block,
-            )?,
+            attn2: Attention::new(vb.pp("attn2"), dim, Some(context_dim), heads, registry, block)?,
             norm3: LayerNorm::new(vb.pp("norm3"), dim, eps)?,
             ff: FeedForward::new(vb.pp("ff"), dim, registry, block)?,
         })
@@ -195,10 +140,7 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None, hooks)? + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context), hooks)?
-            + &x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context), hooks)? + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?, hooks)? + &x
     }
 }
@@ -212,17 +154,9 @@ enum Projection {
 }
 
 impl Projection {
-    fn new(
-        vb: VarBuilder,
-        channels: usize,
-        linear: bool,
-        registry: &mut HookRegistry,
-        block: BlockPosition,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, linear: bool, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
         if linear {
-            Ok(Self::Linear(hooked(
-                vb, channels, channels, true, registry, block, None,
-            )?))
+            Ok(Self::Linear(hooked(vb, channels, channels, true, registry, block, None)?))
         } else {
             Ok(Self::Conv(nn::HookedConv2d::new(vb, channels, channels, 1, 1, 0, registry, crate::resnet::conv_info(block))?))
         }
@@ -250,41 +184,19 @@ pub struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
-    pub fn new(
-        vb: VarBuilder,
-        cfg: TransformerConfig,
-        registry: &mut HookRegistry,
-        block: BlockPosition,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: TransformerConfig, registry: &mut HookRegistry, block: BlockPosition) -> Result<Self> {
         let c = cfg.channels;
         // diffusers fixes this GroupNorm's eps at 1e-6.
         let norm = nn::group_norm(vb.pp("norm"), cfg.groups, c, 1e-6)?;
-        let proj_in = Projection::new(
-            vb.pp("proj_in"),
-            c,
-            cfg.use_linear_projection,
-            registry,
-            block,
-        )?;
+        let proj_in = Projection::new(vb.pp("proj_in"), c, cfg.use_linear_projection, registry, block)?;
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let vb = vb.pp("transformer_blocks").pp(i.to_string());
                 BasicTransformerBlock::new(vb, c, cfg.context_dim, cfg.heads, registry, block)
             })
             .collect::<Result<Vec<_>>>()?;
-        let proj_out = Projection::new(
-            vb.pp("proj_out"),
-            c,
-            cfg.use_linear_projection,
-            registry,
-            block,
-        )?;
-        Ok(Self {
-            norm,
-            proj_in,
-            blocks,
-            proj_out,
-        })
+        let proj_out = Projection::new(vb.pp("proj_out"), c, cfg.use_linear_projection, registry, block)?;
+        Ok(Self { norm, proj_in, blocks, proj_out })
     }
 
     /// `x` [b, c, h, w], `context` [b, m, context_dim].

@@ -143,11 +143,7 @@ impl Adafactor {
             it.lr
         };
         // lr as a 0-d tensor: rho * max(eps2, rms(p)).
-        let lr = if a.scale_parameter {
-            rms(&p)?.maximum(a.eps.1)?.affine(rho, 0.0)?
-        } else {
-            Tensor::new(rho as f32, p.device())?
-        };
+        let lr = if a.scale_parameter { rms(&p)?.maximum(a.eps.1)?.affine(rho, 0.0)? } else { Tensor::new(rho as f32, p.device())? };
         let beta2t = 1.0 - t.powf(a.decay_rate);
         let sq = g.sqr()?.affine(1.0, a.eps.0)?;
         let mut u = if factored_shapes(g.dims()).is_some() {

@@ -56,15 +56,7 @@ pub struct GroupConfig {
 
 impl GroupConfig {
     pub fn new(name: impl Into<String>, lr: f64) -> Self {
-        Self {
-            name: name.into(),
-            lr,
-            weight_decay: 0.01,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            clip_norm: None,
-            lr_scale: 1.0,
-        }
+        Self { name: name.into(), lr, weight_decay: 0.01, betas: (0.9, 0.999), eps: 1e-8, clip_norm: None, lr_scale: 1.0 }
     }
 
     pub fn weight_decay(mut self, wd: f64) -> Self {
@@ -479,8 +471,7 @@ impl Optimizer {
 
     /// Bytes of optimizer state held now (all parameters with a state).
     pub fn state_bytes(&self) -> usize {
-        let per_param: usize =
-            self.state.values().flat_map(|s| s.slots.values()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+        let per_param: usize = self.state.values().flat_map(|s| s.slots.values()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
         per_param + self.engine.globals().len() * 8
     }
 
@@ -688,8 +679,7 @@ impl Optimizer {
         if values.is_empty() && new_state.is_empty() {
             self.engine.reset_globals();
         } else if values.len() != wanted.len() {
-            let missing: Vec<String> =
-                wanted.iter().filter(|k| !values.contains_key(*k)).map(|k| format!("{GLOBAL_PREFIX}{k}")).collect();
+            let missing: Vec<String> = wanted.iter().filter(|k| !values.contains_key(*k)).map(|k| format!("{GLOBAL_PREFIX}{k}")).collect();
             return Err(Error::State(format!(
                 "{} state lacks {}: the file was written by another optimizer or is damaged",
                 self.kind().name(),
@@ -717,10 +707,12 @@ impl Optimizer {
 
     /// Reads a state file written by `save` with the same optimizer.
     pub fn load(&mut self, path: &Path) -> Result<LoadReport> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| Error::State(format!("cannot read optimizer state {}: {e}", path.display())))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::State(format!("cannot read optimizer state {}: {e}", path.display())))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-            Error::State(format!("optimizer state {} is not a safetensors file ({e}): use the checkpoint's optimizer.safetensors", path.display()))
+            Error::State(format!(
+                "optimizer state {} is not a safetensors file ({e}): use the checkpoint's optimizer.safetensors",
+                path.display()
+            ))
         })?;
         let format = meta.metadata().as_ref().and_then(|m| m.get("format")).cloned();
         let expected = self.kind().state_format();
@@ -734,11 +726,7 @@ impl Optimizer {
                     self.kind().name(),
                     k.name()
                 )),
-                None => Error::State(format!(
-                    "{} is not a graft optimizer state (format {:?}, expected '{expected}')",
-                    path.display(),
-                    format
-                )),
+                None => Error::State(format!("{} is not a graft optimizer state (format {:?}, expected '{expected}')", path.display(), format)),
             });
         }
         let device = self.groups.iter().flat_map(|g| g.params.first()).map(|(_, v)| v.device().clone()).next();
@@ -754,16 +742,11 @@ fn clip_coef(max_norm: f64, norm: f64) -> f64 {
 
 /// Writes named tensors with header metadata to `path` through a temporary file and a rename, so
 /// a crash never leaves a half-written file where the last good one was.
-pub(crate) fn write_safetensors_atomic(
-    path: &Path,
-    tensors: &BTreeMap<String, Tensor>,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
+pub(crate) fn write_safetensors_atomic(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<()> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
     let data: Vec<(&String, &Tensor)> = tensors.iter().collect();
-    safetensors::serialize_to_file(data, Some(metadata), &tmp)
-        .map_err(|e| Error::State(format!("cannot write {}: {e}", tmp.display())))?;
+    safetensors::serialize_to_file(data, Some(metadata), &tmp).map_err(|e| Error::State(format!("cannot write {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::State(format!("cannot move {} to {}: {e}", tmp.display(), path.display()))

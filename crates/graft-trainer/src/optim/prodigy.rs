@@ -130,11 +130,8 @@ impl Prodigy {
         let a = self.args.clone();
         let (b1, b2) = a.betas;
         let b3 = a.beta3.unwrap_or_else(|| b2.sqrt());
-        let bias_correction = if a.use_bias_correction {
-            (1.0 - b2.powi(self.k as i32 + 1)).sqrt() / (1.0 - b1.powi(self.k as i32 + 1))
-        } else {
-            1.0
-        };
+        let bias_correction =
+            if a.use_bias_correction { (1.0 - b2.powi(self.k as i32 + 1)).sqrt() / (1.0 - b1.powi(self.k as i32 + 1)) } else { 1.0 };
         let d = self.d;
         let max_lr = items.iter().map(|it| it.lr).fold(0.0, f64::max);
         let d_numerator = self.d_numerator * b3;

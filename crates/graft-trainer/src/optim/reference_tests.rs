@@ -194,8 +194,7 @@ fn resume_is_bit_exact_for_every_optimizer() {
     let shapes: Vec<(&str, Vec<usize>)> = vec![("w", vec![64, 70]), ("b", vec![70]), ("up", vec![4, 8])];
     let init = |name: &str, dims: &[usize]| {
         let n: usize = dims.iter().product();
-        let data: Vec<f32> =
-            if name == "up" { vec![0.0; n] } else { (0..n).map(|j| (j as f32 * 0.37).cos() * 0.5).collect() };
+        let data: Vec<f32> = if name == "up" { vec![0.0; n] } else { (0..n).map(|j| (j as f32 * 0.37).cos() * 0.5).collect() };
         Var::from_tensor(&Tensor::from_vec(data, dims, &Device::Cpu).unwrap()).unwrap()
     };
     let dir = tempfile::tempdir().unwrap();
@@ -295,4 +294,3 @@ fn state_bytes_per_weight() {
         assert_eq!(opt.state_bytes(), bytes, "{kind}");
     }
 }
-

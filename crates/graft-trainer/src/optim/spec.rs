@@ -6,8 +6,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-
-
 use crate::error::{Error, Result};
 
 use super::{adafactor, adamw, adamw8bit, lion, prodigy, GroupConfig};
@@ -240,7 +238,13 @@ mod tests {
 
     #[test]
     fn names_are_case_insensitive() {
-        for (s, k) in [("adamw", OptimizerKind::AdamW), ("ADAMW8BIT", OptimizerKind::AdamW8bit), ("lion", OptimizerKind::Lion), ("prodigy", OptimizerKind::Prodigy), ("AdaFactor", OptimizerKind::Adafactor)] {
+        for (s, k) in [
+            ("adamw", OptimizerKind::AdamW),
+            ("ADAMW8BIT", OptimizerKind::AdamW8bit),
+            ("lion", OptimizerKind::Lion),
+            ("prodigy", OptimizerKind::Prodigy),
+            ("AdaFactor", OptimizerKind::Adafactor),
+        ] {
             assert_eq!(s.parse::<OptimizerKind>().unwrap(), k);
         }
         let err = "sgd".parse::<OptimizerKind>().unwrap_err().to_string();

@@ -79,9 +79,7 @@ impl Strategy for Faulty {
             plan = plan.group(OptimizerGroup::new("default", lr));
         }
         for l in layers.iter().filter(|l| l.is_linear()) {
-            plan = plan.attach(
-                Attachment::new(l.name()).param(ParamSpec::new("bias", &[l.out_features as usize], Init::constant(0.5))),
-            );
+            plan = plan.attach(Attachment::new(l.name()).param(ParamSpec::new("bias", &[l.out_features as usize], Init::constant(0.5))));
         }
         Ok(plan)
     }
