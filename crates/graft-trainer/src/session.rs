@@ -194,15 +194,10 @@ impl Session {
         self.options.progress.as_deref().unwrap_or("training")
     }
 
-    /// Renders the session's prompts with the adapters as trained now (dropout off) into
-    /// `output_dir/samples`, files named `{stem}-...`.
+    /// The session's prompts into `output_dir/samples`, files named `{stem}-...`.
     fn sample(&mut self, stem: &str) -> anyhow::Result<Vec<PathBuf>> {
-        let t = &mut self.trainer;
-        t.set.set_training(false);
-        let dir = t.config.output_dir.join("samples");
-        let paths = render_samples(&t.model, &t.set, &self.options.prompts, &dir, stem);
-        t.set.set_training(true);
-        paths
+        let dir = self.trainer.config.output_dir.join("samples");
+        render_now(&mut self.trainer, &self.options.prompts, &dir, stem)
     }
 
     /// After [`Ended::Finished`]: the last checkpoint (unless this step has one), the adapter
@@ -241,12 +236,16 @@ impl Session {
 
     /// Renders the session's prompts now, as `stem`, into `dir` (compare's end-of-run samples).
     pub fn render(&mut self, prompts: &[SamplePrompt], dir: &Path, stem: &str) -> anyhow::Result<Vec<PathBuf>> {
-        let t = &mut self.trainer;
-        t.set.set_training(false);
-        let paths = render_samples(&t.model, &t.set, prompts, dir, stem);
-        t.set.set_training(true);
-        paths
+        render_now(&mut self.trainer, prompts, dir, stem)
     }
+}
+
+/// Renders `prompts` with the adapters as trained now (dropout off for the images, back on after).
+fn render_now(t: &mut Trainer, prompts: &[SamplePrompt], dir: &Path, stem: &str) -> anyhow::Result<Vec<PathBuf>> {
+    t.set.set_training(false);
+    let paths = render_samples(&t.model, &t.set, prompts, dir, stem);
+    t.set.set_training(true);
+    paths
 }
 
 /// What a stopped run wrote: its checkpoint and adapter files, and what could not be written.
