@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::options::{refuse_unknown_keys, TrainOptions};
+use crate::options::{parse_toml, TrainOptions};
 
 /// An example config, shown by `graft train --help`.
 pub const EXAMPLE: &str = r#"model = "models/sd_xl_base_1.0.safetensors"   # diffusers folder or single file
@@ -196,9 +196,7 @@ impl TrainConfig {
     /// folder.
     pub fn from_toml(text: &str, path: &Path) -> anyhow::Result<Self> {
         let what = || format!("{}: invalid training config (`graft train --help` shows an example)", path.display());
-        let table: toml::Table = toml::from_str(text).with_context(what)?;
-        refuse_unknown_keys(table.keys(), &OWN_KEYS).map_err(anyhow::Error::msg).with_context(what)?;
-        let mut config: TrainConfig = table.try_into().with_context(what)?;
+        let mut config: TrainConfig = parse_toml(text, &OWN_KEYS).with_context(what)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().with_context(|| format!("{}", path.display()))?;

@@ -148,6 +148,14 @@ pub fn refuse_unknown_keys<'a>(keys: impl IntoIterator<Item = &'a String>, own: 
     Ok(())
 }
 
+/// A config whose options stand at its top level (train, compare): the TOML table, its unknown
+/// keys refused, then the struct.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, own: &[&str]) -> anyhow::Result<T> {
+    let table: toml::Table = toml::from_str(text)?;
+    refuse_unknown_keys(table.keys(), own).map_err(anyhow::Error::msg)?;
+    Ok(table.try_into()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use graft_trainer::config::{DatasetSection, StrategySection, TrainConfig};
-use graft_trainer::options::{refuse_unknown_keys, TrainOptions};
+use graft_trainer::options::{parse_toml, TrainOptions};
 use graft_trainer::samples::{parse_prompt_file, parse_prompts, SampleDefaults, SamplePrompt};
 
 /// An example config, shown by `graft compare --help`.
@@ -107,9 +107,7 @@ impl CompareConfig {
     /// Parses a config; relative paths in it are relative to `base`. `source` names it in errors.
     pub fn parse_str(text: &str, source: &str, base: &Path) -> anyhow::Result<Self> {
         let what = || format!("{source}: invalid compare config (`graft compare --help` shows an example)");
-        let table: toml::Table = toml::from_str(text).with_context(what)?;
-        refuse_unknown_keys(table.keys(), &OWN_KEYS).map_err(anyhow::Error::msg).with_context(what)?;
-        let mut config: CompareConfig = table.try_into().with_context(what)?;
+        let mut config: CompareConfig = parse_toml(text, &OWN_KEYS).with_context(what)?;
         config.resolve_paths(base);
         config.validate().with_context(|| source.to_string())?;
         Ok(config)
