@@ -69,9 +69,11 @@ fn main() {
         Case { name: "square f32 x bf16 weight (B = W^T)", m: 4096, k: 4096, n: 4096 },
         Case { name: "linear f32 x W^T bf16", m: 4096, k: 640, n: 640 },
         Case { name: "linear f32 x W^T bf16", m: 1024, k: 1280, n: 5120 },
+        Case { name: "linear f32 x W^T bf16 (512 px)", m: 256, k: 1280, n: 1280 },
         Case { name: "conv cols f32 x W^T bf16", m: 4096, k: 5760, n: 640 },
         Case { name: "conv W bf16 x cols f32 (row)", m: 640, k: 5760, n: 4096 },
         Case { name: "backward dx f32 dy x W bf16 (row)", m: 4096, k: 640, n: 640 },
+        Case { name: "conv backward W^T bf16 x dy f32", m: 5760, k: 640, n: 4096 },
     ];
     println!("{:<38} {:>16} {:>12} {:>8} {:>10} {:>10}", "case", "m x k x n", "kernel", "threads", "GFLOP/s", "cpu-GF/s");
     for (ci, cs) in cases.iter().enumerate() {
@@ -87,11 +89,13 @@ fn main() {
                 let g = pool.install(|| match ci {
                     0 => run(kernel, MatRef::row_major(&abf, m, k), MatRef::row_major(&bbf, k, n), &mut c, t),
                     // weight [n, k] row-major, used transposed
-                    1..=4 => run(kernel, MatRef::row_major(&af32, m, k), MatRef::row_major(&bbf, n, k).t(), &mut c, t),
+                    1..=5 => run(kernel, MatRef::row_major(&af32, m, k), MatRef::row_major(&bbf, n, k).t(), &mut c, t),
                     // weight [m, k] bf16 row-major times columns [k, n] f32 row-major
-                    5 => run(kernel, MatRef::row_major(&abf, m, k), MatRef::row_major(&bf32, k, n), &mut c, t),
+                    6 => run(kernel, MatRef::row_major(&abf, m, k), MatRef::row_major(&bf32, k, n), &mut c, t),
                     // dx = dy [m, k] f32 · W [k, n] bf16 row-major
-                    _ => run(kernel, MatRef::row_major(&af32, m, k), MatRef::row_major(&bbf, k, n), &mut c, t),
+                    7 => run(kernel, MatRef::row_major(&af32, m, k), MatRef::row_major(&bbf, k, n), &mut c, t),
+                    // columns' gradient = W^T (W [k, m] bf16 row-major) · dy [k, n] f32
+                    _ => run(kernel, MatRef::row_major(&abf, k, m).t(), MatRef::row_major(&bf32, k, n), &mut c, t),
                 });
                 println!("{:<38} {:>16} {:>12} {:>8} {:>10.1} {:>10.1}", cs.name, format!("{m}x{k}x{n}"), format!("{kernel:?}"), t, g.0, g.1);
             }

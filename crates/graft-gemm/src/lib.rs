@@ -112,6 +112,11 @@ fn amx_available() -> bool {
 pub trait Element: Copy + Send + Sync + 'static {
     /// Convert to bf16, round-to-nearest-even.
     fn to_bf16(self) -> half::bf16;
+
+    /// The slice's bf16 bits when the type is bf16 already (packing then only moves bits).
+    fn as_bits16(_data: &[Self]) -> Option<&[u16]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -125,6 +130,11 @@ impl Element for half::bf16 {
     #[inline(always)]
     fn to_bf16(self) -> half::bf16 {
         self
+    }
+
+    fn as_bits16(data: &[Self]) -> Option<&[u16]> {
+        // SAFETY: bf16 is a transparent u16.
+        Some(unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u16, data.len()) })
     }
 }
 
@@ -325,8 +335,8 @@ fn gemm_blocked<A: Element, B: Element>(kernel: Kernel, a: &MatRef<A>, b: &MatRe
     let (kc_blk, mb, nb) = tune();
     let kc_max = round_up(k.min(kc_blk), 32);
     // u32 storage: 4-byte aligned pairs for pack_pairs; the AMX A layout views it as u16.
-    let mut apack = vec![0u32; mp * kc_max / 2];
-    let mut bpack = vec![0u32; np * kc_max / 2];
+    let mut apack = PackBuf::take(&PACK_A, mp * kc_max / 2);
+    let mut bpack = PackBuf::take(&PACK_B, np * kc_max / 2);
     let cptr = CPtr(c.as_mut_ptr());
     let (mtasks, ntasks) = (m.div_ceil(mb), n.div_ceil(nb));
 
@@ -336,15 +346,15 @@ fn gemm_blocked<A: Element, B: Element>(kernel: Kernel, a: &MatRef<A>, b: &MatRe
         let kcp = round_up(kc, 32);
         let panel = 8 * kcp; // u32s per 16-wide panel
                              // Pack B: 16-column panels, rows k and k+1 interleaved (same layout for both kernels).
-        bpack[..np * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| pack::pack_pairs(b, k0, kc, p * 16, dst));
+        bpack.0[..np * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| pack_panel(PanelKind::Pairs, b, k0, kc, p * 16, dst));
         // Pack A: 16-row panels, layout depends on the kernel.
         let at = a.t();
-        apack[..mp * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| match kernel {
-            Kernel::Amx => pack::pack_a_amx(a, k0, kc, p * 16, as_u16(dst)),
-            Kernel::Avx512Bf16 => pack::pack_pairs(&at, k0, kc, p * 16, dst),
+        apack.0[..mp * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| match kernel {
+            Kernel::Amx => pack_panel(PanelKind::AmxA, a, k0, kc, p * 16, dst),
+            Kernel::Avx512Bf16 => pack_panel(PanelKind::Pairs, &at, k0, kc, p * 16, dst),
         });
         let load_c = !(overwrite_first && k0 == 0);
-        let (ap, bp) = (as_u16_ref(&apack), as_u16_ref(&bpack));
+        let (ap, bp) = (as_u16_ref(&apack.0), as_u16_ref(&bpack.0));
         (0..mtasks * ntasks).into_par_iter().for_each(|t| {
             // Neighbouring tasks share one operand's block (kept in cache) and stream the other;
             // stream the operand whose whole packed K block is the smaller (more likely cached).
@@ -364,6 +374,82 @@ fn gemm_blocked<A: Element, B: Element>(kernel: Kernel, a: &MatRef<A>, b: &MatRe
             }
         });
         k0 += kc;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum PanelKind {
+    Pairs,
+    AmxA,
+}
+
+/// Packs one panel, in code built for AVX-512 where the CPU has it (both kernels' CPUs do): the
+/// conversion loops then run 16 lanes wide, and bf16 weights used transposed go through a
+/// register transpose.
+fn pack_panel<T: Element>(kind: PanelKind, v: &MatRef<T>, k0: usize, kc: usize, n0: usize, dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_available() {
+        // SAFETY: AVX-512F/BW/VL were detected on this CPU.
+        return unsafe { pack_panel_avx512(kind, v, k0, kc, n0, dst) };
+    }
+    pack_panel_plain(kind, v, k0, kc, n0, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_panel_avx512<T: Element>(kind: PanelKind, v: &MatRef<T>, k0: usize, kc: usize, n0: usize, dst: &mut [u32]) {
+    pack_panel_plain(kind, v, k0, kc, n0, dst)
+}
+
+#[inline(always)]
+fn pack_panel_plain<T: Element>(kind: PanelKind, v: &MatRef<T>, k0: usize, kc: usize, n0: usize, dst: &mut [u32]) {
+    match kind {
+        PanelKind::Pairs => pack::pack_pairs(v, k0, kc, n0, dst),
+        PanelKind::AmxA => pack::pack_a_amx(v, k0, kc, n0, as_u16(dst)),
+    }
+}
+
+pub(crate) fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static A: OnceLock<bool> = OnceLock::new();
+        *A.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+thread_local! {
+    static PACK_A: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACK_B: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A packing buffer kept by the calling thread between products, so that a product neither
+/// allocates nor clears one (packing writes every element the kernels read, padding included).
+/// A nested product on the same thread (rayon may run one while this one waits) finds the slot
+/// empty and gets a fresh buffer.
+struct PackBuf(Vec<u32>, &'static std::thread::LocalKey<std::cell::Cell<Vec<u32>>>);
+
+impl PackBuf {
+    fn take(slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<u32>>>, len: usize) -> Self {
+        let mut v = slot.take();
+        if v.len() < len {
+            v = vec![0; len];
+        }
+        PackBuf(v, slot)
+    }
+}
+
+impl Drop for PackBuf {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        // Keep the larger of this buffer and one a nested product may have left.
+        self.1.with(|c| {
+            let other = c.take();
+            c.set(if other.len() > v.len() { other } else { v });
+        });
     }
 }
 

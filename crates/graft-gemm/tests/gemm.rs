@@ -153,6 +153,20 @@ fn half_types() {
 }
 
 #[test]
+fn bf16_weight_used_transposed() {
+    // The register-transpose packing path: bf16 B with K contiguous (a [n, k] weight used as
+    // W^T), full 16-column panels, several 16-pair tiles, a K remainder of odd length, two K
+    // blocks, and a partial last panel that takes the scalar path.
+    for kernel in kernels() {
+        for (m, k, n) in [(37, 1100, 48), (5, 65, 16), (33, 97, 40)] {
+            for beta in [0.0, 1.0] {
+                check(kernel, m, k, n, Layout::RowMajor, Layout::ColMajor, beta, |x| x, bf16::from_f32, 21);
+            }
+        }
+    }
+}
+
+#[test]
 fn zero_sizes() {
     for kernel in kernels() {
         let a = [1.0f32; 12];
