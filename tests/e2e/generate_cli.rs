@@ -86,3 +86,24 @@ fn layers_of_the_builtin_sdxl_config() {
     assert!(layers.iter().any(|l| l.name == "text_encoder_2.text_model.encoder.layers.31.mlp.fc2"));
     graft(&["layers", "--filter", "unet.mid_block.*attn2.to_k"]).unwrap();
 }
+
+#[test]
+fn the_last_batch_frees_the_text_encoders_and_the_unet_and_draws_the_same_image() {
+    use graft_sdxl::{GenerateParams, PipelineHooks, SdxlModel};
+    let dir = tiny_model();
+    let dev = candle_core::Device::Cpu;
+    let params = GenerateParams { prompt: "a cat".into(), width: 64, height: 64, steps: 2, seed: 3, ..Default::default() };
+    let kept = SdxlModel::load(&dir, None, &dev).unwrap();
+    let once = SdxlModel::load(&dir, None, &dev).unwrap();
+    let a = kept.generate_batch(std::slice::from_ref(&params), PipelineHooks::none(), &mut |_, _| {}).unwrap();
+    let b = once.generate_last_batch(std::slice::from_ref(&params), PipelineHooks::none(), &mut |_, _| {}).unwrap();
+    let pixels = |g: &graft_sdxl::pipeline::Generated| g.image.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(pixels(&a[0]), pixels(&b[0]), "freeing as it goes must not change the image");
+    assert!(!kept.text_encoders_released() && !kept.unet.registry().released());
+    assert!(once.text_encoders_released(), "the text encoders were not freed after encoding");
+    assert!(once.unet.registry().released(), "the UNet was not freed before the decode");
+    let err = once.generate(&params, PipelineHooks::none(), &mut |_, _| {}).err().expect("a freed UNet must refuse to denoise").to_string();
+    assert!(err.contains("load the model again"), "{err}");
+    // Text encoding alone still works: the encoders are read back from the files.
+    once.encode_prompts(&["a dog"], PipelineHooks::none()).unwrap();
+}

@@ -110,7 +110,7 @@ pub(crate) fn pack_a_amx<T: Element>(a: &MatRef<T>, k0: usize, kc: usize, m0: us
     }
     let mv = (a.rows - m0).min(16);
     let (rs, cs) = (a.row_stride, a.col_stride);
-    if cs == 1 && mv == 16 && kc % 32 == 0 {
+    if cs == 1 && mv == 16 && kc.is_multiple_of(32) {
         // Every element of the panel is written below: no padding to clear.
     } else {
         dst.fill(0);

@@ -201,6 +201,11 @@ impl HookRegistry {
         freed
     }
 
+    /// True after [`HookRegistry::release_linears`] (until [`HookRegistry::take_linears`]).
+    pub fn released(&self) -> bool {
+        self.weights.iter().flatten().next().is_some_and(|w| w.loaded().weight.elem_count() == 0)
+    }
+
     /// Puts `other`'s loaded linear weights (a fresh build of the same component) into this
     /// registry's shared slots, layer by layer.
     pub fn take_linears(&self, other: &HookRegistry) -> Result<()> {

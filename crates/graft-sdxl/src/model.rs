@@ -383,7 +383,9 @@ impl SdxlModel {
         if self.vae.source.is_none() {
             candle_core::bail!("this model was not loaded from files: its VAE cannot be released and read back");
         }
-        Ok(self.vae.loaded.write().unwrap_or_else(|e| e.into_inner()).take().is_some())
+        let released = self.vae.loaded.write().unwrap_or_else(|e| e.into_inner()).take().is_some();
+        return_freed_memory();
+        Ok(released)
     }
 
     /// True while the text encoders' weights are released ([`SdxlModel::release_text_encoders`]).
@@ -402,7 +404,17 @@ impl SdxlModel {
         if files.released.swap(true, Ordering::AcqRel) {
             return Ok(0);
         }
-        Ok(self.text_encoder.registry().release_linears() + self.text_encoder_2.registry().release_linears())
+        let freed = self.text_encoder.registry().release_linears() + self.text_encoder_2.registry().release_linears();
+        return_freed_memory();
+        Ok(freed)
+    }
+
+    /// Frees the UNet's linear and conv weights for good (a process's last generate, before its
+    /// decode): nothing reads them back, and the model cannot denoise again. Returns the bytes.
+    pub fn release_unet(&self) -> usize {
+        let freed = self.unet.registry().release_linears();
+        return_freed_memory();
+        freed
     }
 
     /// Reads the text encoders' weights back after [`SdxlModel::release_text_encoders`], in the
@@ -486,4 +498,16 @@ pub fn layers_of(config: &SdxlConfig) -> Result<Vec<LayerInfo>> {
     let te1 = ClipTextModel::new(shape_only(&dev).0, &config.text_encoder, Component::TextEncoder, false)?;
     let te2 = ClipTextModel::new(shape_only(&dev).0, &config.text_encoder_2, Component::TextEncoder2, true)?;
     Ok([unet.registry(), te1.registry(), te2.registry()].iter().flat_map(|r| r.layers().to_vec()).collect())
+}
+
+/// Hands the allocator's free memory back to the system. Weights are mostly a few MB each, so
+/// they live on the heap, which the host keeps untrimmed between training steps (see
+/// `host/src/runtime.rs`); after freeing whole components, trimming makes the freed gigabytes
+/// available to the next large allocations (a VAE decode's activations are mapped afresh).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

@@ -147,7 +147,34 @@ impl SdxlModel {
         hooks: PipelineHooks,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<Generated>> {
+        self.generate_batch_then(items, hooks, on_step, false)
+    }
+
+    /// [`SdxlModel::generate_batch`] as the model's last use in this process (the `graft
+    /// generate` command's last batch): the text encoders' weights are freed once the prompts
+    /// are encoded (when no adapter is in them; they are read back if asked for again), and the
+    /// UNet's weights before the VAE decodes, so the peak memory is that of the larger phase,
+    /// not of the whole model plus the decode. The model cannot denoise again afterwards.
+    pub fn generate_last_batch(
+        &self,
+        items: &[GenerateParams],
+        hooks: PipelineHooks,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Generated>> {
+        self.generate_batch_then(items, hooks, on_step, true)
+    }
+
+    fn generate_batch_then(
+        &self,
+        items: &[GenerateParams],
+        hooks: PipelineHooks,
+        on_step: &mut dyn FnMut(usize, usize),
+        last_use: bool,
+    ) -> Result<Vec<Generated>> {
         let Some(first) = items.first() else { return Ok(Vec::new()) };
+        if self.unet.registry().released() {
+            candle_core::bail!("this model's UNet weights were freed by its last generate (generate_last_batch): load the model again");
+        }
         if let Some(other) = items.iter().find(|p| !batchable(first, p)) {
             candle_core::bail!("a batch needs one size, step count, guidance and scheduler: `{}` and `{}` differ", first.prompt, other.prompt);
         }
@@ -195,6 +222,10 @@ impl SdxlModel {
         };
         let batch = if guided { 2 * n } else { n };
         let time_ids = self.time_ids(first.width, first.height, batch)?;
+        if last_use && self.text_encoder_files.is_some() && self.text_encoders_unhooked(hooks) {
+            let freed = self.release_text_encoders()?;
+            tracing::debug!("text encoders freed after encoding ({:.2} GB)", freed as f64 / 1e9);
+        }
 
         let timesteps = schedulers[0].timesteps().to_vec();
         for (step, &t) in timesteps.iter().enumerate() {
@@ -214,8 +245,20 @@ impl SdxlModel {
             }
             on_step(step + 1, timesteps.len());
         }
+        if last_use {
+            let freed = self.release_unet();
+            tracing::debug!("UNet weights freed before the decode ({:.2} GB)", freed as f64 / 1e9);
+        }
         let decoded = self.decode_latents(&Tensor::cat(&latents, 0)?)?;
         latents.into_iter().enumerate().map(|(i, latents)| Ok(Generated { image: decoded.narrow(0, i, 1)?, latents })).collect()
+    }
+
+    /// True when no adapter hooks a text encoder layer and none of their base weights is
+    /// overridden: their weights can then be freed and read back from the files unchanged.
+    fn text_encoders_unhooked(&self, hooks: PipelineHooks) -> bool {
+        [(&self.text_encoder, hooks.text_encoder), (&self.text_encoder_2, hooks.text_encoder_2)]
+            .into_iter()
+            .all(|(te, h)| te.registry().overridden().is_empty() && (0..te.registry().len()).all(|i| !h.attached(i)))
     }
 
     /// Latents (unscaled) -> image [b, 3, h, w] in [0, 1].

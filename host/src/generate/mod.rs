@@ -250,9 +250,14 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<Outcome> {
         let out = {
             let set_hooks = set.hooks();
             let hooks = files.hooks(set_hooks.pipeline());
-            model
-                .generate_batch(&items, hooks.pipeline(), &mut |step, _| bar.set_position((base + step * items.len()) as u64))
-                .with_context(|| format!("generating `{}`", jobs[i].written))?
+            let on_step = &mut |step, _| bar.set_position((base + step * items.len()) as u64);
+            // The last batch frees what it no longer needs as it goes (this process ends after it).
+            let out = if end == jobs.len() {
+                model.generate_last_batch(&items, hooks.pipeline(), on_step)
+            } else {
+                model.generate_batch(&items, hooks.pipeline(), on_step)
+            };
+            out.with_context(|| format!("generating `{}`", jobs[i].written))?
         };
         for failure in set.take_failures() {
             tracing::error!("{failure}");
