@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Error, Result};
 use graft_sdxl::rng::GraftRng;
 
 /// Where a parameter lives.
@@ -56,7 +58,7 @@ pub enum InitKind {
 }
 
 impl TryFrom<graft_abi::Init> for InitKind {
-    type Error = candle_core::Error;
+    type Error = Error;
 
     fn try_from(init: graft_abi::Init) -> Result<Self> {
         use graft_abi::InitKind as K;
@@ -66,9 +68,7 @@ impl TryFrom<graft_abi::Init> for InitKind {
             K::KAIMING_UNIFORM => InitKind::KaimingUniform { a: init.a },
             K::CONSTANT => InitKind::Constant(init.a),
             K::FROM_LAYER => InitKind::FromLayer,
-            other => candle_core::bail!(
-                "unknown parameter init kind `{other}` (this host knows zeros, normal, kaiming_uniform, constant, from_layer)"
-            ),
+            other => return Err(Error::UnknownInit(other.to_string())),
         })
     }
 }
@@ -197,7 +197,7 @@ impl ParamStore {
             InitKind::Constant(v) => vec![v as f32; n],
             InitKind::Normal { mean, std } => {
                 if std.is_nan() || std < 0.0 {
-                    candle_core::bail!("parameter {key}: normal init needs std >= 0, got {std}");
+                    return Err(Error::ParamInit { key: key.clone(), problem: format!("normal init needs std >= 0, got {std}") });
                 }
                 (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
             }
@@ -208,14 +208,17 @@ impl ParamStore {
                     [_, rest @ ..] => rest.iter().product(),
                 };
                 if fan_in == 0 {
-                    candle_core::bail!("parameter {key}: kaiming_uniform init needs a non-empty shape, got {shape:?}");
+                    return Err(Error::ParamInit {
+                        key: key.clone(),
+                        problem: format!("kaiming_uniform init needs a non-empty shape, got {shape:?}"),
+                    });
                 }
                 let gain = (2.0 / (1.0 + a * a)).sqrt();
                 let bound = gain * (3.0 / fan_in as f64).sqrt();
                 (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
             }
         };
-        Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)
+        Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 
     /// The parameter `key`: created with `shape` and `init` when missing, an error when it
@@ -224,7 +227,7 @@ impl ParamStore {
         let mut params = self.lock();
         if let Some(p) = params.get(key) {
             if p.var.as_tensor().dims() != shape {
-                candle_core::bail!("parameter {key} exists with shape {:?}, asked for {shape:?}", p.var.as_tensor().dims());
+                return Err(Error::ParamShape { key: key.clone(), have: p.var.as_tensor().dims().to_vec(), want: shape.to_vec() });
             }
             return Ok((p.clone(), false));
         }
@@ -246,12 +249,12 @@ impl ParamStore {
     pub fn set(&self, key: &ParamKey, value: &Tensor) -> Result<()> {
         let params = self.lock();
         let Some(p) = params.get(key) else {
-            candle_core::bail!("no parameter {key} in the store");
+            return Err(Error::NoParam(key.clone()));
         };
         if p.var.as_tensor().dims() != value.dims() {
-            candle_core::bail!("parameter {key} has shape {:?}, the new value {:?}", p.var.as_tensor().dims(), value.dims());
+            return Err(Error::ValueShape { key: key.clone(), have: p.var.as_tensor().dims().to_vec(), value: value.dims().to_vec() });
         }
-        p.var.set(&value.to_device(&self.device)?.to_dtype(self.dtype)?)
+        Ok(p.var.set(&value.to_device(&self.device)?.to_dtype(self.dtype)?)?)
     }
 
     /// Sets trainable / frozen for `name` of (strategy, layer), or all of the layer's
@@ -305,13 +308,24 @@ impl ParamStore {
             for spec in att.params.iter() {
                 let key = ParamKey::new(strategy, &att.layer, &spec.name);
                 if spec.name.is_empty() {
-                    candle_core::bail!("plan of strategy `{strategy}`: a parameter of layer `{}` has an empty name", att.layer);
+                    return Err(Error::Plan {
+                        strategy: strategy.to_string(),
+                        layer: Some(att.layer.to_string()),
+                        problem: format!("a parameter of layer `{}` has an empty name", att.layer),
+                    });
                 }
                 if !seen.insert(key.clone()) {
-                    candle_core::bail!("plan of strategy `{strategy}` declares parameter {key} twice");
+                    return Err(Error::Plan {
+                        strategy: strategy.to_string(),
+                        layer: Some(att.layer.to_string()),
+                        problem: format!("parameter {key} is declared twice"),
+                    });
                 }
-                let init = InitKind::try_from(spec.init)
-                    .map_err(|e| candle_core::Error::Msg(format!("plan of strategy `{strategy}`, parameter {key}: {e}")))?;
+                let init = InitKind::try_from(spec.init).map_err(|e| Error::Plan {
+                    strategy: strategy.to_string(),
+                    layer: Some(att.layer.to_string()),
+                    problem: format!("parameter {key}: {e}"),
+                })?;
                 let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
                 specs.push((key, shape, init, spec.group.to_string(), spec.trainable));
             }
