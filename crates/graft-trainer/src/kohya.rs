@@ -640,7 +640,7 @@ fn epochs_to_steps(config: &mut TrainConfig, graft: &mut toml::Table, e: &Epochs
         config.options.warmup_steps = (r * config.options.steps as f64).floor() as u64;
         set("warmup_steps", config.options.warmup_steps);
     }
-    Ok(Some(toml::to_string(graft)?))
+    Ok(Some(toml::to_string(graft).map_err(|e| Error::Internal(format!("writing the graft config: {e}")))?))
 }
 
 #[cfg(test)]
