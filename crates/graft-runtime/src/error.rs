@@ -1,6 +1,7 @@
 //! The runtime's errors: what failed, naming the strategy, layer, parameter, file or folder.
-//! Callers match on the kind; the `graft` binary prints the message with its causes
-//! (`{:#}`), the same text the runtime gave before it had a type of its own.
+//! Callers match on the kind. A variant that wraps another error (its `cause`) puts that
+//! error's text in its own message rather than behind `source()`, so `{}` is the whole story
+//! and the binary's `{:#}` does not say it twice.
 
 use std::path::PathBuf;
 
@@ -36,13 +37,9 @@ pub enum Error {
     /// A base-weight override refused by the layer's stack (popped under another owner's, ...).
     #[error(transparent)]
     Override(#[from] OverrideError),
-    /// A strategy could not be taken out of the model: `source` says which layer refused.
-    #[error("eject of strategy `{strategy}`")]
-    Eject {
-        strategy: String,
-        #[source]
-        source: OverrideError,
-    },
+    /// A strategy could not be taken out of the model: `cause` says which layer refused.
+    #[error("eject of strategy `{strategy}`: {cause}")]
+    Eject { strategy: String, cause: OverrideError },
     /// Eject while the set's adapters are fused.
     #[error("eject of strategy `{0}` while adapters are fused: unfuse first")]
     EjectFused(String),
@@ -61,31 +58,18 @@ pub enum Error {
     /// An init kind this host does not know.
     #[error("unknown parameter init kind `{0}` (this host knows zeros, normal, kaiming_uniform, constant, from_layer)")]
     UnknownInit(String),
-    /// Setting a parameter failed: `source` says why.
-    #[error("parameter {key}")]
-    SetParam {
-        key: ParamKey,
-        #[source]
-        source: Box<Error>,
-    },
+    /// Setting a parameter failed: `cause` says why.
+    #[error("parameter {key}: {cause}")]
+    SetParam { key: ParamKey, cause: Box<Error> },
     /// An adapter file that does not fit this model or cannot be used here.
     #[error("{}: {problem}", path.display())]
     AdapterFile { path: PathBuf, layer: Option<String>, problem: String },
     /// An adapter file's module that its format's checks refuse.
-    #[error("{}", path.display())]
-    AdapterModule {
-        path: PathBuf,
-        #[source]
-        source: candle_core::Error,
-    },
-    /// An adapter file's entry or parameter that could not be used: `source` says why.
-    #[error("{}: {what}", path.display())]
-    InFile {
-        path: PathBuf,
-        what: String,
-        #[source]
-        source: Box<Error>,
-    },
+    #[error("{}: {cause}", path.display())]
+    AdapterModule { path: PathBuf, cause: candle_core::Error },
+    /// An adapter file's entry or parameter that could not be used: `cause` says why.
+    #[error("{}: {what}: {cause}", path.display())]
+    InFile { path: PathBuf, what: String, cause: Box<Error> },
     /// An adapter file that could not be read (the reader's message names the file).
     #[error(transparent)]
     Read(candle_core::Error),
@@ -96,13 +80,8 @@ pub enum Error {
     #[error("adapter `{name}`: weights must be finite numbers, got te {te}, unet {unet}")]
     AdapterWeights { name: String, te: f64, unet: f64 },
     /// A file or folder that cannot be read, or a watcher that cannot start.
-    #[error("{what}")]
-    Io {
-        what: String,
-        path: Option<PathBuf>,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    #[error("{what}: {cause}")]
+    Io { what: String, path: Option<PathBuf>, cause: Box<dyn std::error::Error + Send + Sync> },
     /// A config file or flag that cannot be used.
     #[error("{0}")]
     Config(String),

@@ -1,6 +1,7 @@
 //! The trainer's errors that are not tensor errors: what was wrong, in words that name the
-//! key, file or group, and what to do. Callers see the kind; the binary prints the message
-//! with its causes (`{:#}`).
+//! key, file or group, and what to do. Callers see the kind. A variant that wraps another
+//! error (its `cause`) puts that error's text in its own message rather than behind
+//! `source()`, so `{}` is the whole story and the binary's `{:#}` does not say it twice.
 
 use std::path::{Path, PathBuf};
 
@@ -29,30 +30,17 @@ pub enum Error {
     #[error("{0}")]
     Export(String),
     /// A file or folder that cannot be read, written or parsed; `what` names it.
-    #[error("{what}")]
-    Io {
-        what: String,
-        path: PathBuf,
-        #[source]
-        source: Cause,
-    },
+    #[error("{what}: {cause}")]
+    Io { what: String, path: PathBuf, cause: Cause },
     /// The model could not be loaded.
-    #[error("loading model {}", path.display())]
-    Model {
-        path: PathBuf,
-        #[source]
-        source: candle_core::Error,
-    },
+    #[error("loading model {}: {cause}", path.display())]
+    Model { path: PathBuf, cause: candle_core::Error },
     /// The runtime failed: a plugin, the adapter set, the parameter store.
     #[error(transparent)]
     Runtime(#[from] graft_runtime::Error),
-    /// Where an error happened (a step, a line of a file, a layer, a sample): `source` says what.
-    #[error("{what}")]
-    At {
-        what: String,
-        #[source]
-        source: Box<Error>,
-    },
+    /// Where an error happened (a step, a line of a file, a layer, a sample): `cause` says what.
+    #[error("{what}: {cause}")]
+    At { what: String, cause: Box<Error> },
     /// A broken invariant of graft itself.
     #[error("{0}")]
     Internal(String),
@@ -70,14 +58,14 @@ impl From<graft_runtime::plugins::PluginError> for Error {
 impl Error {
     /// This error, as happening at `what` (a step, a line, a layer).
     pub fn at(self, what: impl Into<String>) -> Error {
-        Error::At { what: what.into(), source: Box::new(self) }
+        Error::At { what: what.into(), cause: Box::new(self) }
     }
 }
 
 /// For `map_err`: a read / write / parse failure of `path`, described by `what`.
 pub(crate) fn io<E: Into<Cause>>(what: impl Into<String>, path: &Path) -> impl FnOnce(E) -> Error {
     let (what, path) = (what.into(), path.to_path_buf());
-    move |e| Error::Io { what, path, source: e.into() }
+    move |e| Error::Io { what, path, cause: e.into() }
 }
 
 /// `Result::context` for the trainer's errors: says where an error happened.

@@ -148,7 +148,7 @@ impl Trainer {
     /// Loads the model and dataset, creates the strategy from its plugin and plans it.
     pub fn new(config: TrainConfig, plugins: PluginManager, device: &Device) -> Result<Self> {
         let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), device, config.options.dtype)
-            .map_err(|source| Error::Model { path: config.model.clone(), source })?;
+            .map_err(|cause| Error::Model { path: config.model.clone(), cause })?;
         tracing::info!("{}", graft_sdxl::precision::describe(model.weight_dtype(), &model.device));
         Self::with_model(config, Arc::new(model), plugins)
     }

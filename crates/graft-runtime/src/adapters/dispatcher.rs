@@ -387,7 +387,7 @@ impl AdapterSet {
                 let mut cx = self.cx(&mut rng);
                 instance.init_param(&mut cx, self.layer(g), base.as_ref(), &key.name, &p.dims())?
             };
-            self.store.set(key, &value).map_err(|e| Error::SetParam { key: key.clone(), source: Box::new(e) })?;
+            self.store.set(key, &value).map_err(|e| Error::SetParam { key: key.clone(), cause: Box::new(e) })?;
         }
         Ok(())
     }
@@ -403,7 +403,7 @@ impl AdapterSet {
         }
         let id = self.holder.id();
         let mine = |o: &Owner| o.holder() == id && o.part() == Some(s.0);
-        let refused = |source| Error::Eject { strategy: name.clone(), source };
+        let refused = |cause| Error::Eject { strategy: name.clone(), cause };
         for shared in self.weights.iter().flatten() {
             shared.check_pop_all(mine).map_err(refused)?;
         }

@@ -255,7 +255,7 @@ impl FileAdapters {
                 return Err(file_error(path, layer, format!("layer `{}` is an attention module, not a linear or conv layer", module.layer)));
             };
             let (inp, out) = (slot.info.in_features, slot.info.out_features);
-            let refused = |source| Error::AdapterModule { path: path.to_path_buf(), source };
+            let refused = |cause| Error::AdapterModule { path: path.to_path_buf(), cause };
             module.validate(Some((inp, out))).map_err(refused)?;
             module.validate_kernel(slot.info.conv.map(|k| k.kernel)).map_err(refused)?;
             if slot.info.conv.is_some() && module.dora_scale.is_some() {
@@ -673,7 +673,7 @@ pub fn add_native(
         warnings.push(format!("written by {} {}, read with {} {}", info.strategy, info.version, plugin.manifest.id, plugin.manifest.version));
     }
     let config = if info.config.is_null() { "{}".to_string() } else { info.config.to_string() };
-    let in_file = |what: String| move |e: Error| Error::InFile { path: path.to_path_buf(), what, source: Box::new(e) };
+    let in_file = |what: String| move |e: Error| Error::InFile { path: path.to_path_buf(), what, cause: Box::new(e) };
     let instance = StrategyInstance::new(plugin, Some(name), &config).map_err(|e| file_error(path, None, e.to_string()))?;
     let (s, _) = set.add(instance, te_weight, unet_weight).map_err(in_file(format!("strategy `{}`", info.strategy)))?;
     let mut planned: BTreeSet<ParamKey> = set.store().params(Some(name)).into_iter().map(|(k, _)| k).collect();

@@ -368,7 +368,7 @@ impl PluginManager {
         let mut debouncer = new_debouncer(DEBOUNCE, None, tx).map_err(|e| crate::Error::Io {
             what: "cannot start the plugin folder watcher".to_string(),
             path: None,
-            source: Box::new(e),
+            cause: Box::new(e),
         })?;
         for d in &self.dirs {
             if !d.path.is_dir() {
@@ -378,7 +378,7 @@ impl PluginManager {
             debouncer.watch(&d.path, RecursiveMode::NonRecursive).map_err(|e| crate::Error::Io {
                 what: format!("cannot watch plugin folder {}", d.path.display()),
                 path: Some(d.path.clone()),
-                source: Box::new(e),
+                cause: Box::new(e),
             })?;
         }
         self.watcher = Some(DirWatcher { _debouncer: debouncer, rx });
