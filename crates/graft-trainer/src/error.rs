@@ -34,7 +34,7 @@ pub enum Error {
     Io { what: String, path: PathBuf, cause: Cause },
     /// The model could not be loaded.
     #[error("loading model {}: {cause}", path.display())]
-    Model { path: PathBuf, cause: candle_core::Error },
+    Model { path: PathBuf, cause: graft_sdxl::LoadError },
     /// The runtime failed: a plugin, the adapter set, the parameter store.
     #[error(transparent)]
     Runtime(#[from] graft_runtime::Error),
