@@ -13,9 +13,10 @@ use crate::plugins::PluginError;
 /// An error of the adapter set, the file adapters, the parameter store or the plugin loader.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A plugin entry point failed (or returned something the host cannot use).
+    /// A plugin entry point failed (or returned something the host cannot use). Boxed, as
+    /// the variants below with a parameter key: they would make every `Result` large.
     #[error(transparent)]
-    Plugin(#[from] PluginError),
+    Plugin(Box<PluginError>),
     /// No active plugin has this id; the message lists what was found and what failed.
     #[error("{message}")]
     NoPlugin { id: String, message: String },
@@ -39,7 +40,7 @@ pub enum Error {
     Override(#[from] OverrideError),
     /// A strategy could not be taken out of the model: `cause` says which layer refused.
     #[error("eject of strategy `{strategy}`: {cause}")]
-    Eject { strategy: String, cause: OverrideError },
+    Eject { strategy: String, cause: Box<OverrideError> },
     /// Eject while the set's adapters are fused.
     #[error("eject of strategy `{0}` while adapters are fused: unfuse first")]
     EjectFused(String),
@@ -48,10 +49,10 @@ pub enum Error {
     NoParam(ParamKey),
     /// A parameter asked for in another shape than it has.
     #[error("parameter {key} exists with shape {have:?}, asked for {want:?}")]
-    ParamShape { key: ParamKey, have: Vec<usize>, want: Vec<usize> },
+    ParamShape { key: Box<ParamKey>, have: Vec<usize>, want: Vec<usize> },
     /// A value for a parameter in another shape than it has.
     #[error("parameter {key} has shape {have:?}, the new value {value:?}")]
-    ValueShape { key: ParamKey, have: Vec<usize>, value: Vec<usize> },
+    ValueShape { key: Box<ParamKey>, have: Vec<usize>, value: Vec<usize> },
     /// An init a parameter cannot be made with.
     #[error("parameter {key}: {problem}")]
     ParamInit { key: ParamKey, problem: String },
@@ -88,6 +89,12 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+impl From<PluginError> for Error {
+    fn from(e: PluginError) -> Self {
+        Error::Plugin(Box::new(e))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

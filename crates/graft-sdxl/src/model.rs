@@ -75,7 +75,8 @@ impl SdxlConfig {
         }
         let scheduler_path = dir.join("scheduler/scheduler_config.json");
         let scheduler = if scheduler_path.is_file() {
-            SchedulerConfig::from_file(&scheduler_path).map_err(|e| LoadError::Config { path: scheduler_path.clone(), message: e.to_string() })?
+            SchedulerConfig::from_file(&scheduler_path)
+                .map_err(|e| LoadError::Config { path: scheduler_path.clone(), message: e.to_string() })?
         } else {
             SchedulerConfig::sdxl_base()
         };
@@ -207,8 +208,8 @@ fn component_files(dir: &Path, stem: &str) -> std::result::Result<Vec<PathBuf>, 
         }
         let index = dir.join(format!("{name}.index.json"));
         if index.is_file() {
-            let json: serde_json::Value = serde_json::from_str(&read_text(&index)?)
-                .map_err(|e| file_error(&index, format!("invalid index ({e})")))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&read_text(&index)?).map_err(|e| file_error(&index, format!("invalid index ({e})")))?;
             let mut shards: Vec<String> =
                 json["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
             shards.sort();
@@ -250,7 +251,13 @@ impl SdxlModel {
         }
     }
 
-    fn load_diffusers(dir: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path, dtype: WeightDtype) -> std::result::Result<Self, LoadError> {
+    fn load_diffusers(
+        dir: &Path,
+        config: SdxlConfig,
+        device: &Device,
+        tok_dir: &Path,
+        dtype: WeightDtype,
+    ) -> std::result::Result<Self, LoadError> {
         let src = |sub: &str, stem: &str| -> std::result::Result<TensorSource, LoadError> {
             Ok(TensorSource::new(component_files(&dir.join(sub), stem)?, dir.join(sub).display().to_string())?.with_dtype(dtype))
         };
@@ -270,7 +277,13 @@ impl SdxlModel {
         Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device, source, text_encoder_files })
     }
 
-    fn load_single_file(file: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path, dtype: WeightDtype) -> std::result::Result<Self, LoadError> {
+    fn load_single_file(
+        file: &Path,
+        config: SdxlConfig,
+        device: &Device,
+        tok_dir: &Path,
+        dtype: WeightDtype,
+    ) -> std::result::Result<Self, LoadError> {
         let desc = file.display().to_string();
         let files = open_safetensors(&[file.to_path_buf()])?;
         let keys: Vec<String> = files.tensors().into_iter().map(|(k, _)| k).collect();

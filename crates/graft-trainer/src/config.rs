@@ -181,7 +181,10 @@ impl TrainConfig {
     fn sample_scheduler(&self) -> Result<Option<String>> {
         let Some(name) = &self.options.sample_sampler else { return Ok(None) };
         let s = crate::samples::sampler_to_scheduler(name).ok_or_else(|| {
-            Error::Config(format!("`sample_sampler = \"{name}\"` is not a sampler graft has; use one of {}", crate::samples::SAMPLERS.join(", ")))
+            Error::Config(format!(
+                "`sample_sampler = \"{name}\"` is not a sampler graft has; use one of {}",
+                crate::samples::SAMPLERS.join(", ")
+            ))
         })?;
         Ok(Some(s.to_string()))
     }
@@ -226,7 +229,11 @@ impl TrainConfig {
             return Err(Error::Config("`gradient_accumulation` must be at least 1".to_string()));
         }
         match (&self.dataset.dir, &self.dataset.config) {
-            (None, None) => return Err(Error::Config("[dataset] needs `dir` (a folder of images and captions) or `config` (a kohya dataset TOML)".to_string())),
+            (None, None) => {
+                return Err(Error::Config(
+                    "[dataset] needs `dir` (a folder of images and captions) or `config` (a kohya dataset TOML)".to_string(),
+                ))
+            }
             (Some(_), Some(_)) => return Err(Error::Config("[dataset] has both `dir` and `config`: keep one".to_string())),
             _ => {}
         }
@@ -245,7 +252,7 @@ impl TrainConfig {
 
     /// `optimizer` and `[optimizer_args]`, checked.
     pub fn optimizer_spec(&self) -> Result<crate::optim::OptimizerSpec> {
-        Ok(crate::optim::OptimizerSpec::parse(&self.options.optimizer, &self.options.optimizer_args)?)
+        crate::optim::OptimizerSpec::parse(&self.options.optimizer, &self.options.optimizer_args)
     }
 
     /// The plugin's config as JSON.

@@ -35,9 +35,9 @@ pub enum Error {
     /// The model could not be loaded.
     #[error("loading model {}: {cause}", path.display())]
     Model { path: PathBuf, cause: graft_sdxl::LoadError },
-    /// The runtime failed: a plugin, the adapter set, the parameter store.
+    /// The runtime failed: a plugin, the adapter set, the parameter store (boxed: it is large).
     #[error(transparent)]
-    Runtime(#[from] graft_runtime::Error),
+    Runtime(Box<graft_runtime::Error>),
     /// Where an error happened (a step, a line of a file, a layer, a sample): `cause` says what.
     #[error("{what}: {cause}")]
     At { what: String, cause: Box<Error> },
@@ -49,9 +49,15 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
 }
 
+impl From<graft_runtime::Error> for Error {
+    fn from(e: graft_runtime::Error) -> Self {
+        Error::Runtime(Box::new(e))
+    }
+}
+
 impl From<graft_runtime::plugins::PluginError> for Error {
     fn from(e: graft_runtime::plugins::PluginError) -> Self {
-        Error::Runtime(e.into())
+        Error::Runtime(Box::new(e.into()))
     }
 }
 

@@ -60,14 +60,16 @@ pub struct StrategySource {
 /// Writes the adapter files of strategy `s` of `set` into `out_dir` (see the module docs) and
 /// returns their paths. `name` is the file stem and the kohya `ss_output_name`.
 pub fn export_strategy(set: &AdapterSet, s: StrategyId, out_dir: &Path, name: &str, meta: &ExportMeta) -> Result<Vec<PathBuf>> {
-    let st = set.strategies().get(s.index()).ok_or_else(|| {
-        Error::Internal(format!("export: there is no strategy number {} ({} in use)", s.index(), set.strategies().len()))
-    })?;
+    let st = set
+        .strategies()
+        .get(s.index())
+        .ok_or_else(|| Error::Internal(format!("export: there is no strategy number {} ({} in use)", s.index(), set.strategies().len())))?;
     let manifest = st.instance.manifest();
     let source = StrategySource { id: manifest.id.clone(), version: manifest.version.clone(), config: st.instance.config().to_string() };
     let exported = set.export(s).at(|| format!("export of strategy `{}`", st.name()))?;
     let base = set.base_diffs(s)?;
-    write_exports(&source, &exported, &base, set.layers(), out_dir, name, meta).at(|| format!("export of strategy `{}` to {}", st.name(), out_dir.display()))
+    write_exports(&source, &exported, &base, set.layers(), out_dir, name, meta)
+        .at(|| format!("export of strategy `{}` to {}", st.name(), out_dir.display()))
 }
 
 /// The file-writing half of [`export_strategy`], on what a strategy exported: `exported` layer by
@@ -84,7 +86,10 @@ pub fn write_exports(
 ) -> Result<Vec<PathBuf>> {
     crate::names::check_name("output name", name)?;
     if exported.is_empty() && base_diffs.is_empty() {
-        return Err(Error::Export(format!("strategy `{}` exported nothing: no layer gave an export and no base weight was unfrozen", source.id)));
+        return Err(Error::Export(format!(
+            "strategy `{}` exported nothing: no layer gave an export and no base weight was unfrozen",
+            source.id
+        )));
     }
     let info = |layer: &str| -> Result<&abi::LayerInfo> {
         layers.iter().find(|l| l.name() == layer).ok_or_else(|| Error::Export(format!("layer `{layer}` is not a hook point of this model")))
@@ -243,7 +248,9 @@ fn module_of(layer: &str, e: &ExportedLayer) -> Result<ModuleWeights> {
             }
             ModuleWeights { layer: layer.to_string(), weights: AdapterWeights::Native { tensors: all }, dora_scale: None }
         }
-        other => return Err(Error::Export(format!("export family `{other}` cannot be written by this host (it writes `lora`, `diff` and `native`)"))),
+        other => {
+            return Err(Error::Export(format!("export family `{other}` cannot be written by this host (it writes `lora`, `diff` and `native`)")))
+        }
     };
     if !tensors.is_empty() {
         let names: Vec<&str> = tensors.keys().copied().collect();

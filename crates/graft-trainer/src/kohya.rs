@@ -255,7 +255,7 @@ impl Keys {
     fn u64(&mut self, key: &str) -> Result<Option<u64>> {
         match self.f64(key)? {
             Some(x) if x >= 0.0 && x.fract() == 0.0 => Ok(Some(x as u64)),
-            Some(x) => return Err(Error::Config(format!("`{key} = {x}`: expected a whole number >= 0"))),
+            Some(x) => Err(Error::Config(format!("`{key} = {x}`: expected a whole number >= 0"))),
             None => Ok(None),
         }
     }
@@ -266,7 +266,7 @@ impl Keys {
             Some(Value::Boolean(b)) => Ok(b),
             Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(true),
             Some(Value::String(s)) if s.eq_ignore_ascii_case("false") || s.is_empty() => Ok(false),
-            Some(v) => return Err(Error::Config(format!("`{key} = {v}`: expected true or false"))),
+            Some(v) => Err(Error::Config(format!("`{key} = {v}`: expected true or false"))),
         }
     }
 
@@ -275,7 +275,7 @@ impl Keys {
             None => Ok(None),
             Some(Value::String(s)) if s.is_empty() => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => return Err(Error::Config(format!("`{key} = {v}`: expected a string"))),
+            Some(v) => Err(Error::Config(format!("`{key} = {v}`: expected a string"))),
         }
     }
 
@@ -289,7 +289,7 @@ impl Keys {
                 .into_iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s),
-                    v => return Err(Error::Config(format!("`{key}` item {v}: expected a \"name=value\" string"))),
+                    v => Err(Error::Config(format!("`{key}` item {v}: expected a \"name=value\" string"))),
                 })
                 .collect::<Result<_>>()?,
             Some(v) => return Err(Error::Config(format!("`{key} = {v}`: expected a list of \"name=value\" strings"))),
@@ -299,7 +299,7 @@ impl Keys {
             .filter(|s| !s.is_empty())
             .map(|item| match item.split_once('=') {
                 Some((k, v)) => Ok((k.trim().to_string(), v.trim().to_string())),
-                None => return Err(Error::Config(format!("`{key}` item \"{item}\": expected name=value"))),
+                None => Err(Error::Config(format!("`{key}` item \"{item}\": expected name=value"))),
             })
             .collect()
     }
@@ -310,7 +310,7 @@ fn number(v: &Value) -> Result<f64> {
         Value::Integer(i) => Ok(*i as f64),
         Value::Float(f) => Ok(*f),
         Value::String(s) => s.trim().parse::<f64>().map_err(|_| Error::Config(format!("\"{s}\" is not a number"))),
-        _ => return Err(Error::Config("not a number".to_string())),
+        _ => Err(Error::Config("not a number".to_string())),
     }
 }
 
@@ -357,7 +357,7 @@ fn resolution(v: &Value) -> Result<i64> {
             "`resolution = {v}`: graft trains at a square base resolution; use \"{m},{m}\" (buckets give other shapes of the same area)",
             m = (w * h).isqrt()
         ))),
-        _ => return Err(Error::Config(format!("`resolution = {v}`: expected \"SIZE\" or \"WIDTH,HEIGHT\""))),
+        _ => Err(Error::Config(format!("`resolution = {v}`: expected \"SIZE\" or \"WIDTH,HEIGHT\""))),
     }
 }
 
@@ -408,10 +408,13 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
         Some(v) => {
             dataset.insert("resolution".into(), Value::Integer(resolution(&v)?));
         }
-        None if !dataset.contains_key("config") => return Err(Error::Config(format!("`resolution` is missing: kohya needs it with train_data_dir (e.g. \"1024,1024\")"))),
+        None if !dataset.contains_key("config") => {
+            return Err(Error::Config("`resolution` is missing: kohya needs it with train_data_dir (e.g. \"1024,1024\")".to_string()))
+        }
         None => {}
     }
-    let out = keys.string("output_dir")?.ok_or_else(|| Error::Config("`output_dir` is missing: name the folder for the LoRA files".to_string()))?;
+    let out =
+        keys.string("output_dir")?.ok_or_else(|| Error::Config("`output_dir` is missing: name the folder for the LoRA files".to_string()))?;
     graft.insert("output_dir".into(), path_value(cwd, &out));
     graft.insert("output_name".into(), Value::String(keys.string("output_name")?.unwrap_or_else(|| "last".into())));
     if let Some(f) = keys.string("save_model_as")? {
@@ -467,7 +470,11 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
                 [] => lr,
                 [x] => *x,
                 [a, b] if a == b => *a,
-                _ => return Err(Error::Config(format!("`text_encoder_lr = {v:?}`: graft gives both text encoders one learning rate; give one value"))),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "`text_encoder_lr = {v:?}`: graft gives both text encoders one learning rate; give one value"
+                    )))
+                }
             }
         }
         Some(v) => number(&v).at(|| format!("`text_encoder_lr = {v}`: expected a number"))?,

@@ -95,10 +95,8 @@ impl LossLog {
             text.push_str(&line(e)?);
         }
         graft_formats::write::write_atomic(path, text.as_bytes()).map_err(|e| Error::State(e.to_string()))?;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(io(format!("{}: cannot open the loss log", path.display()), path))?;
+        let file =
+            std::fs::OpenOptions::new().append(true).open(path).map_err(io(format!("{}: cannot open the loss log", path.display()), path))?;
         Ok(Self { path: path.to_path_buf(), file })
     }
 

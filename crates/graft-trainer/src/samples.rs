@@ -195,15 +195,11 @@ pub fn sample_file_name(stem: &str, index: usize, seed: u64) -> String {
 /// needs `&mut`), and back afterwards: in training mode strategies apply dropout and the images
 /// would not be the trained adapter's, so a set in training mode is an error. A strategy that fails while sampling is detached by the set as during training; its
 /// failure stays in `set.take_failures()` for the caller.
-pub fn render_samples(
-    model: &SdxlModel,
-    set: &AdapterSet,
-    prompts: &[SamplePrompt],
-    out_dir: &Path,
-    stem: &str,
-) -> Result<Vec<PathBuf>> {
+pub fn render_samples(model: &SdxlModel, set: &AdapterSet, prompts: &[SamplePrompt], out_dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     if set.is_training() {
-        return Err(Error::Sample("render_samples: the adapter set is in training mode (dropout on); call `set.set_training(false)` first".to_string()));
+        return Err(Error::Sample(
+            "render_samples: the adapter set is in training mode (dropout on); call `set.set_training(false)` first".to_string(),
+        ));
     }
     std::fs::create_dir_all(out_dir).map_err(io(format!("cannot create the sample folder {}", out_dir.display()), out_dir))?;
     let model_name = model.source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

@@ -28,8 +28,8 @@ use graft_sdxl::SdxlModel;
 
 use crate::cache::{EmbeddingCache, LatentCache};
 use crate::config::TrainConfig;
-use crate::error::{At, Error, Result};
 use crate::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
+use crate::error::{At, Error, Result};
 use crate::optim::{GradAccumulator, GroupConfig, Optimizer};
 use crate::options::CacheLatents;
 use crate::schedule::{LrSchedule, ScheduleKind};
@@ -818,7 +818,7 @@ pub(crate) fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
         }
         (None, None) => return Err(Error::Config("[dataset] needs `dir` or `config`".to_string())),
     };
-    Ok(Dataset::open(&ds_config, &OpenOptions { skip_bad: d.skip_bad, ..Default::default() })?)
+    Dataset::open(&ds_config, &OpenOptions { skip_bad: d.skip_bad, ..Default::default() })
 }
 
 #[cfg(test)]

@@ -403,7 +403,7 @@ impl AdapterSet {
         }
         let id = self.holder.id();
         let mine = |o: &Owner| o.holder() == id && o.part() == Some(s.0);
-        let refused = |cause| Error::Eject { strategy: name.clone(), cause };
+        let refused = |cause| Error::Eject { strategy: name.clone(), cause: Box::new(cause) };
         for shared in self.weights.iter().flatten() {
             shared.check_pop_all(mine).map_err(refused)?;
         }

@@ -227,7 +227,7 @@ impl ParamStore {
         let mut params = self.lock();
         if let Some(p) = params.get(key) {
             if p.var.as_tensor().dims() != shape {
-                return Err(Error::ParamShape { key: key.clone(), have: p.var.as_tensor().dims().to_vec(), want: shape.to_vec() });
+                return Err(Error::ParamShape { key: Box::new(key.clone()), have: p.var.as_tensor().dims().to_vec(), want: shape.to_vec() });
             }
             return Ok((p.clone(), false));
         }
@@ -252,7 +252,7 @@ impl ParamStore {
             return Err(Error::NoParam(key.clone()));
         };
         if p.var.as_tensor().dims() != value.dims() {
-            return Err(Error::ValueShape { key: key.clone(), have: p.var.as_tensor().dims().to_vec(), value: value.dims().to_vec() });
+            return Err(Error::ValueShape { key: Box::new(key.clone()), have: p.var.as_tensor().dims().to_vec(), value: value.dims().to_vec() });
         }
         Ok(p.var.set(&value.to_device(&self.device)?.to_dtype(self.dtype)?)?)
     }

@@ -47,9 +47,8 @@ struct PluginsSection {
 pub fn config_dirs(file: &Path) -> crate::Result<Vec<PathBuf>> {
     let io = |what: String, cause: Box<dyn std::error::Error + Send + Sync>| crate::Error::Io { what, path: Some(file.to_path_buf()), cause };
     let text = std::fs::read_to_string(file).map_err(|e| io(format!("cannot read config file {}", file.display()), e.into()))?;
-    let config: ConfigFile = toml::from_str(&text).map_err(|e| {
-        io(format!("config file {}: invalid [plugins] section (expected `dirs = [\"folder\", ...]`)", file.display()), e.into())
-    })?;
+    let config: ConfigFile = toml::from_str(&text)
+        .map_err(|e| io(format!("config file {}: invalid [plugins] section (expected `dirs = [\"folder\", ...]`)", file.display()), e.into()))?;
     let base = file.parent().unwrap_or(Path::new("."));
     Ok(config.plugins.map(|p| p.dirs).unwrap_or_default().into_iter().map(|d| base.join(d)).collect())
 }
