@@ -6,6 +6,28 @@ use std::path::PathBuf;
 
 use crate::tokenizer::TokenizerError;
 
+/// A component config (UNet, CLIP, VAE, scheduler) that cannot be read or used: the file (or
+/// built-in config) and what is wrong, naming the key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(file: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { file: file.into(), problem: problem.into() }
+    }
+}
+
+/// For callers that report candle errors (the models' builders): the same message.
+impl From<ConfigError> for candle_core::Error {
+    fn from(e: ConfigError) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
 /// Why [`SdxlModel::load`](crate::SdxlModel::load) or
 /// [`SdxlConfig::from_diffusers_folder`](crate::SdxlConfig::from_diffusers_folder) failed.
 #[derive(Debug, thiserror::Error)]
@@ -13,10 +35,9 @@ pub enum LoadError {
     /// A file or folder that is missing, cannot be read, or is not what an SDXL model needs.
     #[error("{}: {problem}", path.display())]
     File { path: PathBuf, problem: String },
-    /// A component config (`config.json`, `scheduler_config.json`) that cannot be used; the
-    /// message names the file and the key.
-    #[error("{message}")]
-    Config { path: PathBuf, message: String },
+    /// A component config (`config.json`, `scheduler_config.json`) that cannot be used.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// A tokenizer folder that cannot be read.
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),

@@ -25,7 +25,7 @@ pub mod unet;
 pub mod vae;
 pub mod varbuilder;
 
-pub use error::LoadError;
+pub use error::{ConfigError, LoadError};
 pub use hooks::{Component, ConvInfo, HookRegistry, Hooks, LayerInfo, LayerKind, NoHooks};
 pub use model::{SdxlConfig, SdxlModel};
 pub use pipeline::{GenerateParams, PipelineHooks};

@@ -15,7 +15,7 @@ use candle_core::{Device, Result};
 use candle_nn::VarBuilder;
 
 use crate::clip::{ClipConfig, ClipTextModel};
-use crate::error::LoadError;
+use crate::error::{ConfigError, LoadError};
 use crate::hooks::{Component, HookRegistry, LayerInfo};
 use crate::precision::WeightDtype;
 use crate::schedulers::SchedulerConfig;
@@ -44,8 +44,8 @@ fn file_error(path: &Path, problem: impl Into<String>) -> LoadError {
 }
 
 /// Reads a component config with its own validating parser (its message names the file).
-fn read_config<T>(path: &Path, parse: fn(&str, &str) -> Result<T>) -> std::result::Result<T, LoadError> {
-    parse(&read_text(path)?, &path.display().to_string()).map_err(|e| LoadError::Config { path: path.to_path_buf(), message: e.to_string() })
+fn read_config<T>(path: &Path, parse: fn(&str, &str) -> std::result::Result<T, ConfigError>) -> std::result::Result<T, LoadError> {
+    Ok(parse(&read_text(path)?, &path.display().to_string())?)
 }
 
 impl SdxlConfig {
@@ -74,12 +74,7 @@ impl SdxlConfig {
             ));
         }
         let scheduler_path = dir.join("scheduler/scheduler_config.json");
-        let scheduler = if scheduler_path.is_file() {
-            SchedulerConfig::from_file(&scheduler_path)
-                .map_err(|e| LoadError::Config { path: scheduler_path.clone(), message: e.to_string() })?
-        } else {
-            SchedulerConfig::sdxl_base()
-        };
+        let scheduler = if scheduler_path.is_file() { SchedulerConfig::from_file(&scheduler_path)? } else { SchedulerConfig::sdxl_base() };
         Ok(Self {
             unet,
             text_encoder: read_config(&dir.join("text_encoder/config.json"), ClipConfig::from_json_str)?,
