@@ -377,6 +377,12 @@ mod tests {
         assert!(e.contains("guidance"), "{e}");
         let e = err("a cat --s 0");
         assert!(e.contains("at least one step"), "{e}");
+        // The kind: a sample prompt problem, at a line of the file.
+        let e = parse_prompts("a cat --q 3", "prompts.txt", &defaults()).unwrap_err();
+        assert!(
+            matches!(&e, crate::error::Error::At { what, cause } if what.starts_with("prompts.txt:1") && matches!(**cause, crate::error::Error::Sample(_))),
+            "{e:?}"
+        );
     }
 
     #[test]

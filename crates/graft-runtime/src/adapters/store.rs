@@ -425,8 +425,30 @@ mod tests {
         assert!(created);
         let (_, created) = s.get_or_create(&key, &[2, 3], InitKind::Zeros, "g", true)?;
         assert!(!created);
-        let e = s.get_or_create(&key, &[3, 2], InitKind::Zeros, "g", true).unwrap_err().to_string();
-        assert!(e.contains("exists with shape [2, 3]"), "{e}");
+        let e = s.get_or_create(&key, &[3, 2], InitKind::Zeros, "g", true).unwrap_err();
+        assert!(matches!(&e, Error::ParamShape { key: k, have, want } if **k == key && have == &[2, 3] && want == &[3, 2]), "{e:?}");
+        assert!(e.to_string().contains("exists with shape [2, 3]"), "{e}");
+        Ok(())
+    }
+
+    /// The store's errors say which kind of problem, with the key or strategy and layer named.
+    #[test]
+    fn errors_are_typed_and_name_the_key() -> Result<()> {
+        let s = store();
+        let key = ParamKey::new("s", "l", "p");
+        let one = Tensor::ones(2, DType::F32, &Device::Cpu)?;
+        assert!(matches!(s.set(&key, &one), Err(Error::NoParam(k)) if k == key));
+        s.get_or_create(&key, &[3], InitKind::Zeros, "g", true)?;
+        let e = s.set(&key, &one).unwrap_err();
+        assert!(matches!(&e, Error::ValueShape { have, value, .. } if have == &[3] && value == &[2]), "{e:?}");
+        let e = s.init_tensor(&key, &[2], InitKind::Normal { mean: 0.0, std: -1.0 }).unwrap_err();
+        assert!(matches!(&e, Error::ParamInit { key: k, .. } if *k == key), "{e:?}");
+        assert_eq!(e.to_string(), "parameter s:l.p: normal init needs std >= 0, got -1");
+        let mut twice = plan(&[2, 5]);
+        let first = twice.attachments[0].params[0].clone();
+        twice.attachments[0].params.push(first);
+        let e = s.apply_plan("lora", &twice).unwrap_err();
+        assert!(matches!(&e, Error::Plan { strategy, layer: Some(l), .. } if strategy == "lora" && l == "unet.a"), "{e:?}");
         Ok(())
     }
 
