@@ -165,13 +165,13 @@ pub struct FileAdapters {
 }
 
 /// The SGM layout of a loaded model (kohya's UNet module names).
-pub fn model_layout(model: &SdxlModel) -> Result<SgmLayout> {
-    SgmLayout::from_configs(&model.config.unet, &model.config.vae, &model.config.text_encoder_2)
+pub fn model_layout(model: &SdxlModel) -> crate::Result<SgmLayout> {
+    Ok(SgmLayout::from_configs(&model.config.unet, &model.config.vae, &model.config.text_encoder_2)?)
 }
 
 impl FileAdapters {
     /// Nothing attached yet, over `model`'s hook points.
-    pub fn new(model: &SdxlModel) -> Result<Self> {
+    pub fn new(model: &SdxlModel) -> crate::Result<Self> {
         Ok(Self::from_registries(model.registries(), &model_layout(model)?, &model.device))
     }
 
