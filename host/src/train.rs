@@ -156,7 +156,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
         Err(_) => {
             let saved = session.save_stopped(None, &Quiet);
             let step = session.trainer.step;
-            return Err(ended.unwrap_err().context(format!("the run stopped at step {step}; saved {}", saved.describe())));
+            return Err(anyhow::Error::from(ended.unwrap_err()).context(format!("the run stopped at step {step}; saved {}", saved.describe())));
         }
     };
     let t = &session.trainer;

@@ -102,7 +102,7 @@ fn plans_on_the_tiny_model_and_on_sdxl() {
 }
 
 #[test]
-fn initial_values_follow_the_inits() -> candle_core::Result<()> {
+fn initial_values_follow_the_inits() -> graft_runtime::Result<()> {
     let m = gate_manager("plugin-gate-init");
     let layers = tiny_layers();
     let mut s = strategy(&m, "{}");
@@ -159,7 +159,7 @@ fn var(c: &Case, name: &str) -> Var {
 }
 
 #[test]
-fn forward_matches_candle_and_zero_b_is_the_identity() -> candle_core::Result<()> {
+fn forward_matches_candle_and_zero_b_is_the_identity() -> graft_runtime::Result<()> {
     let m = gate_manager("plugin-gate-forward");
     let mut s = strategy(&m, "{}");
     let c = case(&mut s, 5);

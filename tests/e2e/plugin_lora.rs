@@ -99,7 +99,7 @@ fn plans_on_the_tiny_model_and_on_sdxl() {
 }
 
 #[test]
-fn initial_values_follow_the_inits() -> candle_core::Result<()> {
+fn initial_values_follow_the_inits() -> graft_runtime::Result<()> {
     let m = lora_manager("plugin-lora-init");
     let layers = tiny_layers();
     for (config, gaussian) in [("{}", false), (r#"{"rank": 4, "init": "gaussian"}"#, true)] {
@@ -181,7 +181,7 @@ fn lora_term(c: &Case, lx_mask: Option<&Tensor>, m_scale: f64) -> Tensor {
 }
 
 #[test]
-fn forward_delta_weight_and_export_match_candle() -> candle_core::Result<()> {
+fn forward_delta_weight_and_export_match_candle() -> graft_runtime::Result<()> {
     let m = lora_manager("plugin-lora-forward");
     for (config, m_scale, alpha_out, up_scale) in [
         (r#"{"rank": 4, "alpha": 6, "multiplier": 0.7}"#, 0.7 * 6.0 / 4.0, 6.0, 0.7),
@@ -230,7 +230,7 @@ fn forward_delta_weight_and_export_match_candle() -> candle_core::Result<()> {
 }
 
 #[test]
-fn zero_initialised_up_leaves_the_output_unchanged() -> candle_core::Result<()> {
+fn zero_initialised_up_leaves_the_output_unchanged() -> graft_runtime::Result<()> {
     let m = lora_manager("plugin-lora-zero");
     let layers = tiny_layers();
     let mut s = strategy(&m, r#"{"dropout": 0.3, "rank_dropout": 0.2}"#);
@@ -261,7 +261,7 @@ fn keep_mask(rng: &mut GraftRng, shape: &[usize], p: f64) -> Tensor {
 }
 
 #[test]
-fn dropouts_follow_kohya_only_in_training_and_are_seeded() -> candle_core::Result<()> {
+fn dropouts_follow_kohya_only_in_training_and_are_seeded() -> graft_runtime::Result<()> {
     let m = lora_manager("plugin-lora-dropout");
     let (md, nd, rd) = (0.3, 0.2, 0.4);
     let config = format!(r#"{{"rank": 4, "alpha": 8, "module_dropout": {md}, "dropout": {nd}, "rank_dropout": {rd}}}"#);
@@ -361,7 +361,7 @@ fn tucker_by_position(up: &Tensor, mid: &Tensor, down: &Tensor) -> Tensor {
 }
 
 #[test]
-fn conv_adapters_plan_delta_and_export() -> candle_core::Result<()> {
+fn conv_adapters_plan_delta_and_export() -> graft_runtime::Result<()> {
     let m = lora_manager("plugin-lora-conv");
     let tiny = tiny_layers();
     let conv_layers = convs(&tiny);
@@ -545,7 +545,7 @@ fn record_for_check(
     let mut expected = std::collections::HashMap::new();
     let mut names = serde_json::Map::new();
     for module in &file.modules {
-        let g = set.layers().iter().position(|l| l.name() == module.layer).unwrap();
+        let g = set.layer_id(&module.layer).unwrap();
         let want = set.delta(s, g).unwrap().unwrap();
         let got = module.delta_weight(1.0).unwrap().reshape(want.shape()).unwrap();
         let d = max_diff(&got, &want);

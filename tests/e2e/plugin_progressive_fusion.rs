@@ -98,7 +98,7 @@ fn check_plan(plan: &graft_abi::Plan, layers: &[graft_abi::LayerInfo], stages: &
 }
 
 #[test]
-fn plan_on_the_tiny_model_and_on_sdxl() -> candle_core::Result<()> {
+fn plan_on_the_tiny_model_and_on_sdxl() -> graft_runtime::Result<()> {
     let m = fusion_manager("fusion-plan");
     let p = m.require(ID).unwrap();
     for cap in ["delta_weight", "stages", "export:lora"] {
@@ -327,7 +327,7 @@ fn stage_directives_at_each_boundary_after_a_jump_and_a_resume() {
 }
 
 #[test]
-fn short_stages_and_hot_reload_keep_the_stage() -> candle_core::Result<()> {
+fn short_stages_and_hot_reload_keep_the_stage() -> graft_runtime::Result<()> {
     let m = fusion_manager("fusion-short");
     let plugin = m.require(ID).unwrap();
     let tiny = tiny_layers();
@@ -365,7 +365,7 @@ fn short_stages_and_hot_reload_keep_the_stage() -> candle_core::Result<()> {
 }
 
 #[test]
-fn forward_delta_weight_and_export_match_lora_math() -> candle_core::Result<()> {
+fn forward_delta_weight_and_export_match_lora_math() -> graft_runtime::Result<()> {
     let m = fusion_manager("fusion-forward");
     let tiny = tiny_layers();
     let stages = expected_stages(&tiny, 1, 2);

@@ -81,7 +81,7 @@ fn sdxl_like_layers() -> Vec<graft_abi::LayerInfo> {
 
 #[test]
 #[ignore = "a benchmark: run with --ignored --nocapture"]
-fn plugin_figures() -> candle_core::Result<()> {
+fn plugin_figures() -> graft_runtime::Result<()> {
     let dir = plugin_dir("plugins-bench", &["example-scale"]);
     let path = dir.join(lib_file("example-scale"));
     let size = std::fs::metadata(&path).unwrap().len();

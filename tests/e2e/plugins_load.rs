@@ -36,7 +36,7 @@ fn example_plugin_loads_with_its_manifest() {
 }
 
 #[test]
-fn plan_forward_delta_weight_export_and_gradients() -> candle_core::Result<()> {
+fn plan_forward_delta_weight_export_and_gradients() -> graft_runtime::Result<()> {
     let dir = plugin_dir("plugins-load-forward", &["example-scale"]);
     let m = manager(&dir);
     let plugin = m.require("example-scale").unwrap();

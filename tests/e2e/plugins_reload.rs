@@ -55,7 +55,7 @@ fn wait_for(m: &mut PluginManager, what: &str, pick: impl Fn(&ReloadEvent) -> bo
 }
 
 #[test]
-fn a_rebuilt_plugin_takes_over_between_steps_with_its_parameters() -> candle_core::Result<()> {
+fn a_rebuilt_plugin_takes_over_between_steps_with_its_parameters() -> graft_runtime::Result<()> {
     let src = tempfile::tempdir().unwrap();
     let lib = plugin_out().join(lib_file(ID));
     let _ = std::fs::remove_file(&lib);

@@ -10,7 +10,7 @@ use graft_sdxl::rng::GraftRng;
 use graft_tests::{graft, graft_err};
 
 #[test]
-fn a_new_plugin_builds_loads_and_runs() -> candle_core::Result<()> {
+fn a_new_plugin_builds_loads_and_runs() -> graft_runtime::Result<()> {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("scaffold-probe");
     let sdk = workspace().join("crates/graft-sdk");

@@ -462,3 +462,69 @@ fn generate_during_a_base_training_run_sees_the_model_as_loaded() {
     assert!(during.1 == before.1, "a generate with a LoRA file during the run used the run's training weights");
     assert!(pixels(&plain) == before.0, "after the run: the model as loaded");
 }
+
+/// A generate request while a progressive-fusion run is in its last stage (stages 1 and 2
+/// frozen as one composite, stage 3 training; paused there) makes the same pixels as before the
+/// run. progressive-fusion keeps its composite as adapters of the run's own set (it never folds
+/// or unfreezes a base weight), so the model holds no override of the run: the request's image
+/// is the model as loaded plus the adapters it names, and the run's adapters stay out of it.
+#[test]
+fn generate_during_a_progressive_fusion_run_sees_the_model_as_loaded() {
+    let _turn = training_lock();
+    let data = dataset("fusion-data");
+    let model = server().0.app.model.clone().expect("a model is loaded");
+    let plain = json!({"prompt": "a pink circle", "width": 64, "height": 64, "steps": 2, "seed": 5});
+    let mut with_lora = plain.clone();
+    with_lora["adapters"] = json!([{"name": "kohya_sgm", "weight": 1.0}]);
+    let pixels = |req: &Value| -> Vec<u8> {
+        let (s, r) = call("POST", "/api/generate", Some(&req.to_string()));
+        assert_eq!(s, 200, "{r}");
+        let (s, bytes) = get_bytes(r["url"].as_str().unwrap());
+        assert_eq!(s, 200);
+        image::load_from_memory(&bytes).unwrap().to_rgb8().into_raw()
+    };
+    assert!(model.overridden().is_empty(), "no run holds the model: {:?}", model.overridden());
+    let before = (pixels(&plain), pixels(&with_lora));
+
+    // One step per stage: from step 2 on the run is in stage 3. High learning rates, so the
+    // run's adapters would change an image visibly if a request saw them.
+    let body = json!({
+        "name": "fusion-run", "plugin": "progressive-fusion",
+        "strategy_config": {"stage1_steps": 1, "stage2_steps": 1, "stage1_lr": 0.05, "stage2_lr": 0.05, "stage3_lr": 0.05},
+        "dataset_dir": data, "resolution": 64, "steps": 100000, "seed": 1,
+    });
+    let (s, job) = call("POST", "/api/train", Some(&body.to_string()));
+    assert_eq!(s, 202, "{job}");
+    let id = job["id"].as_u64().unwrap();
+    let step_of = || call("GET", &format!("/api/jobs/{id}"), None).1["step"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while step_of() < 4 {
+        assert!(Instant::now() < deadline, "the run does not get to step 4: {}", call("GET", &format!("/api/jobs/{id}"), None).1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (s, b) = call("POST", &format!("/api/jobs/{id}/pause"), None);
+    assert_eq!((s, b["status"].as_str()), (200, Some("paused")), "{b}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let a = step_of();
+        std::thread::sleep(Duration::from_millis(700));
+        if step_of() == a {
+            break;
+        }
+        assert!(Instant::now() < deadline, "paused run keeps moving");
+    }
+    assert!(step_of() >= 3, "the run is in stage 3");
+    // The composite is the run's adapters, not a change of the model's base weights.
+    assert!(model.overridden().is_empty(), "progressive-fusion changed base weights: {:?}", model.overridden());
+
+    let during = (pixels(&plain), pixels(&with_lora));
+    assert!(model.overridden().is_empty(), "a generate request left an override: {:?}", model.overridden());
+    let (s, b) = call("POST", &format!("/api/jobs/{id}/stop"), None);
+    assert_eq!(s, 200, "{b}");
+    let job = wait_status(id, &["stopped", "failed"], Duration::from_secs(120));
+    assert_eq!(job["status"], "stopped", "{job}");
+    assert!(model.overridden().is_empty(), "the finished run leaves the model as loaded: {:?}", model.overridden());
+    assert!(during.0 == before.0, "a generate during the run used the run's adapters");
+    assert!(during.1 == before.1, "a generate with a LoRA file during the run used the run's adapters");
+    assert!(pixels(&plain) == before.0, "after the run: the model as loaded");
+}

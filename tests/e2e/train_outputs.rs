@@ -68,10 +68,6 @@ fn add(set: &mut AdapterSet, m: &PluginManager, id: &str, config: &str) -> Strat
     set.add(instance, 1.0, 1.0).unwrap().0
 }
 
-fn global(set: &AdapterSet, layer: &str) -> usize {
-    set.layers().iter().position(|l| l.name() == layer).unwrap()
-}
-
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
@@ -83,7 +79,7 @@ fn max_abs(a: &Tensor) -> f32 {
 /// Every module of the file gives the set's delta weight at its layer.
 fn check_deltas(set: &AdapterSet, s: StrategyId, file: &graft_formats::AdapterFile, what: &str) {
     for m in &file.modules {
-        let want = set.delta(s, global(set, &m.layer)).unwrap().unwrap();
+        let want = set.delta(s, set.layer_id(&m.layer).unwrap()).unwrap().unwrap();
         let got = m.delta_weight(1.0).unwrap();
         let d = max_diff(&got, &want);
         assert!(d <= 1e-5 * (1.0 + max_abs(&want)), "{what} {}: {d}", m.layer);

@@ -4,7 +4,7 @@ use candle_core::Device;
 
 /// CUDA device 0 when built with the `cuda` feature and a GPU is there, else the CPU. Says which
 /// in the log, and why not the GPU when this build has CUDA.
-pub fn pick(cpu: bool) -> anyhow::Result<Device> {
+pub fn pick(cpu: bool) -> crate::Result<Device> {
     if cpu {
         return Ok(Device::Cpu);
     }

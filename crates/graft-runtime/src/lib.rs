@@ -4,6 +4,10 @@
 
 pub mod adapters;
 pub mod device;
+pub mod error;
 pub mod plugins;
 pub mod progress;
 pub mod stop;
+
+pub use adapters::dispatcher::{LayerId, StrategyId};
+pub use error::{Error, Result};

@@ -114,10 +114,9 @@ impl ClipConfig {
     }
 
     /// Parses and validates a transformers `CLIPTextConfig`; `source` names it in errors.
-    pub fn from_json_str(json: &str, source: &str) -> Result<Self> {
-        let config: Self =
-            serde_json::from_str(json).map_err(|e| candle_core::Error::Msg(format!("{source}: invalid CLIP text config ({e})")))?;
-        config.validate().map_err(|e| candle_core::Error::Msg(format!("{source}: {e}")))?;
+    pub fn from_json_str(json: &str, source: &str) -> std::result::Result<Self, crate::ConfigError> {
+        let config: Self = serde_json::from_str(json).map_err(|e| crate::ConfigError::new(source, format!("invalid CLIP text config ({e})")))?;
+        config.validate().map_err(|e| crate::ConfigError::new(source, e))?;
         Ok(config)
     }
 

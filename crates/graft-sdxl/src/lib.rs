@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod chunked_attention;
 pub mod clip;
 pub mod cpu_attention;
+pub mod error;
 pub mod fused;
 pub mod hooks;
 pub mod matmul;
@@ -24,6 +25,7 @@ pub mod unet;
 pub mod vae;
 pub mod varbuilder;
 
+pub use error::{ConfigError, LoadError};
 pub use hooks::{Component, ConvInfo, HookRegistry, Hooks, LayerInfo, LayerKind, NoHooks};
 pub use model::{SdxlConfig, SdxlModel};
 pub use pipeline::{GenerateParams, PipelineHooks};

@@ -15,6 +15,7 @@ use candle_core::{Device, Result};
 use candle_nn::VarBuilder;
 
 use crate::clip::{ClipConfig, ClipTextModel};
+use crate::error::{ConfigError, LoadError};
 use crate::hooks::{Component, HookRegistry, LayerInfo};
 use crate::precision::WeightDtype;
 use crate::schedulers::SchedulerConfig;
@@ -34,14 +35,17 @@ pub struct SdxlConfig {
     pub scheduler: SchedulerConfig,
 }
 
-fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read ({e}); is this a diffusers SDXL folder?", path.display())))
+fn read_text(path: &Path) -> std::result::Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read ({e}); is this a diffusers SDXL folder?")))
 }
 
-/// Reads a component config with its own validating parser.
-fn read_config<T>(path: &Path, parse: fn(&str, &str) -> Result<T>) -> Result<T> {
-    parse(&read_text(path)?, &path.display().to_string())
+fn file_error(path: &Path, problem: impl Into<String>) -> LoadError {
+    LoadError::File { path: path.to_path_buf(), problem: problem.into() }
+}
+
+/// Reads a component config with its own validating parser (its message names the file).
+fn read_config<T>(path: &Path, parse: fn(&str, &str) -> std::result::Result<T, ConfigError>) -> std::result::Result<T, LoadError> {
+    Ok(parse(&read_text(path)?, &path.display().to_string())?)
 }
 
 impl SdxlConfig {
@@ -58,16 +62,16 @@ impl SdxlConfig {
 
     /// Reads `unet/`, `text_encoder/`, `text_encoder_2/`, `vae/` `config.json` and
     /// `scheduler/scheduler_config.json` of a diffusers folder.
-    pub fn from_diffusers_folder(dir: &Path) -> Result<Self> {
+    pub fn from_diffusers_folder(dir: &Path) -> std::result::Result<Self, LoadError> {
         if !dir.is_dir() {
-            candle_core::bail!("{}: no such folder (expected a diffusers SDXL folder)", dir.display())
+            return Err(file_error(dir, "no such folder (expected a diffusers SDXL folder)"));
         }
         let unet = read_config(&dir.join("unet/config.json"), UNetConfig::from_json_str)?;
         if unet.addition_embed_type.as_deref() != Some("text_time") {
-            candle_core::bail!(
-                "{}: this UNet has no `text_time` add-embedding: it is not an SDXL model (SD 1.x / 2.x are not supported)",
-                dir.join("unet/config.json").display()
-            )
+            return Err(file_error(
+                &dir.join("unet/config.json"),
+                "this UNet has no `text_time` add-embedding: it is not an SDXL model (SD 1.x / 2.x are not supported)",
+            ));
         }
         let scheduler_path = dir.join("scheduler/scheduler_config.json");
         let scheduler = if scheduler_path.is_file() { SchedulerConfig::from_file(&scheduler_path)? } else { SchedulerConfig::sdxl_base() };
@@ -188,9 +192,9 @@ fn take(requests: Requests) -> Vec<(String, Vec<usize>)> {
 
 /// The weight files of a diffusers component folder: prefers full precision, then the `.fp16`
 /// variant; sharded files through their index.
-fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+fn component_files(dir: &Path, stem: &str) -> std::result::Result<Vec<PathBuf>, LoadError> {
     if !dir.is_dir() {
-        candle_core::bail!("{}: missing component folder of the diffusers model", dir.display())
+        return Err(file_error(dir, "missing component folder of the diffusers model"));
     }
     for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors"), format!("{stem}.bf16.safetensors")] {
         let p = dir.join(&name);
@@ -199,8 +203,8 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         }
         let index = dir.join(format!("{name}.index.json"));
         if index.is_file() {
-            let json: serde_json::Value = serde_json::from_str(&read_text(&index)?)
-                .map_err(|e| candle_core::Error::Msg(format!("{}: invalid index ({e})", index.display())))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&read_text(&index)?).map_err(|e| file_error(&index, format!("invalid index ({e})")))?;
             let mut shards: Vec<String> =
                 json["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
             shards.sort();
@@ -209,25 +213,25 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         }
     }
     if dir.join(format!("{stem}.bin")).exists() || dir.join("pytorch_model.bin").exists() {
-        candle_core::bail!(
-            "{}: only pickle (.bin) weights found; graft reads safetensors only (pickle files can run code): convert them to safetensors",
-            dir.display()
-        )
+        return Err(file_error(
+            dir,
+            "only pickle (.bin) weights found; graft reads safetensors only (pickle files can run code): convert them to safetensors",
+        ));
     }
-    candle_core::bail!("{}: no {stem}.safetensors (or .fp16 variant) found", dir.display())
+    Err(file_error(dir, format!("no {stem}.safetensors (or .fp16 variant) found")))
 }
 
 impl SdxlModel {
     /// Loads a diffusers folder or a single-file checkpoint. The architecture comes from the folder's
     /// configs, from `model_config` (a diffusers folder) if given, or the built-in SDXL base 1.0.
-    pub fn load(path: &Path, model_config: Option<&Path>, device: &Device) -> Result<Self> {
+    pub fn load(path: &Path, model_config: Option<&Path>, device: &Device) -> std::result::Result<Self, LoadError> {
         Self::load_as(path, model_config, device, WeightDtype::File)
     }
 
     /// [`SdxlModel::load`] with the weights (matrices and kernels) kept in `dtype`.
-    pub fn load_as(path: &Path, model_config: Option<&Path>, device: &Device, dtype: WeightDtype) -> Result<Self> {
+    pub fn load_as(path: &Path, model_config: Option<&Path>, device: &Device, dtype: WeightDtype) -> std::result::Result<Self, LoadError> {
         if !path.exists() {
-            candle_core::bail!("{}: no such file or folder (expected an SDXL diffusers folder or .safetensors checkpoint)", path.display())
+            return Err(file_error(path, "no such file or folder (expected an SDXL diffusers folder or .safetensors checkpoint)"));
         }
         let config = match model_config {
             Some(dir) => SdxlConfig::from_diffusers_folder(dir)?,
@@ -242,8 +246,14 @@ impl SdxlModel {
         }
     }
 
-    fn load_diffusers(dir: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path, dtype: WeightDtype) -> Result<Self> {
-        let src = |sub: &str, stem: &str| -> Result<TensorSource> {
+    fn load_diffusers(
+        dir: &Path,
+        config: SdxlConfig,
+        device: &Device,
+        tok_dir: &Path,
+        dtype: WeightDtype,
+    ) -> std::result::Result<Self, LoadError> {
+        let src = |sub: &str, stem: &str| -> std::result::Result<TensorSource, LoadError> {
             Ok(TensorSource::new(component_files(&dir.join(sub), stem)?, dir.join(sub).display().to_string())?.with_dtype(dtype))
         };
         let all = |_: &str| true;
@@ -262,7 +272,13 @@ impl SdxlModel {
         Ok(Self { config, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, device, source, text_encoder_files })
     }
 
-    fn load_single_file(file: &Path, config: SdxlConfig, device: &Device, tok_dir: &Path, dtype: WeightDtype) -> Result<Self> {
+    fn load_single_file(
+        file: &Path,
+        config: SdxlConfig,
+        device: &Device,
+        tok_dir: &Path,
+        dtype: WeightDtype,
+    ) -> std::result::Result<Self, LoadError> {
         let desc = file.display().to_string();
         let files = open_safetensors(&[file.to_path_buf()])?;
         let keys: Vec<String> = files.tensors().into_iter().map(|(k, _)| k).collect();
@@ -460,11 +476,11 @@ fn text_encoder_source(source: TensorSource) -> TensorSource {
 }
 
 /// The tokenizers of a diffusers folder, or the built-in CLIP vocabulary.
-fn tokenizers(dir: &Path) -> Result<(ClipTokenizer, ClipTokenizer)> {
-    let load = |sub: &str, pad: PadToken| -> Result<ClipTokenizer> {
+fn tokenizers(dir: &Path) -> std::result::Result<(ClipTokenizer, ClipTokenizer), LoadError> {
+    let load = |sub: &str, pad: PadToken| -> std::result::Result<ClipTokenizer, LoadError> {
         let d = dir.join(sub);
         if dir.is_dir() && d.is_dir() {
-            ClipTokenizer::from_folder_with_default_pad(&d, pad).map_err(|e| candle_core::Error::Msg(e.to_string()))
+            Ok(ClipTokenizer::from_folder_with_default_pad(&d, pad)?)
         } else {
             Ok(ClipTokenizer::builtin(pad))
         }
@@ -473,7 +489,7 @@ fn tokenizers(dir: &Path) -> Result<(ClipTokenizer, ClipTokenizer)> {
 }
 
 /// A clear error for single files that are not SDXL checkpoints.
-fn check_single_file_is_sdxl(file: &Path, keys: &[String]) -> Result<()> {
+fn check_single_file_is_sdxl(file: &Path, keys: &[String]) -> std::result::Result<(), LoadError> {
     let has = |p: &str| keys.iter().any(|k| k.starts_with(p));
     if has("model.diffusion_model.") && has("conditioner.embedders.1.") {
         return Ok(());
@@ -487,7 +503,7 @@ fn check_single_file_is_sdxl(file: &Path, keys: &[String]) -> Result<()> {
     } else {
         "not an SDXL single-file checkpoint (no model.diffusion_model.* and conditioner.embedders.* keys)"
     };
-    candle_core::bail!("{}: {what}; graft needs an SDXL checkpoint", file.display())
+    Err(file_error(file, format!("{what}; graft needs an SDXL checkpoint")))
 }
 
 /// Builds every component with shape-only weights: the hook points of an architecture without

@@ -81,9 +81,9 @@ impl VaeConfig {
     }
 
     /// Parses and validates a diffusers `vae/config.json`; `source` names it in errors.
-    pub fn from_json_str(json: &str, source: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json).map_err(|e| candle_core::Error::Msg(format!("{source}: invalid VAE config ({e})")))?;
-        config.validate().map_err(|e| candle_core::Error::Msg(format!("{source}: {e}")))?;
+    pub fn from_json_str(json: &str, source: &str) -> std::result::Result<Self, crate::ConfigError> {
+        let config: Self = serde_json::from_str(json).map_err(|e| crate::ConfigError::new(source, format!("invalid VAE config ({e})")))?;
+        config.validate().map_err(|e| crate::ConfigError::new(source, e))?;
         Ok(config)
     }
 

@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use candle_core::{Device, Tensor};
 use graft_sdxl::rng::RngState;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{io, Error, Result};
 use crate::trainer::{DataPosition, StepStart, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,26 +42,32 @@ pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
 }
 
 /// Writes a file through a temporary name and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    std::fs::write(&tmp, bytes).map_err(io(format!("cannot write {}", tmp.display()), &tmp))?;
+    sync(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(io(format!("cannot move {} into place", tmp.display()), &tmp))?;
     Ok(())
 }
 
 /// Saves a checkpoint of `trainer` and points `latest` at it. Returns its folder.
-pub fn save(trainer: &Trainer) -> anyhow::Result<PathBuf> {
+/// Flushes a file written to the disk.
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(format!("cannot sync {}", path.display()), path))
+}
+
+pub fn save(trainer: &Trainer) -> Result<PathBuf> {
     let root = checkpoints_dir(&trainer.config.output_dir);
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    std::fs::create_dir_all(&root).map_err(io(format!("cannot create {}", root.display()), &root))?;
     let name = format!("step-{:06}", trainer.step);
     let final_dir = root.join(&name);
     let tmp_dir = root.join(format!(".{name}.partial"));
     let _ = std::fs::remove_dir_all(&tmp_dir);
-    std::fs::create_dir_all(&tmp_dir)?;
+    std::fs::create_dir_all(&tmp_dir).map_err(io(format!("cannot create {}", tmp_dir.display()), &tmp_dir))?;
 
     let params: HashMap<String, Tensor> = trainer.parameters().into_iter().map(|(k, v)| (k, v.as_tensor().detach())).collect();
-    candle_core::safetensors::save(&params, tmp_dir.join("params.safetensors"))?;
+    let params_path = tmp_dir.join("params.safetensors");
+    candle_core::safetensors::save(&params, &params_path).map_err(io(format!("cannot write {}", params_path.display()), &params_path))?;
     trainer.optimizer.save(&tmp_dir.join("optimizer.safetensors"))?;
     let active = &trainer.set.strategies()[trainer.strategy];
     let state = CheckpointState {
@@ -79,19 +85,21 @@ pub fn save(trainer: &Trainer) -> anyhow::Result<PathBuf> {
         plugin_state: active.instance.save_state()?,
         config: run_identity(trainer)?,
     };
-    std::fs::write(tmp_dir.join("state.json"), serde_json::to_string_pretty(&state)?)?;
+    let state_path = tmp_dir.join("state.json");
+    let text = serde_json::to_string_pretty(&state).map_err(|e| Error::Internal(format!("checkpoint state as JSON: {e}")))?;
+    std::fs::write(&state_path, text).map_err(io(format!("cannot write {}", state_path.display()), &state_path))?;
     for f in ["params.safetensors", "optimizer.safetensors", "state.json"] {
-        std::fs::File::open(tmp_dir.join(f))?.sync_all()?;
+        sync(&tmp_dir.join(f))?;
     }
     let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    std::fs::rename(&tmp_dir, &final_dir).map_err(io(format!("cannot move checkpoint into {}", final_dir.display()), &final_dir))?;
     write_atomic(&root.join("latest"), name.as_bytes())?;
     Ok(final_dir)
 }
 
 /// What must match for a resume: the config minus what may change between sessions.
-fn run_identity(trainer: &Trainer) -> anyhow::Result<serde_json::Value> {
-    let mut v = serde_json::to_value(&trainer.config)?;
+fn run_identity(trainer: &Trainer) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(&trainer.config).map_err(|e| Error::Internal(format!("training config as JSON: {e}")))?;
     if let Some(o) = v.as_object_mut() {
         for k in ["steps", "save_every", "sample_every", "sample_prompts", "output_dir", "max_bad_steps"] {
             o.remove(k);
@@ -101,38 +109,39 @@ fn run_identity(trainer: &Trainer) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The latest checkpoint folder of a run, if any.
-pub fn latest(output_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
     let root = checkpoints_dir(output_dir);
     let pointer = root.join("latest");
     if !pointer.exists() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&pointer).with_context(|| format!("cannot read {}", pointer.display()))?;
+    let name = std::fs::read_to_string(&pointer).map_err(io(format!("cannot read {}", pointer.display()), &pointer))?;
     let dir = root.join(name.trim());
     if !dir.join("state.json").is_file() {
-        anyhow::bail!("{} points to {}, which is not a complete checkpoint", pointer.display(), dir.display());
+        return Err(Error::State(format!("{} points to {}, which is not a complete checkpoint", pointer.display(), dir.display())));
     }
     Ok(Some(dir))
 }
 
 /// Restores `trainer` from a checkpoint folder.
-pub fn load(trainer: &mut Trainer, dir: &Path) -> anyhow::Result<()> {
+pub fn load(trainer: &mut Trainer, dir: &Path) -> Result<()> {
     let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(io(format!("cannot read {}", state_path.display()), &state_path))?;
     let state: CheckpointState =
-        serde_json::from_str(&std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?)
-            .with_context(|| format!("{}: not a graft checkpoint", state_path.display()))?;
+        serde_json::from_str(&text).map_err(io(format!("{}: not a graft checkpoint", state_path.display()), &state_path))?;
     if state.format != FORMAT {
-        anyhow::bail!("{}: checkpoint format `{}`, this graft reads `{FORMAT}`", state_path.display(), state.format);
+        return Err(Error::State(format!("{}: checkpoint format `{}`, this graft reads `{FORMAT}`", state_path.display(), state.format)));
     }
     if state.config != run_identity(trainer)? {
-        anyhow::bail!(
+        return Err(Error::State(format!(
             "{}: the checkpoint was made with another training config (model, dataset, strategy or seed differ); \
              resume with the same config, or use another output_dir",
             dir.display()
-        );
+        )));
     }
     let params_path = dir.join("params.safetensors");
-    let params = candle_core::safetensors::load(&params_path, &Device::Cpu).with_context(|| format!("cannot read {}", params_path.display()))?;
+    let params = candle_core::safetensors::load(&params_path, &Device::Cpu)
+        .map_err(io(format!("cannot read {}", params_path.display()), &params_path))?;
     let mut missing = Vec::new();
     for (key, var) in trainer.parameters() {
         match params.get(&key) {
@@ -141,12 +150,12 @@ pub fn load(trainer: &mut Trainer, dir: &Path) -> anyhow::Result<()> {
         }
     }
     if !missing.is_empty() {
-        anyhow::bail!(
+        return Err(Error::State(format!(
             "{}: {} parameters of the current plan are not in the checkpoint (e.g. {}); did the strategy's config change?",
             params_path.display(),
             missing.len(),
             missing[0]
-        );
+        )));
     }
     trainer.optimizer.load(&dir.join("optimizer.safetensors"))?;
     let instance = &mut trainer.set.strategies_mut()[trainer.strategy].instance;

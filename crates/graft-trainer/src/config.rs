@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use crate::error::{io, At, Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::options::{parse_toml, TrainOptions};
@@ -161,7 +161,7 @@ fn empty_table() -> toml::Table {
 impl TrainConfig {
     /// The prompts to render every `sample_every` steps (none when sampling is off), sized and
     /// seeded like the training images unless a prompt line says otherwise.
-    pub fn sample_prompts_to_render(&self) -> anyhow::Result<Vec<crate::samples::SamplePrompt>> {
+    pub fn sample_prompts_to_render(&self) -> Result<Vec<crate::samples::SamplePrompt>> {
         match &self.sample_prompts {
             Some(p) if self.options.sample_every > 0 => {
                 let defaults = crate::samples::SampleDefaults {
@@ -178,28 +178,31 @@ impl TrainConfig {
     }
 
     /// The graft scheduler of `sample_sampler`.
-    fn sample_scheduler(&self) -> anyhow::Result<Option<String>> {
+    fn sample_scheduler(&self) -> Result<Option<String>> {
         let Some(name) = &self.options.sample_sampler else { return Ok(None) };
-        let s = crate::samples::sampler_to_scheduler(name).with_context(|| {
-            format!("`sample_sampler = \"{name}\"` is not a sampler graft has; use one of {}", crate::samples::SAMPLERS.join(", "))
+        let s = crate::samples::sampler_to_scheduler(name).ok_or_else(|| {
+            Error::Config(format!(
+                "`sample_sampler = \"{name}\"` is not a sampler graft has; use one of {}",
+                crate::samples::SAMPLERS.join(", ")
+            ))
         })?;
         Ok(Some(s.to_string()))
     }
 
     /// Reads a config file; relative paths in it are relative to the file's folder.
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read training config {}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io(format!("cannot read training config {}", path.display()), path))?;
         Self::from_toml(&text, path)
     }
 
     /// Parses a config's text; `path` names it in messages, and relative paths are taken from its
     /// folder.
-    pub fn from_toml(text: &str, path: &Path) -> anyhow::Result<Self> {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
         let what = || format!("{}: invalid training config (`graft train --help` shows an example)", path.display());
-        let mut config: TrainConfig = parse_toml(text, &OWN_KEYS).with_context(what)?;
+        let mut config: TrainConfig = parse_toml(text, &OWN_KEYS).at(what)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
-        config.validate().with_context(|| format!("{}", path.display()))?;
+        config.validate().at(|| format!("{}", path.display()))?;
         Ok(config)
     }
 
@@ -217,37 +220,43 @@ impl TrainConfig {
         self.dataset.config.as_mut().map(fix);
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<()> {
         crate::names::check_name("output_name", &self.output_name)?;
         if self.options.steps == 0 {
-            anyhow::bail!("`steps` must be at least 1");
+            return Err(Error::Config("`steps` must be at least 1".to_string()));
         }
         if self.options.gradient_accumulation == 0 {
-            anyhow::bail!("`gradient_accumulation` must be at least 1");
+            return Err(Error::Config("`gradient_accumulation` must be at least 1".to_string()));
         }
         match (&self.dataset.dir, &self.dataset.config) {
-            (None, None) => anyhow::bail!("[dataset] needs `dir` (a folder of images and captions) or `config` (a kohya dataset TOML)"),
-            (Some(_), Some(_)) => anyhow::bail!("[dataset] has both `dir` and `config`: keep one"),
+            (None, None) => {
+                return Err(Error::Config(
+                    "[dataset] needs `dir` (a folder of images and captions) or `config` (a kohya dataset TOML)".to_string(),
+                ))
+            }
+            (Some(_), Some(_)) => return Err(Error::Config("[dataset] has both `dir` and `config`: keep one".to_string())),
             _ => {}
         }
         if let Some(n) = self.options.lr_scheduler_num_cycles {
             if !(n.is_finite() && n > 0.0) {
-                anyhow::bail!("`lr_scheduler_num_cycles` is {n}: use a number above 0 (1: one restart)");
+                return Err(Error::Config(format!("`lr_scheduler_num_cycles` is {n}: use a number above 0 (1: one restart)")));
             }
         }
         self.sample_scheduler()?;
         self.optimizer_spec()?;
-        graft_sdxl::pipeline::check_size(self.dataset.resolution, self.dataset.resolution).context("[dataset] resolution")?;
+        graft_sdxl::pipeline::check_size(self.dataset.resolution, self.dataset.resolution)
+            .map_err(|e| Error::Config(e.to_string()))
+            .at(|| "[dataset] resolution".to_string())?;
         Ok(())
     }
 
     /// `optimizer` and `[optimizer_args]`, checked.
-    pub fn optimizer_spec(&self) -> anyhow::Result<crate::optim::OptimizerSpec> {
-        Ok(crate::optim::OptimizerSpec::parse(&self.options.optimizer, &self.options.optimizer_args)?)
+    pub fn optimizer_spec(&self) -> Result<crate::optim::OptimizerSpec> {
+        crate::optim::OptimizerSpec::parse(&self.options.optimizer, &self.options.optimizer_args)
     }
 
     /// The plugin's config as JSON.
-    pub fn strategy_json(&self) -> anyhow::Result<String> {
-        Ok(serde_json::to_string(&self.strategy.config)?)
+    pub fn strategy_json(&self) -> Result<String> {
+        serde_json::to_string(&self.strategy.config).map_err(|e| Error::Config(format!("[strategy] config as JSON: {e}")))
     }
 }

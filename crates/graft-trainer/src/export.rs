@@ -20,12 +20,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use candle_core::Tensor;
 use graft_abi as abi;
 use graft_formats::adapter::AdapterWeights;
 use graft_formats::{KohyaMetadata, ModuleWeights, NativeInfo, StoreDtype};
 use graft_sdxl::sgm::SgmLayout;
+
+use crate::error::{At, Error, Result};
 
 use graft_runtime::adapters::dispatcher::{AdapterSet, StrategyId};
 use graft_runtime::plugins::strategy::ExportedLayer;
@@ -58,17 +59,17 @@ pub struct StrategySource {
 
 /// Writes the adapter files of strategy `s` of `set` into `out_dir` (see the module docs) and
 /// returns their paths. `name` is the file stem and the kohya `ss_output_name`.
-pub fn export_strategy(set: &AdapterSet, s: StrategyId, out_dir: &Path, name: &str, meta: &ExportMeta) -> anyhow::Result<Vec<PathBuf>> {
+pub fn export_strategy(set: &AdapterSet, s: StrategyId, out_dir: &Path, name: &str, meta: &ExportMeta) -> Result<Vec<PathBuf>> {
     let st = set
         .strategies()
         .get(s.index())
-        .with_context(|| format!("export: there is no strategy number {} ({} in use)", s.index(), set.strategies().len()))?;
+        .ok_or_else(|| Error::Internal(format!("export: there is no strategy number {} ({} in use)", s.index(), set.strategies().len())))?;
     let manifest = st.instance.manifest();
     let source = StrategySource { id: manifest.id.clone(), version: manifest.version.clone(), config: st.instance.config().to_string() };
-    let exported = set.export(s).with_context(|| format!("export of strategy `{}`", st.name()))?;
+    let exported = set.export(s).at(|| format!("export of strategy `{}`", st.name()))?;
     let base = set.base_diffs(s)?;
     write_exports(&source, &exported, &base, set.layers(), out_dir, name, meta)
-        .with_context(|| format!("export of strategy `{}` to {}", st.name(), out_dir.display()))
+        .at(|| format!("export of strategy `{}` to {}", st.name(), out_dir.display()))
 }
 
 /// The file-writing half of [`export_strategy`], on what a strategy exported: `exported` layer by
@@ -82,15 +83,18 @@ pub fn write_exports(
     out_dir: &Path,
     name: &str,
     meta: &ExportMeta,
-) -> anyhow::Result<Vec<PathBuf>> {
+) -> Result<Vec<PathBuf>> {
     crate::names::check_name("output name", name)?;
     if exported.is_empty() && base_diffs.is_empty() {
-        bail!("strategy `{}` exported nothing: no layer gave an export and no base weight was unfrozen", source.id);
+        return Err(Error::Export(format!(
+            "strategy `{}` exported nothing: no layer gave an export and no base weight was unfrozen",
+            source.id
+        )));
     }
-    let info = |layer: &str| -> anyhow::Result<&abi::LayerInfo> {
-        layers.iter().find(|l| l.name() == layer).with_context(|| format!("layer `{layer}` is not a hook point of this model"))
+    let info = |layer: &str| -> Result<&abi::LayerInfo> {
+        layers.iter().find(|l| l.name() == layer).ok_or_else(|| Error::Export(format!("layer `{layer}` is not a hook point of this model")))
     };
-    let in_out = |layer: &str| -> anyhow::Result<(usize, usize)> {
+    let in_out = |layer: &str| -> Result<(usize, usize)> {
         let l = info(layer)?;
         Ok((l.in_features as usize, l.out_features as usize))
     };
@@ -101,13 +105,13 @@ pub fn write_exports(
     let mut conv_dims: Option<(usize, f32)> = None;
     let mut tucker = false;
     for (layer, e) in exported {
-        let module = module_of(layer, e).with_context(|| format!("layer `{layer}`"))?;
+        let module = module_of(layer, e).at(|| format!("layer `{layer}`"))?;
         if matches!(module.weights, AdapterWeights::Native { .. }) {
             native.push(module);
         } else {
             module.validate(Some(in_out(layer)?))?;
             let kernel = info(layer)?.conv().map(|g| (g.kernel[0] as usize, g.kernel[1] as usize));
-            module.validate_kernel(kernel).with_context(|| format!("layer `{layer}`"))?;
+            module.validate_kernel(kernel).at(|| format!("layer `{layer}`"))?;
             if kernel.is_some() {
                 let r = module.rank().unwrap_or(0);
                 conv_dims.get_or_insert((r, module.alpha().unwrap_or(r as f32)));
@@ -161,8 +165,8 @@ pub fn write_exports(
     }
     if !native.is_empty() {
         let path = out_dir.join(format!("{name}.graft.safetensors"));
-        let config =
-            serde_json::from_str(&source.config).with_context(|| format!("the strategy config is not valid JSON: {}", source.config))?;
+        let config = serde_json::from_str(&source.config)
+            .map_err(|e| Error::Export(format!("the strategy config is not valid JSON: {}: {e}", source.config)))?;
         let info = NativeInfo { strategy: source.id.clone(), version: source.version.clone(), config };
         graft_formats::write_native(&path, &info, &native, StoreDtype::F32)?;
         written.push(path);
@@ -196,22 +200,22 @@ fn describe_modules(modules: &[ModuleWeights]) -> String {
 
 /// One exported layer as an adapter-file entry. Every tensor must be used: an unknown one is an
 /// error, never dropped.
-fn module_of(layer: &str, e: &ExportedLayer) -> anyhow::Result<ModuleWeights> {
+fn module_of(layer: &str, e: &ExportedLayer) -> Result<ModuleWeights> {
     let mut tensors: BTreeMap<&str, &Tensor> = BTreeMap::new();
     for (n, t) in &e.tensors {
         if tensors.insert(n.as_str(), t).is_some() {
-            bail!("the export has two tensors named `{n}`");
+            return Err(Error::Export(format!("the export has two tensors named `{n}`")));
         }
     }
     let mut take = |n: &str| tensors.remove(n).cloned();
     let module = match e.family.as_str() {
         "lora" => {
             let (Some(down), Some(up)) = (take("down"), take("up")) else {
-                bail!("the `lora` family needs tensors `down` and `up`");
+                return Err(Error::Export("the `lora` family needs tensors `down` and `up`".to_string()));
             };
             if let Some(a) = e.alpha {
                 if !a.is_finite() || a < 0.0 {
-                    bail!("alpha {a} must be finite and >= 0");
+                    return Err(Error::Export(format!("alpha {a} must be finite and >= 0")));
                 }
             }
             let mid = take("mid");
@@ -220,7 +224,7 @@ fn module_of(layer: &str, e: &ExportedLayer) -> anyhow::Result<ModuleWeights> {
             let (down, up) = (graft_formats::read::as_matrix(&down)?, graft_formats::read::as_matrix(&up)?);
             if let Some(m) = &mid {
                 if m.rank() != 4 {
-                    bail!("`mid` must be a [r, r, kh, kw] kernel, got shape {:?}", m.dims());
+                    return Err(Error::Export(format!("`mid` must be a [r, r, kh, kw] kernel, got shape {:?}", m.dims())));
                 }
             }
             let mut m = ModuleWeights::lora(layer, down, up, e.alpha.map(|a| a as f32));
@@ -232,7 +236,7 @@ fn module_of(layer: &str, e: &ExportedLayer) -> anyhow::Result<ModuleWeights> {
         }
         "diff" => {
             let Some(diff) = take("diff") else {
-                bail!("the `diff` family needs a tensor `diff`");
+                return Err(Error::Export("the `diff` family needs a tensor `diff`".to_string()));
             };
             ModuleWeights::full(layer, diff, take("diff_b"))
         }
@@ -240,15 +244,17 @@ fn module_of(layer: &str, e: &ExportedLayer) -> anyhow::Result<ModuleWeights> {
             let all: BTreeMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.to_string(), (*t).clone())).collect();
             tensors.clear();
             if all.is_empty() {
-                bail!("the `native` export has no tensors");
+                return Err(Error::Export("the `native` export has no tensors".to_string()));
             }
             ModuleWeights { layer: layer.to_string(), weights: AdapterWeights::Native { tensors: all }, dora_scale: None }
         }
-        other => bail!("export family `{other}` cannot be written by this host (it writes `lora`, `diff` and `native`)"),
+        other => {
+            return Err(Error::Export(format!("export family `{other}` cannot be written by this host (it writes `lora`, `diff` and `native`)")))
+        }
     };
     if !tensors.is_empty() {
         let names: Vec<&str> = tensors.keys().copied().collect();
-        bail!("the `{}` export has tensors this family does not have: {}", e.family, names.join(", "));
+        return Err(Error::Export(format!("the `{}` export has tensors this family does not have: {}", e.family, names.join(", "))));
     }
     Ok(module)
 }

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use crate::error::{io, At, Error, Result};
 use toml::Value;
 
 use crate::config::TrainConfig;
@@ -173,9 +173,9 @@ pub struct KohyaImport {
 
 /// Reads `path` (a kohya TOML), taking relative paths from `cwd`. Unsupported settings are an
 /// error unless `ignore_unsupported`.
-pub fn import(path: &Path, cwd: &Path, ignore_unsupported: bool) -> anyhow::Result<KohyaImport> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read kohya config {}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{}: not a TOML file", path.display()))?;
+pub fn import(path: &Path, cwd: &Path, ignore_unsupported: bool) -> Result<KohyaImport> {
+    let text = std::fs::read_to_string(path).map_err(io(format!("cannot read kohya config {}", path.display()), path))?;
+    let table: toml::Table = toml::from_str(&text).map_err(io(format!("{}: not a TOML file", path.display()), path))?;
     let mut keys = Keys::flatten(table);
     let mut notes = Vec::new();
     let mut graft = toml::Table::new();
@@ -194,22 +194,22 @@ pub fn import(path: &Path, cwd: &Path, ignore_unsupported: bool) -> anyhow::Resu
             unsupported.push(format!("`{key} = {value}` (not a setting graft knows)"));
         }
     }
-    result.with_context(|| path.display().to_string())?;
+    result.at(|| path.display().to_string())?;
     if !unsupported.is_empty() {
         if !ignore_unsupported {
-            bail!(
+            return Err(Error::Config(format!(
                 "{}: graft cannot do what these kohya settings ask, and training without them would differ:\n  {}\n\
                  Remove them from the file, or pass --ignore-unsupported to train without them.",
                 path.display(),
                 unsupported.join("\n  ")
-            );
+            )));
         }
         notes.extend(unsupported.into_iter().map(|u| format!("{u}: unsupported, left out (--ignore-unsupported)")));
     }
-    let toml = toml::to_string(&graft).context("writing the graft config")?;
+    let toml = toml::to_string(&graft).map_err(|e| Error::Internal(format!("writing the graft config: {e}")))?;
     let mut config = TrainConfig::from_toml(&toml, &cwd.join("graft-config.toml"))
-        .with_context(|| format!("{}: the graft config made from it is not valid", path.display()))?;
-    let toml = epochs_to_steps(&mut config, &mut graft, &keys.1).with_context(|| path.display().to_string())?.unwrap_or(toml);
+        .at(|| format!("{}: the graft config made from it is not valid", path.display()))?;
+    let toml = epochs_to_steps(&mut config, &mut graft, &keys.1).at(|| path.display().to_string())?.unwrap_or(toml);
     Ok(KohyaImport { toml, config, notes })
 }
 
@@ -245,43 +245,43 @@ impl Keys {
         self.0.remove(key)
     }
 
-    fn f64(&mut self, key: &str) -> anyhow::Result<Option<f64>> {
+    fn f64(&mut self, key: &str) -> Result<Option<f64>> {
         match self.take(key) {
             None => Ok(None),
-            Some(v) => number(&v).map(Some).with_context(|| format!("`{key} = {v}`: expected a number")),
+            Some(v) => number(&v).map(Some).at(|| format!("`{key} = {v}`: expected a number")),
         }
     }
 
-    fn u64(&mut self, key: &str) -> anyhow::Result<Option<u64>> {
+    fn u64(&mut self, key: &str) -> Result<Option<u64>> {
         match self.f64(key)? {
             Some(x) if x >= 0.0 && x.fract() == 0.0 => Ok(Some(x as u64)),
-            Some(x) => bail!("`{key} = {x}`: expected a whole number >= 0"),
+            Some(x) => Err(Error::Config(format!("`{key} = {x}`: expected a whole number >= 0"))),
             None => Ok(None),
         }
     }
 
-    fn bool(&mut self, key: &str) -> anyhow::Result<bool> {
+    fn bool(&mut self, key: &str) -> Result<bool> {
         match self.take(key) {
             None => Ok(false),
             Some(Value::Boolean(b)) => Ok(b),
             Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(true),
             Some(Value::String(s)) if s.eq_ignore_ascii_case("false") || s.is_empty() => Ok(false),
-            Some(v) => bail!("`{key} = {v}`: expected true or false"),
+            Some(v) => Err(Error::Config(format!("`{key} = {v}`: expected true or false"))),
         }
     }
 
-    fn string(&mut self, key: &str) -> anyhow::Result<Option<String>> {
+    fn string(&mut self, key: &str) -> Result<Option<String>> {
         match self.take(key) {
             None => Ok(None),
             Some(Value::String(s)) if s.is_empty() => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => bail!("`{key} = {v}`: expected a string"),
+            Some(v) => Err(Error::Config(format!("`{key} = {v}`: expected a string"))),
         }
     }
 
     /// kohya's `key=value` argument lists: a TOML list of strings (what kohya_ss writes) or one
     /// string of space-separated items (what the command line takes).
-    fn args(&mut self, key: &str) -> anyhow::Result<Vec<(String, String)>> {
+    fn args(&mut self, key: &str) -> Result<Vec<(String, String)>> {
         let items: Vec<String> = match self.take(key) {
             None => return Ok(Vec::new()),
             Some(Value::String(s)) => s.split_whitespace().map(|s| s.trim_matches('"').to_string()).collect(),
@@ -289,28 +289,28 @@ impl Keys {
                 .into_iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s),
-                    v => bail!("`{key}` item {v}: expected a \"name=value\" string"),
+                    v => Err(Error::Config(format!("`{key}` item {v}: expected a \"name=value\" string"))),
                 })
-                .collect::<anyhow::Result<_>>()?,
-            Some(v) => bail!("`{key} = {v}`: expected a list of \"name=value\" strings"),
+                .collect::<Result<_>>()?,
+            Some(v) => return Err(Error::Config(format!("`{key} = {v}`: expected a list of \"name=value\" strings"))),
         };
         items
             .into_iter()
             .filter(|s| !s.is_empty())
             .map(|item| match item.split_once('=') {
                 Some((k, v)) => Ok((k.trim().to_string(), v.trim().to_string())),
-                None => bail!("`{key}` item \"{item}\": expected name=value"),
+                None => Err(Error::Config(format!("`{key}` item \"{item}\": expected name=value"))),
             })
             .collect()
     }
 }
 
-fn number(v: &Value) -> anyhow::Result<f64> {
+fn number(v: &Value) -> Result<f64> {
     match v {
         Value::Integer(i) => Ok(*i as f64),
         Value::Float(f) => Ok(*f),
-        Value::String(s) => s.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("\"{s}\" is not a number")),
-        _ => bail!("not a number"),
+        Value::String(s) => s.trim().parse::<f64>().map_err(|_| Error::Config(format!("\"{s}\" is not a number"))),
+        _ => Err(Error::Config("not a number".to_string())),
     }
 }
 
@@ -342,38 +342,38 @@ fn path_value(cwd: &Path, p: &str) -> Value {
 }
 
 /// kohya's `resolution`: `"1024"`, `"1024,1024"` or a number; graft takes a square.
-fn resolution(v: &Value) -> anyhow::Result<i64> {
+fn resolution(v: &Value) -> Result<i64> {
     let text = plain(v);
     let parts: Vec<&str> = text.split(',').map(str::trim).collect();
     let nums: Vec<i64> = parts
         .iter()
         .map(|p| p.parse::<f64>().ok().filter(|x| x.fract() == 0.0 && *x > 0.0).map(|x| x as i64))
         .collect::<Option<_>>()
-        .with_context(|| format!("`resolution = {v}`: expected \"SIZE\" or \"WIDTH,HEIGHT\""))?;
+        .ok_or_else(|| Error::Config(format!("`resolution = {v}`: expected \"SIZE\" or \"WIDTH,HEIGHT\"")))?;
     match nums.as_slice() {
         [s] => Ok(*s),
         [w, h] if w == h => Ok(*w),
-        [w, h] => bail!(
+        [w, h] => Err(Error::Config(format!(
             "`resolution = {v}`: graft trains at a square base resolution; use \"{m},{m}\" (buckets give other shapes of the same area)",
             m = (w * h).isqrt()
-        ),
-        _ => bail!("`resolution = {v}`: expected \"SIZE\" or \"WIDTH,HEIGHT\""),
+        ))),
+        _ => Err(Error::Config(format!("`resolution = {v}`: expected \"SIZE\" or \"WIDTH,HEIGHT\""))),
     }
 }
 
 /// A kohya `optimizer_args` value (Python literal syntax) as TOML: numbers, True / False, strings,
 /// and tuples like `0.9,0.99` or `(0.9, 0.99)`.
-fn python_literal(text: &str) -> anyhow::Result<Value> {
+fn python_literal(text: &str) -> Result<Value> {
     let t = text.trim();
     let inner = t.strip_prefix('(').and_then(|s| s.strip_suffix(')')).or_else(|| t.strip_prefix('[').and_then(|s| s.strip_suffix(']')));
     if inner.is_some() || t.contains(',') {
         let items = inner.unwrap_or(t).split(',').map(str::trim).filter(|s| !s.is_empty());
-        return Ok(Value::Array(items.map(python_literal).collect::<anyhow::Result<_>>()?));
+        return Ok(Value::Array(items.map(python_literal).collect::<Result<_>>()?));
     }
     Ok(match t {
         "True" | "true" => Value::Boolean(true),
         "False" | "false" => Value::Boolean(false),
-        "None" => bail!("`None`: leave the argument out to get its default"),
+        "None" => return Err(Error::Config("`None`: leave the argument out to get its default".to_string())),
         _ => match (t.parse::<i64>(), t.parse::<f64>()) {
             (Ok(i), _) => Value::Integer(i),
             (_, Ok(f)) => Value::Float(f),
@@ -382,17 +382,17 @@ fn python_literal(text: &str) -> anyhow::Result<Value> {
     })
 }
 
-fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<String>) -> anyhow::Result<()> {
+fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<String>) -> Result<()> {
     let mut dataset = toml::Table::new();
     let mut lora = toml::Table::new();
 
     // Model and data.
     let model = keys
         .string("pretrained_model_name_or_path")?
-        .context("`pretrained_model_name_or_path` is missing: name the SDXL model file or diffusers folder")?;
+        .ok_or_else(|| Error::Config("`pretrained_model_name_or_path` is missing: name the SDXL model file or diffusers folder".to_string()))?;
     let model_path = PathBuf::from(&model);
     if !cwd.join(&model_path).exists() {
-        bail!("`pretrained_model_name_or_path = \"{model}\"`: no such file or folder (graft loads local files; download the model first and name its path)");
+        return Err(Error::Config(format!("`pretrained_model_name_or_path = \"{model}\"`: no such file or folder (graft loads local files; download the model first and name its path)")));
     }
     graft.insert("model".into(), path_value(cwd, &model));
     match (keys.string("train_data_dir")?, keys.string("dataset_config")?) {
@@ -402,28 +402,31 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
         (Some(d), None) => {
             dataset.insert("dir".into(), path_value(cwd, &d));
         }
-        (None, None) => bail!("neither `train_data_dir` nor `dataset_config` is set: name the training images"),
+        (None, None) => return Err(Error::Config("neither `train_data_dir` nor `dataset_config` is set: name the training images".to_string())),
     }
     match keys.take("resolution") {
         Some(v) => {
             dataset.insert("resolution".into(), Value::Integer(resolution(&v)?));
         }
-        None if !dataset.contains_key("config") => bail!("`resolution` is missing: kohya needs it with train_data_dir (e.g. \"1024,1024\")"),
+        None if !dataset.contains_key("config") => {
+            return Err(Error::Config("`resolution` is missing: kohya needs it with train_data_dir (e.g. \"1024,1024\")".to_string()))
+        }
         None => {}
     }
-    let out = keys.string("output_dir")?.context("`output_dir` is missing: name the folder for the LoRA files")?;
+    let out =
+        keys.string("output_dir")?.ok_or_else(|| Error::Config("`output_dir` is missing: name the folder for the LoRA files".to_string()))?;
     graft.insert("output_dir".into(), path_value(cwd, &out));
     graft.insert("output_name".into(), Value::String(keys.string("output_name")?.unwrap_or_else(|| "last".into())));
     if let Some(f) = keys.string("save_model_as")? {
         if f != "safetensors" {
-            bail!("`save_model_as = \"{f}\"`: graft writes safetensors only; set it to \"safetensors\"");
+            return Err(Error::Config(format!("`save_model_as = \"{f}\"`: graft writes safetensors only; set it to \"safetensors\"")));
         }
     }
 
     // Network.
     let module = keys.string("network_module")?.unwrap_or_else(|| "networks.lora".into());
     if module != "networks.lora" {
-        bail!("`network_module = \"{module}\"`: graft imports networks.lora configs (for LyCORIS algorithms write a graft config with the matching plugin)");
+        return Err(Error::Config(format!("`network_module = \"{module}\"`: graft imports networks.lora configs (for LyCORIS algorithms write a graft config with the matching plugin)")));
     }
     let rank = keys.u64("network_dim")?.unwrap_or(4);
     lora.insert("rank".into(), Value::Integer(rank as i64));
@@ -432,21 +435,23 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
         lora.insert("dropout".into(), Value::Float(p));
     }
     for (k, v) in keys.args("network_args")? {
-        let num = || v.parse::<f64>().with_context(|| format!("`network_args` item \"{k}={v}\": expected a number"));
+        let num = || v.parse::<f64>().map_err(|e| Error::Config(format!("`network_args` item \"{k}={v}\": expected a number: {e}")));
         match k.as_str() {
             "conv_dim" => lora.insert("conv_rank".into(), Value::Integer(num()? as i64)),
             "conv_alpha" => lora.insert("conv_alpha".into(), Value::Float(num()?)),
             "rank_dropout" => lora.insert("rank_dropout".into(), Value::Float(num()?)),
             "module_dropout" => lora.insert("module_dropout".into(), Value::Float(num()?)),
-            _ => bail!(
-                "`network_args` item \"{k}={v}\" is not supported: graft's lora takes conv_dim, conv_alpha, rank_dropout and module_dropout"
-            ),
+            _ => {
+                return Err(Error::Config(format!(
+                    "`network_args` item \"{k}={v}\" is not supported: graft's lora takes conv_dim, conv_alpha, rank_dropout and module_dropout"
+                )))
+            }
         };
     }
     let unet_only = keys.bool("network_train_unet_only")?;
     let te_only = keys.bool("network_train_text_encoder_only")?;
     if unet_only && te_only {
-        bail!("`network_train_unet_only` and `network_train_text_encoder_only` are both true: keep one");
+        return Err(Error::Config("`network_train_unet_only` and `network_train_text_encoder_only` are both true: keep one".to_string()));
     }
     let mut targets: Vec<&str> = if te_only { vec![] } else { UNET_TARGETS.to_vec() };
     if !unet_only {
@@ -460,15 +465,19 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
     let te_lr = match keys.take("text_encoder_lr") {
         None => lr,
         Some(Value::Array(a)) => {
-            let v: Vec<f64> = a.iter().map(number).collect::<anyhow::Result<_>>().context("`text_encoder_lr`: expected numbers")?;
+            let v: Vec<f64> = a.iter().map(number).collect::<Result<_>>().at(|| "`text_encoder_lr`: expected numbers".to_string())?;
             match v.as_slice() {
                 [] => lr,
                 [x] => *x,
                 [a, b] if a == b => *a,
-                _ => bail!("`text_encoder_lr = {v:?}`: graft gives both text encoders one learning rate; give one value"),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "`text_encoder_lr = {v:?}`: graft gives both text encoders one learning rate; give one value"
+                    )))
+                }
             }
         }
-        Some(v) => number(&v).with_context(|| format!("`text_encoder_lr = {v}`: expected a number"))?,
+        Some(v) => number(&v).at(|| format!("`text_encoder_lr = {v}`: expected a number"))?,
     };
     lora.insert("text_encoder_lr".into(), Value::Float(te_lr));
 
@@ -476,7 +485,7 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
     let schedule = keys.string("lr_scheduler")?.unwrap_or_else(|| "constant".into());
     const SCHEDULES: [&str; 5] = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"];
     if !SCHEDULES.contains(&schedule.as_str()) {
-        bail!("`lr_scheduler = \"{schedule}\"`: graft has {}", SCHEDULES.join(", "));
+        return Err(Error::Config(format!("`lr_scheduler = \"{schedule}\"`: graft has {}", SCHEDULES.join(", "))));
     }
     if schedule == "cosine_with_restarts" {
         let n = keys.f64("lr_scheduler_num_cycles")?.unwrap_or(1.0);
@@ -489,7 +498,7 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
             graft.insert("warmup_steps".into(), Value::Integer(w as i64));
         }
         Some(0.0) => {}
-        Some(w) => bail!("`lr_warmup_steps = {w}`: use a step count, or a fraction of the run below 1"),
+        Some(w) => return Err(Error::Config(format!("`lr_warmup_steps = {w}`: use a step count, or a fraction of the run below 1"))),
         None => {}
     }
 
@@ -507,11 +516,11 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
         OPTIMIZERS
             .iter()
             .find(|o| o.eq_ignore_ascii_case(&optimizer))
-            .with_context(|| format!("`optimizer_type = \"{optimizer}\"`: graft has {}", OPTIMIZERS.join(", ")))?
+            .ok_or_else(|| Error::Config(format!("`optimizer_type = \"{optimizer}\"`: graft has {}", OPTIMIZERS.join(", "))))?
     };
     let mut optimizer_args = toml::Table::new();
     for (k, v) in keys.args("optimizer_args")? {
-        let value = python_literal(&v).with_context(|| format!("`optimizer_args` item \"{k}={v}\""))?;
+        let value = python_literal(&v).at(|| format!("`optimizer_args` item \"{k}={v}\""))?;
         optimizer_args.insert(k, value);
     }
     if optimizer != "AdamW" || !optimizer_args.is_empty() {
@@ -538,7 +547,7 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
         None | Some("no") => "fp32",
         Some("fp16") => "fp16",
         Some("bf16") => "bf16",
-        Some(p) => bail!("`mixed_precision = \"{p}\"`: use no, fp16 or bf16"),
+        Some(p) => return Err(Error::Config(format!("`mixed_precision = \"{p}\"`: use no, fp16 or bf16"))),
     };
     graft.insert("dtype".into(), Value::String(dtype.into()));
 
@@ -553,7 +562,7 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
     keys.1.sample_every_n_epochs = keys.u64("sample_every_n_epochs")?;
     if let Some(p) = keys.string("sample_prompts")? {
         if !p.ends_with(".txt") {
-            bail!("`sample_prompts = \"{p}\"`: graft reads kohya's text prompt files (one prompt a line, `--w 1024 --h 1024 --d 1`); convert the .toml / .json prompts to a .txt file");
+            return Err(Error::Config(format!("`sample_prompts = \"{p}\"`: graft reads kohya's text prompt files (one prompt a line, `--w 1024 --h 1024 --d 1`); convert the .toml / .json prompts to a .txt file")));
         }
         graft.insert("sample_prompts".into(), path_value(cwd, &p));
     }
@@ -609,7 +618,7 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
 
 /// Turns the epoch counts into steps with the dataset's epoch length; returns the new TOML when
 /// anything changed.
-fn epochs_to_steps(config: &mut TrainConfig, graft: &mut toml::Table, e: &Epochs) -> anyhow::Result<Option<String>> {
+fn epochs_to_steps(config: &mut TrainConfig, graft: &mut toml::Table, e: &Epochs) -> Result<Option<String>> {
     if e.max_train_epochs.is_none() && e.save_every_n_epochs.is_none() && e.sample_every_n_epochs.is_none() && e.warmup_ratio.is_none() {
         return Ok(None);
     }
@@ -617,7 +626,7 @@ fn epochs_to_steps(config: &mut TrainConfig, graft: &mut toml::Table, e: &Epochs
         graft.insert(key.into(), Value::Integer(n as i64));
     };
     if e.max_train_epochs.is_some() || e.save_every_n_epochs.is_some() || e.sample_every_n_epochs.is_some() {
-        let dataset = crate::trainer::open_dataset(config).context("counting the batches of one epoch")?;
+        let dataset = crate::trainer::open_dataset(config).at(|| "counting the batches of one epoch".to_string())?;
         let batches = dataset.epoch(config.options.seed, 0).len() as u64;
         let per_epoch = batches.div_ceil(config.options.gradient_accumulation as u64).max(1);
         tracing::info!("kohya epochs: {per_epoch} steps per epoch ({batches} batches)");
@@ -638,7 +647,7 @@ fn epochs_to_steps(config: &mut TrainConfig, graft: &mut toml::Table, e: &Epochs
         config.options.warmup_steps = (r * config.options.steps as f64).floor() as u64;
         set("warmup_steps", config.options.warmup_steps);
     }
-    Ok(Some(toml::to_string(graft)?))
+    Ok(Some(toml::to_string(graft).map_err(|e| Error::Internal(format!("writing the graft config: {e}")))?))
 }
 
 #[cfg(test)]

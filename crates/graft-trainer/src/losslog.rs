@@ -21,9 +21,10 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
+
+use crate::error::{io, Error, Result};
 
 /// One optimizer step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -70,11 +71,11 @@ pub struct LossLog {
 
 impl LossLog {
     /// A new, empty log for a fresh run (an existing file is replaced).
-    pub fn create(path: &Path) -> anyhow::Result<Self> {
+    pub fn create(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(io(format!("cannot create folder {}", dir.display()), dir))?;
         }
-        let file = File::create(path).with_context(|| format!("{}: cannot create the loss log", path.display()))?;
+        let file = File::create(path).map_err(io(format!("{}: cannot create the loss log", path.display()), path))?;
         Ok(Self { path: path.to_path_buf(), file })
     }
 
@@ -83,7 +84,7 @@ impl LossLog {
     /// drops the later ones, which a resumed run redoes, by rewriting the file atomically, and
     /// appends from there. `steps_done = 0` (a fresh run) starts an empty log; so does a missing
     /// file.
-    pub fn open(path: &Path, steps_done: u64) -> anyhow::Result<Self> {
+    pub fn open(path: &Path, steps_done: u64) -> Result<Self> {
         if steps_done == 0 || !path.exists() {
             return Self::create(path);
         }
@@ -93,9 +94,9 @@ impl LossLog {
         for e in &kept {
             text.push_str(&line(e)?);
         }
-        graft_formats::write::write_atomic(path, text.as_bytes())?;
+        graft_formats::write::write_atomic(path, text.as_bytes()).map_err(|e| Error::State(e.to_string()))?;
         let file =
-            std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("{}: cannot open the loss log", path.display()))?;
+            std::fs::OpenOptions::new().append(true).open(path).map_err(io(format!("{}: cannot open the loss log", path.display()), path))?;
         Ok(Self { path: path.to_path_buf(), file })
     }
 
@@ -104,27 +105,28 @@ impl LossLog {
     }
 
     /// Appends one entry (one write of one line).
-    pub fn append(&mut self, entry: &LossEntry) -> anyhow::Result<()> {
+    pub fn append(&mut self, entry: &LossEntry) -> Result<()> {
         self.file
             .write_all(line(entry)?.as_bytes())
             .and_then(|_| self.file.flush())
-            .with_context(|| format!("{}: cannot write the loss log", self.path.display()))
+            .map_err(io(format!("{}: cannot write the loss log", self.path.display()), &self.path))
     }
 
     /// Makes the lines written so far durable (call it with each checkpoint, not each step).
-    pub fn sync(&self) -> anyhow::Result<()> {
-        self.file.sync_data().with_context(|| format!("{}: cannot sync the loss log", self.path.display()))
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(io(format!("{}: cannot sync the loss log", self.path.display()), &self.path))
     }
 }
 
-fn line(e: &LossEntry) -> anyhow::Result<String> {
-    Ok(format!("{}\n", serde_json::to_string(e)?))
+fn line(e: &LossEntry) -> Result<String> {
+    let json = serde_json::to_string(e).map_err(|e| Error::Internal(format!("a loss log entry as JSON: {e}")))?;
+    Ok(format!("{json}\n"))
 }
 
 /// Reads a loss log. A torn last line (a crash during its write) is skipped; any other bad line
 /// is an error naming the file and the line.
-pub fn read(path: &Path) -> anyhow::Result<Vec<LossEntry>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the loss log", path.display()))?;
+pub fn read(path: &Path) -> Result<Vec<LossEntry>> {
+    let text = std::fs::read_to_string(path).map_err(io(format!("{}: cannot read the loss log", path.display()), path))?;
     let complete = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::with_capacity(lines.len());
@@ -137,7 +139,7 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<LossEntry>> {
             Err(_) if i + 1 == lines.len() && !complete => {
                 tracing::warn!("{}: line {} is incomplete (the run stopped while writing it); skipped", path.display(), i + 1);
             }
-            Err(e) => bail!("{}:{}: not a loss log entry ({e}): {l}", path.display(), i + 1),
+            Err(e) => return Err(Error::State(format!("{}:{}: not a loss log entry ({e}): {l}", path.display(), i + 1))),
         }
     }
     Ok(out)
@@ -185,12 +187,12 @@ const TEXT: [u8; 3] = [40, 40, 40];
 
 /// Draws the loss curve of one run: the raw loss (thin, light) and its moving average (thick).
 /// Skipped steps and non-finite losses are left out.
-pub fn plot_loss_png(entries: &[LossEntry], path: &Path) -> anyhow::Result<()> {
+pub fn plot_loss_png(entries: &[LossEntry], path: &Path) -> Result<()> {
     plot_many(&[("loss", DEFAULT_COLOR, entries)], path)
 }
 
 /// Draws several runs in one plot, each in its colour, with a legend of swatches and names.
-pub fn plot_many(curves: &[(&str, [u8; 3], &[LossEntry])], path: &Path) -> anyhow::Result<()> {
+pub fn plot_many(curves: &[(&str, [u8; 3], &[LossEntry])], path: &Path) -> Result<()> {
     let img = render(curves)?;
     crate::samples::write_rgb_png(path, &img, None)
 }
@@ -201,13 +203,13 @@ fn points(entries: &[LossEntry]) -> Vec<(f64, f64)> {
 }
 
 /// The plot as an image (what [`plot_many`] writes).
-pub fn render(curves: &[(&str, [u8; 3], &[LossEntry])]) -> anyhow::Result<RgbImage> {
+pub fn render(curves: &[(&str, [u8; 3], &[LossEntry])]) -> Result<RgbImage> {
     // (name, colour, plotted points) of each curve.
     type Series<'a> = (&'a str, [u8; 3], Vec<(f64, f64)>);
     let series: Vec<Series> = curves.iter().map(|(n, c, e)| (*n, *c, points(e))).collect();
     let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).collect();
     if all.is_empty() {
-        bail!("no finite loss to plot (every step was skipped, or the log is empty)");
+        return Err(Error::State("no finite loss to plot (every step was skipped, or the log is empty)".to_string()));
     }
     let (mut x0, mut x1) = min_max(all.iter().map(|p| p.0));
     let (mut y0, mut y1) = min_max(all.iter().map(|p| p.1));

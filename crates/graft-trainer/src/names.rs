@@ -4,12 +4,12 @@
 
 /// Letters, digits, `.`, `_` and `-`, not empty and not starting with `.`: the same file on every
 /// system, never a path, never hidden. `what` names the field in the error.
-pub fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
+pub fn check_name(what: &str, name: &str) -> crate::error::Result<()> {
     let ok = !name.is_empty() && !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if !ok {
-        anyhow::bail!(
+        return Err(crate::error::Error::Config(format!(
             "{what} `{name}`: use letters, digits, `.`, `_` and `-` only, not starting with `.`: a file name without a folder (e.g. `my_style`)"
-        );
+        )));
     }
     Ok(())
 }

@@ -150,10 +150,11 @@ pub fn refuse_unknown_keys<'a>(keys: impl IntoIterator<Item = &'a String>, own: 
 
 /// A config whose options stand at its top level (train, compare): the TOML table, its unknown
 /// keys refused, then the struct.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, own: &[&str]) -> anyhow::Result<T> {
-    let table: toml::Table = toml::from_str(text)?;
-    refuse_unknown_keys(table.keys(), own).map_err(anyhow::Error::msg)?;
-    Ok(table.try_into()?)
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, own: &[&str]) -> crate::error::Result<T> {
+    use crate::error::Error;
+    let table: toml::Table = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+    refuse_unknown_keys(table.keys(), own).map_err(Error::Config)?;
+    table.try_into().map_err(|e: toml::de::Error| Error::Config(e.to_string()))
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use graft_sdxl::GenerateParams;
+
+use crate::error::{io, Cause, Result};
 
 /// A1111's sampler name for a graft scheduler name.
 pub fn sampler_name(scheduler: &str) -> &str {
@@ -48,12 +49,12 @@ pub fn a1111_parameters_with(p: &GenerateParams, model: &str, extra: &[(String, 
 
 /// Writes an 8-bit RGB PNG with a `parameters` tEXt chunk, through a temporary file and a rename
 /// so an existing image is never left half-written.
-pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8], parameters: &str) -> anyhow::Result<()> {
+pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8], parameters: &str) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create folder {}", dir.display()), dir))?;
     }
     let tmp = path.with_extension("png.tmp");
-    let write = || -> anyhow::Result<()> {
+    let write = || -> std::result::Result<(), Cause> {
         let file = std::fs::File::create(&tmp)?;
         let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
         enc.set_color(png::ColorType::Rgb);
@@ -64,15 +65,15 @@ pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8], parameter
         w.finish()?;
         Ok(())
     };
-    write().with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    write().map_err(io(format!("cannot write {}", tmp.display()), &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("cannot move {} to {}", tmp.display(), path.display()), path))?;
     Ok(())
 }
 
 /// Reads the `parameters` text chunk of a PNG (for tests and `graft inspect`).
-pub fn read_parameters(path: &Path) -> anyhow::Result<Option<String>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+pub fn read_parameters(path: &Path) -> Result<Option<String>> {
+    let file = std::fs::File::open(path).map_err(io(format!("cannot open {}", path.display()), path))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder.read_info().with_context(|| format!("{}: not a readable PNG", path.display()))?;
+    let reader = decoder.read_info().map_err(io(format!("{}: not a readable PNG", path.display()), path))?;
     Ok(reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone()))
 }

@@ -19,11 +19,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use graft_sdxl::pipeline::to_rgb8;
 use graft_sdxl::{GenerateParams, SdxlModel};
 use image::RgbImage;
 
+use crate::error::{io, At, Error, Result};
 use crate::png_out;
 use graft_runtime::adapters::dispatcher::AdapterSet;
 
@@ -98,7 +98,7 @@ pub fn sampler_to_scheduler(name: &str) -> Option<&'static str> {
 }
 
 /// Parses the text of a prompt file. `source` names it in errors (`file:line: ...`).
-pub fn parse_prompts(text: &str, source: &str, defaults: &SampleDefaults) -> anyhow::Result<Vec<SamplePrompt>> {
+pub fn parse_prompts(text: &str, source: &str, defaults: &SampleDefaults) -> Result<Vec<SamplePrompt>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -106,23 +106,23 @@ pub fn parse_prompts(text: &str, source: &str, defaults: &SampleDefaults) -> any
             continue;
         }
         let index = out.len() as u64;
-        let p = parse_line(line, index, defaults).with_context(|| format!("{source}:{}: {line}", i + 1))?;
+        let p = parse_line(line, index, defaults).at(|| format!("{source}:{}: {line}", i + 1))?;
         out.push(p);
     }
     Ok(out)
 }
 
 /// Reads a kohya prompt file (`.txt`), one prompt a line.
-pub fn parse_prompt_file(path: &Path, defaults: &SampleDefaults) -> anyhow::Result<Vec<SamplePrompt>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the sample prompt file", path.display()))?;
+pub fn parse_prompt_file(path: &Path, defaults: &SampleDefaults) -> Result<Vec<SamplePrompt>> {
+    let text = std::fs::read_to_string(path).map_err(io(format!("{}: cannot read the sample prompt file", path.display()), path))?;
     let prompts = parse_prompts(&text, &path.display().to_string(), defaults)?;
     if prompts.is_empty() {
-        bail!("{}: no prompt in the file (blank lines and `#` comments are skipped)", path.display());
+        return Err(Error::Sample(format!("{}: no prompt in the file (blank lines and `#` comments are skipped)", path.display())));
     }
     Ok(prompts)
 }
 
-fn parse_line(line: &str, index: u64, d: &SampleDefaults) -> anyhow::Result<SamplePrompt> {
+fn parse_line(line: &str, index: u64, d: &SampleDefaults) -> Result<SamplePrompt> {
     // A leading space lets a line that starts with an option have an empty prompt, as in kohya.
     let spaced = format!(" {line}");
     let mut parts = spaced.split(" --");
@@ -144,10 +144,10 @@ fn parse_line(line: &str, index: u64, d: &SampleDefaults) -> anyhow::Result<Samp
             None => (part, ""),
         };
         if value.is_empty() {
-            bail!("option `--{key}` has no value");
+            return Err(Error::Sample(format!("option `--{key}` has no value")));
         }
-        let int = |what: &str| -> anyhow::Result<u64> {
-            value.parse::<u64>().map_err(|_| anyhow::anyhow!("`--{key} {value}`: the {what} must be a whole number"))
+        let int = |what: &str| -> Result<u64> {
+            value.parse::<u64>().map_err(|_| Error::Sample(format!("`--{key} {value}`: the {what} must be a whole number")))
         };
         match key.to_lowercase().as_str() {
             "n" => p.negative = Some(value.to_string()),
@@ -160,22 +160,24 @@ fn parse_line(line: &str, index: u64, d: &SampleDefaults) -> anyhow::Result<Samp
                     .parse::<f64>()
                     .ok()
                     .filter(|g| g.is_finite())
-                    .with_context(|| format!("`--l {value}`: the guidance scale must be a number"))?
+                    .ok_or_else(|| Error::Sample(format!("`--l {value}`: the guidance scale must be a number")))?
             }
             "ss" => {
                 let s = sampler_to_scheduler(value)
-                    .with_context(|| format!("sampler `{value}` is not available in graft; use one of {}", SAMPLERS.join(", ")))?;
+                    .ok_or_else(|| Error::Sample(format!("sampler `{value}` is not available in graft; use one of {}", SAMPLERS.join(", "))))?;
                 p.scheduler = Some(s.to_string());
             }
-            _ => bail!(
-                "unknown option `--{key}`; sample prompts take --n (negative), --w, --h (size), --d (seed), \
-                 --s (steps), --l (guidance), --ss (sampler)"
-            ),
+            _ => {
+                return Err(Error::Sample(format!(
+                    "unknown option `--{key}`; sample prompts take --n (negative), --w, --h (size), --d (seed), \
+                     --s (steps), --l (guidance), --ss (sampler)"
+                )))
+            }
         }
     }
-    graft_sdxl::pipeline::check_size(p.width, p.height)?;
+    graft_sdxl::pipeline::check_size(p.width, p.height).map_err(|e| Error::Sample(e.to_string()))?;
     if p.steps == 0 {
-        bail!("`--s 0`: sampling needs at least one step");
+        return Err(Error::Sample("`--s 0`: sampling needs at least one step".to_string()));
     }
     Ok(p)
 }
@@ -193,23 +195,19 @@ pub fn sample_file_name(stem: &str, index: usize, seed: u64) -> String {
 /// needs `&mut`), and back afterwards: in training mode strategies apply dropout and the images
 /// would not be the trained adapter's, so a set in training mode is an error. A strategy that fails while sampling is detached by the set as during training; its
 /// failure stays in `set.take_failures()` for the caller.
-pub fn render_samples(
-    model: &SdxlModel,
-    set: &AdapterSet,
-    prompts: &[SamplePrompt],
-    out_dir: &Path,
-    stem: &str,
-) -> anyhow::Result<Vec<PathBuf>> {
+pub fn render_samples(model: &SdxlModel, set: &AdapterSet, prompts: &[SamplePrompt], out_dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     if set.is_training() {
-        bail!("render_samples: the adapter set is in training mode (dropout on); call `set.set_training(false)` first");
+        return Err(Error::Sample(
+            "render_samples: the adapter set is in training mode (dropout on); call `set.set_training(false)` first".to_string(),
+        ));
     }
-    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create the sample folder {}", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir).map_err(io(format!("cannot create the sample folder {}", out_dir.display()), out_dir))?;
     let model_name = model.source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let hooks = set.hooks();
     let mut written = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         let params = p.params();
-        let out = model.generate(&params, hooks.pipeline(), &mut |_, _| {}).with_context(|| format!("sample {i} (`{}`)", p.prompt))?;
+        let out = model.generate(&params, hooks.pipeline(), &mut |_, _| {}).at(|| format!("sample {i} (`{}`)", p.prompt))?;
         let (w, h, rgb) = to_rgb8(&out.image.get(0)?)?;
         let path = out_dir.join(sample_file_name(stem, i, p.seed));
         png_out::write_png(&path, w, h, &rgb, &png_out::a1111_parameters(&params, &model_name))?;
@@ -224,9 +222,9 @@ const GRID_BACKGROUND: [u8; 3] = [255, 255, 255];
 
 /// Lays images out in rows of `columns` (0: a near-square grid), each in a cell the size of the
 /// largest image, centred, with a white gap between cells.
-pub fn grid_image(images: &[RgbImage], columns: usize) -> anyhow::Result<RgbImage> {
+pub fn grid_image(images: &[RgbImage], columns: usize) -> Result<RgbImage> {
     if images.is_empty() {
-        bail!("a grid needs at least one image");
+        return Err(Error::Sample("a grid needs at least one image".to_string()));
     }
     let n = images.len();
     let cols = if columns == 0 { (n as f64).sqrt().ceil() as usize } else { columns.min(n) };
@@ -247,17 +245,17 @@ pub fn grid_image(images: &[RgbImage], columns: usize) -> anyhow::Result<RgbImag
 
 /// Writes a grid of `images` to `out` (see [`grid_image`]); `parameters` becomes its A1111
 /// `parameters` chunk when given.
-pub fn grid(images: &[RgbImage], columns: usize, out: &Path, parameters: Option<&str>) -> anyhow::Result<()> {
+pub fn grid(images: &[RgbImage], columns: usize, out: &Path, parameters: Option<&str>) -> Result<()> {
     let g = grid_image(images, columns)?;
     write_rgb_png(out, &g, parameters)
 }
 
 /// Reads image files (PNG, JPEG, WebP) and writes their grid to `out`, with the `parameters`
 /// chunk of the first one (as A1111 does for its grids).
-pub fn grid_files(paths: &[PathBuf], columns: usize, out: &Path) -> anyhow::Result<()> {
+pub fn grid_files(paths: &[PathBuf], columns: usize, out: &Path) -> Result<()> {
     let mut images = Vec::with_capacity(paths.len());
     for p in paths {
-        let img = image::open(p).with_context(|| format!("{}: cannot read the image for the grid", p.display()))?;
+        let img = image::open(p).map_err(io(format!("{}: cannot read the image for the grid", p.display()), p))?;
         images.push(img.to_rgb8());
     }
     let parameters = match paths.first() {
@@ -269,17 +267,17 @@ pub fn grid_files(paths: &[PathBuf], columns: usize, out: &Path) -> anyhow::Resu
 
 /// Writes an RGB image as a PNG through a temporary file and a rename, with an optional A1111
 /// `parameters` chunk.
-pub fn write_rgb_png(path: &Path, img: &RgbImage, parameters: Option<&str>) -> anyhow::Result<()> {
+pub fn write_rgb_png(path: &Path, img: &RgbImage, parameters: Option<&str>) -> Result<()> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if let Some(text) = parameters {
         return png_out::write_png(path, w, h, img.as_raw(), text);
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create folder {}", dir.display()), dir))?;
     }
     let tmp = path.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    img.save_with_format(&tmp, image::ImageFormat::Png).map_err(io(format!("cannot write {}", tmp.display()), &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("cannot move {} to {}", tmp.display(), path.display()), path))?;
     Ok(())
 }
 
@@ -379,6 +377,12 @@ mod tests {
         assert!(e.contains("guidance"), "{e}");
         let e = err("a cat --s 0");
         assert!(e.contains("at least one step"), "{e}");
+        // The kind: a sample prompt problem, at a line of the file.
+        let e = parse_prompts("a cat --q 3", "prompts.txt", &defaults()).unwrap_err();
+        assert!(
+            matches!(&e, crate::error::Error::At { what, cause } if what.starts_with("prompts.txt:1") && matches!(**cause, crate::error::Error::Sample(_))),
+            "{e:?}"
+        );
     }
 
     #[test]

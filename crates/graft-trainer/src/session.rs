@@ -10,9 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
 use indicatif::ProgressBar;
 
+use crate::error::{io, At, Result};
 use crate::losslog::{self, LossLog};
 use crate::samples::{render_samples, SamplePrompt};
 use crate::trainer::{Pause, StepOutcome, StepRecord, Trainer};
@@ -87,9 +87,9 @@ pub struct Session {
 impl Session {
     /// Opens the output folder and the loss log (after resuming, when asked: the log keeps the
     /// entries of the steps done).
-    pub fn start(mut trainer: Trainer, options: SessionOptions) -> anyhow::Result<Self> {
+    pub fn start(mut trainer: Trainer, options: SessionOptions) -> Result<Self> {
         let out = trainer.config.output_dir.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+        std::fs::create_dir_all(&out).map_err(io(format!("cannot create output folder {}", out.display()), &out))?;
         let mut last_checkpoint = None;
         if options.resume {
             match checkpoint::latest(&out)? {
@@ -114,7 +114,7 @@ impl Session {
     /// The steps, with checkpoints every `save_every` good steps and samples every
     /// `sample_every`, until the end, a stop, too many bad steps in a row, or an error. A
     /// rebuilt strategy plugin is taken up between steps.
-    pub fn run(&mut self, obs: &mut impl Observer) -> anyhow::Result<Ended> {
+    pub fn run(&mut self, obs: &mut impl Observer) -> Result<Ended> {
         let ended = self.steps(obs);
         if let Some(bar) = &self.bar {
             match ended {
@@ -126,7 +126,7 @@ impl Session {
         ended
     }
 
-    fn steps(&mut self, obs: &mut impl Observer) -> anyhow::Result<Ended> {
+    fn steps(&mut self, obs: &mut impl Observer) -> Result<Ended> {
         let total = self.trainer.config.options.steps;
         while self.trainer.step < total {
             if obs.stop_requested() {
@@ -140,7 +140,7 @@ impl Session {
             let pause_on_failure = self.options.pause_on_failure;
             let trainer = &mut self.trainer;
             let outcome = obs.exclusive(|| trainer.advance(pause_on_failure));
-            let record = match outcome.with_context(|| format!("at step {}", self.trainer.step))? {
+            let record = match outcome.at(|| format!("at step {}", self.trainer.step))? {
                 StepOutcome::Trained(r) => r,
                 StepOutcome::Paused(p) => {
                     if let Some(bar) = &self.bar {
@@ -195,14 +195,14 @@ impl Session {
     }
 
     /// The session's prompts into `output_dir/samples`, files named `{stem}-...`.
-    fn sample(&mut self, stem: &str) -> anyhow::Result<Vec<PathBuf>> {
+    fn sample(&mut self, stem: &str) -> Result<Vec<PathBuf>> {
         let dir = self.trainer.config.output_dir.join("samples");
         render_now(&mut self.trainer, &self.options.prompts, &dir, stem)
     }
 
     /// After [`Ended::Finished`]: the last checkpoint (unless this step has one), the adapter
     /// files and the loss chart. Returns the adapter files.
-    pub fn finish(&mut self, obs: &impl Observer) -> anyhow::Result<Vec<PathBuf>> {
+    pub fn finish(&mut self, obs: &impl Observer) -> Result<Vec<PathBuf>> {
         let t = &self.trainer;
         if self.last_checkpoint.as_ref().is_none_or(|p| !p.ends_with(format!("step-{:06}", t.step))) {
             self.last_checkpoint = Some(obs.exclusive(|| checkpoint::save(t))?);
@@ -229,19 +229,19 @@ impl Session {
         saved
     }
 
-    fn plot_losses(&self) -> anyhow::Result<()> {
+    fn plot_losses(&self) -> Result<()> {
         let out = self.trainer.config.output_dir.join("loss.png");
         losslog::plot_loss_png(&losslog::read(&self.log_path)?, &out)
     }
 
     /// Renders the session's prompts now, as `stem`, into `dir` (compare's end-of-run samples).
-    pub fn render(&mut self, prompts: &[SamplePrompt], dir: &Path, stem: &str) -> anyhow::Result<Vec<PathBuf>> {
+    pub fn render(&mut self, prompts: &[SamplePrompt], dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         render_now(&mut self.trainer, prompts, dir, stem)
     }
 }
 
 /// Renders `prompts` with the adapters as trained now (dropout off for the images, back on after).
-fn render_now(t: &mut Trainer, prompts: &[SamplePrompt], dir: &Path, stem: &str) -> anyhow::Result<Vec<PathBuf>> {
+fn render_now(t: &mut Trainer, prompts: &[SamplePrompt], dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     t.set.set_training(false);
     let paths = render_samples(&t.model, &t.set, prompts, dir, stem);
     t.set.set_training(true);
@@ -304,7 +304,7 @@ pub fn save_on_stop(trainer: &Trainer) -> StopSave {
 }
 
 /// Writes the adapter files of a trainer's strategy into its output folder.
-pub fn export_for(trainer: &Trainer) -> anyhow::Result<Vec<PathBuf>> {
+pub fn export_for(trainer: &Trainer) -> Result<Vec<PathBuf>> {
     let model = &trainer.model;
     let meta = export::ExportMeta {
         steps: trainer.step,

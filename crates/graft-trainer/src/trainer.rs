@@ -18,7 +18,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, TensorId, Var};
 use graft_sdxl::checkpoint::{Direct, Runner, Tape};
@@ -30,6 +29,7 @@ use graft_sdxl::SdxlModel;
 use crate::cache::{EmbeddingCache, LatentCache};
 use crate::config::TrainConfig;
 use crate::dataset::{Batch, Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
+use crate::error::{At, Error, Result};
 use crate::optim::{GradAccumulator, GroupConfig, Optimizer};
 use crate::options::CacheLatents;
 use crate::schedule::{LrSchedule, ScheduleKind};
@@ -146,9 +146,9 @@ fn group_name(strategy: &str, group: &str) -> String {
 
 impl Trainer {
     /// Loads the model and dataset, creates the strategy from its plugin and plans it.
-    pub fn new(config: TrainConfig, plugins: PluginManager, device: &Device) -> anyhow::Result<Self> {
+    pub fn new(config: TrainConfig, plugins: PluginManager, device: &Device) -> Result<Self> {
         let model = SdxlModel::load_as(&config.model, config.model_config.as_deref(), device, config.options.dtype)
-            .with_context(|| format!("loading model {}", config.model.display()))?;
+            .map_err(|cause| Error::Model { path: config.model.clone(), cause })?;
         tracing::info!("{}", graft_sdxl::precision::describe(model.weight_dtype(), &model.device));
         Self::with_model(config, Arc::new(model), plugins)
     }
@@ -157,7 +157,7 @@ impl Trainer {
     /// files). The model's base weights are shared: a strategy that unfreezes or folds into them
     /// overrides them for every holder until the trainer (its adapter set) is dropped; a user of
     /// the model who must not see that takes [`SdxlModel::as_loaded`].
-    pub fn with_model(config: TrainConfig, model: Arc<SdxlModel>, plugins: PluginManager) -> anyhow::Result<Self> {
+    pub fn with_model(config: TrainConfig, model: Arc<SdxlModel>, plugins: PluginManager) -> Result<Self> {
         let dataset = open_dataset(&config)?;
         for w in dataset.warnings() {
             tracing::warn!("{w}");
@@ -225,7 +225,7 @@ impl Trainer {
     /// Encodes every image once (and its flip when flip_aug is on), each with VAE noise of its
     /// own (derived from its index and flip), so a resumed run sees the same latents, even when
     /// an earlier session was stopped part way through filling an on-disk cache.
-    fn prefill_latents(&mut self) -> anyhow::Result<()> {
+    fn prefill_latents(&mut self) -> Result<()> {
         let Some(cache) = self.latents.as_mut() else { return Ok(()) };
         let (vae, scale) = (self.model.vae()?, self.model.config.vae.scaling_factor);
         let vae_rng = self.rng.derive(0x7ae);
@@ -252,7 +252,7 @@ impl Trainer {
     /// weights when no adapter is in them, no base weight of theirs is trained and every
     /// caption's embeddings are cached (computed here the first time). Sample images read them
     /// back; the next step frees them again. A shared model (serve) keeps everything.
-    fn release_unused_components(&mut self) -> anyhow::Result<()> {
+    fn release_unused_components(&mut self) -> Result<()> {
         if self.config.shared_model || self.model.text_encoder_files.is_none() {
             return Ok(());
         }
@@ -297,7 +297,7 @@ impl Trainer {
         self.set.any_attached(|l| l.component != graft_abi::Component::UNET)
     }
 
-    fn next_batch(&mut self) -> anyhow::Result<Batch> {
+    fn next_batch(&mut self) -> Result<Batch> {
         loop {
             let mut epoch = self.dataset.epoch(self.config.options.seed, self.position.epoch).on(&self.model.device);
             if self.latents.is_some() {
@@ -312,7 +312,7 @@ impl Trainer {
         }
     }
 
-    fn batch_latents(&mut self, batch: &Batch) -> anyhow::Result<Tensor> {
+    fn batch_latents(&mut self, batch: &Batch) -> Result<Tensor> {
         let dev = self.model.device.clone();
         let scale = self.model.config.vae.scaling_factor;
         match self.latents.as_mut() {
@@ -327,7 +327,7 @@ impl Trainer {
         }
     }
 
-    fn text_embeddings(&mut self, captions: &[String]) -> anyhow::Result<(Tensor, Tensor)> {
+    fn text_embeddings(&mut self, captions: &[String]) -> Result<(Tensor, Tensor)> {
         if self.text_encoders_hooked() {
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
             let hooks = self.set.hooks();
@@ -345,7 +345,7 @@ impl Trainer {
     /// The loss of one batch and its gradients: seeded noise and timesteps, then
     /// [`Trainer::loss_from`] and the backward (through the checkpointing tape when
     /// `gradient_checkpointing` is on).
-    pub fn loss_and_grads(&mut self, batch: &Batch) -> anyhow::Result<(Tensor, GradStore)> {
+    pub fn loss_and_grads(&mut self, batch: &Batch) -> Result<(Tensor, GradStore)> {
         let dev = self.model.device.clone();
         let latents = self.batch_latents(batch)?;
         let (hidden, pooled) = self.text_embeddings(&batch.captions)?;
@@ -377,7 +377,7 @@ impl Trainer {
     }
 
     /// The UNet's prediction for the noised latents, its segments run by `runner`.
-    fn predict<'a>(&'a self, x: &LossInputs, hooks: &'a dyn graft_sdxl::Hooks, runner: &mut dyn Runner<'a>) -> anyhow::Result<Tensor> {
+    fn predict<'a>(&'a self, x: &LossInputs, hooks: &'a dyn graft_sdxl::Hooks, runner: &mut dyn Runner<'a>) -> Result<Tensor> {
         let dev = x.latents.device();
         let noisy = self.noise.add_noise(x.latents, x.noise, x.timesteps)?;
         let t: Vec<f32> = x.timesteps.iter().map(|&t| t as f32).collect();
@@ -395,7 +395,7 @@ impl Trainer {
         hidden: &Tensor,
         pooled: &Tensor,
         time_ids: &Tensor,
-    ) -> anyhow::Result<Tensor> {
+    ) -> Result<Tensor> {
         let x = LossInputs { latents, noise, timesteps, hidden, pooled, time_ids };
         let pred = {
             let hooks = self.set.hooks();
@@ -405,7 +405,7 @@ impl Trainer {
     }
 
     /// The loss of a prediction against the target of `x`.
-    fn loss_of(&self, pred: &Tensor, x: &LossInputs) -> anyhow::Result<Tensor> {
+    fn loss_of(&self, pred: &Tensor, x: &LossInputs) -> Result<Tensor> {
         let (dev, timesteps) = (x.latents.device(), x.timesteps);
         let b = x.latents.dim(0)?;
         let target = match self.prediction {
@@ -436,7 +436,7 @@ impl Trainer {
 
     /// A fixed evaluation loss (no gradients): the first batch of epoch 0 with noise and
     /// timesteps from `seed`, the same every call, so runs and steps can be compared.
-    pub fn eval_loss(&mut self, seed: u64) -> anyhow::Result<f64> {
+    pub fn eval_loss(&mut self, seed: u64) -> Result<f64> {
         let dev = self.model.device.clone();
         let saved = self.position;
         self.position = DataPosition::default();
@@ -472,18 +472,18 @@ impl Trainer {
 
     /// One optimizer step (with gradient accumulation). Returns its record. A strategy that
     /// fails during it is detached and the step is skipped (and counted as a bad step).
-    pub fn train_step(&mut self) -> anyhow::Result<StepRecord> {
+    pub fn train_step(&mut self) -> Result<StepRecord> {
         match self.advance(false)? {
             StepOutcome::Trained(r) => Ok(r),
             // Not reached: advance(false) skips instead of pausing.
-            StepOutcome::Paused(p) => anyhow::bail!("{}", p.message()),
+            StepOutcome::Paused(p) => Err(Error::Internal(p.message())),
         }
     }
 
     /// As [`Trainer::train_step`], for watch mode: when the strategy fails (or has failed), the
     /// step is undone as if it had not been tried and the run pauses; call
     /// [`Trainer::wait_for_rebuild`], then this again to try the same step.
-    pub fn step_or_pause(&mut self) -> anyhow::Result<StepOutcome> {
+    pub fn step_or_pause(&mut self) -> Result<StepOutcome> {
         self.advance(true)
     }
 
@@ -527,7 +527,7 @@ impl Trainer {
 
     /// One step, undone on error (so a checkpoint saved after the error resumes exactly), or,
     /// with `pause`, undone and reported when the strategy fails.
-    pub fn advance(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
+    pub fn advance(&mut self, pause: bool) -> Result<StepOutcome> {
         self.release_unused_components()?;
         let start = self.step_start();
         if self.last_good.is_none() {
@@ -567,7 +567,7 @@ impl Trainer {
         Pause { step: self.step, reason, plugin_file }
     }
 
-    fn attempt(&mut self, pause: bool) -> anyhow::Result<StepOutcome> {
+    fn attempt(&mut self, pause: bool) -> Result<StepOutcome> {
         if pause && self.strategy_failed() {
             return Ok(StepOutcome::Paused(self.pause_now()));
         }
@@ -653,7 +653,7 @@ impl Trainer {
     /// Waits, polling for plugin reloads, until a rebuild of the failed strategy's plugin is
     /// taken up (true) or `stop` says to give up (false). The step that paused is then tried
     /// again by the next [`Trainer::step_or_pause`].
-    pub fn wait_for_rebuild(&mut self, stop: &dyn Fn() -> bool) -> anyhow::Result<bool> {
+    pub fn wait_for_rebuild(&mut self, stop: &dyn Fn() -> bool) -> Result<bool> {
         loop {
             self.poll_reloads()?;
             if !self.strategy_failed() {
@@ -692,10 +692,10 @@ impl Trainer {
             * self.optimizer.prodigy_d().unwrap_or(1.0)
     }
 
-    fn apply_lr_scales(&mut self, scales: &[LrScale]) -> anyhow::Result<()> {
+    fn apply_lr_scales(&mut self, scales: &[LrScale]) -> Result<()> {
         for s in scales {
             let name = group_name(&s.strategy, &s.group);
-            self.optimizer.set_lr_scale(&name, s.scale).with_context(|| format!("lr_scale directive for group `{}`", s.group))?;
+            self.optimizer.set_lr_scale(&name, s.scale).at(|| format!("lr_scale directive for group `{}`", s.group))?;
             self.lr_scales.insert(name, s.scale);
         }
         Ok(())
@@ -703,7 +703,7 @@ impl Trainer {
 
     /// Takes up a rebuilt strategy plugin between steps (`--watch`): its parameters with the same
     /// names and shapes are kept, the optimizer keeps their moments.
-    pub fn poll_reloads(&mut self) -> anyhow::Result<()> {
+    pub fn poll_reloads(&mut self) -> Result<()> {
         let id = self.set.strategies()[self.strategy].instance.manifest().id.clone();
         for event in self.plugins.poll_reloads() {
             match &event {
@@ -763,7 +763,7 @@ fn base_params(b: &UnfrozenBase) -> Vec<(String, Var)> {
 }
 
 /// The optimizer over the strategy's plan groups and its unfrozen base weights.
-pub fn build_optimizer(set: &AdapterSet, s: StrategyId, config: &TrainConfig) -> anyhow::Result<Optimizer> {
+pub fn build_optimizer(set: &AdapterSet, s: StrategyId, config: &TrainConfig) -> Result<Optimizer> {
     let active = &set.strategies()[s];
     let name = active.name();
     let mut by_group: HashMap<String, Vec<(String, Var)>> = HashMap::new();
@@ -777,11 +777,11 @@ pub fn build_optimizer(set: &AdapterSet, s: StrategyId, config: &TrainConfig) ->
         groups.push((cfg, params));
     }
     if let Some((group, params)) = by_group.into_iter().next() {
-        anyhow::bail!(
+        return Err(Error::Config(format!(
             "strategy `{name}` puts {} parameters (e.g. {}) in group `{group}`, which its plan does not declare",
             params.len(),
             params[0].0
-        );
+        )));
     }
     for b in set.unfrozen().iter().filter(|b| b.strategy == name) {
         let cfg = GroupConfig::new(group_name(name, &format!("base:{}", b.layer)), b.lr).weight_decay(b.weight_decay);
@@ -792,7 +792,7 @@ pub fn build_optimizer(set: &AdapterSet, s: StrategyId, config: &TrainConfig) ->
     Ok(optimizer)
 }
 
-pub(crate) fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
+pub(crate) fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
     let d = &config.dataset;
     let ds_config = match (&d.dir, &d.config) {
         (_, Some(file)) => DatasetConfig::from_toml_file(file)?,
@@ -816,9 +816,9 @@ pub(crate) fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
             }
             DatasetConfig::from_folder(dir, &spec, &subset)?
         }
-        (None, None) => anyhow::bail!("[dataset] needs `dir` or `config`"),
+        (None, None) => return Err(Error::Config("[dataset] needs `dir` or `config`".to_string())),
     };
-    Ok(Dataset::open(&ds_config, &OpenOptions { skip_bad: d.skip_bad, ..Default::default() })?)
+    Dataset::open(&ds_config, &OpenOptions { skip_bad: d.skip_bad, ..Default::default() })
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ fn trainer(ctx: &Ctx, batch: usize) -> anyhow::Result<Trainer> {
     let path = ctx.scratch.join("train.toml");
     std::fs::write(&path, text)?;
     let plugins = ctx.plugin_dirs.manager()?;
-    Trainer::new(TrainConfig::from_file(&path)?, plugins, &Device::Cpu)
+    Ok(Trainer::new(TrainConfig::from_file(&path)?, plugins, &Device::Cpu)?)
 }
 
 fn step(ctx: &Ctx, batch: usize) -> anyhow::Result<Measured> {

@@ -155,7 +155,7 @@ impl CompareConfig {
             bail!("`loss_window` must be at least 1");
         }
         // Everything a training run checks, on the first strategy.
-        self.train_config(&self.strategies[0], &self.output_dir)?.validate()
+        Ok(self.train_config(&self.strategies[0], &self.output_dir)?.validate()?)
     }
 
     /// The training run of one strategy, writing into `out_dir` with files named after the
@@ -184,8 +184,8 @@ impl CompareConfig {
         let defaults =
             SampleDefaults { width: self.dataset.resolution, height: self.dataset.resolution, seed: self.options.seed, ..Default::default() };
         match &self.sample_prompts {
-            Some(p) => parse_prompt_file(p, &defaults),
-            None => parse_prompts(&self.prompts.join("\n"), "compare config `prompts`", &defaults),
+            Some(p) => Ok(parse_prompt_file(p, &defaults)?),
+            None => Ok(parse_prompts(&self.prompts.join("\n"), "compare config `prompts`", &defaults)?),
         }
     }
 }

@@ -37,6 +37,6 @@ impl PluginDirArgs {
 
     /// A manager over these folders, with every library loaded ([`PluginDirs::manager`]).
     pub fn manager(&self) -> anyhow::Result<PluginManager> {
-        self.dirs().manager()
+        Ok(self.dirs().manager()?)
     }
 }

@@ -291,7 +291,7 @@ fn run_train(app: &App, id: u64, control: &Control, config: TrainConfig) -> anyh
         }
         Err(e) => {
             let saved = session.save_stopped(None, &observer);
-            (saved.exports.clone(), Err(e.context(format!("saved {}", saved.describe()))))
+            (saved.exports.clone(), Err(anyhow::Error::from(e).context(format!("saved {}", saved.describe()))))
         }
     };
     let names: Vec<String> = exports.iter().map(|p| p.display().to_string()).collect();

@@ -15,8 +15,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use anyhow::Context;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Tensor, Var};
 use graft_abi as abi;
 use graft_sdxl::hooks::{HookRegistry, Hooks, LayerIndex, LinearWeights, SharedLinear};
 use graft_sdxl::overrides::{Holder, OverrideKind, Owner};
@@ -24,6 +23,7 @@ use graft_sdxl::rng::GraftRng;
 use graft_sdxl::{PipelineHooks, SdxlModel};
 
 use crate::adapters::store::{InitKind, ParamKey, ParamStore, PlanDiff};
+use crate::error::{Error, Result};
 use crate::plugins::loader::LoadedPlugin;
 use crate::plugins::strategy::{layer_to_abi, CallContext, ExportedLayer, PluginError, StrategyInstance};
 
@@ -63,12 +63,23 @@ impl std::ops::IndexMut<StrategyId> for Vec<ActiveStrategy> {
     }
 }
 
+/// A hook point's place among all of a model's hook points: UNet, text_encoder,
+/// text_encoder_2, each in its registry's order (see [`AdapterSet::layer_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LayerId(usize);
+
+impl LayerId {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// A strategy in use, with its plan and where it is attached.
 pub struct ActiveStrategy {
     pub instance: StrategyInstance,
     pub plan: abi::Plan,
-    /// Hook points (global indices) it runs at now.
-    attached: BTreeSet<usize>,
+    /// Hook points it runs at now.
+    attached: BTreeSet<LayerId>,
     /// Output weight on the text encoders and on the UNet.
     pub te_weight: f64,
     pub unet_weight: f64,
@@ -107,7 +118,7 @@ pub struct AdapterSet {
     rng: Mutex<GraftRng>,
     /// Every hook point of the model: UNet, text_encoder, text_encoder_2, in registry order.
     layers: Vec<abi::LayerInfo>,
-    by_name: HashMap<String, usize>,
+    by_name: HashMap<String, LayerId>,
     /// Start of each component's indices in `layers`.
     offsets: [usize; 3],
     weights: Vec<Option<SharedLinear>>,
@@ -119,7 +130,7 @@ pub struct AdapterSet {
     failures: Mutex<Vec<PluginError>>,
     unfrozen: Vec<UnfrozenBase>,
     /// Fused hook points and the strategies fused there.
-    fused: Vec<(usize, Vec<StrategyId>)>,
+    fused: Vec<(LayerId, Vec<StrategyId>)>,
     training: bool,
     step: u64,
 }
@@ -138,7 +149,7 @@ impl AdapterSet {
                 weights.push(reg.linear_weights(i).cloned());
             }
         }
-        let by_name = layers.iter().enumerate().map(|(i, l)| (l.name().to_string(), i)).collect();
+        let by_name = layers.iter().enumerate().map(|(i, l)| (l.name().to_string(), LayerId(i))).collect();
         let n = layers.len();
         Self {
             holder: Holder::new("adapter set"),
@@ -200,16 +211,32 @@ impl AdapterSet {
         self.step = step;
     }
 
-    fn index(&self, layer: &str) -> anyhow::Result<usize> {
-        self.by_name.get(layer).copied().with_context(|| format!("no hook point named `{layer}`"))
+    /// The id of the hook point named `layer`.
+    pub fn layer_id(&self, layer: &str) -> Result<LayerId> {
+        self.by_name.get(layer).copied().ok_or_else(|| Error::NoLayer(layer.to_string()))
+    }
+
+    /// The hook point `g`.
+    pub fn layer(&self, g: LayerId) -> &abi::LayerInfo {
+        &self.layers[g.0]
+    }
+
+    /// The strategies attached at `g` now.
+    fn row(&mut self, g: LayerId) -> &mut Vec<StrategyId> {
+        &mut self.table[g.0]
+    }
+
+    /// The shared base weights of `g`, when it is a linear or conv hook point.
+    fn linear(&self, g: LayerId) -> Result<&SharedLinear> {
+        self.weights[g.0].as_ref().ok_or_else(|| Error::NotLinear(self.layers[g.0].name().to_string()))
     }
 
     /// Plans `instance` over the model's hook points, creates or reuses its parameters, unfreezes
     /// the base weights it asks for, and attaches it where the plan says. Returns the index of the
     /// strategy and what the store did.
-    pub fn add(&mut self, mut instance: StrategyInstance, te_weight: f64, unet_weight: f64) -> anyhow::Result<(StrategyId, PlanDiff)> {
+    pub fn add(&mut self, mut instance: StrategyInstance, te_weight: f64, unet_weight: f64) -> Result<(StrategyId, PlanDiff)> {
         if self.strategies.iter().any(|s| s.name() == instance.name()) {
-            anyhow::bail!("a strategy named `{}` is already in use: give the second one another name", instance.name());
+            return Err(Error::DuplicateStrategy(instance.name().to_string()));
         }
         let plan = instance.plan(&self.layers)?;
         let diff = self.store.apply_plan(instance.name(), &plan)?;
@@ -218,10 +245,10 @@ impl AdapterSet {
         let s = StrategyId(self.strategies.len());
         let mut attached = BTreeSet::new();
         for att in plan.attachments.iter().filter(|a| a.attached) {
-            attached.insert(self.index(&att.layer)?);
+            attached.insert(self.layer_id(&att.layer)?);
         }
         for &g in &attached {
-            self.table[g].push(s);
+            self.row(g).push(s);
         }
         let unfreeze: Vec<abi::BaseUnfreeze> = plan.unfreeze.iter().cloned().collect();
         self.strategies.push(ActiveStrategy { instance, plan, attached, te_weight, unet_weight });
@@ -237,12 +264,16 @@ impl AdapterSet {
     }
 
     /// Pushes a trainable f32 copy of `u.layer`'s weights (and bias) for strategy `s`.
-    fn unfreeze_base(&mut self, s: StrategyId, u: &abi::BaseUnfreeze) -> anyhow::Result<()> {
-        let g = self.index(&u.layer)?;
+    fn unfreeze_base(&mut self, s: StrategyId, u: &abi::BaseUnfreeze) -> Result<()> {
+        let g = self.layer_id(&u.layer)?;
         if self.unfrozen.iter().any(|b| b.layer == u.layer.to_string()) {
-            anyhow::bail!("base weight of `{}` is unfrozen twice", u.layer);
+            return Err(Error::Strategy {
+                strategy: self.strategies[s].name().to_string(),
+                layer: Some(u.layer.to_string()),
+                problem: format!("base weight of `{}` is unfrozen twice", u.layer),
+            });
         }
-        let shared = self.weights[g].as_ref().with_context(|| format!("`{}` is not a linear layer", u.layer))?;
+        let shared = self.linear(g)?;
         let original = shared.current();
         // f32 master weight, whatever precision the base is kept in (a copy: the optimizer
         // updates it in place, the tensor below stays as it is).
@@ -287,7 +318,7 @@ impl AdapterSet {
 
     /// Applies `on_step` directives of strategy `s`; returns the learning-rate scales for the
     /// optimizer.
-    pub fn apply_directives(&mut self, s: StrategyId, directives: &[abi::StageDirective]) -> anyhow::Result<Vec<LrScale>> {
+    pub fn apply_directives(&mut self, s: StrategyId, directives: &[abi::StageDirective]) -> Result<Vec<LrScale>> {
         use abi::DirectiveKind as K;
         let name = self.strategies[s].name().to_string();
         let mut scales = Vec::new();
@@ -295,15 +326,15 @@ impl AdapterSet {
             let param = (!d.param.is_empty()).then_some(d.param.as_str());
             match d.kind {
                 K::ATTACH => {
-                    let g = self.index(&d.layer)?;
+                    let g = self.layer_id(&d.layer)?;
                     if self.strategies[s].attached.insert(g) {
-                        self.table[g].push(s);
+                        self.row(g).push(s);
                     }
                 }
                 K::DETACH => {
-                    let g = self.index(&d.layer)?;
+                    let g = self.layer_id(&d.layer)?;
                     self.strategies[s].attached.remove(&g);
-                    self.table[g].retain(|&x| x != s);
+                    self.row(g).retain(|&x| x != s);
                 }
                 K::FREEZE | K::UNFREEZE => {
                     self.store.set_trainable(&name, &d.layer, param, d.kind == K::UNFREEZE);
@@ -313,11 +344,13 @@ impl AdapterSet {
                     self.init_from_layer(&self.strategies[s].instance, &keys)?;
                 }
                 K::FOLD_INTO_BASE => {
-                    let g = self.index(&d.layer)?;
-                    let delta = self.delta(s, g)?.with_context(|| {
-                        format!("strategy `{name}` asked to fold `{}` into the base weight, but it has no delta weight there", d.layer)
+                    let g = self.layer_id(&d.layer)?;
+                    let delta = self.delta(s, g)?.ok_or_else(|| Error::Strategy {
+                        strategy: name.clone(),
+                        layer: Some(d.layer.to_string()),
+                        problem: format!("strategy `{name}` asked to fold `{}` into the base weight, but it has no delta weight there", d.layer),
                     })?;
-                    let shared = self.weights[g].as_ref().context("fold into a non-linear layer")?;
+                    let shared = self.linear(g)?;
                     // One fold entry per strategy and hook point: a second fold replaces it.
                     let owner = self.owner(s, OverrideKind::Fold);
                     let mut w = shared.current();
@@ -327,10 +360,16 @@ impl AdapterSet {
                     }
                     shared.push(owner, w)?;
                     self.strategies[s].attached.remove(&g);
-                    self.table[g].retain(|&x| x != s);
+                    self.row(g).retain(|&x| x != s);
                 }
                 K::LR_SCALE => scales.push(LrScale { strategy: name.clone(), group: d.group.to_string(), scale: d.value }),
-                other => anyhow::bail!("strategy `{name}` sent directive `{other}`, which this host does not know"),
+                other => {
+                    return Err(Error::Strategy {
+                        strategy: name.clone(),
+                        layer: (!d.layer.is_empty()).then(|| d.layer.to_string()),
+                        problem: format!("strategy `{name}` sent directive `{other}`, which this host does not know"),
+                    })
+                }
             }
         }
         Ok(scales)
@@ -338,17 +377,17 @@ impl AdapterSet {
 
     /// Fills in the parameters among `keys` that start from the layer (`from_layer` init): the
     /// strategy's `init_param` computes each from the layer's current base weight and bias.
-    fn init_from_layer(&self, instance: &StrategyInstance, keys: &[ParamKey]) -> anyhow::Result<()> {
+    fn init_from_layer(&self, instance: &StrategyInstance, keys: &[ParamKey]) -> Result<()> {
         for key in keys {
             let Some(p) = self.store.get(key).filter(|p| p.init == InitKind::FromLayer) else { continue };
-            let g = self.index(&key.layer)?;
+            let g = self.layer_id(&key.layer)?;
             let base = self.base(g);
             let value = {
                 let mut rng = self.rng.lock().expect("rng lock");
                 let mut cx = self.cx(&mut rng);
-                instance.init_param(&mut cx, &self.layers[g], base.as_ref(), &key.name, &p.dims())?
+                instance.init_param(&mut cx, self.layer(g), base.as_ref(), &key.name, &p.dims())?
             };
-            self.store.set(key, &value).with_context(|| format!("parameter {key}"))?;
+            self.store.set(key, &value).map_err(|e| Error::SetParam { key: key.clone(), cause: Box::new(e) })?;
         }
         Ok(())
     }
@@ -357,18 +396,19 @@ impl AdapterSet {
     /// the base weights it unfroze or folded into popped off their stacks, so the model computes
     /// exactly what it did before [`AdapterSet::add`]. Its parameters stay in the store. Unfuse
     /// first; refused (changing nothing) when another owner's override is on top of one of its.
-    pub fn eject(&mut self, s: StrategyId) -> anyhow::Result<()> {
+    pub fn eject(&mut self, s: StrategyId) -> Result<()> {
         let name = self.strategies[s].name().to_string();
         if !self.fused.is_empty() {
-            anyhow::bail!("eject of strategy `{name}` while adapters are fused: unfuse first");
+            return Err(Error::EjectFused(name));
         }
         let id = self.holder.id();
         let mine = |o: &Owner| o.holder() == id && o.part() == Some(s.0);
+        let refused = |cause| Error::Eject { strategy: name.clone(), cause: Box::new(cause) };
         for shared in self.weights.iter().flatten() {
-            shared.check_pop_all(mine).with_context(|| format!("eject of strategy `{name}`"))?;
+            shared.check_pop_all(mine).map_err(refused)?;
         }
         for shared in self.weights.iter().flatten() {
-            shared.pop_all(mine).with_context(|| format!("eject of strategy `{name}`"))?;
+            shared.pop_all(mine).map_err(refused)?;
         }
         for row in &mut self.table {
             row.retain(|&x| x != s);
@@ -380,7 +420,7 @@ impl AdapterSet {
 
     /// Asks every strategy for its directives at `step` and applies them. A strategy whose
     /// `on_step` fails is detached and reported, as in `forward`.
-    pub fn on_step(&mut self, step: u64) -> anyhow::Result<Vec<LrScale>> {
+    pub fn on_step(&mut self, step: u64) -> Result<Vec<LrScale>> {
         self.step = step;
         let mut scales = Vec::new();
         for s in (0..self.strategies.len()).map(StrategyId) {
@@ -405,7 +445,7 @@ impl AdapterSet {
 
     /// True when some strategy is attached at a hook point whose info satisfies `pred`.
     pub fn any_attached(&self, pred: impl Fn(&abi::LayerInfo) -> bool) -> bool {
-        self.table.iter().enumerate().any(|(g, row)| !row.is_empty() && pred(&self.layers[g]))
+        self.table.iter().zip(&self.layers).any(|(row, info)| !row.is_empty() && pred(info))
     }
 
     /// Failures since the last call (each strategy stays detached until it is reloaded).
@@ -426,8 +466,8 @@ impl AdapterSet {
     }
 
     /// The base weight and bias of hook point `g` now (none for an attention module).
-    fn base(&self, g: usize) -> Option<LinearWeights> {
-        self.weights[g].as_ref().map(|w| w.current())
+    fn base(&self, g: LayerId) -> Option<LinearWeights> {
+        self.weights[g.0].as_ref().map(|w| w.current())
     }
 
     fn cx<'a>(&'a self, rng: &'a mut GraftRng) -> CallContext<'a> {
@@ -435,16 +475,16 @@ impl AdapterSet {
     }
 
     /// The delta weight of strategy `s` at hook point `g`, if it has one.
-    pub fn delta(&self, s: StrategyId, g: usize) -> anyhow::Result<Option<Tensor>> {
+    pub fn delta(&self, s: StrategyId, g: LayerId) -> Result<Option<Tensor>> {
         let w = self.base(g);
         let mut rng = self.rng.lock().expect("rng lock");
         let mut cx = self.cx(&mut rng);
-        Ok(self.strategies[s].instance.delta_weight(&mut cx, &self.layers[g], w.as_ref())?)
+        Ok(self.strategies[s].instance.delta_weight(&mut cx, self.layer(g), w.as_ref())?)
     }
 
-    fn weight_of(&self, s: StrategyId, g: usize) -> f64 {
+    fn weight_of(&self, s: StrategyId, g: LayerId) -> f64 {
         let st = &self.strategies[s];
-        if g < self.offsets[1] {
+        if g.0 < self.offsets[1] {
             st.unet_weight
         } else {
             st.te_weight
@@ -455,14 +495,14 @@ impl AdapterSet {
     /// at the base model's speed). Returns how many hook points were fused; adapters without a
     /// delta weight stay unfused. [`AdapterSet::unfuse`] pops them: the base weights are exactly
     /// what they were.
-    pub fn fuse(&mut self) -> anyhow::Result<usize> {
-        for g in 0..self.layers.len() {
-            if self.table[g].is_empty() || self.weights[g].is_none() {
+    pub fn fuse(&mut self) -> Result<usize> {
+        for g in (0..self.layers.len()).map(LayerId) {
+            if self.table[g.0].is_empty() || self.weights[g.0].is_none() {
                 continue;
             }
             let mut total: Option<Tensor> = None;
             let mut fused_here = Vec::new();
-            for &s in &self.table[g] {
+            for &s in &self.table[g.0] {
                 if let Some(d) = self.delta(s, g)? {
                     let d = (d.detach() * self.weight_of(s, g))?;
                     total = Some(match total {
@@ -473,11 +513,11 @@ impl AdapterSet {
                 }
             }
             let Some(total) = total else { continue };
-            let shared = self.weights[g].as_ref().expect("linear");
+            let shared = self.linear(g)?;
             let mut w = shared.current();
             w.weight = w.plus(&total)?;
             shared.push(self.holder.owner(None, OverrideKind::Fuse), w)?;
-            self.table[g].retain(|s| !fused_here.contains(s));
+            self.row(g).retain(|s| !fused_here.contains(s));
             self.fused.push((g, fused_here));
         }
         Ok(self.fused.len())
@@ -490,8 +530,8 @@ impl AdapterSet {
         let owner = self.holder.owner(None, OverrideKind::Fuse);
         let mut kept = Vec::new();
         for (g, strategies) in self.fused.drain(..).rev() {
-            match self.weights[g].as_ref().expect("linear").pop(&owner) {
-                Ok(_) => self.table[g].extend(strategies),
+            match self.weights[g.0].as_ref().expect("linear").pop(&owner) {
+                Ok(_) => self.table[g.0].extend(strategies),
                 Err(e) => {
                     tracing::error!("unfuse: {e}");
                     kept.push((g, strategies));
@@ -503,15 +543,15 @@ impl AdapterSet {
     }
 
     /// What strategy `s` exports, layer by layer.
-    pub fn export(&self, s: StrategyId) -> anyhow::Result<Vec<(String, ExportedLayer)>> {
+    pub fn export(&self, s: StrategyId) -> Result<Vec<(String, ExportedLayer)>> {
         let st = &self.strategies[s];
         let mut out = Vec::new();
         for att in st.plan.attachments.iter() {
-            let g = self.index(&att.layer)?;
+            let g = self.layer_id(&att.layer)?;
             let w = self.base(g);
             let mut rng = self.rng.lock().expect("rng lock");
             let mut cx = self.cx(&mut rng);
-            if let Some(e) = st.instance.export(&mut cx, &self.layers[g], w.as_ref())? {
+            if let Some(e) = st.instance.export(&mut cx, self.layer(g), w.as_ref())? {
                 out.push((att.layer.to_string(), e));
             }
         }
@@ -521,19 +561,19 @@ impl AdapterSet {
     /// Switches strategy `s` to a new build of its plugin (between steps or requests): keeps the
     /// parameters whose names and shapes still match, re-attaches from the new plan, and clears
     /// a failure. On error the old build keeps running.
-    pub fn reload(&mut self, s: StrategyId, plugin: &LoadedPlugin) -> anyhow::Result<PlanDiff> {
+    pub fn reload(&mut self, s: StrategyId, plugin: &LoadedPlugin) -> Result<PlanDiff> {
         let (plan, diff) = self.strategies[s].instance.reload(plugin, &self.layers, &self.store)?;
         let fresh: Vec<ParamKey> = diff.created.iter().chain(diff.reshaped.iter().map(|(k, _, _)| k)).cloned().collect();
         self.init_from_layer(&self.strategies[s].instance, &fresh)?;
         let mut attached = BTreeSet::new();
         for att in plan.attachments.iter().filter(|a| a.attached) {
-            attached.insert(self.index(&att.layer)?);
+            attached.insert(self.layer_id(&att.layer)?);
         }
         for row in &mut self.table {
             row.retain(|&x| x != s);
         }
         for &g in &attached {
-            self.table[g].push(s);
+            self.row(g).push(s);
         }
         self.strategies[s].attached = attached;
         self.strategies[s].plan = plan;
@@ -552,13 +592,13 @@ impl AdapterSet {
 
     fn dispatch(
         &self,
-        g: usize,
+        g: LayerId,
         base: Tensor,
         run: impl Fn(&StrategyInstance, &mut CallContext<'_>) -> std::result::Result<Tensor, PluginError>,
-    ) -> Result<Tensor> {
+    ) -> candle_core::Result<Tensor> {
         let mut acc: Option<Tensor> = None;
         let mut single: Option<Tensor> = None;
-        let active: Vec<StrategyId> = self.table[g].iter().copied().filter(|&s| !self.failed(s)).collect();
+        let active: Vec<StrategyId> = self.table[g.0].iter().copied().filter(|&s| !self.failed(s)).collect();
         for &s in &active {
             let result = {
                 let mut rng = self.rng.lock().expect("rng lock");
@@ -606,15 +646,21 @@ pub struct ComponentHooks<'a> {
     offset: usize,
 }
 
+impl ComponentHooks<'_> {
+    fn id(&self, layer: LayerIndex) -> LayerId {
+        LayerId(self.offset + layer)
+    }
+}
+
 impl Hooks for ComponentHooks<'_> {
     fn attached(&self, layer: LayerIndex) -> bool {
-        !self.set.table[self.offset + layer].is_empty()
+        !self.set.table[self.id(layer).0].is_empty()
     }
 
-    fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> Result<Tensor> {
-        let g = self.offset + layer;
+    fn linear(&self, layer: LayerIndex, input: &Tensor, base_out: Tensor) -> candle_core::Result<Tensor> {
+        let g = self.id(layer);
         let w = self.set.base(g);
-        let info = &self.set.layers[g];
+        let info = self.set.layer(g);
         let dtype = base_out.dtype();
         let (input, base_out) = (f32(input)?, f32(&base_out)?);
         self.set.dispatch(g, base_out.clone(), |inst, cx| inst.forward_linear(cx, info, w.as_ref(), &input, &base_out))?.to_dtype(dtype)
@@ -623,14 +669,14 @@ impl Hooks for ComponentHooks<'_> {
     /// `base_out + conv(x, Σ m·ΔW)`: each attached strategy's kernel difference (its
     /// `delta_weight`) at its weight, in one extra convolution with the layer's stride, the same
     /// math as convolving with `W + Σ m·ΔW`. Gradients reach the adapters through the kernel.
-    fn conv(&self, layer: LayerIndex, input: &Tensor, padding: usize, base_out: Tensor) -> Result<Tensor> {
-        let g = self.offset + layer;
+    fn conv(&self, layer: LayerIndex, input: &Tensor, padding: usize, base_out: Tensor) -> candle_core::Result<Tensor> {
+        let g = self.id(layer);
         let set = self.set;
-        let info = &set.layers[g];
+        let info = set.layer(g);
         let stride = info.conv().map_or(1, |c| c.stride as usize);
         let w = set.base(g);
         let mut total: Option<Tensor> = None;
-        for s in set.table[g].iter().copied().filter(|&s| !set.failed(s)) {
+        for s in set.table[g.0].iter().copied().filter(|&s| !set.failed(s)) {
             let delta = {
                 let mut rng = set.rng.lock().expect("rng lock");
                 let mut cx = set.cx(&mut rng);
@@ -653,9 +699,9 @@ impl Hooks for ComponentHooks<'_> {
         (f32(&base_out)? + extra)?.to_dtype(dtype)
     }
 
-    fn attention(&self, layer: LayerIndex, hidden: &Tensor, context: Option<&Tensor>, out: Tensor) -> Result<Tensor> {
-        let g = self.offset + layer;
-        let info = &self.set.layers[g];
+    fn attention(&self, layer: LayerIndex, hidden: &Tensor, context: Option<&Tensor>, out: Tensor) -> candle_core::Result<Tensor> {
+        let g = self.id(layer);
+        let info = self.set.layer(g);
         let dtype = out.dtype();
         let (hidden, context, out) = (f32(hidden)?, context.map(f32).transpose()?, f32(&out)?);
         self.set.dispatch(g, out.clone(), |inst, cx| inst.forward_attention(cx, info, &hidden, context.as_ref(), &out))?.to_dtype(dtype)
@@ -672,7 +718,7 @@ impl Hooks for ComponentHooks<'_> {
 
 /// Adapters compute in f32, as their parameters are (PEFT does the same): bf16 activations
 /// (on a GPU) are widened on the way in, the result narrowed on the way out.
-fn f32(t: &Tensor) -> Result<Tensor> {
+fn f32(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_dtype(candle_core::DType::F32)
 }
 

@@ -36,7 +36,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use graft_formats::adapter::AdapterWeights;
 use graft_formats::{read_adapter, AdapterFile, AdapterFormat, KeyMap, LoadReport};
@@ -47,6 +46,7 @@ use graft_sdxl::{Component, PipelineHooks, SdxlModel};
 
 use crate::adapters::dispatcher::{AdapterSet, StrategyId};
 use crate::adapters::store::ParamKey;
+use crate::error::Error;
 use crate::plugins::{LoadedPlugin, StrategyInstance};
 
 /// Component slots, in the order of `SdxlModel::registries()`.
@@ -165,13 +165,13 @@ pub struct FileAdapters {
 }
 
 /// The SGM layout of a loaded model (kohya's UNet module names).
-pub fn model_layout(model: &SdxlModel) -> Result<SgmLayout> {
-    SgmLayout::from_configs(&model.config.unet, &model.config.vae, &model.config.text_encoder_2)
+pub fn model_layout(model: &SdxlModel) -> crate::Result<SgmLayout> {
+    Ok(SgmLayout::from_configs(&model.config.unet, &model.config.vae, &model.config.text_encoder_2)?)
 }
 
 impl FileAdapters {
     /// Nothing attached yet, over `model`'s hook points.
-    pub fn new(model: &SdxlModel) -> Result<Self> {
+    pub fn new(model: &SdxlModel) -> crate::Result<Self> {
         Ok(Self::from_registries(model.registries(), &model_layout(model)?, &model.device))
     }
 
@@ -218,8 +218,8 @@ impl FileAdapters {
 
     /// Reads an adapter file and attaches it at the given weights. A graft-native file is an
     /// error here: it goes through its strategy ([`add_native`]).
-    pub fn load(&mut self, path: &Path, name: &str, te_weight: f64, unet_weight: f64) -> anyhow::Result<usize> {
-        let (file, report) = read_adapter(path, &self.keys)?;
+    pub fn load(&mut self, path: &Path, name: &str, te_weight: f64, unet_weight: f64) -> crate::Result<usize> {
+        let (file, report) = read_adapter(path, &self.keys).map_err(Error::Read)?;
         self.add(name, path, file, report, te_weight, unet_weight)
     }
 
@@ -232,29 +232,34 @@ impl FileAdapters {
         report: LoadReport,
         te_weight: f64,
         unet_weight: f64,
-    ) -> anyhow::Result<usize> {
+    ) -> crate::Result<usize> {
         if file.format == AdapterFormat::Native {
-            bail!(
-                "{}: a graft-native file is applied by its strategy plugin (`{}`), not as a weight file",
-                path.display(),
-                file.metadata.get("graft.strategy").map(String::as_str).unwrap_or("?")
-            );
+            return Err(file_error(
+                path,
+                None,
+                format!(
+                    "a graft-native file is applied by its strategy plugin (`{}`), not as a weight file",
+                    file.metadata.get("graft.strategy").map(String::as_str).unwrap_or("?")
+                ),
+            ));
         }
         check_weights(name, te_weight, unet_weight)?;
         let a = self.adapters.len();
         let mut touched = Vec::new();
         for (m, module) in file.modules.iter().enumerate() {
+            let layer = Some(module.layer.as_str());
             let Some(&(c, i)) = self.by_name.get(&module.layer) else {
-                bail!("{}: layer `{}` is not a linear hook point of this model", path.display(), module.layer);
+                return Err(file_error(path, layer, format!("layer `{}` is not a linear hook point of this model", module.layer)));
             };
             let Some(slot) = self.slots[c][i].as_ref() else {
-                bail!("{}: layer `{}` is an attention module, not a linear or conv layer", path.display(), module.layer);
+                return Err(file_error(path, layer, format!("layer `{}` is an attention module, not a linear or conv layer", module.layer)));
             };
             let (inp, out) = (slot.info.in_features, slot.info.out_features);
-            module.validate(Some((inp, out))).with_context(|| path.display().to_string())?;
-            module.validate_kernel(slot.info.conv.map(|k| k.kernel)).with_context(|| path.display().to_string())?;
+            let refused = |cause| Error::AdapterModule { path: path.to_path_buf(), cause };
+            module.validate(Some((inp, out))).map_err(refused)?;
+            module.validate_kernel(slot.info.conv.map(|k| k.kernel)).map_err(refused)?;
             if slot.info.conv.is_some() && module.dora_scale.is_some() {
-                bail!("{}: `{}`: DoRA on a convolution is not supported", path.display(), module.layer);
+                return Err(file_error(path, layer, format!("`{}`: DoRA on a convolution is not supported", module.layer)));
             }
             touched.push((c, i, m));
         }
@@ -282,8 +287,8 @@ impl FileAdapters {
     }
 
     /// Changes the weights of adapter `a` (and enables it).
-    pub fn set_weights(&mut self, a: usize, te_weight: f64, unet_weight: f64) -> anyhow::Result<()> {
-        let ad = self.adapters.get(a).with_context(|| format!("no file adapter number {a}"))?;
+    pub fn set_weights(&mut self, a: usize, te_weight: f64, unet_weight: f64) -> crate::Result<()> {
+        let ad = self.adapters.get(a).ok_or(Error::NoFileAdapter(a))?;
         check_weights(&ad.name, te_weight, unet_weight)?;
         if ad.enabled && ad.te_weight == te_weight && ad.unet_weight == unet_weight {
             return Ok(());
@@ -296,15 +301,15 @@ impl FileAdapters {
     }
 
     /// Enables or disables adapter `a` (a disabled one stays loaded).
-    pub fn set_enabled(&mut self, a: usize, enabled: bool) -> anyhow::Result<()> {
-        let ad = self.adapters.get(a).with_context(|| format!("no file adapter number {a}"))?;
+    pub fn set_enabled(&mut self, a: usize, enabled: bool) -> crate::Result<()> {
+        let ad = self.adapters.get(a).ok_or(Error::NoFileAdapter(a))?;
         if ad.enabled == enabled {
             return Ok(());
         }
         self.change(a, |ad| ad.enabled = enabled)
     }
 
-    fn change(&mut self, a: usize, f: impl FnOnce(&mut FileAdapter)) -> anyhow::Result<()> {
+    fn change(&mut self, a: usize, f: impl FnOnce(&mut FileAdapter)) -> crate::Result<()> {
         let was_fused = self.is_fused();
         self.unfuse();
         f(&mut self.adapters[a]);
@@ -464,13 +469,13 @@ impl FileAdapters {
     }
 
     /// Folds every attached adapter into the base weights; returns how many hook points changed.
-    pub fn fuse(&mut self) -> Result<usize> {
+    pub fn fuse(&mut self) -> crate::Result<usize> {
         self.fuse_where(|_| true)
     }
 
     /// As [`FileAdapters::fuse`] for the hook points whose info satisfies `pred` (the others stay
     /// unfused); fusing a hook point twice is a no-op.
-    pub fn fuse_where(&mut self, pred: impl Fn(&LayerInfo) -> bool) -> Result<usize> {
+    pub fn fuse_where(&mut self, pred: impl Fn(&LayerInfo) -> bool) -> crate::Result<usize> {
         let mut n = 0;
         let owner = self.holder.owner(None, OverrideKind::Fuse);
         for slot in self.slots.iter_mut().flatten().flatten() {
@@ -489,7 +494,7 @@ impl FileAdapters {
                     None => db,
                 });
             }
-            slot.weights.push(owner.clone(), w).map_err(candle_core::Error::wrap)?;
+            slot.weights.push(owner.clone(), w)?;
             slot.fused = true;
             n += 1;
         }
@@ -533,11 +538,15 @@ impl Drop for FileAdapters {
     }
 }
 
-fn check_weights(name: &str, te: f64, unet: f64) -> anyhow::Result<()> {
+fn check_weights(name: &str, te: f64, unet: f64) -> crate::Result<()> {
     if !te.is_finite() || !unet.is_finite() {
-        bail!("adapter `{name}`: weights must be finite numbers, got te {te}, unet {unet}");
+        return Err(Error::AdapterWeights { name: name.to_string(), te, unet });
     }
     Ok(())
+}
+
+fn file_error(path: &Path, layer: Option<&str>, problem: String) -> Error {
+    Error::AdapterFile { path: path.to_path_buf(), layer: layer.map(str::to_string), problem }
 }
 
 /// The file adapters of one component over its inner hooks.
@@ -594,7 +603,7 @@ impl FileHooks<'_> {
 
 /// Fuses the file adapters, then what the strategies can fuse; returns the hook points changed
 /// by each.
-pub fn fuse_all(files: &mut FileAdapters, set: &mut AdapterSet) -> anyhow::Result<(usize, usize)> {
+pub fn fuse_all(files: &mut FileAdapters, set: &mut AdapterSet) -> crate::Result<(usize, usize)> {
     let f = files.fuse()?;
     let s = set.fuse()?;
     Ok((f, s))
@@ -654,28 +663,30 @@ pub fn add_native(
     file: &AdapterFile,
     te_weight: f64,
     unet_weight: f64,
-) -> anyhow::Result<NativeReport> {
+) -> crate::Result<NativeReport> {
     check_weights(name, te_weight, unet_weight)?;
-    let info = graft_formats::NativeInfo::from_metadata(&file.metadata, path)?
-        .with_context(|| format!("{}: not a graft-native file (no `graft.strategy` metadata)", path.display()))?;
+    let info = graft_formats::NativeInfo::from_metadata(&file.metadata, path)
+        .map_err(Error::Read)?
+        .ok_or_else(|| file_error(path, None, "not a graft-native file (no `graft.strategy` metadata)".to_string()))?;
     let mut warnings = Vec::new();
     if !info.version.is_empty() && info.version != plugin.manifest.version {
         warnings.push(format!("written by {} {}, read with {} {}", info.strategy, info.version, plugin.manifest.id, plugin.manifest.version));
     }
     let config = if info.config.is_null() { "{}".to_string() } else { info.config.to_string() };
-    let instance = StrategyInstance::new(plugin, Some(name), &config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let (s, _) = set.add(instance, te_weight, unet_weight).with_context(|| format!("{}: strategy `{}`", path.display(), info.strategy))?;
+    let in_file = |what: String| move |e: Error| Error::InFile { path: path.to_path_buf(), what, cause: Box::new(e) };
+    let instance = StrategyInstance::new(plugin, Some(name), &config).map_err(|e| file_error(path, None, e.to_string()))?;
+    let (s, _) = set.add(instance, te_weight, unet_weight).map_err(in_file(format!("strategy `{}`", info.strategy)))?;
     let mut planned: BTreeSet<ParamKey> = set.store().params(Some(name)).into_iter().map(|(k, _)| k).collect();
     let mut n = 0;
     let mut unmatched = Vec::new();
     for module in &file.modules {
         let AdapterWeights::Native { tensors } = &module.weights else {
-            bail!("{}: `{}` is not a graft-native entry", path.display(), module.layer);
+            return Err(file_error(path, Some(&module.layer), format!("`{}` is not a graft-native entry", module.layer)));
         };
         for (param, t) in tensors {
             let key = ParamKey::new(name, &module.layer, param);
             if planned.remove(&key) {
-                set.store().set(&key, t).with_context(|| format!("{}: `{}.{param}`", path.display(), module.layer))?;
+                set.store().set(&key, t).map_err(in_file(format!("`{}.{param}`", module.layer)))?;
                 n += 1;
             } else {
                 unmatched.push(format!("{}.{param}", module.layer));
@@ -683,13 +694,16 @@ pub fn add_native(
         }
     }
     if n == 0 {
-        bail!(
-            "{}: no tensor of this graft-native file is a parameter of strategy `{}` with the file's config \
-             (e.g. {}); was it written by another version of the plugin?",
-            path.display(),
-            info.strategy,
-            unmatched.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
-        );
+        return Err(file_error(
+            path,
+            None,
+            format!(
+                "no tensor of this graft-native file is a parameter of strategy `{}` with the file's config \
+                 (e.g. {}); was it written by another version of the plugin?",
+                info.strategy,
+                unmatched.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ));
     }
     let missing = planned.into_iter().map(|k| format!("{}.{}", k.layer, k.name)).collect();
     Ok(NativeReport { strategy: s, set: n, missing, unmatched, warnings })

@@ -948,7 +948,7 @@ mod tests {
     }
 
     #[test]
-    fn frozen_params_are_detached() -> candle_core::Result<()> {
+    fn frozen_params_are_detached() -> crate::Result<()> {
         let store = store();
         let key = ParamKey::new("s", "l", "w");
         store.get_or_create(&key, &[2], InitKind::Constant(1.0), "g", false)?;

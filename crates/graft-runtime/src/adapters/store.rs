@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Error, Result};
 use graft_sdxl::rng::GraftRng;
 
 /// Where a parameter lives.
@@ -56,7 +58,7 @@ pub enum InitKind {
 }
 
 impl TryFrom<graft_abi::Init> for InitKind {
-    type Error = candle_core::Error;
+    type Error = Error;
 
     fn try_from(init: graft_abi::Init) -> Result<Self> {
         use graft_abi::InitKind as K;
@@ -66,9 +68,7 @@ impl TryFrom<graft_abi::Init> for InitKind {
             K::KAIMING_UNIFORM => InitKind::KaimingUniform { a: init.a },
             K::CONSTANT => InitKind::Constant(init.a),
             K::FROM_LAYER => InitKind::FromLayer,
-            other => candle_core::bail!(
-                "unknown parameter init kind `{other}` (this host knows zeros, normal, kaiming_uniform, constant, from_layer)"
-            ),
+            other => return Err(Error::UnknownInit(other.to_string())),
         })
     }
 }
@@ -197,7 +197,7 @@ impl ParamStore {
             InitKind::Constant(v) => vec![v as f32; n],
             InitKind::Normal { mean, std } => {
                 if std.is_nan() || std < 0.0 {
-                    candle_core::bail!("parameter {key}: normal init needs std >= 0, got {std}");
+                    return Err(Error::ParamInit { key: key.clone(), problem: format!("normal init needs std >= 0, got {std}") });
                 }
                 (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
             }
@@ -208,14 +208,17 @@ impl ParamStore {
                     [_, rest @ ..] => rest.iter().product(),
                 };
                 if fan_in == 0 {
-                    candle_core::bail!("parameter {key}: kaiming_uniform init needs a non-empty shape, got {shape:?}");
+                    return Err(Error::ParamInit {
+                        key: key.clone(),
+                        problem: format!("kaiming_uniform init needs a non-empty shape, got {shape:?}"),
+                    });
                 }
                 let gain = (2.0 / (1.0 + a * a)).sqrt();
                 let bound = gain * (3.0 / fan_in as f64).sqrt();
                 (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
             }
         };
-        Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)
+        Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 
     /// The parameter `key`: created with `shape` and `init` when missing, an error when it
@@ -224,7 +227,7 @@ impl ParamStore {
         let mut params = self.lock();
         if let Some(p) = params.get(key) {
             if p.var.as_tensor().dims() != shape {
-                candle_core::bail!("parameter {key} exists with shape {:?}, asked for {shape:?}", p.var.as_tensor().dims());
+                return Err(Error::ParamShape { key: Box::new(key.clone()), have: p.var.as_tensor().dims().to_vec(), want: shape.to_vec() });
             }
             return Ok((p.clone(), false));
         }
@@ -246,12 +249,12 @@ impl ParamStore {
     pub fn set(&self, key: &ParamKey, value: &Tensor) -> Result<()> {
         let params = self.lock();
         let Some(p) = params.get(key) else {
-            candle_core::bail!("no parameter {key} in the store");
+            return Err(Error::NoParam(key.clone()));
         };
         if p.var.as_tensor().dims() != value.dims() {
-            candle_core::bail!("parameter {key} has shape {:?}, the new value {:?}", p.var.as_tensor().dims(), value.dims());
+            return Err(Error::ValueShape { key: Box::new(key.clone()), have: p.var.as_tensor().dims().to_vec(), value: value.dims().to_vec() });
         }
-        p.var.set(&value.to_device(&self.device)?.to_dtype(self.dtype)?)
+        Ok(p.var.set(&value.to_device(&self.device)?.to_dtype(self.dtype)?)?)
     }
 
     /// Sets trainable / frozen for `name` of (strategy, layer), or all of the layer's
@@ -305,13 +308,24 @@ impl ParamStore {
             for spec in att.params.iter() {
                 let key = ParamKey::new(strategy, &att.layer, &spec.name);
                 if spec.name.is_empty() {
-                    candle_core::bail!("plan of strategy `{strategy}`: a parameter of layer `{}` has an empty name", att.layer);
+                    return Err(Error::Plan {
+                        strategy: strategy.to_string(),
+                        layer: Some(att.layer.to_string()),
+                        problem: format!("a parameter of layer `{}` has an empty name", att.layer),
+                    });
                 }
                 if !seen.insert(key.clone()) {
-                    candle_core::bail!("plan of strategy `{strategy}` declares parameter {key} twice");
+                    return Err(Error::Plan {
+                        strategy: strategy.to_string(),
+                        layer: Some(att.layer.to_string()),
+                        problem: format!("parameter {key} is declared twice"),
+                    });
                 }
-                let init = InitKind::try_from(spec.init)
-                    .map_err(|e| candle_core::Error::Msg(format!("plan of strategy `{strategy}`, parameter {key}: {e}")))?;
+                let init = InitKind::try_from(spec.init).map_err(|e| Error::Plan {
+                    strategy: strategy.to_string(),
+                    layer: Some(att.layer.to_string()),
+                    problem: format!("parameter {key}: {e}"),
+                })?;
                 let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
                 specs.push((key, shape, init, spec.group.to_string(), spec.trainable));
             }
@@ -411,8 +425,30 @@ mod tests {
         assert!(created);
         let (_, created) = s.get_or_create(&key, &[2, 3], InitKind::Zeros, "g", true)?;
         assert!(!created);
-        let e = s.get_or_create(&key, &[3, 2], InitKind::Zeros, "g", true).unwrap_err().to_string();
-        assert!(e.contains("exists with shape [2, 3]"), "{e}");
+        let e = s.get_or_create(&key, &[3, 2], InitKind::Zeros, "g", true).unwrap_err();
+        assert!(matches!(&e, Error::ParamShape { key: k, have, want } if **k == key && have == &[2, 3] && want == &[3, 2]), "{e:?}");
+        assert!(e.to_string().contains("exists with shape [2, 3]"), "{e}");
+        Ok(())
+    }
+
+    /// The store's errors say which kind of problem, with the key or strategy and layer named.
+    #[test]
+    fn errors_are_typed_and_name_the_key() -> Result<()> {
+        let s = store();
+        let key = ParamKey::new("s", "l", "p");
+        let one = Tensor::ones(2, DType::F32, &Device::Cpu)?;
+        assert!(matches!(s.set(&key, &one), Err(Error::NoParam(k)) if k == key));
+        s.get_or_create(&key, &[3], InitKind::Zeros, "g", true)?;
+        let e = s.set(&key, &one).unwrap_err();
+        assert!(matches!(&e, Error::ValueShape { have, value, .. } if have == &[3] && value == &[2]), "{e:?}");
+        let e = s.init_tensor(&key, &[2], InitKind::Normal { mean: 0.0, std: -1.0 }).unwrap_err();
+        assert!(matches!(&e, Error::ParamInit { key: k, .. } if *k == key), "{e:?}");
+        assert_eq!(e.to_string(), "parameter s:l.p: normal init needs std >= 0, got -1");
+        let mut twice = plan(&[2, 5]);
+        let first = twice.attachments[0].params[0].clone();
+        twice.attachments[0].params.push(first);
+        let e = s.apply_plan("lora", &twice).unwrap_err();
+        assert!(matches!(&e, Error::Plan { strategy, layer: Some(l), .. } if strategy == "lora" && l == "unet.a"), "{e:?}");
         Ok(())
     }
 

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode};
 use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
 
@@ -209,7 +208,7 @@ impl PluginManager {
     }
 
     /// The active build of `id`, or an error listing what was found and what failed.
-    pub fn require(&self, id: &str) -> anyhow::Result<&LoadedPlugin> {
+    pub fn require(&self, id: &str) -> crate::Result<&LoadedPlugin> {
         if let Some(p) = self.active.get(id) {
             return Ok(p);
         }
@@ -227,7 +226,7 @@ impl PluginManager {
             }
         }
         msg.push_str("\n(build the plugin with `cargo build -p <crate>`, or point --plugins at its folder)");
-        anyhow::bail!(msg)
+        Err(crate::Error::NoPlugin { id: id.to_string(), message: msg })
     }
 
     fn library_files(&self) -> Vec<(PathBuf, DirOrigin)> {
@@ -361,18 +360,26 @@ impl PluginManager {
 
     /// Starts watching the search directories. Changes are queued until
     /// [`Self::poll_reloads`]. Directories that do not exist are skipped with a warning.
-    pub fn watch(&mut self) -> anyhow::Result<()> {
+    pub fn watch(&mut self) -> crate::Result<()> {
         if self.watcher.is_some() {
             return Ok(());
         }
         let (tx, rx) = mpsc::channel();
-        let mut debouncer = new_debouncer(DEBOUNCE, None, tx).context("cannot start the plugin folder watcher")?;
+        let mut debouncer = new_debouncer(DEBOUNCE, None, tx).map_err(|e| crate::Error::Io {
+            what: "cannot start the plugin folder watcher".to_string(),
+            path: None,
+            cause: Box::new(e),
+        })?;
         for d in &self.dirs {
             if !d.path.is_dir() {
                 tracing::warn!("plugin folder {} does not exist; not watched", d.path.display());
                 continue;
             }
-            debouncer.watch(&d.path, RecursiveMode::NonRecursive).with_context(|| format!("cannot watch plugin folder {}", d.path.display()))?;
+            debouncer.watch(&d.path, RecursiveMode::NonRecursive).map_err(|e| crate::Error::Io {
+                what: format!("cannot watch plugin folder {}", d.path.display()),
+                path: Some(d.path.clone()),
+                cause: Box::new(e),
+            })?;
         }
         self.watcher = Some(DirWatcher { _debouncer: debouncer, rx });
         Ok(())

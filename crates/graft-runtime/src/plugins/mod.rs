@@ -14,8 +14,6 @@ pub mod trust;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-
 pub use loader::{load_plugin, LoadError, LoadedPlugin, PluginManifest};
 pub use manager::{default_target_dirs, DirOrigin, FileEntry, FileStatus, PluginManager, ReloadEvent, SearchDir};
 pub use strategy::{check_plan, layer_to_abi, layers_to_abi, CallContext, ExportedLayer, PluginError, StrategyInstance};
@@ -46,10 +44,11 @@ struct PluginsSection {
 }
 
 /// The plugin folders listed in a config file, resolved against the file's folder.
-pub fn config_dirs(file: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read config file {}", file.display()))?;
+pub fn config_dirs(file: &Path) -> crate::Result<Vec<PathBuf>> {
+    let io = |what: String, cause: Box<dyn std::error::Error + Send + Sync>| crate::Error::Io { what, path: Some(file.to_path_buf()), cause };
+    let text = std::fs::read_to_string(file).map_err(|e| io(format!("cannot read config file {}", file.display()), e.into()))?;
     let config: ConfigFile = toml::from_str(&text)
-        .with_context(|| format!("config file {}: invalid [plugins] section (expected `dirs = [\"folder\", ...]`)", file.display()))?;
+        .map_err(|e| io(format!("config file {}: invalid [plugins] section (expected `dirs = [\"folder\", ...]`)", file.display()), e.into()))?;
     let base = file.parent().unwrap_or(Path::new("."));
     Ok(config.plugins.map(|p| p.dirs).unwrap_or_default().into_iter().map(|d| base.join(d)).collect())
 }
@@ -69,11 +68,11 @@ impl PluginDirs {
 
     /// The search directories, in priority order. A `--plugins` folder that does not exist is
     /// an error; so is a config file that cannot be read.
-    pub fn search_dirs(&self) -> anyhow::Result<Vec<SearchDir>> {
+    pub fn search_dirs(&self) -> crate::Result<Vec<SearchDir>> {
         let mut dirs = Vec::new();
         for d in &self.plugins {
             if !d.is_dir() {
-                anyhow::bail!("--plugins {}: not a folder", d.display());
+                return Err(crate::Error::Config(format!("--plugins {}: not a folder", d.display())));
             }
             dirs.push(SearchDir { path: d.clone(), origin: DirOrigin::Flag });
         }
@@ -90,7 +89,7 @@ impl PluginDirs {
 
     /// A manager over these directories, with every library loaded. Failures are logged as
     /// warnings (and kept in the manager's file list); they are not errors here.
-    pub fn manager(&self) -> anyhow::Result<PluginManager> {
+    pub fn manager(&self) -> crate::Result<PluginManager> {
         let mut manager = PluginManager::new(self.search_dirs()?);
         for event in manager.scan() {
             // A broken library in a folder the user named is worth a warning; the default

@@ -212,17 +212,18 @@ impl SchedulerConfig {
 
     /// Parses a diffusers scheduler config from JSON text; unknown keys are ignored, and so are
     /// the non-JSON numbers Python writes (`-Infinity`, as in `lambda_min_clipped`).
-    pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(&python_json(text)).map_err(|e| candle_core::Error::Msg(format!("scheduler config: {e}")))?;
+    pub fn from_json(text: &str) -> std::result::Result<Self, crate::ConfigError> {
+        let raw: RawConfig = serde_json::from_str(&python_json(text)).map_err(|e| crate::ConfigError::new("scheduler config", e.to_string()))?;
         Ok(Self::from_raw(raw))
     }
 
     /// Reads `scheduler_config.json`.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+    pub fn from_file(path: impl AsRef<Path>) -> std::result::Result<Self, crate::ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::Msg(format!("{}: cannot read: {e}", path.display())))?;
+        let file = || path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| crate::ConfigError::new(file(), format!("cannot read: {e}")))?;
         let raw: RawConfig = serde_json::from_str(&python_json(&text))
-            .map_err(|e| candle_core::Error::Msg(format!("{}: not a valid scheduler config: {e}", path.display())))?;
+            .map_err(|e| crate::ConfigError::new(file(), format!("not a valid scheduler config: {e}")))?;
         Ok(Self::from_raw(raw))
     }
 

@@ -7,6 +7,8 @@
 use candle_core::Result;
 use serde::{Deserialize, Serialize};
 
+use crate::ConfigError;
+
 /// A per-block setting that diffusers accepts either as one value for every block or as a list
 /// with one value per down block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,14 +204,14 @@ impl UNetConfig {
     }
 
     /// Parses and validates a diffusers `unet/config.json`; `source` names it in errors.
-    pub fn from_json_str(json: &str, source: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json).map_err(|e| candle_core::Error::Msg(format!("{source}: invalid UNet config ({e})")))?;
-        config.validate().map_err(|e| candle_core::Error::Msg(format!("{source}: {e}")))?;
+    pub fn from_json_str(json: &str, source: &str) -> std::result::Result<Self, ConfigError> {
+        let config: Self = serde_json::from_str(json).map_err(|e| ConfigError::new(source, format!("invalid UNet config ({e})")))?;
+        config.validate().map_err(|e| ConfigError::new(source, e.to_string()))?;
         Ok(config)
     }
 
-    pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::Msg(format!("{}: cannot read ({e})", path.display())))?;
+    pub fn from_file(path: &std::path::Path) -> std::result::Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read ({e})")))?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
