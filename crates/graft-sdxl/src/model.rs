@@ -400,7 +400,11 @@ impl SdxlModel {
             candle_core::bail!("this model was not loaded from files: its VAE cannot be released and read back");
         }
         let released = self.vae.loaded.write().unwrap_or_else(|e| e.into_inner()).take().is_some();
-        return_freed_memory();
+        if released {
+            // Only then: training calls this every step, and trimming each time would hand
+            // back the heap the steps reuse (see return_freed_memory).
+            return_freed_memory();
+        }
         Ok(released)
     }
 
