@@ -376,6 +376,20 @@ def w_attention(a):
     return measure(2, a.runs or 10, f)
 
 
+def w_attention_bf16(a):
+    """The 1024 px self-attention (4096 tokens, 10 heads of 64) under torch's bf16 autocast, as
+    diffusers trains with mixed_precision=bf16: forward + backward."""
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn((1, 4096, 640), generator=g).requires_grad_(True) for _ in range(3))
+
+    def f():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            heads = lambda t: t.view(1, 4096, 10, 64).transpose(1, 2)
+            out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(1, 4096, 640)
+        out.float().sum().backward()
+    return measure(2, a.runs or 5, f)
+
+
 def w_resnet(side):
     def run(a):
         from diffusers.models.resnet import ResnetBlock2D
@@ -570,6 +584,7 @@ WORKLOADS = {
     "real.transformer_block_16x16": w_block(16),
     "real.transformer_block_32x32": w_block(32),
     "real.attention_32x32": w_attention,
+    "real.attention_64x64_bf16": w_attention_bf16,
     "real.resnet_block_16x16": w_resnet(16),
     "real.resnet_block_32x32": w_resnet(32),
     "real.block_lora_unfused_32x32": w_block_lora_unfused,

@@ -231,7 +231,10 @@ fn check_shapes<A: Copy, B: Copy>(a: &MatRef<A>, b: &MatRef<B>, c: &[f32], ldc: 
     assert_eq!(a.cols, b.rows, "graft-gemm: A is {}x{} but B is {}x{}", a.rows, a.cols, b.rows, b.cols);
     a.check("A");
     b.check("B");
-    let (m, n) = (a.rows, b.cols);
+    check_c(a.rows, b.cols, c, ldc);
+}
+
+fn check_c(m: usize, n: usize, c: &[f32], ldc: usize) {
     if m > 0 && n > 0 {
         assert!(ldc >= n, "graft-gemm: c_row_stride {ldc} < n {n}");
         let need = (m - 1).checked_mul(ldc).and_then(|x| x.checked_add(n));
@@ -263,8 +266,70 @@ fn scale_c(c: &mut [f32], m: usize, n: usize, ldc: usize, beta: f32) {
 /// available on this CPU (see [`Kernel::is_available`]); running it anyway would be undefined.
 pub fn gemm<A: Element, B: Element>(kernel: Kernel, a: MatRef<A>, b: MatRef<B>, c: &mut [f32], c_row_stride: usize, beta: f32) {
     check_shapes(&a, &b, c, c_row_stride);
+    gemm_from(kernel, a, BSource::View(&b), c, c_row_stride, beta, true)
+}
+
+/// B packed once for several products with the same right-hand side ([`gemm_packed`]): the
+/// per-head keys and values of an attention, used once per chunk of query rows.
+pub struct PackedB {
+    kernel: Kernel,
+    k: usize,
+    n: usize,
+    /// One packed buffer per K block of [`tune`]'s length.
+    blocks: Vec<Vec<u32>>,
+}
+
+impl PackedB {
+    /// Packs `b` on the calling thread (meant for a task that is one of many parallel ones).
+    pub fn new<B: Element>(kernel: Kernel, b: MatRef<B>) -> Self {
+        b.check("B");
+        let (k, n) = (b.rows, b.cols);
+        let np = round_up(n, 32);
+        let (kc_blk, _, _) = tune();
+        let blocks = (0..k)
+            .step_by(kc_blk.max(1))
+            .map(|k0| {
+                let kc = (k - k0).min(kc_blk);
+                let kcp = round_up(kc, 32);
+                let mut buf = vec![0u32; np * kcp / 2];
+                for_each_panel(false, &mut buf, 8 * kcp, |p, dst| pack_panel(PanelKind::Pairs, &b, k0, kc, p * 16, dst));
+                buf
+            })
+            .collect();
+        PackedB { kernel, k, n, blocks }
+    }
+}
+
+/// [`gemm`] with a B packed beforehand, on the calling thread alone: for small products inside
+/// a task that is already one of many parallel ones, where splitting costs more than it gains.
+/// Panics as [`gemm`] does, and if `b` was packed for another kernel or another `k`.
+pub fn gemm_packed<A: Element>(a: MatRef<A>, b: &PackedB, c: &mut [f32], c_row_stride: usize, beta: f32) {
+    assert_eq!(a.cols, b.k, "graft-gemm: A is {}x{} but the packed B has {} rows", a.rows, a.cols, b.k);
+    a.check("A");
+    check_c(a.rows, b.n, c, c_row_stride);
+    gemm_from::<A, f32>(b.kernel, a, BSource::Packed(b), c, c_row_stride, beta, false)
+}
+
+/// Where the kernels get B's packed K blocks from.
+enum BSource<'a, 'b, B> {
+    View(&'a MatRef<'b, B>),
+    Packed(&'a PackedB),
+}
+
+fn gemm_from<A: Element, B: Element>(
+    kernel: Kernel,
+    a: MatRef<A>,
+    b: BSource<B>,
+    c: &mut [f32],
+    c_row_stride: usize,
+    beta: f32,
+    parallel: bool,
+) {
     assert!(kernel.is_available(), "graft-gemm: kernel {kernel:?} is not available on this CPU");
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (m, k, n) = match &b {
+        BSource::View(b) => (a.rows, a.cols, b.cols),
+        BSource::Packed(b) => (a.rows, b.k, b.n),
+    };
     if m == 0 || n == 0 {
         return;
     }
@@ -278,7 +343,7 @@ pub fn gemm<A: Element, B: Element>(kernel: Kernel, a: MatRef<A>, b: MatRef<B>, 
     }
     let overwrite_first = beta == 0.0;
     #[cfg(target_arch = "x86_64")]
-    gemm_blocked(kernel, &a, &b, c, c_row_stride, overwrite_first);
+    gemm_blocked(kernel, &a, &b, c, c_row_stride, overwrite_first, parallel);
 }
 
 #[inline]
@@ -327,8 +392,23 @@ impl CPtr {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn gemm_blocked<A: Element, B: Element>(kernel: Kernel, a: &MatRef<A>, b: &MatRef<B>, c: &mut [f32], ldc: usize, overwrite_first: bool) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+fn gemm_blocked<A: Element, B: Element>(
+    kernel: Kernel,
+    a: &MatRef<A>,
+    b: &BSource<B>,
+    c: &mut [f32],
+    ldc: usize,
+    overwrite_first: bool,
+    parallel: bool,
+) {
+    let (m, k) = (a.rows, a.cols);
+    let n = match b {
+        BSource::View(b) => b.cols,
+        BSource::Packed(b) => {
+            assert!(b.kernel == kernel, "graft-gemm: B was packed for {:?}", b.kernel);
+            b.n
+        }
+    };
     // Panels are 16 rows of A / 16 columns of B; micro-kernels span 32, so round to 32.
     let mp = round_up(m, 32);
     let np = round_up(n, 32);
@@ -336,7 +416,7 @@ fn gemm_blocked<A: Element, B: Element>(kernel: Kernel, a: &MatRef<A>, b: &MatRe
     let kc_max = round_up(k.min(kc_blk), 32);
     // u32 storage: 4-byte aligned pairs for pack_pairs; the AMX A layout views it as u16.
     let mut apack = PackBuf::take(&PACK_A, mp * kc_max / 2);
-    let mut bpack = PackBuf::take(&PACK_B, np * kc_max / 2);
+    let mut bpack = PackBuf::take(&PACK_B, if matches!(b, BSource::View(_)) { np * kc_max / 2 } else { 0 });
     let cptr = CPtr(c.as_mut_ptr());
     let (mtasks, ntasks) = (m.div_ceil(mb), n.div_ceil(nb));
 
@@ -346,16 +426,22 @@ fn gemm_blocked<A: Element, B: Element>(kernel: Kernel, a: &MatRef<A>, b: &MatRe
         let kcp = round_up(kc, 32);
         let panel = 8 * kcp; // u32s per 16-wide panel
                              // Pack B: 16-column panels, rows k and k+1 interleaved (same layout for both kernels).
-        bpack.0[..np * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| pack_panel(PanelKind::Pairs, b, k0, kc, p * 16, dst));
+        let bp: &[u32] = match b {
+            BSource::View(b) => {
+                for_each_panel(parallel, &mut bpack.0[..np * kcp / 2], panel, |p, dst| pack_panel(PanelKind::Pairs, *b, k0, kc, p * 16, dst));
+                &bpack.0
+            }
+            BSource::Packed(b) => &b.blocks[k0 / kc_blk],
+        };
         // Pack A: 16-row panels, layout depends on the kernel.
         let at = a.t();
-        apack.0[..mp * kcp / 2].par_chunks_mut(panel).enumerate().for_each(|(p, dst)| match kernel {
+        for_each_panel(parallel, &mut apack.0[..mp * kcp / 2], panel, |p, dst| match kernel {
             Kernel::Amx => pack_panel(PanelKind::AmxA, a, k0, kc, p * 16, dst),
             Kernel::Avx512Bf16 => pack_panel(PanelKind::Pairs, &at, k0, kc, p * 16, dst),
         });
         let load_c = !(overwrite_first && k0 == 0);
-        let (ap, bp) = (as_u16_ref(&apack.0), as_u16_ref(&bpack.0));
-        (0..mtasks * ntasks).into_par_iter().for_each(|t| {
+        let (ap, bp) = (as_u16_ref(&apack.0), as_u16_ref(bp));
+        let block_task = |t: usize| {
             // Neighbouring tasks share one operand's block (kept in cache) and stream the other;
             // stream the operand whose whole packed K block is the smaller (more likely cached).
             let (mt, nt) = if mp <= np { (t % mtasks, t / mtasks) } else { (t / ntasks, t % ntasks) };
@@ -372,8 +458,22 @@ fn gemm_blocked<A: Element, B: Element>(kernel: Kernel, a: &MatRef<A>, b: &MatRe
                     Kernel::Avx512Bf16 => avx512::block(ap, bp, cptr.get(), &blk),
                 }
             }
-        });
+        };
+        if parallel {
+            (0..mtasks * ntasks).into_par_iter().for_each(block_task);
+        } else {
+            (0..mtasks * ntasks).for_each(block_task);
+        }
         k0 += kc;
+    }
+}
+
+/// `f(index, panel)` for each `panel`-long chunk of `buf`, in parallel or in order.
+fn for_each_panel(parallel: bool, buf: &mut [u32], panel: usize, f: impl Fn(usize, &mut [u32]) + Sync) {
+    if parallel {
+        buf.par_chunks_mut(panel).enumerate().for_each(|(p, dst)| f(p, dst));
+    } else {
+        buf.chunks_mut(panel).enumerate().for_each(|(p, dst)| f(p, dst));
     }
 }
 

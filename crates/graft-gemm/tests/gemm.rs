@@ -1,6 +1,6 @@
 //! Each available kernel against `gemm_reference`. Kernels the CPU lacks are skipped with a note.
 
-use graft_gemm::{gemm, gemm_reference, Element, Kernel, MatRef};
+use graft_gemm::{gemm, gemm_packed, gemm_reference, Element, Kernel, MatRef, PackedB};
 use half::{bf16, f16};
 
 struct Lcg(u64);
@@ -161,6 +161,32 @@ fn bf16_weight_used_transposed() {
         for (m, k, n) in [(37, 1100, 48), (5, 65, 16), (33, 97, 40)] {
             for beta in [0.0, 1.0] {
                 check(kernel, m, k, n, Layout::RowMajor, Layout::ColMajor, beta, |x| x, bf16::from_f32, 21);
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_b_matches_the_reference() {
+    // B packed once and used for several A's (attention's keys and values): several K blocks,
+    // transposed and plain layouts, overwrite and accumulate.
+    let mut rng = Lcg(5);
+    for kernel in kernels() {
+        for (m, k, n, lb) in [(37, 64, 300, Layout::ColMajor), (70, 1100, 64, Layout::RowMajor), (16, 33, 17, Layout::Strided)] {
+            let bdata = rng.vec(buf_len(k, n, lb));
+            let b = make(&bdata, k, n, lb);
+            let packed = PackedB::new(kernel, b);
+            for beta in [0.0, 1.0] {
+                let adata = rng.vec(m * k);
+                let a = MatRef::row_major(&adata, m, k);
+                let start = rng.vec(m * n);
+                let (mut got, mut want) = (start.clone(), start);
+                gemm_packed(a, &packed, &mut got, n, beta);
+                gemm_reference(a, b, &mut want, n, beta);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * k as f32 + 1e-6 * w.abs();
+                    assert!((g - w).abs() <= tol, "{kernel:?} {m}x{k}x{n} {lb:?} beta {beta}: C[{i}] {g} vs {w}");
+                }
             }
         }
     }

@@ -218,7 +218,7 @@ impl SelfAttention {
         let q = self.q_proj.forward(x, hooks)?;
         let k = self.k_proj.forward(x, hooks)?;
         let v = self.v_proj.forward(x, hooks)?;
-        let out = nn::attention(&q, &k, &v, self.heads, true)?;
+        let out = nn::attention(&q, &k, &v, self.heads, true, self.q_proj.weight_dtype())?;
         let out = self.out_proj.forward(&out, hooks)?;
         if hooks.attached(self.index) {
             hooks.attention(self.index, x, None, out)

@@ -46,6 +46,11 @@ impl HookedLinear {
         self.index
     }
 
+    /// The dtype the weight is held in now.
+    pub fn weight_dtype(&self) -> DType {
+        self.weights.read().expect("linear weights lock poisoned").weight.dtype()
+    }
+
     pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let base = {
             let w = self.weights.read().expect("linear weights lock poisoned");
@@ -212,10 +217,13 @@ fn normalised_input_grad(xh: &Tensor, gw: &Tensor, inv_std: &Tensor) -> Result<T
 }
 
 /// Multi-head scaled dot-product attention. q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
-/// `causal` masks future positions (the text encoders).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+/// `causal` masks future positions (the text encoders). `weights` is the dtype of the layer's
+/// projection weights: with bf16 weights the CPU runs the products in bf16 too, as torch's
+/// autocast does.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, weights: DType) -> Result<Tensor> {
     if crate::fused::supports_attention(q) {
-        return crate::fused::attention(q, k, v, heads, causal);
+        let bf16 = if weights == DType::BF16 { crate::precision::bf16_kernel() } else { None };
+        return crate::fused::attention(q, k, v, heads, causal, bf16);
     }
     crate::chunked_attention::attention(q, k, v, heads, causal)
 }

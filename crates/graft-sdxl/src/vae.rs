@@ -152,7 +152,7 @@ impl SpatialAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let out = self.to_out.forward(&nn::attention(&q, &k, &v, 1, false)?)?;
+        let out = self.to_out.forward(&nn::attention(&q, &k, &v, 1, false, self.to_q.weight.dtype())?)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + x
     }

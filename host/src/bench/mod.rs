@@ -109,6 +109,11 @@ pub fn workloads() -> Vec<Workload> {
         w("real.transformer_block_16x16", "SDXL 1280-ch transformer block, 256 tokens (64x64 latent)", real::block_16),
         w("real.transformer_block_32x32", "SDXL 1280-ch transformer block, 1024 tokens (128x128 latent)", real::block_32),
         w("real.attention_32x32", "self-attention of 1024 tokens, 20 heads of 64: forward + backward to q, k, v", real::attention_32),
+        w(
+            "real.attention_64x64_bf16",
+            "the 1024 px self-attention, 4096 tokens, 10 heads of 64, products in bf16: forward + backward",
+            real::attention_64_bf16,
+        ),
         w("real.resnet_block_16x16", "SDXL 1280-ch resnet block at 16x16 (64x64 latent)", real::resnet_16),
         w("real.resnet_block_32x32", "SDXL 1280-ch resnet block at 32x32 (128x128 latent)", real::resnet_32),
         w("real.block_lora_unfused_32x32", "transformer block 32x32 with LoRA r8 unfused (extra: overhead)", real::block_lora_unfused),

@@ -91,9 +91,22 @@ pub fn attention_32(ctx: &Ctx) -> anyhow::Result<Measured> {
     let mut var = || -> anyhow::Result<candle_core::Var> { Ok(candle_core::Var::from_tensor(&rng.randn((1, 1024, DIM), &Device::Cpu)?)?) };
     let (q, k, v) = (var()?, var()?, var()?);
     measure(2, ctx.runs(10), || {
-        graft_sdxl::nn::attention(&q, &k, &v, HEADS, false)?.sum_all()?.backward()?;
+        graft_sdxl::nn::attention(&q, &k, &v, HEADS, false, DType::F32)?.sum_all()?.backward()?;
         Ok(())
     })
+}
+
+/// The 1024 px self-attention (4096 tokens of 640, 10 heads) with bf16 products, as in a bf16
+/// model: forward and backward.
+pub fn attention_64_bf16(ctx: &Ctx) -> anyhow::Result<Measured> {
+    let mut rng = GraftRng::new(10);
+    let mut var = || -> anyhow::Result<candle_core::Var> { Ok(candle_core::Var::from_tensor(&rng.randn((1, 4096, 640), &Device::Cpu)?)?) };
+    let (q, k, v) = (var()?, var()?, var()?);
+    let m = measure(2, ctx.runs(5), || {
+        graft_sdxl::nn::attention(&q, &k, &v, 10, false, DType::BF16)?.sum_all()?.backward()?;
+        Ok(())
+    })?;
+    Ok(m.with("kernel", format!("{:?}", graft_sdxl::precision::bf16_kernel())))
 }
 
 fn resnet_forward(ctx: &Ctx, side: usize) -> anyhow::Result<Measured> {

@@ -72,7 +72,7 @@ impl Attention {
         let q = self.to_q.forward(x, hooks)?;
         let k = self.to_k.forward(kv_input, hooks)?;
         let v = self.to_v.forward(kv_input, hooks)?;
-        let out = nn::attention(&q, &k, &v, self.heads, false)?;
+        let out = nn::attention(&q, &k, &v, self.heads, false, self.to_q.weight_dtype())?;
         let out = self.to_out.forward(&out, hooks)?;
         if hooks.attached(self.index) {
             hooks.attention(self.index, x, context, out)
