@@ -431,9 +431,13 @@ fn compare_with_two_seeds_reports_mean_and_std() {
         let (mean, std) = mean_and_std(&end);
         assert!((m - mean).abs() < 1e-4 && (sd - std).abs() < 1e-4, "{n} eval end: {eval}");
     }
-    // Same seed, same start: both strategies' seed-1 runs see the base model at step 0.
+    // Same seed, same eval batch, latents and noise: at step 0 each strategy (zero-initialised LoRA,
+    // gate with zero B) is the base model, so per seed both start at the same eval loss.
     let (lora, gate) = (&outcome.strategies[0], &outcome.strategies[1]);
-    assert_eq!(lora.runs[0].eval_loss_start, gate.runs[0].eval_loss_start);
+    for k in 0..2 {
+        assert_eq!(lora.runs[k].eval_loss_start, gate.runs[k].eval_loss_start, "seed {}", k + 1);
+    }
+    assert_eq!(lora.stats.as_ref().unwrap().eval_loss_start, gate.stats.as_ref().unwrap().eval_loss_start);
 
     // The grid: the base row and each strategy's first seed's samples.
     let grid = image::open(out.join("grid.png")).unwrap().to_rgb8();

@@ -250,7 +250,8 @@ fn summary_line(outcome: &CompareOutcome) -> String {
         return format!(
             "Model `{}` on {} (loaded once in {:.1} s); seeds {}: every strategy is trained once per seed, {} steps \
              each run. With one seed, every strategy sees the same data order, noise and timesteps. The eval loss is \
-             one fixed batch, noise and timesteps before and after training. Losses are the mean ± sample standard \
+             one fixed batch, noise and timesteps before and after training; which batch, and its latents, follow \
+             the run's seed, so its spread includes the data's. Losses are the mean ± sample standard \
              deviation (n − 1) over the seeds whose run finished: a difference between strategies smaller than that \
              spread is not a difference.",
             outcome.model,
