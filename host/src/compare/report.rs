@@ -186,11 +186,8 @@ fn write_plot(outcome: &CompareOutcome, path: &Path) -> anyhow::Result<bool> {
             named.push((format!("{} seed {}", r.name, run.seed.unwrap_or_default()), colour, run.losses.as_slice()));
         }
     }
-    let curves: Vec<(&str, [u8; 3], &[graft_trainer::losslog::LossEntry])> = named
-        .iter()
-        .filter(|(_, _, l)| l.iter().any(|e| !e.skipped && e.loss.is_finite()))
-        .map(|(n, c, l)| (n.as_str(), *c, *l))
-        .collect();
+    let curves: Vec<(&str, [u8; 3], &[graft_trainer::losslog::LossEntry])> =
+        named.iter().filter(|(_, _, l)| l.iter().any(|e| !e.skipped && e.loss.is_finite())).map(|(n, c, l)| (n.as_str(), *c, *l)).collect();
     if curves.is_empty() {
         return Ok(false);
     }
