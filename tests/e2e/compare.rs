@@ -327,3 +327,135 @@ fn demo_runs_and_writes_the_report() {
     let config = CompareConfig::from_file(&out.join("compare.toml")).unwrap();
     assert_eq!((config.options.steps, config.strategies.len(), config.prompts().unwrap().len()), (3, 3, 3));
 }
+
+/// Two strategies, each trained once with seed 1 and once with seed 2.
+fn seeds_config_text() -> String {
+    format!(
+        "model = {model:?}\noutput_dir = \"report\"\nseeds = [1, 2]\nsteps = 3\nloss_window = 2\n\
+         prompts = [\"a pink star outline, line art --w {W} --h {H} --s 2\"]\n\
+         [dataset]\ndir = \"data\"\nresolution = 64\n\n\
+         [[strategies]]\nname = \"lora\"\nplugin = \"lora\"\nconfig = {{ rank = 2, alpha = 2, unet_lr = 0.01 }}\n\n\
+         [[strategies]]\nname = \"gate\"\nplugin = \"attention-gate\"\nconfig = {{ rank = 2, adapter_lr = 0.01, base_lr = 0.01 }}\n",
+        model = tiny_model().to_str().unwrap()
+    )
+}
+
+/// Mean and sample standard deviation (n − 1), computed here from the per-seed values.
+fn mean_and_std(v: &[f64]) -> (f64, f64) {
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (v.len() - 1) as f64;
+    (mean, var.sqrt())
+}
+
+/// `0.1234 ± 0.0056` as (0.1234, 0.0056).
+fn parse_pm(cell: &str) -> (f64, f64) {
+    let (m, s) = cell.split_once(" ± ").unwrap_or_else(|| panic!("not `mean ± std`: {cell}"));
+    (m.trim().parse().unwrap(), s.trim().parse().unwrap())
+}
+
+/// `seeds = [1, 2]`: every strategy runs once per seed into its own folders; summary.json has
+/// every run's numbers and their mean and sample std, which report.md shows as mean ± std; the
+/// seeds' runs differ; the grid shows the first seed's samples.
+#[test]
+fn compare_with_two_seeds_reports_mean_and_std() {
+    let dir = scratch("compare_seeds");
+    write_shapes_dataset(&dir.join("data"), 4, 64);
+    std::fs::write(dir.join("compare.toml"), seeds_config_text()).unwrap();
+    let config = CompareConfig::from_file(&dir.join("compare.toml")).unwrap();
+    let outcome = graft_host::compare::compare(&config, plugin_args(), true).unwrap();
+    let out = dir.join("report");
+    assert_eq!((outcome.seeds.clone(), outcome.seed), (Some(vec![1, 2]), 1));
+
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["seeds"], serde_json::json!([1, 2]));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let (header, rows) = md_table(&md);
+    assert_eq!(rows.len(), 2, "{md}");
+    assert!(md.contains("smaller than that spread is not a difference"), "{md}");
+
+    for (i, r) in outcome.strategies.iter().enumerate() {
+        let n = r.name.as_str();
+        assert!(r.ok(), "{n}: {:?}", r.error);
+        assert_eq!(r.runs.iter().map(|run| run.seed).collect::<Vec<_>>(), [Some(1), Some(2)], "{n}");
+        for run in &r.runs {
+            let seed_dir = format!("seed-{}", run.seed.unwrap());
+            assert!(run.ok(), "{n} {seed_dir}: {:?}", run.error);
+            assert_eq!((run.steps_done, run.losses.len(), run.samples.len()), (3, 3, 1), "{n} {seed_dir}");
+            let log = out.join("strategies").join(n).join(&seed_dir).join("loss.jsonl");
+            assert_eq!(graft_trainer::losslog::read(&log).unwrap().len(), 3, "{}", log.display());
+            assert!(!run.exports.is_empty());
+            for f in run.exports.iter().chain(&run.samples) {
+                assert!(out.join(f).is_file(), "{}", f.display());
+            }
+            assert!(run.exports.iter().all(|f| f.starts_with(format!("strategies/{n}/{seed_dir}"))), "{:?}", run.exports);
+            assert!(run.samples[0].starts_with(format!("samples/{seed_dir}")), "{}", run.samples[0].display());
+        }
+        // The two seeds' runs differ: another data order, noise, timesteps and initial values.
+        let (a, b) = (&r.runs[0], &r.runs[1]);
+        let losses = |run: &graft_host::compare::StrategyResult| run.losses.iter().map(|e| e.loss).collect::<Vec<f64>>();
+        assert_ne!(losses(a), losses(b), "{n}: the seeds' losses are identical");
+        assert_ne!(a.final_loss, b.final_loss, "{n}");
+        let sample = |run: &graft_host::compare::StrategyResult| image::open(out.join(&run.samples[0])).unwrap().to_rgb8();
+        assert_ne!(sample(a), sample(b), "{n}: the seeds' samples are identical");
+
+        // summary.json: per-seed values, and their mean and sample std.
+        let s = &summary["strategies"][i];
+        assert_eq!(s["name"], n);
+        let runs = s["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 2);
+        for key in ["final_loss", "mean_loss", "eval_loss_end"] {
+            let values: Vec<f64> = runs.iter().map(|run| run[key].as_f64().unwrap()).collect();
+            let (mean, std) = mean_and_std(&values);
+            assert!(std > 0.0, "{n} {key}: {values:?}");
+            let stat = &s["stats"][key];
+            assert!((stat["mean"].as_f64().unwrap() - mean).abs() < 1e-12, "{n} {key}: {stat} vs {mean}");
+            assert!((stat["std"].as_f64().unwrap() - std).abs() < 1e-12, "{n} {key}: {stat} vs {std}");
+            assert_eq!(stat["n"], 2);
+            // The row's own value is the mean.
+            assert!((s[key].as_f64().unwrap() - mean).abs() < 1e-12, "{n} {key}");
+        }
+        assert_eq!(runs.iter().map(|run| run["seed"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+
+        // report.md: the same mean ± std, to the 4 decimals it prints.
+        let row = &rows[i];
+        assert_eq!((row[0].as_str(), cell_of(row, &header, "status").as_str()), (n, "ok"));
+        for (column, key) in [("final loss", "final_loss"), ("mean loss (last 2)", "mean_loss")] {
+            let values: Vec<f64> = runs.iter().map(|run| run[key].as_f64().unwrap()).collect();
+            let (mean, std) = mean_and_std(&values);
+            let (m, sd) = parse_pm(&cell_of(row, &header, column));
+            assert!((m - mean).abs() < 1e-4 && (sd - std).abs() < 1e-4, "{n} {column}: {m} ± {sd} vs {mean} ± {std}");
+        }
+        let eval = cell_of(row, &header, "eval loss");
+        let end: Vec<f64> = runs.iter().map(|run| run["eval_loss_end"].as_f64().unwrap()).collect();
+        let (m, sd) = parse_pm(eval.split(" → ").nth(1).unwrap());
+        let (mean, std) = mean_and_std(&end);
+        assert!((m - mean).abs() < 1e-4 && (sd - std).abs() < 1e-4, "{n} eval end: {eval}");
+    }
+    // Same seed, same eval batch, latents and noise: at step 0 each strategy (zero-initialised LoRA,
+    // gate with zero B) is the base model, so per seed both start at the same eval loss.
+    let (lora, gate) = (&outcome.strategies[0], &outcome.strategies[1]);
+    for k in 0..2 {
+        assert_eq!(lora.runs[k].eval_loss_start, gate.runs[k].eval_loss_start, "seed {}", k + 1);
+    }
+    assert_eq!(lora.stats.as_ref().unwrap().eval_loss_start, gate.stats.as_ref().unwrap().eval_loss_start);
+
+    // The grid: the base row and each strategy's first seed's samples.
+    let grid = image::open(out.join("grid.png")).unwrap().to_rgb8();
+    assert_eq!((grid.width(), grid.height()), (W + 8, 3 * (H + 4) + 4));
+    let cell = |r: u32| image::imageops::crop_imm(&grid, 4, 4 + r * (H + 4), W, H).to_image();
+    for (i, r) in outcome.strategies.iter().enumerate() {
+        assert_eq!(cell(i as u32 + 1), image::open(out.join(&r.runs[0].samples[0])).unwrap().to_rgb8(), "{}", r.name);
+    }
+    assert!(md.contains("first seed (1)"), "{md}");
+}
+
+/// `seed` and `seeds` together are refused, naming both.
+#[test]
+fn compare_refuses_seed_with_seeds() {
+    let dir = scratch("compare_seed_and_seeds");
+    let text = seeds_config_text().replace("seeds = [1, 2]\n", "seed = 7\nseeds = [1, 2]\n");
+    std::fs::write(dir.join("compare.toml"), text).unwrap();
+    let path = dir.join("compare.toml");
+    let e = graft_tests::graft_err(&["compare", "--config", path.to_str().unwrap(), "--cpu"]);
+    assert!(e.contains("`seed`") && e.contains("`seeds`") && e.contains("compare.toml"), "{e}");
+}

@@ -13,6 +13,7 @@ use graft_trainer::samples::{parse_prompt_file, parse_prompts, SampleDefaults, S
 pub const EXAMPLE: &str = r#"model = "models/sd_xl_base_1.0.safetensors"       # diffusers folder or single file
 output_dir = "out/compare"                        # the report folder
 seed = 42                                         # data order, noise, timesteps, sample seeds
+# seeds = [1, 2, 3]                               # or: every strategy once per seed, mean ± std
 steps = 500                                       # the same budget for every strategy
 loss_window = 50                                  # the table's mean loss is over the last N steps
 lr_schedule = "constant"
@@ -76,6 +77,9 @@ pub struct CompareConfig {
     pub output_dir: PathBuf,
     #[serde(default = "ten")]
     pub loss_window: u64,
+    /// Train every strategy once per seed (instead of `seed`); the table shows mean ± std.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<u64>>,
     #[serde(flatten)]
     pub options: TrainOptions,
     #[serde(default)]
@@ -88,7 +92,8 @@ pub struct CompareConfig {
 }
 
 /// The top-level keys of a compare config besides the options.
-const OWN_KEYS: [&str; 8] = ["model", "model_config", "output_dir", "loss_window", "sample_prompts", "prompts", "dataset", "strategies"];
+const OWN_KEYS: [&str; 9] =
+    ["model", "model_config", "output_dir", "loss_window", "seeds", "sample_prompts", "prompts", "dataset", "strategies"];
 
 fn ten() -> u64 {
     10
@@ -107,6 +112,12 @@ impl CompareConfig {
     /// Parses a config; relative paths in it are relative to `base`. `source` names it in errors.
     pub fn parse_str(text: &str, source: &str, base: &Path) -> anyhow::Result<Self> {
         let what = || format!("{source}: invalid compare config (`graft compare --help` shows an example)");
+        // `seed` has a default, so only the file tells whether it was given beside `seeds`.
+        if let Ok(table) = toml::from_str::<toml::Table>(text) {
+            if table.contains_key("seed") && table.contains_key("seeds") {
+                bail!("{source}: both `seed` and `seeds` are set: keep one (`seeds = [..]` trains every strategy once per seed)");
+            }
+        }
         let mut config: CompareConfig = parse_toml(text, &OWN_KEYS).with_context(what)?;
         config.resolve_paths(base);
         config.validate().with_context(|| source.to_string())?;
@@ -154,6 +165,18 @@ impl CompareConfig {
         if self.loss_window == 0 {
             bail!("`loss_window` must be at least 1");
         }
+        if let Some(seeds) = &self.seeds {
+            if seeds.is_empty() {
+                bail!("`seeds` is empty: give at least one seed, or remove `seeds` and set `seed`");
+            }
+            if self.options.seed != 0 {
+                bail!("both `seed` and `seeds` are set: keep one (`seeds = [..]` trains every strategy once per seed)");
+            }
+            let mut unique = std::collections::BTreeSet::new();
+            if let Some(s) = seeds.iter().find(|s| !unique.insert(**s)) {
+                bail!("`seeds` lists seed {s} twice: each seed is one run of every strategy");
+            }
+        }
         // Everything a training run checks, on the first strategy.
         Ok(self.train_config(&self.strategies[0], &self.output_dir)?.validate()?)
     }
@@ -162,12 +185,21 @@ impl CompareConfig {
     /// row. Every option means what it means in `graft train`; the prompts are also rendered
     /// once for every row at the end, for the report.
     pub fn train_config(&self, s: &StrategyEntry, out_dir: &Path) -> anyhow::Result<TrainConfig> {
+        self.train_config_seeded(s, out_dir, None)
+    }
+
+    /// [`Self::train_config`] with `options.seed` set to `seed` (one run of `seeds`).
+    pub fn train_config_seeded(&self, s: &StrategyEntry, out_dir: &Path, seed: Option<u64>) -> anyhow::Result<TrainConfig> {
+        let mut options = self.options.clone();
+        if let Some(seed) = seed {
+            options.seed = seed;
+        }
         Ok(TrainConfig {
             model: self.model.clone(),
             model_config: self.model_config.clone(),
             output_dir: out_dir.to_path_buf(),
             output_name: s.name().to_string(),
-            options: self.options.clone(),
+            options,
             sample_prompts: self.sample_prompts.clone(),
             // One model is loaded for every strategy, and put back between them.
             shared_model: true,
@@ -178,11 +210,22 @@ impl CompareConfig {
         })
     }
 
+    /// The seeds of the runs of every strategy: `seeds`, or `[seed]` when it is not set.
+    pub fn run_seeds(&self) -> Vec<u64> {
+        self.seeds.clone().unwrap_or_else(|| vec![self.options.seed])
+    }
+
+    /// The seed of the base model's samples and of the prompts: `seed`, or the first of `seeds`.
+    pub fn first_seed(&self) -> u64 {
+        self.seeds.as_ref().and_then(|s| s.first().copied()).unwrap_or(self.options.seed)
+    }
+
     /// The sample prompts (none when neither `sample_prompts` nor `prompts` is set). A line
-    /// without `--d` gets `seed + its index`, so every row draws the same noise per column.
+    /// without `--d` gets `seed + its index` (the first of `seeds`), so every row and every
+    /// seed's run draws the same noise per column.
     pub fn prompts(&self) -> anyhow::Result<Vec<SamplePrompt>> {
         let defaults =
-            SampleDefaults { width: self.dataset.resolution, height: self.dataset.resolution, seed: self.options.seed, ..Default::default() };
+            SampleDefaults { width: self.dataset.resolution, height: self.dataset.resolution, seed: self.first_seed(), ..Default::default() };
         match &self.sample_prompts {
             Some(p) => Ok(parse_prompt_file(p, &defaults)?),
             None => Ok(parse_prompts(&self.prompts.join("\n"), "compare config `prompts`", &defaults)?),
@@ -242,5 +285,32 @@ mod tests {
         assert!(e.contains("bogus") && e.contains("graft compare --help"), "{e}");
         let e = err(&format!("{}[[strategies]]\nplugin = \"lora\"\n", MIN.replace("steps = 3", "steps = 0")));
         assert!(e.contains("steps"), "{e}");
+    }
+
+    #[test]
+    fn seeds() {
+        let c = parse(&format!("seeds = [5, 9]\n{MIN}[[strategies]]\nplugin = \"lora\"\n")).unwrap();
+        assert_eq!((c.run_seeds(), c.first_seed()), (vec![5, 9], 5));
+        let t = c.train_config_seeded(&c.strategies[0], Path::new("/r"), Some(9)).unwrap();
+        assert_eq!(t.options.seed, 9);
+        assert_eq!(c.train_config(&c.strategies[0], Path::new("/r")).unwrap().options.seed, 0);
+        // The prompts' default seeds start at the first seed.
+        assert_eq!(c.prompts().unwrap()[0].seed, 5);
+        let one = parse(&format!("seed = 3\n{MIN}[[strategies]]\nplugin = \"lora\"\n")).unwrap();
+        assert_eq!((one.run_seeds(), one.first_seed(), one.seeds), (vec![3], 3, None));
+
+        let err = |t: &str| format!("{:#}", parse(t).unwrap_err());
+        // Even `seed = 0` (its default) beside `seeds` is refused: the file says both.
+        let e = err(&format!("seed = 0\nseeds = [1, 2]\n{MIN}[[strategies]]\nplugin = \"lora\"\n"));
+        assert!(e.contains("`seed`") && e.contains("`seeds`") && e.contains("c.toml"), "{e}");
+        let e = err(&format!("seeds = []\n{MIN}[[strategies]]\nplugin = \"lora\"\n"));
+        assert!(e.contains("`seeds` is empty"), "{e}");
+        let e = err(&format!("seeds = [1, 2, 1]\n{MIN}[[strategies]]\nplugin = \"lora\"\n"));
+        assert!(e.contains("seed 1 twice"), "{e}");
+        // A config built in code: `seed` other than its default beside `seeds`.
+        let mut c = c;
+        c.options.seed = 4;
+        let e = format!("{:#}", c.validate().unwrap_err());
+        assert!(e.contains("`seed`") && e.contains("`seeds`"), "{e}");
     }
 }

@@ -6,11 +6,13 @@
 //! - [`run`]: the runs, with the base weights put back between strategies.
 //! - [`report`]: `report.md`, a self-contained `report.html`, the loss plot, the sample grid.
 //! - [`memory`]: peak memory per strategy.
+//! - [`stats`]: mean ± std over the seeds of `seeds = [..]`.
 
 pub mod config;
 pub mod memory;
 pub mod report;
 pub mod run;
+pub mod stats;
 
 use std::path::PathBuf;
 
@@ -22,7 +24,8 @@ pub use run::{CompareOutcome, StrategyResult};
 #[command(after_long_help = format!(
     "The report folder (output_dir) gets report.html (self-contained), report.md, loss.png, grid.png, \
      summary.json, samples/ and strategies/<name>/ with each adapter and its loss log. A strategy that \
-     fails is reported in the table; the others still run.\n\nExample config (compare.toml):\n\n{EXAMPLE}"
+     fails is reported in the table; the others still run. With `seeds = [..]` every strategy runs once \
+     per seed (strategies/<name>/seed-<n>/, samples/seed-<n>/) and the losses are mean ± std.\n\nExample config (compare.toml):\n\n{EXAMPLE}"
 ))]
 pub struct CompareArgs {
     /// The compare config (TOML); `graft compare --help` shows an example.
@@ -66,6 +69,22 @@ pub fn config_from_args(args: &CompareArgs) -> anyhow::Result<CompareConfig> {
 /// Prints the table's gist and where the report is.
 pub fn print_summary(outcome: &CompareOutcome) {
     for r in &outcome.strategies {
+        if let Some(s) = &r.stats {
+            let f = |m: Option<stats::MeanStd>| m.map(|m| m.format(4)).unwrap_or_else(|| "–".into());
+            let status = if r.ok() { "ok" } else { "FAILED" };
+            println!(
+                "{:<24} {status:<7} {} seeds  mean loss {}  eval {} -> {}",
+                r.name,
+                r.runs.len(),
+                f(s.mean_loss),
+                f(s.eval_loss_start),
+                f(s.eval_loss_end)
+            );
+            if let Some(e) = &r.error {
+                println!("{:<24}         {}", "", e.lines().next().unwrap_or_default());
+            }
+            continue;
+        }
         match &r.error {
             None => println!(
                 "{:<24} ok      mean loss {:.4}  eval {:.4} -> {:.4}  {:.3} s/step",

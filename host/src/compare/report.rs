@@ -3,6 +3,9 @@
 //!
 //! The grid has a row per strategy under the base model's row and a column per prompt; a
 //! strategy without samples (it failed) gets a row of grey cells, so rows keep their meaning.
+//!
+//! With `seeds`, the loss cells are mean ± sample std over the seeds, a table below gives every
+//! run's numbers, the plot has a curve per run and the grid shows each strategy's first seed.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,7 +17,8 @@ use image::RgbImage;
 use minijinja::{context, Environment, Value};
 
 use crate::compare::memory::human_bytes;
-use crate::compare::run::{CompareOutcome, StrategyResult};
+use crate::compare::run::{seed_dir, CompareOutcome, StrategyResult};
+use crate::compare::stats::MeanStd;
 use graft_trainer::losslog::{plot_many, PALETTE};
 use graft_trainer::samples::{grid_image, write_rgb_png};
 
@@ -48,6 +52,55 @@ pub fn table_header(loss_window: u64) -> Vec<String> {
     .collect()
 }
 
+/// The table's header cells of `outcome`: with `seeds`, the loss columns say they are mean ± std.
+pub fn header_of(outcome: &CompareOutcome) -> Vec<String> {
+    let mut header = table_header(outcome.loss_window);
+    if outcome.seeds.is_some() {
+        for h in header.iter_mut().filter(|h| h.contains("loss")) {
+            h.push_str(", mean ± std");
+        }
+    }
+    header
+}
+
+/// The header of the per-seed table.
+pub const SEED_HEADER: [&str; 6] = ["strategy", "seed", "status", "final loss", "mean loss", "eval loss (start → end)"];
+
+/// The per-seed table's rows: every run of every strategy (empty without `seeds`).
+pub fn seed_rows(outcome: &CompareOutcome) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for r in &outcome.strategies {
+        for run in &r.runs {
+            let status = match &run.error {
+                None => "ok".to_string(),
+                Some(e) => format!("failed after {} steps: {}", run.steps_done, first_line(e, 160)),
+            };
+            rows.push(vec![
+                r.name.clone(),
+                or_dash(run.seed, |s| s.to_string()),
+                status,
+                or_dash(run.final_loss, |l| format!("{l:.4}")),
+                or_dash(run.mean_loss, |l| format!("{l:.4}")),
+                eval_cell(run.eval_loss_start.map(one), run.eval_loss_end.map(one)),
+            ]);
+        }
+    }
+    rows
+}
+
+/// A single value as a [`MeanStd`] (no spread).
+fn one(v: f64) -> MeanStd {
+    MeanStd { mean: v, std: None, n: 1 }
+}
+
+fn eval_cell(start: Option<MeanStd>, end: Option<MeanStd>) -> String {
+    match (start, end) {
+        (Some(a), Some(b)) => format!("{} → {}", a.format(4), b.format(4)),
+        (Some(a), None) => format!("{} → –", a.format(4)),
+        _ => "–".into(),
+    }
+}
+
 fn or_dash<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "–".into())
 }
@@ -67,6 +120,10 @@ pub fn table_row(r: &StrategyResult) -> Vec<String> {
     };
     let status = match &r.error {
         None => "ok".to_string(),
+        Some(e) if !r.runs.is_empty() => {
+            let failed = r.runs.iter().filter(|run| !run.ok()).count();
+            format!("{failed} of {} seeds failed: {}", r.runs.len(), first_line(e, 160))
+        }
         Some(e) => format!("failed after {} steps: {}", r.steps_done, first_line(e, 160)),
     };
     let params = match (r.trainable_params, r.base_params) {
@@ -74,10 +131,14 @@ pub fn table_row(r: &StrategyResult) -> Vec<String> {
         (Some(t), _) => thousands(t),
         _ => "–".into(),
     };
-    let eval = match (r.eval_loss_start, r.eval_loss_end) {
-        (Some(a), Some(b)) => format!("{a:.4} → {b:.4}"),
-        (Some(a), None) => format!("{a:.4} → –"),
-        _ => "–".into(),
+    let eval = match &r.stats {
+        Some(s) => eval_cell(s.eval_loss_start, s.eval_loss_end),
+        None => eval_cell(r.eval_loss_start.map(one), r.eval_loss_end.map(one)),
+    };
+    // With seeds: mean ± std over the runs that finished.
+    let loss = |plain: Option<f64>, spread: Option<Option<MeanStd>>| match spread {
+        Some(m) => or_dash(m, |m| m.format(4)),
+        None => or_dash(plain, |l| format!("{l:.4}")),
     };
     vec![
         r.name.clone(),
@@ -86,8 +147,8 @@ pub fn table_row(r: &StrategyResult) -> Vec<String> {
         status,
         or_dash(r.layers, |n| n.to_string()),
         params,
-        or_dash(r.final_loss, |l| format!("{l:.4}")),
-        or_dash(r.mean_loss, |l| format!("{l:.4}")),
+        loss(r.final_loss, r.stats.as_ref().map(|s| s.final_loss)),
+        loss(r.mean_loss, r.stats.as_ref().map(|s| s.mean_loss)),
         eval,
         or_dash(r.seconds_per_step, |s| format!("{s:.3} s")),
         or_dash(r.peak_memory, |p| human_bytes(p.bytes)),
@@ -114,16 +175,19 @@ fn data_uri(path: &Path) -> anyhow::Result<String> {
     Ok(format!("data:image/png;base64,{}", STANDARD.encode(&bytes)))
 }
 
-/// The loss curves of every strategy with a finite loss, one colour each; `false` when there
-/// is none to draw.
+/// The loss curves of every strategy with a finite loss, one colour each (with `seeds`, a curve
+/// per run in its strategy's colour); `false` when there is none to draw.
 fn write_plot(outcome: &CompareOutcome, path: &Path) -> anyhow::Result<bool> {
-    let curves: Vec<(&str, [u8; 3], &[graft_trainer::losslog::LossEntry])> = outcome
-        .strategies
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.losses.iter().any(|e| !e.skipped && e.loss.is_finite()))
-        .map(|(i, r)| (r.name.as_str(), PALETTE[i % PALETTE.len()], r.losses.as_slice()))
-        .collect();
+    let mut named: Vec<(String, [u8; 3], &[graft_trainer::losslog::LossEntry])> = Vec::new();
+    for (i, r) in outcome.strategies.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        named.push((r.name.clone(), colour, r.losses.as_slice()));
+        for run in &r.runs {
+            named.push((format!("{} seed {}", r.name, run.seed.unwrap_or_default()), colour, run.losses.as_slice()));
+        }
+    }
+    let curves: Vec<(&str, [u8; 3], &[graft_trainer::losslog::LossEntry])> =
+        named.iter().filter(|(_, _, l)| l.iter().any(|e| !e.skipped && e.loss.is_finite())).map(|(n, c, l)| (n.as_str(), *c, *l)).collect();
     if curves.is_empty() {
         return Ok(false);
     }
@@ -159,7 +223,9 @@ fn write_grid(outcome: &CompareOutcome, path: &Path) -> anyhow::Result<bool> {
 
 fn row_names(outcome: &CompareOutcome) -> Vec<String> {
     let mut rows = vec!["base model".to_string()];
-    rows.extend(outcome.strategies.iter().map(|r| if r.ok() { r.name.clone() } else { format!("{} (failed: grey)", r.name) }));
+    // A row of seeds shows its first seed's samples, there when that run got to them.
+    let shown = |r: &StrategyResult| if r.runs.is_empty() { r.ok() } else { !r.samples.is_empty() };
+    rows.extend(outcome.strategies.iter().map(|r| if shown(r) { r.name.clone() } else { format!("{} (failed: grey)", r.name) }));
     rows
 }
 
@@ -176,12 +242,48 @@ fn memory_note(outcome: &CompareOutcome) -> &'static str {
 }
 
 fn summary_line(outcome: &CompareOutcome) -> String {
+    if let Some(seeds) = &outcome.seeds {
+        let list: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+        return format!(
+            "Model `{}` on {} (loaded once in {:.1} s); seeds {}: every strategy is trained once per seed, {} steps \
+             each run. With one seed, every strategy sees the same data order, noise and timesteps. The eval loss is \
+             one fixed batch, noise and timesteps before and after training; which batch, and its latents, follow \
+             the run's seed, so its spread includes the data's. Losses are the mean ± sample standard \
+             deviation (n − 1) over the seeds whose run finished: a difference between strategies smaller than that \
+             spread is not a difference.",
+            outcome.model,
+            outcome.device,
+            outcome.load_seconds,
+            list.join(", "),
+            outcome.steps
+        );
+    }
     format!(
         "Model `{}` on {} (loaded once in {:.1} s); seed {}, {} steps per strategy. Every strategy sees the same data \
          order, noise and timesteps; its samples use the same prompts and seeds. The eval loss is one fixed batch, \
          noise and timesteps before and after training.",
         outcome.model, outcome.device, outcome.load_seconds, outcome.seed, outcome.steps
     )
+}
+
+/// Which run of each strategy the grid shows (empty without `seeds`).
+fn samples_note(outcome: &CompareOutcome) -> String {
+    match &outcome.seeds {
+        Some(seeds) if seeds.len() > 1 => format!(
+            "Each strategy's row shows its run with the first seed ({}); every run's samples are in samples/seed-N/ \
+             (same prompts and sample seeds).",
+            outcome.seed
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The loss logs of a strategy, relative to the report folder.
+fn loss_logs(r: &StrategyResult) -> Vec<String> {
+    if r.runs.is_empty() {
+        return vec![format!("strategies/{}/loss.jsonl", r.name)];
+    }
+    r.runs.iter().map(|run| format!("strategies/{}/{}/loss.jsonl", r.name, seed_dir(run.seed.unwrap_or_default()))).collect()
 }
 
 fn prompt_line(p: &crate::compare::run::PromptInfo) -> String {
@@ -191,7 +293,7 @@ fn prompt_line(p: &crate::compare::run::PromptInfo) -> String {
 fn markdown(outcome: &CompareOutcome, has_plot: bool, has_grid: bool) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# graft compare\n\n{}\n", summary_line(outcome));
-    let header = table_header(outcome.loss_window);
+    let header = header_of(outcome);
     let _ = writeln!(md, "| {} |", header.join(" | "));
     let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
     for r in &outcome.strategies {
@@ -199,6 +301,17 @@ fn markdown(outcome: &CompareOutcome, has_plot: bool, has_grid: bool) -> String 
         let _ = writeln!(md, "| {} |", cells.join(" | "));
     }
     let _ = writeln!(md, "\n{}\n", memory_note(outcome));
+    let seeds = seed_rows(outcome);
+    if !seeds.is_empty() {
+        md.push_str("## Seeds\n\nEvery run, the numbers the table's mean ± std is made of:\n\n");
+        let _ = writeln!(md, "| {} |", SEED_HEADER.join(" | "));
+        let _ = writeln!(md, "|{}", "---|".repeat(SEED_HEADER.len()));
+        for row in seeds {
+            let cells: Vec<String> = row.iter().map(|c| md_cell(c)).collect();
+            let _ = writeln!(md, "| {} |", cells.join(" | "));
+        }
+        md.push('\n');
+    }
 
     md.push_str("## Loss\n\n");
     if has_plot {
@@ -211,6 +324,10 @@ fn markdown(outcome: &CompareOutcome, has_plot: bool, has_grid: bool) -> String 
     if has_grid {
         let _ = writeln!(md, "![samples]({GRID_PNG})\n");
         let _ = writeln!(md, "Rows, top to bottom: {}.\n", row_names(outcome).join(", "));
+        let note = samples_note(outcome);
+        if !note.is_empty() {
+            let _ = writeln!(md, "{note}\n");
+        }
         md.push_str("Columns, left to right:\n\n");
         for (i, p) in outcome.prompts.iter().enumerate() {
             let _ = writeln!(md, "{}. {}", i + 1, md_cell(&prompt_line(p)));
@@ -233,7 +350,9 @@ fn markdown(outcome: &CompareOutcome, has_plot: bool, has_grid: bool) -> String 
     for r in &outcome.strategies {
         let files: Vec<String> = r.exports.iter().map(|p| format!("[{}]({})", p.display(), p.display())).collect();
         let files = if files.is_empty() { "no adapter".to_string() } else { files.join(", ") };
-        let _ = writeln!(md, "- `{}`: {}; loss log [strategies/{}/loss.jsonl](strategies/{}/loss.jsonl)", r.name, files, r.name, r.name);
+        let logs: Vec<String> = loss_logs(r).iter().map(|l| format!("[{l}]({l})")).collect();
+        let what = if logs.len() == 1 { "loss log" } else { "loss logs" };
+        let _ = writeln!(md, "- `{}`: {}; {what} {}", r.name, files, logs.join(", "));
     }
     let _ = writeln!(md, "- every number above: [{SUMMARY_JSON}]({SUMMARY_JSON})");
     md
@@ -257,8 +376,11 @@ fn html(outcome: &CompareOutcome, plot: Option<String>, grid: Option<String>) ->
     let uri = |u: Option<String>| u.map(Value::from_safe_string).unwrap_or_default();
     let ctx = context! {
         summary => summary_line(outcome),
-        header => table_header(outcome.loss_window),
+        header => header_of(outcome),
         rows,
+        seed_header => SEED_HEADER,
+        seed_rows => seed_rows(outcome),
+        samples_note => samples_note(outcome),
         memory_note => memory_note(outcome),
         plot => uri(plot),
         grid => uri(grid),
@@ -336,6 +458,7 @@ mod tests {
             output_dir: "out".into(),
             model: "m<1>".into(),
             seed: 1,
+            seeds: None,
             steps: 2,
             loss_window: 2,
             device: "cpu".into(),
@@ -361,6 +484,49 @@ mod tests {
             peak_per_strategy: false,
             report_files: vec![],
         }
+    }
+
+    /// With seeds: the loss cells are mean ± sample std of the runs that finished, the header
+    /// says so, every run has a row of its own, and the text says what the spread means.
+    #[test]
+    fn seeded_rows_show_mean_and_spread() {
+        let entry: crate::compare::config::StrategyEntry = toml::from_str("name = \"l\"\nplugin = \"lora\"").unwrap();
+        let run = |seed: u64, loss: f64, eval_end: f64| StrategyResult {
+            seed: Some(seed),
+            final_loss: Some(loss),
+            mean_loss: Some(loss),
+            eval_loss_start: Some(0.5),
+            eval_loss_end: Some(eval_end),
+            steps_done: 4,
+            samples: vec![format!("samples/seed-{seed}/l_00_1.png").into()],
+            ..Default::default()
+        };
+        let failed = StrategyResult { seed: Some(3), steps_done: 2, error: Some("boom".into()), ..Default::default() };
+        let row = crate::compare::run::aggregate(&entry, vec![run(1, 0.25, 0.4), run(2, 0.35, 0.2), failed]);
+        let mut o = outcome();
+        o.seeds = Some(vec![1, 2, 3]);
+        o.strategies = vec![row];
+        let header = header_of(&o);
+        assert_eq!(header[6], "final loss, mean ± std");
+        let cells = table_row(&o.strategies[0]);
+        // 0.25 and 0.35: mean 0.3, std |a − b| / sqrt(2) = 0.0707; the failed seed does not count.
+        assert_eq!(cells[6], "0.3000 ± 0.0707");
+        assert_eq!(cells[7], "0.3000 ± 0.0707");
+        assert_eq!(cells[8], "0.5000 ± 0.0000 → 0.3000 ± 0.1414");
+        assert_eq!(cells[3], "1 of 3 seeds failed: seed 3 (after 2 steps): boom");
+        let s = o.strategies[0].stats.clone().unwrap();
+        assert_eq!((s.final_loss.unwrap().n, o.strategies[0].samples[0].to_str().unwrap()), (2, "samples/seed-1/l_00_1.png"));
+        let seeds = seed_rows(&o);
+        assert_eq!(seeds.len(), 3);
+        assert_eq!(seeds[1], ["l", "2", "ok", "0.3500", "0.3500", "0.5000 → 0.2000"]);
+        assert!(seeds[2][2].starts_with("failed after 2 steps: "), "{:?}", seeds[2]);
+        let md = markdown(&o, false, true);
+        assert!(md.contains("smaller than that spread is not a difference"), "{md}");
+        assert!(md.contains("## Seeds") && md.contains("| l | 1 | ok | 0.2500 |"), "{md}");
+        assert!(md.contains("first seed (1)") && md.contains("Rows, top to bottom: base model, l."), "{md}");
+        assert!(md.contains("[strategies/l/seed-3/loss.jsonl](strategies/l/seed-3/loss.jsonl)"), "{md}");
+        let h = html(&o, None, Some("data:image/png;base64,AAAA".into())).unwrap();
+        assert!(h.contains("<h2>Seeds</h2>") && h.contains("<td>0.3000 ± 0.0707</td>") && h.contains("not a difference"), "{h}");
     }
 
     /// Every value is escaped, the data URIs are not; failed cells get their class.

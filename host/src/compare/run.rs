@@ -9,6 +9,10 @@
 //! (every stack of overrides empty). A strategy
 //! that fails (unknown plugin, bad config, an error or a panic mid-run) is recorded with what it
 //! had done, and the others still run.
+//!
+//! With `seeds = [..]` every strategy is trained once per seed, each run a session of its own on
+//! the same model, into `strategies/<name>/seed-<n>/` with its samples in `samples/seed-<n>/`;
+//! the row holds the runs and the mean ± std of their numbers ([`crate::compare::stats`]).
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -21,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compare::config::{CompareConfig, StrategyEntry};
 use crate::compare::memory::{Peak, PeakMeter};
+use crate::compare::stats::{mean_std, SeedStats};
 use crate::plugins::PluginDirArgs;
 use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::plugins::PluginManager;
@@ -33,6 +38,11 @@ use graft_trainer::trainer::{StepRecord, Trainer};
 pub const EVAL_SEED: u64 = 0xe7a1;
 
 /// What one strategy did. Fields a failed strategy never reached are `None` / empty.
+///
+/// With `seeds`, a row holds its runs (one per seed, each a result of its own with `seed` set)
+/// and their [`SeedStats`]; the row's own losses and time per step are then the means over the
+/// runs that finished, its `samples` the first seed's, its `exports` every run's, its `losses`
+/// empty (they are in the runs).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StrategyResult {
     pub name: String,
@@ -67,9 +77,23 @@ pub struct StrategyResult {
     pub samples: Vec<PathBuf>,
     /// The loss log, step by step.
     pub losses: Vec<LossEntry>,
+    /// The seed of this run (one run of `seeds`); `None` without `seeds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// With `seeds`: the row's run for each seed, in the order of `seeds`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<StrategyResult>,
+    /// With `seeds`: the mean and sample std of the row's numbers over the runs that finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<SeedStats>,
 }
 
 impl StrategyResult {
+    /// The row of `entry`, before it ran.
+    fn new(entry: &StrategyEntry) -> Self {
+        StrategyResult { name: entry.name().to_string(), plugin: entry.plugin.clone(), config: entry.config_json(), ..Default::default() }
+    }
+
     pub fn ok(&self) -> bool {
         self.error.is_none()
     }
@@ -80,7 +104,11 @@ impl StrategyResult {
 pub struct CompareOutcome {
     pub output_dir: PathBuf,
     pub model: String,
+    /// `seed`, or the first of `seeds` (the prompts' and the base samples' seed).
     pub seed: u64,
+    /// Every strategy's run seeds, when `seeds` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<u64>>,
     pub steps: u64,
     pub loss_window: u64,
     pub device: String,
@@ -132,7 +160,7 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
         Vec::new()
     } else {
         tracing::info!("sampling the base model");
-        let set = AdapterSet::new(&model, config.options.seed);
+        let set = AdapterSet::new(&model, config.first_seed());
         let paths = render_samples(&model, &set, &prompts, &out.join("samples"), "base").context("sampling the base model")?;
         relative(out, &paths)
     };
@@ -141,18 +169,43 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
     let mut peak_per_strategy = true;
     for (i, entry) in config.strategies.iter().enumerate() {
         tracing::info!("strategy {}/{}: `{}` (plugin {})", i + 1, config.strategies.len(), entry.name(), entry.plugin);
-        let result = run_strategy(config, entry, &model, &mut plugins, &options.plugins, &prompts);
+        let result = match &config.seeds {
+            None => run_strategy(config, entry, None, &model, &mut plugins, &options.plugins, &prompts),
+            Some(seeds) => {
+                let mut runs = Vec::with_capacity(seeds.len());
+                match clear_dir(&out.join("strategies").join(entry.name())) {
+                    Ok(()) => {
+                        for (k, &seed) in seeds.iter().enumerate() {
+                            tracing::info!("`{}`: seed {seed} ({}/{})", entry.name(), k + 1, seeds.len());
+                            let run = run_strategy(config, entry, Some(seed), &model, &mut plugins, &options.plugins, &prompts);
+                            if let Some(e) = &run.error {
+                                tracing::error!("strategy `{}` failed with seed {seed}: {e}", entry.name());
+                            }
+                            runs.push(run);
+                        }
+                    }
+                    Err(e) => {
+                        let mut r = StrategyResult::new(entry);
+                        r.error = Some(format!("{e:#}"));
+                        runs.push(r);
+                    }
+                }
+                aggregate(entry, runs)
+            }
+        };
         if let Some(e) = &result.error {
             tracing::error!("strategy `{}` failed: {e}", entry.name());
         }
         peak_per_strategy &= result.peak_memory.is_none_or(|p| p.per_strategy);
+        peak_per_strategy &= result.runs.iter().all(|r| r.peak_memory.is_none_or(|p| p.per_strategy));
         strategies.push(result);
     }
 
     Ok(CompareOutcome {
         output_dir: out.clone(),
         model: config.model.display().to_string(),
-        seed: config.options.seed,
+        seed: config.first_seed(),
+        seeds: config.seeds.clone(),
         steps: config.options.steps,
         loss_window: config.loss_window,
         device: describe_device(&options.device),
@@ -194,23 +247,78 @@ fn relative(base: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
     paths.iter().map(|p| p.strip_prefix(base).map(Path::to_path_buf).unwrap_or_else(|_| p.clone())).collect()
 }
 
-/// Runs one strategy, catching its errors and panics; dropping its trainer takes its base weight
-/// overrides out.
+/// Removes `dir` when it is there: files of an earlier comparison would pass for this one's.
+fn clear_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The row of a strategy trained once per seed: its runs, and the mean ± std of their numbers
+/// over the runs that finished (a failed run is named in the row's error).
+pub fn aggregate(entry: &StrategyEntry, runs: Vec<StrategyResult>) -> StrategyResult {
+    let finished: Vec<&StrategyResult> = runs.iter().filter(|r| r.ok()).collect();
+    let stat = |f: fn(&StrategyResult) -> Option<f64>| mean_std(&finished.iter().filter_map(|r| f(r)).collect::<Vec<f64>>());
+    let stats = SeedStats {
+        final_loss: stat(|r| r.final_loss),
+        mean_loss: stat(|r| r.mean_loss),
+        eval_loss_start: stat(|r| r.eval_loss_start),
+        eval_loss_end: stat(|r| r.eval_loss_end),
+        seconds_per_step: stat(|r| r.seconds_per_step),
+    };
+    let failures: Vec<String> = runs
+        .iter()
+        .filter_map(|r| {
+            let e = r.error.as_ref()?;
+            Some(match r.seed {
+                Some(seed) => format!("seed {seed} (after {} steps): {e}", r.steps_done),
+                None => e.clone(),
+            })
+        })
+        .collect();
+    let peak = runs.iter().filter_map(|r| r.peak_memory).max_by_key(|p| p.bytes);
+    StrategyResult {
+        plugin_version: runs.iter().find_map(|r| r.plugin_version.clone()),
+        error: (!failures.is_empty()).then(|| failures.join("\n")),
+        layers: runs.iter().find_map(|r| r.layers),
+        trainable_params: runs.iter().find_map(|r| r.trainable_params),
+        base_params: runs.iter().find_map(|r| r.base_params),
+        steps_done: runs.iter().map(|r| r.steps_done).min().unwrap_or(0),
+        final_loss: stats.final_loss.map(|m| m.mean),
+        mean_loss: stats.mean_loss.map(|m| m.mean),
+        eval_loss_start: stats.eval_loss_start.map(|m| m.mean),
+        eval_loss_end: stats.eval_loss_end.map(|m| m.mean),
+        seconds_per_step: stats.seconds_per_step.map(|m| m.mean),
+        seconds_total: runs.iter().map(|r| r.seconds_total).sum(),
+        peak_memory: peak.map(|p| Peak { per_strategy: runs.iter().all(|r| r.peak_memory.is_none_or(|p| p.per_strategy)), ..p }),
+        adapter_bytes: finished.first().and_then(|r| r.adapter_bytes),
+        exports: runs.iter().flat_map(|r| r.exports.iter().cloned()).collect(),
+        // The grid shows one run per row: the first seed's.
+        samples: runs.first().map(|r| r.samples.clone()).unwrap_or_default(),
+        stats: Some(stats),
+        runs,
+        ..StrategyResult::new(entry)
+    }
+}
+
+/// Runs one strategy (with `seed`: its run of that seed), catching its errors and panics;
+/// dropping its trainer takes its base weight overrides out.
 fn run_strategy(
     config: &CompareConfig,
     entry: &StrategyEntry,
+    seed: Option<u64>,
     model: &Arc<SdxlModel>,
     plugins: &mut Option<PluginManager>,
     plugin_args: &PluginDirArgs,
     prompts: &[SamplePrompt],
 ) -> StrategyResult {
-    let mut result =
-        StrategyResult { name: entry.name().to_string(), plugin: entry.plugin.clone(), config: entry.config_json(), ..Default::default() };
+    let mut result = StrategyResult { seed, ..StrategyResult::new(entry) };
     let meter = PeakMeter::start();
     let started = Instant::now();
     // The session lives out here so that after a panic its plugin manager can be taken back.
     let mut slot: Option<Session> = None;
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| train_one(config, entry, model, plugins, prompts, &mut slot, &mut result)));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| train_one(config, entry, seed, model, plugins, prompts, &mut slot, &mut result)));
     let error = match outcome {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(format!("{e:#}")),
@@ -250,9 +358,11 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_one(
     config: &CompareConfig,
     entry: &StrategyEntry,
+    seed: Option<u64>,
     model: &Arc<SdxlModel>,
     plugins: &mut Option<PluginManager>,
     prompts: &[SamplePrompt],
@@ -260,21 +370,26 @@ fn train_one(
     result: &mut StrategyResult,
 ) -> anyhow::Result<()> {
     let report_dir = &config.output_dir;
-    let dir = report_dir.join("strategies").join(entry.name());
-    if dir.exists() {
-        // Files of an earlier comparison would pass for this one's.
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    let mut dir = report_dir.join("strategies").join(entry.name());
+    let mut samples_dir = report_dir.join("samples");
+    if let Some(seed) = seed {
+        dir = dir.join(seed_dir(seed));
+        samples_dir = samples_dir.join(seed_dir(seed));
     }
+    clear_dir(&dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let manager = plugins.as_ref().context("no plugin manager (the plugin folders could not be read)")?;
     // Checked here, while the manager is still ours: an unknown id costs nothing.
     let plugin = manager.require(&entry.plugin)?;
     result.plugin_version = Some(plugin.manifest.version.clone());
 
-    let train_config = config.train_config(entry, &dir)?;
+    let train_config = config.train_config_seeded(entry, &dir, seed)?;
     let manager = plugins.take().expect("checked above");
     let trainer = Trainer::with_model(train_config, model.clone(), manager)?;
-    let progress = Some(format!("{} training", entry.name()));
+    let progress = Some(match seed {
+        Some(seed) => format!("{} seed {seed} training", entry.name()),
+        None => format!("{} training", entry.name()),
+    });
     let in_run = if config.options.sample_every > 0 { prompts.to_vec() } else { Vec::new() };
     let options = SessionOptions { prompts: in_run, progress, ..Default::default() };
     let session = slot.insert(Session::start(trainer, options)?);
@@ -297,7 +412,7 @@ fn train_one(
     result.eval_loss_end = Some(session.trainer.eval_loss(EVAL_SEED)?);
 
     if !prompts.is_empty() {
-        let paths = session.render(prompts, &report_dir.join("samples"), entry.name()).context("sampling")?;
+        let paths = session.render(prompts, &samples_dir, entry.name()).context("sampling")?;
         if let Some(e) = session.trainer.set.take_failures().into_iter().next() {
             anyhow::bail!("the strategy failed while sampling: {e}");
         }
@@ -312,6 +427,11 @@ fn train_one(
     result.adapter_bytes = Some(bytes);
     result.exports = relative(report_dir, &exports);
     Ok(())
+}
+
+/// The folder of one seed's run, under the strategy's folder and under `samples/`.
+pub fn seed_dir(seed: u64) -> String {
+    format!("seed-{seed}")
 }
 
 /// Keeps a strategy's losses and timings in its result as the steps come.

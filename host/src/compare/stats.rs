@@ -1,0 +1,80 @@
+//! Mean and spread of a number over the seeds of a comparison (`seeds = [..]`): a strategy's
+//! loss is reported as mean ± sample standard deviation, so that a difference between two
+//! strategies smaller than the spread reads as what it is, noise.
+
+use serde::{Deserialize, Serialize};
+
+/// The mean of some values and their sample standard deviation (n − 1 in the denominator).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MeanStd {
+    pub mean: f64,
+    /// `None` with a single value (no spread to estimate).
+    pub std: Option<f64>,
+    /// How many values: the seeds whose run reached the number.
+    pub n: usize,
+}
+
+/// Mean and sample standard deviation of the finite values (`None` when there is none).
+pub fn mean_std(values: &[f64]) -> Option<MeanStd> {
+    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    let n = v.len();
+    let mean = v.iter().sum::<f64>() / n as f64;
+    // Two passes: the squares of the deviations, not of the values, so nothing cancels.
+    let std = (n > 1).then(|| (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt());
+    Some(MeanStd { mean, std, n })
+}
+
+impl MeanStd {
+    /// `0.1234 ± 0.0056` with `decimals` decimals, or just the value when there is one.
+    pub fn format(&self, decimals: usize) -> String {
+        match self.std {
+            Some(s) => format!("{:.d$} ± {:.d$}", self.mean, s, d = decimals),
+            None => format!("{:.d$}", self.mean, d = decimals),
+        }
+    }
+}
+
+/// The numbers of a strategy's table row over its seeds (only the runs that finished count).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeedStats {
+    pub final_loss: Option<MeanStd>,
+    pub mean_loss: Option<MeanStd>,
+    pub eval_loss_start: Option<MeanStd>,
+    pub eval_loss_end: Option<MeanStd>,
+    pub seconds_per_step: Option<MeanStd>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_standard_deviation() {
+        // 2, 4, 4, 4, 5, 5, 7, 9: mean 5, squared deviations sum to 32, 32 / 7 (n − 1).
+        let m = mean_std(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]).unwrap();
+        assert_eq!((m.mean, m.n), (5.0, 8));
+        assert!((m.std.unwrap() - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
+        // Two values a and b: the std is |a − b| / sqrt(2).
+        let m = mean_std(&[1.0, 2.0]).unwrap();
+        assert_eq!(m.mean, 1.5);
+        assert!((m.std.unwrap() - 0.5f64.sqrt()).abs() < 1e-12);
+        assert_eq!(m.format(3), "1.500 ± 0.707");
+        // No cancellation around a large mean.
+        let m = mean_std(&[1e9 + 1.0, 1e9 + 3.0]).unwrap();
+        assert!((m.std.unwrap() - 2f64.sqrt()).abs() < 1e-6, "{m:?}");
+    }
+
+    #[test]
+    fn one_value_has_no_spread_and_non_finite_values_do_not_count() {
+        let m = mean_std(&[0.25]).unwrap();
+        assert_eq!((m.mean, m.std, m.n), (0.25, None, 1));
+        assert_eq!(m.format(4), "0.2500");
+        let m = mean_std(&[f64::NAN, 3.0, f64::INFINITY, 5.0]).unwrap();
+        assert_eq!((m.mean, m.n), (4.0, 2));
+        assert_eq!(mean_std(&[]), None);
+        assert_eq!(mean_std(&[f64::NAN]), None);
+    }
+}
