@@ -269,7 +269,7 @@ impl Block {
             let q = p[0].forward(h, hooks).unwrap();
             let k = p[1].forward(kv, hooks).unwrap();
             let v = p[2].forward(kv, hooks).unwrap();
-            p[3].forward(&graft_sdxl::nn::attention(&q, &k, &v, self.heads, false).unwrap(), hooks).unwrap()
+            p[3].forward(&graft_sdxl::nn::attention(&q, &k, &v, self.heads, false, candle_core::DType::F32).unwrap(), hooks).unwrap()
         };
         let h = self.norms[0].forward(x).unwrap();
         let x = (attend(&self.attn[0], &h, &h) + x).unwrap();
