@@ -248,6 +248,50 @@ fn train_body(name: &str, data: &Path, steps: u64, sample_every: u64) -> String 
     .to_string()
 }
 
+/// The RGB pixels of a `/api/generate` request's image.
+fn generated_pixels(req: &Value) -> Vec<u8> {
+    let (s, r) = call("POST", "/api/generate", Some(&req.to_string()));
+    assert_eq!(s, 200, "{r}");
+    let (s, bytes) = get_bytes(r["url"].as_str().unwrap());
+    assert_eq!(s, 200);
+    image::load_from_memory(&bytes).unwrap().to_rgb8().into_raw()
+}
+
+fn job_step(id: u64) -> u64 {
+    call("GET", &format!("/api/jobs/{id}"), None).1["step"].as_u64().unwrap_or(0)
+}
+
+/// Starts a training job, pauses it once it has done `steps` steps and waits until it stands
+/// still; returns its id.
+fn start_and_pause(body: &Value, steps: u64) -> u64 {
+    let (s, job) = call("POST", "/api/train", Some(&body.to_string()));
+    assert_eq!(s, 202, "{job}");
+    let id = job["id"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while job_step(id) < steps {
+        assert!(Instant::now() < deadline, "the run does not get to step {steps}: {}", call("GET", &format!("/api/jobs/{id}"), None).1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (s, b) = call("POST", &format!("/api/jobs/{id}/pause"), None);
+    assert_eq!((s, b["status"].as_str()), (200, Some("paused")), "{b}");
+    wait_until_still(id);
+    id
+}
+
+/// Waits until a paused job's step stops moving (the step in flight may still finish); returns
+/// the step it stands at.
+fn wait_until_still(id: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let a = job_step(id);
+        std::thread::sleep(Duration::from_millis(700));
+        if job_step(id) == a {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "paused run keeps moving");
+    }
+}
+
 /// Runs are one at a time, so the tests that train take turns.
 fn training_lock() -> std::sync::MutexGuard<'static, ()> {
     static L: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -333,18 +377,9 @@ fn runs_queue_pause_resume_and_stop() {
     let (s, b) = call("POST", &format!("/api/jobs/{id}/pause"), None);
     assert_eq!((s, b["status"].as_str()), (200, Some("paused")), "{b}");
     // The step in flight when paused may still finish; after that the run stands still.
-    let step_of = || call("GET", &format!("/api/jobs/{id}"), None).1["step"].as_u64().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let at = loop {
-        let a = step_of();
-        std::thread::sleep(Duration::from_millis(700));
-        if step_of() == a {
-            break a;
-        }
-        assert!(Instant::now() < deadline, "paused run keeps moving");
-    };
+    let at = wait_until_still(id);
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(step_of(), at, "paused run moved on");
+    assert_eq!(job_step(id), at, "paused run moved on");
     let (s, b) = call("POST", &format!("/api/jobs/{id}/pause"), None);
     assert_error(s, &b, 409, "paused");
     let (s, _) = call("POST", &format!("/api/jobs/{id}/resume"), None);
@@ -402,15 +437,8 @@ fn generate_during_a_base_training_run_sees_the_model_as_loaded() {
     let plain = json!({"prompt": "a pink circle", "width": 64, "height": 64, "steps": 2, "seed": 5});
     let mut with_lora = plain.clone();
     with_lora["adapters"] = json!([{"name": "kohya_sgm", "weight": 1.0}]);
-    let pixels = |req: &Value| -> Vec<u8> {
-        let (s, r) = call("POST", "/api/generate", Some(&req.to_string()));
-        assert_eq!(s, 200, "{r}");
-        let (s, bytes) = get_bytes(r["url"].as_str().unwrap());
-        assert_eq!(s, 200);
-        image::load_from_memory(&bytes).unwrap().to_rgb8().into_raw()
-    };
     assert!(model.overridden().is_empty(), "no run holds the model: {:?}", model.overridden());
-    let before = (pixels(&plain), pixels(&with_lora));
+    let before = (generated_pixels(&plain), generated_pixels(&with_lora));
     assert_ne!(before.0, before.1, "the LoRA file changes the image");
 
     // Base projections trained at a high learning rate: a few steps move them visibly.
@@ -419,26 +447,7 @@ fn generate_during_a_base_training_run_sees_the_model_as_loaded() {
         "strategy_config": {"rank": 2, "adapter_lr": 0.01, "base_lr": 0.05},
         "dataset_dir": data, "resolution": 64, "steps": 100000, "seed": 1,
     });
-    let (s, job) = call("POST", "/api/train", Some(&body.to_string()));
-    assert_eq!(s, 202, "{job}");
-    let id = job["id"].as_u64().unwrap();
-    let step_of = || call("GET", &format!("/api/jobs/{id}"), None).1["step"].as_u64().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while step_of() < 3 {
-        assert!(Instant::now() < deadline, "the run does not get to step 3: {}", call("GET", &format!("/api/jobs/{id}"), None).1);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (s, b) = call("POST", &format!("/api/jobs/{id}/pause"), None);
-    assert_eq!((s, b["status"].as_str()), (200, Some("paused")), "{b}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let a = step_of();
-        std::thread::sleep(Duration::from_millis(700));
-        if step_of() == a {
-            break;
-        }
-        assert!(Instant::now() < deadline, "paused run keeps moving");
-    }
+    let id = start_and_pause(&body, 3);
     // The run has changed the model's base projections (as overrides its trainer owns).
     let overridden = model.overridden();
     assert!(!overridden.is_empty() && overridden.iter().all(|l| l.contains("attn2")), "{overridden:?}");
@@ -450,7 +459,7 @@ fn generate_during_a_base_training_run_sees_the_model_as_loaded() {
     });
     assert!(moved, "the run trains the base projections");
 
-    let during = (pixels(&plain), pixels(&with_lora));
+    let during = (generated_pixels(&plain), generated_pixels(&with_lora));
     // The run's weights are back for its next step.
     assert_eq!(model.overridden(), overridden);
     let (s, b) = call("POST", &format!("/api/jobs/{id}/stop"), None);
@@ -460,7 +469,7 @@ fn generate_during_a_base_training_run_sees_the_model_as_loaded() {
     assert!(model.overridden().is_empty(), "the finished run leaves the model as loaded: {:?}", model.overridden());
     assert!(during.0 == before.0, "a generate during the run used the run's training weights");
     assert!(during.1 == before.1, "a generate with a LoRA file during the run used the run's training weights");
-    assert!(pixels(&plain) == before.0, "after the run: the model as loaded");
+    assert!(generated_pixels(&plain) == before.0, "after the run: the model as loaded");
 }
 
 /// A generate request while a progressive-fusion run is in its last stage (stages 1 and 2
@@ -476,15 +485,8 @@ fn generate_during_a_progressive_fusion_run_sees_the_model_as_loaded() {
     let plain = json!({"prompt": "a pink circle", "width": 64, "height": 64, "steps": 2, "seed": 5});
     let mut with_lora = plain.clone();
     with_lora["adapters"] = json!([{"name": "kohya_sgm", "weight": 1.0}]);
-    let pixels = |req: &Value| -> Vec<u8> {
-        let (s, r) = call("POST", "/api/generate", Some(&req.to_string()));
-        assert_eq!(s, 200, "{r}");
-        let (s, bytes) = get_bytes(r["url"].as_str().unwrap());
-        assert_eq!(s, 200);
-        image::load_from_memory(&bytes).unwrap().to_rgb8().into_raw()
-    };
     assert!(model.overridden().is_empty(), "no run holds the model: {:?}", model.overridden());
-    let before = (pixels(&plain), pixels(&with_lora));
+    let before = (generated_pixels(&plain), generated_pixels(&with_lora));
 
     // One step per stage: from step 2 on the run is in stage 3. High learning rates, so the
     // run's adapters would change an image visibly if a request saw them.
@@ -493,31 +495,12 @@ fn generate_during_a_progressive_fusion_run_sees_the_model_as_loaded() {
         "strategy_config": {"stage1_steps": 1, "stage2_steps": 1, "stage1_lr": 0.05, "stage2_lr": 0.05, "stage3_lr": 0.05},
         "dataset_dir": data, "resolution": 64, "steps": 100000, "seed": 1,
     });
-    let (s, job) = call("POST", "/api/train", Some(&body.to_string()));
-    assert_eq!(s, 202, "{job}");
-    let id = job["id"].as_u64().unwrap();
-    let step_of = || call("GET", &format!("/api/jobs/{id}"), None).1["step"].as_u64().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while step_of() < 4 {
-        assert!(Instant::now() < deadline, "the run does not get to step 4: {}", call("GET", &format!("/api/jobs/{id}"), None).1);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (s, b) = call("POST", &format!("/api/jobs/{id}/pause"), None);
-    assert_eq!((s, b["status"].as_str()), (200, Some("paused")), "{b}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let a = step_of();
-        std::thread::sleep(Duration::from_millis(700));
-        if step_of() == a {
-            break;
-        }
-        assert!(Instant::now() < deadline, "paused run keeps moving");
-    }
-    assert!(step_of() >= 3, "the run is in stage 3");
+    let id = start_and_pause(&body, 4);
+    assert!(job_step(id) >= 3, "the run is in stage 3");
     // The composite is the run's adapters, not a change of the model's base weights.
     assert!(model.overridden().is_empty(), "progressive-fusion changed base weights: {:?}", model.overridden());
 
-    let during = (pixels(&plain), pixels(&with_lora));
+    let during = (generated_pixels(&plain), generated_pixels(&with_lora));
     assert!(model.overridden().is_empty(), "a generate request left an override: {:?}", model.overridden());
     let (s, b) = call("POST", &format!("/api/jobs/{id}/stop"), None);
     assert_eq!(s, 200, "{b}");
@@ -526,5 +509,5 @@ fn generate_during_a_progressive_fusion_run_sees_the_model_as_loaded() {
     assert!(model.overridden().is_empty(), "the finished run leaves the model as loaded: {:?}", model.overridden());
     assert!(during.0 == before.0, "a generate during the run used the run's adapters");
     assert!(during.1 == before.1, "a generate with a LoRA file during the run used the run's adapters");
-    assert!(pixels(&plain) == before.0, "after the run: the model as loaded");
+    assert!(generated_pixels(&plain) == before.0, "after the run: the model as loaded");
 }
