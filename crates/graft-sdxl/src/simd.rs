@@ -1,9 +1,11 @@
 //! Element-wise CPU kernels written so that the compiler vectorizes them: branch-free `exp` and
-//! `erf`, and the row loops of softmax, GEGLU, LayerNorm and GroupNorm (+ SiLU). Each kernel is compiled twice, for the
-//! baseline x86-64 and for AVX2 + FMA, and picks the second at run time when the CPU has it
-//! (candle's own element-wise ops call libm's scalar `expf` / `erff` one element at a time).
+//! `erf`, and the row loops of softmax, GEGLU, LayerNorm and GroupNorm (+ SiLU). Each kernel is
+//! compiled three times, for the baseline x86-64, for AVX2 + FMA and for AVX-512, and picks the
+//! widest the CPU has at run time (candle's own element-wise ops call libm's scalar `expf` /
+//! `erff` one element at a time).
 
-/// Defines `fn $name(args)` that runs its body compiled for AVX2 + FMA when the CPU has them.
+/// Defines `fn $name(args)` that runs its body compiled for AVX-512 or AVX2 + FMA when the CPU
+/// has them.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])* $vis fn $name($($arg: $ty),*) {
@@ -11,9 +13,17 @@ macro_rules! multiversion {
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     generic($($arg),*)
+                }
+                if crate::simd::avx512() {
+                    // SAFETY: this CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: this CPU has the features `avx2` is compiled for.
@@ -23,6 +33,20 @@ macro_rules! multiversion {
             generic($($arg),*)
         }
     };
+}
+
+/// Whether the CPU has the AVX-512 subsets the `avx512` versions are compiled for (checked once).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512() -> bool {
+    static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *A.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+    })
 }
 
 /// e^x within 2 ulp (Cephes' expf: 2^n times a degree-7 polynomial on [-ln2/2, ln2/2]); 0 below
