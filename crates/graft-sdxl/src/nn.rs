@@ -329,7 +329,10 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize
     if frozen {
         return frozen_conv2d(x, w, b, padding, stride);
     }
-    // A trained kernel (unfrozen base weight): candle's conv, in the activations' dtype.
+    if crate::fused::supports_trained_conv2d(x, w) {
+        return crate::fused::trained_conv2d(x, w, b, padding, stride);
+    }
+    // A trained kernel elsewhere (the GPU): candle's conv, in the activations' dtype.
     let y = x.conv2d(&w.to_dtype(x.dtype())?, padding, stride, 1, 1)?;
     match b {
         Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
