@@ -125,14 +125,14 @@ pub fn demo_config(model: &Path, steps: u64) -> String {
     )
 }
 
-/// Plugin ids of the demo that `plugins` does not find.
-fn missing_plugins(plugins: &PluginDirArgs) -> anyhow::Result<Vec<&'static str>> {
+/// Plugin ids among `wanted` (id, crate) that `plugins` does not find.
+fn missing_plugins(plugins: &PluginDirArgs, wanted: &[(&'static str, &'static str)]) -> anyhow::Result<Vec<&'static str>> {
     let manager = plugins.manager()?;
-    Ok(DEMO_PLUGINS.iter().filter(|(id, _)| manager.get(id).is_none()).map(|(id, _)| *id).collect())
+    Ok(wanted.iter().filter(|(id, _)| manager.get(id).is_none()).map(|(id, _)| *id).collect())
 }
 
-/// Builds the demo's plugin crates with cargo in the source checkout, in this binary's profile.
-fn build_plugins() -> anyhow::Result<()> {
+/// Builds plugin crates with cargo in the source checkout, in this binary's profile.
+fn build_plugins(crates: &[&str]) -> anyhow::Result<()> {
     let root = workspace();
     if !root.join("Cargo.toml").is_file() {
         bail!("no source checkout at {} to build the plugins in", root.display());
@@ -144,7 +144,7 @@ fn build_plugins() -> anyhow::Result<()> {
     if release {
         cmd.arg("--release");
     }
-    for (_, krate) in DEMO_PLUGINS {
+    for krate in crates {
         cmd.args(["-p", krate]);
     }
     eprintln!("building the strategy plugins: {cmd:?}");
@@ -155,20 +155,23 @@ fn build_plugins() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes sure the three plugins can be found, building them when allowed.
-fn ensure_plugins(args: &DemoArgs) -> anyhow::Result<()> {
-    let missing = missing_plugins(&args.plugins)?;
+/// Makes sure the `wanted` plugins (id, crate) can be found, building them unless `no_build`.
+fn ensure_plugins(plugins: &PluginDirArgs, wanted: &[(&'static str, &'static str)], no_build: bool) -> anyhow::Result<()> {
+    let missing = missing_plugins(plugins, wanted)?;
     if missing.is_empty() {
         return Ok(());
     }
-    let how = "build them with `cargo build -p lora -p attention-gate -p progressive-fusion` (or `cargo build --workspace`), \
-               or point --plugins at their folder";
-    if args.no_build {
+    let crates: Vec<&str> = wanted.iter().map(|(_, c)| *c).collect();
+    let how = format!(
+        "build them with `cargo build -p {}` (or `cargo build --workspace`), or point --plugins at their folder",
+        crates.join(" -p ")
+    );
+    if no_build {
         bail!("strategy plugins not found: {}; {how}", missing.join(", "));
     }
     eprintln!("strategy plugins not found: {}", missing.join(", "));
-    build_plugins().with_context(|| format!("the demo needs the plugins {}; {how}", missing.join(", ")))?;
-    let still = missing_plugins(&args.plugins)?;
+    build_plugins(&crates).with_context(|| format!("these plugins are needed: {}; {how}", missing.join(", ")))?;
+    let still = missing_plugins(plugins, wanted)?;
     if !still.is_empty() {
         bail!("strategy plugins still not found after building: {}; {how}", still.join(", "));
     }
@@ -193,7 +196,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let started = std::time::Instant::now();
     let model = demo_model()?;
-    ensure_plugins(&args)?;
+    ensure_plugins(&args.plugins, &DEMO_PLUGINS, args.no_build)?;
     let config_path = prepare(&args.out, &model, args.steps)?;
     let config = CompareConfig::from_file(&config_path)?;
     eprintln!(

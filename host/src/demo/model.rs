@@ -125,6 +125,7 @@ fn unet_config(args: &DemoModelArgs, init: &Path, data: &Path, out: &Path) -> St
 pub fn run(args: DemoModelArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let start = start_model()?;
+    super::ensure_plugins(&args.plugins, &[("full", "full")], false)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let out = args.out.canonicalize()?;
     let data = out.join("data");
