@@ -34,8 +34,8 @@ pub fn judge(img: &RgbImage) -> Option<Drawn> {
             n += 1.0;
             sx += x as f64 + 0.5;
             sy += y as f64 + 0.5;
-            for k in 0..3 {
-                rgb[k] += p.0[k] as f64;
+            for (sum, &c) in rgb.iter_mut().zip(&p.0) {
+                *sum += c as f64;
             }
         }
     }
