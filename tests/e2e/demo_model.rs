@@ -42,5 +42,6 @@ fn the_demo_model_draws_the_colour_and_position_of_the_prompt() {
         report.push(format!("{prompt}: {drawn:?}"));
     }
     let report = report.join("\n");
+    eprintln!("colour right {colors}/20, position right {positions}/20\n{report}");
     assert!(colors >= MIN_COLOR && positions >= MIN_POSITION, "colour right {colors}/20, position right {positions}/20:\n{report}");
 }

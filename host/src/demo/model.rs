@@ -20,8 +20,7 @@ use crate::plugins::PluginDirArgs;
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_long_help = "Reruns the recipe of the committed demo model (assets/demo-model) into --out; \
-    the model is then --out/model. It needs the `full` plugin (cargo build -p full). On 2 cores the defaults \
-    take about 25 minutes with a release build.")]
+    the model is then --out/model. It builds the `full` plugin when it is missing.")]
 pub struct DemoModelArgs {
     /// The work folder: data/, vae/, init/, unet/ and the finished model/.
     #[arg(long, value_name = "DIR", default_value = "out/demo-model")]
@@ -29,14 +28,14 @@ pub struct DemoModelArgs {
     /// Images in the plain drawings dataset (every 60 images hold each shape, colour and position once).
     #[arg(long, default_value_t = 240)]
     pub images: usize,
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 400)]
     pub vae_steps: u64,
-    #[arg(long, default_value_t = 2500)]
+    #[arg(long, default_value_t = 2000)]
     pub unet_steps: u64,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Learning rate of the UNet (every weight, AdamW).
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 8e-4)]
     pub unet_lr: f64,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -100,7 +99,7 @@ fn unet_config(args: &DemoModelArgs, init: &Path, data: &Path, out: &Path) -> St
          warmup_steps = 100\n\
          max_grad_norm = 1.0\n\
          min_snr_gamma = 5.0\n\
-         save_every = 0\n\
+         save_every = 500\n\
          cache_latents = \"memory\"\n\
          cache_text_encoder_outputs = false\n\
          \n\
