@@ -50,7 +50,7 @@ impl Layout {
     }
 
     fn line_height(&self) -> u32 {
-        (GLYPH_H + 3) * self.font_scale
+        (GLYPH_H + 1) * self.font_scale
     }
 
     /// Characters that fit on a line `width` pixels wide.
