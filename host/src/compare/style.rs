@@ -130,17 +130,13 @@ fn border_median(img: &RgbImage) -> [u8; 3] {
     let mut channels: [Vec<u8>; 3] = Default::default();
     for (x, y, p) in img.enumerate_pixels() {
         if x == 0 || y == 0 || x + 1 == w || y + 1 == h {
-            for c in 0..3 {
-                channels[c].push(p.0[c]);
-            }
+            channels.iter_mut().zip(p.0).for_each(|(ch, v)| ch.push(v));
         }
     }
-    let mut out = [0u8; 3];
-    for c in 0..3 {
-        channels[c].sort_unstable();
-        out[c] = channels[c].get(channels[c].len() / 2).copied().unwrap_or(255);
-    }
-    out
+    channels.map(|mut ch| {
+        ch.sort_unstable();
+        ch.get(ch.len() / 2).copied().unwrap_or(255)
+    })
 }
 
 /// Adds `p` to `hist`, shared between the (up to) 8 nearest bin centres.
@@ -420,6 +416,7 @@ mod tests {
 
     /// A square outline of stroke `width` centred at (`cx`, `cy`) with half side `r`, filled
     /// with `fill` inside, on `background`, `size` x `size` pixels.
+    #[allow(clippy::too_many_arguments)]
     fn square(size: u32, cx: i32, cy: i32, r: i32, width: i32, line: [u8; 3], fill: Option<[u8; 3]>, background: [u8; 3]) -> RgbImage {
         RgbImage::from_fn(size, size, |x, y| {
             let (dx, dy) = ((x as i32 - cx).abs(), (y as i32 - cy).abs());
@@ -468,7 +465,7 @@ mod tests {
             assert!((got - want).abs() < 1e-6, "width {width}: {got}");
         }
         // A diagonal band 7 pixels across horizontally is 7 / sqrt(2) ≈ 4.95 wide.
-        let mask: Vec<bool> = (0..128 * 128).map(|i| ((i % 128) as i32 - (i / 128) as i32).abs() <= 3).collect();
+        let mask: Vec<bool> = (0..128 * 128i32).map(|i| ((i % 128) - (i / 128)).abs() <= 3).collect();
         let got = stroke_width(&mask, 128, 128).unwrap();
         assert!((got - 4.95).abs() < 1.0, "diagonal: {got}");
         assert_eq!(stroke_width(&[false; 16], 4, 4), None);
