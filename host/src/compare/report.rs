@@ -484,7 +484,7 @@ fn html(outcome: &CompareOutcome, plot: Option<String>, grid: Option<String>) ->
     let style: Vec<Value> = style.into_iter().map(|(cells, _)| context! { cells }).collect();
     let ctx = context! {
         summary => summary_line(outcome),
-        style_intro => style_intro(outcome),
+        style_intro => style_intro(outcome).replace('`', ""),
         style_header => STYLE_HEADER,
         style_rows => if outcome.style_reference.is_some() { style } else { Vec::new() },
         style_notes => if outcome.style_reference.is_some() { style_notes } else { Vec::new() },

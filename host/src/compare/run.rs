@@ -287,7 +287,15 @@ impl StyleContext {
         let started = Instant::now();
         let reference = training_images(config).and_then(|(source, paths)| {
             let found = paths.len();
-            let stats = style::stats_of_files(&style::spread_pick(&paths, STYLE_MAX_IMAGES))?.context("no training images")?;
+            // An image the dataset listed but cannot decode is left out (training skips it too).
+            let mut images = Vec::new();
+            for p in style::spread_pick(&paths, STYLE_MAX_IMAGES) {
+                match image::open(&p) {
+                    Ok(img) => images.push(style::image_stats(&img.to_rgb8())),
+                    Err(e) => tracing::warn!("style score: training image {} left out: {e}", p.display()),
+                }
+            }
+            let stats = SetStats::of(&images).context("no readable training image")?;
             Ok((source, found, stats))
         });
         match reference {
