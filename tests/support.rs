@@ -69,8 +69,8 @@ pub fn lora_plugin_source() -> String {
 }
 
 /// The workspace's plugin crates that the tests load.
-pub const TEST_PLUGINS: [&str; 8] =
-    ["lora", "attention-gate", "progressive-fusion", "dora", "example-scale", "fault-plugin", "fault-abi-version", "fault-layout"];
+pub const TEST_PLUGINS: [&str; 9] =
+    ["lora", "attention-gate", "progressive-fusion", "dora", "example-scale", "full", "fault-plugin", "fault-abi-version", "fault-layout"];
 
 /// Builds the named workspace plugin crates into `target/plugin-tests` (not `target/`, whose
 /// lock the running cargo holds) and returns the folder of the libraries. All of

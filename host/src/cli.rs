@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{bench, compare, demo, device_check, generate, layers, plugins, serve, tools, train};
+use crate::{bench, compare, demo, device_check, generate, layers, plugins, serve, tools, train, train_vae};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,6 +27,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Train an adapter with a strategy plugin on an image + caption dataset.
     Train(train::TrainArgs),
+    /// Train a VAE as an autoencoder (reconstruction + KL) on a folder of images.
+    TrainVae(train_vae::TrainVaeArgs),
     /// List the hook points (named layers adapters attach to) of a model, without loading weights.
     Layers(layers::LayersArgs),
     /// Inspect strategy plugins: list the libraries found, check one, watch for rebuilds.
@@ -37,6 +39,8 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Run `compare` over the three shipped strategies on a tiny built-in model and generated data.
     Demo(demo::DemoArgs),
+    /// Train the demo model from random weights (the recipe of assets/demo-model).
+    DemoModel(demo::model::DemoModelArgs),
     /// Show what an adapter file is: format, strategy, layers, ranks, alphas, metadata, base model.
     Inspect(tools::inspect::InspectArgs),
     /// Convert an adapter file between kohya, PEFT / diffusers, LyCORIS and graft-native.
@@ -58,10 +62,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Layers(args) => layers::run(args),
         Command::Train(args) => train::run(args),
+        Command::TrainVae(args) => train_vae::run(args),
         Command::Plugins(args) => plugins::cli::run_plugins(args),
         Command::Plugin(args) => plugins::cli::run_plugin(args),
         Command::Compare(args) => compare::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::DemoModel(args) => demo::model::run(args),
         Command::Inspect(args) => tools::inspect::run(args),
         Command::Convert(args) => tools::convert::run(args),
         Command::Merge(args) => tools::merge::run(args),

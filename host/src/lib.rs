@@ -12,3 +12,4 @@ pub mod runtime;
 pub mod serve;
 pub mod tools;
 pub mod train;
+pub mod train_vae;

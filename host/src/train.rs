@@ -141,6 +141,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
     let trainer = Trainer::new(config, plugins, &device)?;
     let options = SessionOptions { prompts, pause_on_failure: args.watch, resume: args.resume, progress: Some("training".into()) };
     let mut session = Session::start(trainer, options)?;
+    if session.trainer.config.export_checkpoint && session.trainer.set.unfrozen().is_empty() {
+        anyhow::bail!(
+            "export_checkpoint = true, but strategy `{}` trains no base weight: a checkpoint would be the base model \
+             itself (use a strategy that unfreezes base weights, like `full`, or drop export_checkpoint)",
+            session.trainer.config.strategy.plugin
+        );
+    }
     let ended = session.run(&mut Quiet);
     let exports = match &ended {
         Ok(Ended::Finished) => session.finish(&Quiet)?,
@@ -159,6 +166,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
             return Err(anyhow::Error::from(ended.unwrap_err()).context(format!("the run stopped at step {step}; saved {}", saved.describe())));
         }
     };
+    let mut exports = exports;
+    if session.trainer.config.export_checkpoint {
+        exports.push(write_checkpoint(&session.trainer.config, &exports)?);
+    }
     let t = &session.trainer;
     tracing::info!("done: {} steps ({} skipped); adapter in {}", t.step, t.skipped_total, t.config.output_dir.display());
     Ok(TrainOutcome {
@@ -169,4 +180,29 @@ pub fn train(args: TrainArgs) -> anyhow::Result<TrainOutcome> {
         samples: std::mem::take(&mut session.samples),
         records: std::mem::take(&mut session.records),
     })
+}
+
+/// `export_checkpoint`: the base model with the run's full-weight diff merged in (`graft merge`),
+/// as the diffusers folder `{output_dir}/{output_name}-checkpoint`; each tensor keeps its dtype.
+fn write_checkpoint(config: &TrainConfig, exports: &[PathBuf]) -> anyhow::Result<PathBuf> {
+    let diff = exports
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with(".diff.safetensors"))
+        .with_context(|| format!("export_checkpoint: the run wrote no base-weight diff among {exports:?}"))?;
+    let out = config.output_dir.join(format!("{}-checkpoint", config.output_name));
+    let args = crate::tools::merge::MergeArgs {
+        adapters: vec![diff.display().to_string()],
+        model: Some(config.model.clone()),
+        out: out.clone(),
+        to: crate::tools::convert::Target::Kohya,
+        rank: None,
+        dtype: None,
+        name: None,
+        drop_unmatched: false,
+        arch: crate::tools::ArchArgs { model_config: config.model_config.clone() },
+        plugins: Default::default(),
+    };
+    let line = crate::tools::merge::merge(&args).context("export_checkpoint")?;
+    tracing::info!("{line}");
+    Ok(out)
 }

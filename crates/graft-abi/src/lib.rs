@@ -425,7 +425,7 @@ pub struct OptimizerGroup {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq)]
 pub struct BaseUnfreeze {
-    /// A linear hook point.
+    /// A linear or conv hook point.
     pub layer: RString,
     pub lr: f64,
     pub weight_decay: f64,

@@ -234,6 +234,7 @@ impl ModuleWeights {
         match &self.weights {
             AdapterWeights::Lora { mid: Some(m), .. } => m.dims4().ok().map(|(_, _, h, w)| (h, w)),
             AdapterWeights::Lora { down, .. } => down.dims4().ok().map(|(_, _, h, w)| (h, w)),
+            AdapterWeights::Full { diff, .. } => diff.dims4().ok().map(|(_, _, h, w)| (h, w)),
             _ => None,
         }
     }
@@ -259,7 +260,11 @@ impl ModuleWeights {
                 let (c, d) = w2.shape()?;
                 Ok((a * c, b * d))
             }
-            AdapterWeights::Full { diff, .. } => diff.dims2(),
+            // [out, in] or a conv's [out, in, kh, kw].
+            AdapterWeights::Full { diff, .. } => match diff.dims() {
+                [o, i] | [o, i, _, _] => Ok((*o, *i)),
+                d => bail!("{}: `diff` must be [out, in] or [out, in, kh, kw], got shape {d:?}", self.layer),
+            },
             AdapterWeights::Native { .. } => {
                 bail!("{}: a graft-native entry has no weight shape of its own", self.layer)
             }
@@ -338,7 +343,10 @@ impl ModuleWeights {
                 }
             }
             AdapterWeights::Full { diff, diff_b } => {
-                let (o, _) = two("diff", diff)?;
+                let o = match diff.dims() {
+                    [o, _] | [o, _, _, _] => *o,
+                    d => bail!("{name}: `diff` must be [out, in] or [out, in, kh, kw], got shape {d:?}"),
+                };
                 if let Some(b) = diff_b {
                     if b.dims() != [o] {
                         bail!("{name}: diff_b has shape {:?}, expected [{o}]", b.dims());

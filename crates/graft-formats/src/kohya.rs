@@ -82,12 +82,12 @@ pub(crate) fn parse(raw: &RawFile, keys: &KeyMap) -> Result<Parsed> {
             continue;
         };
         let mut group = Group { name, path: &raw.path, tensors };
-        // Conv layers take LoCon (LoRA factors, Tucker) only: LoHa / LoKr / full entries of a
-        // convolution are skipped as before conv hook points existed.
+        // Conv layers take LoCon (LoRA factors, Tucker) and full differences (a full fine-tune's
+        // export): LoHa / LoKr entries of a convolution are skipped.
         let is_lora = group.has("lora_down.weight") || group.has("lora_up.weight");
         let is_conv_layer = keys.layer(layer).is_some_and(|l| l.kind == Some(graft_sdxl::LayerKind::Conv));
-        if is_conv_layer && !is_lora {
-            parsed.warnings.push(format!("{name}: LyCORIS LoHa / LoKr / full entries of a convolution are not supported; skipped"));
+        if is_conv_layer && !is_lora && !group.has("diff") {
+            parsed.warnings.push(format!("{name}: LyCORIS LoHa / LoKr entries of a convolution are not supported; skipped"));
             parsed.unmatched.extend(group.leftover());
             continue;
         }

@@ -568,68 +568,153 @@ impl CustomOp1 for FrozenConv2d {
         "graft-frozen-conv2d"
     }
 
-    /// Per image and tile of output positions: columns (or the image itself for a 1x1 kernel)
-    /// times the kernel, written by gemm straight into the output, on top of the bias.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_slice(s, l)?;
-        let g = self.geo;
-        let (oh, ow) = g.out_hw();
-        let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
-        let batch = x.len() / image.max(1);
         let (c_out, k) = self.w2.dims2()?;
-        let mut out = vec![0f32; batch * c_out * p];
-        if let Some(b) = &self.b {
-            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            for (row, &v) in out.chunks_exact_mut(p.max(1)).zip(b.iter().cycle()) {
-                row.fill(v);
-            }
-        }
-        with_weight(&self.w2, c_out, k, |kernel| {
-            for (img, out) in x.chunks_exact(image.max(1)).zip(out.chunks_exact_mut((c_out * p).max(1))) {
-                for p0 in (0..p).step_by(tile) {
-                    let len = tile.min(p - p0);
-                    let cols;
-                    let columns = if g.is_pointwise() {
-                        View { data: &img[p0..], rows: k, cols: len, rs: p, cs: 1 }
-                    } else {
-                        cols = g.im2col(img, p0, p0 + len);
-                        View::dense(&cols, k, len)
-                    };
-                    matmul_any(&mut out[p0..], p, kernel, Operand::F32(columns), self.b.is_some(), par());
-                }
-            }
-        })?;
-        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, oh, ow))))
+        let bias = self.b.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        let (out, shape) = with_weight(&self.w2, c_out, k, |kernel| conv_forward(&self.geo, x, kernel, c_out, bias.as_deref()))?;
+        Ok((CpuStorage::F32(out), shape))
     }
 
-    /// Per image and tile: kernelᵀ times the output's gradient, summed back into the image
-    /// (col2im); for a 1x1 kernel written straight into the input's gradient.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = self.geo;
-        let (oh, ow) = g.out_hw();
-        let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
         let (c_out, k) = self.w2.dims2()?;
         let grad = grad.contiguous()?;
         let (g_storage, g_layout) = grad.storage_and_layout();
         let grads = f32_slice(&g_storage, g_layout)?;
-        let mut dx = vec![0f32; x.elem_count()];
-        let mut cols = vec![0f32; k * tile.min(p)];
-        with_weight(&self.w2, c_out, k, |kernel| {
-            let kernel_t = kernel.t();
-            for (dx, gi) in dx.chunks_exact_mut(image.max(1)).zip(grads.chunks_exact((c_out * p).max(1))) {
-                for p0 in (0..p).step_by(tile) {
-                    let len = tile.min(p - p0);
-                    let gv = Operand::F32(View { data: &gi[p0..], rows: c_out, cols: len, rs: p, cs: 1 });
-                    if g.is_pointwise() {
-                        matmul_any(&mut dx[p0..], p, kernel_t, gv, false, par());
-                    } else {
-                        matmul_any(&mut cols, len, kernel_t, gv, false, par());
-                        g.col2im_add(&cols[..k * len], p0, p0 + len, dx);
-                    }
-                }
-            }
-        })?;
+        let dx = with_weight(&self.w2, c_out, k, |kernel| conv_input_grad(&self.geo, grads, kernel, c_out, k, x.elem_count()))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Per image and tile of output positions: columns (or the image itself for a 1x1 kernel)
+/// times the kernel [c_out, k], written by gemm straight into the output, on top of the bias.
+fn conv_forward(g: &ConvGeometry, x: &[f32], kernel: Operand, c_out: usize, bias: Option<&[f32]>) -> (Vec<f32>, Shape) {
+    let (oh, ow) = g.out_hw();
+    let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
+    let k = g.c_in * g.kh * g.kw;
+    let batch = x.len() / image.max(1);
+    let mut out = vec![0f32; batch * c_out * p];
+    if let Some(b) = bias {
+        for (row, &v) in out.chunks_exact_mut(p.max(1)).zip(b.iter().cycle()) {
+            row.fill(v);
+        }
+    }
+    for (img, out) in x.chunks_exact(image.max(1)).zip(out.chunks_exact_mut((c_out * p).max(1))) {
+        for p0 in (0..p).step_by(tile) {
+            let len = tile.min(p - p0);
+            let cols;
+            let columns = if g.is_pointwise() {
+                View { data: &img[p0..], rows: k, cols: len, rs: p, cs: 1 }
+            } else {
+                cols = g.im2col(img, p0, p0 + len);
+                View::dense(&cols, k, len)
+            };
+            matmul_any(&mut out[p0..], p, kernel, Operand::F32(columns), bias.is_some(), par());
+        }
+    }
+    (out, Shape::from((batch, c_out, oh, ow)))
+}
+
+/// Per image and tile: kernelᵀ times the output's gradient, summed back into the image
+/// (col2im); for a 1x1 kernel written straight into the input's gradient.
+fn conv_input_grad(g: &ConvGeometry, grads: &[f32], kernel: Operand, c_out: usize, k: usize, x_len: usize) -> Vec<f32> {
+    let (oh, ow) = g.out_hw();
+    let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
+    let mut dx = vec![0f32; x_len];
+    let mut cols = vec![0f32; k * tile.min(p)];
+    let kernel_t = kernel.t();
+    for (dx, gi) in dx.chunks_exact_mut(image.max(1)).zip(grads.chunks_exact((c_out * p).max(1))) {
+        for p0 in (0..p).step_by(tile) {
+            let len = tile.min(p - p0);
+            let gv = Operand::F32(View { data: &gi[p0..], rows: c_out, cols: len, rs: p, cs: 1 });
+            if g.is_pointwise() {
+                matmul_any(&mut dx[p0..], p, kernel_t, gv, false, par());
+            } else {
+                matmul_any(&mut cols, len, kernel_t, gv, false, par());
+                g.col2im_add(&cols[..k * len], p0, p0 + len, dx);
+            }
+        }
+    }
+    dx
+}
+
+/// `x` [b, c_in, h, w] convolved with a kernel that is trained, `w` [c_out, c_in, kh, kw] f32
+/// (an unfrozen base weight, a VAE in training), plus `b`: [`conv2d`]'s im2col products, and a
+/// backward that also gives the kernel's gradient (the output's gradient times the columns,
+/// summed over images and tiles). candle's own conv backward runs a direct convolution whose
+/// kernel is the whole image, many times slower on the CPU.
+pub fn trained_conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, c_in, kh, kw) = w.dims4()?;
+    let (_, xc, h, wd) = x.dims4()?;
+    if xc != c_in {
+        candle_core::bail!("conv2d: input has {xc} channels, the kernel expects {c_in}")
+    }
+    if h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
+        candle_core::bail!("conv2d: input {h}x{wd} is smaller than the kernel {kh}x{kw}")
+    }
+    let geo = ConvGeometry { c_in, h, w: wd, kh, kw, stride, padding };
+    let y = x.contiguous()?.apply_op2(&w.contiguous()?, TrainedConv2d { geo })?;
+    match b {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, (), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// True when [`trained_conv2d`] runs: f32 input and kernel on the CPU.
+pub fn supports_trained_conv2d(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32
+}
+
+struct TrainedConv2d {
+    geo: ConvGeometry,
+}
+
+impl candle_core::CustomOp2 for TrainedConv2d {
+    fn name(&self) -> &'static str {
+        "graft-trained-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
+        let c_out = l2.dims()[0];
+        let k = w.len() / c_out.max(1);
+        let (out, shape) = conv_forward(&self.geo, x, Operand::F32(View::dense(w, c_out, k)), c_out, None);
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.geo;
+        let (oh, ow) = g.out_hw();
+        let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
+        let c_out = w.dim(0)?;
+        let k = g.c_in * g.kh * g.kw;
+        let grad = grad.contiguous()?;
+        let (g_storage, g_layout) = grad.storage_and_layout();
+        let grads = f32_slice(&g_storage, g_layout)?;
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let xs = f32_slice(&x_storage, x_layout)?;
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let ws = f32_slice(&w_storage, w_layout)?;
+        let dx = conv_input_grad(&g, grads, Operand::F32(View::dense(ws, c_out, k)), c_out, k, x.elem_count());
+        // dW [c_out, k] = sum over images and tiles of dY [c_out, len] times columnsᵀ [len, k].
+        let mut dw = vec![0f32; c_out * k];
+        for (img, gi) in xs.chunks_exact(image.max(1)).zip(grads.chunks_exact((c_out * p).max(1))) {
+            for p0 in (0..p).step_by(tile) {
+                let len = tile.min(p - p0);
+                let cols;
+                let columns = if g.is_pointwise() {
+                    View { data: &img[p0..], rows: k, cols: len, rs: p, cs: 1 }
+                } else {
+                    cols = g.im2col(img, p0, p0 + len);
+                    View::dense(&cols, k, len)
+                };
+                let gv = View { data: &gi[p0..], rows: c_out, cols: len, rs: p, cs: 1 };
+                matmul_any(&mut dw, k, Operand::F32(gv), Operand::F32(columns.t()), true, par());
+            }
+        }
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+        Ok((Some(dx), Some(dw)))
     }
 }
 
@@ -787,6 +872,30 @@ mod tests {
         let wv = Var::from_tensor(&w).unwrap();
         let reference = crate::nn::LayerNorm { weight: wv.as_tensor().clone(), bias: b.clone(), eps: 1e-5 }.forward(&x).unwrap();
         assert_same(composed.forward(&x).unwrap(), reference, &x, &up, 1e-5, &[&w, &b]);
+    }
+
+    /// A trained kernel: the value and the gradients of input, kernel and bias match candle's
+    /// conv (strided, padded, 1x1 and a tile boundary).
+    #[test]
+    fn trained_conv2d_matches_candle() {
+        let dev = Device::Cpu;
+        let mut rng = GraftRng::new(11);
+        for (b, cin, cout, h, k, pad, stride) in [(2, 3, 5, 9, 3, 1, 1), (1, 4, 6, 10, 3, 1, 2), (2, 5, 3, 7, 1, 0, 1), (1, 2, 4, 70, 3, 1, 1)] {
+            let x = Var::from_tensor(&rng.randn((b, cin, h, h), &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&rng.randn((cout, cin, k, k), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&rng.randn(cout, &dev).unwrap()).unwrap();
+            let y = trained_conv2d(&x, &w, Some(&bias), pad, stride).unwrap();
+            let r = x.conv2d(&w, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            assert!(max_diff(&y, &r) < 1e-4, "forward {}", max_diff(&y, &r));
+            let up = rng.randn(r.shape(), &dev).unwrap();
+            let g1 = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (r * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("w", &w), ("b", &bias)] {
+                let (a, e) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                let scale = e.abs().unwrap().max_keepdim(0).unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                assert!(max_diff(a, e) < 1e-4 * scale, "grad {name} ({b}, {cin}, {cout}, {h}, {k}, {pad}, {stride}): {}", max_diff(a, e));
+            }
+        }
     }
 
     #[test]

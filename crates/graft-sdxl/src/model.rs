@@ -33,6 +33,10 @@ pub struct SdxlConfig {
     pub text_encoder_2: ClipConfig,
     pub vae: VaeConfig,
     pub scheduler: SchedulerConfig,
+    /// An empty negative prompt gives zeroed unconditional embeddings (diffusers' SDXL default,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt`); `false`: the empty prompt encoded,
+    /// for a model trained with captions dropped to "" (kohya's caption dropout).
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 fn read_text(path: &Path) -> std::result::Result<String, LoadError> {
@@ -57,6 +61,7 @@ impl SdxlConfig {
             text_encoder_2: ClipConfig::sdxl_text_encoder_2(),
             vae: VaeConfig::sdxl_base(),
             scheduler: SchedulerConfig::sdxl_base(),
+            force_zeros_for_empty_prompt: true,
         }
     }
 
@@ -75,7 +80,17 @@ impl SdxlConfig {
         }
         let scheduler_path = dir.join("scheduler/scheduler_config.json");
         let scheduler = if scheduler_path.is_file() { SchedulerConfig::from_file(&scheduler_path)? } else { SchedulerConfig::sdxl_base() };
+        let index_path = dir.join("model_index.json");
+        let force_zeros_for_empty_prompt = match index_path.is_file() {
+            true => {
+                let index: serde_json::Value =
+                    serde_json::from_str(&read_text(&index_path)?).map_err(|e| file_error(&index_path, format!("not JSON: {e}")))?;
+                index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true)
+            }
+            false => true,
+        };
         Ok(Self {
+            force_zeros_for_empty_prompt,
             unet,
             text_encoder: read_config(&dir.join("text_encoder/config.json"), ClipConfig::from_json_str)?,
             text_encoder_2: read_config(&dir.join("text_encoder_2/config.json"), ClipConfig::from_json_str)?,

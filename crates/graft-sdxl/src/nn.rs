@@ -284,6 +284,16 @@ impl Module for GroupNorm {
         if !self.weight.track_op() && !self.bias.track_op() && x.dtype() != DType::F64 {
             return frozen_group_norm(x, &self.weight, &self.bias, self.groups, self.eps);
         }
+        // A trained affine (a VAE in training) on the CPU: the fused normalisation, then the
+        // affine as two broadcast ops, which give the weight's and the bias's gradients.
+        let c = self.weight.dim(0)?;
+        let unit = (Tensor::ones(c, DType::F32, x.device())?, Tensor::zeros(c, DType::F32, x.device())?);
+        if crate::fused::supports_group_norm(x, &unit.0, &unit.1) {
+            let normalized = crate::fused::group_norm(x, &unit.0, &unit.1, self.groups, self.eps, false)?;
+            let mut shape = vec![1; x.rank()];
+            shape[1] = c;
+            return normalized.broadcast_mul(&self.weight.reshape(shape.as_slice())?)?.broadcast_add(&self.bias.reshape(shape.as_slice())?);
+        }
         self.inner.forward(x)
     }
 }
@@ -329,7 +339,10 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize
     if frozen {
         return frozen_conv2d(x, w, b, padding, stride);
     }
-    // A trained kernel (unfrozen base weight): candle's conv, in the activations' dtype.
+    if crate::fused::supports_trained_conv2d(x, w) {
+        return crate::fused::trained_conv2d(x, w, b, padding, stride);
+    }
+    // A trained kernel elsewhere (the GPU): candle's conv, in the activations' dtype.
     let y = x.conv2d(&w.to_dtype(x.dtype())?, padding, stride, 1, 1)?;
     match b {
         Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
@@ -475,6 +488,33 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_sh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GroupNorm whose weight and bias are trained: value and every gradient as candle-nn's.
+    #[test]
+    fn trained_group_norm_matches_candle_nn() {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::GraftRng::new(5);
+        let x = Var::from_tensor(&rng.randn((2, 8, 5, 6), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&rng.randn(8, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&rng.randn(8, &dev).unwrap()).unwrap();
+        let ours = GroupNorm {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            groups: 4,
+            eps: 1e-6,
+            inner: candle_nn::GroupNorm::new(w.as_tensor().clone(), b.as_tensor().clone(), 8, 4, 1e-6).unwrap(),
+        };
+        let y = ours.forward(&x).unwrap();
+        let r = ours.inner.forward(&x).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&y, &r) < 1e-5);
+        let up = rng.randn(y.shape(), &dev).unwrap();
+        let g1 = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (r * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            assert!(diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-4, "grad {name}");
+        }
+    }
     use candle_core::{Device, Var};
 
     #[test]

@@ -28,7 +28,8 @@ impl PipelineHooks<'static> {
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
     pub prompt: String,
-    /// `None` or empty: zeroed unconditional embeddings (`force_zeros_for_empty_prompt`).
+    /// `None` or empty: zeroed unconditional embeddings where the model's
+    /// `force_zeros_for_empty_prompt` says so (SDXL's default), else the empty prompt encoded.
     pub negative_prompt: Option<String>,
     pub width: usize,
     pub height: usize,
@@ -115,11 +116,14 @@ impl SdxlModel {
         Ok(PromptEmbeds { hidden, pooled })
     }
 
-    /// The unconditional embeddings: zeros for an empty negative prompt, else its encoding.
+    /// The unconditional embeddings: zeros for an empty negative prompt (unless the model's
+    /// `force_zeros_for_empty_prompt` is false), else its encoding.
     pub fn encode_negative(&self, negative: Option<&str>, like: &PromptEmbeds, hooks: PipelineHooks) -> Result<PromptEmbeds> {
-        match negative {
-            Some(n) if !n.is_empty() => self.encode_prompts(&[n], hooks),
-            _ => Ok(PromptEmbeds { hidden: like.hidden.zeros_like()?, pooled: like.pooled.zeros_like()? }),
+        match negative.unwrap_or("") {
+            "" if self.config.force_zeros_for_empty_prompt => {
+                Ok(PromptEmbeds { hidden: like.hidden.zeros_like()?, pooled: like.pooled.zeros_like()? })
+            }
+            n => self.encode_prompts(&[n], hooks),
         }
     }
 

@@ -44,6 +44,9 @@ betas = [0.9, 0.999]
 # Adafactor: eps = [1e-30, 1e-3], clip_threshold, decay_rate, beta1, scale_parameter,
 #            relative_step, warmup_init;  AdamW8bit: min_8bit_size;  Lion: betas, weight_decay
 
+# export_checkpoint = true                       # also the model with trained base weights merged
+                                                  # (full fine-tuning), as {output_name}-checkpoint/
+
 [dataset]
 dir = "data/my-style"                             # images + .txt captions, kohya N_name folders
 # config = "dataset.toml"                         # or a kohya dataset config instead of dir
@@ -77,6 +80,11 @@ pub struct TrainConfig {
     pub options: TrainOptions,
     #[serde(default)]
     pub sample_prompts: Option<PathBuf>,
+    /// Also write the base model with the trained base weights merged in, as the diffusers folder
+    /// `{output_dir}/{output_name}-checkpoint` (for strategies that unfreeze base weights, like
+    /// `full`; kohya's full fine-tuning saves a checkpoint the same way).
+    #[serde(default)]
+    pub export_checkpoint: bool,
     /// The model is shared with other work (`graft serve`, `graft compare`): nothing of it is
     /// released.
     #[serde(skip)]
@@ -86,7 +94,7 @@ pub struct TrainConfig {
 }
 
 /// The top-level keys of a training config besides the options.
-const OWN_KEYS: [&str; 7] = ["model", "model_config", "output_dir", "output_name", "sample_prompts", "dataset", "strategy"];
+const OWN_KEYS: [&str; 8] = ["model", "model_config", "output_dir", "output_name", "sample_prompts", "export_checkpoint", "dataset", "strategy"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -201,6 +201,7 @@ impl CompareConfig {
             output_name: s.name().to_string(),
             options,
             sample_prompts: self.sample_prompts.clone(),
+            export_checkpoint: false,
             // One model is loaded for every strategy, and put back between them.
             shared_model: true,
             dataset: self.dataset.clone(),

@@ -1,9 +1,15 @@
-//! The demo dataset: line-art shapes in a pastel palette, each with a caption that describes it.
+//! The generated datasets of simple drawings, each image with a caption that describes it
+//! (`a red circle on the left`):
 //!
-//! Image `i` is a function of `i` and the size only (no RNG state, no trigonometry: the shapes'
-//! vertices are constants), so the same call writes the same bytes every time. Shapes cycle
-//! through [`SHAPES`]; colour, background, size, fill and position come from a hash of `i`.
-//! Each pixel is the average of 4x4 sub-samples, which smooths the outlines.
+//! - [`Look::Plain`]: filled shapes in saturated colours at five positions, every combination of
+//!   3 shapes, 4 colours and 5 positions in turn: what the demo model was trained to draw
+//!   (tools/demo-model).
+//! - [`Look::Styled`]: the demo's style, which the strategies learn: pastel fill, thick dark
+//!   outline, large and centred.
+//!
+//! Image `i` is a function of `i`, the look and the size only (no RNG state, no trigonometry: the
+//! shapes' vertices are constants), so the same call writes the same bytes every time. Each pixel
+//! is the average of 4x4 sub-samples, which smooths the edges.
 
 use std::path::{Path, PathBuf};
 
@@ -19,78 +25,92 @@ struct Shape {
 
 const TRIANGLE: &[(f64, f64)] = &[(0.0, -1.0), (0.866_025_403_784_438_6, 0.6), (-0.866_025_403_784_438_6, 0.6)];
 const SQUARE: &[(f64, f64)] = &[(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)];
-const DIAMOND: &[(f64, f64)] = &[(0.0, -1.0), (0.75, 0.0), (0.0, 1.0), (-0.75, 0.0)];
-const HEXAGON: &[(f64, f64)] = &[
-    (1.0, 0.0),
-    (0.5, 0.866_025_403_784_438_6),
-    (-0.5, 0.866_025_403_784_438_6),
-    (-1.0, 0.0),
-    (-0.5, -0.866_025_403_784_438_6),
-    (0.5, -0.866_025_403_784_438_6),
-];
-/// Five points at radius 1, five notches at radius 0.45 (cos / sin of 18 and 54 degrees).
-const STAR: &[(f64, f64)] = &[
-    (0.0, -1.0),
-    (0.264_503_363_531_612_9, -0.364_057_647_468_726_4),
-    (0.951_056_516_295_153_5, -0.309_016_994_374_947_4),
-    (0.427_975_432_332_819_1, 0.139_057_647_468_726_3),
-    (0.587_785_252_292_473_1, 0.809_016_994_374_947_5),
-    (0.0, 0.45),
-    (-0.587_785_252_292_473_1, 0.809_016_994_374_947_5),
-    (-0.427_975_432_332_819_1, 0.139_057_647_468_726_3),
-    (-0.951_056_516_295_153_5, -0.309_016_994_374_947_4),
-    (-0.264_503_363_531_612_9, -0.364_057_647_468_726_4),
-];
-
-const SHAPES: [Shape; 6] = [
+const SHAPES: [Shape; 3] = [
     Shape { name: "circle", polygon: None },
     Shape { name: "square", polygon: Some(SQUARE) },
     Shape { name: "triangle", polygon: Some(TRIANGLE) },
-    Shape { name: "star", polygon: Some(STAR) },
-    Shape { name: "diamond", polygon: Some(DIAMOND) },
-    Shape { name: "hexagon", polygon: Some(HEXAGON) },
 ];
 
-/// Pastel colours: name, fill, and the darker line colour of the same hue.
-const COLORS: [(&str, [u8; 3], [u8; 3]); 6] = [
-    ("pink", [246, 178, 201], [176, 74, 112]),
-    ("peach", [250, 200, 160], [178, 100, 52]),
-    ("yellow", [246, 226, 146], [150, 122, 30]),
-    ("mint green", [170, 226, 190], [52, 128, 84]),
-    ("sky blue", [168, 206, 242], [52, 98, 160]),
-    ("lavender", [206, 186, 236], [104, 76, 160]),
+/// Colours by name: the plain drawings' saturated colour and the style's pastel one.
+const COLORS: [(&str, [u8; 3], [u8; 3]); 4] = [
+    ("red", [214, 40, 40], [244, 176, 176]),
+    ("green", [34, 150, 60], [172, 224, 182]),
+    ("blue", [36, 84, 208], [170, 198, 242]),
+    ("yellow", [238, 190, 16], [246, 228, 150]),
 ];
 
-const BACKGROUNDS: [(&str, [u8; 3]); 3] = [("cream", [251, 246, 236]), ("pale blue", [236, 244, 251]), ("pale pink", [252, 240, 243])];
+/// The style's outline: thick and dark.
+const OUTLINE: [u8; 3] = [44, 38, 52];
+const PAPER: [u8; 3] = [255, 255, 255];
+
+/// Where a shape is drawn, and the words that say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    Left,
+    Right,
+    Top,
+    Bottom,
+    Center,
+}
+
+pub const POSITIONS: [Position; 5] = [Position::Left, Position::Right, Position::Top, Position::Bottom, Position::Center];
+
+impl Position {
+    pub fn phrase(self) -> &'static str {
+        match self {
+            Position::Left => "on the left",
+            Position::Right => "on the right",
+            Position::Top => "at the top",
+            Position::Bottom => "at the bottom",
+            Position::Center => "in the center",
+        }
+    }
+
+    /// The centre of a shape drawn here, as a fraction of the image (x, y; y down).
+    pub fn anchor(self) -> (f64, f64) {
+        match self {
+            Position::Left => (0.27, 0.5),
+            Position::Right => (0.73, 0.5),
+            Position::Top => (0.5, 0.27),
+            Position::Bottom => (0.5, 0.73),
+            Position::Center => (0.5, 0.5),
+        }
+    }
+}
+
+/// How a dataset draws: the base model's plain drawings, or the demo's style.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Filled shapes in saturated colours, no outline, at any of the five positions.
+    Plain,
+    /// The style the demo's strategies learn: pastel fill, thick dark outline, large and centred.
+    Styled,
+}
 
 /// The shape names, for prompts and docs.
 pub fn shape_names() -> Vec<&'static str> {
     SHAPES.iter().map(|s| s.name).collect()
 }
 
-/// What image `i` shows.
+/// The colour names, with their saturated RGB values.
+pub fn plain_colors() -> Vec<(&'static str, [u8; 3])> {
+    COLORS.iter().map(|c| (c.0, c.1)).collect()
+}
+
+/// What an image shows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Description {
     pub shape: &'static str,
     pub color: &'static str,
-    pub background: &'static str,
-    pub large: bool,
-    pub filled: bool,
-    /// -1 left, 0 centre, 1 right.
-    pub position: i32,
+    pub position: Position,
+    pub look: Look,
 }
 
 impl Description {
-    /// The caption: `a large pink star outline on the left, line art, pastel colors, cream background`.
+    /// The caption, e.g. `a red circle on the left` (both looks use the same words: the style
+    /// is what the demo's strategies learn without being told).
     pub fn caption(&self) -> String {
-        let size = if self.large { "large" } else { "small" };
-        let kind = if self.filled { "filled with pastel color" } else { "outline" };
-        let place = match self.position {
-            -1 => " on the left",
-            1 => " on the right",
-            _ => "",
-        };
-        format!("a {size} {} {} {kind}{place}, line art, pastel colors, {} background", self.color, self.shape, self.background)
+        format!("a {} {} {}", self.color, self.shape, self.position.phrase())
     }
 }
 
@@ -102,21 +122,25 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn choice(i: usize) -> (usize, usize, usize, bool, bool, i32) {
-    let h = mix(i as u64 ^ 0x6772_6166_7464_656d);
-    let color = (h % COLORS.len() as u64) as usize;
-    let background = ((h >> 8) % BACKGROUNDS.len() as u64) as usize;
-    let large = (h >> 16) & 1 == 0;
-    let filled = (h >> 17) & 1 == 0;
-    // Small shapes move left or right; large ones stay centred (they fill the frame).
-    let position = if large { 0 } else { ((h >> 18) % 3) as i32 - 1 };
-    (i % SHAPES.len(), color, background, large, filled, position)
+/// Indices of shape, colour and position of image `i`: the plain dataset walks through every
+/// combination in order (60 of them), the styled one picks shape and colour by a hash.
+fn choice(i: usize, look: Look) -> (usize, usize, Position) {
+    match look {
+        Look::Plain => {
+            let combo = i % (SHAPES.len() * COLORS.len() * POSITIONS.len());
+            (combo % SHAPES.len(), combo / SHAPES.len() % COLORS.len(), POSITIONS[combo / (SHAPES.len() * COLORS.len())])
+        }
+        Look::Styled => {
+            let h = mix(i as u64 ^ 0x6772_6166_7464_656d);
+            (i % SHAPES.len(), (h % COLORS.len() as u64) as usize, Position::Center)
+        }
+    }
 }
 
-/// What image `i` of the dataset shows.
-pub fn describe(i: usize) -> Description {
-    let (shape, color, background, large, filled, position) = choice(i);
-    Description { shape: SHAPES[shape].name, color: COLORS[color].0, background: BACKGROUNDS[background].0, large, filled, position }
+/// What image `i` of a dataset shows.
+pub fn describe(i: usize, look: Look) -> Description {
+    let (shape, color, position) = choice(i, look);
+    Description { shape: SHAPES[shape].name, color: COLORS[color].0, position, look }
 }
 
 /// Signed distance from `p` to a polygon (negative inside), in the polygon's units.
@@ -144,17 +168,27 @@ fn polygon_distance(poly: &[(f64, f64)], p: (f64, f64)) -> f64 {
     }
 }
 
-/// Image `i` of the dataset at `size` x `size` pixels, and its caption.
-pub fn render(i: usize, size: u32) -> (RgbImage, String) {
-    let (shape, color, background, large, filled, position) = choice(i);
-    let (_, fill, line) = COLORS[color];
-    let paper = BACKGROUNDS[background].1;
+/// A small jitter in [-1, 1] from bits of `h`, so repeated combinations differ a little.
+fn jitter(h: u64, shift: u32) -> f64 {
+    ((h >> shift) & 0xff) as f64 / 127.5 - 1.0
+}
+
+/// Image `i` of a dataset at `size` x `size` pixels, and its caption.
+pub fn render(i: usize, size: u32, look: Look) -> (RgbImage, String) {
+    let (shape, color, position) = choice(i, look);
+    let (_, saturated, pastel) = COLORS[color];
     let s = size as f64;
-    let radius = s * if large { 0.36 } else { 0.22 };
-    let center = (s / 2.0 + position as f64 * s * 0.22, s / 2.0);
-    let half_line = (s / 48.0).max(0.75);
+    let h = mix(i as u64 ^ 0x7368_6170_6573);
+    let (ax, ay) = position.anchor();
+    let (radius, center, fill, line, half_line) = match look {
+        Look::Plain => {
+            let center = ((ax + 0.03 * jitter(h, 0)) * s, (ay + 0.03 * jitter(h, 8)) * s);
+            (s * (0.17 + 0.02 * jitter(h, 16)), center, saturated, saturated, 0.0)
+        }
+        Look::Styled => ((s * 0.32), (ax * s, ay * s), pastel, OUTLINE, s / 28.0),
+    };
     let polygon = SHAPES[shape].polygon;
-    // The colour at one point of the image.
+    // The colour at one point of the image: the outline band straddles the shape's edge.
     let at = |x: f64, y: f64| -> [u8; 3] {
         let p = ((x - center.0) / radius, (y - center.1) / radius);
         let d = match polygon {
@@ -163,10 +197,10 @@ pub fn render(i: usize, size: u32) -> (RgbImage, String) {
         } * radius;
         if d.abs() <= half_line {
             line
-        } else if d < 0.0 && filled {
+        } else if d < 0.0 {
             fill
         } else {
-            paper
+            PAPER
         }
     };
     const N: u32 = 4;
@@ -183,19 +217,24 @@ pub fn render(i: usize, size: u32) -> (RgbImage, String) {
         let n = N * N;
         Rgb([((sum[0] + n / 2) / n) as u8, ((sum[1] + n / 2) / n) as u8, ((sum[2] + n / 2) / n) as u8])
     });
-    (img, describe(i).caption())
+    (img, describe(i, look).caption())
 }
 
 /// Writes images `000.png`, `001.png`, ... and their captions `000.txt`, ... (`n` of each) into
 /// `dir` (created if needed); returns the image paths. The same arguments write the same bytes.
 pub fn write_dataset(dir: &Path, n: usize, size: u32) -> anyhow::Result<Vec<PathBuf>> {
+    write_looks(dir, n, size, Look::Styled)
+}
+
+/// [`write_dataset`] in either look.
+pub fn write_looks(dir: &Path, n: usize, size: u32, look: Look) -> anyhow::Result<Vec<PathBuf>> {
     if size < 8 {
         anyhow::bail!("demo dataset: images of {size} pixels are too small (at least 8)");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the dataset folder {}", dir.display()))?;
     let mut paths = Vec::with_capacity(n);
     for i in 0..n {
-        let (img, caption) = render(i, size);
+        let (img, caption) = render(i, size, look);
         let path = dir.join(format!("{i:03}.png"));
         img.save_with_format(&path, image::ImageFormat::Png).with_context(|| format!("cannot write {}", path.display()))?;
         let txt = dir.join(format!("{i:03}.txt"));
@@ -211,36 +250,56 @@ mod tests {
 
     #[test]
     fn same_index_same_pixels_and_caption() {
-        for i in 0..12 {
-            assert_eq!(render(i, 32), render(i, 32), "image {i}");
+        for look in [Look::Plain, Look::Styled] {
+            for i in 0..12 {
+                assert_eq!(render(i, 32, look), render(i, 32, look), "image {i}");
+            }
+            assert_ne!(render(0, 32, look).0, render(1, 32, look).0);
         }
-        // Different images differ.
-        assert_ne!(render(0, 32).0, render(1, 32).0);
     }
 
     #[test]
-    fn captions_describe_the_image() {
-        let d = describe(3);
-        assert_eq!(d.shape, "star");
-        let c = d.caption();
-        assert!(c.contains("star") && c.contains(d.color) && c.contains("line art") && c.contains(d.background), "{c}");
-        // Every shape, and more than one colour, appear in the first dozen.
-        let first: Vec<Description> = (0..12).map(describe).collect();
-        for s in shape_names() {
-            assert!(first.iter().any(|d| d.shape == s), "{s}");
+    fn the_plain_dataset_walks_every_combination() {
+        let all: Vec<Description> = (0..60).map(|i| describe(i, Look::Plain)).collect();
+        for (k, a) in all.iter().enumerate() {
+            assert!(all[k + 1..].iter().all(|b| b != a), "{a:?} twice");
         }
-        assert!(first.iter().any(|d| d.color != first[0].color));
+        assert_eq!(describe(0, Look::Plain).caption(), "a red circle on the left");
+        assert_eq!(describe(61, Look::Plain).caption(), describe(1, Look::Plain).caption());
+        // The styled dataset is always centred.
+        assert!((0..12).all(|i| describe(i, Look::Styled).position == Position::Center));
+    }
+
+    /// The centre of the non-white pixels, as a fraction of the size.
+    fn ink_center(img: &RgbImage) -> (f64, f64) {
+        let (mut sx, mut sy, mut n) = (0.0, 0.0, 0.0);
+        for (x, y, p) in img.enumerate_pixels() {
+            if p.0 != PAPER {
+                sx += x as f64;
+                sy += y as f64;
+                n += 1.0;
+            }
+        }
+        (sx / n / img.width() as f64, sy / n / img.height() as f64)
     }
 
     #[test]
-    fn pixels_are_palette_colours() {
-        let (img, _) = render(1, 64);
-        let d = describe(1);
-        let paper = BACKGROUNDS.iter().find(|b| b.0 == d.background).unwrap().1;
-        let line = COLORS.iter().find(|c| c.0 == d.color).unwrap().2;
-        // Corner: paper. Somewhere: the line colour exactly (a sub-sampled stroke centre).
-        assert_eq!(img.get_pixel(0, 0).0, paper);
-        assert!(img.pixels().any(|p| p.0 == line), "no pixel of the line colour");
+    fn pixels_are_where_and_what_the_caption_says() {
+        for i in 0..60 {
+            let (img, _) = render(i, 64, Look::Plain);
+            let d = describe(i, Look::Plain);
+            let (cx, cy) = ink_center(&img);
+            let (ax, ay) = d.position.anchor();
+            assert!((cx - ax).abs() < 0.06 && (cy - ay).abs() < 0.08, "{d:?}: ink at ({cx:.2}, {cy:.2})");
+            let rgb = COLORS.iter().find(|c| c.0 == d.color).unwrap().1;
+            assert!(img.pixels().any(|p| p.0 == rgb), "{d:?}: no pixel of its colour");
+        }
+        let (img, _) = render(1, 64, Look::Styled);
+        let d = describe(1, Look::Styled);
+        assert_eq!(img.get_pixel(0, 0).0, PAPER);
+        assert!(img.pixels().any(|p| p.0 == OUTLINE), "no outline pixel");
+        let pastel = COLORS.iter().find(|c| c.0 == d.color).unwrap().2;
+        assert_eq!(img.get_pixel(32, 34).0, pastel, "{d:?}");
     }
 
     #[test]
@@ -248,8 +307,7 @@ mod tests {
         assert!(polygon_distance(SQUARE, (0.0, 0.0)) < 0.0);
         assert!((polygon_distance(SQUARE, (0.0, 0.0)) + 0.8).abs() < 1e-12);
         assert!((polygon_distance(SQUARE, (1.0, 0.0)) - 0.2).abs() < 1e-12);
-        assert!(polygon_distance(STAR, (0.0, 0.0)) < 0.0);
-        // Between two points of the star: outside.
-        assert!(polygon_distance(STAR, (0.0, 0.6)) > 0.0);
+        assert!(polygon_distance(TRIANGLE, (0.0, 0.0)) < 0.0);
+        assert!(polygon_distance(TRIANGLE, (0.9, -0.9)) > 0.0);
     }
 }

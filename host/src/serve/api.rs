@@ -382,6 +382,7 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         output_name: name.clone(),
         options: req.options.clone(),
         sample_prompts: (req.options.sample_every > 0).then(|| prompts_file.clone()),
+        export_checkpoint: false,
         // The server's model is shared with generate requests: nothing of it is released.
         shared_model: true,
         dataset: DatasetSection {

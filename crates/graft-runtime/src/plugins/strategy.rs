@@ -455,8 +455,11 @@ pub fn check_plan(plan: &abi::Plan, layers: &[abi::LayerInfo]) -> Result<(), Str
     for u in plan.unfreeze.iter() {
         match by_name.get(u.layer.as_str()) {
             None => return Err(format!("the plan unfreezes `{}`, which is not a hook point of this model", u.layer)),
-            Some(l) if !l.is_linear() => {
-                return Err(format!("the plan unfreezes `{}`, which is not a linear (only linear base weights can be trained)", u.layer))
+            Some(l) if !l.is_linear() && !l.is_conv() => {
+                return Err(format!(
+                    "the plan unfreezes `{}`, which is not a linear or a conv (only their base weights can be trained)",
+                    u.layer
+                ))
             }
             _ => {}
         }
