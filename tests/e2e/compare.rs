@@ -190,10 +190,11 @@ fn compare_reports_every_strategy_side_by_side() {
     let plot = image::load_from_memory(&plot).unwrap();
     assert_eq!((plot.width(), plot.height()), (800, 480));
 
-    // The grid: 8 rows (base + 7 strategies) by 2 prompts of 64x48, each scaled 3x (192 px on
-    // the longer side) by nearest neighbour, under a header row and beside a header column.
+    // The grid: 9 rows (base + 7 strategies + training images) by 2 prompts of 64x48, each scaled
+    // 3x (192 px on the longer side) by nearest neighbour, under a header row and beside a header
+    // column.
     let grid = image::load_from_memory(&grid_bytes).unwrap().to_rgb8();
-    let (rows_n, cols_n) = (8, 2);
+    let (rows_n, cols_n) = (9, 2);
     let layout = grid_layout(&outcome, rows_n, cols_n);
     assert_eq!((layout.upscale, layout.cell_w, layout.cell_h), (3, 3 * W, 3 * H));
     assert_eq!((grid.width(), grid.height()), (layout.width(), layout.height()));
@@ -215,6 +216,15 @@ fn compare_reports_every_strategy_side_by_side() {
         }
     }
     assert_labelled(&grid, &layout);
+    // The last row: training images (64 x 64) fitted to 48 x 48, scaled 3x, centred in the cell.
+    let examples = &outcome.style_reference.as_ref().unwrap().examples;
+    assert_eq!(examples.len(), 2);
+    for (c, example) in examples.iter().enumerate() {
+        let (x, y) = layout.cell(8, c as u32);
+        let fitted = image::imageops::thumbnail(&image::open(example).unwrap().to_rgb8(), 48, 48);
+        let got = image::imageops::crop_imm(&grid, x + (3 * W - 144) / 2, y, 144, 144).to_image();
+        assert_eq!(got, image::RgbImage::from_fn(144, 144, |x, y| *fitted.get_pixel(x / 3, y / 3)), "training image {c}");
+    }
     // The base model's samples differ from the trained ones (the adapters do something).
     assert_ne!(cell(0, 0), cell(1, 0));
 
@@ -235,6 +245,7 @@ fn compare_reports_every_strategy_side_by_side() {
 fn grid_layout(outcome: &graft_host::compare::CompareOutcome, rows: u32, columns: u32) -> graft_host::compare::grid::Layout {
     let mut labels = vec![report::BASE_ROW.to_string()];
     labels.extend(outcome.strategies.iter().map(|r| if r.samples.is_empty() { format!("{} (failed)", r.name) } else { r.name.clone() }));
+    labels.push(report::TRAINING_ROW.to_string());
     assert_eq!(labels.len() as u32, rows);
     graft_host::compare::grid::layout(W, H, rows as usize, columns as usize, &labels)
 }
@@ -487,7 +498,7 @@ fn compare_with_two_seeds_reports_mean_and_std() {
 
     // The grid: the base row and each strategy's first seed's samples.
     let grid = image::open(out.join("grid.png")).unwrap().to_rgb8();
-    let layout = grid_layout(&outcome, 3, 1);
+    let layout = grid_layout(&outcome, 4, 1);
     assert_eq!((grid.width(), grid.height()), (layout.width(), layout.height()));
     let cell = |r: u32| {
         let (x, y) = layout.cell(r, 0);

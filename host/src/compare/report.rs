@@ -219,6 +219,24 @@ fn write_grid(outcome: &CompareOutcome, path: &Path) -> anyhow::Result<bool> {
     for (r, label) in outcome.strategies.iter().zip(&labels[1..]) {
         rows.push((label.clone(), row(&r.samples)?));
     }
+    // The style to reach: training images, each fitted into the samples' size.
+    if let Some(reference) = outcome.style_reference.as_ref().filter(|r| !r.examples.is_empty()) {
+        let w = outcome.prompts.iter().map(|p| p.width as u32).max().unwrap_or(64);
+        let h = outcome.prompts.iter().map(|p| p.height as u32).max().unwrap_or(64);
+        let fitted = (0..outcome.prompts.len())
+            .map(|i| {
+                let path = reference.examples.get(i)?;
+                match image::open(path) {
+                    Ok(img) => Some(fit(&img.to_rgb8(), w, h)),
+                    Err(e) => {
+                        tracing::warn!("grid: training image {} left grey: {e}", path.display());
+                        None
+                    }
+                }
+            })
+            .collect();
+        rows.push((TRAINING_ROW.to_string(), fitted));
+    }
     let headers: Vec<String> = outcome.prompts.iter().enumerate().map(|(i, p)| format!("{} {}", i + 1, p.prompt)).collect();
     let grid = crate::compare::grid::labelled_grid(&headers, &rows, MISSING_CELL);
     write_rgb_png(path, &grid, None)?;
@@ -227,6 +245,19 @@ fn write_grid(outcome: &CompareOutcome, path: &Path) -> anyhow::Result<bool> {
 
 /// The name of the base model's row.
 pub const BASE_ROW: &str = "base (before)";
+/// The name of the grid's last row: training images, the style to reach.
+pub const TRAINING_ROW: &str = "training (style)";
+
+/// `img` scaled to fit in `w` x `h`, keeping its aspect ratio (area averages down, nearest up).
+fn fit(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    let scale = (w as f64 / img.width().max(1) as f64).min(h as f64 / img.height().max(1) as f64);
+    let (nw, nh) = (((img.width() as f64 * scale).round() as u32).max(1), ((img.height() as f64 * scale).round() as u32).max(1));
+    if scale < 1.0 {
+        image::imageops::thumbnail(img, nw, nh)
+    } else {
+        image::imageops::resize(img, nw, nh, image::imageops::FilterType::Nearest)
+    }
+}
 
 /// Whether a row's samples are in the grid (a row of seeds shows its first seed's samples,
 /// there when that run got to them).
@@ -241,6 +272,9 @@ fn shown(r: &StrategyResult) -> bool {
 fn row_names(outcome: &CompareOutcome) -> Vec<String> {
     let mut rows = vec![BASE_ROW.to_string()];
     rows.extend(outcome.strategies.iter().map(|r| if shown(r) { r.name.clone() } else { format!("{} (failed: grey)", r.name) }));
+    if outcome.style_reference.as_ref().is_some_and(|r| !r.examples.is_empty()) {
+        rows.push(format!("{TRAINING_ROW}: training images, not matched to the prompts"));
+    }
     rows
 }
 
@@ -655,6 +689,7 @@ mod tests {
             source: "data".into(),
             found: 300,
             stats: SetSummary { images: 256, edge_density: 0.05, stroke_width: Some(3.0), centre: Some((0.5, 0.45)), spread: Some(0.1) },
+            examples: vec!["data/a.png".into()],
         });
         o.strategies[0].style = Style { before: Some(score(0.5)), after: Some(score(0.25)), note: None };
         o.strategies[1].style = Style { before: Some(score(0.5)), after: None, note: Some("no samples: the strategy failed".into()) };
@@ -665,6 +700,11 @@ mod tests {
         let md = markdown(&o, false, false);
         assert!(md.contains("## Style") && md.contains("256 of the 300 training images in `data`"), "{md}");
         assert!(md.contains("| ok | 0.650 → 0.400 | 0.500 → 0.250 |") && md.contains("- `bad`: no samples: the strategy failed"), "{md}");
+        let with_grid = markdown(&o, false, true);
+        assert!(
+            with_grid.contains("Rows, top to bottom: base (before), ok, bad (failed: grey), training (style): training images"),
+            "{with_grid}"
+        );
         let h = html(&o, None, None).unwrap();
         assert!(h.contains("<td>0.650 → 0.400</td>") && h.contains("<li><code>bad</code>: no samples: the strategy failed</li>"), "{h}");
         // With seeds: after is mean ± std of the runs'.
@@ -687,6 +727,15 @@ mod tests {
         o.style_note = Some("no style score: no training images".into());
         let md = markdown(&o, false, false);
         assert!(md.contains("## Style\n\nno style score: no training images\n\n## Loss"), "{md}");
+    }
+
+    #[test]
+    fn training_images_fit_the_sample_cells() {
+        let img = RgbImage::from_fn(128, 128, |x, _| image::Rgb([if x < 64 { 0 } else { 200 }, 0, 0]));
+        let f = fit(&img, 64, 48);
+        assert_eq!(f.dimensions(), (48, 48));
+        assert_eq!((f.get_pixel(0, 0).0[0], f.get_pixel(47, 47).0[0]), (0, 200));
+        assert_eq!(fit(&RgbImage::new(32, 16), 64, 48).dimensions(), (64, 32));
     }
 
     /// Every value is escaped, the data URIs are not; failed cells get their class.

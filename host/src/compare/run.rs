@@ -114,6 +114,9 @@ pub struct StyleReference {
     /// Images in the dataset; at most [`STYLE_MAX_IMAGES`] of them, evenly spread, are measured.
     pub found: usize,
     pub stats: SetSummary,
+    /// Training images shown in the grid's last row (one per prompt, evenly spread).
+    #[serde(default)]
+    pub examples: Vec<PathBuf>,
 }
 
 impl StrategyResult {
@@ -260,7 +263,12 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
         strategies,
         peak_per_strategy,
         report_files: Vec::new(),
-        style_reference: style.reference.map(|(source, found, stats)| StyleReference { source, found, stats: stats.summary() }),
+        style_reference: style.reference.map(|(source, found, stats, examples)| StyleReference {
+            source,
+            found,
+            stats: stats.summary(),
+            examples,
+        }),
         style_note: style.note,
     })
 }
@@ -269,8 +277,8 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
 /// model's samples (the same prompts and sample seeds as every strategy's, whatever the run's
 /// seed: the prompts' seeds start at the first seed).
 struct StyleContext {
-    /// (source, images found, their statistics).
-    reference: Option<(String, usize, SetStats)>,
+    /// (source, images found, their statistics, examples for the grid).
+    reference: Option<(String, usize, SetStats, Vec<PathBuf>)>,
     before: Option<StyleScore>,
     /// Why there is no score at all, or no `before`.
     note: Option<String>,
@@ -296,7 +304,7 @@ impl StyleContext {
                 }
             }
             let stats = SetStats::of(&images).context("no readable training image")?;
-            Ok((source, found, stats))
+            Ok((source, found, stats, style::spread_pick(&paths, prompts)))
         });
         match reference {
             Ok(r) => {
@@ -321,7 +329,7 @@ impl StyleContext {
 
     /// The score of the samples at `paths` (relative to `out`), one for each prompt.
     fn samples_score(&self, out: &Path, paths: &[PathBuf]) -> anyhow::Result<StyleScore> {
-        let (_, _, reference) = self.reference.as_ref().context("no training images")?;
+        let (_, _, reference, _) = self.reference.as_ref().context("no training images")?;
         if paths.len() < self.prompts {
             anyhow::bail!("{} of {} samples", paths.len(), self.prompts);
         }
