@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use graft_host::compare::config::CompareConfig;
 use graft_host::compare::report::{self, MISSING_CELL};
+use graft_host::compare::style;
 use graft_host::plugins::PluginDirArgs;
 use graft_runtime::plugins::{DirOrigin, PluginManager, SearchDir};
 use graft_tests::{base64_decode, build_plugins, graft, scratch, tiny_model, write_shapes_dataset};
@@ -173,7 +174,7 @@ fn compare_reports_every_strategy_side_by_side() {
     }
     assert!(cell_of(&rows[0], &header, "config").contains("\"rank\":2"));
     assert!(md.contains("![loss curves](loss.png)") && md.contains("![samples](grid.png)"));
-    assert!(md.contains("Rows, top to bottom: base model, lora-a, gate, lora-b, missing (failed: grey)"), "{md}");
+    assert!(md.contains("Rows, top to bottom: base (before), lora-a, gate, lora-b, missing (failed: grey)"), "{md}");
     assert!(md.contains("## Failures") && md.contains("- `missing`: "));
 
     // The plot and the grid are in report.html as data URIs, byte for byte the PNG files.
@@ -189,23 +190,40 @@ fn compare_reports_every_strategy_side_by_side() {
     let plot = image::load_from_memory(&plot).unwrap();
     assert_eq!((plot.width(), plot.height()), (800, 480));
 
-    // The grid: 8 rows (base + 7 strategies) by 2 prompts of 64x48, 4-pixel gaps.
+    // The grid: 9 rows (base + 7 strategies + training images) by 2 prompts of 64x48, each scaled
+    // 3x (192 px on the longer side) by nearest neighbour, under a header row and beside a header
+    // column.
     let grid = image::load_from_memory(&grid_bytes).unwrap().to_rgb8();
-    let (rows_n, cols_n) = (8, 2);
-    assert_eq!((grid.width(), grid.height()), (cols_n * (W + 4) + 4, rows_n * (H + 4) + 4));
-    let cell = |r: u32, c: u32| image::imageops::crop_imm(&grid, 4 + c * (W + 4), 4 + r * (H + 4), W, H).to_image();
+    let (rows_n, cols_n) = (9, 2);
+    let layout = grid_layout(&outcome, rows_n, cols_n);
+    assert_eq!((layout.upscale, layout.cell_w, layout.cell_h), (3, 3 * W, 3 * H));
+    assert_eq!((grid.width(), grid.height()), (layout.width(), layout.height()));
+    let cell = |r: u32, c: u32| {
+        let (x, y) = layout.cell(r, c);
+        image::imageops::crop_imm(&grid, x, y, 3 * W, 3 * H).to_image()
+    };
     for (c, sample) in outcome.base_samples.iter().enumerate() {
-        assert_eq!(cell(0, c as u32), image::open(out.join(sample)).unwrap().to_rgb8(), "base row, column {c}");
+        assert_eq!(cell(0, c as u32), upscaled(&out.join(sample), 3), "base row, column {c}");
     }
     for (i, r) in outcome.strategies.iter().enumerate() {
         for c in 0..cols_n {
             let got = cell(i as u32 + 1, c);
             if r.ok() {
-                assert_eq!(got, image::open(out.join(&r.samples[c as usize])).unwrap().to_rgb8(), "{} column {c}", r.name);
+                assert_eq!(got, upscaled(&out.join(&r.samples[c as usize]), 3), "{} column {c}", r.name);
             } else {
                 assert!(got.pixels().all(|p| p.0 == MISSING_CELL), "{}: grey cells", r.name);
             }
         }
+    }
+    assert_labelled(&grid, &layout);
+    // The last row: training images (64 x 64) fitted to 48 x 48, scaled 3x, centred in the cell.
+    let examples = &outcome.style_reference.as_ref().unwrap().examples;
+    assert_eq!(examples.len(), 2);
+    for (c, example) in examples.iter().enumerate() {
+        let (x, y) = layout.cell(8, c as u32);
+        let fitted = image::imageops::thumbnail(&image::open(example).unwrap().to_rgb8(), 48, 48);
+        let got = image::imageops::crop_imm(&grid, x + (3 * W - 144) / 2, y, 144, 144).to_image();
+        assert_eq!(got, image::RgbImage::from_fn(144, 144, |x, y| *fitted.get_pixel(x / 3, y / 3)), "training image {c}");
     }
     // The base model's samples differ from the trained ones (the adapters do something).
     assert_ne!(cell(0, 0), cell(1, 0));
@@ -221,6 +239,44 @@ fn compare_reports_every_strategy_side_by_side() {
     assert_eq!(graft_trainer::losslog::read(&out.join("strategies/gate/loss.jsonl")).unwrap().len(), 4);
     assert_eq!(graft_trainer::losslog::read(&out.join("strategies/diverges/loss.jsonl")).unwrap().len(), 3);
     assert_eq!(report::REPORT_HTML, "report.html");
+}
+
+/// The grid's layout for `outcome` (its row labels), `rows` x `columns` cells of W x H samples.
+fn grid_layout(outcome: &graft_host::compare::CompareOutcome, rows: u32, columns: u32) -> graft_host::compare::grid::Layout {
+    let mut labels = vec![report::BASE_ROW.to_string()];
+    labels.extend(outcome.strategies.iter().map(|r| if r.samples.is_empty() { format!("{} (failed)", r.name) } else { r.name.clone() }));
+    labels.push(report::TRAINING_ROW.to_string());
+    assert_eq!(labels.len() as u32, rows);
+    graft_host::compare::grid::layout(W, H, rows as usize, columns as usize, &labels)
+}
+
+/// The sample at `path`, each pixel a `k` x `k` block.
+fn upscaled(path: &Path, k: u32) -> image::RgbImage {
+    let img = image::open(path).unwrap().to_rgb8();
+    image::RgbImage::from_fn(img.width() * k, img.height() * k, |x, y| *img.get_pixel(x / k, y / k))
+}
+
+/// Text (dark pixels on the white background) above every column and left of every row.
+fn assert_labelled(grid: &image::RgbImage, layout: &graft_host::compare::grid::Layout) {
+    let dark = |x0: u32, y0: u32, w: u32, h: u32| {
+        let mut n = 0;
+        for y in y0..y0 + h {
+            for x in x0..x0 + w {
+                if grid.get_pixel(x, y).0.iter().all(|&v| v < 80) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    };
+    for c in 0..layout.columns {
+        let (x, _) = layout.cell(0, c);
+        assert!(dark(x, 0, layout.cell_w, layout.top) > 50, "no header text over column {c}");
+    }
+    for r in 0..layout.rows {
+        let (_, y) = layout.cell(r, 0);
+        assert!(dark(0, y, layout.left, layout.cell_h) > 50, "no label beside row {r}");
+    }
 }
 
 /// Every linear base weight the model computes with now, by name (f32 values).
@@ -442,12 +498,122 @@ fn compare_with_two_seeds_reports_mean_and_std() {
 
     // The grid: the base row and each strategy's first seed's samples.
     let grid = image::open(out.join("grid.png")).unwrap().to_rgb8();
-    assert_eq!((grid.width(), grid.height()), (W + 8, 3 * (H + 4) + 4));
-    let cell = |r: u32| image::imageops::crop_imm(&grid, 4, 4 + r * (H + 4), W, H).to_image();
+    let layout = grid_layout(&outcome, 4, 1);
+    assert_eq!((grid.width(), grid.height()), (layout.width(), layout.height()));
+    let cell = |r: u32| {
+        let (x, y) = layout.cell(r, 0);
+        image::imageops::crop_imm(&grid, x, y, 3 * W, 3 * H).to_image()
+    };
     for (i, r) in outcome.strategies.iter().enumerate() {
-        assert_eq!(cell(i as u32 + 1), image::open(out.join(&r.runs[0].samples[0])).unwrap().to_rgb8(), "{}", r.name);
+        assert_eq!(cell(i as u32 + 1), upscaled(&out.join(&r.runs[0].samples[0]), 3), "{}", r.name);
     }
     assert!(md.contains("first seed (1)"), "{md}");
+
+    // The style score: every run scored after training, the row's stats the mean ± sample std of
+    // the runs' parts; before is the base model's, one measurement.
+    for (i, r) in outcome.strategies.iter().enumerate() {
+        let s = &summary["strategies"][i];
+        for part in STYLE_PARTS {
+            let values: Vec<f64> = s["runs"].as_array().unwrap().iter().map(|run| run["style"]["after"][part].as_f64().unwrap()).collect();
+            let (mean, std) = mean_and_std(&values);
+            let stat = &s["stats"]["style_after"][part];
+            assert!((stat["mean"].as_f64().unwrap() - mean).abs() < 1e-12, "{} {part}: {stat}", r.name);
+            assert!((stat["std"].as_f64().unwrap() - std).abs() < 1e-12, "{} {part}: {stat}", r.name);
+            assert!((s["style"]["after"][part].as_f64().unwrap() - mean).abs() < 1e-12, "{} {part}", r.name);
+            assert_eq!(s["stats"]["style_before"][part]["n"], 1, "{} {part}", r.name);
+            assert_eq!(s["stats"]["style_before"][part]["mean"], s["style"]["before"][part], "{} {part}", r.name);
+        }
+    }
+    let (style_header, style_rows) = md_table_after(&md, "## Style");
+    assert_eq!(style_header[1], "total");
+    for row in &style_rows {
+        let after = row[1].split(" → ").nth(1).unwrap();
+        parse_pm(after);
+    }
+}
+
+const STYLE_PARTS: [&str; 5] = ["palette", "edge_density", "stroke_width", "composition", "total"];
+
+/// The header and rows of the first markdown table after the line `heading`.
+fn md_table_after(md: &str, heading: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let start = md.find(&format!("\n{heading}\n")).unwrap_or_else(|| panic!("no `{heading}` in the report:\n{md}"));
+    let rest = &md[start..];
+    let table = &rest[rest.find("\n| ").unwrap_or_else(|| panic!("no table under {heading}:\n{md}")) + 1..];
+    // md_table finds the table by its `| strategy |` header.
+    md_table(table)
+}
+
+/// The style score through a whole comparison: summary.json has `style.before` (the base model's
+/// samples) and `style.after` (each strategy's) with every part finite and in [0, 1], the same
+/// numbers as the style module gives on the files; a failed strategy has no `after` and says why;
+/// report.md shows before → after for each.
+#[test]
+fn compare_scores_the_style_before_and_after_training() {
+    let dir = scratch("compare_style");
+    write_shapes_dataset(&dir.join("data"), 4, 64);
+    let text = format!(
+        "model = {model:?}\noutput_dir = \"report\"\nseed = 3\nsteps = 2\nloss_window = 2\n\
+         prompts = [\"a pink star outline, line art --w {W} --h {H} --s 2\", \"a mint green square --w {W} --h {H} --s 2\"]\n\
+         [dataset]\ndir = \"data\"\nresolution = 64\n\n\
+         [[strategies]]\nname = \"lora\"\nplugin = \"lora\"\nconfig = {{ rank = 2, alpha = 2, unet_lr = 0.01 }}\n\n\
+         [[strategies]]\nname = \"missing\"\nplugin = \"no-such-plugin\"\n",
+        model = tiny_model().to_str().unwrap()
+    );
+    std::fs::write(dir.join("compare.toml"), text).unwrap();
+    let config = CompareConfig::from_file(&dir.join("compare.toml")).unwrap();
+    let outcome = graft_host::compare::compare(&config, plugin_args(), true).unwrap();
+    let out = dir.join("report");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+
+    // The reference: the 4 training images.
+    let reference = &summary["style_reference"];
+    assert_eq!((reference["found"].as_u64(), reference["stats"]["images"].as_u64()), (Some(4), Some(4)), "{reference}");
+    let mut training: Vec<PathBuf> =
+        std::fs::read_dir(dir.join("data")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    training.sort();
+    let reference_stats = style::stats_of_files(&training).unwrap().unwrap();
+    let expect = |samples: &[PathBuf]| {
+        let files: Vec<PathBuf> = samples.iter().map(|p| out.join(p)).collect();
+        style::score(&style::stats_of_files(&files).unwrap().unwrap(), &reference_stats)
+    };
+    let check = |score: &serde_json::Value, want: &style::StyleScore, what: &str| {
+        for (part, value) in want.parts() {
+            let got = score[part].as_f64().unwrap_or_else(|| panic!("{what}: no `{part}` in {score}"));
+            assert!(got.is_finite() && (0.0..=1.0).contains(&got), "{what} {part}: {got}");
+            assert!((got - value).abs() < 1e-12, "{what} {part}: {got} vs {value}");
+        }
+        let mean = (want.palette + want.edge_density + want.stroke_width + want.composition) / 4.0;
+        assert!((want.total - mean).abs() < 1e-12, "{what}: the total is the parts' mean");
+    };
+    let before = expect(&outcome.base_samples);
+    let lora = &summary["strategies"][0];
+    assert_eq!(lora["name"], "lora");
+    check(&lora["style"]["before"], &before, "lora before");
+    check(&lora["style"]["after"], &expect(&outcome.strategies[0].samples), "lora after");
+    assert!(lora["style"]["note"].is_null(), "{}", lora["style"]);
+    // The failed strategy: the base model's score, no score after, and why.
+    let missing = &summary["strategies"][1];
+    check(&missing["style"]["before"], &before, "missing before");
+    assert!(missing["style"]["after"].is_null(), "{}", missing["style"]);
+    assert!(missing["style"]["note"].as_str().unwrap().contains("the strategy failed"), "{}", missing["style"]);
+
+    // report.md: before → after for the total and each part, to 3 decimals.
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let (header, rows) = md_table_after(&md, "## Style");
+    assert_eq!(header, ["strategy", "total", "palette", "edge density", "stroke width", "composition"]);
+    assert_eq!(rows.len(), 2);
+    let after = outcome.strategies[0].style.after.unwrap();
+    let columns = |s: &style::StyleScore| [s.total, s.palette, s.edge_density, s.stroke_width, s.composition];
+    for (k, (want_before, want_after)) in columns(&before).into_iter().zip(columns(&after)).enumerate() {
+        let (b, a) = rows[0][k + 1].split_once(" → ").unwrap();
+        let (b, a): (f64, f64) = (b.parse().unwrap(), a.parse().unwrap());
+        assert!((b - want_before).abs() < 5e-4 && (a - want_after).abs() < 5e-4, "{}: {b} → {a}", header[k + 1]);
+        assert_eq!(rows[1][k + 1].split_once(" → ").unwrap().0, rows[0][k + 1].split_once(" → ").unwrap().0, "the same before");
+    }
+    assert!(rows[1][1].ends_with("→ –"), "{:?}", rows[1]);
+    assert!(md.contains("- `missing`: ") && md.contains("STYLE_SCORE.md"), "{md}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<h2>Style</h2>") && html.contains(&format!("<td>{}</td>", rows[0][1])), "{html}");
 }
 
 /// `seed` and `seeds` together are refused, naming both.

@@ -94,8 +94,7 @@ pub struct TrainConfig {
 }
 
 /// The top-level keys of a training config besides the options.
-const OWN_KEYS: [&str; 8] =
-    ["model", "model_config", "output_dir", "output_name", "sample_prompts", "export_checkpoint", "dataset", "strategy"];
+const OWN_KEYS: [&str; 8] = ["model", "model_config", "output_dir", "output_name", "sample_prompts", "export_checkpoint", "dataset", "strategy"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -81,16 +81,14 @@ fn weight_file(dir: &Path) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(Error::Config(format!(
-        "no VAE weights in {}: expected diffusion_pytorch_model.safetensors (or .fp16.safetensors)",
-        dir.display()
-    )))
+    Err(Error::Config(format!("no VAE weights in {}: expected diffusion_pytorch_model.safetensors (or .fp16.safetensors)", dir.display())))
 }
 
 /// A trainable VAE: the model and its variables by diffusers name, loaded from `dir`.
 pub fn load_trainable(dir: &Path) -> Result<(Vae, VarMap, VaeConfig)> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(io(format!("cannot read the VAE config {}", config_path.display()), &config_path))?;
+    let text =
+        std::fs::read_to_string(&config_path).map_err(io(format!("cannot read the VAE config {}", config_path.display()), &config_path))?;
     let config = VaeConfig::from_json_str(&text, &config_path.display().to_string()).map_err(|e| Error::Config(e.to_string()))?;
     let varmap = VarMap::new();
     let vae = Vae::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &config)?;
@@ -117,7 +115,8 @@ pub fn load_trainable(dir: &Path) -> Result<(Vae, VarMap, VaeConfig)> {
 /// Every image of `data` at `resolution`, `[3, r, r]` in [-1, 1].
 fn load_images(data: &Path, resolution: usize) -> Result<Vec<Tensor>> {
     let reso = crate::buckets::Reso::new(resolution, resolution);
-    let config = DatasetConfig::from_folder(data, &DatasetSpec::new(reso), &SubsetSpec { class_tokens: Some(String::new()), ..SubsetSpec::new(data) })?;
+    let config =
+        DatasetConfig::from_folder(data, &DatasetSpec::new(reso), &SubsetSpec { class_tokens: Some(String::new()), ..SubsetSpec::new(data) })?;
     let dataset = Dataset::open(&config, &OpenOptions::default())?;
     (0..dataset.len()).map(|i| dataset.load_image(i, false)).collect()
 }
@@ -163,13 +162,21 @@ pub fn train_vae(o: &VaeTrainOptions, mut on_step: impl FnMut(&VaeStep)) -> Resu
         return Err(Error::Config(format!("vae training: resolution {} is not a multiple of the VAE's factor {factor}", o.resolution)));
     }
     let images = load_images(&o.data, o.resolution)?;
-    tracing::info!("vae training: {} images at {} px from {}, {} steps of {}", images.len(), o.resolution, o.data.display(), o.steps, o.batch_size);
+    tracing::info!(
+        "vae training: {} images at {} px from {}, {} steps of {}",
+        images.len(),
+        o.resolution,
+        o.data.display(),
+        o.steps,
+        o.batch_size
+    );
     let (reconstruction_before, _) = evaluate(&vae, &images, o.batch_size)?;
     let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: o.lr, weight_decay: 0.0, ..Default::default() })?;
     let mut rng = GraftRng::new(o.seed);
     let mut steps = Vec::with_capacity(o.steps as usize);
     for step in 1..=o.steps {
-        let batch: Vec<Tensor> = (0..o.batch_size).map(|_| images[(rng.uniform() * images.len() as f64) as usize % images.len()].clone()).collect();
+        let batch: Vec<Tensor> =
+            (0..o.batch_size).map(|_| images[(rng.uniform() * images.len() as f64) as usize % images.len()].clone()).collect();
         let x = Tensor::stack(&batch, 0)?;
         let dist = vae.encode(&x)?;
         let z = dist.sample(&mut rng)?;

@@ -7,12 +7,18 @@
 //! - [`report`]: `report.md`, a self-contained `report.html`, the loss plot, the sample grid.
 //! - [`memory`]: peak memory per strategy.
 //! - [`stats`]: mean ± std over the seeds of `seeds = [..]`.
+//! - [`style`]: the style score, samples against the training images (docs/STYLE_SCORE.md).
+//! - [`grid`]: the sample grid with its header row (prompts) and column (models).
+//! - [`font`]: a 5x7 bitmap font for the grid's labels.
 
 pub mod config;
+pub mod font;
+pub mod grid;
 pub mod memory;
 pub mod report;
 pub mod run;
 pub mod stats;
+pub mod style;
 
 use std::path::PathBuf;
 
@@ -83,6 +89,7 @@ pub fn print_summary(outcome: &CompareOutcome) {
             if let Some(e) = &r.error {
                 println!("{:<24}         {}", "", e.lines().next().unwrap_or_default());
             }
+            print_style(r);
             continue;
         }
         match &r.error {
@@ -96,9 +103,25 @@ pub fn print_summary(outcome: &CompareOutcome) {
             ),
             Some(e) => println!("{:<24} FAILED  {}", r.name, e.lines().next().unwrap_or_default()),
         }
+        print_style(r);
+    }
+    if let Some(n) = &outcome.style_note {
+        println!("{n}");
     }
     println!("report: {}", outcome.output_dir.join(report::REPORT_HTML).display());
     println!("        {}", outcome.output_dir.join(report::REPORT_MD).display());
+}
+
+/// `style 0.512 -> 0.430 (lower is closer)` under a strategy's line.
+fn print_style(r: &StrategyResult) {
+    let f = |s: Option<f64>| s.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into());
+    let after = match r.stats.as_ref().and_then(|s| s.style_after.as_ref()).and_then(|s| s.total) {
+        Some(m) => m.format(3),
+        None => f(r.style.after.map(|s| s.total)),
+    };
+    if r.style.before.is_some() || r.style.after.is_some() {
+        println!("{:<24}         style {} -> {after} (lower is closer to the training images)", "", f(r.style.before.map(|s| s.total)));
+    }
 }
 
 pub fn run(args: CompareArgs) -> anyhow::Result<()> {

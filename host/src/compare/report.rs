@@ -1,8 +1,12 @@
 //! The report of a comparison: `report.md`, a self-contained `report.html` (the plot and the
 //! grid inside it as base64 PNG data URIs), `loss.png`, `grid.png` and `summary.json`.
 //!
-//! The grid has a row per strategy under the base model's row and a column per prompt; a
-//! strategy without samples (it failed) gets a row of grey cells, so rows keep their meaning.
+//! The grid has a row per strategy under the base model's row and a column per prompt, with the
+//! prompts and row names drawn in ([`crate::compare::grid`]); a strategy without samples (it
+//! failed) gets a row of grey cells, so rows keep their meaning.
+//!
+//! The style table gives each strategy's style score before and after training, and its parts
+//! ([`crate::compare::style`]).
 //!
 //! With `seeds`, the loss cells are mean ± sample std over the seeds, a table below gives every
 //! run's numbers, the plot has a curve per run and the grid shows each strategy's first seed.
@@ -20,7 +24,7 @@ use crate::compare::memory::human_bytes;
 use crate::compare::run::{seed_dir, CompareOutcome, StrategyResult};
 use crate::compare::stats::MeanStd;
 use graft_trainer::losslog::{plot_many, PALETTE};
-use graft_trainer::samples::{grid_image, write_rgb_png};
+use graft_trainer::samples::write_rgb_png;
 
 /// The colour of a failed strategy's grid cells.
 pub const MISSING_CELL: [u8; 3] = [214, 214, 214];
@@ -195,38 +199,154 @@ fn write_plot(outcome: &CompareOutcome, path: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// The grid of samples (base model first), `false` when there are no prompts.
+/// The grid of samples (base model first) with its header row and column, `false` when there
+/// are no prompts.
 fn write_grid(outcome: &CompareOutcome, path: &Path) -> anyhow::Result<bool> {
     if outcome.prompts.is_empty() {
         return Ok(false);
     }
     let dir = &outcome.output_dir;
-    let row = |samples: &[PathBuf]| -> anyhow::Result<Vec<RgbImage>> {
-        outcome
-            .prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| match samples.get(i) {
-                Some(s) => Ok(image::open(dir.join(s)).with_context(|| format!("cannot read sample {}", s.display()))?.to_rgb8()),
-                None => Ok(RgbImage::from_pixel(p.width as u32, p.height as u32, image::Rgb(MISSING_CELL))),
+    let row = |samples: &[PathBuf]| -> anyhow::Result<Vec<Option<RgbImage>>> {
+        (0..outcome.prompts.len())
+            .map(|i| match samples.get(i) {
+                Some(s) => Ok(Some(image::open(dir.join(s)).with_context(|| format!("cannot read sample {}", s.display()))?.to_rgb8())),
+                None => Ok(None),
             })
             .collect()
     };
-    let mut images = row(&outcome.base_samples)?;
-    for r in &outcome.strategies {
-        images.extend(row(&r.samples)?);
+    let labels = grid_row_labels(outcome);
+    let mut rows = vec![(labels[0].clone(), row(&outcome.base_samples)?)];
+    for (r, label) in outcome.strategies.iter().zip(&labels[1..]) {
+        rows.push((label.clone(), row(&r.samples)?));
     }
-    let grid = grid_image(&images, outcome.prompts.len())?;
+    // The style to reach: training images, each fitted into the samples' size.
+    if let Some(reference) = outcome.style_reference.as_ref().filter(|r| !r.examples.is_empty()) {
+        let w = outcome.prompts.iter().map(|p| p.width as u32).max().unwrap_or(64);
+        let h = outcome.prompts.iter().map(|p| p.height as u32).max().unwrap_or(64);
+        let fitted = (0..outcome.prompts.len())
+            .map(|i| {
+                let path = reference.examples.get(i)?;
+                match image::open(path) {
+                    Ok(img) => Some(fit(&img.to_rgb8(), w, h)),
+                    Err(e) => {
+                        tracing::warn!("grid: training image {} left grey: {e}", path.display());
+                        None
+                    }
+                }
+            })
+            .collect();
+        rows.push((TRAINING_ROW.to_string(), fitted));
+    }
+    let headers: Vec<String> = outcome.prompts.iter().enumerate().map(|(i, p)| format!("{} {}", i + 1, p.prompt)).collect();
+    let grid = crate::compare::grid::labelled_grid(&headers, &rows, MISSING_CELL);
     write_rgb_png(path, &grid, None)?;
     Ok(true)
 }
 
+/// The name of the base model's row.
+pub const BASE_ROW: &str = "base (before)";
+/// The name of the grid's last row: training images, the style to reach.
+pub const TRAINING_ROW: &str = "training (style)";
+
+/// `img` scaled to fit in `w` x `h`, keeping its aspect ratio (area averages down, nearest up).
+fn fit(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    let scale = (w as f64 / img.width().max(1) as f64).min(h as f64 / img.height().max(1) as f64);
+    let (nw, nh) = (((img.width() as f64 * scale).round() as u32).max(1), ((img.height() as f64 * scale).round() as u32).max(1));
+    if scale < 1.0 {
+        image::imageops::thumbnail(img, nw, nh)
+    } else {
+        image::imageops::resize(img, nw, nh, image::imageops::FilterType::Nearest)
+    }
+}
+
+/// Whether a row's samples are in the grid (a row of seeds shows its first seed's samples,
+/// there when that run got to them).
+fn shown(r: &StrategyResult) -> bool {
+    if r.runs.is_empty() {
+        r.ok()
+    } else {
+        !r.samples.is_empty()
+    }
+}
+
 fn row_names(outcome: &CompareOutcome) -> Vec<String> {
-    let mut rows = vec!["base model".to_string()];
-    // A row of seeds shows its first seed's samples, there when that run got to them.
-    let shown = |r: &StrategyResult| if r.runs.is_empty() { r.ok() } else { !r.samples.is_empty() };
+    let mut rows = vec![BASE_ROW.to_string()];
     rows.extend(outcome.strategies.iter().map(|r| if shown(r) { r.name.clone() } else { format!("{} (failed: grey)", r.name) }));
+    if outcome.style_reference.as_ref().is_some_and(|r| !r.examples.is_empty()) {
+        rows.push(format!("{TRAINING_ROW}: training images, not matched to the prompts"));
+    }
     rows
+}
+
+/// The row labels drawn into the grid.
+fn grid_row_labels(outcome: &CompareOutcome) -> Vec<String> {
+    let mut rows = vec![BASE_ROW.to_string()];
+    rows.extend(outcome.strategies.iter().map(|r| if shown(r) { r.name.clone() } else { format!("{} (failed)", r.name) }));
+    rows
+}
+
+/// The style table's header cells.
+pub const STYLE_HEADER: [&str; 6] = ["strategy", "total", "palette", "edge density", "stroke width", "composition"];
+
+/// The style table's rows: each strategy's score before → after training, total first, then
+/// each part (with `seeds`, `after` is mean ± std over the runs that finished); a missing
+/// score is `–`, and the row's note says why.
+pub fn style_rows(outcome: &CompareOutcome) -> Vec<(Vec<String>, Option<String>)> {
+    let mut rows = Vec::new();
+    for r in &outcome.strategies {
+        let before = r.style.before.map(|s| s.parts());
+        let after_spread = r.stats.as_ref().and_then(|s| s.style_after.as_ref()).map(|s| s.parts());
+        let after = r.style.after.map(|s| s.parts());
+        let mut cells = vec![r.name.clone()];
+        // Total first, then the parts.
+        for k in [4, 0, 1, 2, 3] {
+            let b = before.map(|p| format!("{:.3}", p[k].1)).unwrap_or_else(|| "–".into());
+            let a = match (&after_spread, after) {
+                (Some(p), _) => p[k].1.map(|m| m.format(3)).unwrap_or_else(|| "–".into()),
+                (None, Some(p)) => format!("{:.3}", p[k].1),
+                (None, None) => "–".into(),
+            };
+            cells.push(format!("{b} → {a}"));
+        }
+        rows.push((cells, r.style.note.clone()));
+    }
+    rows
+}
+
+/// What the style table is measured against, and how to read it.
+fn style_intro(outcome: &CompareOutcome) -> String {
+    let Some(reference) = &outcome.style_reference else {
+        return outcome.style_note.clone().unwrap_or_else(|| "No style score.".into());
+    };
+    let st = &reference.stats;
+    let used = if st.images < reference.found {
+        format!("{} of the {} training images", st.images, reference.found)
+    } else {
+        format!("the {} training images", st.images)
+    };
+    let lines = match st.stroke_width {
+        Some(w) => format!("lines {w:.1} px wide at {} px", crate::compare::style::ANALYSIS_SIZE),
+        None => "no line pixels".into(),
+    };
+    let centre = match (st.centre, st.spread) {
+        (Some((x, y)), Some(s)) => format!("ink centred at ({x:.2}, {y:.2}) of the frame, spread {s:.2}"),
+        _ => "no ink".into(),
+    };
+    let seeds = if outcome.seeds.is_some() {
+        " With seeds, after is the mean ± std over the runs that finished; before is one measurement (the base model's samples \
+         use the same prompts and sample seeds for every run)."
+    } else {
+        ""
+    };
+    format!(
+        "How far each strategy's samples are from the style of {used} in `{}` (edge density {:.3}, {lines}, {centre}), \
+         before training (the base model's samples, the same prompts and sample seeds) → after. Each part is in [0, 1], \
+         lower is closer; the total is their mean. No pretrained network: palette is the distance between colour \
+         histograms, edge density and stroke width the relative difference of the line statistics, composition the \
+         offset of the ink's centre of mass. What each part misses (photos, busy or dark backgrounds, text): \
+         docs/STYLE_SCORE.md.{seeds}",
+        reference.source, st.edge_density
+    )
 }
 
 fn memory_note(outcome: &CompareOutcome) -> &'static str {
@@ -313,6 +433,25 @@ fn markdown(outcome: &CompareOutcome, has_plot: bool, has_grid: bool) -> String 
         md.push('\n');
     }
 
+    md.push_str("## Style\n\n");
+    let _ = writeln!(md, "{}\n", style_intro(outcome));
+    if outcome.style_reference.is_some() {
+        let _ = writeln!(md, "| {} |", STYLE_HEADER.join(" | "));
+        let _ = writeln!(md, "|{}", "---|".repeat(STYLE_HEADER.len()));
+        let mut notes = Vec::new();
+        for (cells, note) in style_rows(outcome) {
+            let cells: Vec<String> = cells.iter().map(|c| md_cell(c)).collect();
+            let _ = writeln!(md, "| {} |", cells.join(" | "));
+            if let Some(n) = note {
+                notes.push(format!("- `{}`: {}", cells[0], n.replace('\n', " ")));
+            }
+        }
+        if !notes.is_empty() {
+            let _ = writeln!(md, "\n{}", notes.join("\n"));
+        }
+        md.push('\n');
+    }
+
     md.push_str("## Loss\n\n");
     if has_plot {
         let _ = writeln!(md, "![loss curves]({LOSS_PNG})\n\nThin light lines: the loss of each step; thick lines: its moving average.\n");
@@ -374,8 +513,15 @@ fn html(outcome: &CompareOutcome, plot: Option<String>, grid: Option<String>) ->
         .collect();
     // The data URIs are ours (base64 of our PNGs): not escaped, so they stay byte for byte.
     let uri = |u: Option<String>| u.map(Value::from_safe_string).unwrap_or_default();
+    let style = style_rows(outcome);
+    let style_notes: Vec<Value> = style.iter().filter_map(|(c, n)| Some(context! { name => c[0], note => n.as_ref()? })).collect();
+    let style: Vec<Value> = style.into_iter().map(|(cells, _)| context! { cells }).collect();
     let ctx = context! {
         summary => summary_line(outcome),
+        style_intro => style_intro(outcome).replace('`', ""),
+        style_header => STYLE_HEADER,
+        style_rows => if outcome.style_reference.is_some() { style } else { Vec::new() },
+        style_notes => if outcome.style_reference.is_some() { style_notes } else { Vec::new() },
         header => header_of(outcome),
         rows,
         seed_header => SEED_HEADER,
@@ -483,6 +629,8 @@ mod tests {
             ],
             peak_per_strategy: false,
             report_files: vec![],
+            style_reference: None,
+            style_note: None,
         }
     }
 
@@ -523,10 +671,71 @@ mod tests {
         let md = markdown(&o, false, true);
         assert!(md.contains("smaller than that spread is not a difference"), "{md}");
         assert!(md.contains("## Seeds") && md.contains("| l | 1 | ok | 0.2500 |"), "{md}");
-        assert!(md.contains("first seed (1)") && md.contains("Rows, top to bottom: base model, l."), "{md}");
+        assert!(md.contains("first seed (1)") && md.contains("Rows, top to bottom: base (before), l."), "{md}");
         assert!(md.contains("[strategies/l/seed-3/loss.jsonl](strategies/l/seed-3/loss.jsonl)"), "{md}");
         let h = html(&o, None, Some("data:image/png;base64,AAAA".into())).unwrap();
         assert!(h.contains("<h2>Seeds</h2>") && h.contains("<td>0.3000 ± 0.0707</td>") && h.contains("not a difference"), "{h}");
+    }
+
+    /// The style table: before → after for the total and each part; with seeds, after is
+    /// mean ± std; a missing score is a dash and its reason is listed.
+    #[test]
+    fn style_rows_show_before_and_after() {
+        use crate::compare::run::{Style, StyleReference};
+        use crate::compare::style::{SetSummary, StyleScore};
+        let score = |v: f64| StyleScore { palette: v, edge_density: v + 0.1, stroke_width: v + 0.2, composition: v + 0.3, total: v + 0.15 };
+        let mut o = outcome();
+        o.style_reference = Some(StyleReference {
+            source: "data".into(),
+            found: 300,
+            stats: SetSummary { images: 256, edge_density: 0.05, stroke_width: Some(3.0), centre: Some((0.5, 0.45)), spread: Some(0.1) },
+            examples: vec!["data/a.png".into()],
+        });
+        o.strategies[0].style = Style { before: Some(score(0.5)), after: Some(score(0.25)), note: None };
+        o.strategies[1].style = Style { before: Some(score(0.5)), after: None, note: Some("no samples: the strategy failed".into()) };
+        let rows = style_rows(&o);
+        assert_eq!(rows[0].0, ["ok", "0.650 → 0.400", "0.500 → 0.250", "0.600 → 0.350", "0.700 → 0.450", "0.800 → 0.550"]);
+        assert_eq!(rows[1].0[1], "0.650 → –");
+        assert_eq!(rows[1].1.as_deref(), Some("no samples: the strategy failed"));
+        let md = markdown(&o, false, false);
+        assert!(md.contains("## Style") && md.contains("256 of the 300 training images in `data`"), "{md}");
+        assert!(md.contains("| ok | 0.650 → 0.400 | 0.500 → 0.250 |") && md.contains("- `bad`: no samples: the strategy failed"), "{md}");
+        let with_grid = markdown(&o, false, true);
+        assert!(
+            with_grid.contains("Rows, top to bottom: base (before), ok, bad (failed: grey), training (style): training images"),
+            "{with_grid}"
+        );
+        let h = html(&o, None, None).unwrap();
+        assert!(h.contains("<td>0.650 → 0.400</td>") && h.contains("<li><code>bad</code>: no samples: the strategy failed</li>"), "{h}");
+        // With seeds: after is mean ± std of the runs'.
+        let entry: crate::compare::config::StrategyEntry = toml::from_str("name = \"l\"\nplugin = \"lora\"").unwrap();
+        let run = |seed: u64, v: f64| StrategyResult {
+            seed: Some(seed),
+            samples: vec!["x.png".into()],
+            style: Style { before: Some(score(0.5)), after: Some(score(v)), note: None },
+            ..Default::default()
+        };
+        let row = crate::compare::run::aggregate(&entry, vec![run(1, 0.2), run(2, 0.3)]);
+        assert_eq!(row.style.after.map(|s| (s.palette * 1e9).round() / 1e9), Some(0.25));
+        let st = row.stats.as_ref().unwrap();
+        assert_eq!((st.style_before.as_ref().unwrap().total.unwrap().n, st.style_after.as_ref().unwrap().total.unwrap().n), (1, 2));
+        o.seeds = Some(vec![1, 2]);
+        o.strategies = vec![row];
+        assert_eq!(style_rows(&o)[0].0[2], "0.500 → 0.250 ± 0.071");
+        // No reference: the reason instead of a table.
+        o.style_reference = None;
+        o.style_note = Some("no style score: no training images".into());
+        let md = markdown(&o, false, false);
+        assert!(md.contains("## Style\n\nno style score: no training images\n\n## Loss"), "{md}");
+    }
+
+    #[test]
+    fn training_images_fit_the_sample_cells() {
+        let img = RgbImage::from_fn(128, 128, |x, _| image::Rgb([if x < 64 { 0 } else { 200 }, 0, 0]));
+        let f = fit(&img, 64, 48);
+        assert_eq!(f.dimensions(), (48, 48));
+        assert_eq!((f.get_pixel(0, 0).0[0], f.get_pixel(47, 47).0[0]), (0, 200));
+        assert_eq!(fit(&RgbImage::new(32, 16), 64, 48).dimensions(), (64, 32));
     }
 
     /// Every value is escaped, the data URIs are not; failed cells get their class.

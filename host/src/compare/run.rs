@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::compare::config::{CompareConfig, StrategyEntry};
 use crate::compare::memory::{Peak, PeakMeter};
-use crate::compare::stats::{mean_std, SeedStats};
+use crate::compare::stats::{mean_std, SeedStats, StyleStats};
+use crate::compare::style::{self, SetStats, SetSummary, StyleScore};
 use crate::plugins::PluginDirArgs;
 use graft_runtime::adapters::dispatcher::AdapterSet;
 use graft_runtime::plugins::PluginManager;
@@ -36,6 +37,9 @@ use graft_trainer::trainer::{StepRecord, Trainer};
 
 /// The seed of the fixed evaluation loss ([`Trainer::eval_loss`]) reported for every strategy.
 pub const EVAL_SEED: u64 = 0xe7a1;
+
+/// At most this many training images are measured for the style score (evenly spread).
+pub const STYLE_MAX_IMAGES: usize = 256;
 
 /// What one strategy did. Fields a failed strategy never reached are `None` / empty.
 ///
@@ -86,6 +90,33 @@ pub struct StrategyResult {
     /// With `seeds`: the mean and sample std of the row's numbers over the runs that finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<SeedStats>,
+    /// The style score of the base model's samples and of this strategy's ([`crate::compare::style`]);
+    /// with `seeds`, the row's `after` is the mean over the runs that finished.
+    #[serde(default)]
+    pub style: Style,
+}
+
+/// The style score before training (the base model's samples) and after (the strategy's), each
+/// against the training images; lower is closer. A missing score says why in `note`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Style {
+    pub before: Option<StyleScore>,
+    pub after: Option<StyleScore>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The training images the style score is measured against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StyleReference {
+    /// The dataset folder or config.
+    pub source: String,
+    /// Images in the dataset; at most [`STYLE_MAX_IMAGES`] of them, evenly spread, are measured.
+    pub found: usize,
+    pub stats: SetSummary,
+    /// Training images shown in the grid's last row (one per prompt, evenly spread).
+    #[serde(default)]
+    pub examples: Vec<PathBuf>,
 }
 
 impl StrategyResult {
@@ -123,6 +154,13 @@ pub struct CompareOutcome {
     pub peak_per_strategy: bool,
     /// Report files, relative to the report folder (set by the report writer).
     pub report_files: Vec<PathBuf>,
+    /// The training images' style statistics; `None` when they could not be read (`style_note`
+    /// says why) or there are no prompts.
+    #[serde(default)]
+    pub style_reference: Option<StyleReference>,
+    /// Why there is no style score, when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style_note: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,20 +202,26 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
         let paths = render_samples(&model, &set, &prompts, &out.join("samples"), "base").context("sampling the base model")?;
         relative(out, &paths)
     };
+    let style = StyleContext::new(config, out, &base_samples, prompts.len());
 
     let mut strategies = Vec::new();
     let mut peak_per_strategy = true;
     for (i, entry) in config.strategies.iter().enumerate() {
         tracing::info!("strategy {}/{}: `{}` (plugin {})", i + 1, config.strategies.len(), entry.name(), entry.plugin);
         let result = match &config.seeds {
-            None => run_strategy(config, entry, None, &model, &mut plugins, &options.plugins, &prompts),
+            None => {
+                let mut r = run_strategy(config, entry, None, &model, &mut plugins, &options.plugins, &prompts);
+                r.style = style.of(out, &r);
+                r
+            }
             Some(seeds) => {
                 let mut runs = Vec::with_capacity(seeds.len());
                 match clear_dir(&out.join("strategies").join(entry.name())) {
                     Ok(()) => {
                         for (k, &seed) in seeds.iter().enumerate() {
                             tracing::info!("`{}`: seed {seed} ({}/{})", entry.name(), k + 1, seeds.len());
-                            let run = run_strategy(config, entry, Some(seed), &model, &mut plugins, &options.plugins, &prompts);
+                            let mut run = run_strategy(config, entry, Some(seed), &model, &mut plugins, &options.plugins, &prompts);
+                            run.style = style.of(out, &run);
                             if let Some(e) = &run.error {
                                 tracing::error!("strategy `{}` failed with seed {seed}: {e}", entry.name());
                             }
@@ -187,6 +231,7 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
                     Err(e) => {
                         let mut r = StrategyResult::new(entry);
                         r.error = Some(format!("{e:#}"));
+                        r.style = style.of(out, &r);
                         runs.push(r);
                     }
                 }
@@ -218,7 +263,130 @@ pub fn run(config: &CompareConfig, options: &RunOptions) -> anyhow::Result<Compa
         strategies,
         peak_per_strategy,
         report_files: Vec::new(),
+        style_reference: style.reference.map(|(source, found, stats, examples)| StyleReference {
+            source,
+            found,
+            stats: stats.summary(),
+            examples,
+        }),
+        style_note: style.note,
     })
+}
+
+/// What every strategy's style score is measured against: the training images, and the base
+/// model's samples (the same prompts and sample seeds as every strategy's, whatever the run's
+/// seed: the prompts' seeds start at the first seed).
+struct StyleContext {
+    /// (source, images found, their statistics, examples for the grid).
+    reference: Option<(String, usize, SetStats, Vec<PathBuf>)>,
+    before: Option<StyleScore>,
+    /// Why there is no score at all, or no `before`.
+    note: Option<String>,
+    prompts: usize,
+}
+
+impl StyleContext {
+    fn new(config: &CompareConfig, out: &Path, base_samples: &[PathBuf], prompts: usize) -> Self {
+        let mut ctx = StyleContext { reference: None, before: None, note: None, prompts };
+        if prompts == 0 {
+            ctx.note = Some("no style score: no sample prompts".into());
+            return ctx;
+        }
+        let started = Instant::now();
+        let reference = training_images(config).and_then(|(source, paths)| {
+            let found = paths.len();
+            // An image the dataset listed but cannot decode is left out (training skips it too).
+            let mut images = Vec::new();
+            for p in style::spread_pick(&paths, STYLE_MAX_IMAGES) {
+                match image::open(&p) {
+                    Ok(img) => images.push(style::image_stats(&img.to_rgb8())),
+                    Err(e) => tracing::warn!("style score: training image {} left out: {e}", p.display()),
+                }
+            }
+            let stats = SetStats::of(&images).context("no readable training image")?;
+            Ok((source, found, stats, style::spread_pick(&paths, prompts)))
+        });
+        match reference {
+            Ok(r) => {
+                tracing::info!("style reference: {} of {} training images in {:.1} s", r.2.images, r.1, started.elapsed().as_secs_f64());
+                ctx.reference = Some(r);
+            }
+            Err(e) => {
+                tracing::warn!("no style score: {e:#}");
+                ctx.note = Some(format!("no style score: {e:#}"));
+                return ctx;
+            }
+        }
+        match ctx.samples_score(out, base_samples) {
+            Ok(s) => ctx.before = Some(s),
+            Err(e) => {
+                tracing::warn!("no style score for the base model: {e:#}");
+                ctx.note = Some(format!("no score before training: {e:#}"));
+            }
+        }
+        ctx
+    }
+
+    /// The score of the samples at `paths` (relative to `out`), one for each prompt.
+    fn samples_score(&self, out: &Path, paths: &[PathBuf]) -> anyhow::Result<StyleScore> {
+        let (_, _, reference, _) = self.reference.as_ref().context("no training images")?;
+        if paths.len() < self.prompts {
+            anyhow::bail!("{} of {} samples", paths.len(), self.prompts);
+        }
+        let files: Vec<PathBuf> = paths.iter().map(|p| out.join(p)).collect();
+        let samples = style::stats_of_files(&files)?.context("no samples")?;
+        Ok(style::score(&samples, reference))
+    }
+
+    /// The style of one run: the base model's score and that of the run's samples.
+    fn of(&self, out: &Path, r: &StrategyResult) -> Style {
+        let mut s = Style { before: self.before, after: None, note: self.note.clone() };
+        if self.reference.is_none() {
+            return s;
+        }
+        if r.samples.is_empty() {
+            let why = if r.ok() { "no samples" } else { "no samples: the strategy failed" };
+            s.note = Some(match s.note {
+                Some(n) => format!("{n}; {why}"),
+                None => why.into(),
+            });
+            return s;
+        }
+        match self.samples_score(out, &r.samples) {
+            Ok(score) => {
+                tracing::info!("style of `{}`{}: {}", r.name, r.seed.map(|s| format!(" seed {s}")).unwrap_or_default(), style::describe(&score));
+                s.after = Some(score);
+            }
+            Err(e) => {
+                tracing::warn!("no style score for `{}`: {e:#}", r.name);
+                s.note = Some(format!("no score after training: {e:#}"));
+            }
+        }
+        s
+    }
+}
+
+/// The training images of the compare config's `[dataset]` (as `graft train` finds them, broken
+/// files left out), sorted, and the dataset's name for the report.
+fn training_images(config: &CompareConfig) -> anyhow::Result<(String, Vec<PathBuf>)> {
+    use graft_trainer::dataset::{Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
+    let d = &config.dataset;
+    let (source, ds) = match (&d.config, &d.dir) {
+        (Some(file), _) => (file.display().to_string(), DatasetConfig::from_toml_file(file)?),
+        (None, Some(dir)) => {
+            let spec = DatasetSpec::new(graft_trainer::buckets::Reso { width: d.resolution, height: d.resolution });
+            let mut subset = SubsetSpec::new(dir.clone());
+            subset.caption_extension = d.caption_extension.clone();
+            (dir.display().to_string(), DatasetConfig::from_folder(dir, &spec, &subset)?)
+        }
+        (None, None) => anyhow::bail!("[dataset] has neither `dir` nor `config`"),
+    };
+    let dataset = Dataset::open(&ds, &OpenOptions { skip_bad: true, ..Default::default() })
+        .with_context(|| format!("reading the training images of {source}"))?;
+    let mut paths: Vec<PathBuf> = dataset.items().iter().map(|i| i.path.clone()).collect();
+    paths.sort();
+    paths.dedup();
+    Ok((source, paths))
 }
 
 /// The plugin manager of a comparison, watching its folders: a rebuilt strategy plugin is taken
@@ -266,6 +434,12 @@ pub fn aggregate(entry: &StrategyEntry, runs: Vec<StrategyResult>) -> StrategyRe
         eval_loss_start: stat(|r| r.eval_loss_start),
         eval_loss_end: stat(|r| r.eval_loss_end),
         seconds_per_step: stat(|r| r.seconds_per_step),
+        // One base render serves every seed: `before` is a single measurement.
+        style_before: runs.iter().find_map(|r| r.style.before).map(|s| StyleStats::of(&[s])),
+        style_after: {
+            let after: Vec<StyleScore> = finished.iter().filter_map(|r| r.style.after).collect();
+            (!after.is_empty()).then(|| StyleStats::of(&after))
+        },
     };
     let failures: Vec<String> = runs
         .iter()
@@ -296,10 +470,31 @@ pub fn aggregate(entry: &StrategyEntry, runs: Vec<StrategyResult>) -> StrategyRe
         exports: runs.iter().flat_map(|r| r.exports.iter().cloned()).collect(),
         // The grid shows one run per row: the first seed's.
         samples: runs.first().map(|r| r.samples.clone()).unwrap_or_default(),
+        style: row_style(&runs, &stats),
         stats: Some(stats),
         runs,
         ..StrategyResult::new(entry)
     }
+}
+
+/// The style of a row of seeds: `before` (the same for every run), `after` the means over the
+/// runs that finished (their std is in `stats`), and which runs have no score.
+fn row_style(runs: &[StrategyResult], stats: &SeedStats) -> Style {
+    let before = runs.iter().find_map(|r| r.style.before);
+    let after = stats.style_after.as_ref().and_then(|s| s.means());
+    let missing: Vec<String> = runs
+        .iter()
+        .filter(|r| r.style.after.is_none() || !r.ok())
+        .map(|r| format!("seed {}: {}", r.seed.unwrap_or_default(), r.style.note.as_deref().unwrap_or("failed")))
+        .collect();
+    let note = if after.is_none() && before.is_none() {
+        runs.iter().find_map(|r| r.style.note.clone())
+    } else if !missing.is_empty() {
+        Some(format!("{} of {} runs not scored after training ({})", missing.len(), runs.len(), missing.join("; ")))
+    } else {
+        None
+    };
+    Style { before, after, note }
 }
 
 /// Runs one strategy (with `seed`: its run of that seed), catching its errors and panics;

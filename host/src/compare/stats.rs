@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compare::style::StyleScore;
+
 /// The mean of some values and their sample standard deviation (n − 1 in the denominator).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MeanStd {
@@ -45,6 +47,57 @@ pub struct SeedStats {
     pub eval_loss_start: Option<MeanStd>,
     pub eval_loss_end: Option<MeanStd>,
     pub seconds_per_step: Option<MeanStd>,
+    /// The style score of the base model's samples (one measurement: they are the same for
+    /// every seed) and of the runs' samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style_before: Option<StyleStats>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style_after: Option<StyleStats>,
+}
+
+/// Mean ± std of each part of a style score over runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StyleStats {
+    pub palette: Option<MeanStd>,
+    pub edge_density: Option<MeanStd>,
+    pub stroke_width: Option<MeanStd>,
+    pub composition: Option<MeanStd>,
+    pub total: Option<MeanStd>,
+}
+
+impl StyleStats {
+    pub fn of(scores: &[StyleScore]) -> Self {
+        let part = |f: fn(&StyleScore) -> f64| mean_std(&scores.iter().map(f).collect::<Vec<f64>>());
+        StyleStats {
+            palette: part(|s| s.palette),
+            edge_density: part(|s| s.edge_density),
+            stroke_width: part(|s| s.stroke_width),
+            composition: part(|s| s.composition),
+            total: part(|s| s.total),
+        }
+    }
+
+    /// The means as a score (`None` when a part has no value).
+    pub fn means(&self) -> Option<StyleScore> {
+        Some(StyleScore {
+            palette: self.palette?.mean,
+            edge_density: self.edge_density?.mean,
+            stroke_width: self.stroke_width?.mean,
+            composition: self.composition?.mean,
+            total: self.total?.mean,
+        })
+    }
+
+    /// The parts in report order (total last), as [`StyleScore::parts`].
+    pub fn parts(&self) -> [(&'static str, Option<MeanStd>); 5] {
+        [
+            ("palette", self.palette),
+            ("edge_density", self.edge_density),
+            ("stroke_width", self.stroke_width),
+            ("composition", self.composition),
+            ("total", self.total),
+        ]
+    }
 }
 
 #[cfg(test)]

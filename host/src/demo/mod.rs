@@ -162,10 +162,8 @@ fn ensure_plugins(plugins: &PluginDirArgs, wanted: &[(&'static str, &'static str
         return Ok(());
     }
     let crates: Vec<&str> = wanted.iter().map(|(_, c)| *c).collect();
-    let how = format!(
-        "build them with `cargo build -p {}` (or `cargo build --workspace`), or point --plugins at their folder",
-        crates.join(" -p ")
-    );
+    let how =
+        format!("build them with `cargo build -p {}` (or `cargo build --workspace`), or point --plugins at their folder", crates.join(" -p "));
     if no_build {
         bail!("strategy plugins not found: {}; {how}", missing.join(", "));
     }

@@ -68,13 +68,9 @@ impl Strategy for Full {
     fn plan(&mut self, layers: &[LayerInfo], _config: &str) -> Result<Plan> {
         let c = &self.config;
         let matcher = LayerMatcher::new(&c.targets)?;
-        let weights: Vec<&LayerInfo> =
-            layers.iter().filter(|l| (l.is_linear() || l.is_conv()) && matcher.matches(l.name())).collect();
+        let weights: Vec<&LayerInfo> = layers.iter().filter(|l| (l.is_linear() || l.is_conv()) && matcher.matches(l.name())).collect();
         if weights.is_empty() {
-            return Err(Error::config(format!(
-                "full: no linear or conv hook point matches {:?} (`graft layers` lists them)",
-                c.targets
-            )));
+            return Err(Error::config(format!("full: no linear or conv hook point matches {:?} (`graft layers` lists them)", c.targets)));
         }
         let mut plan = Plan::new().group(OptimizerGroup::new("base", c.lr).weight_decay(c.weight_decay));
         for l in weights {
