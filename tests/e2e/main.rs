@@ -38,4 +38,5 @@ mod train_data;
 mod train_loop;
 mod train_outputs;
 mod train_parity;
+mod train_validation;
 mod train_watch;

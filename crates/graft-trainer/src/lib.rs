@@ -18,3 +18,4 @@ pub mod samples;
 pub mod schedule;
 pub mod session;
 pub mod trainer;
+pub mod validation;
