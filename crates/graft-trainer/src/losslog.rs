@@ -300,7 +300,7 @@ pub fn render(curves: &[(&str, [u8; 3], &[LossEntry])]) -> Result<RgbImage> {
         let line = if single { STAGE } else { blend(*color, [255, 255, 255], 0.3) };
         for (step, name) in stage_boundaries(entries) {
             let (px, _) = to_px((step as f64, y0));
-            if px < LEFT || px > RIGHT {
+            if !(LEFT..=RIGHT).contains(&px) {
                 continue;
             }
             dashed_vline(&mut img, px, TOP, BOTTOM, line);
