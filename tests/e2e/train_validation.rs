@@ -28,7 +28,7 @@ fn manager() -> PluginManager {
 
 const LORA: &str = "plugin = \"lora\"\nconfig = { rank = 4, alpha = 4, unet_lr = 0.01 }";
 const FUSION: &str = "plugin = \"progressive-fusion\"\n\
-                      config = { stage1_steps = 2, stage2_steps = 2, stage1_lr = 0.01, stage2_lr = 0.01, stage3_lr = 0.03 }";
+                      config = { stage1_steps = 4, stage2_steps = 4, stage1_lr = 0.01, stage2_lr = 0.01, stage3_lr = 0.03 }";
 
 /// A dataset of `images` images and a config in `dir`; `extra` goes to the top-level keys.
 fn setup(dir: &Path, images: usize, steps: u64, extra: &str, strategy: &str) -> PathBuf {
@@ -138,21 +138,24 @@ fn validation_is_fixed_and_leaves_training_unchanged() {
 #[test]
 fn progressive_fusion_stage_boundaries_are_logged_and_plotted() {
     let dir = scratch("valid_fusion");
-    let config = setup(&dir, 6, 6, "validation_split = 0.34\nvalidate_every = 3\ngradient_checkpointing = true", FUSION);
+    let config = setup(&dir, 6, 12, "validation_split = 0.34\nvalidate_every = 3\ngradient_checkpointing = true", FUSION);
     train(&config);
     let log = losslog::read(&dir.join("out/loss.jsonl")).unwrap();
+    for e in &log {
+        println!("step {} loss {:.5} val {:?} stage {:?} ({:.2} s)", e.step, e.loss, e.val_loss, e.stage, e.time);
+    }
     let stages: Vec<(u64, &str)> = log.iter().filter_map(|e| e.stage.as_deref().map(|s| (e.step, s))).collect();
-    assert_eq!(stages, vec![(0, "stage1"), (2, "stage2"), (4, "stage3")]);
-    assert_eq!(losslog::stage_boundaries(&log), vec![(2, "stage2".to_string()), (4, "stage3".to_string())]);
-    // After step 3 (stage 2: text-encoder adapters) and after the last.
-    assert_eq!(validated_steps(&log), vec![2, 5]);
+    assert_eq!(stages, vec![(0, "stage1"), (4, "stage2"), (8, "stage3")]);
+    assert_eq!(losslog::stage_boundaries(&log), vec![(4, "stage2".to_string()), (8, "stage3".to_string())]);
+    // Every 3 steps (after step 6: stage 2, text-encoder adapters) and after the last.
+    assert_eq!(validated_steps(&log), vec![2, 5, 8, 11]);
     assert!(log.iter().filter_map(|e| e.val_loss).all(f64::is_finite));
     let img = image::open(dir.join("out/loss.png")).unwrap().to_rgb8();
     assert!(img.pixels().any(|p| p.0 == [150, 150, 150]), "no stage line in loss.png");
     // A plain LoRA has no stages.
-    let config = setup(&dir, 4, 2, "", LORA);
-    train(&config);
-    assert!(losslog::read(&dir.join("out/loss.jsonl")).unwrap().iter().all(|e| e.stage.is_none()));
+    let plain = scratch("valid_fusion_plain");
+    train(&setup(&plain, 4, 2, "", LORA));
+    assert!(losslog::read(&plain.join("out/loss.jsonl")).unwrap().iter().all(|e| e.stage.is_none()));
 }
 
 /// Each bad setting is one error naming the option.
