@@ -144,7 +144,7 @@ fn compare_reports_every_strategy_side_by_side() {
     // report.md: a row per strategy, in order, with the numbers of the outcome.
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     let (header, rows) = md_table(&md);
-    assert_eq!(header.len(), 12, "{header:?}");
+    assert_eq!(header.len(), 13, "{header:?}");
     assert_eq!(rows.len(), 7);
     for (row, r) in rows.iter().zip(&outcome.strategies) {
         assert_eq!(row.len(), header.len(), "{row:?}");
@@ -167,6 +167,8 @@ fn compare_reports_every_strategy_side_by_side() {
             assert!(cell_of(row, &header, "adapter size").ends_with("B"));
             assert!(cell_of(row, &header, "peak memory").ends_with("B"));
             assert!(cell_of(row, &header, "eval loss").contains('→'));
+            // No validation data: no validation loss.
+            assert_eq!(cell_of(row, &header, "validation loss"), "–");
         } else {
             let steps = if r.name == "diverges" { 3 } else { 0 };
             assert!(status.starts_with(&format!("failed after {steps} steps: ")), "{status}");

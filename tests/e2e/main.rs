@@ -40,4 +40,5 @@ mod train_full;
 mod train_loop;
 mod train_outputs;
 mod train_parity;
+mod train_validation;
 mod train_watch;

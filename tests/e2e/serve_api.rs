@@ -176,6 +176,14 @@ fn bad_requests_get_clear_4xx() {
     assert_eq!(s, 400, "{b}");
     let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "lr": 1}).to_string()));
     assert_error(s, &b, 400, "unknown field `lr`");
+    let (s, b) =
+        call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "validation_split": 1.5}).to_string()));
+    assert_error(s, &b, 400, "`validation_split = 1.5`");
+    let (s, b) = call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "validate_every": 1}).to_string()));
+    assert_error(s, &b, 400, "`validate_every` is set but there is no validation data");
+    let (s, b) =
+        call("POST", "/api/train", Some(&json!({"plugin": "lora", "dataset_dir": dir, "steps": 2, "validation_dir": "/no/val"}).to_string()));
+    assert_error(s, &b, 400, "validation_dir /no/val is not a folder");
     let (s, b) = call("POST", "/api/generate", Some(&json!({"prompt": "x", "width": 63, "height": 64}).to_string()));
     assert_error(s, &b, 400, "63");
     let (s, b) = call("POST", "/api/generate", Some(&json!({"prompt": "x", "scheduler": "warp"}).to_string()));
@@ -305,10 +313,15 @@ fn training_streams_losses_and_samples_then_generate_uses_the_adapter() {
     // Listen before starting, so that no event is missed.
     let url = format!("{}/api/events", server().0.url());
     let stream = agent().get(&url).call().unwrap().into_body().into_reader();
-    let (s, job) = call("POST", "/api/train", Some(&train_body("sse-run", &data, 6, 3)));
+    // One of the 4 images held out for a validation loss after steps 3 and 6.
+    let mut body: Value = serde_json::from_str(&train_body("sse-run", &data, 6, 3)).unwrap();
+    body["validation_split"] = json!(0.25);
+    body["validate_every"] = json!(3);
+    let (s, job) = call("POST", "/api/train", Some(&body.to_string()));
     assert_eq!(s, 202, "{job}");
     let id = job["id"].as_u64().unwrap();
     let (mut losses, mut samples, mut finished) = (Vec::new(), Vec::new(), None);
+    let mut validated = Vec::new();
     watch_events(stream, Duration::from_secs(300), |event, data| {
         if data["id"].as_u64() != Some(id) {
             return false;
@@ -317,6 +330,9 @@ fn training_streams_losses_and_samples_then_generate_uses_the_adapter() {
             "train.step" => {
                 assert!(data["lr"].as_f64().unwrap() > 0.0 && data["total"] == 6, "{data}");
                 losses.push(data["loss"].as_f64().expect("finite loss"));
+                if data["val_loss"].as_f64().is_some() {
+                    validated.push(data["step"].as_u64().unwrap());
+                }
             }
             "train.sample" => samples.extend(data["urls"].as_array().unwrap().iter().map(|u| u.as_str().unwrap().to_string())),
             "job" if ["done", "failed", "stopped"].contains(&data["status"].as_str().unwrap()) => finished = Some(data.clone()),
@@ -333,6 +349,11 @@ fn training_streams_losses_and_samples_then_generate_uses_the_adapter() {
     }
     let (_, job) = call("GET", &format!("/api/jobs/{id}"), None);
     assert_eq!(job["losses"].as_array().unwrap().len(), 6);
+    assert_eq!(validated, [3, 6], "validation after steps 3 and 6");
+    let points: Vec<u64> =
+        job["losses"].as_array().unwrap().iter().filter(|p| p["val_loss"].is_f64()).map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(points, [3, 6], "{job}");
+    assert!(job["val_loss"].as_f64().unwrap() > 0.0, "{job}");
     assert!(job["it_per_s"].as_f64().unwrap() > 0.0);
     assert!(!job["exports"].as_array().unwrap().is_empty(), "{job}");
     assert_png(&format!("/api/jobs/{id}/files/loss.png"));

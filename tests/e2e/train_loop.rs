@@ -442,6 +442,18 @@ fn kohya_config_unsupported_keys_and_epochs() {
     assert_eq!(c.options.optimizer, "Prodigy");
     assert_eq!(c.options.optimizer_args["betas"], toml::Value::Array(vec![0.9.into(), 0.99.into()]));
     assert_eq!((c.options.optimizer_args["decouple"].as_bool(), c.options.optimizer_args["d_coef"].as_integer()), (Some(true), Some(2)));
+
+    // kohya's validation keys; `validation_split = 0` (its default) is off, its seed then unused.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let with = |keys: &str| {
+        std::fs::write(&path, format!("{keys}{text}")).unwrap();
+        graft_trainer::kohya::import(&path, &cwd, true).unwrap()
+    };
+    let o = with("validation_split = 0.25\nvalidation_seed = 9\nvalidate_every_n_steps = 5\n").config.options;
+    assert_eq!((o.validation_split, o.validation_seed, o.validate_every), (Some(0.25), Some(9), 5));
+    let off = with("validation_split = 0.0\nvalidation_seed = 9\n");
+    assert_eq!((off.config.options.validation_split, off.config.options.validation_seed), (None, None));
+    assert!(!off.notes.iter().any(|n| n.contains("validation")), "{:#?}", off.notes);
 }
 
 /// Each optimizer (`optimizer` + `[optimizer_args]`) trains the tiny LoRA: finite losses, a lower

@@ -246,7 +246,15 @@ fn loss_log_resume_and_plots() {
     let path = out.join("loss.jsonl");
     let entry = |step: u64| {
         let noise = ((step * 7919) % 13) as f64 / 13.0 - 0.5;
-        LossEntry { step, loss: 0.2 / (1.0 + step as f64 / 40.0) + 0.03 * noise, lr: 1e-4, grad_norm: 0.3, skipped: step == 77, time: 0.1 }
+        LossEntry {
+            step,
+            loss: 0.2 / (1.0 + step as f64 / 40.0) + 0.03 * noise,
+            lr: 1e-4,
+            grad_norm: 0.3,
+            skipped: step == 77,
+            time: 0.1,
+            ..Default::default()
+        }
     };
     let mut log = LossLog::open(&path, 0).unwrap();
     for step in 0..150 {
@@ -261,7 +269,7 @@ fn loss_log_resume_and_plots() {
     assert_eq!(entries.len(), 300);
     assert!(entries.iter().enumerate().all(|(i, e)| e.step == i as u64));
     losslog::plot_loss_png(&entries, &out.join("loss.png")).unwrap();
-    let other: Vec<LossEntry> = entries.iter().map(|e| LossEntry { loss: e.loss * 1.3, ..*e }).collect();
+    let other: Vec<LossEntry> = entries.iter().map(|e| LossEntry { loss: e.loss * 1.3, ..e.clone() }).collect();
     losslog::plot_many(&[("lora", losslog::PALETTE[0], &entries), ("attention-gate", losslog::PALETTE[1], &other)], &out.join("compare.png"))
         .unwrap();
     for f in ["loss.png", "compare.png"] {

@@ -101,7 +101,9 @@ pub fn save(trainer: &Trainer) -> Result<PathBuf> {
 fn run_identity(trainer: &Trainer) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(&trainer.config).map_err(|e| Error::Internal(format!("training config as JSON: {e}")))?;
     if let Some(o) = v.as_object_mut() {
-        for k in ["steps", "save_every", "sample_every", "sample_prompts", "output_dir", "max_bad_steps"] {
+        for k in
+            ["steps", "save_every", "sample_every", "sample_prompts", "output_dir", "max_bad_steps", "validate_every", "validation_timesteps"]
+        {
             o.remove(k);
         }
     }

@@ -36,6 +36,11 @@ dtype = "bf16"                                    # frozen weights: file (defaul
 gradient_checkpointing = true                     # recompute activations in the backward: less memory
 cache_text_encoder_outputs = true                 # free the text encoders during the steps when
                                                   # their outputs are cached (back for samples)
+# validation_split = 0.1                          # hold out this fraction of the images (or
+# validation_dir = "data/my-style-val"            # a folder of images + captions) for a
+# validate_every = 100                            # validation loss every N steps and at the end
+# validation_timesteps = 4                        # a count spread over 0..1000, or [200, 500, 800]
+# validation_seed = 42                            # its fixed noise and split (default: seed)
 
 [optimizer_args]                                  # the reference libraries' names, e.g.
 weight_decay = 0.01                               # replaces every group's weight decay
@@ -226,6 +231,7 @@ impl TrainConfig {
         self.sample_prompts.as_mut().map(fix);
         self.dataset.dir.as_mut().map(fix);
         self.dataset.config.as_mut().map(fix);
+        self.options.validation_dir.as_mut().map(fix);
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -250,6 +256,7 @@ impl TrainConfig {
                 return Err(Error::Config(format!("`lr_scheduler_num_cycles` is {n}: use a number above 0 (1: one restart)")));
             }
         }
+        crate::validation::check(&self.options)?;
         self.sample_scheduler()?;
         self.optimizer_spec()?;
         graft_sdxl::pipeline::check_size(self.dataset.resolution, self.dataset.resolution)

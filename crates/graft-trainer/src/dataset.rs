@@ -475,6 +475,14 @@ impl Dataset {
         &self.items
     }
 
+    /// Takes the images at `indices` out of this dataset and returns them as a dataset of their
+    /// own, with the same settings (validation images held out from training).
+    pub fn split_off(&mut self, indices: &std::collections::BTreeSet<usize>) -> Dataset {
+        let (out, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.items).into_iter().enumerate().partition(|(i, _)| indices.contains(i));
+        self.items = kept.into_iter().map(|(_, it)| it).collect();
+        Dataset { specs: self.specs.clone(), items: out.into_iter().map(|(_, it)| it).collect(), warnings: Vec::new() }
+    }
+
     pub fn specs(&self) -> &[DatasetSpec] {
         &self.specs
     }

@@ -582,6 +582,17 @@ fn map(keys: &mut Keys, cwd: &Path, graft: &mut toml::Table, notes: &mut Vec<Str
         }
         None => notes.push("`seed` is not set: kohya draws one at random, graft uses 0".into()),
     }
+    // Validation (kohya's names; `validation_split = 0` is kohya's "off").
+    let (split, seed, every) = (keys.f64("validation_split")?, keys.u64("validation_seed")?, keys.u64("validate_every_n_steps")?);
+    if let Some(x) = split.filter(|x| *x != 0.0) {
+        graft.insert("validation_split".into(), Value::Float(x));
+        if let Some(s) = seed {
+            graft.insert("validation_seed".into(), Value::Integer(s as i64));
+        }
+        if let Some(n) = every {
+            graft.insert("validate_every".into(), Value::Integer(n as i64));
+        }
+    }
     let v = keys.bool("v_parameterization")?;
     graft.insert("prediction_type".into(), Value::String(if v { "v_prediction" } else { "epsilon" }.into()));
 

@@ -19,3 +19,4 @@ pub mod schedule;
 pub mod session;
 pub mod trainer;
 pub mod vae_train;
+pub mod validation;

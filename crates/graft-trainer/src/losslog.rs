@@ -6,7 +6,10 @@
 //! {"step":12,"loss":0.0831,"lr":0.0001,"grad_norm":0.42,"skipped":false,"time":0.35}
 //! ```
 //!
-//! `step` is the trainer's step index (from 0), `time` the seconds that step took. A NaN or
+//! `step` is the trainer's step index (from 0), `time` the seconds that step took. Two keys are
+//! there only on some steps: `val_loss`, the validation loss measured after the step, and
+//! `stage`, the name of the strategy's stage that begins at the step (staged strategies such as
+//! progressive-fusion); logs without them read as before, and older readers ignore them. A NaN or
 //! infinite loss or gradient norm is written as `null` (JSON has no NaN) and read back as NaN.
 //! Each line goes to the file in one write, so a crash leaves at most a torn last line, which
 //! [`read`] skips; [`LossLog::open`] drops the entries of the steps a resumed run redoes.
@@ -15,7 +18,9 @@
 //! numbered ticks (a built-in 5x7 bitmap font), the raw loss as a thin light line and its
 //! exponential moving average as a thick line; [`plot_many`] draws several runs with a legend
 //! (colour swatch and name; the font has capitals, digits and `. - + : _ / ( )`, lower case is
-//! drawn as capitals, anything else as `?`).
+//! drawn as capitals, anything else as `?`). Validation losses are square markers joined by a
+//! dark line in the curve's colour, on the same axes; a stage that begins after a run's first step
+//! is a dashed vertical line labelled with its name.
 
 use std::fs::File;
 use std::io::Write;
@@ -27,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{io, Error, Result};
 
 /// One optimizer step.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossEntry {
     pub step: u64,
     #[serde(with = "nan_as_null")]
@@ -39,11 +44,27 @@ pub struct LossEntry {
     pub skipped: bool,
     /// Seconds the step took.
     pub time: f64,
+    /// The validation loss measured after this step (only on steps where one was due).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// The strategy's stage that begins at this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }
 
 impl From<crate::trainer::StepRecord> for LossEntry {
     fn from(r: crate::trainer::StepRecord) -> Self {
-        Self { step: r.step, loss: r.loss, lr: r.lr, grad_norm: r.grad_norm, skipped: r.skipped, time: r.seconds }
+        Self {
+            step: r.step,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            skipped: r.skipped,
+            time: r.seconds,
+            // JSON has no NaN: a failed validation is left out.
+            val_loss: r.val_loss.filter(|v| v.is_finite()),
+            stage: r.stage,
+        }
     }
 }
 
@@ -184,6 +205,8 @@ const BOTTOM: f64 = HEIGHT as f64 - 36.0;
 const GRID: [u8; 3] = [225, 225, 225];
 const AXIS: [u8; 3] = [60, 60, 60];
 const TEXT: [u8; 3] = [40, 40, 40];
+/// Stage boundaries of a single run.
+const STAGE: [u8; 3] = [150, 150, 150];
 
 /// Draws the loss curve of one run: the raw loss (thin, light) and its moving average (thick).
 /// Skipped steps and non-finite losses are left out.
@@ -202,12 +225,26 @@ fn points(entries: &[LossEntry]) -> Vec<(f64, f64)> {
     entries.iter().filter(|e| !e.skipped && e.loss.is_finite()).map(|e| (e.step as f64, e.loss)).collect()
 }
 
+/// The validation losses of a log, as (step, loss): the points of its validation curve.
+pub fn validation_points(entries: &[LossEntry]) -> Vec<(u64, f64)> {
+    entries.iter().filter_map(|e| e.val_loss.filter(|v| v.is_finite()).map(|v| (e.step, v))).collect()
+}
+
+/// The stage boundaries of a log, as (step, stage name): the stages that begin after its first
+/// step (the first stage needs no line).
+pub fn stage_boundaries(entries: &[LossEntry]) -> Vec<(u64, String)> {
+    let first = entries.iter().map(|e| e.step).min().unwrap_or(0);
+    entries.iter().filter(|e| e.step > first).filter_map(|e| e.stage.clone().map(|s| (e.step, s))).collect()
+}
+
 /// The plot as an image (what [`plot_many`] writes).
 pub fn render(curves: &[(&str, [u8; 3], &[LossEntry])]) -> Result<RgbImage> {
     // (name, colour, plotted points) of each curve.
     type Series<'a> = (&'a str, [u8; 3], Vec<(f64, f64)>);
     let series: Vec<Series> = curves.iter().map(|(n, c, e)| (*n, *c, points(e))).collect();
-    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).collect();
+    let validation: Vec<Series> =
+        curves.iter().map(|(n, c, e)| (*n, *c, validation_points(e).into_iter().map(|(s, v)| (s as f64, v)).collect())).collect();
+    let all: Vec<(f64, f64)> = series.iter().chain(&validation).flat_map(|s| s.2.iter().copied()).collect();
     if all.is_empty() {
         return Err(Error::State("no finite loss to plot (every step was skipped, or the log is empty)".to_string()));
     }
@@ -257,8 +294,36 @@ pub fn render(curves: &[(&str, [u8; 3], &[LossEntry])]) -> Result<RgbImage> {
         polyline(&mut img, &px, *color, 1.5);
     }
 
+    // Stage boundaries under the validation curves, which are drawn last.
+    let single = curves.len() == 1;
+    for (_, color, entries) in curves {
+        let line = if single { STAGE } else { blend(*color, [255, 255, 255], 0.3) };
+        for (step, name) in stage_boundaries(entries) {
+            let (px, _) = to_px((step as f64, y0));
+            if !(LEFT..=RIGHT).contains(&px) {
+                continue;
+            }
+            dashed_vline(&mut img, px, TOP, BOTTOM, line);
+            text(&mut img, &name, (px + 3.0).min(RIGHT - text_width(&name) as f64), TOP + 2.0, line);
+        }
+    }
+    let has_validation = validation.iter().any(|v| !v.2.is_empty());
+    for (_, color, pts) in &validation {
+        let dark = blend(*color, [0, 0, 0], 0.35);
+        let px: Vec<(f64, f64)> = pts.iter().map(|p| to_px(*p)).collect();
+        polyline(&mut img, &px, dark, 0.5);
+        for (x, y) in &px {
+            fill_rect(&mut img, x - 3.0, y - 3.0, x + 4.0, y + 4.0, dark);
+        }
+    }
+
     // Summary of a single run, legend of several.
-    if series.len() == 1 {
+    if single && has_validation {
+        let pts = &validation[0].2;
+        let (_, last) = pts[pts.len() - 1];
+        let summary = format!("TRAIN (LINE)   VALIDATION (SQUARES): LAST {}", short(last));
+        text(&mut img, &summary, LEFT + 8.0, 8.0, TEXT);
+    } else if series.len() == 1 {
         let pts = &series[0].2;
         let (i, min) = pts.iter().enumerate().fold((0, f64::INFINITY), |acc, (i, p)| if p.1 < acc.1 { (i, p.1) } else { acc });
         let summary = format!("MIN {} AT STEP {}   MAX {}", short(min), pts[i].0, short(y1 - pad));
@@ -272,6 +337,9 @@ pub fn render(curves: &[(&str, [u8; 3], &[LossEntry])]) -> Result<RgbImage> {
             fill_rect(&mut img, x, y, x + 12.0, y + 7.0, *color);
             text(&mut img, name, x + 18.0, y, TEXT);
             y += 12.0;
+        }
+        if has_validation {
+            text(&mut img, "SQUARES: VALIDATION", LEFT + 8.0, 8.0, TEXT);
         }
     }
     Ok(img)
@@ -349,6 +417,16 @@ fn vline(img: &mut RgbImage, x: f64, y0: f64, y1: f64, c: [u8; 3]) {
     let x = x.round() as i64;
     for y in y0.round() as i64..=y1.round() as i64 {
         put(img, x, y, c);
+    }
+}
+
+/// A vertical line of 4-pixel dashes.
+fn dashed_vline(img: &mut RgbImage, x: f64, y0: f64, y1: f64, c: [u8; 3]) {
+    let x = x.round() as i64;
+    for y in y0.round() as i64..=y1.round() as i64 {
+        if (y / 4) % 2 == 0 {
+            put(img, x, y, c);
+        }
     }
 }
 
@@ -465,7 +543,7 @@ mod tests {
     use super::*;
 
     fn entry(step: u64, loss: f64) -> LossEntry {
-        LossEntry { step, loss, lr: 1e-4, grad_norm: 0.5, skipped: false, time: step as f64 * 0.25 }
+        LossEntry { step, loss, lr: 1e-4, grad_norm: 0.5, skipped: false, time: step as f64 * 0.25, ..Default::default() }
     }
 
     #[test]
@@ -597,6 +675,59 @@ mod tests {
         render(&[("x", DEFAULT_COLOR, &[entry(1, 0.5), entry(2, 0.5)])]).unwrap();
         let e = render(&[("x", DEFAULT_COLOR, &[])]).unwrap_err().to_string();
         assert!(e.contains("no finite loss"), "{e}");
+    }
+
+    /// Validation losses and stage starts are written only where present, read back, and logs
+    /// written before them still read.
+    #[test]
+    fn validation_and_stage_keys_round_trip_and_old_lines_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.jsonl");
+        let mut log = LossLog::create(&path).unwrap();
+        let with = LossEntry { val_loss: Some(0.125), stage: Some("stage2".into()), ..entry(4, 0.5) };
+        for e in [entry(3, 0.5), with.clone()] {
+            log.append(&e).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.lines().next().unwrap().contains("val_loss") && !text.lines().next().unwrap().contains("stage"), "{text}");
+        assert!(text.lines().nth(1).unwrap().ends_with(r#""val_loss":0.125,"stage":"stage2"}"#), "{text}");
+        assert_eq!(read(&path).unwrap(), vec![entry(3, 0.5), with]);
+        std::fs::write(&path, "{\"step\":1,\"loss\":0.5,\"lr\":0.1,\"grad_norm\":1,\"skipped\":false,\"time\":0}\n").unwrap();
+        let old = read(&path).unwrap();
+        assert_eq!((old[0].val_loss, old[0].stage.as_deref()), (None, None));
+    }
+
+    /// The validation curve (dark squares on the same axes) and the stage boundaries (dashed
+    /// lines at the steps where stages begin) are in the plot's data and drawn.
+    #[test]
+    fn draws_validation_points_and_stage_boundaries() {
+        let mut entries: Vec<LossEntry> = (0..120).map(|s| entry(s, 0.3 - s as f64 * 0.001)).collect();
+        for s in [19usize, 39, 59, 79, 99, 119] {
+            entries[s].val_loss = Some(0.35 - s as f64 * 0.0015);
+        }
+        entries[0].stage = Some("stage1".into());
+        entries[40].stage = Some("stage2".into());
+        entries[80].stage = Some("stage3".into());
+        assert_eq!(validation_points(&entries).len(), 6);
+        assert_eq!(validation_points(&entries)[0], (19, 0.35 - 19.0 * 0.0015));
+        assert_eq!(stage_boundaries(&entries), vec![(40, "stage2".to_string()), (80, "stage3".to_string())]);
+
+        let img = render(&[("loss", DEFAULT_COLOR, &entries)]).unwrap();
+        let dark = blend(DEFAULT_COLOR, [0, 0, 0], 0.35);
+        assert!(img.pixels().filter(|p| p.0 == dark).count() >= 6 * 49, "six 7x7 squares");
+        // A dashed line in the column of step 40 and of step 80, none at step 60.
+        let x = |step: f64| (LEFT + step / 119.0 * (RIGHT - LEFT)).round() as u32;
+        let in_column = |col: u32| (TOP as u32..BOTTOM as u32).filter(|&y| img.get_pixel(col, y).0 == STAGE).count();
+        assert!(in_column(x(40.0)) > 100 && in_column(x(80.0)) > 100, "{} {}", in_column(x(40.0)), in_column(x(80.0)));
+        assert_eq!(in_column(x(60.0)), 0);
+        // The y range holds the validation points above the training loss.
+        let highest = (0..HEIGHT).find(|&y| (0..WIDTH).any(|x| img.get_pixel(x, y).0 == dark)).unwrap();
+        let highest_train = (0..HEIGHT).find(|&y| (0..WIDTH).any(|x| img.get_pixel(x, y).0 == DEFAULT_COLOR)).unwrap();
+        assert!(highest < highest_train && highest as f64 >= TOP - 4.0, "{highest} {highest_train}");
+        // Without them, no square and no stage line.
+        let plain: Vec<LossEntry> = entries.iter().map(|e| LossEntry { val_loss: None, stage: None, ..e.clone() }).collect();
+        let img = render(&[("loss", DEFAULT_COLOR, &plain)]).unwrap();
+        assert_eq!(img.pixels().filter(|p| p.0 == dark || p.0 == STAGE).count(), 0);
     }
 
     #[test]

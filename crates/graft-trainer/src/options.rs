@@ -3,6 +3,7 @@
 //! every option has one name, one default and one meaning everywhere.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 use graft_sdxl::schedulers::PredictionType;
 use graft_sdxl::WeightDtype;
@@ -10,6 +11,7 @@ use serde::de::{self, Deserialize, Deserializer, Visitor};
 use serde::Serialize;
 
 use crate::schedule::ScheduleKind;
+pub use crate::validation::ValidationTimesteps;
 
 /// Where VAE latents of the training images are kept between epochs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -80,6 +82,25 @@ pub struct TrainOptions {
     /// encoders' weights during the steps; they are read back for sample images (kohya's name).
     #[serde(default = "yes")]
     pub cache_text_encoder_outputs: bool,
+    /// A folder of images with captions (as the dataset's) whose loss is measured during the
+    /// run and never trained on; not with `validation_split`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_dir: Option<PathBuf>,
+    /// Hold out this fraction (between 0 and 1) of the dataset's images for validation, chosen
+    /// from `validation_seed`; they are not trained on. Not with `validation_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_split: Option<f64>,
+    /// With validation data: the validation loss every this many steps, and after the last
+    /// step (0: after the last step only).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub validate_every: u64,
+    /// The timesteps every validation image is noised at: a list (`[100, 500, 900]`), or a
+    /// count spread evenly over the scheduler's range (default 4: 125, 375, 625, 875 of 1000).
+    #[serde(default, skip_serializing_if = "ValidationTimesteps::is_default")]
+    pub validation_timesteps: ValidationTimesteps,
+    /// The seed of the validation noise and of `validation_split`'s choice (default: `seed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_seed: Option<u64>,
 }
 
 impl TrainOptions {
@@ -89,6 +110,9 @@ impl TrainOptions {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 fn one() -> usize {
     1
 }
@@ -165,7 +189,7 @@ mod tests {
     fn option_keys_are_read_from_the_struct() {
         let keys = TrainOptions::keys();
         assert!(keys.contains(&"steps") && keys.contains(&"cache_text_encoder_outputs") && keys.contains(&"lr_schedule"));
-        assert_eq!(keys.len(), 21);
+        assert_eq!(keys.len(), 26);
         let e = refuse_unknown_keys(&["steps".to_string(), "stesp".to_string()], &["model"]).unwrap_err();
         assert!(e.starts_with("unknown field `stesp`, expected one of `model`, `seed`"), "{e}");
     }

@@ -140,7 +140,7 @@ impl Session {
             let pause_on_failure = self.options.pause_on_failure;
             let trainer = &mut self.trainer;
             let outcome = obs.exclusive(|| trainer.advance(pause_on_failure));
-            let record = match outcome.at(|| format!("at step {}", self.trainer.step))? {
+            let mut record = match outcome.at(|| format!("at step {}", self.trainer.step))? {
                 StepOutcome::Trained(r) => r,
                 StepOutcome::Paused(p) => {
                     if let Some(bar) = &self.bar {
@@ -155,6 +155,11 @@ impl Session {
                     continue;
                 }
             };
+            // The validation loss goes on the entry of the step after which it was measured.
+            if self.trainer.validation.as_ref().is_some_and(|v| v.due(self.trainer.step, total)) {
+                let trainer = &mut self.trainer;
+                record.val_loss = obs.exclusive(|| trainer.validate()).at(|| format!("validation after step {}", self.trainer.step))?;
+            }
             self.log.append(&record.clone().into())?;
             if let Some(bar) = &self.bar {
                 bar.set_position(self.trainer.step);

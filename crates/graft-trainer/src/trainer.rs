@@ -33,6 +33,7 @@ use crate::error::{At, Error, Result};
 use crate::optim::{GradAccumulator, GroupConfig, Optimizer};
 use crate::options::CacheLatents;
 use crate::schedule::{LrSchedule, ScheduleKind};
+use crate::validation::Validation;
 use graft_runtime::adapters::dispatcher::UnfrozenBase;
 use graft_runtime::adapters::dispatcher::{AdapterSet, LrScale, StrategyId};
 use graft_runtime::plugins::{PluginManager, ReloadEvent, StrategyInstance};
@@ -56,6 +57,12 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub skipped: bool,
     pub seconds: f64,
+    /// The strategy's stage (from its plan) when one begins at this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// The validation loss measured after this step (set by the session when one is due).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
 }
 
 /// Where the data stream is: which epoch, which batch of it.
@@ -137,6 +144,8 @@ pub struct Trainer {
     /// The text encoders / the VAE were released at least once (for the log).
     text_encoders_were_released: bool,
     vae_was_released: bool,
+    /// The validation images (`validation_dir` / `validation_split`), when there are some.
+    pub validation: Option<Validation>,
 }
 
 /// The optimizer group of a strategy's plan group.
@@ -158,7 +167,7 @@ impl Trainer {
     /// overrides them for every holder until the trainer (its adapter set) is dropped; a user of
     /// the model who must not see that takes [`SdxlModel::as_loaded`].
     pub fn with_model(config: TrainConfig, model: Arc<SdxlModel>, plugins: PluginManager) -> Result<Self> {
-        let dataset = open_dataset(&config)?;
+        let mut dataset = open_dataset(&config)?;
         for w in dataset.warnings() {
             tracing::warn!("{w}");
         }
@@ -178,6 +187,8 @@ impl Trainer {
         );
         let prediction = config.options.prediction_type.unwrap_or(model.config.scheduler.prediction_type);
         let noise = NoiseSchedule::new(&model.config.scheduler)?;
+        // Before the latents are cached: held-out images are no training images.
+        let validation = Validation::open(&config, &mut dataset, noise.num_train_timesteps())?;
         let kind = config.options.lr_schedule;
         let mut schedule = LrSchedule::new(kind, config.options.warmup_steps as usize, config.options.steps as usize);
         if let (ScheduleKind::CosineWithRestarts, Some(n)) = (kind, config.options.lr_scheduler_num_cycles) {
@@ -213,8 +224,13 @@ impl Trainer {
             paused_plugin_state: None,
             text_encoders_were_released: false,
             vae_was_released: false,
+            validation,
         };
         trainer.prefill_latents()?;
+        if let Some(v) = trainer.validation.as_mut() {
+            // Now, while the VAE is loaded (it is released for the steps once latents are cached).
+            v.prepare(&*trainer.model.vae()?, trainer.model.config.vae.scaling_factor, &trainer.model.device)?;
+        }
         Ok(trainer)
     }
 
@@ -268,6 +284,9 @@ impl Trainer {
         }
         let mut captions: Vec<String> = self.dataset.items().iter().map(|it| it.caption.clone()).collect();
         captions.push(String::new()); // caption dropout
+        if let Some(v) = &self.validation {
+            captions.extend(v.captions().map(str::to_string));
+        }
         captions.sort();
         captions.dedup();
         let model = &self.model;
@@ -464,6 +483,68 @@ impl Trainer {
         Ok(loss?.detach().to_scalar::<f32>()? as f64)
     }
 
+    /// The stage of the strategy's plan that begins at `step` (the one with the latest start at
+    /// or before it, when that differs from the previous step's), `None` otherwise or without
+    /// stages. `on_step`'s directives switch the stage at this step.
+    pub fn stage_beginning(&self, step: u64) -> Option<String> {
+        let stages = &self.set.strategies()[self.strategy].plan.stages;
+        let at = |s: u64| stages.iter().filter(|st| st.start_step <= s).max_by_key(|st| st.start_step).map(|st| st.name.to_string());
+        let now = at(step)?;
+        (step == 0 || at(step - 1).as_ref() != Some(&now)).then_some(now)
+    }
+
+    /// The validation loss now (`None` without validation data): for every validation image and
+    /// timestep, the training step's loss (its prediction type and min-SNR weighting, so the
+    /// values sit on the training loss's scale; no noise offset, which is a random augmentation)
+    /// of the image noised with its fixed noise, adapters attached as in training, dropout off;
+    /// the mean over images x timesteps. Nothing of the training state changes (data position,
+    /// random streams, parameters), and no graph outlives a forward.
+    pub fn validate(&mut self) -> Result<Option<f64>> {
+        let Some(v) = self.validation.take() else { return Ok(None) };
+        let training = self.set_training_flag(false);
+        let started = Instant::now();
+        let loss = self.validation_loss(&v);
+        self.set_training_flag(training);
+        let count = v.len() * v.timesteps().len();
+        self.validation = Some(v);
+        let loss = loss?;
+        tracing::info!(
+            "validation loss after {} steps: {loss:.5} ({count} images x timesteps, {:.1} s)",
+            self.step,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Some(loss))
+    }
+
+    fn validation_loss(&mut self, v: &Validation) -> Result<f64> {
+        let mut sum = 0.0;
+        let mut n = 0usize;
+        for (i, (caption, latents, time_ids)) in v.items().enumerate() {
+            let (hidden, pooled) = self.text_embeddings(&[caption.to_string()])?;
+            for &t in v.timesteps() {
+                let noise = v.noise(i, t, latents.shape(), latents.device())?;
+                let timesteps = [t];
+                let inputs = LossInputs { latents, noise: &noise, timesteps: &timesteps, hidden: &hidden, pooled: &pooled, time_ids };
+                let loss = if self.config.options.gradient_checkpointing {
+                    // Segment by segment, as the training step runs it: only segment inputs are kept.
+                    let hooks = self.set.hooks();
+                    let mut tape = Tape::new(&hooks.unet);
+                    self.predict(&inputs, &hooks.unet, &mut tape).and_then(|pred| self.loss_of(&pred, &inputs))?
+                } else {
+                    self.loss_from(latents, &noise, &timesteps, &hidden, &pooled, time_ids)?
+                };
+                sum += loss.detach().to_scalar::<f32>()? as f64;
+                n += 1;
+            }
+        }
+        if self.strategy_failed() {
+            // Its failure stays listed: the next step reports it (and skips or pauses).
+            tracing::warn!("strategy `{}` failed during validation: no validation loss", self.strategy_name());
+            return Ok(f64::NAN);
+        }
+        Ok(sum / n.max(1) as f64)
+    }
+
     fn set_training_flag(&mut self, training: bool) -> bool {
         let was = self.set.is_training();
         self.set.set_training(training);
@@ -577,6 +658,10 @@ impl Trainer {
         if pause && self.strategy_failed() {
             return Ok(StepOutcome::Paused(self.pause_now()));
         }
+        let stage = self.stage_beginning(self.step);
+        if let Some(name) = &stage {
+            tracing::info!("step {}: stage `{name}` of `{}` begins", self.step, self.strategy_name());
+        }
         self.apply_lr_scales(&scales)?;
         self.set.set_step(self.step);
 
@@ -645,6 +730,8 @@ impl Trainer {
             grad_norm,
             skipped,
             seconds: started.elapsed().as_secs_f64(),
+            stage,
+            val_loss: None,
         };
         self.step += 1;
         Ok(StepOutcome::Trained(record))

@@ -143,6 +143,7 @@ impl CompareConfig {
         self.model_config.as_mut().map(fix);
         self.sample_prompts.as_mut().map(fix);
         self.dataset.dir.as_mut().map(fix);
+        self.options.validation_dir.as_mut().map(fix);
         self.dataset.config.as_mut().map(fix);
     }
 

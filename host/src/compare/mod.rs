@@ -79,12 +79,13 @@ pub fn print_summary(outcome: &CompareOutcome) {
             let f = |m: Option<stats::MeanStd>| m.map(|m| m.format(4)).unwrap_or_else(|| "–".into());
             let status = if r.ok() { "ok" } else { "FAILED" };
             println!(
-                "{:<24} {status:<7} {} seeds  mean loss {}  eval {} -> {}",
+                "{:<24} {status:<7} {} seeds  mean loss {}  eval {} -> {}{}",
                 r.name,
                 r.runs.len(),
                 f(s.mean_loss),
                 f(s.eval_loss_start),
-                f(s.eval_loss_end)
+                f(s.eval_loss_end),
+                s.validation_loss.map(|m| format!("  validation {}", m.format(4))).unwrap_or_default()
             );
             if let Some(e) = &r.error {
                 println!("{:<24}         {}", "", e.lines().next().unwrap_or_default());
@@ -94,11 +95,12 @@ pub fn print_summary(outcome: &CompareOutcome) {
         }
         match &r.error {
             None => println!(
-                "{:<24} ok      mean loss {:.4}  eval {:.4} -> {:.4}  {:.3} s/step",
+                "{:<24} ok      mean loss {:.4}  eval {:.4} -> {:.4}{}  {:.3} s/step",
                 r.name,
                 r.mean_loss.unwrap_or(f64::NAN),
                 r.eval_loss_start.unwrap_or(f64::NAN),
                 r.eval_loss_end.unwrap_or(f64::NAN),
+                r.validation_loss.map(|v| format!("  validation {v:.4}")).unwrap_or_default(),
                 r.seconds_per_step.unwrap_or(f64::NAN)
             ),
             Some(e) => println!("{:<24} FAILED  {}", r.name, e.lines().next().unwrap_or_default()),

@@ -47,6 +47,7 @@ pub fn table_header(loss_window: u64) -> Vec<String> {
         "final loss",
         &format!("mean loss (last {loss_window})"),
         "eval loss (start → end)",
+        "validation loss",
         "time / step",
         "peak memory",
         "adapter size",
@@ -68,7 +69,7 @@ pub fn header_of(outcome: &CompareOutcome) -> Vec<String> {
 }
 
 /// The header of the per-seed table.
-pub const SEED_HEADER: [&str; 6] = ["strategy", "seed", "status", "final loss", "mean loss", "eval loss (start → end)"];
+pub const SEED_HEADER: [&str; 7] = ["strategy", "seed", "status", "final loss", "mean loss", "eval loss (start → end)", "validation loss"];
 
 /// The per-seed table's rows: every run of every strategy (empty without `seeds`).
 pub fn seed_rows(outcome: &CompareOutcome) -> Vec<Vec<String>> {
@@ -86,6 +87,7 @@ pub fn seed_rows(outcome: &CompareOutcome) -> Vec<Vec<String>> {
                 or_dash(run.final_loss, |l| format!("{l:.4}")),
                 or_dash(run.mean_loss, |l| format!("{l:.4}")),
                 eval_cell(run.eval_loss_start.map(one), run.eval_loss_end.map(one)),
+                or_dash(run.validation_loss, |l| format!("{l:.4}")),
             ]);
         }
     }
@@ -154,6 +156,7 @@ pub fn table_row(r: &StrategyResult) -> Vec<String> {
         loss(r.final_loss, r.stats.as_ref().map(|s| s.final_loss)),
         loss(r.mean_loss, r.stats.as_ref().map(|s| s.mean_loss)),
         eval,
+        loss(r.validation_loss, r.stats.as_ref().map(|s| s.validation_loss)),
         or_dash(r.seconds_per_step, |s| format!("{s:.3} s")),
         or_dash(r.peak_memory, |p| human_bytes(p.bytes)),
         or_dash(r.adapter_bytes, human_bytes),
@@ -645,6 +648,7 @@ mod tests {
             mean_loss: Some(loss),
             eval_loss_start: Some(0.5),
             eval_loss_end: Some(eval_end),
+            validation_loss: Some(loss + 0.125),
             steps_done: 4,
             samples: vec![format!("samples/seed-{seed}/l_00_1.png").into()],
             ..Default::default()
@@ -661,12 +665,14 @@ mod tests {
         assert_eq!(cells[6], "0.3000 ± 0.0707");
         assert_eq!(cells[7], "0.3000 ± 0.0707");
         assert_eq!(cells[8], "0.5000 ± 0.0000 → 0.3000 ± 0.1414");
+        assert_eq!((header[9].as_str(), cells[9].as_str()), ("validation loss, mean ± std", "0.4250 ± 0.0707"));
+        assert_eq!(o.strategies[0].validation_loss, Some(0.425));
         assert_eq!(cells[3], "1 of 3 seeds failed: seed 3 (after 2 steps): boom");
         let s = o.strategies[0].stats.clone().unwrap();
         assert_eq!((s.final_loss.unwrap().n, o.strategies[0].samples[0].to_str().unwrap()), (2, "samples/seed-1/l_00_1.png"));
         let seeds = seed_rows(&o);
         assert_eq!(seeds.len(), 3);
-        assert_eq!(seeds[1], ["l", "2", "ok", "0.3500", "0.3500", "0.5000 → 0.2000"]);
+        assert_eq!(seeds[1], ["l", "2", "ok", "0.3500", "0.3500", "0.5000 → 0.2000", "0.4750"]);
         assert!(seeds[2][2].starts_with("failed after 2 steps: "), "{:?}", seeds[2]);
         let md = markdown(&o, false, true);
         assert!(md.contains("smaller than that spread is not a difference"), "{md}");

@@ -69,6 +69,9 @@ pub struct StrategyResult {
     /// The fixed evaluation loss before and after training (same batch, noise and timesteps).
     pub eval_loss_start: Option<f64>,
     pub eval_loss_end: Option<f64>,
+    /// The last validation loss (`validation_dir` / `validation_split`: after the last step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_loss: Option<f64>,
     pub seconds_per_step: Option<f64>,
     /// Wall time of the whole strategy: setup, training, samples, export.
     pub seconds_total: f64,
@@ -433,6 +436,7 @@ pub fn aggregate(entry: &StrategyEntry, runs: Vec<StrategyResult>) -> StrategyRe
         mean_loss: stat(|r| r.mean_loss),
         eval_loss_start: stat(|r| r.eval_loss_start),
         eval_loss_end: stat(|r| r.eval_loss_end),
+        validation_loss: stat(|r| r.validation_loss),
         seconds_per_step: stat(|r| r.seconds_per_step),
         // One base render serves every seed: `before` is a single measurement.
         style_before: runs.iter().find_map(|r| r.style.before).map(|s| StyleStats::of(&[s])),
@@ -463,6 +467,7 @@ pub fn aggregate(entry: &StrategyEntry, runs: Vec<StrategyResult>) -> StrategyRe
         mean_loss: stats.mean_loss.map(|m| m.mean),
         eval_loss_start: stats.eval_loss_start.map(|m| m.mean),
         eval_loss_end: stats.eval_loss_end.map(|m| m.mean),
+        validation_loss: stats.validation_loss.map(|m| m.mean),
         seconds_per_step: stats.seconds_per_step.map(|m| m.mean),
         seconds_total: runs.iter().map(|r| r.seconds_total).sum(),
         peak_memory: peak.map(|p| Peak { per_strategy: runs.iter().all(|r| r.peak_memory.is_none_or(|p| p.per_strategy)), ..p }),
@@ -645,6 +650,9 @@ impl Observer for Losses<'_> {
         r.seconds_per_step = Some(self.seconds / trainer.step as f64);
         r.final_loss = Some(record.loss);
         r.mean_loss = mean_last(&r.losses, self.window);
+        if record.val_loss.is_some() {
+            r.validation_loss = record.val_loss;
+        }
     }
 }
 
@@ -660,7 +668,7 @@ mod tests {
     use super::*;
 
     fn entry(step: u64, loss: f64) -> LossEntry {
-        LossEntry { step, loss, lr: 1e-4, grad_norm: 1.0, skipped: !loss.is_finite(), time: 0.1 }
+        LossEntry { step, loss, lr: 1e-4, grad_norm: 1.0, skipped: !loss.is_finite(), time: 0.1, ..Default::default() }
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct SeedStats {
     pub mean_loss: Option<MeanStd>,
     pub eval_loss_start: Option<MeanStd>,
     pub eval_loss_end: Option<MeanStd>,
+    /// The last validation loss of each run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_loss: Option<MeanStd>,
     pub seconds_per_step: Option<MeanStd>,
     /// The style score of the base model's samples (one measurement: they are the same for
     /// every seed) and of the runs' samples.

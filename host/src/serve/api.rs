@@ -371,6 +371,10 @@ async fn train(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     if req.options.sample_every > 0 && req.sample_prompts.iter().all(|p| p.trim().is_empty()) {
         return Err(ApiError::bad("sample_every is set but sample_prompts is empty"));
     }
+    graft_trainer::validation::check(&req.options).map_err(|e| ApiError::bad(e.to_string()))?;
+    if let Some(dir) = req.options.validation_dir.as_ref().filter(|d| !d.is_dir()) {
+        return Err(ApiError::bad(format!("validation_dir {} is not a folder", dir.display())));
+    }
 
     let id = lock(&app.jobs).next_id();
     let out = app.work_dir.join("runs").join(format!("{id:04}-{name}"));

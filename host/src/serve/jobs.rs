@@ -80,6 +80,12 @@ pub struct LossPoint {
     pub step: u64,
     pub loss: f64,
     pub lr: f64,
+    /// The validation loss measured after this step, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// The strategy's stage that begins at this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,6 +105,8 @@ pub struct JobInfo {
     pub total: u64,
     pub lr: Option<f64>,
     pub loss: Option<f64>,
+    /// The last validation loss (runs with validation data).
+    pub val_loss: Option<f64>,
     pub it_per_s: Option<f64>,
     pub losses: Vec<LossPoint>,
     pub samples: Vec<SampleImage>,
@@ -175,6 +183,7 @@ pub fn enqueue(
         total,
         lr: None,
         loss: None,
+        val_loss: None,
         it_per_s: None,
         losses: Vec::new(),
         samples: Vec::new(),
@@ -338,7 +347,8 @@ impl Observer for JobObserver<'_> {
         app.emit(
             "train.step",
             json!({ "id": id, "step": step, "total": total, "loss": finite(record.loss), "lr": record.lr,
-                    "grad_norm": finite(record.grad_norm), "skipped": record.skipped, "it_per_s": it_per_s }),
+                    "grad_norm": finite(record.grad_norm), "skipped": record.skipped, "it_per_s": it_per_s,
+                    "val_loss": record.val_loss.and_then(finite), "stage": record.stage }),
         );
         let mut book = lock(&app.jobs);
         if let Some(job) = book.get_mut(id) {
@@ -346,9 +356,13 @@ impl Observer for JobObserver<'_> {
             i.step = step;
             i.lr = Some(record.lr);
             i.it_per_s = it_per_s;
+            let val_loss = record.val_loss.filter(|v| v.is_finite());
+            if val_loss.is_some() {
+                i.val_loss = val_loss;
+            }
             if record.loss.is_finite() {
                 i.loss = Some(record.loss);
-                i.losses.push(LossPoint { step, loss: record.loss, lr: record.lr });
+                i.losses.push(LossPoint { step, loss: record.loss, lr: record.lr, val_loss, stage: record.stage.clone() });
             }
         }
     }

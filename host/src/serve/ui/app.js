@@ -208,6 +208,10 @@ $("train-start").addEventListener("click", async () => {
     sample_every: num("train-sample-every"), sample_prompts: lines("train-prompts"),
     gradient_checkpointing: $("train-checkpointing").checked,
   };
+  if ($("train-val-split").value.trim()) {
+    req.validation_split = num("train-val-split");
+    req.validate_every = num("train-validate-every");
+  }
   try {
     const job = await api("POST", "/api/train", req);
     toast(`run #${job.id} queued`, true);
@@ -272,6 +276,7 @@ function renderJob() {
   $("job-status").textContent = j.waiting ? j.status + ", waiting for a rebuild" : j.status;
   $("job-step").textContent = `${j.step} / ${j.total}`;
   $("job-loss").textContent = fmt(j.loss, 4);
+  $("job-val-loss").textContent = fmt(j.val_loss, 4);
   $("job-lr").textContent = j.lr === null ? "–" : Number(j.lr).toExponential(2);
   $("job-speed").textContent = fmt(j.it_per_s, 3);
   $("job-progress").max = j.total || 1;
@@ -299,7 +304,8 @@ function drawLoss() {
   g.strokeStyle = "#c3c9d5"; g.strokeRect(L, T, W, H);
   g.fillStyle = "#4a5468"; g.font = "11px sans-serif";
   if (pts.length === 0) { g.fillText("no loss yet", L + 8, T + 16); return; }
-  const xs = pts.map((p) => p.step), ys = pts.map((p) => p.loss);
+  const vals = pts.filter((p) => p.val_loss !== undefined && p.val_loss !== null);
+  const xs = pts.map((p) => p.step), ys = pts.map((p) => p.loss).concat(vals.map((p) => p.val_loss));
   const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
@@ -316,6 +322,21 @@ function drawLoss() {
   pts.forEach((p, i) => { ema = i ? beta * ema + (1 - beta) * p.loss : p.loss; i ? g.lineTo(X(p.step), Y(ema)) : g.moveTo(X(p.step), Y(ema)); });
   g.stroke();
   for (const p of pts) { g.fillStyle = "#2f6fed"; g.fillRect(X(p.step) - 1.5, Y(p.loss) - 1.5, 3, 3); }
+  // Stage boundaries (dashed, labelled) and the validation loss (dark squares), as in loss.png.
+  g.setLineDash([4, 4]); g.strokeStyle = "#969696"; g.lineWidth = 1;
+  for (const p of pts.filter((p) => p.stage && p.step > x0)) {
+    g.beginPath(); g.moveTo(X(p.step), T); g.lineTo(X(p.step), T + H); g.stroke();
+    g.fillStyle = "#707070"; g.fillText(p.stage, X(p.step) + 3, T + 11);
+  }
+  g.setLineDash([]);
+  if (vals.length) {
+    g.strokeStyle = "#1b3f8a"; g.fillStyle = "#1b3f8a"; g.beginPath();
+    vals.forEach((p, i) => i ? g.lineTo(X(p.step), Y(p.val_loss)) : g.moveTo(X(p.step), Y(p.val_loss)));
+    g.stroke();
+    for (const p of vals) g.fillRect(X(p.step) - 3.5, Y(p.val_loss) - 3.5, 7, 7);
+    g.fillText("■ validation", L + W - 80, T + 12);
+  }
+  c.dataset.validation = String(vals.length);
 }
 
 // ---- dataset ----
@@ -418,7 +439,11 @@ function connect() {
     Object.assign(state.current, { step: d.step, lr: d.lr, it_per_s: d.it_per_s, status: "running" });
     // An event may repeat a step the job's snapshot already had.
     const last = state.losses.length ? state.losses[state.losses.length - 1].step : -1;
-    if (d.loss !== null && d.step > last) { state.current.loss = d.loss; state.losses.push({ step: d.step, loss: d.loss, lr: d.lr }); }
+    if (d.val_loss !== null && d.val_loss !== undefined) state.current.val_loss = d.val_loss;
+    if (d.loss !== null && d.step > last) {
+      state.current.loss = d.loss;
+      state.losses.push({ step: d.step, loss: d.loss, lr: d.lr, val_loss: d.val_loss, stage: d.stage });
+    }
     renderJob(); drawLoss();
   });
   es.addEventListener("train.sample", (e) => {
