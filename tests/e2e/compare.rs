@@ -367,13 +367,15 @@ fn demo_dataset_is_deterministic() {
     assert_eq!((img.width(), img.height()), (48, 48));
 }
 
-/// `graft demo` through the command line, with a short budget.
+/// `graft demo` through the command line, as a newcomer runs it (its default budget): the report
+/// is written, and every shipped strategy's samples are closer to the generated style than the
+/// demo model's own (style score after < before, on the demo's own output).
 #[test]
-fn demo_runs_and_writes_the_report() {
+fn demo_runs_and_every_strategy_moves_towards_the_style() {
     let dir = scratch("compare_demo");
     let out = dir.join("demo");
     let plugins = plugins();
-    graft(&["demo", "--out", out.to_str().unwrap(), "--steps", "3", "--cpu", "--no-build", "--plugins", plugins.to_str().unwrap()]).unwrap();
+    graft(&["demo", "--out", out.to_str().unwrap(), "--cpu", "--no-build", "--plugins", plugins.to_str().unwrap()]).unwrap();
     for f in ["report.html", "report.md", "loss.png", "grid.png", "summary.json", "compare.toml", "prompts.txt", "data/011.png"] {
         assert!(out.join(f).is_file(), "{f}");
     }
@@ -382,9 +384,17 @@ fn demo_runs_and_writes_the_report() {
     let names: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
     assert_eq!(names, ["lora", "attention-gate", "progressive-fusion"]);
     assert!(rows.iter().all(|r| r[3] == "ok"), "{rows:?}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let mut scores = Vec::new();
+    for s in summary["strategies"].as_array().unwrap() {
+        let (before, after) = (s["style"]["before"]["total"].as_f64().unwrap(), s["style"]["after"]["total"].as_f64().unwrap());
+        scores.push(format!("{}: {before:.3} -> {after:.3}", s["name"]));
+        assert!(after < before, "{}: style score {before:.3} -> {after:.3}", s["name"]);
+    }
+    eprintln!("demo style scores: {}", scores.join(", "));
     // The config it wrote is a valid compare config (what a user edits for a real model).
     let config = CompareConfig::from_file(&out.join("compare.toml")).unwrap();
-    assert_eq!((config.options.steps, config.strategies.len(), config.prompts().unwrap().len()), (3, 3, 3));
+    assert_eq!((config.options.steps, config.strategies.len(), config.prompts().unwrap().len()), (graft_host::demo::DEFAULT_STEPS, 3, 4));
 }
 
 /// Two strategies, each trained once with seed 1 and once with seed 2.
