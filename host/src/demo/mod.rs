@@ -32,7 +32,7 @@ use crate::plugins::PluginDirArgs;
 pub const DEMO_PLUGINS: [(&str, &str); 3] =
     [("lora", "lora"), ("attention-gate", "attention-gate"), ("progressive-fusion", "progressive-fusion")];
 
-pub const DEFAULT_STEPS: u64 = 60;
+pub const DEFAULT_STEPS: u64 = 240;
 /// Images in the generated dataset, and their size (the tiny model's native size).
 pub const DATASET_IMAGES: usize = 12;
 pub const IMAGE_SIZE: u32 = 64;
