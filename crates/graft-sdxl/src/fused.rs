@@ -433,16 +433,9 @@ pub fn supports_conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
 /// `x` [b, c_in, h, w] convolved with `w` [c_out, c_in, kh, kw] (plus `b` [c_out]), zero
 /// padding on every side, groups 1, dilation 1 (see [`supports_conv2d`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let (c_out, c_in, kh, kw) = w.dims4()?;
-    let (_, xc, h, wd) = x.dims4()?;
-    if xc != c_in {
-        candle_core::bail!("conv2d: input has {xc} channels, the kernel expects {c_in}")
-    }
-    if h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
-        candle_core::bail!("conv2d: input {h}x{wd} is smaller than the kernel {kh}x{kw}")
-    }
-    let geo = ConvGeometry { c_in, h, w: wd, kh, kw, stride, padding };
-    let op = FrozenConv2d { w2: w.contiguous()?.reshape((c_out, c_in * kh * kw))?, b: b.cloned(), geo };
+    let geo = ConvGeometry::of(x, w, padding, stride)?;
+    let c_out = w.dim(0)?;
+    let op = FrozenConv2d { w2: w.contiguous()?.reshape((c_out, geo.c_in * geo.kh * geo.kw))?, b: b.cloned(), geo };
     x.contiguous()?.apply_op1(op)
 }
 
@@ -458,6 +451,19 @@ struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// The geometry of `x` [b, c_in, h, w] under kernel `w` [c_out, c_in, kh, kw], checked.
+    fn of(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Self> {
+        let (_, c_in, kh, kw) = w.dims4()?;
+        let (_, xc, h, wd) = x.dims4()?;
+        if xc != c_in {
+            candle_core::bail!("conv2d: input has {xc} channels, the kernel expects {c_in}")
+        }
+        if h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
+            candle_core::bail!("conv2d: input {h}x{wd} is smaller than the kernel {kh}x{kw}")
+        }
+        Ok(Self { c_in, h, w: wd, kh, kw, stride, padding })
+    }
+
     fn out_hw(&self) -> (usize, usize) {
         ((self.h + 2 * self.padding - self.kh) / self.stride + 1, (self.w + 2 * self.padding - self.kw) / self.stride + 1)
     }
@@ -644,15 +650,7 @@ fn conv_input_grad(g: &ConvGeometry, grads: &[f32], kernel: Operand, c_out: usiz
 /// summed over images and tiles). candle's own conv backward runs a direct convolution whose
 /// kernel is the whole image, many times slower on the CPU.
 pub fn trained_conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let (_, c_in, kh, kw) = w.dims4()?;
-    let (_, xc, h, wd) = x.dims4()?;
-    if xc != c_in {
-        candle_core::bail!("conv2d: input has {xc} channels, the kernel expects {c_in}")
-    }
-    if h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
-        candle_core::bail!("conv2d: input {h}x{wd} is smaller than the kernel {kh}x{kw}")
-    }
-    let geo = ConvGeometry { c_in, h, w: wd, kh, kw, stride, padding };
+    let geo = ConvGeometry::of(x, w, padding, stride)?;
     let y = x.contiguous()?.apply_op2(&w.contiguous()?, TrainedConv2d { geo })?;
     match b {
         Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, (), 1, 1))?),
