@@ -557,6 +557,18 @@ impl ConvGeometry {
         (CHUNK_ELEMENTS / (self.c_in * self.kh * self.kw).max(1)).clamp(64, (oh * ow).max(64))
     }
 
+    /// Output positions `p0..p0 + len` of one image as a [c_in * kh * kw, len] operand: the
+    /// image itself for a 1x1 kernel, else its columns, built in `cols`.
+    fn columns<'a>(&self, img: &'a [f32], p0: usize, len: usize, cols: &'a mut Vec<f32>) -> View<'a> {
+        let (oh, ow) = self.out_hw();
+        let k = self.c_in * self.kh * self.kw;
+        if self.is_pointwise() {
+            return View { data: &img[p0..], rows: k, cols: len, rs: oh * ow, cs: 1 };
+        }
+        *cols = self.im2col(img, p0, p0 + len);
+        View::dense(cols, k, len)
+    }
+
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
@@ -597,7 +609,6 @@ impl CustomOp1 for FrozenConv2d {
 fn conv_forward(g: &ConvGeometry, x: &[f32], kernel: Operand, c_out: usize, bias: Option<&[f32]>) -> (Vec<f32>, Shape) {
     let (oh, ow) = g.out_hw();
     let (image, p, tile) = (g.c_in * g.h * g.w, oh * ow, g.tile());
-    let k = g.c_in * g.kh * g.kw;
     let batch = x.len() / image.max(1);
     let mut out = vec![0f32; batch * c_out * p];
     if let Some(b) = bias {
@@ -608,13 +619,8 @@ fn conv_forward(g: &ConvGeometry, x: &[f32], kernel: Operand, c_out: usize, bias
     for (img, out) in x.chunks_exact(image.max(1)).zip(out.chunks_exact_mut((c_out * p).max(1))) {
         for p0 in (0..p).step_by(tile) {
             let len = tile.min(p - p0);
-            let cols;
-            let columns = if g.is_pointwise() {
-                View { data: &img[p0..], rows: k, cols: len, rs: p, cs: 1 }
-            } else {
-                cols = g.im2col(img, p0, p0 + len);
-                View::dense(&cols, k, len)
-            };
+            let mut cols = Vec::new();
+            let columns = g.columns(img, p0, len, &mut cols);
             matmul_any(&mut out[p0..], p, kernel, Operand::F32(columns), bias.is_some(), par());
         }
     }
@@ -699,13 +705,8 @@ impl candle_core::CustomOp2 for TrainedConv2d {
         for (img, gi) in xs.chunks_exact(image.max(1)).zip(grads.chunks_exact((c_out * p).max(1))) {
             for p0 in (0..p).step_by(tile) {
                 let len = tile.min(p - p0);
-                let cols;
-                let columns = if g.is_pointwise() {
-                    View { data: &img[p0..], rows: k, cols: len, rs: p, cs: 1 }
-                } else {
-                    cols = g.im2col(img, p0, p0 + len);
-                    View::dense(&cols, k, len)
-                };
+                let mut cols = Vec::new();
+                let columns = g.columns(img, p0, len, &mut cols);
                 let gv = View { data: &gi[p0..], rows: c_out, cols: len, rs: p, cs: 1 };
                 matmul_any(&mut dw, k, Operand::F32(gv), Operand::F32(columns.t()), true, par());
             }

@@ -208,12 +208,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let outcome = crate::compare::compare(&config, args.plugins, args.cpu)?;
     crate::compare::print_summary(&outcome);
     println!("demo finished in {:.0} s; config used: {}", started.elapsed().as_secs_f64(), config_path.display());
-    println!(
-        "report: {}. For a real run, edit {} and run `graft compare --config {}`",
-        outcome.output_dir.join(crate::compare::report::REPORT_HTML).display(),
-        config_path.display(),
-        config_path.display()
-    );
+    println!("for a real run, edit {} and run `graft compare --config {}`", config_path.display(), config_path.display());
     if outcome.strategies.iter().any(|r| !r.ok()) {
         bail!("some strategies failed; see {}", outcome.output_dir.join(crate::compare::report::REPORT_MD).display());
     }
