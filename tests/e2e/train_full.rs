@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use graft_formats::adapter::AdapterWeights;
 use graft_formats::{read_adapter, KeyMap};
 use graft_sdxl::sgm::SgmLayout;
+use graft_host::train_vae::TrainVaeArgs;
 use graft_sdxl::SdxlModel;
 
 use crate::plugins_common::plugin_dir;
@@ -113,13 +114,13 @@ fn export_checkpoint_needs_a_strategy_that_trains_base_weights() {
 
 /// VAE training: the reconstruction error falls, every weight moves (the gradient reaches the
 /// whole encoder and decoder), scaling_factor is measured and written, and the VAE loads in a
-/// model that generates with it.
+/// model that generates with it; a config alone starts from random weights.
 #[test]
 fn train_vae_lowers_the_reconstruction_error_and_writes_a_vae_that_loads() {
     let root = scratch("train-vae");
     let data = root.join("data");
     graft_host::demo::dataset::write_looks(&data, 8, 32, graft_host::demo::dataset::Look::Plain).unwrap();
-    let args = graft_host::train_vae::TrainVaeArgs {
+    let args = TrainVaeArgs {
         vae: tiny_model(),
         data: data.clone(),
         out: root.join("vae"),
@@ -143,15 +144,26 @@ fn train_vae_lowers_the_reconstruction_error_and_writes_a_vae_that_loads() {
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("vae/config.json")).unwrap()).unwrap();
     assert!((config["scaling_factor"].as_f64().unwrap() - o.scaling_factor).abs() < 1e-9);
     assert!(o.scaling_factor.is_finite() && o.scaling_factor > 0.0);
+    // The preview: the 8 images over their reconstructions.
+    let preview = image::open(root.join("vae").join(graft_trainer::vae_train::PREVIEW_FILE)).unwrap();
+    assert_eq!((preview.width(), preview.height()), (8 * 32, 2 * 32));
+
+    // A folder with only a config starts from random weights, and trains as well.
+    let fresh = root.join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::copy(tiny_model().join("vae/config.json"), fresh.join("config.json")).unwrap();
+    let f = graft_host::train_vae::train(&TrainVaeArgs { vae: fresh, out: root.join("vae-fresh"), ..args.clone() }).unwrap();
+    assert!(f.reconstruction_after < 0.5 * f.reconstruction_before, "from random: {} -> {}", f.reconstruction_before, f.reconstruction_after);
+    assert_eq!(tensors(&root.join("vae-fresh/diffusion_pytorch_model.safetensors")).len(), before.len());
 
     let model_dir = root.join("model");
     graft_tests::copy_dir(&tiny_model(), &model_dir);
     std::fs::remove_dir_all(model_dir.join("vae")).unwrap();
     graft_tests::copy_dir(&root.join("vae"), &model_dir.join("vae"));
     let model = SdxlModel::load(&model_dir, None, &Device::Cpu).unwrap();
-    assert_eq!(model.config.vae.scaling_factor, o.scaling_factor);
+    assert!((model.config.vae.scaling_factor - o.scaling_factor).abs() < 1e-12, "{} against {}", model.config.vae.scaling_factor, o.scaling_factor);
 
-    // A folder without VAE weights is named in the error.
+    // A folder without a VAE config is named in the error.
     let mut bad = args.clone();
     bad.vae = root.join("nothing-here");
     std::fs::create_dir_all(&bad.vae).unwrap();
