@@ -9,7 +9,7 @@ use graft_trainer::vae_train::{train_vae, VaeTrainOptions, VaeTrainOutcome};
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_long_help = "The loss is LDM's without its perceptual and adversarial terms: mean squared \
     reconstruction error plus kl_weight times the KL divergence of the latents to N(0, 1). Every weight is \
-    trained in f32 with AdamW and a cosine decay, from the given VAE's weights, or from random weights when \
+    trained in f32 with AdamW from the given VAE's weights, or from random weights when \
     the folder has only a config.json (to train a VAE of another size). At the end scaling_factor is measured \
     (1 / std of the latents over the dataset, as Stable Diffusion's was) and written into the output's \
     config.json, and reconstruction.png shows the first 8 images over their reconstructions. Example: graft train-vae --vae models/tiny/vae --data data/shapes --out out/vae --steps 2000")]

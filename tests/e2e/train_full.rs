@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use graft_formats::adapter::AdapterWeights;
 use graft_formats::{read_adapter, KeyMap};
-use graft_sdxl::sgm::SgmLayout;
 use graft_host::train_vae::TrainVaeArgs;
+use graft_sdxl::sgm::SgmLayout;
 use graft_sdxl::SdxlModel;
 
 use crate::plugins_common::plugin_dir;
@@ -161,7 +161,12 @@ fn train_vae_lowers_the_reconstruction_error_and_writes_a_vae_that_loads() {
     std::fs::remove_dir_all(model_dir.join("vae")).unwrap();
     graft_tests::copy_dir(&root.join("vae"), &model_dir.join("vae"));
     let model = SdxlModel::load(&model_dir, None, &Device::Cpu).unwrap();
-    assert!((model.config.vae.scaling_factor - o.scaling_factor).abs() < 1e-12, "{} against {}", model.config.vae.scaling_factor, o.scaling_factor);
+    assert!(
+        (model.config.vae.scaling_factor - o.scaling_factor).abs() < 1e-12,
+        "{} against {}",
+        model.config.vae.scaling_factor,
+        o.scaling_factor
+    );
 
     // A folder without a VAE config is named in the error.
     let mut bad = args.clone();

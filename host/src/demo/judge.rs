@@ -57,16 +57,6 @@ pub fn judge(img: &RgbImage) -> Option<Drawn> {
     Some(Drawn { color, position, ink, center, mean_rgb })
 }
 
-/// A pixel is outline when every channel is below this: the style's dark outline is; none of the
-/// plain drawings' saturated colours is (each has a channel above 140).
-const OUTLINE_MAX: u8 = 100;
-
-/// The share of `img` drawn in the style's dark outline colour.
-pub fn outline_share(img: &RgbImage) -> f64 {
-    let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < OUTLINE_MAX)).count();
-    dark as f64 / (img.width() as f64 * img.height() as f64)
-}
-
 /// The fixed prompts the demo model is checked on: each colour at each position, the shapes in
 /// turn (20 prompts), with the colour and position each asks for.
 pub fn check_prompts() -> Vec<(String, &'static str, Position)> {
@@ -97,17 +87,5 @@ mod tests {
         }
         assert_eq!(judge(&RgbImage::from_pixel(64, 64, image::Rgb([255, 255, 255]))), None);
         assert_eq!(check_prompts().len(), 20);
-    }
-
-    /// The plain drawings have no outline pixels, the styled ones a good share.
-    #[test]
-    fn outline_share_tells_the_style_from_the_plain_drawings() {
-        for i in 0..60 {
-            assert_eq!(outline_share(&render(i, 64, Look::Plain).0), 0.0, "plain image {i}");
-        }
-        for i in 0..12 {
-            let share = outline_share(&render(i, 64, Look::Styled).0);
-            assert!(share > 0.08, "styled image {i}: {share}");
-        }
     }
 }

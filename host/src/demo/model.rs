@@ -1,10 +1,9 @@
 //! `graft demo-model`: the recipe of the demo model, a tiny SDXL-architecture model that draws
 //! simple shapes (`a red circle on the left`), trained by graft itself from random weights.
 //!
-//! 1. the plain drawings dataset ([`super::dataset::Look::Plain`]) and the varied one
-//!    ([`super::dataset::Look::Varied`]) are written;
-//! 2. the VAE of the tiny test model (tests/fixtures/tiny-sdxl) is trained on the varied drawings
-//!    as an autoencoder (`graft train-vae`), so that it encodes outlines and pastels too;
+//! 1. the plain drawings dataset ([`super::dataset::Look::Plain`]) is written;
+//! 2. the VAE of the tiny test model (tests/fixtures/tiny-sdxl) is trained on it as an
+//!    autoencoder (`graft train-vae`);
 //! 3. the UNet is fully fine-tuned from the test model's random weights with the `full` strategy
 //!    plugin, text encoders frozen (`graft train`, `export_checkpoint = true`);
 //! 4. the merged checkpoint, with the trained VAE and the test model's text encoders, is the
@@ -23,16 +22,13 @@ use crate::plugins::PluginDirArgs;
 #[command(after_long_help = "Reruns the recipe of the committed demo model (assets/demo-model) into --out; \
     the model is then --out/model. It builds the `full` plugin when it is missing.")]
 pub struct DemoModelArgs {
-    /// The work folder: data/, vae-data/, vae/, init/, unet/ and the finished model/.
+    /// The work folder: data/, vae/, init/, unet/ and the finished model/.
     #[arg(long, value_name = "DIR", default_value = "out/demo-model")]
     pub out: PathBuf,
     /// Images in the plain drawings dataset (every 60 images hold each shape, colour and position once).
     #[arg(long, default_value_t = 240)]
     pub images: usize,
-    /// Images in the varied drawings dataset the VAE learns (every look: fills, outlines, sizes).
-    #[arg(long, default_value_t = 480)]
-    pub vae_images: usize,
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 400)]
     pub vae_steps: u64,
     #[arg(long, default_value_t = 2000)]
     pub unet_steps: u64,
@@ -132,18 +128,15 @@ pub fn run(args: DemoModelArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let out = args.out.canonicalize()?;
     let data = out.join("data");
-    let vae_data = out.join("vae-data");
-    for (dir, n, look) in [(&data, args.images, Look::Plain), (&vae_data, args.vae_images, Look::Varied)] {
-        if dir.exists() {
-            std::fs::remove_dir_all(dir)?;
-        }
-        dataset::write_looks(dir, n, SIZE, look)?;
-        tracing::info!("demo model: {n} {look:?} drawings in {}", dir.display());
+    if data.exists() {
+        std::fs::remove_dir_all(&data)?;
     }
+    dataset::write_looks(&data, args.images, SIZE, Look::Plain)?;
+    tracing::info!("demo model: {} plain drawings in {}", args.images, data.display());
 
     let vae = crate::train_vae::train(&crate::train_vae::TrainVaeArgs {
         vae: start.join("vae"),
-        data: vae_data,
+        data: data.clone(),
         out: out.join("vae"),
         resolution: SIZE as usize,
         steps: args.vae_steps,
