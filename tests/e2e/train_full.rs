@@ -155,6 +155,13 @@ fn train_vae_lowers_the_reconstruction_error_and_writes_a_vae_that_loads() {
     let f = graft_host::train_vae::train(&TrainVaeArgs { vae: fresh, out: root.join("vae-fresh"), ..args.clone() }).unwrap();
     assert!(f.reconstruction_after < 0.5 * f.reconstruction_before, "from random: {} -> {}", f.reconstruction_before, f.reconstruction_after);
     assert_eq!(tensors(&root.join("vae-fresh/diffusion_pytorch_model.safetensors")).len(), before.len());
+    // Weights under another name are refused by name, not replaced by random ones.
+    let misnamed = root.join("misnamed");
+    std::fs::create_dir_all(&misnamed).unwrap();
+    std::fs::copy(tiny_model().join("vae/config.json"), misnamed.join("config.json")).unwrap();
+    std::fs::copy(tiny_model().join("vae/diffusion_pytorch_model.safetensors"), misnamed.join("vae.safetensors")).unwrap();
+    let err = format!("{:#}", graft_host::train_vae::train(&TrainVaeArgs { vae: misnamed, ..args.clone() }).unwrap_err());
+    assert!(err.contains("vae.safetensors") && err.contains("rename"), "{err}");
 
     let model_dir = root.join("model");
     graft_tests::copy_dir(&tiny_model(), &model_dir);

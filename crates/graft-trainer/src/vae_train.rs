@@ -9,9 +9,9 @@
 //! network), enough for simple drawings such as the demo model's. Every weight is a `Var` in f32,
 //! started from the folder's VAE weights (or, for a folder with a config and no weights, from
 //! random convolutions and linears, unit norms and zero biases), trained with AdamW. At the end
-//! the latent scale is measured as Stable Diffusion's was (`scaling_factor = 1 / std` of the latents' means over the
-//! dataset) and written into `config.json` beside the weights, so the UNet sees unit-variance
-//! latents.
+//! the latent scale is measured as Stable Diffusion's was (`scaling_factor = 1 / std` of the
+//! latents' means over the dataset) and written into `config.json` beside the weights, so the
+//! UNet sees unit-variance latents.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -114,7 +114,21 @@ pub fn load_trainable(dir: &Path, seed: u64) -> Result<(Vae, VarMap, VaeConfig)>
     let varmap = VarMap::new();
     let vae = Vae::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &config)?;
     let Some(file) = weight_file(dir) else {
-        tracing::info!("{}: no VAE weights beside the config, starting from random weights", dir.display());
+        // Weights under another name are a mistake, not a request for a random start.
+        let others: Vec<String> = std::fs::read_dir(dir)
+            .map_err(io(format!("cannot read the VAE folder {}", dir.display()), dir))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        if !others.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: the VAE weights must be diffusion_pytorch_model.safetensors (or .fp16.safetensors), found {}; \
+                 rename the file, or remove it to start from random weights",
+                dir.display(),
+                others.join(", ")
+            )));
+        }
+        tracing::warn!("{}: only a config, no VAE weights: starting from random weights", dir.display());
         init_random(&varmap, seed)?;
         return Ok((vae, varmap, config));
     };
