@@ -33,9 +33,17 @@ pub struct TrainVaeArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Decay the learning rate to zero along a cosine (the last steps settle colours that a
+    /// constant rate keeps shaking); without it the rate stays constant.
+    #[arg(long)]
+    pub cosine: bool,
     /// Weight of the KL term (LDM used 1e-6 with its perceptual loss).
     #[arg(long, default_value_t = 1e-6)]
     pub kl_weight: f64,
+    /// Also measure the reconstruction error on the images of DIR, which are not trained on, and
+    /// write their preview as reconstruction-<name of DIR>.png. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub check: Vec<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Store the weights as f16 (half the size; training is f32 either way).
@@ -52,6 +60,9 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
         o.reconstruction_after,
         o.scaling_factor
     );
+    for c in &o.checks {
+        println!("reconstruction error on {}: {:.5} ({})", c.data.display(), c.reconstruction, c.preview.display());
+    }
     Ok(())
 }
 
@@ -63,10 +74,12 @@ pub fn train(args: &TrainVaeArgs) -> anyhow::Result<VaeTrainOutcome> {
         steps: args.steps,
         batch_size: args.batch_size,
         lr: args.lr,
+        cosine: args.cosine,
         kl_weight: args.kl_weight,
         seed: args.seed,
         out: args.out.clone(),
         save_dtype: if args.f16 { DType::F16 } else { DType::F32 },
+        check: args.check.clone(),
     };
     let bar = graft_runtime::progress::bar(args.steps, "training the VAE");
     let every = (args.steps / 20).max(1);

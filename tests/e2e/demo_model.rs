@@ -7,12 +7,13 @@ use graft_host::demo::judge::{check_prompts, judge};
 use graft_sdxl::pipeline::{to_rgb8, GenerateParams, PipelineHooks};
 use graft_sdxl::SdxlModel;
 
-/// The figures the README gives: colour right for 17 of 20 prompts, position for 17 of 20
-/// (measured on the committed model; the misses are 3 red prompts, drawn orange-yellow or
-/// centred, and a blue triangle drawn centred). The bounds leave a margin of one each for
-/// another CPU's rounding.
-const MIN_COLOR: usize = 16;
-const MIN_POSITION: usize = 16;
+/// The figures the README gives: colour right for 18 of 20 prompts, position for 16 of 20
+/// (measured on the committed model; the misses are 2 red prompts drawn yellow, and 4 shapes
+/// drawn centred: a red square on the right, a red circle at the bottom, a green circle at the
+/// top, a blue triangle on the left). The bounds leave a margin of one each for another CPU's
+/// rounding.
+const MIN_COLOR: usize = 17;
+const MIN_POSITION: usize = 15;
 
 #[test]
 fn the_demo_model_draws_the_colour_and_position_of_the_prompt() {

@@ -128,7 +128,9 @@ fn train_vae_lowers_the_reconstruction_error_and_writes_a_vae_that_loads() {
         steps: 12,
         batch_size: 4,
         lr: 2e-3,
+        cosine: false,
         kl_weight: 1e-6,
+        check: vec![data.clone()],
         seed: 0,
         f16: false,
     };
@@ -147,6 +149,11 @@ fn train_vae_lowers_the_reconstruction_error_and_writes_a_vae_that_loads() {
     // The preview: the 8 images over their reconstructions.
     let preview = image::open(root.join("vae").join(graft_trainer::vae_train::PREVIEW_FILE)).unwrap();
     assert_eq!((preview.width(), preview.height()), (8 * 32, 2 * 32));
+    // A check on the training images themselves measures what reconstruction_after did.
+    assert_eq!(o.checks.len(), 1);
+    assert_eq!(o.checks[0].reconstruction, o.reconstruction_after);
+    assert_eq!(image::open(&o.checks[0].preview).unwrap().width(), 8 * 32);
+    assert_eq!(o.checks[0].preview, root.join("vae/reconstruction-data.png"));
 
     // A folder with only a config starts from random weights, and trains as well.
     let fresh = root.join("fresh");

@@ -38,12 +38,25 @@ pub struct VaeTrainOptions {
     pub steps: u64,
     pub batch_size: usize,
     pub lr: f64,
+    /// Decay the learning rate to zero along a cosine; otherwise it stays constant.
+    pub cosine: bool,
     pub kl_weight: f64,
     pub seed: u64,
     /// The output VAE folder.
     pub out: PathBuf,
     /// The dtype of the written weights (training is always f32).
     pub save_dtype: DType,
+    /// Folders of images not trained on: after training, each one's reconstruction error is
+    /// measured and its preview written (`reconstruction-<folder name>.png`).
+    pub check: Vec<PathBuf>,
+}
+
+/// The reconstruction error on one folder of [`VaeTrainOptions::check`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeCheck {
+    pub data: PathBuf,
+    pub reconstruction: f64,
+    pub preview: PathBuf,
 }
 
 /// One logged step.
@@ -63,6 +76,7 @@ pub struct VaeTrainOutcome {
     /// latents' means, before and after training.
     pub reconstruction_before: f64,
     pub reconstruction_after: f64,
+    pub checks: Vec<VaeCheck>,
     pub out: PathBuf,
 }
 
@@ -214,6 +228,9 @@ pub fn train_vae(o: &VaeTrainOptions, mut on_step: impl FnMut(&VaeStep)) -> Resu
     let mut rng = GraftRng::new(o.seed);
     let mut steps = Vec::with_capacity(o.steps as usize);
     for step in 1..=o.steps {
+        if o.cosine {
+            opt.set_learning_rate(o.lr * 0.5 * (1.0 + (std::f64::consts::PI * (step - 1) as f64 / o.steps as f64).cos()));
+        }
         let batch: Vec<Tensor> =
             (0..o.batch_size).map(|_| images[(rng.uniform() * images.len() as f64) as usize % images.len()].clone()).collect();
         let x = Tensor::stack(&batch, 0)?;
@@ -243,7 +260,17 @@ pub fn train_vae(o: &VaeTrainOptions, mut on_step: impl FnMut(&VaeStep)) -> Resu
         config.scaling_factor,
         o.out.display()
     );
-    Ok(VaeTrainOutcome { steps, scaling_factor: config.scaling_factor, reconstruction_before, reconstruction_after, out: o.out.clone() })
+    let mut checks = Vec::with_capacity(o.check.len());
+    for data in &o.check {
+        let name = data.file_name().map_or("check".into(), |n| n.to_string_lossy().into_owned());
+        let preview = o.out.join(format!("reconstruction-{name}.png"));
+        let images = load_images(data, o.resolution)?;
+        let (reconstruction, _) = evaluate(&vae, &images, o.batch_size)?;
+        write_preview(&vae, &images[..images.len().min(PREVIEW_IMAGES)], &preview)?;
+        tracing::info!("vae training: reconstruction error on {}: {reconstruction:.5} ({})", data.display(), preview.display());
+        checks.push(VaeCheck { data: data.clone(), reconstruction, preview });
+    }
+    Ok(VaeTrainOutcome { steps, scaling_factor: config.scaling_factor, reconstruction_before, reconstruction_after, checks, out: o.out.clone() })
 }
 
 /// Writes `config.json` (the source's, with the new `scaling_factor`) and the weights, each
@@ -282,7 +309,7 @@ fn write_preview(vae: &Vae, images: &[Tensor], path: &Path) -> Result<()> {
     let both = Tensor::stack(&[x, rec], 0)?.permute((2, 0, 3, 1, 4))?.reshape((3, 2 * h, n * w))?;
     let (w, h, rgb) = graft_sdxl::pipeline::to_rgb8(&((both / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)?;
     let img = image::RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| Error::Internal("preview buffer size".into()))?;
-    img.save(path).map_err(|e| Error::State(format!("cannot write {}: {e}", path.display())))
+    crate::samples::write_rgb_png(path, &img, None)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -2,10 +2,11 @@
 //! (`a red circle on the left`):
 //!
 //! - [`Look::Plain`]: filled shapes in saturated colours at five positions, every combination of
-//!   3 shapes, 4 colours and 5 positions in turn: what the demo model was trained to draw
-//!   (tools/demo-model).
+//!   3 shapes, 4 colours and 5 positions in turn: what the demo model's UNet was trained to draw
+//!   (`graft demo-model`).
 //! - [`Look::Styled`]: the demo's style, which the strategies learn: pastel fill, thick dark
 //!   outline, large and centred.
+//! - [`Look::Varied`]: every way of drawing mixed, what the demo model's VAE learns.
 //!
 //! Image `i` is a function of `i`, the look and the size only (no RNG state, no trigonometry: the
 //! shapes' vertices are constants), so the same call writes the same bytes every time. Each pixel
@@ -85,6 +86,11 @@ pub enum Look {
     Plain,
     /// The style the demo's strategies learn: pastel fill, thick dark outline, large and centred.
     Styled,
+    /// Every way of drawing at once, each image its own: saturated or pastel fill, no outline or
+    /// a thin or thick dark one, small or large, at any position. The demo model's VAE learns
+    /// this, so that it encodes any drawing as SDXL's VAE encodes any photo; its UNet learns
+    /// only [`Look::Plain`], so the style is new to it.
+    Varied,
 }
 
 /// The shape names, for prompts and docs.
@@ -123,16 +129,23 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// Indices of shape, colour and position of image `i`: the plain dataset walks through every
-/// combination in order (60 of them), the styled one picks shape and colour by a hash.
+/// combination in order (60 of them), the styled one picks shape and colour by a hash, the varied
+/// one all three.
 fn choice(i: usize, look: Look) -> (usize, usize, Position) {
     match look {
+        Look::Varied => {
+            let h = mix(i as u64 ^ 0x7661_7269_6564);
+            (i % SHAPES.len(), (h % COLORS.len() as u64) as usize, POSITIONS[(h >> 8) as usize % POSITIONS.len()])
+        }
         Look::Plain => {
             let combo = i % (SHAPES.len() * COLORS.len() * POSITIONS.len());
             (combo % SHAPES.len(), combo / SHAPES.len() % COLORS.len(), POSITIONS[combo / (SHAPES.len() * COLORS.len())])
         }
         Look::Styled => {
             let h = mix(i as u64 ^ 0x6772_6166_7464_656d);
-            (i % SHAPES.len(), (h % COLORS.len() as u64) as usize, Position::Center)
+            // Shapes in turn, shifted by one every three images, so that any three images in a row
+            // and every third image (the report's examples) show each shape.
+            ((i + i / SHAPES.len()) % SHAPES.len(), (h % COLORS.len() as u64) as usize, Position::Center)
         }
     }
 }
@@ -186,6 +199,13 @@ pub fn render(i: usize, size: u32, look: Look) -> (RgbImage, String) {
             (s * (0.17 + 0.02 * jitter(h, 16)), center, saturated, saturated, 0.0)
         }
         Look::Styled => ((s * 0.32), (ax * s, ay * s), pastel, OUTLINE, s / 28.0),
+        Look::Varied => {
+            let center = ((ax + 0.05 * jitter(h, 0)) * s, (ay + 0.05 * jitter(h, 8)) * s);
+            let radius = s * (0.245 + 0.08 * jitter(h, 16));
+            let fill = if h >> 24 & 1 == 0 { saturated } else { pastel };
+            let half_line = [0.0, s / 64.0, s / 28.0][(h >> 25) as usize % 3];
+            (radius, center, fill, if half_line == 0.0 { fill } else { OUTLINE }, half_line)
+        }
     };
     let polygon = SHAPES[shape].polygon;
     // The colour at one point of the image: the outline band straddles the shape's edge.
@@ -300,6 +320,32 @@ mod tests {
         assert!(img.pixels().any(|p| p.0 == OUTLINE), "no outline pixel");
         let pastel = COLORS.iter().find(|c| c.0 == d.color).unwrap().2;
         assert_eq!(img.get_pixel(32, 34).0, pastel, "{d:?}");
+    }
+
+    /// The varied drawings hold every way of drawing: both fills, no outline and an outline,
+    /// every position, both the plain and the styled sizes.
+    #[test]
+    fn the_varied_look_mixes_fills_outlines_positions_and_sizes() {
+        let (mut outlined, mut bare, mut pastel, mut saturated) = (0, 0, 0, 0);
+        let mut positions = Vec::new();
+        for i in 0..60 {
+            let (img, _) = render(i, 64, Look::Varied);
+            let d = describe(i, Look::Varied);
+            let (_, sat, pas) = *COLORS.iter().find(|c| c.0 == d.color).unwrap();
+            if img.pixels().any(|p| p.0 == OUTLINE) {
+                outlined += 1;
+            } else {
+                bare += 1;
+            }
+            saturated += img.pixels().any(|p| p.0 == sat) as usize;
+            pastel += img.pixels().any(|p| p.0 == pas) as usize;
+            if !positions.contains(&d.position) {
+                positions.push(d.position);
+            }
+        }
+        assert!(outlined >= 20 && bare >= 10, "{outlined} outlined, {bare} without");
+        assert!(saturated >= 20 && pastel >= 20, "{saturated} saturated, {pastel} pastel");
+        assert_eq!(positions.len(), POSITIONS.len());
     }
 
     #[test]

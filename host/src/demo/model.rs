@@ -1,11 +1,16 @@
 //! `graft demo-model`: the recipe of the demo model, a tiny SDXL-architecture model that draws
 //! simple shapes (`a red circle on the left`), trained by graft itself from random weights.
 //!
-//! 1. the plain drawings dataset ([`super::dataset::Look::Plain`]) is written;
-//! 2. the VAE of the tiny test model (tests/fixtures/tiny-sdxl) is trained on it as an
-//!    autoencoder (`graft train-vae`);
-//! 3. the UNet is fully fine-tuned from the test model's random weights with the `full` strategy
-//!    plugin, text encoders frozen (`graft train`, `export_checkpoint = true`);
+//! 1. the plain drawings dataset ([`super::dataset::Look::Plain`]) and the varied one
+//!    ([`super::dataset::Look::Varied`]) are written;
+//! 2. the VAE of the tiny test model (tests/fixtures/tiny-sdxl) is trained as an autoencoder
+//!    (`graft train-vae`) on the plain drawings, which teaches it their colours, then on the
+//!    varied drawings, which teaches it outlines and pastels (the style the demo's strategies
+//!    learn). Trained on the varied drawings from the start, it learnt the outlines and never the
+//!    colours in the same time (pink came back yellow, red orange-brown);
+//! 3. the UNet is fully fine-tuned on the plain drawings from the test model's random weights
+//!    with the `full` strategy plugin, text encoders frozen (`graft train`,
+//!    `export_checkpoint = true`);
 //! 4. the merged checkpoint, with the trained VAE and the test model's text encoders, is the
 //!    model: a diffusers folder in fp16.
 //!
@@ -22,14 +27,21 @@ use crate::plugins::PluginDirArgs;
 #[command(after_long_help = "Reruns the recipe of the committed demo model (assets/demo-model) into --out; \
     the model is then --out/model. It builds the `full` plugin when it is missing.")]
 pub struct DemoModelArgs {
-    /// The work folder: data/, vae/, init/, unet/ and the finished model/.
+    /// The work folder: data/, vae-data/, styled/, vae-plain/, vae/, init/, unet/ and the finished model/.
     #[arg(long, value_name = "DIR", default_value = "out/demo-model")]
     pub out: PathBuf,
     /// Images in the plain drawings dataset (every 60 images hold each shape, colour and position once).
     #[arg(long, default_value_t = 240)]
     pub images: usize,
+    /// Images in the varied drawings dataset the VAE learns (every look: fills, outlines, sizes).
+    #[arg(long, default_value_t = 480)]
+    pub vae_images: usize,
+    /// Steps of the VAE on the plain drawings (its colours).
     #[arg(long, default_value_t = 400)]
     pub vae_steps: u64,
+    /// Steps of the VAE on the varied drawings after that (outlines and pastels).
+    #[arg(long, default_value_t = 300)]
+    pub vae_varied_steps: u64,
     #[arg(long, default_value_t = 2000)]
     pub unet_steps: u64,
     #[arg(long, default_value_t = 16)]
@@ -78,6 +90,12 @@ fn assemble_init(start: &Path, vae: &Path, init: &Path) -> anyhow::Result<()> {
     copy_dir(start, init)?;
     std::fs::remove_dir_all(init.join("vae"))?;
     copy_dir(vae, &init.join("vae"))?;
+    for e in std::fs::read_dir(init.join("vae"))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "png") {
+            std::fs::remove_file(&p)?;
+        }
+    }
     let index = init.join("model_index.json");
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
     json["force_zeros_for_empty_prompt"] = serde_json::json!(false);
@@ -128,26 +146,39 @@ pub fn run(args: DemoModelArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let out = args.out.canonicalize()?;
     let data = out.join("data");
-    if data.exists() {
-        std::fs::remove_dir_all(&data)?;
+    let vae_data = out.join("vae-data");
+    let styled = out.join("styled");
+    for (dir, n, look) in [(&data, args.images, Look::Plain), (&vae_data, args.vae_images, Look::Varied), (&styled, 24, Look::Styled)] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        dataset::write_looks(dir, n, SIZE, look)?;
+        tracing::info!("demo model: {n} {look:?} drawings in {}", dir.display());
     }
-    dataset::write_looks(&data, args.images, SIZE, Look::Plain)?;
-    tracing::info!("demo model: {} plain drawings in {}", args.images, data.display());
 
-    let vae = crate::train_vae::train(&crate::train_vae::TrainVaeArgs {
-        vae: start.join("vae"),
-        data: data.clone(),
-        out: out.join("vae"),
-        resolution: SIZE as usize,
-        steps: args.vae_steps,
-        batch_size: args.batch_size,
-        lr: 2e-3,
-        kl_weight: 1e-6,
-        seed: args.seed,
-        f16: true,
-    })?;
+    let train_vae = |from: PathBuf, images: &Path, to: &str, steps: u64, lr: f64, cosine: bool| {
+        crate::train_vae::train(&crate::train_vae::TrainVaeArgs {
+            vae: from,
+            data: images.to_path_buf(),
+            out: out.join(to),
+            resolution: SIZE as usize,
+            steps,
+            batch_size: args.batch_size,
+            lr,
+            cosine,
+            kl_weight: 1e-6,
+            // How well it draws what the UNet will learn (plain) and what the strategies will (styled).
+            check: vec![data.clone(), styled.clone()],
+            seed: args.seed,
+            f16: true,
+        })
+    };
+    let plain_vae = train_vae(start.join("vae"), &data, "vae-plain", args.vae_steps, 2e-3, false)?;
+    let vae = train_vae(plain_vae.out.clone(), &vae_data, "vae", args.vae_varied_steps, 1e-3, true)?;
     tracing::info!(
-        "demo model: VAE reconstruction error {:.5} -> {:.5} after {:.0} s",
+        "demo model: VAE reconstruction error {:.5} -> {:.5} (plain drawings), {:.5} -> {:.5} (varied) after {:.0} s",
+        plain_vae.reconstruction_before,
+        plain_vae.reconstruction_after,
         vae.reconstruction_before,
         vae.reconstruction_after,
         started.elapsed().as_secs_f64()
