@@ -33,8 +33,7 @@ pub struct TrainVaeArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Decay the learning rate to zero along a cosine (the last steps settle colours that a
-    /// constant rate keeps shaking); without it the rate stays constant.
+    /// Decay the learning rate to zero along a cosine; without it the rate stays constant.
     #[arg(long)]
     pub cosine: bool,
     /// Weight of the KL term (LDM used 1e-6 with its perceptual loss).

@@ -159,8 +159,13 @@ fn train_vae_lowers_the_reconstruction_error_and_writes_a_vae_that_loads() {
     let fresh = root.join("fresh");
     std::fs::create_dir_all(&fresh).unwrap();
     std::fs::copy(tiny_model().join("vae/config.json"), fresh.join("config.json")).unwrap();
-    let f = graft_host::train_vae::train(&TrainVaeArgs { vae: fresh, out: root.join("vae-fresh"), ..args.clone() }).unwrap();
+    let f = graft_host::train_vae::train(&TrainVaeArgs { vae: fresh, out: root.join("vae-fresh"), cosine: true, ..args.clone() }).unwrap();
     assert!(f.reconstruction_after < 0.5 * f.reconstruction_before, "from random: {} -> {}", f.reconstruction_before, f.reconstruction_after);
+    // Its learning rate followed the cosine from lr towards zero; the first run's stayed constant.
+    let lrs: Vec<f64> = f.steps.iter().map(|s| s.lr).collect();
+    assert_eq!(lrs[0], args.lr);
+    assert!(lrs.windows(2).all(|w| w[1] < w[0]) && lrs[11] < 0.02 * args.lr, "{lrs:?}");
+    assert!(o.steps.iter().all(|s| s.lr == args.lr));
     assert_eq!(tensors(&root.join("vae-fresh/diffusion_pytorch_model.safetensors")).len(), before.len());
     // Weights under another name are refused by name, not replaced by random ones.
     let misnamed = root.join("misnamed");

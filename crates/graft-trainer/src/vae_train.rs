@@ -65,6 +65,8 @@ pub struct VaeStep {
     pub step: u64,
     pub reconstruction: f64,
     pub kl: f64,
+    /// The learning rate of this step.
+    pub lr: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -247,7 +249,12 @@ pub fn train_vae(o: &VaeTrainOptions, mut on_step: impl FnMut(&VaeStep)) -> Resu
             return Err(Error::State(format!("vae training: the loss is {value} at step {step}: lower the learning rate ({})", o.lr)));
         }
         opt.backward_step(&loss)?;
-        let s = VaeStep { step, reconstruction: reconstruction.to_scalar::<f32>()? as f64, kl: kl.to_scalar::<f32>()? as f64 };
+        let s = VaeStep {
+            step,
+            reconstruction: reconstruction.to_scalar::<f32>()? as f64,
+            kl: kl.to_scalar::<f32>()? as f64,
+            lr: opt.learning_rate(),
+        };
         on_step(&s);
         steps.push(s);
     }
