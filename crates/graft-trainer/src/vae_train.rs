@@ -8,7 +8,8 @@
 //! This is the LDM recipe without its perceptual and adversarial terms (they need a pretrained
 //! network), enough for simple drawings such as the demo model's. Every weight is a `Var` in f32,
 //! started from the folder's VAE weights (or, for a folder with a config and no weights, from
-//! random convolutions and linears, unit norms and zero biases), trained with AdamW. At the end
+//! random convolutions and linears, unit norms and zero biases), trained with AdamW (optionally
+//! with a cosine decay). At the end
 //! the latent scale is measured as Stable Diffusion's was (`scaling_factor = 1 / std` of the
 //! latents' means over the dataset) and written into `config.json` beside the weights, so the
 //! UNet sees unit-variance latents.
@@ -217,6 +218,8 @@ pub fn train_vae(o: &VaeTrainOptions, mut on_step: impl FnMut(&VaeStep)) -> Resu
         return Err(Error::Config(format!("vae training: resolution {} is not a multiple of the VAE's factor {factor}", o.resolution)));
     }
     let images = load_images(&o.data, o.resolution)?;
+    // Read before training, so that a bad check folder fails at once rather than after the steps.
+    let check_images = o.check.iter().map(|d| load_images(d, o.resolution)).collect::<Result<Vec<_>>>()?;
     tracing::info!(
         "vae training: {} images at {} px from {}, {} steps of {}",
         images.len(),
@@ -268,11 +271,10 @@ pub fn train_vae(o: &VaeTrainOptions, mut on_step: impl FnMut(&VaeStep)) -> Resu
         o.out.display()
     );
     let mut checks = Vec::with_capacity(o.check.len());
-    for data in &o.check {
+    for (data, images) in o.check.iter().zip(&check_images) {
         let name = data.file_name().map_or("check".into(), |n| n.to_string_lossy().into_owned());
         let preview = o.out.join(format!("reconstruction-{name}.png"));
-        let images = load_images(data, o.resolution)?;
-        let (reconstruction, _) = evaluate(&vae, &images, o.batch_size)?;
+        let (reconstruction, _) = evaluate(&vae, images, o.batch_size)?;
         write_preview(&vae, &images[..images.len().min(PREVIEW_IMAGES)], &preview)?;
         tracing::info!("vae training: reconstruction error on {}: {reconstruction:.5} ({})", data.display(), preview.display());
         checks.push(VaeCheck { data: data.clone(), reconstruction, preview });
