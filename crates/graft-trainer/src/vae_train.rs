@@ -24,6 +24,7 @@ use graft_sdxl::vae::{Vae, VaeConfig};
 
 use crate::dataset::{Dataset, DatasetConfig, DatasetSpec, OpenOptions, SubsetSpec};
 use crate::error::{io, Error, Result};
+use crate::schedule::{LrSchedule, ScheduleKind};
 
 /// What to train and where to write it.
 #[derive(Debug, Clone)]
@@ -232,10 +233,9 @@ pub fn train_vae(o: &VaeTrainOptions, mut on_step: impl FnMut(&VaeStep)) -> Resu
     let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: o.lr, weight_decay: 0.0, ..Default::default() })?;
     let mut rng = GraftRng::new(o.seed);
     let mut steps = Vec::with_capacity(o.steps as usize);
+    let schedule = if o.cosine { LrSchedule::new(ScheduleKind::Cosine, 0, o.steps as usize) } else { LrSchedule::constant() };
     for step in 1..=o.steps {
-        if o.cosine {
-            opt.set_learning_rate(o.lr * 0.5 * (1.0 + (std::f64::consts::PI * (step - 1) as f64 / o.steps as f64).cos()));
-        }
+        opt.set_learning_rate(schedule.lr(o.lr, (step - 1) as usize));
         let batch: Vec<Tensor> =
             (0..o.batch_size).map(|_| images[(rng.uniform() * images.len() as f64) as usize % images.len()].clone()).collect();
         let x = Tensor::stack(&batch, 0)?;
