@@ -288,7 +288,11 @@ pub fn load_plugin_bytes(
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
     let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("so");
     let private_copy = private_dir.join(format!("{stem}.g{generation}.{hash:016x}.{ext}"));
-    std::fs::write(&private_copy, bytes).map_err(|e| LoadError::Io(format!("cannot write the private copy {}: {e}", private_copy.display())))?;
+    if let Err(e) = std::fs::write(&private_copy, bytes) {
+        // A full disk leaves a partial file; it must not pile up across loads.
+        let _ = std::fs::remove_file(&private_copy);
+        return Err(LoadError::Io(format!("cannot write the private copy {}: {e}", private_copy.display())));
+    }
     // Whoever can write the private folder could swap the copy before it is mapped.
     if let Err(why) = super::trust::private_dir_ok(private_dir, Some(&private_copy)) {
         let _ = std::fs::remove_file(&private_copy);

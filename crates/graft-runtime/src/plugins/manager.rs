@@ -171,6 +171,14 @@ fn default_dirs_for(target_env: Option<&Path>, exe: Option<&Path>, cwd: Option<&
     candidates.into_iter().filter(|d| seen.insert(d.canonicalize().unwrap_or_else(|_| d.clone()))).collect()
 }
 
+/// The private copies are unlinked once mapped (Unix); their folder goes with the manager.
+/// Elsewhere a copy still mapped stays, and so does the folder.
+impl Drop for PluginManager {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.private_dir);
+    }
+}
+
 impl PluginManager {
     /// A manager over `dirs` (nothing loaded yet: call [`Self::scan`]).
     pub fn new(dirs: Vec<SearchDir>) -> Self {
@@ -474,5 +482,20 @@ mod tests {
         assert_eq!(dirs, ["/opt/graft/bin", "/work/target/release", "/work/target/debug"].map(PathBuf::from));
         let dirs = default_dirs_for(Some(Path::new("/t")), Some(Path::new("/w/target/debug/deps/test-123")), Some(Path::new("/w")));
         assert_eq!(dirs, ["/t/release", "/t/debug", "/w/target/release", "/w/target/debug"].map(PathBuf::from));
+    }
+
+    /// Every test host makes a manager; their private folders must not fill the disk.
+    #[test]
+    fn the_private_folder_goes_with_the_manager() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("libnot_a_plugin.so"), b"not a library").unwrap();
+        let mut m = PluginManager::new(vec![SearchDir { path: dir.path().to_path_buf(), origin: DirOrigin::Flag }]);
+        let events = m.scan();
+        assert!(matches!(events.as_slice(), [ReloadEvent::Failed { .. }]), "{events:?}");
+        let private = m.private_dir.clone();
+        assert!(private.is_dir());
+        assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0, "the copy of a library that failed to load stays behind");
+        drop(m);
+        assert!(!private.exists());
     }
 }
