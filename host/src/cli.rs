@@ -88,7 +88,13 @@ pub fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // serve answers requests on threads of its own and puts its jobs on workers itself.
+    let result = match cli.command {
+        Command::Serve(_) => run(cli),
+        _ => crate::runtime::on_worker(|| run(cli)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

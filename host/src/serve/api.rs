@@ -497,7 +497,7 @@ async fn generate(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         h.last().map_or(1, |r| r.id + 1)
     };
     let app2 = app.clone();
-    let record = tokio::task::spawn_blocking(move || gen::generate(&app2, id, req, text, uses))
+    let record = tokio::task::spawn_blocking(move || crate::runtime::on_worker(|| gen::generate(&app2, id, req, text, uses)))
         .await
         .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("generate panicked: {e}") })?
         .map_err(|e| ApiError::from_anyhow(StatusCode::UNPROCESSABLE_ENTITY, e))?;

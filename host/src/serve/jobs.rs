@@ -215,6 +215,11 @@ pub fn update(app: &App, id: u64, f: impl FnOnce(&mut JobInfo)) {
 
 /// The worker: takes the oldest queued job, runs it, repeats.
 pub fn start_worker(app: Arc<App>) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("graft-serve-jobs-{i}"))
+        .build()
+        .map_err(|e| tracing::warn!("no thread pool for the jobs ({e}); they run on the jobs thread"))
+        .ok();
     let _ = std::thread::Builder::new().name("graft-serve-jobs".into()).spawn(move || loop {
         let (id, spec, control) = {
             let mut book = lock(&app.jobs);
@@ -227,9 +232,16 @@ pub fn start_worker(app: Arc<App>) {
             }
         };
         update(&app, id, |_| {});
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| match &spec {
+        let job = || match &spec {
             JobSpec::Train { config } => run_train(&app, id, &control, config.clone()),
             JobSpec::Compare { config } => run_compare(&app, id, config),
+        };
+        // On a worker of a pool of the jobs' own (see `runtime::on_worker`): between steps a job
+        // waits for the compute lock, and a generate request that holds it must then still find
+        // a free worker in the global pool.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| match &pool {
+            Some(pool) => pool.install(job),
+            None => job(),
         }));
         // The run's trainer is gone, and its base weight overrides with it.
         if let Some(model) = &app.model {
