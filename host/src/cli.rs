@@ -78,7 +78,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 pub fn main() -> ExitCode {
-    crate::runtime::configure();
+    let cli = Cli::parse();
+    crate::runtime::configure(match &cli.command {
+        Command::Bench(b) => b.threads,
+        _ => None,
+    });
     // candle attaches a backtrace to its errors when RUST_BACKTRACE is set; a user needs the
     // message only (RUST_LIB_BACKTRACE=1 brings them back for debugging).
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
@@ -88,7 +92,6 @@ pub fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     // serve answers requests on threads of its own and puts its jobs on workers itself.
     let result = match cli.command {
         Command::Serve(_) => run(cli),

@@ -1,8 +1,9 @@
 //! Process-wide settings for tensor work, made once at start-up before any thread exists.
 
-/// Both settings below; `graft` calls this first thing.
-pub fn configure() {
-    pin_thread_count();
+/// Both settings below; `graft` calls this first thing. `threads`: a count asked for on the
+/// command line, which must be set before rayon's pool starts (it starts with its size fixed).
+pub fn configure(threads: Option<usize>) {
+    pin_thread_count(threads.filter(|&n| n > 0));
     keep_freed_memory();
 }
 
@@ -10,9 +11,9 @@ pub fn configure() {
 /// the count out again each time by reading and parsing /proc/cpuinfo: a third of a tiny-model
 /// training step went there (`graft bench tiny.train_step_b4`: 151 -> 81 ms). Working it out once
 /// and setting the variable makes every later call an environment lookup.
-fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let threads = candle_core::utils::get_num_threads();
+fn pin_thread_count(asked: Option<usize>) {
+    if asked.is_some() || std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = asked.unwrap_or_else(candle_core::utils::get_num_threads);
         // Single-threaded here: no other thread reads the environment yet.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
@@ -46,6 +47,6 @@ mod tests {
     #[test]
     fn on_worker_runs_on_a_pool_thread() {
         assert_eq!(rayon::current_thread_index(), None, "the test thread is not a worker");
-        assert!(super::on_worker(|| rayon::current_thread_index()).is_some());
+        assert!(super::on_worker(rayon::current_thread_index).is_some());
     }
 }

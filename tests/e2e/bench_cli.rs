@@ -17,6 +17,8 @@ fn every_tiny_workload_runs_and_writes_a_record() {
         "hot_swap",
         "--runs",
         "1",
+        "--threads",
+        "1",
         "--in-process",
         "--json",
         &json_arg,
@@ -37,6 +39,7 @@ fn every_tiny_workload_runs_and_writes_a_record() {
         assert!(r["ms"].as_f64().unwrap() > 0.0 && r["min_ms"].as_f64().unwrap() > 0.0, "{name}: no time in {r}");
         assert!(r["peak_mb"].as_f64().unwrap() > 0.0, "{name}: no peak memory in {r}");
         assert_eq!(r["side"], "graft");
+        assert_eq!(r["threads"], 1, "{name}: --threads 1 is not the pool it ran on");
     }
     for name in ["tiny.lora_unfused", "tiny.lora_fused"] {
         let r = records.iter().find(|r| r["workload"] == name).unwrap();

@@ -84,7 +84,7 @@ impl Measured {
             runs: self.timing.runs,
             peak_mb: self.peak_mb,
             delta_mb: self.delta_mb,
-            threads: candle_core::utils::get_num_threads(),
+            threads: rayon::current_num_threads(),
             extra: self.extra,
         }
     }

@@ -39,7 +39,7 @@ pub struct BenchArgs {
     /// List the workloads and exit.
     #[arg(long)]
     pub list: bool,
-    /// CPU threads for candle (sets RAYON_NUM_THREADS). Default: candle's own choice.
+    /// Threads for tensor work: the size of the thread pool, and candle's count (RAYON_NUM_THREADS). Default: one per CPU.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Timed runs per workload (after warm-up). Default: each workload's own count.
@@ -184,21 +184,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if let Some(n) = args.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
+    match args.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        // `graft` sizes its pool (and candle's count) before it starts; a caller of this
+        // library whose pool differs gets a pool of the size asked for.
+        Some(n) if rayon::current_num_threads() != n => {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
+            pool.install(|| run_selected(&args, &selected))
         }
-        // Read by candle when its thread pool starts, which has not happened yet.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        _ => run_selected(&args, &selected),
     }
-    let fixture = fixture(&args)?;
+}
+
+fn run_selected(args: &BenchArgs, selected: &[Workload]) -> anyhow::Result<()> {
+    let fixture = fixture(args)?;
     let mut out = match &args.json {
         Some(p) => Some(std::fs::File::create(p).with_context(|| format!("--json {}: cannot create", p.display()))?),
         None => None,
     };
     let only_one = selected.len() == 1;
-    for w in &selected {
-        let record = if args.in_process || only_one { run_here(w, &args, &fixture)? } else { run_child(w, &args, &fixture)? };
+    for w in selected {
+        let record = if args.in_process || only_one { run_here(w, args, &fixture)? } else { run_child(w, args, &fixture)? };
         let line = serde_json::to_string(&record)?;
         println!("{line}");
         if let Some(f) = out.as_mut() {
