@@ -1,10 +1,21 @@
 //! Process-wide settings for tensor work, made once at start-up before any thread exists.
 
-/// Both settings below; `graft` calls this first thing. `threads`: a count asked for on the
+/// The settings below; `graft` calls this first thing. `threads`: a count asked for on the
 /// command line, which must be set before rayon's pool starts (it starts with its size fixed).
 pub fn configure(threads: Option<usize>) {
     pin_thread_count(threads.filter(|&n| n > 0));
     keep_freed_memory();
+    // Its size comes from RAYON_NUM_THREADS, set just above. This fails only if the pool
+    // exists already, which nothing before this line starts.
+    let _ = pool_builder().build_global();
+}
+
+/// Every thread pool of `graft`: threads with a stack of 64 MiB. The commands run on a pool
+/// thread ([`on_worker`]), and candle's backward walks the graph recursively, as deep as the
+/// model is; rayon's default stack is 2 MiB, the main thread's 8. Only what is touched of a
+/// stack is backed by memory.
+pub fn pool_builder() -> rayon::ThreadPoolBuilder {
+    rayon::ThreadPoolBuilder::new().stack_size(64 << 20)
 }
 
 /// candle asks for its thread count on every matmul, and without `RAYON_NUM_THREADS` it works
@@ -44,6 +55,20 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 #[cfg(test)]
 mod tests {
+    /// Recursion as deep as 16 MiB of stack, on a thread of `graft`'s pools.
+    #[test]
+    fn pool_threads_have_room_for_a_deep_backward() {
+        fn depth(n: u32) -> u64 {
+            let frame = std::hint::black_box([n as u8; 1024]);
+            if n == 0 {
+                return frame[0] as u64;
+            }
+            depth(n - 1) + frame[(n % 1024) as usize] as u64
+        }
+        let pool = super::pool_builder().num_threads(1).build().unwrap();
+        assert_eq!(pool.install(|| depth(16 * 1024)), (0..=16 * 1024u32).map(|n| (n as u8) as u64).sum::<u64>());
+    }
+
     #[test]
     fn on_worker_runs_on_a_pool_thread() {
         assert_eq!(rayon::current_thread_index(), None, "the test thread is not a worker");

@@ -189,7 +189,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         // `graft` sizes its pool (and candle's count) before it starts; a caller of this
         // library whose pool differs gets a pool of the size asked for.
         Some(n) if rayon::current_num_threads() != n => {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
+            let pool = crate::runtime::pool_builder().num_threads(n).build()?;
             pool.install(|| run_selected(&args, &selected))
         }
         _ => run_selected(&args, &selected),

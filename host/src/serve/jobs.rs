@@ -215,7 +215,7 @@ pub fn update(app: &App, id: u64, f: impl FnOnce(&mut JobInfo)) {
 
 /// The worker: takes the oldest queued job, runs it, repeats.
 pub fn start_worker(app: Arc<App>) {
-    let pool = rayon::ThreadPoolBuilder::new()
+    let pool = crate::runtime::pool_builder()
         .thread_name(|i| format!("graft-serve-jobs-{i}"))
         .build()
         .map_err(|e| tracing::warn!("no thread pool for the jobs ({e}); they run on the jobs thread"))
