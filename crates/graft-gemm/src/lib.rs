@@ -276,7 +276,7 @@ pub struct PackedB {
     k: usize,
     n: usize,
     /// One packed buffer per K block of [`tune`]'s length.
-    blocks: Vec<Vec<u32>>,
+    blocks: Vec<Aligned>,
 }
 
 impl PackedB {
@@ -291,8 +291,8 @@ impl PackedB {
             .map(|k0| {
                 let kc = (k - k0).min(kc_blk);
                 let kcp = round_up(kc, 32);
-                let mut buf = vec![0u32; np * kcp / 2];
-                for_each_panel(false, &mut buf, 8 * kcp, |p, dst| pack_panel(PanelKind::Pairs, &b, k0, kc, p * 16, dst));
+                let mut buf = Aligned::zeroed(np * kcp / 2);
+                for_each_panel(false, buf.u32s_mut(), 8 * kcp, |p, dst| pack_panel(PanelKind::Pairs, &b, k0, kc, p * 16, dst));
                 buf
             })
             .collect();
@@ -428,19 +428,21 @@ fn gemm_blocked<A: Element, B: Element>(
                              // Pack B: 16-column panels, rows k and k+1 interleaved (same layout for both kernels).
         let bp: &[u32] = match b {
             BSource::View(b) => {
-                for_each_panel(parallel, &mut bpack.0[..np * kcp / 2], panel, |p, dst| pack_panel(PanelKind::Pairs, *b, k0, kc, p * 16, dst));
-                &bpack.0
+                for_each_panel(parallel, &mut bpack.0.u32s_mut()[..np * kcp / 2], panel, |p, dst| {
+                    pack_panel(PanelKind::Pairs, *b, k0, kc, p * 16, dst)
+                });
+                bpack.0.u32s()
             }
-            BSource::Packed(b) => &b.blocks[k0 / kc_blk],
+            BSource::Packed(b) => b.blocks[k0 / kc_blk].u32s(),
         };
         // Pack A: 16-row panels, layout depends on the kernel.
         let at = a.t();
-        for_each_panel(parallel, &mut apack.0[..mp * kcp / 2], panel, |p, dst| match kernel {
+        for_each_panel(parallel, &mut apack.0.u32s_mut()[..mp * kcp / 2], panel, |p, dst| match kernel {
             Kernel::Amx => pack_panel(PanelKind::AmxA, a, k0, kc, p * 16, dst),
             Kernel::Avx512Bf16 => pack_panel(PanelKind::Pairs, &at, k0, kc, p * 16, dst),
         });
         let load_c = !(overwrite_first && k0 == 0);
-        let (ap, bp) = (as_u16_ref(&apack.0), as_u16_ref(bp));
+        let (ap, bp) = (as_u16_ref(apack.0.u32s()), as_u16_ref(bp));
         let block_task = |t: usize| {
             // Neighbouring tasks share one operand's block (kept in cache) and stream the other;
             // stream the operand whose whole packed K block is the smaller (more likely cached).
@@ -522,21 +524,53 @@ pub(crate) fn avx512_available() -> bool {
 }
 
 thread_local! {
-    static PACK_A: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
-    static PACK_B: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACK_A: std::cell::Cell<Aligned> = const { std::cell::Cell::new(Aligned(Vec::new())) };
+    static PACK_B: std::cell::Cell<Aligned> = const { std::cell::Cell::new(Aligned(Vec::new())) };
+}
+
+/// 64 bytes on a 64-byte boundary. Packed panels are kept in these so that every 64-byte tile
+/// row a kernel loads is one cache line: a `Vec<u32>` from malloc is only 16-byte aligned (a
+/// large one 16 bytes past a page), and its rows then straddle two lines, which halved the AMX
+/// kernel's speed in some runs and not in others, as the allocations fell.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// Zeroed, cache-line-aligned u32 storage.
+#[derive(Default)]
+struct Aligned(Vec<Line>);
+
+impl Aligned {
+    fn zeroed(len: usize) -> Self {
+        Aligned(vec![Line([0; 16]); len.div_ceil(16)])
+    }
+
+    fn len(&self) -> usize {
+        self.0.len() * 16
+    }
+
+    fn u32s(&self) -> &[u32] {
+        // SAFETY: a Line is 16 u32s with no padding; the Vec holds len() of them contiguously.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u32, self.len()) }
+    }
+
+    fn u32s_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as in u32s, and the borrow is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u32, self.len()) }
+    }
 }
 
 /// A packing buffer kept by the calling thread between products, so that a product neither
 /// allocates nor clears one (packing writes every element the kernels read, padding included).
 /// A nested product on the same thread (rayon may run one while this one waits) finds the slot
 /// empty and gets a fresh buffer.
-struct PackBuf(Vec<u32>, &'static std::thread::LocalKey<std::cell::Cell<Vec<u32>>>);
+struct PackBuf(Aligned, &'static std::thread::LocalKey<std::cell::Cell<Aligned>>);
 
 impl PackBuf {
-    fn take(slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<u32>>>, len: usize) -> Self {
+    fn take(slot: &'static std::thread::LocalKey<std::cell::Cell<Aligned>>, len: usize) -> Self {
         let mut v = slot.take();
         if v.len() < len {
-            v = vec![0; len];
+            v = Aligned::zeroed(len);
         }
         PackBuf(v, slot)
     }
@@ -581,6 +615,17 @@ pub fn gemm_reference<A: Element, B: Element>(a: MatRef<A>, b: MatRef<B>, c: &mu
             }
             let cij = &mut c[i * c_row_stride + j];
             *cij = if beta == 0.0 { s as f32 } else { (beta as f64 * *cij as f64 + s) as f32 };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Packed panels start on cache lines, whatever malloc hands out.
+    #[test]
+    fn packing_buffers_are_cache_line_aligned() {
+        for len in [1, 100, 1 << 20] {
+            assert_eq!(super::Aligned::zeroed(len).u32s().as_ptr() as usize % 64, 0);
         }
     }
 }
