@@ -117,12 +117,21 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn as_bits16(_data: &[Self]) -> Option<&[u16]> {
         None
     }
+
+    /// The slice as f32 when the type is f32 (packing then converts 32 values an instruction).
+    fn as_f32(_data: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Element for f32 {
     #[inline(always)]
     fn to_bf16(self) -> half::bf16 {
         half::bf16::from_bits(f32_to_bf16_bits(self))
+    }
+
+    fn as_f32(data: &[Self]) -> Option<&[f32]> {
+        Some(data)
     }
 }
 

@@ -115,6 +115,14 @@ pub(crate) fn pack_a_amx<T: Element>(a: &MatRef<T>, k0: usize, kc: usize, m0: us
     } else {
         dst.fill(0);
     }
+    #[cfg(target_arch = "x86_64")]
+    if cs == 1 && crate::avx512bf16_available() {
+        if let Some(f) = T::as_f32(a.data) {
+            // SAFETY: AVX-512 BF16 is available (checked above); the view (checked by the
+            // caller) holds rows m0..m0+mv, columns k0..k0+kc, and dst holds 16 * kcp values.
+            return unsafe { rows_f32_avx512bf16(f, rs, m0, mv, k0, kc, dst) };
+        }
+    }
     if cs == 1 {
         // Rows contiguous along K: copy 32-value runs.
         for i in 0..mv {
@@ -191,4 +199,36 @@ unsafe fn transpose_pairs_avx512(bits: &[u16], cs: usize, base: usize, pairs: us
         }
     }
     tiles
+}
+
+/// [`pack_a_amx`] for f32 rows contiguous along K: each run of 32 values converted by one
+/// `vcvtne2ps2bf16` (round to nearest even, as `cvt`; unlike `cvt` it reads subnormal inputs as
+/// zero, as torch's and oneDNN's conversions do).
+///
+/// # Safety
+/// AVX-512F and AVX-512 BF16 must be available; `f` must hold rows `m0..m0 + mv` of stride `rs`,
+/// columns `k0..k0 + kc`; `dst` must hold `16 * round_up(kc, 32)` values, padding already zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn rows_f32_avx512bf16(f: &[f32], rs: usize, m0: usize, mv: usize, k0: usize, kc: usize, dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let runs = kc / 32;
+    assert!(mv <= 16 && dst.len() >= kc.div_ceil(32) * 512);
+    for i in 0..mv {
+        let row = &f[(m0 + i) * rs + k0..][..kc];
+        for t in 0..runs {
+            // SAFETY: run t covers row[32t .. 32t + 32], inside `row`; its destination
+            // dst[512t + 32i ..][..32] is inside dst (asserted above).
+            unsafe {
+                let src = row.as_ptr().add(32 * t);
+                let v: __m512bh = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(src));
+                _mm512_storeu_si512(dst.as_mut_ptr().add(512 * t + 32 * i) as *mut _, std::mem::transmute::<__m512bh, __m512i>(v));
+            }
+        }
+        if kc % 32 != 0 {
+            for (o, &x) in dst[runs * 512 + i * 32..].iter_mut().zip(&row[runs * 32..]) {
+                *o = cvt(x);
+            }
+        }
+    }
 }
