@@ -225,7 +225,7 @@ unsafe fn rows_f32_avx512bf16(f: &[f32], rs: usize, m0: usize, mv: usize, k0: us
                 _mm512_storeu_si512(dst.as_mut_ptr().add(512 * t + 32 * i) as *mut _, std::mem::transmute::<__m512bh, __m512i>(v));
             }
         }
-        if kc % 32 != 0 {
+        if !kc.is_multiple_of(32) {
             for (o, &x) in dst[runs * 512 + i * 32..].iter_mut().zip(&row[runs * 32..]) {
                 *o = cvt(x);
             }
